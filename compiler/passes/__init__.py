@@ -1,0 +1,71 @@
+"""The pass registry.
+
+A pass is a frozen config dataclass plus up to two functions:
+
+- `plan(ctx, anatomy, cfg) -> dict` (lossy passes): decide what to change once per
+  model, on calibration data (which blocks to drop, which thresholds to use). The plan
+  is JSON: it goes into the report and the artifact.
+- `apply(gm, anatomy, cfg, plan) -> PassResult`: rewrite one program's graph. For a
+  decoder LM it runs on the prefill and the decode program with the same plan, so the
+  two stay consistent.
+
+`register_pass` refuses duplicate names; file, function and key share the name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from optc.errors import UsageError
+
+
+@dataclass
+class PassResult:
+    """What one pass did to one graph (torch.fx's PassResult plus a reason)."""
+
+    applied: bool
+    reason: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    config_cls: type
+    apply: Callable
+    plan: Callable | None
+    lossy: bool
+    doc: str
+
+
+REGISTRY: dict[str, PassSpec] = {}
+
+# Modules that define passes; imported on first registry lookup, not at package import.
+_PASS_MODULES = ("skip_layers",)
+
+
+def register_pass(name: str, config_cls: type, *, lossy: bool, plan: Callable | None = None):
+    def decorate(fn):
+        if name in REGISTRY:
+            raise ValueError(f"pass {name!r} is registered twice")
+        if fn.__name__ != name:
+            raise ValueError(f"pass function {fn.__name__!r} must be named like its key {name!r}")
+        REGISTRY[name] = PassSpec(name, config_cls, fn, plan, lossy, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return decorate
+
+
+def load_all() -> dict[str, PassSpec]:
+    for module in _PASS_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+    return REGISTRY
+
+
+def get(name: str) -> PassSpec:
+    passes = load_all()
+    if name not in passes:
+        raise UsageError(f"unknown pass '{name}'; known passes: {', '.join(sorted(passes))}")
+    return passes[name]

@@ -1,0 +1,388 @@
+"""Finds a transformer's structure in a captured graph.
+
+This is the single place in optc that knows what a transformer looks like; passes ask
+it instead of pattern-matching on their own. It reads only the graph: the
+`nn_module_stack` metadata torch.export keeps on every call node, the aten ops, the
+tensor metadata (`meta["val"]`) and the data flow (through a networkx view).
+
+Recognised: residual blocks (pre-norm as in Llama/ViT, post-norm as in BERT), each
+attention (q/k/v/o projections, head count, KV groups, the SDPA node and its KV-cache
+writes), each MLP (gated or not, its activation), norms, embeddings and the head.
+A graph it cannot read yields an empty Anatomy with the reason, never an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+_LINEAR = {aten.linear.default}
+_SDPA = {aten.scaled_dot_product_attention.default}
+_CACHE_WRITE = {aten.index_copy_.default, aten.index_put_.default, aten.copy_.default}
+_NORM = {aten.layer_norm.default, aten.rms_norm.default}
+_ACTIVATIONS = {
+    aten.silu.default: "silu",
+    aten.gelu.default: "gelu",
+    aten.relu.default: "relu",
+    aten.sigmoid.default: "sigmoid",
+    aten.tanh.default: "tanh",
+}
+
+
+@dataclass
+class Linear:
+    path: str  # module path, e.g. "model.layers.3.mlp.down_proj"
+    node: fx.Node
+    weight: str  # get_attr target of the weight
+    bias: str | None
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class Attention:
+    path: str
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sdpa: fx.Node
+    cache_writes: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class MLP:
+    up: Linear
+    down: Linear
+    gate: Linear | None  # gated MLPs (SwiGLU): act(gate(x)) * up(x)
+    activation: str
+    act_node: fx.Node | None  # the activation output (of the gate when gated)
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    @property
+    def linears(self) -> list[Linear]:
+        return [lin for lin in (self.gate, self.up, self.down) if lin is not None]
+
+
+@dataclass
+class Block:
+    """A residual block. The residual stream enters at `input`, is `mid` after the
+    attention sub-block and `output` after the MLP sub-block: skipping a sub-block
+    means routing the stream around it (uses of its end replaced by its start)."""
+
+    index: int
+    path: str
+    attention: Attention
+    mlp: MLP
+    input: fx.Node
+    mid: fx.Node
+    output: fx.Node
+
+
+@dataclass
+class Anatomy:
+    blocks: list[Block] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+    head: Linear | None = None
+    reason: str | None = None  # why the anatomy is empty, if it is
+
+    @property
+    def empty(self) -> bool:
+        return not self.blocks
+
+    def summary(self) -> dict:
+        """A JSON-able description (what `optc inspect` prints)."""
+        out: dict = {"n_blocks": len(self.blocks), "reason": self.reason}
+        out["embeddings"] = self.embeddings
+        out["norms"] = len(self.norms)
+        out["head"] = self.head.path if self.head else None
+        out["blocks"] = [
+            {
+                "index": b.index,
+                "path": b.path,
+                "attention": {
+                    "path": b.attention.path,
+                    "q": b.attention.q.path,
+                    "k": b.attention.k.path,
+                    "v": b.attention.v.path,
+                    "o": b.attention.o.path,
+                    "heads": b.attention.num_heads,
+                    "kv_heads": b.attention.num_kv_heads,
+                    "head_dim": b.attention.head_dim,
+                    "kv_cache": bool(b.attention.cache_writes),
+                },
+                "mlp": {
+                    "gated": b.mlp.gated,
+                    "activation": b.mlp.activation,
+                    "linears": [lin.path for lin in b.mlp.linears],
+                    "hidden": b.mlp.up.out_features,
+                },
+            }
+            for b in self.blocks
+        ]
+        return out
+
+
+class _Unreadable(Exception):
+    """Raised inside analysis when the graph does not look like a transformer."""
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module path of a node ('' for top-level or missing metadata)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _normalise(path)
+
+
+def _normalise(path: str) -> str:
+    # torch.export writes paths like "L__self__.model.layers.0" or "model.layers.0".
+    return re.sub(r"^L__self__\.?", "", path)
+
+
+def _stack_paths(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [_normalise(v[0]) for v in stack.values()]
+
+
+def _in_scope(node: fx.Node, scope: str) -> bool:
+    return any(p == scope for p in _stack_paths(node))
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    # Compared as text: symbolic sizes (dynamic batch or sequence) must not be
+    # evaluated here, where no shape environment holds them.
+    sa, sb = _shape(a), _shape(b)
+    return sa is not None and sb is not None and tuple(map(str, sa)) == tuple(map(str, sb))
+
+
+def analyze(gm: fx.GraphModule) -> Anatomy:
+    """Recognise the transformer structure of `gm`; never raises on odd graphs."""
+    try:
+        return _analyze(gm)
+    except _Unreadable as exc:
+        return Anatomy(reason=str(exc))
+
+
+def _analyze(gm: fx.GraphModule) -> Anatomy:
+    graph = gm.graph
+    sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target in _SDPA]
+    linears = [_linear(n) for n in graph.nodes if n.op == "call_function" and n.target in _LINEAR]
+    linears = [lin for lin in linears if lin is not None]
+    anatomy = Anatomy(
+        embeddings=sorted({module_path(n) for n in graph.nodes if n.target == aten.embedding.default}),
+        norms=sorted({module_path(n) for n in graph.nodes if n.target in _NORM} | _rmsnorm_paths(graph)),
+    )
+    if not sdpas:
+        anatomy.reason = (
+            "no scaled_dot_product_attention node in the graph; optc recognises attention "
+            "through SDPA (Hugging Face models: attn_implementation='sdpa')"
+        )
+        return anatomy
+    dag = _dag(graph)
+    blocks = []
+    for i, sdpa in enumerate(sdpas):
+        block_path = _block_path(sdpa)
+        if block_path is None:
+            raise _Unreadable(f"attention node {sdpa.name} is not inside an indexed block (e.g. layers.3)")
+        attn_path = _child_of(block_path, module_path(sdpa))
+        block_linears = [lin for lin in linears if lin.path.startswith(block_path + ".")]
+        attention = _attention(attn_path, sdpa, block_linears, graph)
+        mlp = _mlp(block_path, attention, block_linears, dag)
+        inp, mid, out = _residual_points(block_path, attention, mlp, dag, graph)
+        blocks.append(Block(i, block_path, attention, mlp, inp, mid, out))
+    anatomy.blocks = blocks
+    last = blocks[-1].output
+    after = [lin for lin in linears if not any(lin.path.startswith(b.path + ".") for b in blocks)]
+    after = [lin for lin in after if nx.has_path(dag, last, lin.node)]
+    anatomy.head = after[-1] if after else None
+    return anatomy
+
+
+def _rmsnorm_paths(graph: fx.Graph) -> set[str]:
+    # Hugging Face RMSNorm is decomposed (pow, mean, rsqrt); find it by module name.
+    return {
+        module_path(n)
+        for n in graph.nodes
+        if n.op == "call_function" and re.search(r"norm", module_path(n).split(".")[-1], re.I)
+    }
+
+
+def _linear(node: fx.Node) -> Linear | None:
+    weight = node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    shape = _shape(weight)
+    if shape is None or len(shape) != 2:
+        return None
+    return Linear(
+        path=module_path(node),
+        node=node,
+        weight=weight.target,
+        bias=bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None,
+        in_features=shape[1],
+        out_features=shape[0],
+    )
+
+
+def _dag(graph: fx.Graph) -> nx.DiGraph:
+    dag = nx.DiGraph()
+    for node in graph.nodes:
+        dag.add_node(node)
+        for user in node.users:
+            dag.add_edge(node, user)
+    return dag
+
+
+def _block_path(node: fx.Node) -> str | None:
+    """The deepest enclosing module whose name is an index into a list (layers.3)."""
+    for path in reversed(_stack_paths(node)):
+        if re.search(r"\.\d+$", path):
+            return path
+    return None
+
+
+def _child_of(parent: str, path: str) -> str:
+    rest = path[len(parent) + 1 :].split(".")
+    return f"{parent}.{rest[0]}"
+
+
+_ROLE_NAMES = {
+    "q": ("q_proj", "query", "q", "wq"),
+    "k": ("k_proj", "key", "k", "wk"),
+    "v": ("v_proj", "value", "v", "wv"),
+    "o": ("o_proj", "out_proj", "dense", "o", "wo", "c_proj"),
+}
+
+
+def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph) -> Attention:
+    inside = [lin for lin in linears if lin.path.startswith(path + ".")]
+    roles = {}
+    for role, names in _ROLE_NAMES.items():
+        found = [lin for lin in inside if lin.path.split(".")[-1] in names]
+        if len(found) != 1:
+            raise _Unreadable(f"attention {path}: cannot tell the {role} projection among {[x.path for x in inside]}")
+        roles[role] = found[0]
+    q_shape = _shape(sdpa.args[0])
+    if q_shape is None or len(q_shape) != 4:
+        raise _Unreadable(f"attention {path}: SDPA query has no 4-d shape metadata")
+    num_heads, head_dim = q_shape[1], q_shape[3]
+    if isinstance(num_heads, torch.SymInt) or isinstance(head_dim, torch.SymInt):
+        raise _Unreadable(f"attention {path}: head count or head size is symbolic")
+    cache_writes = [
+        n
+        for n in graph.nodes
+        if n.op == "call_function" and n.target in _CACHE_WRITE and _in_scope(n, path)
+    ]
+    return Attention(
+        path=path,
+        num_heads=int(num_heads),
+        num_kv_heads=roles["k"].out_features // int(head_dim),
+        head_dim=int(head_dim),
+        sdpa=sdpa,
+        cache_writes=cache_writes,
+        **roles,
+    )
+
+
+def _mlp(block: str, attention: Attention, linears: list[Linear], dag: nx.DiGraph) -> MLP:
+    rest = [lin for lin in linears if not lin.path.startswith(attention.path + ".")]
+    if len(rest) not in (2, 3):
+        raise _Unreadable(f"block {block}: expected 2 or 3 MLP linears, found {[x.path for x in rest]}")
+    # The down projection is the one fed by the others.
+    downs = [lin for lin in rest if all(o is lin or nx.has_path(dag, o.node, lin.node) for o in rest)]
+    if len(downs) != 1:
+        raise _Unreadable(f"block {block}: cannot tell the MLP down projection")
+    down = downs[0]
+    ups = [lin for lin in rest if lin is not down]
+    acts = {}
+    for lin in ups:
+        act = _activation_after(lin.node, down.node)
+        if act is not None:
+            acts[id(lin)] = act
+    if len(ups) == 1:
+        act = acts.get(id(ups[0]))
+        return MLP(up=ups[0], down=down, gate=None, activation=act[1] if act else "none", act_node=act[0] if act else None)
+    gates = [lin for lin in ups if id(lin) in acts]
+    if len(gates) != 1:
+        raise _Unreadable(f"block {block}: gated MLP without exactly one activated branch")
+    gate = gates[0]
+    up = next(lin for lin in ups if lin is not gate)
+    act_node, act_name = acts[id(gate)]
+    return MLP(up=up, down=down, gate=gate, activation=act_name, act_node=act_node)
+
+
+def _activation_after(start: fx.Node, stop: fx.Node):
+    """The first activation op on the single-user chain from `start` (before `stop`)."""
+    node = start
+    for _ in range(8):
+        if node.op == "call_function" and node.target in _ACTIVATIONS:
+            return node, _ACTIVATIONS[node.target]
+        users = list(node.users)
+        if len(users) != 1 or users[0] is stop:
+            return None
+        node = users[0]
+    return None
+
+
+def _residual_points(block: str, attention: Attention, mlp: MLP, dag: nx.DiGraph, graph: fx.Graph):
+    """The residual stream at the block's input, between its sub-blocks and at its output.
+
+    After a sub-block's last projection, every path to the graph output passes through
+    a chain of dominators (the residual add, a post-norm, dtype casts). The stream
+    point is the latest of them still inside the block and still feeding what comes
+    next; found with networkx's dominator analysis rather than by matching op names.
+    """
+    sink = next(iter(graph.find_nodes(op="output")))
+    mid = _stream_point(block, attention.o.node, sink, dag, feeds=mlp.linears[0].node)
+    out = _stream_point(block, mlp.down.node, sink, dag, feeds=None)
+    q_in = attention.q.node.args[0]
+    candidates = [
+        n for n in nx.ancestors(dag, q_in) | {q_in} if not _in_scope(n, block) and _same_shape(n, mid)
+    ]
+    if not candidates:
+        raise _Unreadable(f"block {block}: cannot find the residual stream entering it")
+    # The stream entering is the latest such node (closest to the block).
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inp = max(candidates, key=order.__getitem__)
+    return inp, mid, out
+
+
+def _stream_point(block, start, sink, dag, feeds):
+    reach = dag.subgraph(nx.descendants(dag, start) | {start})
+    idom = nx.immediate_dominators(reach, start)
+    chain, node = [], sink
+    while node is not start:
+        chain.append(node)
+        node = idom[node]
+    chain.reverse()  # from start towards the output
+    best = None
+    for node in chain:
+        if not _in_scope(node, block):
+            break
+        if feeds is not None and not nx.has_path(dag, node, feeds):
+            break
+        if _same_shape(node, start):
+            best = node
+    if best is None:
+        raise _Unreadable(f"block {block}: no residual point after {start.name}")
+    return best

@@ -1,0 +1,75 @@
+"""Calibration: what lossy passes measure on the user's (or the zoo's) calibration data.
+
+A CalibrationContext runs the program that sees whole sequences (an LM's prefill, an
+encoder's forward) on calibration inputs. Passes ask it for a loss of a rewritten
+graph or for the residual stream's values; they never touch data themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from optc.compiler.rewrite import rebuild
+
+
+class CalibrationContext:
+    def __init__(self, task: str, program: fx.GraphModule, inputs: list[tuple[tuple, dict]]):
+        if not inputs:
+            raise ValueError("calibration needs at least one input")
+        self.task = task
+        self.calibration_program = program
+        self.inputs = inputs
+        self._reference: list[torch.Tensor] | None = None
+
+    def _run(self, gm, args, kwargs):
+        with torch.no_grad():
+            return gm(*args, **kwargs)
+
+    def reference_outputs(self) -> list[torch.Tensor]:
+        if self._reference is None:
+            self._reference = [self._run(self.calibration_program, a, k).float() for a, k in self.inputs]
+        return self._reference
+
+    def calibration_loss(self, transform) -> float:
+        """Loss of `transform(program)` on the calibration inputs: next-token
+        cross-entropy for causal LMs, else 1 - mean cosine to the original outputs."""
+        gm = transform(self.calibration_program)
+        losses = []
+        for i, (args, kwargs) in enumerate(self.inputs):
+            out = self._run(gm, args, kwargs).float()
+            if self.task == "causal-lm":
+                ids = kwargs["input_ids"]
+                losses.append(F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item())
+            else:
+                ref = self.reference_outputs()[i]
+                losses.append(1.0 - F.cosine_similarity(out.flatten(0, -2), ref.flatten(0, -2), dim=-1).mean().item())
+        return sum(losses) / len(losses)
+
+    def stream_values(self, nodes: list[fx.Node]) -> list[list[torch.Tensor]]:
+        """The values of `nodes` (of the calibration program) on each input."""
+        probe, _ = rebuild(self.calibration_program, extra_outputs=nodes)
+        return [self._run(probe, a, k)[1] for a, k in self.inputs]
+
+    def stream_cosines(self, anatomy, units) -> dict:
+        """1 - cos(stream before, stream after) of each unit, averaged over tokens."""
+        points = {}
+        for index, part in units:
+            b = anatomy.blocks[index]
+            points[(index, part)] = {
+                "block": (b.input, b.output),
+                "attention": (b.input, b.mid),
+                "mlp": (b.mid, b.output),
+            }[part]
+        nodes = list({n for pair in points.values() for n in pair})
+        position = {n: i for i, n in enumerate(nodes)}
+        values = self.stream_values(nodes)
+        scores = {}
+        for unit, (start, end) in points.items():
+            cos = [
+                F.cosine_similarity(v[position[start]].float().flatten(0, -2), v[position[end]].float().flatten(0, -2), dim=-1).mean().item()
+                for v in values
+            ]
+            scores[unit] = 1.0 - sum(cos) / len(cos)
+        return scores

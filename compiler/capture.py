@@ -1,0 +1,180 @@
+"""Capture a model with torch.export (non-strict) into programs optc can rewrite.
+
+Decoder LMs become two programs over one static KV cache: `prefill` (a prompt of any
+length, dynamic) and `decode` (one token). Everything else becomes one `forward`
+program. A model that cannot be captured is refused with the export error summarised
+in one paragraph and what to try (CaptureError, exit 2).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from optc.errors import CaptureError, UsageError
+
+PREFILL, DECODE, FORWARD = "prefill", "decode", "forward"
+
+
+@dataclass
+class Captured:
+    """The exported programs of one model and the inputs they were traced with."""
+
+    task: str  # "causal-lm" or "forward"
+    programs: dict[str, ExportedProgram]
+    example_inputs: dict[str, tuple[tuple, dict]]  # program name -> (args, kwargs)
+    dynamic_shapes: dict[str, dict | None] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # batch_size, max_cache_len, ...
+
+
+def is_causal_lm(module: torch.nn.Module) -> bool:
+    return type(module).__name__.endswith("ForCausalLM") and hasattr(module, "generate")
+
+
+def capture(
+    module: torch.nn.Module,
+    example_inputs: tuple,
+    *,
+    max_cache_len: int = 256,
+    dynamic: tuple[str, ...] = (),
+) -> Captured:
+    """Export `module`. Causal LMs get prefill+decode programs over a static cache of
+    `max_cache_len` positions; `dynamic` may name "batch" (forward programs only) and
+    "seq" (a dynamic sequence length; the LM prefill program always has one)."""
+    unknown = set(dynamic) - {"batch", "seq"}
+    if unknown:
+        raise UsageError(f"unknown dynamic dimension(s) {sorted(unknown)}; use 'batch' and/or 'seq'")
+    module.eval().requires_grad_(False)
+    if is_causal_lm(module):
+        input_ids = example_inputs[0]
+        if "batch" in dynamic:
+            raise UsageError("a decoder LM's batch size is fixed by its static KV cache; drop 'batch' from --dynamic")
+        return capture_causal_lm(module, batch_size=input_ids.shape[0], max_cache_len=max_cache_len)
+    return capture_forward(module, example_inputs, dynamic=dynamic)
+
+
+def capture_forward(module, example_inputs: tuple, *, dynamic=()) -> Captured:
+    args = tuple(example_inputs)
+    shapes = _dynamic_forward_shapes(args, dynamic)
+    ep = export_program(_FirstTensor(module), args, {}, shapes, what="the model")
+    return Captured(FORWARD, {FORWARD: ep}, {FORWARD: (args, {})}, {FORWARD: shapes})
+
+
+class _FirstTensor(torch.nn.Module):
+    """Returns the main tensor of a Hugging Face ModelOutput (logits or last hidden
+    state), so every forward program has one tensor output."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.model = module
+
+    def forward(self, *args):
+        out = self.model(*args)
+        if isinstance(out, torch.Tensor):
+            return out
+        for key in ("logits", "last_hidden_state"):
+            if getattr(out, key, None) is not None:
+                return getattr(out, key)
+        return out[0]
+
+
+def _dynamic_forward_shapes(args, dynamic):
+    if not dynamic:
+        return None
+    # AUTO lets export find the range the model supports (BERT: 512 positions)
+    # instead of failing on a bound we guessed.
+    specs = []
+    for t in args:
+        spec = {}
+        if "batch" in dynamic and t.dim() >= 1:
+            spec[0] = Dim.AUTO
+        if "seq" in dynamic and t.dim() == 2 and not t.is_floating_point():
+            spec[1] = Dim.AUTO
+        specs.append(spec)
+    return (tuple(specs),)  # one entry: the wrapper's *args
+
+
+def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256, prompt_len: int = 16) -> Captured:
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    if max_cache_len < prompt_len + 2:
+        raise UsageError(f"max_cache_len={max_cache_len} is too small; it must exceed the prompt length {prompt_len} + 1")
+    model.generation_config = GenerationConfig(
+        use_cache=True,
+        cache_implementation="static",
+        max_length=max_cache_len,
+        cache_config={"batch_size": batch_size, "max_cache_len": max_cache_len},
+    )
+    try:
+        step = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len).model
+    except Exception as exc:  # the wrapper validates the model's config
+        raise CaptureError(_summarise(exc, "the static-cache wrapper of the decoder")) from None
+    step.requires_grad_(False)
+    device = next(model.parameters()).device
+    ids = torch.zeros(batch_size, prompt_len, dtype=torch.long, device=device)
+    prefill_kwargs = {"input_ids": ids, "cache_position": torch.arange(prompt_len, device=device)}
+    seq = Dim("seq", min=2, max=max_cache_len - 1)
+    prefill_shapes = {"input_ids": {1: seq}, "cache_position": {0: seq}}
+    decode_kwargs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([prompt_len], device=device)}
+    prefill = export_program(step, (), prefill_kwargs, prefill_shapes, what="the prefill step")
+    decode = export_program(step, (), decode_kwargs, None, what="the decode step")
+    return Captured(
+        "causal-lm",
+        {PREFILL: prefill, DECODE: decode},
+        {PREFILL: ((), prefill_kwargs), DECODE: ((), decode_kwargs)},
+        {PREFILL: prefill_shapes, DECODE: None},
+        meta={"batch_size": batch_size, "max_cache_len": max_cache_len},
+    )
+
+
+def export_program(module, args: tuple, kwargs: dict, dynamic_shapes, *, what: str) -> ExportedProgram:
+    """torch.export (non-strict) with a one-paragraph summary of any failure."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        raise CaptureError(_summarise(exc, what)) from None
+
+
+def _summarise(exc: Exception, what: str) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    head = lines[0] if lines else type(exc).__name__
+    detail = next((ln for ln in lines[1:6] if not ln.startswith(("File ", "Traceback"))), "")
+    hint = _hint(str(exc))
+    return (
+        f"torch.export could not capture {what}: {type(exc).__name__}: {head[:300]}"
+        + (f" ({detail[:200]})" if detail else "")
+        + f". {hint}"
+    )
+
+
+def _hint(message: str) -> str:
+    if "data-dependent" in message or "GuardOnDataDependent" in message:
+        return (
+            "The model branches on tensor values; rewrite that branch with torch.cond or "
+            "make it depend on shapes only, then try again."
+        )
+    if "Constraints violated" in message or "specialized" in message:
+        return "A dimension you asked to be dynamic is fixed by the model; drop it from --dynamic."
+    return (
+        "Check that the model runs eagerly on the example inputs, that it is in eval mode, "
+        "and that the inputs are tensors; see the torch.export troubleshooting guide."
+    )
+
+
+def graph_module(ep: ExportedProgram) -> torch.fx.GraphModule:
+    """The program as a GraphModule with parameters as attributes and node.meta kept."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ep.module()
+
+
+def reexport(gm: torch.fx.GraphModule, inputs: tuple[tuple, dict], dynamic_shapes, *, what: str) -> ExportedProgram:
+    """Export a rewritten GraphModule again, for lowering and the artifact."""
+    args, kwargs = inputs
+    return export_program(gm, args, kwargs, dynamic_shapes, what=what)

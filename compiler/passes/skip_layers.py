@@ -1,0 +1,200 @@
+"""skip_layers: remove whole residual blocks, or only their attention or MLP half.
+
+Removing a (sub-)block routes the residual stream around it: every use of the stream
+after the sub-block is replaced by the stream before it (anatomy's residual points),
+its KV-cache writes are erased, and dead-code elimination drops the rest. This holds
+for pre-norm (Llama, ViT) and post-norm (BERT) blocks alike.
+
+Choosing what to remove (`plan`), by count:
+- selection="loss" (default): greedy. Each round removes the candidate whose removal,
+  together with those already chosen, costs the least calibration loss per parameter
+  removed (LMs: next-token cross-entropy; encoders: 1 - cosine to the original
+  output). The first round scores every candidate; later rounds re-score the most
+  promising few. Measuring the loss of each removal beats ranking by the blocks'
+  1 - cos(input, output), which ignores how the rest of the network reacts.
+- selection="cosine": the reference method, rank by 1 - cos(input, output) once.
+With granularity="sublayer", attention and MLP halves are candidates separately and
+`count` is a parameter budget of `count` average blocks, so removing four cheap
+attention halves is not mistaken for removing four blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from optc.compiler.anatomy import Anatomy
+from optc.compiler.config import PassConfig, knob
+from optc.compiler.passes import PassResult, register_pass
+from optc.compiler.rewrite import drop_unused_attributes, rebuild
+from optc.errors import UsageError
+
+PARTS = ("block", "attention", "mlp")
+
+
+@dataclass(frozen=True)
+class SkipLayersConfig(PassConfig):
+    count: int = knob(0, low=0, high=256, search=("int", 0, 8), doc="how many blocks (or blocks' worth) to remove")
+    layers: tuple = knob((), low=0, doc="remove exactly these block indices, e.g. [3,7]")
+    granularity: str = knob(
+        "sublayer", choices=("block", "attention", "mlp", "sublayer"), doc="what a removed unit is"
+    )
+    selection: str = knob("loss", choices=("loss", "cosine"), doc="how units are ranked")
+    calibration_samples: int = knob(4, low=1, high=256, doc="calibration sequences (or batches)")
+    rescore_top: int = knob(6, low=1, high=64, doc="candidates re-scored each greedy round")
+
+    def active(self) -> bool:
+        return self.enabled and (self.count > 0 or bool(self.layers))
+
+
+def _units(anatomy: Anatomy, cfg: SkipLayersConfig) -> list[tuple[int, str]]:
+    n = len(anatomy.blocks)
+    if cfg.layers:
+        bad = [i for i in cfg.layers if i >= n]
+        if bad:
+            raise UsageError(f"skip_layers.layers={list(cfg.layers)}: the model has blocks 0..{n - 1}, not {bad}")
+        part = "block" if cfg.granularity == "sublayer" else cfg.granularity
+        return [(i, part) for i in cfg.layers]
+    parts = ("attention", "mlp") if cfg.granularity == "sublayer" else (cfg.granularity,)
+    return [(i, part) for i in range(n) for part in parts]
+
+
+def _unit_params(gm: fx.GraphModule, anatomy: Anatomy, unit) -> int:
+    block = anatomy.blocks[unit[0]]
+    linears = {
+        "attention": [block.attention.q, block.attention.k, block.attention.v, block.attention.o],
+        "mlp": block.mlp.linears,
+    }
+    chosen = linears["attention"] + linears["mlp"] if unit[1] == "block" else linears[unit[1]]
+    return sum(gm.get_parameter(lin.weight).numel() for lin in chosen)
+
+
+def plan_skip_layers(ctx, anatomy: Anatomy, cfg: SkipLayersConfig) -> dict:
+    if anatomy.empty:
+        return {"units": [], "reason": f"no residual blocks recognised: {anatomy.reason}"}
+    candidates = _units(anatomy, cfg)
+    if cfg.layers:
+        return {"units": [list(u) for u in candidates], "why": "chosen by the user (skip_layers.layers)"}
+    gm = ctx.calibration_program
+    params = {u: _unit_params(gm, anatomy, u) for u in candidates}
+    per_block = sum(params[u] for u in candidates) / len(anatomy.blocks)
+    if cfg.count >= len(anatomy.blocks):
+        raise UsageError(f"skip_layers.count={cfg.count} would remove every block ({len(anatomy.blocks)})")
+    budget = cfg.count * per_block
+    if cfg.selection == "cosine":
+        chosen, scores = _by_cosine(ctx, anatomy, candidates, params, budget)
+    else:
+        chosen, scores = _by_loss(ctx, anatomy, candidates, params, budget, cfg)
+    return {
+        "units": [list(u) for u in chosen],
+        "why": f"lowest calibration {'1 - cos(in, out)' if cfg.selection == 'cosine' else 'loss per parameter removed'}",
+        "scores": scores,
+        "params_removed": int(sum(params[u] for u in chosen)),
+        "budget_params": int(budget),
+    }
+
+
+def _fill_budget(ranked, params, budget):
+    chosen, removed = [], 0
+    for unit in ranked:
+        if removed >= budget * 0.98:
+            break
+        chosen.append(unit)
+        removed += params[unit]
+    return chosen
+
+
+def _by_cosine(ctx, anatomy, candidates, params, budget):
+    scores = ctx.stream_cosines(anatomy, candidates)
+    ranked = sorted(candidates, key=lambda u: scores[u])
+    return _fill_budget(ranked, params, budget), {f"{i}.{p}": round(s, 5) for (i, p), s in scores.items()}
+
+
+def _by_loss(ctx, anatomy, candidates, params, budget, cfg):
+    base = ctx.calibration_loss(lambda gm: gm)
+    chosen, removed, trail = [], 0, []
+    pending = list(candidates)
+    shortlist = None
+    while removed < budget * 0.98 and pending:
+        pool = pending if shortlist is None else shortlist
+        costs = {}
+        for unit in pool:
+            loss = ctx.calibration_loss(lambda gm, u=unit: _rewritten(gm, anatomy, chosen + [u]))
+            costs[unit] = (loss - base) / params[unit]
+        ranked = sorted(pool, key=costs.__getitem__)
+        best = ranked[0]
+        chosen.append(best)
+        removed += params[best]
+        pending.remove(best)
+        trail.append({"unit": f"{best[0]}.{best[1]}", "loss_per_mparam": round(costs[best] * 1e6, 5)})
+        shortlist = [u for u in ranked[1:] if u in pending][: cfg.rescore_top]
+    return chosen, {"baseline_loss": round(base, 5), "rounds": trail}
+
+
+def _rewritten(gm: fx.GraphModule, anatomy: Anatomy, units) -> fx.GraphModule:
+    """A copy of `gm`'s graph with `units` removed; parameters are shared, not copied."""
+    copy, mapping = rebuild(gm)
+    remove_units(copy, _remap(anatomy, mapping), units)
+    return copy
+
+
+def _remap(anatomy: Anatomy, mapping: dict) -> Anatomy:
+    """The anatomy with node references moved to a copied graph."""
+    import copy as _copy
+
+    moved = _copy.copy(anatomy)
+    moved.blocks = []
+    for b in anatomy.blocks:
+        nb = _copy.copy(b)
+        nb.input, nb.mid, nb.output = mapping[b.input], mapping[b.mid], mapping[b.output]
+        nb.attention = _copy.copy(b.attention)
+        nb.attention.cache_writes = [mapping[n] for n in b.attention.cache_writes]
+        moved.blocks.append(nb)
+    return moved
+
+
+def remove_units(gm: fx.GraphModule, anatomy: Anatomy, units) -> None:
+    """Route the residual stream around each unit; erase cache writes; drop dead code."""
+    parts_by_block: dict[int, set] = {}
+    for index, part in units:
+        parts_by_block.setdefault(index, set()).update(("attention", "mlp") if part == "block" else (part,))
+    # Later blocks first: a later block's input node is an earlier block's output,
+    # whose uses (including the ones just redirected) are then rerouted in turn.
+    for index in sorted(parts_by_block, reverse=True):
+        block, parts = anatomy.blocks[index], parts_by_block[index]
+        if parts == {"attention", "mlp"}:
+            _reroute(gm, block.output, block.input)
+        elif parts == {"attention"}:
+            _reroute(gm, block.mid, block.input)
+        else:
+            _reroute(gm, block.output, block.mid)
+        if "attention" in parts:
+            for write in block.attention.cache_writes:
+                write.replace_all_uses_with(write.args[0])
+                gm.graph.erase_node(write)
+    gm.graph.eliminate_dead_code()
+    drop_unused_attributes(gm)
+    gm.recompile()
+
+
+def _reroute(gm: fx.GraphModule, end: fx.Node, start: fx.Node) -> None:
+    replacement = start
+    start_dtype = getattr(start.meta.get("val"), "dtype", None)
+    end_dtype = getattr(end.meta.get("val"), "dtype", None)
+    if start_dtype is not None and end_dtype is not None and start_dtype != end_dtype:
+        with gm.graph.inserting_after(end):
+            replacement = gm.graph.call_function(torch.ops.aten._to_copy.default, (start,), {"dtype": end_dtype})
+            replacement.meta["val"] = end.meta["val"]
+    end.replace_all_uses_with(replacement, delete_user_cb=lambda user: user is not replacement)
+
+
+@register_pass("skip_layers", SkipLayersConfig, lossy=True, plan=plan_skip_layers)
+def skip_layers(gm: fx.GraphModule, anatomy: Anatomy, cfg: SkipLayersConfig, plan: dict) -> PassResult:
+    """Remove whole residual blocks, or their attention or MLP halves."""
+    units = [tuple(u) for u in plan.get("units", [])]
+    if not units:
+        return PassResult(False, plan.get("reason", "nothing selected"))
+    remove_units(gm, anatomy, units)
+    return PassResult(True, details={"removed": [f"{i}.{p}" for i, p in units]})

@@ -1,0 +1,136 @@
+"""Named pipelines and the one pass runner.
+
+The runner wraps every pass: it times it, counts nodes and parameters before and
+after, lints the graph, can disable a pass by name (`PASS.enabled=false`), and
+re-raises a failure with the passes that ran before it. A lossy pass plans once on
+calibration data and applies the same plan to every program of the model (an LM's
+prefill and decode graphs), so they stay consistent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from optc.compiler import passes
+from optc.compiler.anatomy import analyze
+from optc.compiler.config import config_hash
+from optc.errors import CompileError, OptcError, UsageError
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    why: str
+
+
+PIPELINES: dict[str, list[Step]] = {
+    # Capture and lossless lowering only: the baseline every lossy result is compared with.
+    "none": [],
+    "default": [
+        # Depth first: a removed block also removes its share of every later pass's work.
+        Step("skip_layers", "drop the residual blocks (or halves) that matter least; off until count/layers is set"),
+    ],
+}
+
+
+def resolve(pipeline: str, sets: dict[str, dict]) -> dict:
+    """The full resolved config: the pipeline's steps with every pass's settings."""
+    if pipeline not in PIPELINES:
+        raise UsageError(f"unknown pipeline '{pipeline}'; known: {', '.join(PIPELINES)}")
+    registry = passes.load_all()
+    for name in sets:
+        if name not in registry:
+            raise UsageError(f"unknown pass '{name}' in --set; known passes: {', '.join(sorted(registry))}")
+    step_names = [s.name for s in PIPELINES[pipeline]]
+    missing = [name for name in sets if name not in step_names]
+    if missing:
+        raise UsageError(f"pass(es) {missing} are not in pipeline '{pipeline}' (steps: {step_names or 'none'})")
+    configs = {
+        s.name: registry[s.name].config_cls.from_dict(s.name, sets.get(s.name, {})).to_dict()
+        for s in PIPELINES[pipeline]
+    }
+    config = {"pipeline": pipeline, "passes": configs}
+    config["hash"] = config_hash(config)
+    return config
+
+
+def pass_config(name: str, values: dict):
+    spec = passes.get(name)
+    return spec.config_cls.from_dict(name, values)
+
+
+def count(gm: fx.GraphModule) -> dict:
+    return {
+        "nodes": sum(1 for n in gm.graph.nodes if n.op == "call_function"),
+        "params": sum(p.numel() for p in gm.parameters()),
+    }
+
+
+def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context, log=print) -> list[dict]:
+    """Run the pipeline's passes over `gms` (program name -> GraphModule), in place.
+
+    `primary` names the program calibration runs on; `make_context(gm)` builds the
+    CalibrationContext lazily (only a lossy pass that is on needs data).
+    """
+    history: list[str] = []
+    report: list[dict] = []
+    for step in PIPELINES[config["pipeline"]]:
+        spec = passes.get(step.name)
+        cfg = pass_config(step.name, config["passes"][step.name])
+        entry = {"name": step.name, "lossy": spec.lossy, "applied": False, "reason": None, "seconds": 0.0}
+        if not cfg.active():
+            entry["reason"] = "disabled" if not cfg.enabled else "not configured (default settings change nothing)"
+            report.append(entry)
+            continue
+        start = time.perf_counter()
+        before = {name: count(gm) for name, gm in gms.items()}
+        try:
+            anatomies = {name: analyze(gm) for name, gm in gms.items()}
+            plan = {}
+            if spec.plan is not None:
+                log(f"[optc] {step.name}: planning on calibration data ...")
+                plan = spec.plan(_LazyContext(make_context, gms[primary]), anatomies[primary], cfg)
+            results = {}
+            for name, gm in gms.items():
+                results[name] = spec.apply(gm, anatomies[name], cfg, plan)
+                gm.graph.lint()
+                gm.recompile()
+        except OptcError:
+            raise
+        except Exception as exc:
+            raise CompileError(
+                f"pass {step.name} failed after [{', '.join(history)}]: {type(exc).__name__}: {exc}"
+            ) from exc
+        applied = [r.applied for r in results.values()]
+        entry.update(
+            applied=all(applied),
+            reason=next((r.reason for r in results.values() if not r.applied), None),
+            seconds=round(time.perf_counter() - start, 3),
+            plan=plan,
+            programs={
+                name: {"before": before[name], "after": count(gms[name]), **results[name].details}
+                for name in gms
+            },
+        )
+        log(f"[optc] {step.name}: {'applied' if entry['applied'] else 'not applied: ' + str(entry['reason'])} ({entry['seconds']} s)")
+        history.append(step.name)
+        report.append(entry)
+    return report
+
+
+class _LazyContext:
+    """Builds the calibration context on first use: a plan that needs no data (layers
+    given by index) never loads any."""
+
+    def __init__(self, make_context, gm):
+        self._make, self._gm, self._ctx = make_context, gm, None
+
+    def __getattr__(self, name):
+        if self._ctx is None:
+            if self._make is None:
+                raise UsageError("this pass needs calibration data and none was given")
+            self._ctx = self._make(self._gm)
+        return getattr(self._ctx, name)

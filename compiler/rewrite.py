@@ -1,0 +1,55 @@
+"""Small graph-surgery helpers shared by passes and calibration."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+
+def rebuild(gm: fx.GraphModule, extra_outputs: list[fx.Node] | None = None):
+    """A new GraphModule over a copy of `gm`'s graph that shares `gm`'s parameters and
+    buffers (no tensor is copied). Returns (new_gm, node mapping old -> new).
+
+    With `extra_outputs`, the copy returns (original output, [those nodes' values]),
+    which is how calibration reads the residual stream without hooks.
+    """
+    graph = fx.Graph()
+    mapping: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, mapping)
+    if extra_outputs:
+        graph.output((out, [mapping[n] for n in extra_outputs]))
+    else:
+        graph.output(out)
+        graph._codegen = gm.graph._codegen  # keeps the program's keyword signature
+    new = fx.GraphModule(gm, graph)
+    if extra_outputs:
+        # The copied codegen would flatten outputs with the original's output spec.
+        new.graph._codegen = _plain_outputs(gm.graph._codegen)
+        new.recompile()
+    return new, mapping
+
+
+def _plain_outputs(codegen):
+    import copy
+
+    from torch.fx.graph import _PyTreeCodeGen
+
+    if isinstance(codegen, _PyTreeCodeGen):
+        plain = copy.copy(codegen)
+        plain.pytree_info = codegen.pytree_info._replace(out_spec=None)
+        return plain
+    return codegen
+
+
+def drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Erase get_attr nodes nothing reads and delete the tensors they named, so the
+    re-exported program and the parameter count no longer include them."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
+    for name in names:
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            module = gm.get_submodule(owner) if owner else gm
+            delattr(module, attr)
