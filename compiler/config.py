@@ -132,5 +132,11 @@ def flat_to_nested(options: dict) -> dict[str, dict]:
 
 
 def config_hash(config: dict) -> str:
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """First 16 hex chars of the sha256 of canonical JSON (sorted keys, no spaces).
+    A "hash" key (the config's own recorded hash) is left out."""
+    body = {k: v for k, v in config.items() if k != "hash"}
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"config is not JSON-serialisable, so it cannot be hashed: {exc}") from exc
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
+from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
 from optc.errors import ArtifactError, UsageError
 
 FORMAT_VERSION = 1
@@ -53,16 +54,6 @@ class LoadedArtifact(NamedTuple):
     programs: dict
     manifest: dict
     extra_files: dict
-
-
-def config_hash(config: dict) -> str:
-    """First 16 hex chars of the sha256 of canonical JSON (sorted keys, no spaces)."""
-    try:
-        text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                          allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"config is not JSON-serialisable, so it cannot be hashed: {e}") from e
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _optc_version() -> str:

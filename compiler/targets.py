@@ -1,0 +1,63 @@
+"""Target profiles: the device a compile is for, its ceilings, and its Inductor settings.
+
+Ceilings marked `measured` were measured on the lent machines (2026-11-23): a large
+device-to-device copy counting bytes read plus written, and a large bf16 GEMM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from optc.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    device: str  # "cpu" | "cuda"
+    dtype: torch.dtype  # the dtype shape-only models run in
+    copy_tbs: float | None = None  # measured copy bandwidth, TB/s
+    bf16_tflops: float | None = None  # measured dense bf16 GEMM rate
+    gpu_names: tuple = ()  # substrings of torch.cuda.get_device_name()
+    inductor: dict = field(default_factory=dict)  # torch.compile options for optc's lowering
+
+
+TARGETS = {
+    "cpu": Target("cpu", "cpu", torch.float32),
+    "h100": Target(
+        "h100", "cuda", torch.bfloat16, copy_tbs=2.94, bf16_tflops=769.0, gpu_names=("H100",),
+        inductor={"coordinate_descent_tuning": True},
+    ),
+    "h200": Target(
+        "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
+        inductor={"coordinate_descent_tuning": True},
+    ),
+    "a100": Target("a100", "cuda", torch.bfloat16, gpu_names=("A100",), inductor={"coordinate_descent_tuning": True}),
+}
+
+
+def detect() -> str:
+    """The target of the device present: a known GPU, else cpu."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for target in TARGETS.values():
+            if any(s in name for s in target.gpu_names):
+                return target.name
+    return "cpu"
+
+
+def get(name: str) -> Target:
+    if name in (None, "auto"):
+        name = detect()
+    if name not in TARGETS:
+        raise UsageError(f"unknown target '{name}'; known: auto, {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def available(target: Target) -> bool:
+    """Whether this machine can run code for `target`."""
+    if target.device == "cpu":
+        return True
+    return torch.cuda.is_available() and any(s in torch.cuda.get_device_name() for s in target.gpu_names)

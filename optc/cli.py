@@ -1,0 +1,131 @@
+"""The `optc` command line: compile, inspect, bench, search, export, models.
+
+--json prints one JSON document on stdout and nothing else there; logs and progress
+go to stderr. Exit codes: 0 ok, 1 the work failed, 2 bad usage or bad input, 3 no
+configuration meets the constraints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from optc.errors import OptcError, UsageError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="optc", description="Ahead-of-time inference compiler for PyTorch models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model into an .optc artifact")
+    c.add_argument("model", help="zoo name (optc models), a Hugging Face model directory, or file.py:factory")
+    _add_pass_options(c)
+    c.add_argument("-o", "--output", help="artifact path (default: <model>-<config hash>.optc)")
+    c.add_argument("--eval", action="store_true", help="measure quality before/after on the held-out split")
+    c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the lowering")
+    c.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inspect", help="describe an artifact: model anatomy, passes, quality, versions")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="time optc against eager and torch.compile baselines")
+    b.add_argument("model", help="zoo name, Hugging Face directory, file.py:factory, or an .optc artifact")
+    _add_pass_options(b)
+    b.add_argument("--baselines", default="eager,hf-static,inductor,inductor-max",
+                   help="comma list of eager, hf-static (LMs), inductor, inductor-max")
+    b.add_argument("--tokens", type=int, default=64, help="decode steps timed per run (LMs)")
+    b.add_argument("--batch", type=int, default=None, help="batch size (default: the model's benchmark batch)")
+    b.add_argument("--out", help="also write the JSON result to this file")
+    b.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("search", help="search pass settings against measured latency under a quality limit")
+    s.add_argument("model")
+    s.add_argument("--target", default="auto")
+    s.add_argument("--trials", type=int, default=20)
+    s.add_argument("--max-quality-loss", type=float, default=0.05)
+    s.add_argument("--storage")
+    s.add_argument("--study")
+    s.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("export", help="emit the optimised graph as MLIR through torch-mlir")
+    e.add_argument("model", help="zoo name, Hugging Face directory, file.py:factory, or an .optc artifact")
+    e.add_argument("--format", required=True, choices=["mlir-torch", "mlir-linalg", "stablehlo"])
+    e.add_argument("-o", "--output", required=True)
+    _add_pass_options(e)
+
+    m = sub.add_parser("models", help="list the model zoo")
+    m.add_argument("--json", action="store_true")
+    return p
+
+
+def _add_pass_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="auto", help="cpu, h100, h200, a100 or auto (the device present)")
+    p.add_argument("--pipeline", default="default", help="named pipeline: none, default")
+    p.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="a pass setting (repeatable)")
+    p.add_argument("--config", help="JSON file of pass settings: {\"skip_layers\": {\"count\": 4}} or flat keys")
+    p.add_argument("--max-cache-len", type=int, default=256, help="static KV cache length of decoder LMs")
+    p.add_argument("--dynamic", default="", help="comma list of dynamic dimensions: batch, seq")
+
+
+def pass_settings(args) -> dict:
+    """--config then --set (which wins), as {"pass": {"key": value}}."""
+    from optc.compiler.config import flat_to_nested, parse_sets
+
+    settings: dict = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"--config {path}: no such file") from None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--config {path}: not valid JSON ({exc})") from None
+        data = data.get("passes", data) if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {path}: expected a JSON object of pass settings")
+        nested = data if all(isinstance(v, dict) for v in data.values()) else flat_to_nested(data)
+        for name, values in nested.items():
+            settings.setdefault(name, {}).update(values)
+    for name, values in parse_sets(args.set).items():
+        settings.setdefault(name, {}).update(values)
+    return settings
+
+
+def dynamic_dims(args) -> tuple[str, ...]:
+    return tuple(d.strip() for d in args.dynamic.split(",") if d.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from optc import commands
+
+    handler = getattr(commands, f"cmd_{args.command}")
+    try:
+        result = handler(args)
+    except OptcError as exc:
+        _log(f"optc {args.command}: error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _log("optc: interrupted")
+        return 1
+    except Exception as exc:  # a bug or an unexpected failure: one line, traceback on request
+        if os.environ.get("OPTC_DEBUG"):
+            traceback.print_exc()
+        _log(f"optc {args.command}: failed: {type(exc).__name__}: {exc} (set OPTC_DEBUG=1 for the traceback)")
+        return 1
+    if getattr(args, "json", False) and result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""What each `optc` subcommand does; cli.py parses, this file works.
+
+Each `cmd_*` returns the JSON document `--json` prints (or None) and prints its
+human-readable report to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from optc.cli import dynamic_dims, pass_settings
+from optc.errors import UsageError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load_model(spec: str, target):
+    from optc.models.user import resolve
+
+    _log(f"[optc] loading {spec} ...")
+    dtype = None if target.device == "cpu" else target.dtype
+    return resolve(spec, device=target.device, dtype=dtype)
+
+
+def compile_model(args, *, evaluate: bool):
+    import optc
+    from optc.compiler import targets
+
+    target = targets.get(args.target)
+    entry, module, example_inputs = _load_model(args.model, target)
+    art = optc.compile(
+        module,
+        example_inputs,
+        target=target.name,
+        pipeline_name=args.pipeline,
+        passes=pass_settings(args),
+        entry=entry,
+        max_cache_len=args.max_cache_len,
+        dynamic=dynamic_dims(args),
+        verify=not getattr(args, "no_verify", False),
+        evaluate=evaluate,
+    )
+    return entry, art
+
+
+def cmd_compile(args):
+    start = time.perf_counter()
+    entry, art = compile_model(args, evaluate=args.eval)
+    man = art.manifest
+    name = (entry.name if entry else Path(args.model.split(":")[0]).stem).replace("/", "_")
+    out = Path(args.output or f"{name}-{man['config']['hash']}.optc")
+    art.save(out)
+    result = {
+        "artifact": str(out),
+        "target": man["target"],
+        "config": man["config"],
+        "config_hash": man["config"]["hash"],
+        "passes": [
+            {k: p.get(k) for k in ("name", "applied", "reason", "seconds", "lossy", "plan", "programs")}
+            for p in man["passes"]
+        ],
+        "params": man["params"],
+        "verification": man["verification"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if man.get("quality"):
+        result["quality"] = man["quality"]
+    _report_compile(result)
+    return result
+
+
+def _report_compile(r: dict) -> None:
+    _log(f"\noptc compile: {r['artifact']} (target {r['target']}, config {r['config_hash']}, {r['seconds']} s)")
+    for p in r["passes"]:
+        state = "applied" if p["applied"] else f"not applied ({p['reason']})"
+        _log(f"  pass {p['name']:<22} {state}")
+        if p["applied"] and p.get("plan", {}).get("units"):
+            _log(f"       removed: {', '.join(f'{i}.{part}' for i, part in p['plan']['units'])} — {p['plan'].get('why', '')}")
+    pb, pa = r["params"]["before"], r["params"]["after"]
+    _log(f"  params: {pb:,} -> {pa:,} ({100 * (pb - pa) / max(pb, 1):.1f}% fewer)")
+    for name, v in r["verification"].items():
+        if isinstance(v, dict):
+            _log(f"  lowering of {name}: rel. error {v['max_rel_err']:.2e} (tolerance {v['tolerance']:g}) ok")
+        else:
+            _log(f"  lowering: {v}")
+    q = r.get("quality")
+    if q:
+        _log(f"  quality ({q['metric']}, held-out {q['split']} split, n={q['n']}): {q['before']:.4g} -> {q['after']:.4g}")
+
+
+def cmd_inspect(args):
+    from optc.runtime.artifact import read_artifact, verify_versions
+    from optc.errors import ArtifactError
+
+    loaded = read_artifact(args.artifact, check_versions=False)  # checksums are always checked
+    man = loaded.manifest
+    try:
+        verify_versions(man, args.artifact)
+        compatible = True
+    except ArtifactError as exc:
+        compatible = False
+        _log(f"warning: {exc}")
+    anatomy = man.get("anatomy", {})
+    _log(f"{args.artifact}: {man['model'].get('name')} ({man['model'].get('task')}) for {man['target']}")
+    _log(f"  optc {man['optc_version']}, torch {man['torch_version']}, triton {man.get('triton_version')}, created {man['created']}")
+    _log(f"  programs: {', '.join(sorted(loaded.programs))}; config {man['config_hash']}")
+    _log(f"  anatomy: {anatomy.get('n_blocks', 0)} blocks" + (f" ({anatomy['reason']})" if anatomy.get("reason") else ""))
+    for b in anatomy.get("blocks", [])[:64]:
+        a, m = b["attention"], b["mlp"]
+        _log(f"    [{b['index']:>2}] {b['path']}: attn {a['heads']}h/{a['kv_heads']}kv x{a['head_dim']}"
+             f"{' +kv-cache' if a['kv_cache'] else ''}; mlp {'gated ' if m['gated'] else ''}{m['activation']} {m['hidden']}")
+    for p in man.get("passes", []):
+        _log(f"  pass {p['name']}: {'applied' if p['applied'] else 'not applied: ' + str(p['reason'])}")
+    if man.get("quality"):
+        q = man["quality"]
+        _log(f"  quality {q['metric']}: {q['before']:.4g} -> {q['after']:.4g} ({q['split']} split)")
+    return {"artifact": args.artifact, "compatible": compatible, "programs": sorted(loaded.programs), **man}
+
+
+def cmd_bench(args):
+    from optc.runtime.bench import bench
+
+    return bench(args)
+
+
+def cmd_search(args):
+    raise UsageError("optc search is not available yet: the Optuna search over pass settings is still being built")
+
+
+def cmd_export(args):
+    from optc.compiler.codegen.mlir import export_mlir
+
+    if args.model.endswith(".optc"):
+        import optc
+
+        art = optc.load(args.model)
+    else:
+        _, art = compile_model(args, evaluate=False)
+    name = "forward" if "forward" in art.programs else "prefill"
+    path = export_mlir(art.programs[name], None, args.format, args.output)
+    _log(f"optc export: wrote the {name} program as {args.format} to {path}")
+    return {"output": str(path), "format": args.format, "program": name}
+
+
+def cmd_models(args):
+    from optc.models import zoo
+
+    rows = [e.to_dict() for e in zoo.entries()]
+    if not args.json:
+        print(f"{'name':<14} {'family':<7} {'task':<21} {'weights':<8} {'metric':<17} description")
+        for r in rows:
+            print(f"{r['name']:<14} {r['family']:<7} {r['task']:<21} {'real' if r['real_weights'] else 'random':<8} "
+                  f"{r['metric']:<17} {r['description']}")
+        return None
+    return {"models": rows}
