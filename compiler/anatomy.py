@@ -149,8 +149,9 @@ def module_path(node: fx.Node) -> str:
 
 
 def _normalise(path: str) -> str:
-    # torch.export writes paths like "L__self__.model.layers.0" or "model.layers.0".
-    return re.sub(r"^L__self__\.?", "", path)
+    # torch.export writes "model.layers.0" (or "L__self__.model..."); Dynamo graphs
+    # re-exported by the torch.compile backend carry "L['self'].model.layers.0".
+    return re.sub(r"^(L__self__|L\['self'\])\.?", "", path)
 
 
 def _stack_paths(node: fx.Node) -> list[str]:

@@ -25,7 +25,12 @@ class CalibrationContext:
 
     def _run(self, gm, args, kwargs):
         with torch.no_grad():
-            return gm(*args, **kwargs)
+            out = gm(*args, **kwargs)
+        # Graphs from the torch.compile backend return tuples; the first tensor is the
+        # model's main output (logits or hidden states).
+        while isinstance(out, (tuple, list)) and not isinstance(out, torch.Tensor):
+            out = out[0]
+        return out
 
     def reference_outputs(self) -> list[torch.Tensor]:
         if self._reference is None:

@@ -1,0 +1,130 @@
+"""`torch.compile(model, backend="optc", options={...})`.
+
+Registered through the `torch_dynamo_backends` entry point, so it works without
+`import optc`. Options are the `--set` keys (`"skip_layers.count": 2`) plus:
+`strict` (raise instead of falling back), `target`, and `calibration` (a list of input
+tuples for the compiled function: Dynamo hands the backend fake or example inputs,
+never data, so a lossy pass that must measure something needs them here).
+
+Lossless (no lossy pass on): Inductor compiles the graph. Lossy: the Dynamo graph is
+re-exported with its parameters as attributes and its module-stack metadata kept,
+anatomy reads it, the passes rewrite it, and Inductor compiles the result. When a
+pass cannot be applied the backend warns and falls back to plain Inductor, or raises
+with `strict=True`. Block indices (`skip_layers.layers`) count the blocks inside the
+graph Dynamo captured, which is the whole model when there is no graph break.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+import torch.fx as fx
+from torch.fx import traceback as fx_traceback
+
+from optc.errors import CompileError, OptcError, UsageError
+
+_OWN_OPTIONS = ("strict", "target", "calibration")
+
+
+def optc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_ignored):
+    from torch._inductor.compile_fx import compile_fx
+
+    from optc.compiler import passes as pass_registry
+    from optc.compiler import pipeline
+    from optc.compiler.config import flat_to_nested
+
+    options = dict(options or {})
+    strict = bool(options.get("strict", False))
+    calibration = options.get("calibration")
+    sets = flat_to_nested({k: v for k, v in options.items() if k not in _OWN_OPTIONS})
+    config = pipeline.resolve("default", sets)  # unknown keys are usage errors, always raised
+    lossy = [
+        name for name, values in config["passes"].items()
+        if pass_registry.get(name).lossy and pipeline.pass_config(name, values).active()
+    ]
+    if not lossy:
+        return compile_fx(gm, example_inputs)
+    try:
+        return _compile_with_passes(gm, example_inputs, config, calibration)
+    except (OptcError, Exception) as exc:
+        if strict:
+            raise
+        warnings.warn(f"optc: passes {lossy} not applied ({exc}); falling back to Inductor", stacklevel=2)
+        return compile_fx(gm, example_inputs)
+
+
+def _compile_with_passes(gm, example_inputs, config, calibration):
+    from torch._inductor.compile_fx import compile_fx
+
+    from optc.compiler import pipeline
+    from optc.compiler.calibration import CalibrationContext
+
+    holder, user_positions = _params_as_attributes(gm, example_inputs)
+    user_inputs = tuple(example_inputs[i] for i in user_positions)
+    real_inputs = tuple(_real(x) for x in user_inputs)
+    with fx_traceback.preserve_node_meta(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(holder, real_inputs, strict=False)
+        rewritten = ep.module()
+
+    def make_context(program):
+        if not calibration:
+            raise UsageError(
+                "the lossy passes need calibration data, and torch.compile gives the backend none: "
+                "pass options={'calibration': [inputs, ...]} or use `optc compile`"
+            )
+        batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration]
+        return CalibrationContext("forward", program, [(b, {}) for b in batches])
+
+    report = pipeline.run({"forward": rewritten}, "forward", config, make_context, log=lambda m: None)
+    not_applied = [p for p in report if p["lossy"] and p["reason"] and "not configured" not in p["reason"] and not p["applied"]]
+    if not_applied:
+        raise CompileError("; ".join(f"{p['name']}: {p['reason']}" for p in not_applied))
+    compiled = compile_fx(rewritten, list(real_inputs))
+
+    def run(*all_inputs):
+        return compiled(*[all_inputs[i] for i in user_positions])
+
+    return run
+
+
+def _real(x):
+    """A real tensor with the example's shape and dtype (the export traces with it)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.is_floating_point():
+        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+
+
+_SOURCE_PARTS = re.compile(r"_(modules|parameters|buffers)_")
+
+
+def _params_as_attributes(gm: fx.GraphModule, example_inputs):
+    """Dynamo passes parameters and buffers as graph inputs; anatomy and the passes
+    expect them as attributes (as torch.export gives them). Returns the rewritten
+    module and the positions of the real user inputs."""
+    holder = torch.nn.Module()
+    graph = fx.Graph()
+    mapping: dict = {}
+    graph.output(graph.graph_copy(gm.graph, mapping))
+    user_positions = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for position, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not _SOURCE_PARTS.search(node.name) or not isinstance(value, torch.Tensor):
+            user_positions.append(position)
+            continue
+        attr = _SOURCE_PARTS.sub("__", re.sub(r"^l_self_", "", node.name)).strip("_")
+        if isinstance(value, torch.nn.Parameter):
+            holder.register_parameter(attr, value)
+        else:
+            holder.register_buffer(attr, value)
+        new = mapping[node]
+        with graph.inserting_before(new):
+            attr_node = graph.get_attr(attr)
+        attr_node.meta = dict(new.meta)
+        new.replace_all_uses_with(attr_node)
+        graph.erase_node(new)
+    return fx.GraphModule(holder, graph), user_positions
