@@ -1,0 +1,581 @@
+"""Greedy decoding over a static KV cache, one CUDA graph per token on CUDA.
+
+How a decoder LM reaches this file: capture exports the Hugging Face model wrapped in
+`TorchExportableModuleWithStaticCache` twice with torch.export (non-strict): a prefill
+program (T = prompt length) and a decode program (T = 1). Both are called as
+`fn(input_ids=[B, T] long, cache_position=[T] long) -> logits [B, T, V]` and mutate the
+static KV cache in place.
+
+What the cache looks like inside `ep.module()` (checked on torch 2.13 / transformers
+5.23 and the same code in transformers 5.17): the module registers buffers
+`key_cache_{i}`, `value_cache_{i}`, `cumulative_length_{i}`, but the exported graph does
+not write them as mutable buffers; the cache tensors are reached through the
+`StaticCache` object, so export lifts them as constants (`lifted_tensor_N`,
+`model.model.layers.i.self_attn.lifted_tensor_N`) that alias the registered buffers'
+storage and are written in place (`index_copy_`, `copy_`). Two programs exported from
+one module instance therefore start out sharing the cache; programs loaded separately
+do not. `cache_buffer_names` finds every tensor attribute that holds cache state (the
+named buffers, whatever the graph mutates in place, and their aliases) and
+`tie_buffers` rebinds them, so both layouts work; the decoder then checks that every
+tensor either program mutates is shared, and refuses to run otherwise.
+
+The decode step on CUDA is captured once as a CUDA graph that, per replay, runs the
+model on a static token buffer, takes the argmax of the last logits, writes it into
+the token buffer and the output row, and advances the static cache position: N
+replays generate N tokens with no host work in between.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from optc.errors import CompileError, UsageError
+from optc.runtime.timing import Timing, summarise
+
+__all__ = [
+    "StaticCacheDecoder",
+    "tie_buffers",
+    "cache_buffer_names",
+    "mutated_attr_names",
+    "export_lm_programs",
+]
+
+# Buffer names TorchExportableModuleWithStaticCache registers for its StaticCache.
+_CACHE_NAME = re.compile(r"(^|\.)(key_cache|value_cache|cumulative_length)_\d+$")
+_KEY_NAME = re.compile(r"(^|\.)key_cache_\d+$")
+
+
+# ----------------------------------------------------------------------------------------
+# Finding and sharing cache tensors
+# ----------------------------------------------------------------------------------------
+
+
+def _tensor_attrs(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers and plain tensor attributes (GraphModule constants) by dotted name.
+    Parameters are left out: a cache is never a parameter."""
+    out: dict[str, torch.Tensor] = {}
+    for mname, mod in module.named_modules(remove_duplicate=False):
+        prefix = f"{mname}." if mname else ""
+        for k, v in mod._buffers.items():
+            if v is not None:
+                out[prefix + k] = v
+        for k, v in vars(mod).items():
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+                out.setdefault(prefix + k, v)
+    return out
+
+
+def _storage_key(t: torch.Tensor):
+    ptr = t.untyped_storage().data_ptr()
+    # Zero-size tensors have no storage worth tracking (and all share pointer 0).
+    return None if ptr == 0 else (t.device, ptr)
+
+
+def _get_attr(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_tensor_attr(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        # A GraphModule constant is a plain attribute; bypass nn.Module's checks.
+        object.__setattr__(owner, leaf, value)
+
+
+def mutated_attr_names(module: nn.Module) -> list[str]:
+    """Tensor attributes that a GraphModule's graph writes in place (directly or through
+    a view such as `aten.to`/`select` that aliases them). Empty for other modules."""
+    names: set[str] = set()
+    for mname, gm in module.named_modules(remove_duplicate=False):
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        prefix = f"{mname}." if mname else ""
+        root: dict[torch.fx.Node, str] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                if isinstance(_get_attr(gm, node.target), torch.Tensor):
+                    root[node] = node.target
+                continue
+            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+                continue
+            schema = node.target._schema
+            out_sets = set()
+            for ret in schema.returns:
+                if ret.alias_info is not None:
+                    out_sets |= set(ret.alias_info.before_set)
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is None:
+                    continue
+                val = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                if not isinstance(val, torch.fx.Node) or val not in root:
+                    continue
+                if arg.alias_info.is_write:
+                    names.add(prefix + root[val])
+                if out_sets & set(arg.alias_info.before_set):
+                    root[node] = root[val]
+    return sorted(names)
+
+
+def cache_buffer_names(module: nn.Module) -> list[str]:
+    """Names of every tensor attribute that holds KV-cache state: the buffers named
+    `key_cache_i` / `value_cache_i` / `cumulative_length_i`, whatever a GraphModule
+    writes in place, and any attribute aliasing the storage of those."""
+    tensors = _tensor_attrs(module)
+    seeds = {n for n in tensors if _CACHE_NAME.search(n)}
+    seeds |= {n for n in mutated_attr_names(module) if n in tensors}
+    storages = {_storage_key(tensors[n]) for n in seeds} - {None}
+    names = set(seeds)
+    names |= {n for n, t in tensors.items() if _storage_key(t) in storages}
+    return sorted(names)
+
+
+def tie_buffers(src_module: nn.Module, dst_module: nn.Module, names: Iterable[str]) -> list[str]:
+    """Make `dst_module` use `src_module`'s tensors for `names`.
+
+    Each name must resolve to a tensor attribute (buffer or GraphModule constant) in both
+    modules with the same shape, dtype and device. Every attribute of `dst_module` that
+    aliased the replaced tensor (the same view of the same storage) is rebound too, so a
+    lifted constant follows its buffer. Returns the names rebound in `dst_module`.
+    """
+    src_t = _tensor_attrs(src_module)
+    dst_t = _tensor_attrs(dst_module)
+    rebound: list[str] = []
+    for name in names:
+        if name not in src_t:
+            raise UsageError(f"tie_buffers: source module has no tensor attribute {name!r}")
+        if name not in dst_t:
+            raise UsageError(f"tie_buffers: destination module has no tensor attribute {name!r}")
+        s, d = src_t[name], dst_t[name]
+        if (s.shape, s.dtype, s.device) != (d.shape, d.dtype, d.device):
+            raise UsageError(
+                f"tie_buffers: {name!r} differs: source {tuple(s.shape)} {s.dtype} {s.device}, "
+                f"destination {tuple(d.shape)} {d.dtype} {d.device}"
+            )
+        if s is d:
+            continue
+        key = _storage_key(d)
+        for other, t in list(dst_t.items()):
+            same = t is d or (
+                key is not None
+                and _storage_key(t) == key
+                and t.dtype == d.dtype
+                and t.shape == d.shape
+                and t.stride() == d.stride()
+                and t.storage_offset() == d.storage_offset()
+            )
+            if same:
+                _set_tensor_attr(dst_module, other, s)
+                dst_t[other] = s
+                rebound.append(other)
+            elif key is not None and _storage_key(t) == key:
+                raise UsageError(
+                    f"tie_buffers: {other!r} is a different view of {name!r}'s storage; "
+                    "cannot rebind it faithfully"
+                )
+    return sorted(set(rebound))
+
+
+def _check_shared(a: nn.Module, b: nn.Module) -> None:
+    """Every tensor that either program writes in place must be one both programs see."""
+    a_t, b_t = _tensor_attrs(a), _tensor_attrs(b)
+    a_s = {_storage_key(t) for t in a_t.values()} - {None}
+    b_s = {_storage_key(t) for t in b_t.values()} - {None}
+    for mod, tensors, other, label in ((a, a_t, b_s, "prefill"), (b, b_t, a_s, "decode")):
+        written = set(mutated_attr_names(mod)) | {n for n in tensors if _CACHE_NAME.search(n)}
+        missing = [n for n in sorted(written) if n in tensors and _storage_key(tensors[n]) not in other and _storage_key(tensors[n]) is not None]
+        if missing:
+            raise CompileError(
+                f"the {label} program writes state the other program does not share: "
+                f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; prefill and decode "
+                "would see different KV caches"
+            )
+
+
+def _static_input_shape(module, name: str):
+    """The example shape a GraphModule's input was exported with, if static."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    for node in module.graph.nodes:
+        if node.op == "placeholder" and node.target == name:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.shape):
+                return tuple(val.shape)
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# The decoder
+# ----------------------------------------------------------------------------------------
+
+
+class StaticCacheDecoder:
+    """Greedy generation with a prefill and a decode program sharing one static KV cache.
+
+    prefill, decode: callables `(input_ids=[B, T], cache_position=[T]) -> logits [B, T, V]`
+        (usually `ep.module()` of the two exported programs). `prefill` may be None: the
+        prompt is then fed one token at a time through `decode`. The cache of `prefill` is
+        tied to `decode`'s tensors; if they are the same module nothing is tied.
+    compile: optional function applied to each module before use (after tying), e.g.
+        `lambda m: torch.compile(m, mode="max-autotune-no-cudagraphs", fullgraph=True)`.
+        Do not pass a mode that uses Inductor's own CUDA graphs when `cuda_graph` is on.
+    compile_prefill: apply `compile` to the prefill module too (default True).
+    cuda_graph: capture the decode step as one CUDA graph (default: on when the cache
+        lives on a CUDA device). On CPU the same step runs in a Python loop.
+    max_cache_len / batch_size: taken from the `key_cache_*` tensors when not given.
+
+    ms/token (time_decode, and the same definition in optc.runtime.baselines): the time
+    from the moment the first new token (the prefill's) is on the device to the moment
+    the last decode step's token is, divided by the number of decode steps; prefill
+    excluded, one decode step = one token in, one token out (argmax included).
+    """
+
+    def __init__(
+        self,
+        prefill: Callable | None,
+        decode: Callable,
+        *,
+        compile: Callable | None = None,
+        compile_prefill: bool = True,
+        cuda_graph: bool | None = None,
+        max_cache_len: int | None = None,
+        batch_size: int | None = None,
+        device: str | torch.device | None = None,
+        graph_warmup: int = 3,
+    ) -> None:
+        if decode is None:
+            raise UsageError("StaticCacheDecoder needs a decode program")
+        modules = [m for m in (prefill, decode) if isinstance(m, nn.Module)]
+        self.tied: list[str] = []
+        if isinstance(prefill, nn.Module) and isinstance(decode, nn.Module) and prefill is not decode:
+            names = sorted(set(cache_buffer_names(decode)) & set(cache_buffer_names(prefill)))
+            if not names:
+                raise UsageError("prefill and decode programs hold no common KV-cache tensors to tie")
+            self.tied = tie_buffers(decode, prefill, names)
+            _check_shared(prefill, decode)
+
+        # Every distinct cache storage, for reset().
+        self._cache: list[torch.Tensor] = []
+        seen = set()
+        keys: list[torch.Tensor] = []
+        devices: set[torch.device] = set()
+        for mod in modules:
+            tensors = _tensor_attrs(mod)
+            for n in cache_buffer_names(mod):
+                t = tensors[n]
+                devices.add(t.device)
+                k = _storage_key(t)
+                if k is not None and k not in seen:
+                    seen.add(k)
+                    self._cache.append(t)
+                if _KEY_NAME.search(n):
+                    keys.append(t)
+        if len(devices) > 1:
+            # nn.Module.to() moves buffers but not GraphModule constants, and the exported
+            # graph reaches the cache through constants: move ExportedPrograms with
+            # torch.export.passes.move_to_device_pass before ep.module() instead.
+            raise UsageError(
+                f"the KV-cache tensors live on several devices {sorted(map(str, devices))}; "
+                "move the exported programs with torch.export.passes.move_to_device_pass, "
+                "not GraphModule.to()"
+            )
+        if keys:
+            # StaticCache keys are [B, heads, max_cache_len, head_dim].
+            max_cache_len = max_cache_len or int(keys[0].shape[-2])
+            batch_size = batch_size or int(keys[0].shape[0])
+            device = device or keys[0].device
+        if max_cache_len is None or batch_size is None:
+            raise UsageError("cannot infer max_cache_len/batch_size from the programs; pass them")
+        self.max_cache_len = int(max_cache_len)
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if devices and next(iter(devices)).type != self.device.type:
+            raise UsageError(f"the KV cache lives on {next(iter(devices))}, not on the requested {self.device}")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.use_cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.use_cuda_graph and self.device.type != "cuda":
+            raise UsageError("cuda_graph=True needs the cache on a CUDA device")
+        self._prefill_shape = _static_input_shape(prefill, "input_ids")
+        self._prefill_raw, self._decode_raw = prefill, decode
+
+        t0 = time.perf_counter()
+        self.decode_fn = compile(decode) if compile is not None else decode
+        if prefill is None:
+            self.prefill_fn = None
+        elif prefill is decode:
+            self.prefill_fn = self.decode_fn
+        else:
+            self.prefill_fn = compile(prefill) if (compile is not None and compile_prefill) else prefill
+        self.compiled = compile is not None
+        # torch.compile is lazy: the real compile time lands in the first calls, which
+        # setup_s (set by warm_up / graph capture) records.
+        self.setup_s = time.perf_counter() - t0
+
+        B, L = self.batch_size, self.max_cache_len
+        self._tok = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        # Row of generated tokens, indexed by cache position + 1 (L + 1 columns: the token
+        # produced at the last position is never fed back).
+        self._out = torch.zeros(B, L + 1, dtype=torch.long, device=self.device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_warmup = int(graph_warmup)
+        self.graph_replays = 0
+        self.eager_steps = 0
+
+    @classmethod
+    def from_modules(cls, prefill, decode, **kwargs) -> "StaticCacheDecoder":
+        """Same as the constructor (kept for callers that build from loaded programs)."""
+        return cls(prefill, decode, **kwargs)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Zero the KV cache and the cumulative-length counters."""
+        for t in self._cache:
+            t.zero_()
+
+    @property
+    def cache_tensors(self) -> list[torch.Tensor]:
+        return list(self._cache)
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        # One token: model -> argmax -> token buffer and output row -> position + 1.
+        # Only tensor ops on static buffers, so it can be captured and replayed.
+        logits = self.decode_fn(input_ids=self._tok, cache_position=self._pos)
+        nxt = logits[:, -1, :].argmax(dim=-1, keepdim=True)
+        self._out.index_copy_(1, self._pos + 1, nxt)
+        self._tok.copy_(nxt)
+        self._pos.add_(1)
+
+    def _capture(self) -> None:
+        if self._graph is not None:
+            return
+        t0 = time.perf_counter()
+        # Warm-up on a side stream (PyTorch CUDA-graph docs): lazy init, autotuning and
+        # torch.compile's first calls happen here, not inside the capture. The writes it
+        # makes to the cache land at positions 0.. and are overwritten by the next prefill.
+        self._tok.zero_()
+        self._pos.zero_()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(max(1, self._graph_warmup)):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        torch.cuda.synchronize(self.device)
+        self._graph = graph
+        self.setup_s += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def warm_up(self, prompt_ids: torch.Tensor | None = None) -> float:
+        """Compile/capture now (otherwise done by the first generate). Returns seconds."""
+        t0 = time.perf_counter()
+        if prompt_ids is not None:
+            self._check_request(prompt_ids, 1)
+            self.reset()
+            self._run_prefill(prompt_ids.to(self.device))
+        if self.use_cuda_graph:
+            self._capture()
+        else:
+            self._pos.zero_()
+            self._step()
+        self.reset()
+        return time.perf_counter() - t0
+
+    def _check_request(self, prompt_ids: torch.Tensor, n_positions_after: int) -> None:
+        if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
+            raise UsageError("prompt_ids must be a [batch, length] tensor")
+        if prompt_ids.dtype != torch.long:
+            raise UsageError(f"prompt_ids must be torch.long, got {prompt_ids.dtype}")
+        B, T = prompt_ids.shape
+        if B != self.batch_size:
+            raise UsageError(f"batch {B} does not match the programs' batch {self.batch_size}")
+        if T < 1:
+            raise UsageError("the prompt needs at least one token")
+        if self._prefill_shape is not None and self._prefill_raw is not self._decode_raw:
+            if tuple(prompt_ids.shape) != self._prefill_shape:
+                raise UsageError(
+                    f"the prefill program was exported for input_ids of shape {list(self._prefill_shape)}, "
+                    f"got {list(prompt_ids.shape)}"
+                )
+        if T + n_positions_after > self.max_cache_len:
+            raise UsageError(
+                f"prompt of {T} tokens + {n_positions_after} new tokens = {T + n_positions_after} "
+                f"exceeds max_cache_len={self.max_cache_len}"
+            )
+
+    def _run_prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Fill the cache with the prompt; returns the first new token [B, 1]."""
+        T = prompt_ids.shape[1]
+        if self.prefill_fn is not None:
+            pos = torch.arange(T, dtype=torch.long, device=self.device)
+            logits = self.prefill_fn(input_ids=prompt_ids, cache_position=pos)
+        else:
+            for i in range(T):
+                pos = torch.tensor([i], dtype=torch.long, device=self.device)
+                logits = self.decode_fn(input_ids=prompt_ids[:, i : i + 1], cache_position=pos)
+        return logits[:, -1, :].argmax(dim=-1, keepdim=True)
+
+    def _start(self, prompt_ids: torch.Tensor) -> None:
+        """Prefill and load the static buffers for the first decode step."""
+        T = prompt_ids.shape[1]
+        self.reset()
+        first = self._run_prefill(prompt_ids)
+        self._out[:, :T].copy_(prompt_ids)
+        self._out[:, T : T + 1].copy_(first)
+        self._tok.copy_(first)
+        self._pos.fill_(T)
+
+    def _decode_steps(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self.use_cuda_graph:
+            for _ in range(n):
+                self._graph.replay()
+            self.graph_replays += n
+        else:
+            for _ in range(n):
+                self._step()
+            self.eager_steps += n
+
+    # -- public --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: returns [B, T + max_new_tokens] (prompt then new tokens)."""
+        if int(max_new_tokens) < 1:
+            raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        n = int(max_new_tokens)
+        self._check_request(prompt_ids, n)
+        prompt_ids = prompt_ids.to(self.device)
+        T = prompt_ids.shape[1]
+        if self.use_cuda_graph:
+            self._capture()
+        self._start(prompt_ids)
+        # The first new token came from the prefill; n - 1 decode steps make the rest.
+        self._decode_steps(n - 1)
+        return self._out[:, : T + n].clone()
+
+    @torch.no_grad()
+    def measure_decode(self, prompt_ids: torch.Tensor, n_tokens: int, *, repeats: int = 5) -> Timing:
+        """ms/token over `n_tokens` decode steps after a prefill, `repeats` times (after one
+        untimed run); one sample per run. Prefill is excluded."""
+        n = int(n_tokens)
+        if n < 1 or repeats < 1:
+            raise UsageError(f"need n_tokens >= 1 and repeats >= 1, got {n_tokens}, {repeats}")
+        self._check_request(prompt_ids, n)
+        prompt_ids = prompt_ids.to(self.device)
+        if self.use_cuda_graph:
+            self._capture()
+        samples = []
+        for r in range(repeats + 1):
+            self._start(prompt_ids)
+            if self.device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                self._decode_steps(n)
+                end.record()
+                end.synchronize()  # one host wait per run, after all n steps
+                ms = start.elapsed_time(end) / n
+            else:
+                t0 = time.perf_counter()
+                self._decode_steps(n)
+                ms = (time.perf_counter() - t0) * 1e3 / n
+            if r > 0:
+                samples.append(ms)
+        return summarise(samples).with_extra(
+            compile_s=self.setup_s,
+            definition="decode steps only, prefill excluded; ms = elapsed / steps",
+            cuda_graph=self.use_cuda_graph,
+            steps=n,
+        )
+
+    def time_decode(self, prompt_ids: torch.Tensor, n_tokens: int, *, repeats: int = 5) -> float:
+        """Median ms per token of `n_tokens` decode steps (prefill excluded)."""
+        return self.measure_decode(prompt_ids, n_tokens, repeats=repeats).median_ms
+
+    @torch.no_grad()
+    def forced_logits(self, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Teacher-forced logits through the (compiled) programs, no CUDA graph: prefill
+        `ids[:, :prompt_len]`, then feed `ids[:, prompt_len:]` one decode step at a time.
+        Returns the next-token logits at positions prompt_len-1 .. S-1, [B, S-prompt_len+1, V],
+        comparable to `full_model(ids).logits[:, prompt_len-1:]`."""
+        S = ids.shape[1]
+        self._check_request(ids[:, :prompt_len], S - prompt_len)
+        ids = ids.to(self.device)
+        self.reset()
+        if self.prefill_fn is not None:
+            pos = torch.arange(prompt_len, dtype=torch.long, device=self.device)
+            logits = self.prefill_fn(input_ids=ids[:, :prompt_len], cache_position=pos)
+        else:
+            for i in range(prompt_len):
+                pos = torch.tensor([i], dtype=torch.long, device=self.device)
+                logits = self.decode_fn(input_ids=ids[:, i : i + 1], cache_position=pos)
+        rows = [logits[:, -1, :].clone()]
+        for j in range(prompt_len, S):
+            pos = torch.tensor([j], dtype=torch.long, device=self.device)
+            logits = self.decode_fn(input_ids=ids[:, j : j + 1], cache_position=pos)
+            rows.append(logits[:, -1, :].clone())
+        self.reset()
+        return torch.stack(rows, dim=1)
+
+
+def export_lm_programs(
+    model: nn.Module, *, batch_size: int, prompt_len: int, max_cache_len: int
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """Reference export of a Hugging Face decoder LM into (prefill, decode) GraphModules
+    over one static cache, as capture does it (used by tests and benchmarks): the model
+    wrapped by `TorchExportableModuleForDecoderOnlyLM`, exported twice, non-strict, for
+    input_ids [B, prompt_len] and [B, 1]. The model's generation_config is set to the
+    static-cache config the wrapper requires and restored afterwards."""
+    import copy as _copy
+
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    B, T, L = int(batch_size), int(prompt_len), int(max_cache_len)
+    if T >= L:
+        raise UsageError(f"prompt_len {T} must be below max_cache_len {L}")
+    saved = model.generation_config
+    gc = _copy.deepcopy(saved) if saved is not None else GenerationConfig()
+    gc.use_cache = True
+    gc.cache_implementation = "static"
+    gc.max_length = L
+    gc.cache_config = {"batch_size": B, "max_cache_len": L}
+    model.generation_config = gc
+    try:
+        static = TorchExportableModuleForDecoderOnlyLM(model, batch_size=B, max_cache_len=L).model
+    finally:
+        model.generation_config = saved
+    device = next(model.parameters()).device
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    with torch.no_grad():
+        ep_prefill = torch.export.export(
+            static, args=(), kwargs={"input_ids": ids, "cache_position": torch.arange(T, device=device)},
+            strict=False,
+        )
+        ep_decode = torch.export.export(
+            static, args=(),
+            kwargs={"input_ids": ids[:, :1], "cache_position": torch.tensor([T], device=device)},
+            strict=False,
+        )
+    return ep_prefill.module(), ep_decode.module()

@@ -1,0 +1,208 @@
+"""The timing harness every optc latency number goes through.
+
+`measure` times one callable over several input sets (rotated, so that a single set
+sitting in L2 does not flatter the result). On CUDA each call is bracketed by its own
+pair of CUDA events recorded on the current stream and the host synchronises once,
+after the last call, so the host never waits inside the timed loop. On CPU each call
+is timed with `time.perf_counter`.
+
+Statistics are the median and the 20th/80th percentiles (linear interpolation, as
+`numpy.percentile` does), never the mean: a single stall should not move a number.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from optc.errors import UsageError
+
+__all__ = ["Timing", "measure", "summarise", "device_info", "call_with", "as_device"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A latency summary in milliseconds.
+
+    `compile_s` (seconds spent compiling or warming up before timing) and `info`
+    (free-form facts about how the number was obtained) travel with the timing but are
+    not part of the latency: they are reported separately.
+    """
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    n: int
+    compile_s: float | None = None
+    info: dict = field(default_factory=dict, compare=False)
+
+    def as_row(self, name: str, baseline_ms: float | None) -> dict:
+        """One row of `bench --json`: ratio = baseline median / this median (> 1 is faster)."""
+        if baseline_ms is None or self.median_ms <= 0:
+            ratio = None
+        else:
+            ratio = float(baseline_ms) / self.median_ms
+        return {
+            "name": name,
+            "median_ms": self.median_ms,
+            "p20_ms": self.p20_ms,
+            "p80_ms": self.p80_ms,
+            "ratio_vs_baseline": ratio,
+        }
+
+    def to_dict(self) -> dict:
+        """Everything, for result JSON (the row plus n, compile time and info)."""
+        return {
+            "median_ms": self.median_ms,
+            "p20_ms": self.p20_ms,
+            "p80_ms": self.p80_ms,
+            "n": self.n,
+            "compile_s": self.compile_s,
+            "info": dict(self.info),
+        }
+
+    def with_extra(self, *, compile_s: float | None = None, **info: Any) -> "Timing":
+        """A copy carrying a compile time and/or more info."""
+        merged = dict(self.info)
+        merged.update(info)
+        return Timing(
+            self.median_ms,
+            self.p20_ms,
+            self.p80_ms,
+            self.n,
+            self.compile_s if compile_s is None else compile_s,
+            merged,
+        )
+
+
+def _percentile(sorted_vals: Sequence[float], q: float) -> float:
+    # Linear interpolation between closest ranks (numpy's default "linear" method).
+    pos = (len(sorted_vals) - 1) * q
+    lo = math.floor(pos)
+    hi = math.ceil(pos)
+    if lo == hi:
+        return float(sorted_vals[lo])
+    frac = pos - lo
+    return float(sorted_vals[lo] * (1.0 - frac) + sorted_vals[hi] * frac)
+
+
+def summarise(samples: Sequence[float]) -> Timing:
+    """Median and 20th/80th percentiles of per-call times in milliseconds."""
+    vals = [float(s) for s in samples]
+    if not vals:
+        raise UsageError("summarise() needs at least one sample")
+    if any(not math.isfinite(v) or v < 0 for v in vals):
+        raise UsageError(f"timing samples must be finite and non-negative, got {vals[:8]}")
+    vals.sort()
+    return Timing(
+        median_ms=_percentile(vals, 0.5),
+        p20_ms=_percentile(vals, 0.2),
+        p80_ms=_percentile(vals, 0.8),
+        n=len(vals),
+    )
+
+
+def as_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' was asked for but torch sees no CUDA device")
+    return dev
+
+
+def call_with(fn: Callable, inputs: Any):
+    """Call fn with one input set: a dict is passed as keywords, a tuple/list as positional
+    arguments, anything else (a tensor) as the single argument."""
+    if isinstance(inputs, dict):
+        return fn(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return fn(*inputs)
+    return fn(inputs)
+
+
+def measure(
+    fn: Callable,
+    inputs_list: Sequence[Any],
+    *,
+    warmup: int = 10,
+    iters: int = 50,
+    device: str | torch.device | None = None,
+) -> Timing:
+    """Time `fn` over `iters` calls after `warmup` calls, rotating through `inputs_list`.
+
+    Returns per-call statistics in milliseconds. Outputs are dropped; `fn` must do its
+    work on the device the inputs live on.
+    """
+    if not isinstance(inputs_list, (list, tuple)) or len(inputs_list) == 0:
+        raise UsageError("measure() needs a non-empty list of input sets")
+    if iters < 1 or warmup < 0:
+        raise UsageError(f"measure() needs iters >= 1 and warmup >= 0, got {iters=}, {warmup=}")
+    dev = as_device(device)
+    k = len(inputs_list)
+    # no_grad, not inference_mode: tensors created here (a lazily built cache, say) must
+    # stay usable for in-place updates after measure() returns.
+    with torch.no_grad():
+        for i in range(warmup):
+            call_with(fn, inputs_list[i % k])
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                torch.cuda.synchronize()
+                starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+                ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+                for i in range(iters):
+                    starts[i].record()
+                    call_with(fn, inputs_list[i % k])
+                    ends[i].record()
+                # One host wait, after all calls were queued.
+                torch.cuda.synchronize()
+                samples = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        else:
+            samples = []
+            for i in range(iters):
+                t0 = time.perf_counter()
+                call_with(fn, inputs_list[i % k])
+                samples.append((time.perf_counter() - t0) * 1e3)
+    return summarise(samples)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_info(device: str | torch.device | None = None) -> dict:
+    """Device name and library versions for result JSON."""
+    dev = as_device(device)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        name = props.name
+        extra = {
+            "sm_count": props.multi_processor_count,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+        }
+    else:
+        name = platform.processor() or platform.machine() or "cpu"
+        extra = {"cpu_threads": torch.get_num_threads()}
+    triton_version = _version("triton") or _version("pytorch-triton")
+    return {
+        "device": name,
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": _version("transformers"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
