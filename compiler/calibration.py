@@ -55,7 +55,8 @@ class CalibrationContext:
     def stream_values(self, nodes: list[fx.Node]) -> list[list[torch.Tensor]]:
         """The values of `nodes` (of the calibration program) on each input."""
         probe, _ = rebuild(self.calibration_program, extra_outputs=nodes)
-        return [self._run(probe, a, k)[1] for a, k in self.inputs]
+        with torch.no_grad():
+            return [probe(*a, **k)[1] for a, k in self.inputs]
 
     def stream_cosines(self, anatomy, units) -> dict:
         """1 - cos(stream before, stream after) of each unit, averaged over tokens."""

@@ -53,3 +53,25 @@ def drop_unused_attributes(gm: fx.GraphModule) -> None:
             owner, _, attr = name.rpartition(".")
             module = gm.get_submodule(owner) if owner else gm
             delattr(module, attr)
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Dead-code elimination that also drops the metadata asserts torch.export adds
+    (`_assert_tensor_metadata`): they have side effects, so fx keeps them and with
+    them the whole sub-graph they check, even when nothing else reads it."""
+    import torch
+
+    asserts = {torch.ops.aten._assert_tensor_metadata.default}
+    # fx counts SDPA as impure (its dropout draws random numbers); at inference its
+    # dropout_p is 0, so an unused attention is dead code like any other.
+    pure_despite_tags = {torch.ops.aten.scaled_dot_product_attention.default}
+    changed = True
+    while changed:
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and n.target not in pure_despite_tags)
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in asserts:
+                checked = node.args[0]
+                if isinstance(checked, fx.Node) and set(checked.users) == {node}:
+                    gm.graph.erase_node(node)
+                    changed = True

@@ -28,7 +28,7 @@ import torch.fx as fx
 from optc.compiler.anatomy import Anatomy
 from optc.compiler.config import PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
-from optc.compiler.rewrite import drop_unused_attributes, rebuild
+from optc.compiler.rewrite import drop_unused_attributes, eliminate_dead_code, rebuild
 from optc.errors import UsageError
 
 PARTS = ("block", "attention", "mlp")
@@ -174,7 +174,7 @@ def remove_units(gm: fx.GraphModule, anatomy: Anatomy, units) -> None:
             for write in block.attention.cache_writes:
                 write.replace_all_uses_with(write.args[0])
                 gm.graph.erase_node(write)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     drop_unused_attributes(gm)
     gm.recompile()
 

@@ -1,0 +1,193 @@
+"""Launch configurations of optc's sparse kernels, per target, as plain data.
+
+Nothing here launches anything or touches global state; the host wrappers in
+``sparse_linear.py`` and ``cats_mlp.py`` look their tiles up here, and the
+``sparsify_activations`` pass asks :func:`crossover_tokens` whether the sparse kernel
+beats dense cuBLAS at a given token count.
+
+Targets are the names of ``compiler/targets.py``: ``h100``, ``h200``, ``a100`` and
+``cpu`` (the Triton interpreter, ``TRITON_INTERPRET=1``, used by the tests: its tiles
+are tiny so that small test shapes still cover several tiles and split-K).
+
+Status of the numbers: PROVISIONAL. The GPU tiles, the split-K policy and the
+crossover token counts were chosen by reasoning about a bandwidth-bound GEMV, not yet
+measured; ``benchmarks/kernels_sparse_linear.py`` measures them (its ``sweep`` and
+``crossover`` rows) and this file should be updated from its JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "LaunchConfig",
+    "SparseLinearTarget",
+    "CatsTarget",
+    "SPARSE_LINEAR",
+    "CATS_GATE_UP",
+    "CROSSOVER_TOKENS",
+    "KNOWN_TARGETS",
+    "target_for_device",
+    "sparse_linear_target",
+    "cats_target",
+    "pick_bucket",
+    "choose_split_k",
+    "crossover_tokens",
+]
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One tile shape. For sparse_linear: BLOCK_M tokens x BLOCK_K input channels x
+    BLOCK_N outputs. For cats_gate_up: BLOCK_M tokens x BLOCK_N intermediate channels
+    (rows of W_gate/W_up) x BLOCK_K hidden features. BLOCK_M >= 16 selects tl.dot
+    (tokens padded to 16); below 16 the kernels use an outer-product FMA path."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class SparseLinearTarget:
+    num_sms: int
+    # Split K until the grid has about waves * num_sms programs ...
+    waves: float
+    max_split_k: int
+    # ... but never let the fp32 partials (written once, read once) exceed this
+    # fraction of the weight bytes, which is what the kernel is there to save.
+    workspace_fraction: float
+    # (max tokens, tile) in ascending order; more tokens than the last bucket are
+    # tiled over the grid's third axis with the last bucket's tile.
+    buckets: tuple[tuple[int, LaunchConfig], ...]
+    reduce_block_n: int
+
+
+@dataclass(frozen=True)
+class CatsTarget:
+    buckets: tuple[tuple[int, LaunchConfig], ...]
+
+
+_HOPPER_SPARSE_LINEAR = (
+    (1, LaunchConfig(block_m=1, block_n=128, block_k=32, num_warps=4, num_stages=4)),
+    (4, LaunchConfig(block_m=4, block_n=128, block_k=16, num_warps=8, num_stages=4)),
+    (16, LaunchConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=4)),
+)
+_HOPPER_CATS = (
+    (1, LaunchConfig(block_m=1, block_n=16, block_k=256, num_warps=4, num_stages=4)),
+    (4, LaunchConfig(block_m=4, block_n=16, block_k=128, num_warps=8, num_stages=4)),
+    (16, LaunchConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)),
+)
+
+SPARSE_LINEAR: dict[str, SparseLinearTarget] = {
+    "h100": SparseLinearTarget(
+        num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125,
+        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256,
+    ),
+    # PROVISIONAL: H100 tiles (same SMs and core, faster HBM); not measured on H200.
+    "h200": SparseLinearTarget(
+        num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125,
+        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256,
+    ),
+    # PROVISIONAL: H100 tiles with the A100's SM count; not measured.
+    "a100": SparseLinearTarget(
+        num_sms=108, waves=4.0, max_split_k=32, workspace_fraction=0.125,
+        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256,
+    ),
+    # The interpreter: tiny tiles so that small test shapes span several tiles and
+    # split K (num_sms is a pretend value that only drives the split-K choice).
+    "cpu": SparseLinearTarget(
+        num_sms=4, waves=2.0, max_split_k=4, workspace_fraction=1.0,
+        buckets=(
+            (1, LaunchConfig(block_m=1, block_n=16, block_k=16, num_warps=1, num_stages=1)),
+            (4, LaunchConfig(block_m=4, block_n=16, block_k=16, num_warps=1, num_stages=1)),
+            (16, LaunchConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)),
+        ),
+        reduce_block_n=16,
+    ),
+}
+
+CATS_GATE_UP: dict[str, CatsTarget] = {
+    "h100": CatsTarget(buckets=_HOPPER_CATS),
+    "h200": CatsTarget(buckets=_HOPPER_CATS),  # PROVISIONAL (H100 tiles)
+    "a100": CatsTarget(buckets=_HOPPER_CATS),  # PROVISIONAL (H100 tiles)
+    "cpu": CatsTarget(
+        buckets=(
+            (1, LaunchConfig(block_m=1, block_n=16, block_k=16, num_warps=1, num_stages=1)),
+            (4, LaunchConfig(block_m=4, block_n=16, block_k=16, num_warps=1, num_stages=1)),
+            (16, LaunchConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)),
+        ),
+    ),
+}
+
+# Largest token count (rows of x after flattening) at which the sparse kernel is used;
+# above it dense cuBLAS wins because the union of active channels over the tokens
+# approaches all channels, while dense GEMM cost is flat in M at these sizes.
+# PROVISIONAL until measured on each GPU by benchmarks/kernels_sparse_linear.py (its
+# "crossover" rows); the value depends on how correlated real activations are across
+# tokens, which random data understates. On "cpu" the op runs the dense torch
+# reference, which never beats plain dense, so the crossover is 0 (never sparse).
+CROSSOVER_TOKENS: dict[str, int] = {"h100": 4, "h200": 4, "a100": 4, "cpu": 0}
+
+KNOWN_TARGETS = tuple(SPARSE_LINEAR)
+
+
+def _check_target(target: str) -> str:
+    if target not in SPARSE_LINEAR:
+        raise ValueError(f"unknown target {target!r}; known: {', '.join(KNOWN_TARGETS)}")
+    return target
+
+
+def target_for_device(device) -> str:
+    """Map a torch device to a target name. An unrecognised CUDA GPU gets the H100
+    tiles (the closest measured profile)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).upper()
+    for key in ("H200", "H100", "A100"):
+        if key in name:
+            return key.lower()
+    return "h100"
+
+
+def sparse_linear_target(target: str) -> SparseLinearTarget:
+    return SPARSE_LINEAR[_check_target(target)]
+
+
+def cats_target(target: str) -> CatsTarget:
+    return CATS_GATE_UP[_check_target(target)]
+
+
+def pick_bucket(buckets: tuple[tuple[int, LaunchConfig], ...], num_tokens: int) -> LaunchConfig:
+    """The tile of the smallest bucket holding num_tokens (the last one otherwise)."""
+    for max_tokens, cfg in buckets:
+        if num_tokens <= max_tokens:
+            return cfg
+    return buckets[-1][1]
+
+
+def choose_split_k(
+    tgt: SparseLinearTarget, cfg: LaunchConfig, m: int, n: int, k: int, elem_size: int
+) -> int:
+    """How many slices of K run as separate programs (then summed by a second kernel).
+
+    Enough to give about ``waves * num_sms`` programs, no more than there are BLOCK_K
+    chunks, and few enough that the fp32 partials (split * M * N * 4 bytes, written
+    and read back) stay under ``workspace_fraction`` of the weight bytes.
+    """
+    n_tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+    k_chunks = max(1, -(-k // cfg.block_k))
+    split = max(1, round(tgt.waves * tgt.num_sms / n_tiles))
+    # partial traffic: split*m*n*4*2 bytes <= fraction * k*n*elem_size
+    ws_cap = int(tgt.workspace_fraction * k * elem_size / (8 * max(m, 1)))
+    split = min(split, k_chunks, tgt.max_split_k, max(1, ws_cap))
+    return max(1, split)
+
+
+def crossover_tokens(target: str) -> int:
+    return CROSSOVER_TOKENS[_check_target(target)]

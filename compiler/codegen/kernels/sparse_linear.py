@@ -1,0 +1,236 @@
+"""Activation-sparse linear layer: y = (x * (|x| > t)) @ W^T (+ bias).
+
+At decode (1..16 tokens) a linear layer is bound by reading its weight. The weight is
+stored transposed, ``weight_t[k, :]`` = all N outputs' weights for input channel k,
+one contiguous row, so a channel whose activation is zero for every token of the
+tile costs no weight traffic: its row load is masked off, and a masked (predicated)
+load issues no memory transaction.
+
+Index math, for program (pid_n, pid_s, pid_m) of the grid
+(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M)):
+
+    tokens   m in [pid_m*BLOCK_M, +BLOCK_M)            (masked m < M)
+    outputs  n in [pid_n*BLOCK_N, +BLOCK_N)            (masked n < N)
+    channels k in [pid_s*K_PER_SPLIT, +K_PER_SPLIT)    (masked k < K), BLOCK_K at a time
+    x[m, k]        at x_ptr + m*stride_xm + k*stride_xk
+    t[k]           at thr_ptr + k*stride_t             (stride_t = 0: one per-layer value)
+    weight_t[k, n] at w_ptr + k*stride_wk + n          (stride_wk = N, rows contiguous)
+    y[m, n]        at y_ptr + m*stride_ym + n
+    part[s, m, n]  at ws_ptr + s*stride_wss + m*stride_wsm + n   (fp32, when SPLIT_K > 1)
+
+With SPLIT_K > 1 each program writes its fp32 partial sum and ``splitk_reduce_kernel``
+adds the slices in a fixed order (deterministic), adds the bias and casts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .configs import (
+    LaunchConfig,
+    SparseLinearTarget,
+    choose_split_k,
+    pick_bucket,
+    sparse_linear_target,
+    target_for_device,
+)
+
+__all__ = ["sparse_linear", "prepare_weight", "plan", "sparse_linear_kernel", "splitk_reduce_kernel"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def sparse_linear_kernel(
+    x_ptr, w_ptr, thr_ptr, b_ptr, y_ptr, ws_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_xk,
+    stride_wk,
+    stride_t,
+    stride_ym,
+    stride_wss, stride_wsm,
+    HAS_BIAS: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,  # SPLIT_K == 1: write y (bias, cast) from this kernel
+    FP32_DOT: tl.constexpr,  # fp32 operands: ask tl.dot for exact fp32, not tf32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start = pid_s * K_PER_SPLIT
+
+    if BLOCK_M >= 16:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        # Outer-product path: keep BLOCK_K partial sums per output in registers and
+        # reduce over k once after the loop, so the loop body has no cross-thread
+        # reduction, only loads and FMAs.
+        acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
+
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        mk_mask = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mk_mask, other=0.0,
+        )
+        thr = tl.load(thr_ptr + offs_k * stride_t, mask=k_mask, other=0.0).to(tl.float32)
+        # mk_mask matters: a negative threshold must not activate padding.
+        active = (tl.abs(x.to(tl.float32)) > thr[None, :]) & mk_mask
+        x = tl.where(active, x, 0.0)
+        # A channel's weight row is read if any token of this tile uses it.
+        row_active = tl.max(active.to(tl.int32), axis=0) > 0
+        w = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
+            mask=row_active[:, None] & n_mask[None, :], other=0.0,
+        )
+        if BLOCK_M >= 16:
+            if FP32_DOT:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        else:
+            acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+
+    if BLOCK_M < 16:
+        acc = tl.sum(acc3, axis=1)
+
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if DIRECT_OUT:
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += bias[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mn_mask)
+    else:
+        ws_ptrs = ws_ptr + pid_s * stride_wss + offs_m[:, None] * stride_wsm + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=mn_mask)
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    ws_ptr, b_ptr, y_ptr,
+    N, SPLIT_K,
+    stride_wss, stride_wsm,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # grid (cdiv(N, BLOCK_N), M): one token row, BLOCK_N outputs, summed over slices.
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(ws_ptr + s * stride_wss + m * stride_wsm + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def prepare_weight(linear_weight: torch.Tensor) -> torch.Tensor:
+    """nn.Linear weight [N, K] -> weight_t [K, N] contiguous: the layout the kernel
+    reads (one contiguous row of N weights per input channel)."""
+    assert linear_weight.dim() == 2, f"expected a 2-D weight, got {tuple(linear_weight.shape)}"
+    return linear_weight.detach().t().contiguous()
+
+
+def plan(tgt: SparseLinearTarget, M: int, N: int, K: int, elem_size: int,
+         config: LaunchConfig | None = None, split_k: int | None = None):
+    """(tile, split_k, k_per_split) for an M x K @ K x N product on a target."""
+    cfg = config or pick_bucket(tgt.buckets, M)
+    if split_k is None:
+        split_k = choose_split_k(tgt, cfg, M, N, K, elem_size)
+    # Each slice covers a whole number of BLOCK_K chunks; the last may be partial.
+    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split_k), cfg.block_k) * cfg.block_k
+    return cfg, triton.cdiv(max(K, 1), k_per_split), k_per_split
+
+
+def _check_threshold(threshold: torch.Tensor, channels: int, device) -> int:
+    """Returns the threshold's stride over channels: 0 for one per-layer value."""
+    assert threshold.dtype in _DTYPES, f"threshold dtype {threshold.dtype} not in {_DTYPES}"
+    assert threshold.device == device, f"threshold on {threshold.device}, x on {device}"
+    if threshold.numel() == 1:
+        return 0
+    assert threshold.dim() == 1 and threshold.shape[0] == channels, (
+        f"threshold must have 1 or {channels} elements, got shape {tuple(threshold.shape)}"
+    )
+    return threshold.stride(0)
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    target: str | None = None,
+    config: LaunchConfig | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """y[..., N] = (x * (|x| > threshold)) @ weight_t (+ bias), fp32 accumulation,
+    output in x.dtype. ``threshold`` has 1 element (per layer) or K (per channel).
+    ``target``/``config``/``split_k`` override the per-target choice (tests, sweeps)."""
+    assert x.dtype in _DTYPES, f"x dtype {x.dtype} not in {_DTYPES}"
+    assert weight_t.dim() == 2 and weight_t.is_contiguous(), "weight_t must be [K, N] contiguous"
+    assert weight_t.dtype == x.dtype, f"weight_t dtype {weight_t.dtype} != x dtype {x.dtype}"
+    assert weight_t.device == x.device, f"weight_t on {weight_t.device}, x on {x.device}"
+    K, N = weight_t.shape
+    assert x.shape[-1] == K, f"x has {x.shape[-1]} features, weight_t has {K} rows"
+    assert weight_t.numel() < 2**31, "int32 index math: weight_t must have < 2**31 elements"
+    stride_t = _check_threshold(threshold, K, x.device)
+    if bias is not None:
+        assert bias.shape == (N,) and bias.is_contiguous(), f"bias must be [{N}] contiguous"
+        assert bias.device == x.device and bias.dtype in _DTYPES
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return y.reshape(*lead, N)
+
+    tgt = sparse_linear_target(target or target_for_device(x.device))
+    cfg, split_k, k_per_split = plan(tgt, M, N, K, x.element_size(), config, split_k)
+    direct = split_k == 1
+    ws = y if direct else torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
+    b_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
+
+    grid = (triton.cdiv(N, cfg.block_n), split_k, triton.cdiv(M, cfg.block_m))
+    wrap_triton(sparse_linear_kernel)[grid](
+        x2, weight_t, threshold, b_arg, y, ws,
+        M, N, K, k_per_split,
+        x2.stride(0), x2.stride(1),
+        weight_t.stride(0),
+        stride_t,
+        y.stride(0),
+        ws.stride(0) if not direct else 0, ws.stride(1) if not direct else 0,
+        HAS_BIAS=bias is not None,
+        DIRECT_OUT=direct,
+        FP32_DOT=x.dtype == torch.float32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not direct:
+        rgrid = (triton.cdiv(N, tgt.reduce_block_n), M)
+        wrap_triton(splitk_reduce_kernel)[rgrid](
+            ws, b_arg, y,
+            N, split_k,
+            ws.stride(0), ws.stride(1),
+            y.stride(0),
+            HAS_BIAS=bias is not None,
+            BLOCK_N=tgt.reduce_block_n,
+        )
+    return y.reshape(*lead, N)

@@ -1,0 +1,132 @@
+"""skip_layers: structure (what is gone), numerics (equal to the eager model with the
+same blocks bypassed), KV-cache consistency, and the plan's selection."""
+
+import pytest
+import torch
+
+from optc.compiler import capture, pipeline
+from optc.compiler.calibration import CalibrationContext
+from optc.errors import UsageError
+
+
+def _run(captured, sets, calib=None, task="causal-lm"):
+    gms = {n: capture.graph_module(ep) for n, ep in captured.programs.items()}
+    primary = "prefill" if "prefill" in gms else "forward"
+    config = pipeline.resolve("default", {"skip_layers": sets})
+    make = None if calib is None else (lambda gm: CalibrationContext(task, gm, calib))
+    report = pipeline.run(gms, primary, config, make, log=lambda m: None)
+    return gms, report[0]
+
+
+def _lm_calib(n=2, t=24):
+    g = torch.Generator().manual_seed(5)
+    return [((), {"input_ids": torch.randint(0, 256, (1, t), generator=g), "cache_position": torch.arange(t)}) for _ in range(n)]
+
+
+def _bypass(model, index, part):
+    layer = model.model.layers[index]
+    if part == "block":
+        return [layer.register_forward_hook(lambda mod, args, out: args[0])]
+    sub = layer.self_attn if part == "attention" else layer.mlp
+    if part == "attention":
+        return [sub.register_forward_hook(lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:]))]
+    return [sub.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))]
+
+
+@pytest.mark.parametrize("part", ["block", "attention", "mlp"])
+def test_prefill_matches_eager_bypass(llama_captured, part):
+    model, captured = llama_captured
+    gms, entry = _run(captured, {"layers": [1, 2], "granularity": part})
+    assert entry["applied"] and entry["plan"]["units"] == [[1, part], [2, part]]
+    before = entry["programs"]["prefill"]["before"]["params"]
+    after = entry["programs"]["prefill"]["after"]["params"]
+    assert after < before
+    ids = torch.randint(0, 256, (1, 20))
+    hooks = _bypass(model, 1, part) + _bypass(model, 2, part)
+    try:
+        ref = model(ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    out = gms["prefill"](input_ids=ids, cache_position=torch.arange(20))
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+def test_decode_after_prefill_consistent(llama_captured):
+    """Skipped attentions write no cache; the decode graph continues the prefill's
+    cache exactly like recomputing the whole sequence."""
+    _, captured = llama_captured
+    gms, _ = _run(captured, {"layers": [0, 3], "granularity": "attention"})
+    for name, gm in gms.items():
+        assert not [n for n in gm.graph.nodes if "layers.0.self_attn" in str(n.meta.get("nn_module_stack", ""))
+                    and n.target == torch.ops.aten.index_copy_.default]
+    prefill, decode = gms["prefill"], gms["decode"]
+    # Share the decode program's cache with the prefill program's.
+    for bname, buf in prefill.named_buffers():
+        if "cache" in bname and hasattr(decode, bname):
+            decode.get_buffer(bname).copy_(buf)
+    ids = torch.randint(0, 256, (1, 12))
+    prefill(input_ids=ids[:, :11], cache_position=torch.arange(11))
+    for bname, buf in prefill.named_buffers():
+        if "cache" in bname and hasattr(decode, bname):
+            decode.get_buffer(bname).copy_(buf)
+    step = decode(input_ids=ids[:, 11:], cache_position=torch.tensor([11]))
+    full = prefill(input_ids=ids, cache_position=torch.arange(12))
+    assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
+
+
+def test_reexport_keeps_rewrite(llama_captured):
+    _, captured = llama_captured
+    gms, _ = _run(captured, {"layers": [2], "granularity": "block"})
+    ep = capture.reexport(gms["prefill"], captured.example_inputs["prefill"], captured.dynamic_shapes["prefill"], what="t")
+    assert not any(k.startswith("model.model.layers.2.") for k in ep.state_dict)
+    ids = torch.randint(0, 256, (1, 9))
+    kwargs = {"input_ids": ids, "cache_position": torch.arange(9)}
+    assert torch.allclose(ep.module()(**kwargs), gms["prefill"](**kwargs), atol=1e-6)
+
+
+@pytest.mark.parametrize("selection", ["loss", "cosine"])
+def test_count_selects_by_calibration(llama_captured, selection):
+    _, captured = llama_captured
+    gms, entry = _run(captured, {"count": 1, "selection": selection, "granularity": "block"}, calib=_lm_calib())
+    plan = entry["plan"]
+    assert len(plan["units"]) == 1 and plan["params_removed"] >= 0.98 * plan["budget_params"]
+    assert plan["scores"]
+
+
+def test_sublayer_budget_in_block_equivalents(llama_captured):
+    _, captured = llama_captured
+    _, entry = _run(captured, {"count": 1, "granularity": "sublayer"}, calib=_lm_calib())
+    plan = entry["plan"]
+    assert plan["params_removed"] >= 0.98 * plan["budget_params"]
+    assert all(part in ("attention", "mlp") for _, part in plan["units"])
+
+
+def test_encoder_post_norm(bert_captured):
+    model, captured = bert_captured
+    gms, entry = _run(captured, {"layers": [1], "granularity": "block"}, task="forward")
+    ids, mask = captured.example_inputs["forward"][0]
+    h = model.encoder.layer[1].register_forward_hook(lambda mod, args, out: (args[0],) if isinstance(out, tuple) else args[0])
+    try:
+        ref = model(ids, mask).last_hidden_state
+    finally:
+        h.remove()
+    assert torch.allclose(gms["forward"](ids, mask), ref, atol=1e-5)
+
+
+def test_bad_requests(llama_captured):
+    _, captured = llama_captured
+    with pytest.raises(UsageError, match="blocks 0..3"):
+        _run(captured, {"layers": [9]})
+    with pytest.raises(UsageError, match="every block"):
+        _run(captured, {"count": 4}, calib=_lm_calib())
+    with pytest.raises(UsageError, match="calibration data"):
+        _run(captured, {"count": 1})
+
+
+def test_not_configured_is_reported(llama_captured):
+    _, captured = llama_captured
+    _, entry = _run(captured, {})
+    assert not entry["applied"] and "not configured" in entry["reason"]
+    _, entry = _run(captured, {"enabled": False, "count": 1})
+    assert entry["reason"] == "disabled"

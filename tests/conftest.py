@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny Hugging Face models (random weights, fixed seeds) and their
+captured programs, built once per test session."""
+
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*not properly registered as a parameter.*")
+
+
+def tiny_llama(layers=4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)
+    return BertModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    intermediate_size=128, num_labels=10)
+    return ViTForImageClassification(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def llama_captured():
+    from optc.compiler import capture
+
+    model = tiny_llama()
+    return model, capture.capture(model, (torch.zeros(1, 8, dtype=torch.long),), max_cache_len=64)
+
+
+@pytest.fixture(scope="session")
+def bert_captured():
+    from optc.compiler import capture
+
+    model = tiny_bert()
+    inputs = (torch.randint(0, 256, (2, 12)), torch.ones(2, 12, dtype=torch.long))
+    return model, capture.capture(model, inputs)
+
+
+@pytest.fixture(scope="session")
+def vit_captured():
+    from optc.compiler import capture
+
+    model = tiny_vit()
+    return model, capture.capture(model, (torch.randn(2, 3, 32, 32),))
