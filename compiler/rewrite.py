@@ -41,14 +41,15 @@ def _plain_outputs(codegen):
 
 
 def drop_unused_attributes(gm: fx.GraphModule) -> None:
-    """Erase get_attr nodes nothing reads and delete the tensors they named, so the
-    re-exported program and the parameter count no longer include them."""
+    """Erase get_attr nodes nothing reads and delete the parameters they named, so the
+    re-exported program and the parameter count no longer include them. Buffers stay:
+    a decoder's KV-cache buffers keep their names in every program, which is how the
+    runtime ties the prefill and decode programs to one cache."""
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
-    names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
-    for name in names:
+    for name in [n for n, _ in gm.named_parameters()]:
         if name not in used:
             owner, _, attr = name.rpartition(".")
             module = gm.get_submodule(owner) if owner else gm

@@ -258,7 +258,12 @@ class StaticCacheDecoder:
         modules = [m for m in (prefill, decode) if isinstance(m, nn.Module)]
         self.tied: list[str] = []
         if isinstance(prefill, nn.Module) and isinstance(decode, nn.Module) and prefill is not decode:
-            names = sorted(set(cache_buffer_names(decode)) & set(cache_buffer_names(prefill)))
+            # Tie by the cache buffers' own names (key_cache_i, ...), which every program
+            # of one model keeps; tie_buffers rebinds their aliases (lifted constants,
+            # whose numbering can differ between programs) by storage.
+            names = sorted(
+                n for n in set(cache_buffer_names(decode)) & set(cache_buffer_names(prefill)) if _CACHE_NAME.search(n)
+            )
             if not names:
                 raise UsageError("prefill and decode programs hold no common KV-cache tensors to tie")
             self.tied = tie_buffers(decode, prefill, names)

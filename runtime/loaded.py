@@ -10,6 +10,12 @@ from torch.export import ExportedProgram
 from optc.errors import UsageError
 
 
+def _program_device(ep: ExportedProgram) -> torch.device:
+    for tensor in ep.state_dict.values():
+        return tensor.device
+    return torch.device("cpu")
+
+
 class Artifact:
     """What `optc.compile` returns and `optc.load` reads back.
 
@@ -42,9 +48,20 @@ class Artifact:
             from optc.compiler.codegen.lowering import lower
             from optc.compiler.targets import get
 
-            gm = graph_module(self.programs[name]).to(device)
+            ep = self.programs[name]
+            if torch.device(device) != _program_device(ep):
+                # GraphModule.to() would leave the KV-cache constants behind.
+                from torch.export.passes import move_to_device_pass
+
+                ep = move_to_device_pass(ep, device)
+            gm = graph_module(ep)
             target = get("cpu" if device == "cpu" else "auto")
-            self._modules[key] = lower(gm, target) if compiled else gm
+            on_gpu = target.device == "cuda"
+            # Forward programs let Inductor capture CUDA graphs; decoder programs do not,
+            # because StaticCacheDecoder captures the whole decode step itself.
+            self._modules[key] = (
+                lower(gm, target, autotune=on_gpu, cudagraphs=on_gpu and name == "forward") if compiled else gm
+            )
         return self._modules[key]
 
     def __call__(self, *args, compiled: bool = True):
@@ -61,11 +78,17 @@ class Artifact:
             raise UsageError("only decoder-LM artifacts have a decode loop")
         from optc.runtime.decode import StaticCacheDecoder
 
-        prefill = self.module("prefill", device=device, compiled=compiled)
-        decode = self.module("decode", device=device, compiled=compiled)
-        return StaticCacheDecoder.from_modules(
-            prefill, decode, max_cache_len=self.manifest["model"]["max_cache_len"], device=device
-        )
+        from optc.compiler.codegen.lowering import lower
+        from optc.compiler.targets import get
+
+        # The decoder ties the two programs' caches first, then compiles each.
+        prefill = self.module("prefill", device=device, compiled=False)
+        decode = self.module("decode", device=device, compiled=False)
+        target = get("cpu" if device == "cpu" else "auto")
+        compile_fn = (lambda m: lower(m, target, autotune=target.device == "cuda")) if compiled else None
+        meta = self.manifest["model"]
+        return StaticCacheDecoder(prefill, decode, compile=compile_fn, device=device,
+                                  max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, *, compiled: bool = True) -> torch.Tensor:
         return self.decoder(device=str(prompt_ids.device), compiled=compiled).generate(prompt_ids, max_new_tokens)

@@ -16,13 +16,16 @@ from optc.errors import CompileError
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def lower(gm: torch.nn.Module, target: Target, *, mode: str | None = None):
-    """torch.compile with Inductor and the target's options. `mode` may ask for
-    "max-autotune-no-cudagraphs" (optc's decode loop captures CUDA graphs itself)."""
+def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagraphs: bool = False):
+    """torch.compile with Inductor and the target's options (applied per call, never
+    to the global Inductor config). `autotune` benchmarks GEMM and kernel configs on
+    the device (max-autotune); `cudagraphs` lets Inductor capture CUDA graphs itself:
+    leave it off where optc's decode loop captures the whole step."""
     options = dict(target.inductor)
-    if mode is not None:
-        return torch.compile(gm, backend="inductor", mode=mode, fullgraph=True, dynamic=False)
-    return torch.compile(gm, backend="inductor", options=options or None, fullgraph=True, dynamic=False)
+    if autotune:
+        options["max_autotune"] = True
+    options["triton.cudagraphs"] = bool(cudagraphs)
+    return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
 
 
 def random_like_inputs(inputs: tuple[tuple, dict], vocab: int | None, seed: int) -> tuple[tuple, dict]:

@@ -1,0 +1,173 @@
+"""`optc bench`: optc and the torch baselines, in one process, on one device.
+
+Decoder LMs are timed in ms per decoded token (prefill excluded) through optc's
+StaticCacheDecoder (one CUDA graph per token on the GPU); encoders and ViTs in ms per
+forward of a batch. Every optc row gets its ratio against the fastest baseline of the
+same run (`baseline` in the JSON names it), so a ratio > 1 means optc beat the best
+torch configuration measured there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from optc.errors import UsageError
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def bench(args) -> dict:
+    import optc
+    from optc.cli import dynamic_dims, pass_settings
+    from optc.compiler import targets
+    from optc.models.user import resolve
+    from optc.runtime import baselines
+    from optc.runtime.timing import device_info
+
+    if args.model.endswith(".optc"):
+        raise UsageError("bench takes a model (zoo name, HF directory or file.py:factory); "
+                         "an artifact is benchmarked through the model it was compiled from")
+    target = targets.get(args.target)
+    if not targets.available(target):
+        raise UsageError(f"target {target.name} is not present on this machine; run bench where it is, or use --target cpu")
+    device = target.device
+    dtype = None if device == "cpu" else target.dtype
+    _log(f"loading {args.model} on {device} ...")
+    entry, model, example_inputs = resolve(args.model, device=device, dtype=dtype)
+    names = [n.strip() for n in args.baselines.split(",") if n.strip()]
+    sets = pass_settings(args)
+    variants = [("optc", "none", {})]
+    if sets:
+        label = "optc " + " ".join(f"{p}.{k}={json.dumps(v)}" for p, vals in sets.items() for k, v in vals.items())
+        variants.append((label, args.pipeline, sets))
+    is_lm = type(model).__name__.endswith("ForCausalLM")
+    timings, notes = {}, {}
+    if is_lm:
+        prompt = example_inputs[0][:, :16].contiguous()
+        if args.batch:
+            prompt = prompt[:1].expand(args.batch, -1).contiguous()
+        for name in names:
+            if name not in baselines.LM_BASELINES:
+                raise UsageError(f"unknown baseline '{name}'; known for LMs: {', '.join(baselines.LM_BASELINES)}")
+            _log(f"baseline {name} ...")
+            timings[name] = baselines.LM_BASELINES[name](model, prompt, args.tokens)
+        for label, pipe, passes in variants:
+            _log(f"{label}: compiling ...")
+            art = optc.compile(model, (prompt,), target=target.name, pipeline_name=pipe, passes=passes,
+                               entry=entry, max_cache_len=args.max_cache_len, verify=False, log=_log)
+            timings[label], notes[label] = _time_lm(art, prompt, args.tokens, target, model)
+    else:
+        inputs = example_inputs
+        for name in names:
+            if name not in baselines.FORWARD_BASELINES:
+                raise UsageError(f"unknown baseline '{name}'; known for this model: {', '.join(baselines.FORWARD_BASELINES)}")
+            _log(f"baseline {name} ...")
+            timings[name] = baselines.FORWARD_BASELINES[name](model, inputs)
+        for label, pipe, passes in variants:
+            _log(f"{label}: compiling ...")
+            art = optc.compile(model, inputs, target=target.name, pipeline_name=pipe, passes=passes,
+                               entry=entry, dynamic=dynamic_dims(args), verify=False, log=_log)
+            timings[label], notes[label] = _time_forward(art, inputs, target)
+    base_names = [n for n in names if n in timings]
+    best = min(base_names, key=lambda n: timings[n].median_ms) if base_names else None
+    best_ms = timings[best].median_ms if best else None
+    rows = [t.as_row(n, best_ms) for n, t in timings.items()]
+    for row in rows:
+        row["compile_s"] = timings[row["name"]].compile_s
+        row.update(notes.get(row["name"], {}))
+    result = {
+        "model": args.model,
+        "target": target.name,
+        "unit": "ms/token (decode, prefill excluded)" if is_lm else "ms/forward",
+        "tokens": args.tokens if is_lm else None,
+        "batch": int(example_inputs[0].shape[0]) if not is_lm else (args.batch or 1),
+        "baseline": best,
+        **device_info(device),
+        "versions": {k: device_info(device)[k] for k in ("torch", "triton", "transformers", "cuda")},
+        "rows": rows,
+    }
+    _print_table(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _time_lm(art, prompt, n, target, model):
+    from optc.compiler.codegen.lowering import lower
+    from optc.runtime.decode import StaticCacheDecoder
+
+    device = str(prompt.device)
+    prefill = art.module("prefill", device=device, compiled=False)
+    decode = art.module("decode", device=device, compiled=False)
+    compile_fn = (lambda m: lower(m, target, autotune=True)) if target.device == "cuda" else (lambda m: lower(m, target))
+    meta = art.manifest["model"]
+    dec = StaticCacheDecoder(prefill, decode, compile=compile_fn, device=device,
+                             max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])
+    start = time.perf_counter()
+    dec.warm_up(prompt)
+    warm = time.perf_counter() - start
+    timing = dec.measure_decode(prompt, n)
+    notes = {"params": art.manifest["params"], "setup_s": round(warm, 1)}
+    skipped = [p.get("plan", {}).get("units") for p in art.manifest["passes"] if p.get("applied")]
+    if skipped:
+        notes["removed"] = skipped
+    notes["agreement"] = _agreement(dec, art, model if not skipped else None, prompt)
+    return timing.with_extra(compile_s=warm), notes
+
+
+def _agreement(dec, art, model, prompt) -> dict:
+    """Teacher-forced logits of the compiled decode loop against the variant's own
+    uncompiled prefill program over the whole sequence (and against the eager model for
+    lossless variants), so a fast number cannot come from a broken program."""
+    from optc.compiler.capture import graph_module
+
+    ids = torch.cat([prompt, prompt[:, :8]], dim=1)
+    start = prompt.shape[1] - 1
+    with torch.no_grad():
+        out = dec.forced_logits(ids, prompt.shape[1]).float()
+        program = graph_module(art.programs["prefill"])  # a fresh copy: its own cache
+        refs = {"program": program(input_ids=ids, cache_position=torch.arange(ids.shape[1], device=ids.device))}
+        if model is not None:
+            refs["eager"] = model(ids, use_cache=False).logits
+    result = {}
+    for name, ref in refs.items():
+        ref = ref[:, start:].float()
+        result[f"rel_err_vs_{name}"] = ((out - ref).norm() / ref.norm()).item()
+        result[f"argmax_match_vs_{name}"] = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return result
+
+
+def _time_forward(art, inputs, target):
+    from optc.runtime.timing import measure
+
+    device = str(inputs[0].device)
+    compiled = art.module("forward", device=device, compiled=True)
+
+    def module(*args):
+        if device.startswith("cuda"):
+            torch.compiler.cudagraph_mark_step_begin()  # Inductor's CUDA graphs reuse outputs
+        return compiled(*args)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        module(*inputs)
+    warm = time.perf_counter() - start
+    with torch.no_grad():
+        timing = measure(module, [inputs], device=device)
+    return timing.with_extra(compile_s=warm), {"params": art.manifest["params"]}
+
+
+def _print_table(result: dict) -> None:
+    _log(f"{result['model']} on {result['device']} ({result['unit']}); ratio vs the fastest baseline, {result['baseline']}")
+    print(f"{'name':<44} {'median':>9} {'p20':>9} {'p80':>9} {'ratio':>7}", file=sys.stderr)
+    for r in result["rows"]:
+        ratio = f"{r['ratio_vs_baseline']:.2f}x" if r["ratio_vs_baseline"] else "-"
+        print(f"{r['name'][:44]:<44} {r['median_ms']:>9.3f} {r['p20_ms']:>9.3f} {r['p80_ms']:>9.3f} {ratio:>7}", file=sys.stderr)
