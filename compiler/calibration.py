@@ -37,12 +37,12 @@ class CalibrationContext:
             self._reference = [self._run(self.calibration_program, a, k).float() for a, k in self.inputs]
         return self._reference
 
-    def calibration_loss(self, transform) -> float:
-        """Loss of `transform(program)` on the calibration inputs: next-token
+    def calibration_loss(self, transform, n: int | None = None) -> float:
+        """Loss of `transform(program)` on the first `n` calibration inputs: next-token
         cross-entropy for causal LMs, else 1 - mean cosine to the original outputs."""
         gm = transform(self.calibration_program)
         losses = []
-        for i, (args, kwargs) in enumerate(self.inputs):
+        for i, (args, kwargs) in enumerate(self.inputs[:n]):
             out = self._run(gm, args, kwargs).float()
             if self.task == "causal-lm":
                 ids = kwargs["input_ids"]
@@ -52,13 +52,13 @@ class CalibrationContext:
                 losses.append(1.0 - F.cosine_similarity(out.flatten(0, -2), ref.flatten(0, -2), dim=-1).mean().item())
         return sum(losses) / len(losses)
 
-    def stream_values(self, nodes: list[fx.Node]) -> list[list[torch.Tensor]]:
-        """The values of `nodes` (of the calibration program) on each input."""
+    def stream_values(self, nodes: list[fx.Node], n: int | None = None) -> list[list[torch.Tensor]]:
+        """The values of `nodes` (of the calibration program) on the first `n` inputs."""
         probe, _ = rebuild(self.calibration_program, extra_outputs=nodes)
         with torch.no_grad():
-            return [probe(*a, **k)[1] for a, k in self.inputs]
+            return [probe(*a, **k)[1] for a, k in self.inputs[:n]]
 
-    def stream_cosines(self, anatomy, units) -> dict:
+    def stream_cosines(self, anatomy, units, n: int | None = None) -> dict:
         """1 - cos(stream before, stream after) of each unit, averaged over tokens."""
         points = {}
         for index, part in units:
@@ -70,7 +70,7 @@ class CalibrationContext:
             }[part]
         nodes = list({n for pair in points.values() for n in pair})
         position = {n: i for i, n in enumerate(nodes)}
-        values = self.stream_values(nodes)
+        values = self.stream_values(nodes, n)
         scores = {}
         for unit, (start, end) in points.items():
             cos = [

@@ -9,9 +9,9 @@ Choosing what to remove (`plan`), by count:
 - selection="loss" (default): greedy. Each round removes the candidate whose removal,
   together with those already chosen, costs the least calibration loss per parameter
   removed (LMs: next-token cross-entropy; encoders: 1 - cosine to the original
-  output). The first round scores every candidate; later rounds re-score the most
-  promising few. Measuring the loss of each removal beats ranking by the blocks'
-  1 - cos(input, output), which ignores how the rest of the network reacts.
+  output). A cosine pre-ranking picks which candidates are measured (see _by_loss).
+  Measuring the loss of each removal beats ranking by the blocks' 1 - cos(input,
+  output), which ignores how the rest of the network reacts.
 - selection="cosine": the reference method, rank by 1 - cos(input, output) once.
 With granularity="sublayer", attention and MLP halves are candidates separately and
 `count` is a parameter budget of `count` average blocks, so removing four cheap
@@ -84,7 +84,7 @@ def plan_skip_layers(ctx, anatomy: Anatomy, cfg: SkipLayersConfig) -> dict:
         raise UsageError(f"skip_layers.count={cfg.count} would remove every block ({len(anatomy.blocks)})")
     budget = cfg.count * per_block
     if cfg.selection == "cosine":
-        chosen, scores = _by_cosine(ctx, anatomy, candidates, params, budget)
+        chosen, scores = _by_cosine(ctx, anatomy, candidates, params, budget, cfg)
     else:
         chosen, scores = _by_loss(ctx, anatomy, candidates, params, budget, cfg)
     return {
@@ -106,30 +106,43 @@ def _fill_budget(ranked, params, budget):
     return chosen
 
 
-def _by_cosine(ctx, anatomy, candidates, params, budget):
-    scores = ctx.stream_cosines(anatomy, candidates)
+def _by_cosine(ctx, anatomy, candidates, params, budget, cfg):
+    scores = ctx.stream_cosines(anatomy, candidates, n=cfg.calibration_samples)
     ranked = sorted(candidates, key=lambda u: scores[u])
     return _fill_budget(ranked, params, budget), {f"{i}.{p}": round(s, 5) for (i, p), s in scores.items()}
 
 
 def _by_loss(ctx, anatomy, candidates, params, budget, cfg):
-    base = ctx.calibration_loss(lambda gm: gm)
+    """Greedy removal by measured calibration loss per parameter removed.
+
+    Measuring every candidate every round costs rounds x candidates forward passes, too
+    many on a CPU. So the candidates are first ranked by the stream cosine (one pass);
+    the first round measures the loss of the best `shortlist`, and each later round
+    re-measures the `rescore_top` most promising of what is left (refilled from the
+    cosine ranking), together with the units already chosen.
+    """
+    n = cfg.calibration_samples
+    base = ctx.calibration_loss(lambda gm: gm, n=n)
+    cosine = ctx.stream_cosines(anatomy, candidates, n=n)
+    by_cosine = sorted(candidates, key=lambda u: cosine[u] / params[u])
     chosen, removed, trail = [], 0, []
-    pending = list(candidates)
-    shortlist = None
-    while removed < budget * 0.98 and pending:
-        pool = pending if shortlist is None else shortlist
+    measured: dict = {}
+    pool = by_cosine[: max(2 * cfg.rescore_top, 12)]
+    while removed < budget * 0.98:
         costs = {}
         for unit in pool:
-            loss = ctx.calibration_loss(lambda gm, u=unit: _rewritten(gm, anatomy, chosen + [u]))
+            loss = ctx.calibration_loss(lambda gm, u=unit: _rewritten(gm, anatomy, chosen + [u]), n=n)
             costs[unit] = (loss - base) / params[unit]
-        ranked = sorted(pool, key=costs.__getitem__)
+        measured.update(costs)
+        ranked = sorted(costs, key=costs.__getitem__)
         best = ranked[0]
         chosen.append(best)
         removed += params[best]
-        pending.remove(best)
         trail.append({"unit": f"{best[0]}.{best[1]}", "loss_per_mparam": round(costs[best] * 1e6, 5)})
-        shortlist = [u for u in ranked[1:] if u in pending][: cfg.rescore_top]
+        rest = [u for u in ranked[1:]] + [u for u in by_cosine if u not in costs and u not in chosen]
+        pool = rest[: cfg.rescore_top]
+        if not pool:
+            break
     return chosen, {"baseline_loss": round(base, 5), "rounds": trail}
 
 

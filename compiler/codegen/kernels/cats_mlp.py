@@ -44,27 +44,40 @@ def _rows_dot(x_ptr, w_ptr, offs_m, m_mask, offs_j, row_mask, H,
               FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):
     # Returns x[m, :] . W[j, :] as [BLOCK_M, BLOCK_N] fp32, loading only rows with row_mask.
-    if BLOCK_M >= 16:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_kb = tl.arange(0, BLOCK_K)
+    if BLOCK_M == 1:
+        # GEMV: loads that feed no tl.dot are not pipelined by Triton, so prefetch the
+        # next weight tile by hand while the current one is consumed; partial sums per
+        # (j, k) are reduced over k once after the loop.
+        x_row = x_ptr + offs_m * stride_xm  # offs_m has one element
+        w_rows = w_ptr + offs_j[:, None] * stride_w
+        x_a = tl.load(x_row[:, None] + offs_kb[None, :] * stride_xk,
+                      mask=m_mask[:, None] & (offs_kb < H)[None, :], other=0.0)
+        w_a = tl.load(w_rows + offs_kb[None, :], mask=row_mask[:, None] & (offs_kb < H)[None, :], other=0.0)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(BLOCK_K, H + BLOCK_K, BLOCK_K):
+            offs_k = k0 + offs_kb
+            k_mask = offs_k < H  # all false on the last trip: no traffic
+            x_b = tl.load(x_row[:, None] + offs_k[None, :] * stride_xk,
+                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w_b = tl.load(w_rows + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            acc2 += w_a.to(tl.float32) * x_a.to(tl.float32)
+            x_a, w_a = x_b, w_b
+        acc = tl.sum(acc2, axis=1)[None, :]
     else:
-        # Defer the reduction over k to after the loop (no cross-thread sums inside).
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < H
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_j[:, None] * stride_w + offs_k[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if BLOCK_M >= 16:
+        # 16+ tokens per tile (fewer are padded): tensor cores, pipelined by Triton.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + offs_kb
+            k_mask = offs_k < H
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_j[:, None] * stride_w + offs_k[None, :],
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             if FP32_DOT:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
-        else:
-            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    if BLOCK_M < 16:
-        acc = tl.sum(acc3, axis=2)
     return acc
 
 
@@ -136,6 +149,7 @@ def cats_gate_up(
         return h.reshape(*lead, I)
 
     cfg = config or pick_bucket(cats_target(target or target_for_device(x.device)).buckets, M)
+    assert cfg.block_m == 1 or cfg.block_m >= 16, "BLOCK_M is 1 (GEMV) or >= 16 (tl.dot)"
     grid = (triton.cdiv(I, cfg.block_n), triton.cdiv(M, cfg.block_m))
     wrap_triton(cats_gate_up_kernel)[grid](
         x2, w_gate, w_up, threshold, h,

@@ -40,8 +40,11 @@ __all__ = [
 class LaunchConfig:
     """One tile shape. For sparse_linear: BLOCK_M tokens x BLOCK_K input channels x
     BLOCK_N outputs. For cats_gate_up: BLOCK_M tokens x BLOCK_N intermediate channels
-    (rows of W_gate/W_up) x BLOCK_K hidden features. BLOCK_M >= 16 selects tl.dot
-    (tokens padded to 16); below 16 the kernels use an outer-product FMA path."""
+    (rows of W_gate/W_up) x BLOCK_K hidden features. BLOCK_M is 1 (a GEMV on CUDA
+    cores, software-pipelined by hand) or >= 16 (tl.dot on tensor cores, fewer tokens
+    padded to 16; pipelined by Triton with num_stages). An outer-product path for
+    2..8 tokens was measured on the H100 and dropped: its [M, K, N] accumulator
+    spills registers and ran 3-25x slower than the padded tl.dot."""
 
     block_m: int
     block_n: int
@@ -71,13 +74,11 @@ class CatsTarget:
 
 
 _HOPPER_SPARSE_LINEAR = (
-    (1, LaunchConfig(block_m=1, block_n=128, block_k=32, num_warps=4, num_stages=4)),
-    (4, LaunchConfig(block_m=4, block_n=128, block_k=16, num_warps=8, num_stages=4)),
-    (16, LaunchConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=4)),
+    (1, LaunchConfig(block_m=1, block_n=128, block_k=32, num_warps=4, num_stages=1)),
+    (16, LaunchConfig(block_m=16, block_n=128, block_k=32, num_warps=4, num_stages=3)),
 )
 _HOPPER_CATS = (
-    (1, LaunchConfig(block_m=1, block_n=16, block_k=256, num_warps=4, num_stages=4)),
-    (4, LaunchConfig(block_m=4, block_n=16, block_k=128, num_warps=8, num_stages=4)),
+    (1, LaunchConfig(block_m=1, block_n=16, block_k=128, num_warps=4, num_stages=1)),
     (16, LaunchConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)),
 )
 
@@ -102,7 +103,6 @@ SPARSE_LINEAR: dict[str, SparseLinearTarget] = {
         num_sms=4, waves=2.0, max_split_k=4, workspace_fraction=1.0,
         buckets=(
             (1, LaunchConfig(block_m=1, block_n=16, block_k=16, num_warps=1, num_stages=1)),
-            (4, LaunchConfig(block_m=4, block_n=16, block_k=16, num_warps=1, num_stages=1)),
             (16, LaunchConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)),
         ),
         reduce_block_n=16,
@@ -116,7 +116,6 @@ CATS_GATE_UP: dict[str, CatsTarget] = {
     "cpu": CatsTarget(
         buckets=(
             (1, LaunchConfig(block_m=1, block_n=16, block_k=16, num_warps=1, num_stages=1)),
-            (4, LaunchConfig(block_m=4, block_n=16, block_k=16, num_warps=1, num_stages=1)),
             (16, LaunchConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)),
         ),
     ),

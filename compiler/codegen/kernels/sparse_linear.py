@@ -68,43 +68,61 @@ def sparse_linear_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    offs_kb = tl.arange(0, BLOCK_K)
 
-    if BLOCK_M >= 16:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:
+        # One token (decode): a GEMV. Triton's pipeliner does not pipeline loads that
+        # feed no tl.dot, and each weight load depends on an activation load (its
+        # mask), so the loop is software-pipelined by hand: activations two chunks
+        # ahead, weights one chunk ahead, so a weight tile is in flight while the
+        # previous one is consumed. Loads past the slice are fully masked (no traffic).
+        x_row = x_ptr + pid_m * stride_xm
+        offs_a = k_start + offs_kb
+        x_a = tl.load(x_row + offs_a * stride_xk, mask=offs_a < k_end, other=0.0)
+        t_a = tl.load(thr_ptr + offs_a * stride_t, mask=offs_a < k_end, other=0.0)
+        offs_b = offs_a + BLOCK_K
+        x_b = tl.load(x_row + offs_b * stride_xk, mask=offs_b < k_end, other=0.0)
+        t_b = tl.load(thr_ptr + offs_b * stride_t, mask=offs_b < k_end, other=0.0)
+        # mask (offs < k_end) matters: a negative threshold must not activate padding.
+        act_a = (tl.abs(x_a.to(tl.float32)) > t_a.to(tl.float32)) & (offs_a < k_end)
+        w_a = tl.load(w_ptr + offs_a[:, None] * stride_wk + offs_n[None, :],
+                      mask=act_a[:, None] & n_mask[None, :], other=0.0)
+        # Partial sums per (k, n), reduced over k once after the loop.
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K_PER_SPLIT, BLOCK_K):
+            offs_c = offs_b + BLOCK_K
+            x_c = tl.load(x_row + offs_c * stride_xk, mask=offs_c < k_end, other=0.0)
+            t_c = tl.load(thr_ptr + offs_c * stride_t, mask=offs_c < k_end, other=0.0)
+            act_b = (tl.abs(x_b.to(tl.float32)) > t_b.to(tl.float32)) & (offs_b < k_end)
+            w_b = tl.load(w_ptr + offs_b[:, None] * stride_wk + offs_n[None, :],
+                          mask=act_b[:, None] & n_mask[None, :], other=0.0)
+            xs = tl.where(act_a, x_a.to(tl.float32), 0.0)
+            acc2 += xs[:, None] * w_a.to(tl.float32)
+            x_a, act_a, w_a = x_b, act_b, w_b
+            x_b, t_b, offs_b = x_c, t_c, offs_c
+        acc = tl.sum(acc2, axis=0)[None, :]
     else:
-        # Outer-product path: keep BLOCK_K partial sums per output in registers and
-        # reduce over k once after the loop, so the loop body has no cross-thread
-        # reduction, only loads and FMAs.
-        acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
-
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        mk_mask = m_mask[:, None] & k_mask[None, :]
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mk_mask, other=0.0,
-        )
-        thr = tl.load(thr_ptr + offs_k * stride_t, mask=k_mask, other=0.0).to(tl.float32)
-        # mk_mask matters: a negative threshold must not activate padding.
-        active = (tl.abs(x.to(tl.float32)) > thr[None, :]) & mk_mask
-        x = tl.where(active, x, 0.0)
-        # A channel's weight row is read if any token of this tile uses it.
-        row_active = tl.max(active.to(tl.int32), axis=0) > 0
-        w = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
-            mask=row_active[:, None] & n_mask[None, :], other=0.0,
-        )
-        if BLOCK_M >= 16:
+        # 16+ tokens per tile (fewer are padded): tensor cores via tl.dot, which the
+        # pipeliner does pipeline (num_stages).
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            offs_k = k_start + k0 + offs_kb
+            k_mask = offs_k < k_end
+            mk_mask = m_mask[:, None] & k_mask[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mk_mask, other=0.0)
+            thr = tl.load(thr_ptr + offs_k * stride_t, mask=k_mask, other=0.0).to(tl.float32)
+            active = (tl.abs(x.to(tl.float32)) > thr[None, :]) & mk_mask
+            x = tl.where(active, x, 0.0)
+            # A channel's weight row is read if any token of this tile uses it.
+            row_active = tl.max(active.to(tl.int32), axis=0) > 0
+            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
+                        mask=row_active[:, None] & n_mask[None, :], other=0.0)
             if FP32_DOT:
                 acc = tl.dot(x, w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, w, acc)
-        else:
-            acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
-
-    if BLOCK_M < 16:
-        acc = tl.sum(acc3, axis=1)
 
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if DIRECT_OUT:
@@ -208,6 +226,7 @@ def sparse_linear(
     ws = y if direct else torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
     b_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
 
+    assert cfg.block_m == 1 or cfg.block_m >= 16, "BLOCK_M is 1 (GEMV) or >= 16 (tl.dot)"
     grid = (triton.cdiv(N, cfg.block_n), split_k, triton.cdiv(M, cfg.block_m))
     wrap_triton(sparse_linear_kernel)[grid](
         x2, weight_t, threshold, b_arg, y, ws,
