@@ -115,13 +115,16 @@ def reference_check(model, dec, prompt, k: int, eager_tokens: list[int], dtype) 
         ref = model(seq, use_cache=False).logits.float()[:, T - 1 : T + k - 1]  # predicts seq[T:]
         got = dec.forced_logits(seq[:, : T + k - 1], T).float()  # no graph, same programs
     rel = float((got - ref).norm() / ref.norm())
+    # Negative control: the same metric between neighbouring positions must be large,
+    # or the comparison could not tell a wrong program from a right one.
+    control = float((got[:, 1:] - ref[:, :-1]).norm() / ref[:, :-1].norm()) if k > 1 else float("inf")
     # How far below the reference maximum each optc token is, in units of the row's std.
     picked = ref.gather(-1, seq[:, T:].unsqueeze(-1)).squeeze(-1)
     gaps = ((ref.max(-1).values - picked) / ref.std(-1)).flatten().tolist()
     bf16 = dtype in (torch.bfloat16, torch.float16)
     rel_tol, gap_tol = (3e-2, 0.1) if bf16 else (1e-4, 1e-3)
     tokens_equal = new == eager_tokens[:k]
-    ok = rel <= rel_tol and (tokens_equal or max(gaps) <= gap_tol)
+    ok = rel <= rel_tol and control > 10 * rel_tol and (tokens_equal or max(gaps) <= gap_tol)
     return {
         "ok": bool(ok),
         "tokens": new,
@@ -130,6 +133,7 @@ def reference_check(model, dec, prompt, k: int, eager_tokens: list[int], dtype) 
         "n_equal": sum(a == b for a, b in zip(new, eager_tokens)),
         "logits_rel_norm": rel,
         "rel_tol": rel_tol,
+        "control_rel_norm_shifted": control,
         "max_argmax_gap_in_std": max(gaps),
         "gap_tol": gap_tol,
     }
@@ -212,7 +216,8 @@ def main() -> int:
             log(f"{name}: compile + capture {setup_s:.1f}s (cuda_graph={dec.use_cuda_graph})")
             chk = reference_check(model, dec, prompt, K, eager_tokens, dtype)
             log(f"{name}: check {'OK' if chk['ok'] else 'FAILED'}: tokens {chk['tokens']} "
-                f"(equal to eager: {chk['tokens_equal_eager']}), logits rel-norm {chk['logits_rel_norm']:.2e}, "
+                f"(equal to eager: {chk['tokens_equal_eager']}), logits rel-norm {chk['logits_rel_norm']:.2e} "
+                f"(shifted-position control {chk['control_rel_norm_shifted']:.2f}), "
                 f"max argmax gap {chk['max_argmax_gap_in_std']:.3f} std")
             replays_before = dec.graph_replays
             tm = dec.measure_decode(prompt, N - 1, repeats=args.repeats)
