@@ -1,0 +1,70 @@
+"""torch.compile(backend="optc") in a fresh interpreter, without `import optc`."""
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import warnings, torch, sys
+    from transformers import LlamaConfig, LlamaForCausalLM
+    assert "optc" not in sys.modules
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    m = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    x = torch.randint(0, 256, (1, 16))
+    ref = m(x, use_cache=False).logits
+
+    # 1. A lossy pass without calibration data: warning, then plain Inductor (same numbers).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(m, backend="optc", options={"skip_layers.count": 2})(x, use_cache=False).logits
+    assert any("calibration" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert torch.allclose(out, ref, atol=1e-4)
+
+    # 2. The same with strict=True raises.
+    torch._dynamo.reset()
+    try:
+        torch.compile(m, backend="optc", options={"skip_layers.count": 2, "strict": True})(x, use_cache=False)
+        raise SystemExit("strict did not raise")
+    except Exception as exc:
+        assert "calibration" in str(exc), exc
+
+    # 3. Layers chosen by index need no data: applied, equal to eager with block 2 bypassed.
+    torch._dynamo.reset()
+    hook = m.model.layers[2].register_forward_hook(lambda mod, args, out: args[0])
+    bypassed = m(x, use_cache=False).logits
+    hook.remove()
+    opts = {"skip_layers.layers": [2], "skip_layers.granularity": "block", "strict": True}
+    out = torch.compile(m, backend="optc", options=opts)(x, use_cache=False).logits
+    assert torch.allclose(out, bypassed, atol=1e-4), (out - bypassed).abs().max()
+
+    # 4. With calibration data in the options, count-based selection runs.
+    torch._dynamo.reset()
+    calib = [(torch.randint(0, 256, (1, 16)),) for _ in range(2)]
+    opts = {"skip_layers.count": 1, "strict": True, "calibration": calib}
+    out = torch.compile(m, backend="optc", options=opts)(x, use_cache=False).logits
+    assert not torch.allclose(out, ref, atol=1e-4)
+    print("BACKEND-OK")
+    """
+)
+
+
+def test_backend_in_fresh_interpreter():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BACKEND-OK" in proc.stdout
+
+
+def test_unknown_option_is_an_error():
+    script = (
+        "import torch\n"
+        "m = torch.nn.Linear(4, 4)\n"
+        "try:\n"
+        "    torch.compile(m, backend='optc', options={'skip_layers.nope': 1})(torch.randn(2, 4))\n"
+        "except Exception as e:\n"
+        "    print('ERR', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "ERR" in proc.stdout and "skip_layers.nope" in proc.stdout, proc.stdout + proc.stderr[-2000:]

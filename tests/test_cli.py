@@ -1,0 +1,110 @@
+"""The CLI contract on the tiny models: JSON on stdout only, exit codes, artifacts."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+
+def optc(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("art") / "x.optc"
+    rc, out, err = optc("compile", "tiny-llama", "--target", "cpu", "-o", str(path), "--json",
+                        "--set", "skip_layers.layers=[1]", "--set", "skip_layers.granularity=mlp")
+    assert rc == 0, err
+    return path, json.loads(out)
+
+
+def test_compile_json_contract(artifact):
+    path, doc = artifact
+    for key in ("artifact", "target", "config", "config_hash", "passes", "params"):
+        assert key in doc
+    assert doc["target"] == "cpu" and doc["artifact"] == str(path)
+    skip = doc["passes"][0]
+    assert skip["name"] == "skip_layers" and skip["applied"] and skip["plan"]["units"] == [[1, "mlp"]]
+    assert doc["params"]["after"] < doc["params"]["before"]
+    assert all(v["ok"] for v in doc["verification"].values())
+
+
+def test_load_and_run_matches_program(artifact):
+    import optc
+
+    path, _ = artifact
+    art = optc.load(path)
+    assert art.manifest["config_hash"] == art.manifest["config"]["hash"]
+    ids = torch.randint(0, 256, (1, 10))
+    eager_out = art.module("prefill", compiled=False)(input_ids=ids, cache_position=torch.arange(10))
+    compiled_out = art.module("prefill")(input_ids=ids, cache_position=torch.arange(10))
+    assert torch.allclose(eager_out, compiled_out, atol=1e-4)
+    tokens = art.generate(ids, 6)
+    assert tokens.shape == (1, 16) and torch.equal(tokens[:, :10], ids)
+
+
+def test_load_matches_eager_model_without_passes(tmp_path):
+    import optc
+    from optc.models import zoo
+
+    entry = zoo.get("tiny-llama")
+    model = entry.load()
+    art = optc.compile(model, entry.example_inputs(seq_len=8), target="cpu", pipeline_name="none", log=lambda m: None)
+    art.save(tmp_path / "n.optc")
+    loaded = optc.load(tmp_path / "n.optc")
+    ids = torch.randint(0, 256, (1, 12))
+    out = loaded.module("prefill")(input_ids=ids, cache_position=torch.arange(12))
+    assert torch.allclose(out, model(ids, use_cache=False).logits, atol=1e-4)
+    greedy = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert torch.equal(loaded.generate(ids, 5), greedy)
+
+
+def test_inspect(artifact):
+    path, _ = artifact
+    rc, out, err = optc("inspect", str(path), "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["anatomy"]["n_blocks"] == 4 and doc["compatible"]
+    assert "model.model.layers.0" in err  # the human-readable anatomy goes to stderr
+
+
+def test_corrupted_artifact_refused(artifact, tmp_path):
+    path, _ = artifact
+    data = bytearray(path.read_bytes())
+    bad = tmp_path / "bad.optc"
+    bad.write_bytes(bytes(data[: len(data) // 2]))
+    rc, out, err = optc("inspect", str(bad))
+    assert rc == 2 and "bad.optc" in err and out == ""
+    with zipfile.ZipFile(path) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(".pt2"))
+        info = zf.getinfo(member)
+    flipped = tmp_path / "flipped.optc"
+    data[info.header_offset + 200] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    rc, _, err = optc("inspect", str(flipped))
+    assert rc == 2 and member in err
+
+
+def test_bad_usage_exit_2():
+    rc, out, err = optc("compile", "no-such-model")
+    assert rc == 2 and "no-such-model" in err and "optc models" in err and out == ""
+    rc, _, err = optc("compile", "tiny-llama", "--set", "skip_layers.bogus=1")
+    assert rc == 2 and "skip_layers.bogus" in err
+    rc, _, err = optc("compile", "tiny-llama", "--target", "tpu")
+    assert rc == 2 and "tpu" in err
+
+
+def test_models_json():
+    rc, out, _ = optc("models", "--json")
+    names = {m["name"] for m in json.loads(out)["models"]}
+    assert rc == 0 and {"smollm2-135m", "minilm-l6", "llama-1b", "vit-b16", "bert-base", "tiny-llama"} <= names
+
+
+def test_search_refuses_clearly():
+    rc, _, err = optc("search", "tiny-llama", "--target", "cpu")
+    assert rc == 2 and "not available yet" in err
