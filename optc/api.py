@@ -88,6 +88,7 @@ def compile(
     quality = None
     if evaluate:
         quality = evaluate_quality(entry, captured.task, original[primary], gms[primary], evaluation, log)
+        quality.update(_pass_reports(report, gms[primary], entry, evaluation, is_lm))
     manifest = {
         "target": tgt.name,
         "config": config,
@@ -128,6 +129,20 @@ def evaluate_quality(entry, task, reference_gm, candidate_gm, evaluation, log) -
         after = fn(ref_fn, cand_fn, batches)
         n = sum(b[0].shape[0] for b in batches)
     return {"metric": metric, "before": before, "after": after, "split": "evaluation", "n": n}
+
+
+def _pass_reports(report: list[dict], gm, entry, evaluation, is_lm) -> dict:
+    """Each applied pass's own measurements on the held-out split (e.g. sparsity)."""
+    from optc.compiler import passes
+
+    out = {}
+    for entry_ in report:
+        spec = passes.get(entry_["name"])
+        if entry_["applied"] and spec.report is not None:
+            batches = evaluation if evaluation is not None else _zoo_batches(entry, "evaluation", is_lm)
+            inputs = [_as_program_inputs(b, is_lm) for b in batches]
+            out[entry_["name"]] = spec.report(gm, entry_["plan"], inputs)
+    return out
 
 
 def _forward_fn(gm, is_lm):

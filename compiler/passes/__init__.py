@@ -8,6 +8,9 @@ A pass is a frozen config dataclass plus up to two functions:
 - `apply(gm, anatomy, cfg, plan) -> PassResult`: rewrite one program's graph. For a
   decoder LM it runs on the prefill and the decode program with the same plan, so the
   two stay consistent.
+- `report(gm, plan, inputs) -> dict` (optional): measurements of the rewritten
+  program on held-out inputs (e.g. the activation sparsity actually reached), added
+  to the quality report by `optc compile --eval`.
 
 `register_pass` refuses duplicate names; file, function and key share the name.
 """
@@ -38,6 +41,7 @@ class PassSpec:
     plan: Callable | None
     lossy: bool
     doc: str
+    report: Callable | None = None
 
 
 REGISTRY: dict[str, PassSpec] = {}
@@ -46,13 +50,16 @@ REGISTRY: dict[str, PassSpec] = {}
 _PASS_MODULES = ("skip_layers",)
 
 
-def register_pass(name: str, config_cls: type, *, lossy: bool, plan: Callable | None = None):
+def register_pass(
+    name: str, config_cls: type, *, lossy: bool, plan: Callable | None = None, report: Callable | None = None
+):
     def decorate(fn):
         if name in REGISTRY:
             raise ValueError(f"pass {name!r} is registered twice")
         if fn.__name__ != name:
             raise ValueError(f"pass function {fn.__name__!r} must be named like its key {name!r}")
-        REGISTRY[name] = PassSpec(name, config_cls, fn, plan, lossy, (fn.__doc__ or "").strip().split("\n")[0])
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        REGISTRY[name] = PassSpec(name, config_cls, fn, plan, lossy, doc, report)
         return fn
 
     return decorate
