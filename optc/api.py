@@ -65,9 +65,11 @@ def compile(
     original = {name: cap.graph_module(ep) for name, ep in captured.programs.items()}
     before_params = pipeline.count(gms[primary])["params"]
 
+    device = _device_of(model)
+
     def make_context(gm):
         batches = calibration if calibration is not None else _zoo_batches(entry, "calibration", is_lm)
-        return CalibrationContext(captured.task, gm, [_as_program_inputs(b, is_lm) for b in batches])
+        return CalibrationContext(captured.task, gm, [_as_program_inputs(b, is_lm, device) for b in batches])
 
     report = pipeline.run(gms, primary, config, make_context, log=log)
     start = time.perf_counter()
@@ -87,8 +89,8 @@ def compile(
         verification = {"skipped": f"no {tgt.name} device here; the artifact is lowered when loaded there"}
     quality = None
     if evaluate:
-        quality = evaluate_quality(entry, captured.task, original[primary], gms[primary], evaluation, log)
-        quality.update(_pass_reports(report, gms[primary], entry, evaluation, is_lm))
+        quality = evaluate_quality(entry, captured.task, original[primary], gms[primary], evaluation, log, device)
+        quality.update(_pass_reports(report, gms[primary], entry, evaluation, is_lm, device))
     manifest = {
         "target": tgt.name,
         "config": config,
@@ -109,12 +111,13 @@ def compile(
     return Artifact(programs, manifest)
 
 
-def evaluate_quality(entry, task, reference_gm, candidate_gm, evaluation, log) -> dict:
+def evaluate_quality(entry, task, reference_gm, candidate_gm, evaluation, log, device="cpu") -> dict:
     """Quality of the rewritten program against the original, on held-out data."""
     from optc.models import quality
 
     is_lm = task == "causal-lm"
     batches = evaluation if evaluation is not None else _zoo_batches(entry, "evaluation", is_lm)
+    batches = [_as_program_inputs(b, False, device)[0] for b in batches]
     log(f"[optc] evaluating quality on {len(batches)} held-out batches ...")
     ref_fn, cand_fn = _forward_fn(reference_gm, is_lm), _forward_fn(candidate_gm, is_lm)
     if is_lm:
@@ -131,7 +134,7 @@ def evaluate_quality(entry, task, reference_gm, candidate_gm, evaluation, log) -
     return {"metric": metric, "before": before, "after": after, "split": "evaluation", "n": n}
 
 
-def _pass_reports(report: list[dict], gm, entry, evaluation, is_lm) -> dict:
+def _pass_reports(report: list[dict], gm, entry, evaluation, is_lm, device) -> dict:
     """Each applied pass's own measurements on the held-out split (e.g. sparsity)."""
     from optc.compiler import passes
 
@@ -140,7 +143,7 @@ def _pass_reports(report: list[dict], gm, entry, evaluation, is_lm) -> dict:
         spec = passes.get(entry_["name"])
         if entry_["applied"] and spec.report is not None:
             batches = evaluation if evaluation is not None else _zoo_batches(entry, "evaluation", is_lm)
-            inputs = [_as_program_inputs(b, is_lm) for b in batches]
+            inputs = [_as_program_inputs(b, is_lm, device) for b in batches]
             out[entry_["name"]] = spec.report(gm, entry_["plan"], inputs)
     return out
 
@@ -171,12 +174,20 @@ def _zoo_batches(entry, which: str, is_lm: bool):
     return fn(n, seq, batch=1) if is_lm else fn(n, 32, batch=4)
 
 
-def _as_program_inputs(batch, is_lm) -> tuple[tuple, dict]:
-    batch = batch if isinstance(batch, tuple) else (batch,)
+def _as_program_inputs(batch, is_lm, device) -> tuple[tuple, dict]:
+    """A data batch as (args, kwargs) of the program, on the model's device."""
+    batch = batch if isinstance(batch, (tuple, list)) else (batch,)
+    batch = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
     if is_lm:
         ids = batch[0]
-        return (), {"input_ids": ids, "cache_position": torch.arange(ids.shape[1])}
-    return tuple(batch), {}
+        return (), {"input_ids": ids, "cache_position": torch.arange(ids.shape[1], device=device)}
+    return batch, {}
+
+
+def _device_of(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _nested(passes: dict) -> dict:
