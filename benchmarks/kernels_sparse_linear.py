@@ -1,7 +1,8 @@
 """Benchmark optc's activation-sparse kernels against dense cuBLAS (bf16, GPU).
 
-    python benchmarks/kernels_sparse_linear.py [--out FILE] [--sweep]   # GPU, < 4 min
-    python benchmarks/kernels_sparse_linear.py --smoke                 # CPU interpreter
+    python benchmarks/kernels_sparse_linear.py [--out FILE]    # GPU, ~1 min
+    python benchmarks/kernels_sparse_linear.py --tune          # GPU: sweep tiles, then time with the best, ~3 min
+    python benchmarks/kernels_sparse_linear.py --smoke         # CPU interpreter, tiny shapes
 
 For the Llama-3.2-1B projections (K->N: 2048->8192, 8192->2048, 2048->2048, 2048->512)
 at activation sparsity 0/0.25/0.5/0.7 and 1/4/16 tokens it first checks optc::sparse_linear
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep-only", action="store_true", help="only the sweep (tuning configs.py)")
     p.add_argument("--sweep-tokens", default="1,4,16", help="token counts the sweep tunes")
     p.add_argument("--no-sweep-cats", action="store_true", help="skip the cats_gate_up sweep")
+    p.add_argument("--tune", action="store_true",
+                   help="sweep first, then time the table with the best tile per token bucket "
+                        "(prints the configs.py entries to copy)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/... or benchmarks/results/)")
     p.add_argument("--rep-ms", type=float, default=60.0, help="do_bench rep time per measurement")
     return p.parse_args(argv)
@@ -363,6 +367,45 @@ def sweep_cats(su, timer, H, I):
     return rows
 
 
+def best_tiles(sweep_rows, kind):
+    """Per token count: the tile with the lowest geometric-mean time over the swept
+    shapes (each shape at its best split), as a LaunchConfig."""
+    out = {}
+    for M in sorted({r["M"] for r in sweep_rows if r["kind"] == kind}):
+        per_tile = {}
+        for r in sweep_rows:
+            if r["kind"] != kind or r["M"] != M or "us" not in r or not r["rel_err"] < 1e-2:
+                continue
+            key = tuple(sorted(r["config"].items()))
+            shape = (r.get("K", r.get("H")), r.get("N", r.get("I")))
+            per_tile.setdefault(key, {})
+            per_tile[key][shape] = min(per_tile[key].get(shape, float("inf")), r["us"])
+        n_shapes = max((len(v) for v in per_tile.values()), default=0)
+        scored = [(math.exp(sum(math.log(t) for t in v.values()) / len(v)), k)
+                  for k, v in per_tile.items() if len(v) == n_shapes]
+        if scored:
+            out[M] = LaunchConfig(**dict(min(scored)[1]))
+    return out
+
+
+def apply_tiles(target, linear_tiles, cats_tiles):
+    """Replace the target's bucket tiles in configs (this process only)."""
+    import dataclasses
+
+    def merged(buckets, tiles):
+        new = dict(buckets)
+        for M, cfg in tiles.items():
+            bucket = next((b for b, _ in buckets if M <= b), buckets[-1][0])
+            new[bucket] = cfg
+        return tuple(sorted(new.items()))
+
+    tl_ = configs.SPARSE_LINEAR[target]
+    configs.SPARSE_LINEAR[target] = dataclasses.replace(tl_, buckets=merged(tl_.buckets, linear_tiles))
+    ct = configs.CATS_GATE_UP[target]
+    configs.CATS_GATE_UP[target] = dataclasses.replace(ct, buckets=merged(ct.buckets, cats_tiles))
+    return configs.SPARSE_LINEAR[target].buckets, configs.CATS_GATE_UP[target].buckets
+
+
 def table(rows, xover, su):
     lines = [f"# {su.name}  torch {torch.__version__}  triton {triton.__version__}  dtype {su.dtype}"]
     lines.append(f"{'shape':>11} {'M':>3} {'s':>5} {'rows':>5} {'sparse us':>10} {'GB/s':>7} "
@@ -410,13 +453,22 @@ def main(args):
     t0 = time.time()
     log(f"device {su.name} target {su.target} L2 {su.l2 / 2**20:.0f} MiB peak {su.peak} TB/s")
     rows, fails, xover = [], [], []
+    tuned = None
+    if args.tune:
+        SWEEP_TOKENS = tuple(int(t) for t in args.sweep_tokens.split(","))
+        rows += sweep(su, timer, shapes)
+        rows += sweep_cats(su, timer, *mlp)
+        sl_b, cats_b = apply_tiles(su.target, best_tiles(rows, "sweep"), best_tiles(rows, "sweep_cats"))
+        tuned = dict(sparse_linear=[(b, c.__dict__) for b, c in sl_b], cats_gate_up=[(b, c.__dict__) for b, c in cats_b])
+        log(f"tuned sparse_linear buckets: {sl_b}")
+        log(f"tuned cats_gate_up buckets: {cats_b}")
     if not args.sweep_only:
         rows, fails = bench_linear(su, timer, shapes, tokens, sparsities, xtokens)
         xover = crossover(rows, [s for s in sparsities if s > 0])
         crows, cfails = bench_cats(su, timer, *mlp, tokens, sparsities)
         rows += crows
         fails += cfails
-    if args.sweep or args.sweep_only:
+    if (args.sweep or args.sweep_only) and not args.tune:
         SWEEP_TOKENS = tuple(int(t) for t in args.sweep_tokens.split(","))
         rows += sweep(su, timer, shapes)
         if not args.no_sweep_cats:
@@ -428,7 +480,10 @@ def main(args):
         timing="CUDA graph of R calls on R distinct weight copies, do_bench median (L2 cleared per replay) / R",
         seconds=round(time.time() - t0, 1), crossover=xover,
         crossover_tokens_configured=configs.crossover_tokens(su.target),
-        failures=len(fails), rows=rows,
+        failures=len(fails), tuned_buckets=tuned,
+        buckets_used=dict(sparse_linear=[(b, c.__dict__) for b, c in configs.SPARSE_LINEAR[su.target].buckets],
+                          cats_gate_up=[(b, c.__dict__) for b, c in configs.CATS_GATE_UP[su.target].buckets]),
+        rows=rows,
     )
     out = Path(args.out) if args.out else (
         Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"

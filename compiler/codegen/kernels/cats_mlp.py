@@ -33,7 +33,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .configs import LaunchConfig, cats_target, pick_bucket, target_for_device
-from .sparse_linear import _DTYPES, _check_threshold
+from .sparse_linear import _DTYPES, _check_threshold, _interpreted
 
 __all__ = ["cats_gate_up", "cats_gate_up_kernel"]
 
@@ -151,7 +151,8 @@ def cats_gate_up(
     cfg = config or pick_bucket(cats_target(target or target_for_device(x.device)).buckets, M)
     assert cfg.block_m == 1 or cfg.block_m >= 16, "BLOCK_M is 1 (GEMV) or >= 16 (tl.dot)"
     grid = (triton.cdiv(I, cfg.block_n), triton.cdiv(M, cfg.block_m))
-    wrap_triton(cats_gate_up_kernel)[grid](
+    kernel = cats_gate_up_kernel if _interpreted(cats_gate_up_kernel) else wrap_triton(cats_gate_up_kernel)
+    kernel[grid](
         x2, w_gate, w_up, threshold, h,
         M, I, H,
         x2.stride(0), x2.stride(1),

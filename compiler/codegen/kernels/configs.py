@@ -9,10 +9,10 @@ Targets are the names of ``compiler/targets.py``: ``h100``, ``h200``, ``a100`` a
 ``cpu`` (the Triton interpreter, ``TRITON_INTERPRET=1``, used by the tests: its tiles
 are tiny so that small test shapes still cover several tiles and split-K).
 
-Status of the numbers: PROVISIONAL. The GPU tiles, the split-K policy and the
-crossover token counts were chosen by reasoning about a bandwidth-bound GEMV, not yet
-measured; ``benchmarks/kernels_sparse_linear.py`` measures them (its ``sweep`` and
-``crossover`` rows) and this file should be updated from its JSON.
+Status of the numbers: the ``h100`` tiles, split-K policy and crossover were measured
+on the lent H100 80GB HBM3 (torch 2.11, triton 3.6, bf16, 2026-11-23) with
+``benchmarks/kernels_sparse_linear.py --tune`` (CUDA-graph timing, cold L2, random
+data). ``h200`` and ``a100`` reuse them and are PROVISIONAL until measured there.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ class SparseLinearTarget:
     # ... but never let the fp32 partials (written once, read once) exceed this
     # fraction of the weight bytes, which is what the kernel is there to save.
     workspace_fraction: float
+    # ... and give every slice at least this many BLOCK_K chunks (short loops pay the
+    # prologue of the hand-pipelined GEMV without amortising it).
+    min_chunks_per_split: int
     # (max tokens, tile) in ascending order; more tokens than the last bucket are
     # tiled over the grid's third axis with the last bucket's tile.
     buckets: tuple[tuple[int, LaunchConfig], ...]
@@ -74,33 +77,33 @@ class CatsTarget:
 
 
 _HOPPER_SPARSE_LINEAR = (
-    (1, LaunchConfig(block_m=1, block_n=128, block_k=32, num_warps=4, num_stages=1)),
+    (1, LaunchConfig(block_m=1, block_n=64, block_k=64, num_warps=4, num_stages=1)),
     (16, LaunchConfig(block_m=16, block_n=128, block_k=32, num_warps=4, num_stages=3)),
 )
 _HOPPER_CATS = (
-    (1, LaunchConfig(block_m=1, block_n=16, block_k=128, num_warps=4, num_stages=1)),
+    (1, LaunchConfig(block_m=1, block_n=8, block_k=256, num_warps=4, num_stages=1)),
     (16, LaunchConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)),
 )
 
 SPARSE_LINEAR: dict[str, SparseLinearTarget] = {
     "h100": SparseLinearTarget(
-        num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125,
+        num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125, min_chunks_per_split=2,
         buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256,
     ),
     # PROVISIONAL: H100 tiles (same SMs and core, faster HBM); not measured on H200.
     "h200": SparseLinearTarget(
-        num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125,
+        num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125, min_chunks_per_split=2,
         buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256,
     ),
     # PROVISIONAL: H100 tiles with the A100's SM count; not measured.
     "a100": SparseLinearTarget(
-        num_sms=108, waves=4.0, max_split_k=32, workspace_fraction=0.125,
+        num_sms=108, waves=4.0, max_split_k=32, workspace_fraction=0.125, min_chunks_per_split=2,
         buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256,
     ),
     # The interpreter: tiny tiles so that small test shapes span several tiles and
     # split K (num_sms is a pretend value that only drives the split-K choice).
     "cpu": SparseLinearTarget(
-        num_sms=4, waves=2.0, max_split_k=4, workspace_fraction=1.0,
+        num_sms=4, waves=2.0, max_split_k=4, workspace_fraction=1.0, min_chunks_per_split=1,
         buckets=(
             (1, LaunchConfig(block_m=1, block_n=16, block_k=16, num_warps=1, num_stages=1)),
             (16, LaunchConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)),
@@ -124,11 +127,14 @@ CATS_GATE_UP: dict[str, CatsTarget] = {
 # Largest token count (rows of x after flattening) at which the sparse kernel is used;
 # above it dense cuBLAS wins because the union of active channels over the tokens
 # approaches all channels, while dense GEMM cost is flat in M at these sizes.
-# PROVISIONAL until measured on each GPU by benchmarks/kernels_sparse_linear.py (its
-# "crossover" rows); the value depends on how correlated real activations are across
-# tokens, which random data understates. On "cpu" the op runs the dense torch
-# reference, which never beats plain dense, so the crossover is 0 (never sparse).
-CROSSOVER_TOKENS: dict[str, int] = {"h100": 4, "h200": 4, "a100": 4, "cpu": 0}
+# h100, measured (benchmark "crossover", Llama-1B shapes, independent random tokens):
+# at sparsity 0.25-0.5 the sparse kernel beats cuBLAS only at 1 token, and only on
+# the large projections (2048->8192: 1.13x, 8192->2048: 1.21x at s=0.5); at s=0.7 up
+# to 2-3 tokens. The small projections (2048->2048, 2048->512) lose even at 1 token
+# (fixed launch and split-K costs dominate a 1-4 MB read). Real activations are
+# correlated across tokens, so this is the pessimistic value. h200/a100: PROVISIONAL.
+# On "cpu" the op runs the dense torch reference, which never beats plain dense: 0.
+CROSSOVER_TOKENS: dict[str, int] = {"h100": 1, "h200": 1, "a100": 1, "cpu": 0}
 
 KNOWN_TARGETS = tuple(SPARSE_LINEAR)
 
@@ -175,16 +181,16 @@ def choose_split_k(
 ) -> int:
     """How many slices of K run as separate programs (then summed by a second kernel).
 
-    Enough to give about ``waves * num_sms`` programs, no more than there are BLOCK_K
-    chunks, and few enough that the fp32 partials (split * M * N * 4 bytes, written
-    and read back) stay under ``workspace_fraction`` of the weight bytes.
+    Enough to give about ``waves * num_sms`` programs, at least ``min_chunks_per_split``
+    BLOCK_K chunks per slice, and few enough that the fp32 partials (split * M * N * 4
+    bytes, written and read back) stay under ``workspace_fraction`` of the weight bytes.
     """
     n_tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
     k_chunks = max(1, -(-k // cfg.block_k))
     split = max(1, round(tgt.waves * tgt.num_sms / n_tiles))
     # partial traffic: split*m*n*4*2 bytes <= fraction * k*n*elem_size
     ws_cap = int(tgt.workspace_fraction * k * elem_size / (8 * max(m, 1)))
-    split = min(split, k_chunks, tgt.max_split_k, max(1, ws_cap))
+    split = min(split, k_chunks // tgt.min_chunks_per_split, tgt.max_split_k, ws_cap)
     return max(1, split)
 
 

@@ -43,6 +43,13 @@ __all__ = ["sparse_linear", "prepare_weight", "plan", "sparse_linear_kernel", "s
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _interpreted(kernel) -> bool:
+    # Under TRITON_INTERPRET=1, @triton.jit gives an InterpretedFunction, which torch's
+    # wrap_triton rejects in torch 2.11 (2.13 accepts it); it only runs eagerly, on CPU tensors,
+    # so it is launched directly.
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
 @triton.jit
 def sparse_linear_kernel(
     x_ptr, w_ptr, thr_ptr, b_ptr, y_ptr, ws_ptr,
@@ -228,7 +235,8 @@ def sparse_linear(
 
     assert cfg.block_m == 1 or cfg.block_m >= 16, "BLOCK_M is 1 (GEMV) or >= 16 (tl.dot)"
     grid = (triton.cdiv(N, cfg.block_n), split_k, triton.cdiv(M, cfg.block_m))
-    wrap_triton(sparse_linear_kernel)[grid](
+    kernel = sparse_linear_kernel if _interpreted(sparse_linear_kernel) else wrap_triton(sparse_linear_kernel)
+    kernel[grid](
         x2, weight_t, threshold, b_arg, y, ws,
         M, N, K, k_per_split,
         x2.stride(0), x2.stride(1),
@@ -244,7 +252,8 @@ def sparse_linear(
     )
     if not direct:
         rgrid = (triton.cdiv(N, tgt.reduce_block_n), M)
-        wrap_triton(splitk_reduce_kernel)[rgrid](
+        reduce = splitk_reduce_kernel if _interpreted(splitk_reduce_kernel) else wrap_triton(splitk_reduce_kernel)
+        reduce[rgrid](
             ws, b_arg, y,
             N, split_k,
             ws.stride(0), ws.stride(1),
