@@ -60,6 +60,11 @@ class CalibrationContext:
 
     def stream_cosines(self, anatomy, units, n: int | None = None) -> dict:
         """1 - cos(stream before, stream after) of each unit, averaged over tokens."""
+        return {unit: stats[0] for unit, stats in self.stream_stats(anatomy, units, n).items()}
+
+    def stream_stats(self, anatomy, units, n: int | None = None) -> dict:
+        """{unit: (1 - mean cos(before, after), mean of (after - before) over all tokens)}
+        for each (block index, part) unit, from one pass over the calibration inputs."""
         points = {}
         for index, part in units:
             b = anatomy.blocks[index]
@@ -68,14 +73,17 @@ class CalibrationContext:
                 "attention": (b.input, b.mid),
                 "mlp": (b.mid, b.output),
             }[part]
-        nodes = list({n for pair in points.values() for n in pair})
-        position = {n: i for i, n in enumerate(nodes)}
+        nodes = list({node for pair in points.values() for node in pair})
+        position = {node: i for i, node in enumerate(nodes)}
         values = self.stream_values(nodes, n)
-        scores = {}
+        stats = {}
         for unit, (start, end) in points.items():
-            cos = [
-                F.cosine_similarity(v[position[start]].float().flatten(0, -2), v[position[end]].float().flatten(0, -2), dim=-1).mean().item()
-                for v in values
-            ]
-            scores[unit] = 1.0 - sum(cos) / len(cos)
-        return scores
+            cos, delta, count = [], 0.0, 0
+            for v in values:
+                before = v[position[start]].float().flatten(0, -2)
+                after = v[position[end]].float().flatten(0, -2)
+                cos.append(F.cosine_similarity(before, after, dim=-1).mean().item())
+                delta = delta + (after - before).sum(0)
+                count += before.shape[0]
+            stats[unit] = (1.0 - sum(cos) / len(cos), delta / count)
+        return stats

@@ -44,6 +44,7 @@ class SkipLayersConfig(PassConfig):
     selection: str = knob("loss", choices=("loss", "cosine"), doc="how units are ranked")
     calibration_samples: int = knob(4, low=1, high=256, doc="calibration sequences (or batches)")
     rescore_top: int = knob(6, low=1, high=64, doc="candidates re-scored each greedy round")
+    compensate: bool = knob(True, doc="add each removed unit's mean calibration output as a constant")
 
     def active(self) -> bool:
         return self.enabled and (self.count > 0 or bool(self.layers))
@@ -83,12 +84,16 @@ def plan_skip_layers(ctx, anatomy: Anatomy, cfg: SkipLayersConfig) -> dict:
     if cfg.count >= len(anatomy.blocks):
         raise UsageError(f"skip_layers.count={cfg.count} would remove every block ({len(anatomy.blocks)})")
     budget = cfg.count * per_block
+    stats = ctx.stream_stats(anatomy, candidates, n=cfg.calibration_samples)
+    cosine = {u: stats[u][0] for u in candidates}
+    biases = {u: stats[u][1] for u in candidates} if cfg.compensate else {}
     if cfg.selection == "cosine":
-        chosen, scores = _by_cosine(ctx, anatomy, candidates, params, budget, cfg)
+        chosen, scores = _by_cosine(cosine, candidates, params, budget)
     else:
-        chosen, scores = _by_loss(ctx, anatomy, candidates, params, budget, cfg)
+        chosen, scores = _by_loss(ctx, anatomy, candidates, params, budget, cfg, cosine, biases)
     return {
         "units": [list(u) for u in chosen],
+        "compensation": {f"{i}.{p}": biases[(i, p)].tolist() for i, p in chosen if (i, p) in biases},
         "why": f"lowest calibration {'1 - cos(in, out)' if cfg.selection == 'cosine' else 'loss per parameter removed'}",
         "scores": scores,
         "params_removed": int(sum(params[u] for u in chosen)),
@@ -106,13 +111,12 @@ def _fill_budget(ranked, params, budget):
     return chosen
 
 
-def _by_cosine(ctx, anatomy, candidates, params, budget, cfg):
-    scores = ctx.stream_cosines(anatomy, candidates, n=cfg.calibration_samples)
+def _by_cosine(scores, candidates, params, budget):
     ranked = sorted(candidates, key=lambda u: scores[u])
     return _fill_budget(ranked, params, budget), {f"{i}.{p}": round(s, 5) for (i, p), s in scores.items()}
 
 
-def _by_loss(ctx, anatomy, candidates, params, budget, cfg):
+def _by_loss(ctx, anatomy, candidates, params, budget, cfg, cosine, biases):
     """Greedy removal by measured calibration loss per parameter removed.
 
     Measuring every candidate every round costs rounds x candidates forward passes, too
@@ -123,7 +127,6 @@ def _by_loss(ctx, anatomy, candidates, params, budget, cfg):
     """
     n = cfg.calibration_samples
     base = ctx.calibration_loss(lambda gm: gm, n=n)
-    cosine = ctx.stream_cosines(anatomy, candidates, n=n)
     by_cosine = sorted(candidates, key=lambda u: cosine[u] / params[u])
     chosen, removed, trail = [], 0, []
     measured: dict = {}
@@ -131,7 +134,7 @@ def _by_loss(ctx, anatomy, candidates, params, budget, cfg):
     while removed < budget * 0.98:
         costs = {}
         for unit in pool:
-            loss = ctx.calibration_loss(lambda gm, u=unit: _rewritten(gm, anatomy, chosen + [u]), n=n)
+            loss = ctx.calibration_loss(lambda gm, u=unit: _rewritten(gm, anatomy, chosen + [u], biases), n=n)
             costs[unit] = (loss - base) / params[unit]
         measured.update(costs)
         ranked = sorted(costs, key=costs.__getitem__)
@@ -146,10 +149,10 @@ def _by_loss(ctx, anatomy, candidates, params, budget, cfg):
     return chosen, {"baseline_loss": round(base, 5), "rounds": trail}
 
 
-def _rewritten(gm: fx.GraphModule, anatomy: Anatomy, units) -> fx.GraphModule:
+def _rewritten(gm: fx.GraphModule, anatomy: Anatomy, units, biases) -> fx.GraphModule:
     """A copy of `gm`'s graph with `units` removed; parameters are shared, not copied."""
     copy, mapping = rebuild(gm)
-    remove_units(copy, _remap(anatomy, mapping), units)
+    remove_units(copy, _remap(anatomy, mapping), units, biases)
     return copy
 
 
@@ -168,21 +171,29 @@ def _remap(anatomy: Anatomy, mapping: dict) -> Anatomy:
     return moved
 
 
-def remove_units(gm: fx.GraphModule, anatomy: Anatomy, units) -> None:
-    """Route the residual stream around each unit; erase cache writes; drop dead code."""
+def remove_units(gm: fx.GraphModule, anatomy: Anatomy, units, biases: dict | None = None) -> None:
+    """Route the residual stream around each unit (plus its mean output when `biases`
+    holds one: a removed MLP still contributes its average), erase cache writes, and
+    drop dead code."""
+    biases = biases or {}
     parts_by_block: dict[int, set] = {}
+    bias_by_block: dict[int, torch.Tensor] = {}
     for index, part in units:
         parts_by_block.setdefault(index, set()).update(("attention", "mlp") if part == "block" else (part,))
+        if (index, part) in biases:
+            bias = torch.as_tensor(biases[(index, part)], dtype=torch.float32)
+            bias_by_block[index] = bias_by_block.get(index, 0) + bias
     # Later blocks first: a later block's input node is an earlier block's output,
     # whose uses (including the ones just redirected) are then rerouted in turn.
     for index in sorted(parts_by_block, reverse=True):
         block, parts = anatomy.blocks[index], parts_by_block[index]
+        bias = bias_by_block.get(index)
         if parts == {"attention", "mlp"}:
-            _reroute(gm, block.output, block.input)
+            _reroute(gm, block.output, block.input, bias, f"optc_skip_bias_{index}")
         elif parts == {"attention"}:
-            _reroute(gm, block.mid, block.input)
+            _reroute(gm, block.mid, block.input, bias, f"optc_skip_bias_{index}_attention")
         else:
-            _reroute(gm, block.output, block.mid)
+            _reroute(gm, block.output, block.mid, bias, f"optc_skip_bias_{index}_mlp")
         if "attention" in parts:
             for write in block.attention.cache_writes:
                 write.replace_all_uses_with(write.args[0])
@@ -192,15 +203,26 @@ def remove_units(gm: fx.GraphModule, anatomy: Anatomy, units) -> None:
     gm.recompile()
 
 
-def _reroute(gm: fx.GraphModule, end: fx.Node, start: fx.Node) -> None:
+def _reroute(gm: fx.GraphModule, end: fx.Node, start: fx.Node, bias=None, bias_name: str = "") -> None:
     replacement = start
+    new_nodes = []
     start_dtype = getattr(start.meta.get("val"), "dtype", None)
     end_dtype = getattr(end.meta.get("val"), "dtype", None)
-    if start_dtype is not None and end_dtype is not None and start_dtype != end_dtype:
-        with gm.graph.inserting_after(end):
+    with gm.graph.inserting_after(end):
+        if start_dtype is not None and end_dtype is not None and start_dtype != end_dtype:
             replacement = gm.graph.call_function(torch.ops.aten._to_copy.default, (start,), {"dtype": end_dtype})
             replacement.meta["val"] = end.meta["val"]
-    end.replace_all_uses_with(replacement, delete_user_cb=lambda user: user is not replacement)
+            new_nodes.append(replacement)
+    if bias is not None:
+        device = end.meta["val"].device if "val" in end.meta else "cpu"
+        gm.register_buffer(bias_name, bias.to(device=device, dtype=end_dtype or torch.float32))
+        with gm.graph.inserting_after(new_nodes[-1] if new_nodes else end):
+            attr = gm.graph.get_attr(bias_name)
+        with gm.graph.inserting_after(attr):
+            replacement = gm.graph.call_function(torch.ops.aten.add.Tensor, (replacement, attr))
+        replacement.meta["val"] = end.meta.get("val")
+        new_nodes += [attr, replacement]
+    end.replace_all_uses_with(replacement, delete_user_cb=lambda user: user not in new_nodes)
 
 
 @register_pass("skip_layers", SkipLayersConfig, lossy=True, plan=plan_skip_layers)
@@ -209,5 +231,7 @@ def skip_layers(gm: fx.GraphModule, anatomy: Anatomy, cfg: SkipLayersConfig, pla
     units = [tuple(u) for u in plan.get("units", [])]
     if not units:
         return PassResult(False, plan.get("reason", "nothing selected"))
-    remove_units(gm, anatomy, units)
+    biases = {tuple(int(x) if x.isdigit() else x for x in key.split(".")): torch.tensor(vec)
+              for key, vec in plan.get("compensation", {}).items()}
+    remove_units(gm, anatomy, units, biases)
     return PassResult(True, details={"removed": [f"{i}.{p}" for i, p in units]})

@@ -130,3 +130,24 @@ def test_not_configured_is_reported(llama_captured):
     assert not entry["applied"] and "not configured" in entry["reason"]
     _, entry = _run(captured, {"enabled": False, "count": 1})
     assert entry["reason"] == "disabled"
+
+
+def test_compensation_adds_mean_output(llama_captured):
+    """With compensation (default) a removed unit leaves its mean calibration output
+    behind as a constant: the graph equals the eager model whose unit returns that mean."""
+    model, captured = llama_captured
+    gms, entry = _run(captured, {"count": 1, "granularity": "block", "selection": "cosine"}, calib=_lm_calib())
+    (index, part), = [tuple(u) for u in entry["plan"]["units"]]
+    bias = torch.tensor(entry["plan"]["compensation"][f"{index}.{part}"])
+    assert bias.shape == (64,) and bias.abs().sum() > 0
+    assert any(name.startswith("optc_skip_bias") for name, _ in gms["prefill"].named_buffers())
+    ids = torch.randint(0, 256, (1, 14))
+    hook = model.model.layers[index].register_forward_hook(lambda mod, args, out: args[0] + bias)
+    try:
+        ref = model(ids, use_cache=False).logits
+    finally:
+        hook.remove()
+    out = gms["prefill"](input_ids=ids, cache_position=torch.arange(14))
+    assert torch.allclose(out, ref, atol=1e-5)
+    _, plain = _run(captured, {"count": 1, "granularity": "block", "selection": "cosine", "compensate": False}, calib=_lm_calib())
+    assert "compensation" not in plain["plan"] or not plain["plan"]["compensation"]
