@@ -57,8 +57,22 @@ def kernel_table() -> str:
     return "\n".join(out) + "\n"
 
 
+def quality_tables() -> str:
+    out = []
+    for path in sorted(RESULTS.glob("smollm2_*_cpu.json")):
+        d = json.loads(path.read_text())
+        out.append(f"**{d['model']}** quality, held-out perplexity (`{path.relative_to(ROOT)}`)\n")
+        out.append("| variant | removed | params | perplexity |\n|---|---|---|---|")
+        for r in d["rows"]:
+            removed = ", ".join(f"{i}.{p}" for i, p in r["removed"])
+            out.append(f"| {r['variant']} | {removed} | {r['params_before'] / 1e6:.1f}M -> {r['params_after'] / 1e6:.1f}M "
+                       f"| {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def tables() -> str:
-    return bench_tables() + "\n" + kernel_table()
+    return bench_tables() + "\n" + quality_tables() + "\n" + kernel_table()
 
 
 def main():
