@@ -32,6 +32,7 @@ PIPELINES: dict[str, list[Step]] = {
     "default": [
         # Depth first: a removed block also removes its share of every later pass's work.
         Step("skip_layers", "drop the residual blocks (or halves) that matter least; off until count/layers is set"),
+        Step("sparsify_activations", "zero small activations so sparse decode kernels skip weight rows; off until sparsity is set"),
     ],
 }
 

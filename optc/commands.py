@@ -76,7 +76,7 @@ def cmd_compile(args):
 def _report_compile(r: dict) -> None:
     _log(f"\noptc compile: {r['artifact']} (target {r['target']}, config {r['config_hash']}, {r['seconds']} s)")
     for p in r["passes"]:
-        state = "applied" if p["applied"] else f"not applied ({p['reason']})"
+        state = "applied" if p["applied"] else f"not applied: {p['reason']}"
         _log(f"  pass {p['name']:<22} {state}")
         if p["applied"] and p.get("plan", {}).get("units"):
             _log(f"       removed: {', '.join(f'{i}.{part}' for i, part in p['plan']['units'])} — {p['plan'].get('why', '')}")

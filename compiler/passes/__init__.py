@@ -47,7 +47,7 @@ class PassSpec:
 REGISTRY: dict[str, PassSpec] = {}
 
 # Modules that define passes; imported on first registry lookup, not at package import.
-_PASS_MODULES = ("skip_layers",)
+_PASS_MODULES = ("skip_layers", "sparsify_activations")
 
 
 def register_pass(
