@@ -78,7 +78,7 @@ def _report_compile(r: dict) -> None:
     for p in r["passes"]:
         state = "applied" if p["applied"] else f"not applied: {p['reason']}"
         _log(f"  pass {p['name']:<22} {state}")
-        if p["applied"] and p.get("plan", {}).get("units"):
+        if p["applied"] and p["name"] == "skip_layers":
             _log(f"       removed: {', '.join(f'{i}.{part}' for i, part in p['plan']['units'])} — {p['plan'].get('why', '')}")
     pb, pa = r["params"]["before"], r["params"]["after"]
     _log(f"  params: {pb:,} -> {pa:,} ({100 * (pb - pa) / max(pb, 1):.1f}% fewer)")

@@ -108,3 +108,14 @@ def test_models_json():
 def test_search_refuses_clearly():
     rc, _, err = optc("search", "tiny-llama", "--target", "cpu")
     assert rc == 2 and "not available yet" in err
+
+
+def test_compile_reports_held_out_sparsity(tmp_path):
+    rc, out, err = optc("compile", "tiny-llama", "--target", "cpu", "--no-verify", "--eval", "--json",
+                        "-o", str(tmp_path / "s.optc"), "--set", "sparsify_activations.method=cats",
+                        "--set", "sparsify_activations.sparsity=0.5")
+    assert rc == 0, err
+    q = json.loads(out)["quality"]
+    assert q["split"] == "evaluation" and q["metric"] == "perplexity"
+    assert abs(q["sparsify_activations"]["sparsity"] - 0.5) < 0.15, q
+    assert "pass sparsify_activations   applied" in err
