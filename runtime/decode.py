@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from optc.errors import CompileError, UsageError
+from optc.errors import UsageError
 from optc.runtime.timing import Timing, summarise
 
 __all__ = [
@@ -46,160 +46,16 @@ __all__ = [
 ]
 
 # Buffer names TorchExportableModuleWithStaticCache registers for its StaticCache.
-_CACHE_NAME = re.compile(r"(^|\.)(key_cache|value_cache|cumulative_length)_\d+$")
-_KEY_NAME = re.compile(r"(^|\.)key_cache_\d+$")
-
-
-# ----------------------------------------------------------------------------------------
-# Finding and sharing cache tensors
-# ----------------------------------------------------------------------------------------
-
-
-def _tensor_attrs(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers and plain tensor attributes (GraphModule constants) by dotted name.
-    Parameters are left out: a cache is never a parameter."""
-    out: dict[str, torch.Tensor] = {}
-    for mname, mod in module.named_modules(remove_duplicate=False):
-        prefix = f"{mname}." if mname else ""
-        for k, v in mod._buffers.items():
-            if v is not None:
-                out[prefix + k] = v
-        for k, v in vars(mod).items():
-            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
-                out.setdefault(prefix + k, v)
-    return out
-
-
-def _storage_key(t: torch.Tensor):
-    ptr = t.untyped_storage().data_ptr()
-    # Zero-size tensors have no storage worth tracking (and all share pointer 0).
-    return None if ptr == 0 else (t.device, ptr)
-
-
-def _get_attr(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_tensor_attr(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if leaf in owner._buffers:
-        owner._buffers[leaf] = value
-    else:
-        # A GraphModule constant is a plain attribute; bypass nn.Module's checks.
-        object.__setattr__(owner, leaf, value)
-
-
-def mutated_attr_names(module: nn.Module) -> list[str]:
-    """Tensor attributes that a GraphModule's graph writes in place (directly or through
-    a view such as `aten.to`/`select` that aliases them). Empty for other modules."""
-    names: set[str] = set()
-    for mname, gm in module.named_modules(remove_duplicate=False):
-        if not isinstance(gm, torch.fx.GraphModule):
-            continue
-        prefix = f"{mname}." if mname else ""
-        root: dict[torch.fx.Node, str] = {}
-        for node in gm.graph.nodes:
-            if node.op == "get_attr":
-                if isinstance(_get_attr(gm, node.target), torch.Tensor):
-                    root[node] = node.target
-                continue
-            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-                continue
-            schema = node.target._schema
-            out_sets = set()
-            for ret in schema.returns:
-                if ret.alias_info is not None:
-                    out_sets |= set(ret.alias_info.before_set)
-            for i, arg in enumerate(schema.arguments):
-                if arg.alias_info is None:
-                    continue
-                val = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-                if not isinstance(val, torch.fx.Node) or val not in root:
-                    continue
-                if arg.alias_info.is_write:
-                    names.add(prefix + root[val])
-                if out_sets & set(arg.alias_info.before_set):
-                    root[node] = root[val]
-    return sorted(names)
-
-
-def cache_buffer_names(module: nn.Module) -> list[str]:
-    """Names of every tensor attribute that holds KV-cache state: the buffers named
-    `key_cache_i` / `value_cache_i` / `cumulative_length_i`, whatever a GraphModule
-    writes in place, and any attribute aliasing the storage of those."""
-    tensors = _tensor_attrs(module)
-    seeds = {n for n in tensors if _CACHE_NAME.search(n)}
-    seeds |= {n for n in mutated_attr_names(module) if n in tensors}
-    storages = {_storage_key(tensors[n]) for n in seeds} - {None}
-    names = set(seeds)
-    names |= {n for n, t in tensors.items() if _storage_key(t) in storages}
-    return sorted(names)
-
-
-def tie_buffers(src_module: nn.Module, dst_module: nn.Module, names: Iterable[str]) -> list[str]:
-    """Make `dst_module` use `src_module`'s tensors for `names`.
-
-    Each name must resolve to a tensor attribute (buffer or GraphModule constant) in both
-    modules with the same shape, dtype and device. Every attribute of `dst_module` that
-    aliased the replaced tensor (the same view of the same storage) is rebound too, so a
-    lifted constant follows its buffer. Returns the names rebound in `dst_module`.
-    """
-    src_t = _tensor_attrs(src_module)
-    dst_t = _tensor_attrs(dst_module)
-    rebound: list[str] = []
-    for name in names:
-        if name not in src_t:
-            raise UsageError(f"tie_buffers: source module has no tensor attribute {name!r}")
-        if name not in dst_t:
-            raise UsageError(f"tie_buffers: destination module has no tensor attribute {name!r}")
-        s, d = src_t[name], dst_t[name]
-        if (s.shape, s.dtype, s.device) != (d.shape, d.dtype, d.device):
-            raise UsageError(
-                f"tie_buffers: {name!r} differs: source {tuple(s.shape)} {s.dtype} {s.device}, "
-                f"destination {tuple(d.shape)} {d.dtype} {d.device}"
-            )
-        if s is d:
-            continue
-        key = _storage_key(d)
-        for other, t in list(dst_t.items()):
-            same = t is d or (
-                key is not None
-                and _storage_key(t) == key
-                and t.dtype == d.dtype
-                and t.shape == d.shape
-                and t.stride() == d.stride()
-                and t.storage_offset() == d.storage_offset()
-            )
-            if same:
-                _set_tensor_attr(dst_module, other, s)
-                dst_t[other] = s
-                rebound.append(other)
-            elif key is not None and _storage_key(t) == key:
-                raise UsageError(
-                    f"tie_buffers: {other!r} is a different view of {name!r}'s storage; "
-                    "cannot rebind it faithfully"
-                )
-    return sorted(set(rebound))
-
-
-def _check_shared(a: nn.Module, b: nn.Module) -> None:
-    """Every tensor that either program writes in place must be one both programs see."""
-    a_t, b_t = _tensor_attrs(a), _tensor_attrs(b)
-    a_s = {_storage_key(t) for t in a_t.values()} - {None}
-    b_s = {_storage_key(t) for t in b_t.values()} - {None}
-    for mod, tensors, other, label in ((a, a_t, b_s, "prefill"), (b, b_t, a_s, "decode")):
-        written = set(mutated_attr_names(mod)) | {n for n in tensors if _CACHE_NAME.search(n)}
-        missing = [n for n in sorted(written) if n in tensors and _storage_key(tensors[n]) not in other and _storage_key(tensors[n]) is not None]
-        if missing:
-            raise CompileError(
-                f"the {label} program writes state the other program does not share: "
-                f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; prefill and decode "
-                "would see different KV caches"
-            )
+from optc.runtime.cache import (  # noqa: E402  (re-exported: tests and callers use them from here)
+    _CACHE_NAME,
+    _KEY_NAME,
+    _check_shared,
+    _storage_key,
+    _tensor_attrs,
+    cache_buffer_names,
+    mutated_attr_names,
+    tie_buffers,
+)
 
 
 def _static_input_shape(module, name: str):
@@ -547,40 +403,18 @@ class StaticCacheDecoder:
 def export_lm_programs(
     model: nn.Module, *, batch_size: int, prompt_len: int, max_cache_len: int
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """Reference export of a Hugging Face decoder LM into (prefill, decode) GraphModules
-    over one static cache, as capture does it (used by tests and benchmarks): the model
-    wrapped by `TorchExportableModuleForDecoderOnlyLM`, exported twice, non-strict, for
-    input_ids [B, prompt_len] and [B, 1]. The model's generation_config is set to the
-    static-cache config the wrapper requires and restored afterwards."""
-    import copy as _copy
+    """(prefill, decode) GraphModules of a Hugging Face decoder LM over one static cache,
+    exactly as `optc.compiler.capture` exports them (used by tests and benchmarks). The
+    model's generation_config is restored afterwards."""
+    from optc.compiler.capture import DECODE, PREFILL, capture_causal_lm, graph_module
 
-    from transformers import GenerationConfig
-    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
-
-    B, T, L = int(batch_size), int(prompt_len), int(max_cache_len)
-    if T >= L:
-        raise UsageError(f"prompt_len {T} must be below max_cache_len {L}")
+    if int(prompt_len) >= int(max_cache_len):
+        raise UsageError(f"prompt_len {prompt_len} must be below max_cache_len {max_cache_len}")
     saved = model.generation_config
-    gc = _copy.deepcopy(saved) if saved is not None else GenerationConfig()
-    gc.use_cache = True
-    gc.cache_implementation = "static"
-    gc.max_length = L
-    gc.cache_config = {"batch_size": B, "max_cache_len": L}
-    model.generation_config = gc
     try:
-        static = TorchExportableModuleForDecoderOnlyLM(model, batch_size=B, max_cache_len=L).model
+        captured = capture_causal_lm(
+            model, batch_size=int(batch_size), max_cache_len=int(max_cache_len), prompt_len=int(prompt_len)
+        )
     finally:
         model.generation_config = saved
-    device = next(model.parameters()).device
-    ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    with torch.no_grad():
-        ep_prefill = torch.export.export(
-            static, args=(), kwargs={"input_ids": ids, "cache_position": torch.arange(T, device=device)},
-            strict=False,
-        )
-        ep_decode = torch.export.export(
-            static, args=(),
-            kwargs={"input_ids": ids[:, :1], "cache_position": torch.tensor([T], device=device)},
-            strict=False,
-        )
-    return ep_prefill.module(), ep_decode.module()
+    return graph_module(captured.programs[PREFILL]), graph_module(captured.programs[DECODE])

@@ -183,8 +183,9 @@ def test_over_long_and_malformed_requests_raise_usage_error(lm):
         dec.generate(prompt, 0)
     with pytest.raises(UsageError, match="batch"):
         dec.generate(prompt.repeat(2, 1), 2)
-    with pytest.raises(UsageError, match="exported for input_ids"):
-        dec.generate(prompt[:, :3], 2)
+    # The prefill program has a dynamic length (as capture exports it): a shorter
+    # prompt is accepted and continues it.
+    assert dec.generate(prompt[:, :3], 2).shape == (prompt.shape[0], 5)
     with pytest.raises(UsageError):
         dec.generate(prompt.float(), 2)
 
