@@ -6,7 +6,7 @@ weights for GPU latency work (Llama-3.2-1B, ViT-B/16, BERT-base shapes) and thre
 models for tests. Nothing touches the network. `optc models` lists them.
 
 Real weights are read once per process and cached (the GGUF is parsed and dequantised
-here, not through transformers' GGUF path, which takes ~50 s on this CPU for a 98 MB
+in builders.py, not through transformers' GGUF path, which takes ~50 s on this CPU for a 98 MB
 file); every `load()` returns a fresh module, so callers may rewrite it freely.
 """
 
