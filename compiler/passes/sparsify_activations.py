@@ -136,6 +136,10 @@ def plan_sparsify_activations(ctx, anatomy: Anatomy, cfg: SparsifyActivationsCon
     total = sum(u.params for u in units)
     plan["units"] = rows
     plan["calibration_sparsity"] = round(sum(reach[u.key] * u.params for u in units) / total, 4)
+    plan["block_params"] = sum(lin.in_features * lin.out_features for b in anatomy.blocks
+                               for lin in (b.attention.q, b.attention.k, b.attention.v, b.attention.o, *b.mlp.linears))
+    # What decode speed follows: the fraction of all block weight rows a token skips.
+    plan["calibration_weights_skipped"] = round(sum(reach[u.key] * u.params for u in units) / plan["block_params"], 4)
     plan["calibration_tokens"] = int(next(iter(stats.values())).x.shape[0])
     if vectors:
         plan["channel_thresholds"] = _channel_thresholds(vectors)
@@ -271,9 +275,11 @@ def report_sparsity(gm: fx.GraphModule, plan: dict, inputs) -> dict:
         if r["key"] in per:
             by_kind.setdefault(r["kind"], []).append(per[r["key"]])
     params = sum(r["params"] for r in rows.values() if r["key"] in per)
+    skipped = sum(per[r["key"]] * r["params"] for r in rows.values() if r["key"] in per)
     return {
         "sparsity": round(sum(zeros) / max(sum(count), 1), 4),
-        "weighted_sparsity": round(sum(per[r["key"]] * r["params"] for r in rows.values() if r["key"] in per) / params, 4),
+        "weighted_sparsity": round(skipped / params, 4),
+        "weights_skipped": round(skipped / plan.get("block_params", params), 4),
         "by_kind": {k: round(sum(v) / len(v), 4) for k, v in by_kind.items()},
         "units": {k: round(v, 4) for k, v in per.items()},
         "n_inputs": len(inputs),
