@@ -20,7 +20,6 @@ buffers (`sparsify_t_*`), so they compute the same function and the artifact car
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -52,34 +51,6 @@ class SparsifyActivationsConfig(PassConfig):
         return self.enabled and self.sparsity > 0
 
 
-class ChannelThresholds(str):
-    """A JSON string (the content hash of per-channel threshold vectors) that carries
-    the vectors themselves in this process: the plan stays JSON for the manifest, and
-    the vectors reach the graphs as buffers."""
-
-    tensors: dict
-
-
-def _channel_thresholds(tensors: dict) -> ChannelThresholds:
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode() + tensors[key].numpy().tobytes())
-    out = ChannelThresholds("sha256:" + digest.hexdigest()[:16])
-    out.tensors = tensors
-    return out
-
-
-def _sig(v: float) -> float:
-    return float(f"{v:.4g}")
-
-
-def _summary(t: torch.Tensor) -> dict:
-    finite = t[torch.isfinite(t) & (t < torch.finfo(torch.float32).max)]
-    q = finite.quantile(torch.tensor([0.0, 0.5, 1.0])).tolist() if finite.numel() else [math.nan] * 3
-    return {"channels": t.numel(), "min": q[0], "median": q[1], "max": q[2],
-            "always_zero": int(t.numel() - finite.numel())}
-
-
 def plan_sparsify_activations(ctx, anatomy: Anatomy, cfg: SparsifyActivationsConfig) -> dict:
     if anatomy.empty:
         return {"units": [], "reason": f"no residual blocks recognised: {anatomy.reason}"}
@@ -103,7 +74,7 @@ def plan_sparsify_activations(ctx, anatomy: Anatomy, cfg: SparsifyActivationsCon
         mean = sum(cost.values()) / max(1, len(cost))
         units = [u for u in units if u.key not in cost or cost[u.key] < mean]
         plan["attention"] = {"kept": sorted(k for k in cost if cost[k] < mean),
-                             "error_proxy": {k: _sig(v) for k, v in cost.items()}, "mean": _sig(mean)}
+                             "error_proxy": {k: cal.sig(v) for k, v in cost.items()}, "mean": cal.sig(mean)}
     sparsities = {u.key: cfg.sparsity for u in units}
     allocation = {"requested": cfg.allocation, "used": "uniform"}
     if cfg.allocation == "greedy":
@@ -127,11 +98,11 @@ def plan_sparsify_activations(ctx, anatomy: Anatomy, cfg: SparsifyActivationsCon
                "params": u.params, "sparsity": sparsities[u.key], "calibration_sparsity": round(reach[u.key], 4)}
         if u.per_channel:
             vectors[u.key] = t
-            row["threshold"] = _summary(t)
+            row["threshold"] = cal.summary(t)
         else:
             row["threshold"] = float(t[0])
         if u.key in proxies:
-            row["error_proxy"] = _sig(proxies[u.key](sparsities[u.key]))
+            row["error_proxy"] = cal.sig(proxies[u.key](sparsities[u.key]))
         rows.append(row)
     total = sum(u.params for u in units)
     plan["units"] = rows
@@ -142,7 +113,7 @@ def plan_sparsify_activations(ctx, anatomy: Anatomy, cfg: SparsifyActivationsCon
     plan["calibration_weights_skipped"] = round(sum(reach[u.key] * u.params for u in units) / plan["block_params"], 4)
     plan["calibration_tokens"] = int(next(iter(stats.values())).x.shape[0])
     if vectors:
-        plan["channel_thresholds"] = _channel_thresholds(vectors)
+        plan["channel_thresholds"] = cal.channel_thresholds(vectors)
     return plan
 
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import hashlib
+import math
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -255,3 +258,33 @@ def greedy(units: list[Unit], proxies: dict[str, ErrorProxy], target: float) -> 
         level[best.key] += 1
         done += best.params * step
     return {k: LEVELS[i] for k, i in level.items()}
+
+
+class ChannelThresholds(str):
+    """A JSON string (the content hash of per-channel threshold vectors) that carries
+    the vectors themselves in this process: the plan stays JSON for the manifest, and
+    the vectors reach the graphs as buffers."""
+
+    tensors: dict
+
+
+def channel_thresholds(tensors: dict) -> ChannelThresholds:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode() + tensors[key].numpy().tobytes())
+    out = ChannelThresholds("sha256:" + digest.hexdigest()[:16])
+    out.tensors = tensors
+    return out
+
+
+def sig(v: float) -> float:
+    """Four significant digits, for the plan's JSON."""
+    return float(f"{v:.4g}")
+
+
+def summary(t: torch.Tensor) -> dict:
+    """A per-channel threshold vector as the plan shows it (the vector is a buffer)."""
+    finite = t[torch.isfinite(t) & (t < torch.finfo(torch.float32).max)]
+    q = finite.quantile(torch.tensor([0.0, 0.5, 1.0])).tolist() if finite.numel() else [math.nan] * 3
+    return {"channels": t.numel(), "min": q[0], "median": q[1], "max": q[2],
+            "always_zero": int(t.numel() - finite.numel())}
