@@ -133,7 +133,8 @@ def _masked_copy(gm: fx.GraphModule, units, thresholds) -> fx.GraphModule:
 
 def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
     if not hasattr(gm, name):
-        gm.register_buffer(name, value.detach().clone().float())
+        like = next(iter(gm.parameters()), value)
+        gm.register_buffer(name, value.detach().to(device=like.device, dtype=torch.float32, copy=True))
 
 
 def _mask(gm: fx.GraphModule, source: fx.Node, consumers: list[fx.Node], name: str, value: torch.Tensor) -> None:

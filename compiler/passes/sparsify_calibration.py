@@ -152,8 +152,8 @@ def cutoff(st: Stats, sparsity: float) -> float:
 def threshold_tensor(st: Stats, tau: float) -> torch.Tensor:
     """The stored threshold: [1] per layer, or tau / importance[c] per channel."""
     if st.importance is None:
-        return torch.tensor([tau], dtype=torch.float32)
-    t = torch.where(st.importance > 0, tau / st.importance.clamp_min(1e-30), torch.tensor(float("inf")))
+        return torch.tensor([tau], dtype=torch.float32, device=st.x.device)
+    t = torch.where(st.importance > 0, tau / st.importance.clamp_min(1e-30), float("inf"))
     return t.clamp(max=torch.finfo(torch.float32).max).float()
 
 
@@ -271,7 +271,7 @@ class ChannelThresholds(str):
 def channel_thresholds(tensors: dict) -> ChannelThresholds:
     digest = hashlib.sha256()
     for key in sorted(tensors):
-        digest.update(key.encode() + tensors[key].numpy().tobytes())
+        digest.update(key.encode() + tensors[key].detach().cpu().numpy().tobytes())
     out = ChannelThresholds("sha256:" + digest.hexdigest()[:16])
     out.tensors = tensors
     return out
@@ -285,6 +285,6 @@ def sig(v: float) -> float:
 def summary(t: torch.Tensor) -> dict:
     """A per-channel threshold vector as the plan shows it (the vector is a buffer)."""
     finite = t[torch.isfinite(t) & (t < torch.finfo(torch.float32).max)]
-    q = finite.quantile(torch.tensor([0.0, 0.5, 1.0])).tolist() if finite.numel() else [math.nan] * 3
+    q = finite.quantile(torch.tensor([0.0, 0.5, 1.0], device=t.device)).tolist() if finite.numel() else [math.nan] * 3
     return {"channels": t.numel(), "min": q[0], "median": q[1], "max": q[2],
             "always_zero": int(t.numel() - finite.numel())}
