@@ -178,3 +178,21 @@ def reexport(gm: torch.fx.GraphModule, inputs: tuple[tuple, dict], dynamic_shape
     """Export a rewritten GraphModule again, for lowering and the artifact."""
     args, kwargs = inputs
     return export_program(gm, args, kwargs, dynamic_shapes, what=what)
+
+
+def export_lm_programs(
+    model: torch.nn.Module, *, batch_size: int, prompt_len: int, max_cache_len: int
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """(prefill, decode) GraphModules of a Hugging Face decoder LM over one static cache,
+    exactly as `optc.compiler.capture` exports them (used by tests and benchmarks). The
+    model's generation_config is restored afterwards."""
+    if int(prompt_len) >= int(max_cache_len):
+        raise UsageError(f"prompt_len {prompt_len} must be below max_cache_len {max_cache_len}")
+    saved = model.generation_config
+    try:
+        captured = capture_causal_lm(
+            model, batch_size=int(batch_size), max_cache_len=int(max_cache_len), prompt_len=int(prompt_len)
+        )
+    finally:
+        model.generation_config = saved
+    return graph_module(captured.programs[PREFILL]), graph_module(captured.programs[DECODE])

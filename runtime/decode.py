@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 # Buffer names TorchExportableModuleWithStaticCache registers for its StaticCache.
+from optc.compiler.capture import export_lm_programs  # noqa: E402,F401 (re-exported for tests and benchmarks)
 from optc.runtime.cache import (  # noqa: E402  (re-exported: tests and callers use them from here)
     _CACHE_NAME,
     _KEY_NAME,
@@ -70,9 +71,7 @@ def _static_input_shape(module, name: str):
     return None
 
 
-# ----------------------------------------------------------------------------------------
-# The decoder
-# ----------------------------------------------------------------------------------------
+# --- StaticCacheDecoder ---------------------------------------------------------------
 
 
 class StaticCacheDecoder:
@@ -398,23 +397,3 @@ class StaticCacheDecoder:
             rows.append(logits[:, -1, :].clone())
         self.reset()
         return torch.stack(rows, dim=1)
-
-
-def export_lm_programs(
-    model: nn.Module, *, batch_size: int, prompt_len: int, max_cache_len: int
-) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """(prefill, decode) GraphModules of a Hugging Face decoder LM over one static cache,
-    exactly as `optc.compiler.capture` exports them (used by tests and benchmarks). The
-    model's generation_config is restored afterwards."""
-    from optc.compiler.capture import DECODE, PREFILL, capture_causal_lm, graph_module
-
-    if int(prompt_len) >= int(max_cache_len):
-        raise UsageError(f"prompt_len {prompt_len} must be below max_cache_len {max_cache_len}")
-    saved = model.generation_config
-    try:
-        captured = capture_causal_lm(
-            model, batch_size=int(batch_size), max_cache_len=int(max_cache_len), prompt_len=int(prompt_len)
-        )
-    finally:
-        model.generation_config = saved
-    return graph_module(captured.programs[PREFILL]), graph_module(captured.programs[DECODE])
