@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of eager, hf-static (LMs), inductor, inductor-max")
     b.add_argument("--tokens", type=int, default=64, help="decode steps timed per run (LMs)")
     b.add_argument("--batch", type=int, default=None, help="batch size (default: the model's benchmark batch)")
+    b.add_argument("--variant", action="append", default=[], metavar="'PASS.KEY=V [PASS.KEY=V ...]'",
+                   help="one more optc row, its settings separated by spaces (repeatable; --set/--config "
+                        "settings are the first such row)")
     b.add_argument("--out", help="also write the JSON result to this file")
     b.add_argument("--json", action="store_true")
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from optc.errors import UsageError
+from optc.errors import CompileError, UsageError
 
 
 def _log(msg: str) -> None:
@@ -25,7 +26,7 @@ def _log(msg: str) -> None:
 
 def bench(args) -> dict:
     import optc
-    from optc.cli import dynamic_dims, pass_settings
+    from optc.cli import dynamic_dims
     from optc.compiler import targets
     from optc.models.user import resolve
     from optc.runtime import baselines
@@ -42,13 +43,9 @@ def bench(args) -> dict:
     _log(f"loading {args.model} on {device} ...")
     entry, model, example_inputs = resolve(args.model, device=device, dtype=dtype)
     names = [n.strip() for n in args.baselines.split(",") if n.strip()]
-    sets = pass_settings(args)
-    variants = [("optc", "none", {})]
-    if sets:
-        label = "optc " + " ".join(f"{p}.{k}={json.dumps(v)}" for p, vals in sets.items() for k, v in vals.items())
-        variants.append((label, args.pipeline, sets))
+    variants = _variants(args)
     is_lm = type(model).__name__.endswith("ForCausalLM")
-    timings, notes = {}, {}
+    timings, notes, failed = {}, {}, {}
     if is_lm:
         prompt = example_inputs[0][:, :16].contiguous()
         if args.batch:
@@ -60,9 +57,15 @@ def bench(args) -> dict:
             timings[name] = baselines.LM_BASELINES[name](model, prompt, args.tokens)
         for label, pipe, passes in variants:
             _log(f"{label}: compiling ...")
-            art = optc.compile(model, (prompt,), target=target.name, pipeline_name=pipe, passes=passes,
-                               entry=entry, max_cache_len=args.max_cache_len, verify=False, log=_log)
-            timings[label], notes[label] = _time_lm(art, prompt, args.tokens, target, model)
+            try:
+                art = optc.compile(model, (prompt,), target=target.name, pipeline_name=pipe, passes=passes,
+                                   entry=entry, max_cache_len=args.max_cache_len, verify=False, log=_log)
+                timings[label], notes[label] = _time_lm(art, prompt, args.tokens, target, model)
+            except UsageError:
+                raise
+            except Exception as exc:  # one broken variant must not lose the others' numbers
+                _log(f"{label}: FAILED\n{traceback.format_exc()}")
+                failed[label] = f"{type(exc).__name__}: {exc}"[:2000]
     else:
         inputs = example_inputs
         for name in names:
@@ -92,12 +95,37 @@ def bench(args) -> dict:
         **device_info(device),
         "versions": {k: device_info(device)[k] for k in ("torch", "triton", "transformers", "cuda")},
         "rows": rows,
+        "failed": failed,
     }
     _print_table(result)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    if failed:
+        raise CompileError(f"bench: {len(failed)} optc variant(s) failed (the others were timed"
+                           f"{' and written to ' + args.out if args.out else ''}): "
+                           + "; ".join(f"{k}: {v[:300]}" for k, v in failed.items()))
     return result
+
+
+def _variants(args) -> list[tuple[str, str, dict]]:
+    """(label, pipeline, settings) of each optc row: dense first, then --set/--config,
+    then each --variant."""
+    from optc.cli import pass_settings
+    from optc.compiler.config import parse_sets
+
+    all_sets = [pass_settings(args)]
+    for text in getattr(args, "variant", []) or []:
+        items = text.split()
+        if not items:
+            raise UsageError("--variant needs at least one PASS.KEY=VALUE setting")
+        all_sets.append(parse_sets(items))
+    variants = [("optc", "none", {})]
+    for sets in all_sets:
+        if sets:
+            label = "optc " + " ".join(f"{p}.{k}={json.dumps(v)}" for p, vals in sets.items() for k, v in vals.items())
+            variants.append((label, args.pipeline, sets))
+    return variants
 
 
 def _time_lm(art, prompt, n, target, model):
