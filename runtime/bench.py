@@ -55,12 +55,14 @@ def bench(args) -> dict:
                 raise UsageError(f"unknown baseline '{name}'; known for LMs: {', '.join(baselines.LM_BASELINES)}")
             _log(f"baseline {name} ...")
             timings[name] = baselines.LM_BASELINES[name](model, prompt, args.tokens)
+            _log(f"baseline {name}: {timings[name].median_ms:.3f} ms/token")
         for label, pipe, passes in variants:
             _log(f"{label}: compiling ...")
             try:
                 art = optc.compile(model, (prompt,), target=target.name, pipeline_name=pipe, passes=passes,
                                    entry=entry, max_cache_len=args.max_cache_len, verify=False, log=_log)
                 timings[label], notes[label] = _time_lm(art, prompt, args.tokens, target, model)
+                _log(f"{label}: {timings[label].median_ms:.3f} ms/token {notes[label].get('agreement', '')}")
             except UsageError:
                 raise
             except Exception as exc:  # one broken variant must not lose the others' numbers
@@ -144,6 +146,7 @@ def _time_lm(art, prompt, n, target, model):
     start = time.perf_counter()
     dec.warm_up(prompt)
     warm = time.perf_counter() - start
+    _log(f"lowered and warmed up in {warm:.0f} s; timing {n} decode steps ...")
     timing = dec.measure_decode(prompt, n)
     notes = {"params": art.manifest["params"], "setup_s": round(warm, 1)}
     skipped = [p.get("plan", {}).get("units") for p in art.manifest["passes"] if p.get("applied")]
