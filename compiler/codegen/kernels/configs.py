@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "LaunchConfig",
+    "GemvConfig",
     "SparseLinearTarget",
     "CatsTarget",
     "SPARSE_LINEAR",
@@ -32,6 +33,7 @@ __all__ = [
     "cats_target",
     "pick_bucket",
     "choose_split_k",
+    "choose_slice",
     "crossover_tokens",
 ]
 
@@ -69,6 +71,22 @@ class SparseLinearTarget:
     # tiled over the grid's third axis with the last bucket's tile.
     buckets: tuple[tuple[int, LaunchConfig], ...]
     reduce_block_n: int
+    # One token: the compacting GEMV (None: the masked tile of buckets[0]).
+    gemv: GemvConfig | None = None
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """The compacting one-token kernel (sparse_gemv.py): BLOCK_N outputs per program,
+    BLOCK_K listed rows gathered per trip, and K cut into power-of-two slices of
+    ``min_slice``..``max_slice`` channels so the grid has about ``waves * num_sms``
+    programs (more slices: more parallelism, more fp32 partials to sum)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    min_slice: int
+    max_slice: int
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,7 @@ _HOPPER_SPARSE_LINEAR = (
     (1, LaunchConfig(block_m=1, block_n=64, block_k=64, num_warps=4, num_stages=1)),
     (16, LaunchConfig(block_m=16, block_n=128, block_k=32, num_warps=4, num_stages=3)),
 )
+_HOPPER_GEMV = GemvConfig(block_n=128, block_k=32, num_warps=4, min_slice=64, max_slice=1024)
 _HOPPER_CATS = (
     (1, LaunchConfig(block_m=1, block_n=8, block_k=256, num_warps=4, num_stages=1)),
     (16, LaunchConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)),
@@ -88,17 +107,17 @@ _HOPPER_CATS = (
 SPARSE_LINEAR: dict[str, SparseLinearTarget] = {
     "h100": SparseLinearTarget(
         num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125, min_chunks_per_split=2,
-        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256,
+        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256, gemv=_HOPPER_GEMV,
     ),
     # PROVISIONAL: H100 tiles (same SMs and core, faster HBM); not measured on H200.
     "h200": SparseLinearTarget(
         num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125, min_chunks_per_split=2,
-        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256,
+        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256, gemv=_HOPPER_GEMV,
     ),
     # PROVISIONAL: H100 tiles with the A100's SM count; not measured.
     "a100": SparseLinearTarget(
         num_sms=108, waves=4.0, max_split_k=32, workspace_fraction=0.125, min_chunks_per_split=2,
-        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256,
+        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256, gemv=_HOPPER_GEMV,
     ),
     # The interpreter: tiny tiles so that small test shapes span several tiles and
     # split K (num_sms is a pretend value that only drives the split-K choice).
@@ -109,6 +128,7 @@ SPARSE_LINEAR: dict[str, SparseLinearTarget] = {
             (16, LaunchConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)),
         ),
         reduce_block_n=16,
+        gemv=GemvConfig(block_n=16, block_k=4, num_warps=1, min_slice=8, max_slice=32),
     ),
 }
 
@@ -192,6 +212,17 @@ def choose_split_k(
     ws_cap = int(tgt.workspace_fraction * k * elem_size / (8 * max(m, 1)))
     split = min(split, k_chunks // tgt.min_chunks_per_split, tgt.max_split_k, ws_cap)
     return max(1, split)
+
+
+def choose_slice(tgt: SparseLinearTarget, cfg: GemvConfig, n: int, k: int) -> int:
+    """Channels per program of the compacting GEMV: a power of two giving about
+    ``waves * num_sms`` programs, within the config's bounds and the workspace cap."""
+    n_tiles = -(-n // cfg.block_n)
+    want_slices = max(1, round(tgt.waves * tgt.num_sms / n_tiles))
+    # partial traffic slices*n*4*2 bytes <= fraction * k*n*2 bytes (bf16 weights)
+    want_slices = max(1, min(want_slices, int(tgt.workspace_fraction * k / 4)))
+    slice_ = 1 << max(0, (-(-k // want_slices) - 1).bit_length())
+    return max(cfg.min_slice, min(cfg.max_slice, slice_))
 
 
 def crossover_tokens(target: str) -> int:

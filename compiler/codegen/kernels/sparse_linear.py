@@ -30,13 +30,16 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .configs import (
+    GemvConfig,
     LaunchConfig,
     SparseLinearTarget,
+    choose_slice,
     choose_split_k,
     pick_bucket,
     sparse_linear_target,
     target_for_device,
 )
+from .sparse_gemv import sparse_gemv_kernel
 
 __all__ = ["sparse_linear", "prepare_weight", "plan", "sparse_linear_kernel", "splitk_reduce_kernel"]
 
@@ -165,6 +168,39 @@ def splitk_reduce_kernel(
     tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+def _launch_gemv(x2, weight_t, threshold, stride_t, bias, y, tgt, cfg: GemvConfig) -> None:
+    K, N = weight_t.shape
+    slice_ = choose_slice(tgt, cfg, N, K)
+    slices = triton.cdiv(K, slice_)
+    direct = slices == 1
+    dev = x2.device
+    idx = torch.empty((slices * slice_,), device=dev, dtype=torch.int32)
+    val = torch.empty((slices * slice_,), device=dev, dtype=torch.float32)
+    ws = y if direct else torch.empty((slices, N), device=dev, dtype=torch.float32)
+    b_arg = bias if bias is not None else y  # never read when HAS_BIAS is False
+    grid = (triton.cdiv(N, cfg.block_n), slices)
+    kernel = sparse_gemv_kernel if _interpreted(sparse_gemv_kernel) else wrap_triton(sparse_gemv_kernel)
+    kernel[grid](
+        x2, weight_t, threshold, b_arg, y, ws, idx, val,
+        N, K,
+        x2.stride(1), weight_t.stride(0), stride_t, ws.stride(0) if not direct else 0,
+        HAS_BIAS=bias is not None, DIRECT_OUT=direct,
+        SLICE=slice_, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+    if not direct:
+        rgrid = (triton.cdiv(N, tgt.reduce_block_n), 1)
+        reduce = splitk_reduce_kernel if _interpreted(splitk_reduce_kernel) else wrap_triton(splitk_reduce_kernel)
+        reduce[rgrid](
+            ws, b_arg, y,
+            N, slices,
+            ws.stride(0), 0,
+            y.stride(0),
+            HAS_BIAS=bias is not None,
+            BLOCK_N=tgt.reduce_block_n,
+        )
+
+
 def prepare_weight(linear_weight: torch.Tensor) -> torch.Tensor:
     """nn.Linear weight [N, K] -> weight_t [K, N] contiguous: the layout the kernel
     reads (one contiguous row of N weights per input channel)."""
@@ -204,10 +240,13 @@ def sparse_linear(
     target: str | None = None,
     config: LaunchConfig | None = None,
     split_k: int | None = None,
+    gemv: GemvConfig | None = None,
 ) -> torch.Tensor:
     """y[..., N] = (x * (|x| > threshold)) @ weight_t (+ bias), fp32 accumulation,
     output in x.dtype. ``threshold`` has 1 element (per layer) or K (per channel).
-    ``target``/``config``/``split_k`` override the per-target choice (tests, sweeps)."""
+    ``target``/``config``/``split_k``/``gemv`` override the per-target choice (tests,
+    sweeps); one token uses the compacting GEMV where the target has one, unless a
+    tile or split is forced."""
     assert x.dtype in _DTYPES, f"x dtype {x.dtype} not in {_DTYPES}"
     assert weight_t.dim() == 2 and weight_t.is_contiguous(), "weight_t must be [K, N] contiguous"
     assert weight_t.dtype == x.dtype, f"weight_t dtype {weight_t.dtype} != x dtype {x.dtype}"
@@ -228,6 +267,10 @@ def sparse_linear(
         return y.reshape(*lead, N)
 
     tgt = sparse_linear_target(target or target_for_device(x.device))
+    gemv_cfg = gemv if gemv is not None else (tgt.gemv if config is None and split_k is None else None)
+    if M == 1 and gemv_cfg is not None:
+        _launch_gemv(x2, weight_t, threshold, stride_t, bias, y, tgt, gemv_cfg)
+        return y.reshape(*lead, N)
     cfg, split_k, k_per_split = plan(tgt, M, N, K, x.element_size(), config, split_k)
     direct = split_k == 1
     ws = y if direct else torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)

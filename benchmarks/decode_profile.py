@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Where a decode step's time goes: the GPU kernels of optc's decode CUDA graph for
+llama-1b, dense and with sparsify_activations, grouped by kernel name (torch.profiler
+over graph replays). Lowering without max-autotune (minutes cheaper; the sparse
+kernels are not autotuned by Inductor either way), so ms/token here is a diagnosis,
+not the benchmark (that is `optc bench`).
+
+    python benchmarks/decode_profile.py --out $OUT/decode_profile.json \\
+        --variant "" --variant "sparsify_activations.method=cats sparsify_activations.sparsity=0.5"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import optc
+from optc.compiler import targets
+from optc.compiler.codegen.lowering import lower
+from optc.compiler.config import parse_sets
+from optc.models.user import resolve
+from optc.runtime.decode import StaticCacheDecoder
+
+
+def profile_variant(model, entry, prompt, target, settings: dict, steps: int) -> dict:
+    art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default" if settings else "none",
+                       passes=settings, entry=entry, verify=False)
+    dec = StaticCacheDecoder(art.module("prefill", device="cuda", compiled=False),
+                             art.module("decode", device="cuda", compiled=False),
+                             compile=lambda m: lower(m, target), compile_prefill=False, device="cuda",
+                             max_cache_len=art.manifest["model"]["max_cache_len"], batch_size=1)
+    dec.warm_up(prompt)
+    ms = dec.measure_decode(prompt, 64).median_ms
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        dec.generate(prompt, steps + 1)
+        torch.cuda.synchronize()
+    groups: dict[str, list] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if us:
+            name = evt.key[:90]
+            g = groups.setdefault(name, [0.0, 0])
+            g[0] += us / steps
+            g[1] += evt.count / steps
+    top = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    total = sum(v[0] for _, v in top)
+    return dict(ms_per_token=ms, kernel_us_per_step=round(total, 1),
+                kernels_per_step=round(sum(v[1] for _, v in top), 1),
+                top=[dict(name=k, us_per_step=round(v[0], 1), calls_per_step=round(v[1], 1)) for k, v in top[:25]])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    target = targets.get("auto")
+    entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
+    prompt = example[0][:, :16].contiguous()
+    result = dict(model=args.model, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d"), variants={})
+    for text in args.variant or [""]:
+        t0 = time.time()
+        r = profile_variant(model, entry, prompt, target, parse_sets(text.split()), args.steps)
+        result["variants"][text or "dense"] = r
+        print(f"== {text or 'dense'}: {r['ms_per_token']:.3f} ms/token, kernels {r['kernel_us_per_step']} us/step, "
+              f"{r['kernels_per_step']} launches/step ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        for row in r["top"][:14]:
+            print(f"   {row['us_per_step']:>8.1f} us {row['calls_per_step']:>6.1f}x  {row['name']}", file=sys.stderr)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""One-token sparse GEMV on the GPU: the compacting kernel (kernels/sparse_gemv.py)
+over a grid of tiles, against the masked kernel (sparse_linear.py's BLOCK_M=1 tile) and
+cuBLAS dense, on the Llama-1B projections. Timing as in kernels_sparse_linear.py (CUDA
+graph over distinct weight copies spanning 2x L2, do_bench median). Prints the best tile
+per shape and a table; JSON to --out.
+
+    python benchmarks/gemv_sweep.py --out $OUT/gemv_sweep.json [--budget-s 240]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from kernels_sparse_linear import Setup, Timer, rel_err, row_dense, threshold_for  # noqa: E402
+from optc.compiler.codegen import ops  # noqa: E402
+from optc.compiler.codegen.kernels import configs  # noqa: E402
+from optc.compiler.codegen.kernels.configs import GemvConfig  # noqa: E402
+from optc.compiler.codegen.kernels.sparse_linear import prepare_weight  # noqa: E402
+from optc.compiler.codegen.kernels.sparse_linear import sparse_linear as sparse_host  # noqa: E402
+
+SHAPES = [(2048, 8192), (8192, 2048), (2048, 2048), (2048, 512)]  # (K, N)
+
+
+def time_sparse(su, timer, K, N, s, WTs, fn):
+    g = torch.Generator(device=su.device).manual_seed(K + N + int(100 * s))
+    xs = [torch.randn(1, K, device=su.device, generator=g).to(su.dtype) for _ in range(4)]
+    thr = torch.tensor(threshold_for(s), device=su.device, dtype=torch.float32)
+    err = rel_err(fn(xs[0], WTs[0], thr), ops.sparse_linear_reference(xs[0], WTs[0], thr, None))
+    frac = sum((x.float().abs() > thr).float().mean().item() for x in xs) / 4
+    us, _ = timer([lambda i=i: fn(xs[i % 4], WTs[i], thr) for i in range(len(WTs))])
+    read = frac * K * N * 2
+    return dict(us=round(us, 3), rows_read_frac=round(frac, 4), gbps=round(read / us / 1e3, 1), rel_err=err)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--rep-ms", type=float, default=25.0)
+    args = ap.parse_args()
+    su = Setup(smoke=False)
+    timer = Timer(su.device, args.rep_ms)
+    tgt = configs.sparse_linear_target(su.target)
+    masked = tgt.buckets[0][1]
+    grid = [GemvConfig(bn, bk, nw, sl, sl) for bn, bk, nw, sl in
+            itertools.product((64, 128, 256), (16, 32, 64), (4, 8), (128, 256, 512, 1024))]
+    rows, best = [], {}
+    for K, N in SHAPES:
+        n_copies = su.copies(K * N * 2)
+        Ws = [torch.randn(N, K, device=su.device, dtype=su.dtype) * K ** -0.5 for _ in range(n_copies)]
+        WTs = [prepare_weight(w) for w in Ws]
+        dense = row_dense(su, timer, K, N, 1, Ws, 4)
+        rows.append(dense)
+        for s in (0.0, 0.5, 0.7):
+            r = time_sparse(su, timer, K, N, s, WTs, lambda x, wt, t: sparse_host(x, wt, t, None, config=masked))
+            rows.append(dict(kind="masked", K=K, N=N, sparsity=s, dense_us=dense["us"], **r))
+        cands, shape_end = [], time.time() + args.budget_s / len(SHAPES)
+        for cfg in grid:
+            if time.time() > shape_end:
+                break
+            if cfg.block_n > N or -(-K // cfg.min_slice) > 128:
+                continue
+            try:
+                r = time_sparse(su, timer, K, N, 0.5, WTs, lambda x, wt, t, c=cfg: sparse_host(x, wt, t, None, gemv=c))
+            except Exception as e:  # noqa: BLE001 - a tile that does not compile is a data point
+                rows.append(dict(kind="gemv_sweep", K=K, N=N, config=cfg.__dict__, error=str(e)[:200]))
+                continue
+            rows.append(dict(kind="gemv_sweep", K=K, N=N, sparsity=0.5, config=cfg.__dict__, **r))
+            if r["rel_err"] < 1e-2:
+                cands.append((r["us"], cfg))
+        if not cands:
+            continue
+        cfg = min(cands, key=lambda c: c[0])[1]
+        best[f"{K}x{N}"] = cfg.__dict__
+        for s in (0.0, 0.25, 0.5, 0.7):
+            r = time_sparse(su, timer, K, N, s, WTs, lambda x, wt, t: sparse_host(x, wt, t, None, gemv=cfg))
+            rows.append(dict(kind="gemv_best", K=K, N=N, sparsity=s, dense_us=dense["us"], config=cfg.__dict__, **r))
+        del Ws, WTs
+        torch.cuda.empty_cache()
+    result = dict(device=su.name, torch=torch.__version__, triton=__import__("triton").__version__,
+                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), best=best, rows=rows)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"{'kind':<10} {'K':>5} {'N':>5} {'s':>4} {'us':>8} {'dense':>8} {'x':>6} {'GB/s':>7} {'err':>8} config")
+    for r in rows:
+        if r["kind"] in ("masked", "gemv_best"):
+            print(f"{r['kind']:<10} {r['K']:>5} {r['N']:>5} {r['sparsity']:>4} {r['us']:>8.2f} {r['dense_us']:>8.2f} "
+                  f"{r['dense_us'] / r['us']:>6.2f} {r['gbps']:>7.0f} {r['rel_err']:>8.1e} {r.get('config', '')}")
+    print("best:", json.dumps(best))
+
+
+if __name__ == "__main__":
+    main()
