@@ -30,9 +30,9 @@ from optc.runtime.decode import StaticCacheDecoder
 def profile_variant(model, entry, prompt, target, settings: dict, steps: int) -> dict:
     art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default" if settings else "none",
                        passes=settings, entry=entry, verify=False)
-    dec = StaticCacheDecoder(art.module("prefill", device="cuda", compiled=False),
-                             art.module("decode", device="cuda", compiled=False),
-                             compile=lambda m: lower(m, target), compile_prefill=False, device="cuda",
+    dec = StaticCacheDecoder(art.module("prefill", device=str(prompt.device), compiled=False),
+                             art.module("decode", device=str(prompt.device), compiled=False),
+                             compile=lambda m: lower(m, target), compile_prefill=False, device=str(prompt.device),
                              max_cache_len=art.manifest["model"]["max_cache_len"], batch_size=1)
     dec.warm_up(prompt)
     ms = dec.measure_decode(prompt, 64).median_ms

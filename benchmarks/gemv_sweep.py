@@ -3,7 +3,8 @@
 over a grid of tiles, against the masked kernel (sparse_linear.py's BLOCK_M=1 tile) and
 cuBLAS dense, on the Llama-1B projections. Timing as in kernels_sparse_linear.py (CUDA
 graph over distinct weight copies spanning 2x L2, do_bench median). Prints the best tile
-per shape and a table; JSON to --out.
+of each kernel per shape (timed at sparsity 0.5, the split-K sum included as an eager
+torch kernel, which Inductor fuses away in a compiled graph) and a table; JSON to --out.
 
     python benchmarks/gemv_sweep.py --out $OUT/gemv_sweep.json [--budget-s 240]
 """
@@ -23,8 +24,7 @@ import torch  # noqa: E402
 
 from kernels_sparse_linear import Setup, Timer, rel_err, row_dense, threshold_for  # noqa: E402
 from optc.compiler.codegen import ops  # noqa: E402
-from optc.compiler.codegen.kernels import configs  # noqa: E402
-from optc.compiler.codegen.kernels.configs import GemvConfig  # noqa: E402
+from optc.compiler.codegen.kernels.configs import GemvConfig, LaunchConfig  # noqa: E402
 from optc.compiler.codegen.kernels.sparse_linear import prepare_weight  # noqa: E402
 from optc.compiler.codegen.kernels.sparse_linear import sparse_linear as sparse_host  # noqa: E402
 
@@ -47,54 +47,65 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--rep-ms", type=float, default=25.0)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, few tiles (CPU: TRITON_INTERPRET=1)")
     args = ap.parse_args()
-    su = Setup(smoke=False)
+    su = Setup(smoke=args.smoke)
+    shapes = [(96, 64), (64, 32)] if args.smoke else SHAPES
     timer = Timer(su.device, args.rep_ms)
-    tgt = configs.sparse_linear_target(su.target)
-    masked = tgt.buckets[0][1]
-    grid = [GemvConfig(bn, bk, nw, sl, sl) for bn, bk, nw, sl in
-            itertools.product((64, 128, 256), (16, 32, 64), (4, 8), (128, 256, 512, 1024))]
+    masked_grid = [(LaunchConfig(1, bn, bk, nw, 1), sk) for bn, bk, nw, sk in
+                   itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 4, 8))]
+    gemv_grid = [GemvConfig(bn, bk, nw, sl, sl) for bn, bk, nw, sl in
+                 itertools.product((32, 64, 128, 256), (32, 64, 128), (4, 8), (256, 512, 1024))]
     rows, best = [], {}
-    for K, N in SHAPES:
+    for K, N in shapes:
         n_copies = su.copies(K * N * 2)
         Ws = [torch.randn(N, K, device=su.device, dtype=su.dtype) * K ** -0.5 for _ in range(n_copies)]
         WTs = [prepare_weight(w) for w in Ws]
         dense = row_dense(su, timer, K, N, 1, Ws, 4)
         rows.append(dense)
-        for s in (0.0, 0.5, 0.7):
-            r = time_sparse(su, timer, K, N, s, WTs, lambda x, wt, t: sparse_host(x, wt, t, None, config=masked))
-            rows.append(dict(kind="masked", K=K, N=N, sparsity=s, dense_us=dense["us"], **r))
-        cands, shape_end = [], time.time() + args.budget_s / len(SHAPES)
-        for cfg in grid:
-            if time.time() > shape_end:
-                break
-            if cfg.block_n > N or -(-K // cfg.min_slice) > 128:
+        default = time_sparse(su, timer, K, N, 0.5, WTs, lambda x, wt, t: ops.sparse_linear(x, wt, t, None))
+        rows.append(dict(kind="default", K=K, N=N, sparsity=0.5, dense_us=dense["us"], **default))
+        for kind, grid in (("masked", masked_grid), ("gemv", gemv_grid)):
+            cands, end = [], time.time() + args.budget_s / len(shapes) / 2
+            for cfg in grid:
+                if time.time() > end:
+                    break
+                if kind == "masked":
+                    c, sk = cfg
+                    if c.block_n > N or K // sk < c.block_k:
+                        continue
+                    fn = (lambda x, wt, t, c=c, sk=sk: sparse_host(x, wt, t, None, config=c, split_k=sk))
+                    desc = dict(c.__dict__, split_k=sk)
+                else:
+                    if cfg.block_n > N or -(-K // cfg.min_slice) > 8 or cfg.min_slice > K:
+                        continue
+                    fn = (lambda x, wt, t, c=cfg: sparse_host(x, wt, t, None, gemv=c))
+                    desc = cfg.__dict__
+                try:
+                    r = time_sparse(su, timer, K, N, 0.5, WTs, fn)
+                except Exception as e:  # noqa: BLE001 - a tile that does not compile is a data point
+                    rows.append(dict(kind=f"{kind}_sweep", K=K, N=N, config=desc, error=str(e)[:200]))
+                    continue
+                rows.append(dict(kind=f"{kind}_sweep", K=K, N=N, sparsity=0.5, config=desc, **r))
+                if r["rel_err"] < 1e-2:
+                    cands.append((r["us"], fn, desc))
+            if not cands:
                 continue
-            try:
-                r = time_sparse(su, timer, K, N, 0.5, WTs, lambda x, wt, t, c=cfg: sparse_host(x, wt, t, None, gemv=c))
-            except Exception as e:  # noqa: BLE001 - a tile that does not compile is a data point
-                rows.append(dict(kind="gemv_sweep", K=K, N=N, config=cfg.__dict__, error=str(e)[:200]))
-                continue
-            rows.append(dict(kind="gemv_sweep", K=K, N=N, sparsity=0.5, config=cfg.__dict__, **r))
-            if r["rel_err"] < 1e-2:
-                cands.append((r["us"], cfg))
-        if not cands:
-            continue
-        cfg = min(cands, key=lambda c: c[0])[1]
-        best[f"{K}x{N}"] = cfg.__dict__
-        for s in (0.0, 0.25, 0.5, 0.7):
-            r = time_sparse(su, timer, K, N, s, WTs, lambda x, wt, t: sparse_host(x, wt, t, None, gemv=cfg))
-            rows.append(dict(kind="gemv_best", K=K, N=N, sparsity=s, dense_us=dense["us"], config=cfg.__dict__, **r))
+            _, fn, desc = min(cands, key=lambda c: c[0])
+            best[f"{kind} {K}x{N}"] = desc
+            for s in (0.0, 0.25, 0.5, 0.7):
+                r = time_sparse(su, timer, K, N, s, WTs, fn)
+                rows.append(dict(kind=f"{kind}_best", K=K, N=N, sparsity=s, dense_us=dense["us"], config=desc, **r))
         del Ws, WTs
         torch.cuda.empty_cache()
     result = dict(device=su.name, torch=torch.__version__, triton=__import__("triton").__version__,
                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), best=best, rows=rows)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"{'kind':<10} {'K':>5} {'N':>5} {'s':>4} {'us':>8} {'dense':>8} {'x':>6} {'GB/s':>7} {'err':>8} config")
+    print(f"{'kind':<11} {'K':>5} {'N':>5} {'s':>4} {'us':>8} {'dense':>8} {'x':>6} {'GB/s':>7} {'err':>8} config")
     for r in rows:
-        if r["kind"] in ("masked", "gemv_best"):
-            print(f"{r['kind']:<10} {r['K']:>5} {r['N']:>5} {r['sparsity']:>4} {r['us']:>8.2f} {r['dense_us']:>8.2f} "
+        if r["kind"] in ("default", "masked_best", "gemv_best"):
+            print(f"{r['kind']:<11} {r['K']:>5} {r['N']:>5} {r['sparsity']:>4} {r['us']:>8.2f} {r['dense_us']:>8.2f} "
                   f"{r['dense_us'] / r['us']:>6.2f} {r['gbps']:>7.0f} {r['rel_err']:>8.1e} {r.get('config', '')}")
     print("best:", json.dumps(best))
 

@@ -60,6 +60,8 @@ class SparseLinearTarget:
     num_sms: int
     # Split K until the grid has about waves * num_sms programs ...
     waves: float
+    # At most this many slices: Inductor unrolls a sum over <= 8 (its
+    # unroll_reductions_threshold) into the consumer of y, so the split costs no launch.
     max_split_k: int
     # ... but never let the fp32 partials (written once, read once) exceed this
     # fraction of the weight bytes, which is what the kernel is there to save.
@@ -70,7 +72,6 @@ class SparseLinearTarget:
     # (max tokens, tile) in ascending order; more tokens than the last bucket are
     # tiled over the grid's third axis with the last bucket's tile.
     buckets: tuple[tuple[int, LaunchConfig], ...]
-    reduce_block_n: int
     # One token: the compacting GEMV (None: the masked tile of buckets[0]).
     gemv: GemvConfig | None = None
 
@@ -106,18 +107,18 @@ _HOPPER_CATS = (
 
 SPARSE_LINEAR: dict[str, SparseLinearTarget] = {
     "h100": SparseLinearTarget(
-        num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125, min_chunks_per_split=2,
-        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256, gemv=_HOPPER_GEMV,
+        num_sms=132, waves=4.0, max_split_k=8, workspace_fraction=0.125, min_chunks_per_split=2,
+        buckets=_HOPPER_SPARSE_LINEAR, gemv=_HOPPER_GEMV,
     ),
     # PROVISIONAL: H100 tiles (same SMs and core, faster HBM); not measured on H200.
     "h200": SparseLinearTarget(
-        num_sms=132, waves=4.0, max_split_k=32, workspace_fraction=0.125, min_chunks_per_split=2,
-        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256, gemv=_HOPPER_GEMV,
+        num_sms=132, waves=4.0, max_split_k=8, workspace_fraction=0.125, min_chunks_per_split=2,
+        buckets=_HOPPER_SPARSE_LINEAR, gemv=_HOPPER_GEMV,
     ),
     # PROVISIONAL: H100 tiles with the A100's SM count; not measured.
     "a100": SparseLinearTarget(
-        num_sms=108, waves=4.0, max_split_k=32, workspace_fraction=0.125, min_chunks_per_split=2,
-        buckets=_HOPPER_SPARSE_LINEAR, reduce_block_n=256, gemv=_HOPPER_GEMV,
+        num_sms=108, waves=4.0, max_split_k=8, workspace_fraction=0.125, min_chunks_per_split=2,
+        buckets=_HOPPER_SPARSE_LINEAR, gemv=_HOPPER_GEMV,
     ),
     # The interpreter: tiny tiles so that small test shapes span several tiles and
     # split K (num_sms is a pretend value that only drives the split-K choice).
@@ -127,7 +128,6 @@ SPARSE_LINEAR: dict[str, SparseLinearTarget] = {
             (1, LaunchConfig(block_m=1, block_n=16, block_k=16, num_warps=1, num_stages=1)),
             (16, LaunchConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)),
         ),
-        reduce_block_n=16,
         gemv=GemvConfig(block_n=16, block_k=4, num_warps=1, min_slice=8, max_slice=32),
     ),
 }
@@ -220,7 +220,7 @@ def choose_slice(tgt: SparseLinearTarget, cfg: GemvConfig, n: int, k: int) -> in
     n_tiles = -(-n // cfg.block_n)
     want_slices = max(1, round(tgt.waves * tgt.num_sms / n_tiles))
     # partial traffic slices*n*4*2 bytes <= fraction * k*n*2 bytes (bf16 weights)
-    want_slices = max(1, min(want_slices, int(tgt.workspace_fraction * k / 4)))
+    want_slices = max(1, min(want_slices, int(tgt.workspace_fraction * k / 4), tgt.max_split_k))
     slice_ = 1 << max(0, (-(-k // want_slices) - 1).bit_length())
     return max(cfg.min_slice, min(cfg.max_slice, slice_))
 

@@ -18,8 +18,8 @@ Index math, for program (pid_n, pid_s, pid_m) of the grid
     y[m, n]        at y_ptr + m*stride_ym + n
     part[s, m, n]  at ws_ptr + s*stride_wss + m*stride_wsm + n   (fp32, when SPLIT_K > 1)
 
-With SPLIT_K > 1 each program writes its fp32 partial sum and ``splitk_reduce_kernel``
-adds the slices in a fixed order (deterministic), adds the bias and casts.
+With SPLIT_K > 1 each program writes its fp32 partial sum and ``_sum_partials`` adds
+the slices with torch ops (fused by Inductor into y's consumer), adds the bias and casts.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .configs import (
 )
 from .sparse_gemv import sparse_gemv_kernel
 
-__all__ = ["sparse_linear", "prepare_weight", "plan", "sparse_linear_kernel", "splitk_reduce_kernel"]
+__all__ = ["sparse_linear", "prepare_weight", "plan", "sparse_linear_kernel"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -146,29 +146,19 @@ def sparse_linear_kernel(
         tl.store(ws_ptrs, acc, mask=mn_mask)
 
 
-@triton.jit
-def splitk_reduce_kernel(
-    ws_ptr, b_ptr, y_ptr,
-    N, SPLIT_K,
-    stride_wss, stride_wsm,
-    stride_ym,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # grid (cdiv(N, BLOCK_N), M): one token row, BLOCK_N outputs, summed over slices.
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for s in range(0, SPLIT_K):
-        acc += tl.load(ws_ptr + s * stride_wss + m * stride_wsm + offs_n, mask=n_mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+def _sum_partials(ws: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """y = sum of the split-K partials (+ bias), cast. Torch ops on purpose, not a
+    kernel of ours: Inductor traces the triton_op's body, and a sum over at most
+    ``unroll_reductions_threshold`` (8) slices is unrolled into the pointwise kernel
+    that consumes y (residual add, RoPE, ...), so the split costs no extra launch. The
+    slices are added in a fixed order (deterministic)."""
+    y = ws.sum(0)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(dtype)
 
 
-def _launch_gemv(x2, weight_t, threshold, stride_t, bias, y, tgt, cfg: GemvConfig) -> None:
+def _launch_gemv(x2, weight_t, threshold, stride_t, bias, y, tgt, cfg: GemvConfig) -> torch.Tensor:
     K, N = weight_t.shape
     slice_ = choose_slice(tgt, cfg, N, K)
     slices = triton.cdiv(K, slice_)
@@ -188,17 +178,7 @@ def _launch_gemv(x2, weight_t, threshold, stride_t, bias, y, tgt, cfg: GemvConfi
         SLICE=slice_, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=1,
     )
-    if not direct:
-        rgrid = (triton.cdiv(N, tgt.reduce_block_n), 1)
-        reduce = splitk_reduce_kernel if _interpreted(splitk_reduce_kernel) else wrap_triton(splitk_reduce_kernel)
-        reduce[rgrid](
-            ws, b_arg, y,
-            N, slices,
-            ws.stride(0), 0,
-            y.stride(0),
-            HAS_BIAS=bias is not None,
-            BLOCK_N=tgt.reduce_block_n,
-        )
+    return y if direct else _sum_partials(ws, bias, y.dtype)
 
 
 def prepare_weight(linear_weight: torch.Tensor) -> torch.Tensor:
@@ -269,7 +249,7 @@ def sparse_linear(
     tgt = sparse_linear_target(target or target_for_device(x.device))
     gemv_cfg = gemv if gemv is not None else (tgt.gemv if config is None and split_k is None else None)
     if M == 1 and gemv_cfg is not None:
-        _launch_gemv(x2, weight_t, threshold, stride_t, bias, y, tgt, gemv_cfg)
+        y = _launch_gemv(x2, weight_t, threshold, stride_t, bias, y, tgt, gemv_cfg)
         return y.reshape(*lead, N)
     cfg, split_k, k_per_split = plan(tgt, M, N, K, x.element_size(), config, split_k)
     direct = split_k == 1
@@ -294,14 +274,5 @@ def sparse_linear(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct:
-        rgrid = (triton.cdiv(N, tgt.reduce_block_n), M)
-        reduce = splitk_reduce_kernel if _interpreted(splitk_reduce_kernel) else wrap_triton(splitk_reduce_kernel)
-        reduce[rgrid](
-            ws, b_arg, y,
-            N, split_k,
-            ws.stride(0), ws.stride(1),
-            y.stride(0),
-            HAS_BIAS=bias is not None,
-            BLOCK_N=tgt.reduce_block_n,
-        )
+        y = _sum_partials(ws, bias, y.dtype)
     return y.reshape(*lead, N)
