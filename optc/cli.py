@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variant", action="append", default=[], metavar="'PASS.KEY=V [PASS.KEY=V ...]'",
                    help="one more optc row, its settings separated by spaces (repeatable; --set/--config "
                         "settings are the first such row)")
+    b.add_argument("--no-autotune", action="store_true",
+                   help="lower optc's programs without Inductor's max-autotune (minutes faster; "
+                        "the baselines keep their own modes)")
     b.add_argument("--out", help="also write the JSON result to this file")
     b.add_argument("--json", action="store_true")
 

@@ -61,7 +61,8 @@ def bench(args) -> dict:
             try:
                 art = optc.compile(model, (prompt,), target=target.name, pipeline_name=pipe, passes=passes,
                                    entry=entry, max_cache_len=args.max_cache_len, verify=False, log=_log)
-                timings[label], notes[label] = _time_lm(art, prompt, args.tokens, target, model)
+                timings[label], notes[label] = _time_lm(art, prompt, args.tokens, target, model,
+                                                        autotune=not getattr(args, "no_autotune", False))
                 _log(f"{label}: {timings[label].median_ms:.3f} ms/token {notes[label].get('agreement', '')}")
             except UsageError:
                 raise
@@ -96,6 +97,7 @@ def bench(args) -> dict:
         "baseline": best,
         **device_info(device),
         "versions": {k: device_info(device)[k] for k in ("torch", "triton", "transformers", "cuda")},
+        "optc_lowering": "inductor" if getattr(args, "no_autotune", False) else "inductor max-autotune",
         "rows": rows,
         "failed": failed,
     }
@@ -130,14 +132,14 @@ def _variants(args) -> list[tuple[str, str, dict]]:
     return variants
 
 
-def _time_lm(art, prompt, n, target, model):
+def _time_lm(art, prompt, n, target, model, autotune: bool = True):
     from optc.compiler.codegen.lowering import lower
     from optc.runtime.decode import StaticCacheDecoder
 
     device = str(prompt.device)
     prefill = art.module("prefill", device=device, compiled=False)
     decode = art.module("decode", device=device, compiled=False)
-    compile_fn = (lambda m: lower(m, target, autotune=True)) if target.device == "cuda" else (lambda m: lower(m, target))
+    compile_fn = lambda m: lower(m, target, autotune=autotune and target.device == "cuda")  # noqa: E731
     meta = art.manifest["model"]
     # Only the decode step is timed; the prefill program runs as exported (compiling and
     # autotuning its dynamic-length graph would cost minutes and change no number).

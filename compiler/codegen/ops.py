@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from .kernels.cats_mlp import cats_gate_up as _cats_gate_up_triton
-from .kernels.configs import crossover_tokens
+from .kernels.configs import MIN_SPARSE_WEIGHT, crossover_tokens
 from .kernels.sparse_linear import sparse_linear as _sparse_linear_triton
 
 __all__ = [
@@ -120,8 +120,10 @@ def _cats_gate_up_cpu(x, w_gate, w_up, threshold):
     return cats_gate_up_reference(x, w_gate, w_up, threshold)
 
 
-def use_sparse_kernel(num_tokens: int, target: str) -> bool:
-    """Whether optc::sparse_linear beats a dense GEMM at this many tokens on target.
-    The crossover is per-target data in kernels/configs.py (provisional until measured
-    by benchmarks/kernels_sparse_linear.py)."""
+def use_sparse_kernel(num_tokens: int, target: str, weight_elems: int | None = None) -> bool:
+    """Whether optc::sparse_linear beats a dense GEMM at this many tokens (and, given
+    ``weight_elems`` = K * N, at this weight size) on target. Both limits are per-target
+    measured data in kernels/configs.py."""
+    if weight_elems is not None and weight_elems < MIN_SPARSE_WEIGHT[target]:
+        return False
     return 0 < num_tokens <= crossover_tokens(target)

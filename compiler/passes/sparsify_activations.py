@@ -36,6 +36,7 @@ from optc.errors import CompileError
 aten = torch.ops.aten
 METHODS = ("cats", "teal", "chess")
 PREFIX = "sparsify_t_"
+KERNEL_CHOICES = ("auto", "sparse", "dense")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class SparsifyActivationsConfig(PassConfig):
     allocation: str = knob("greedy", choices=("uniform", "greedy"), search=("categorical", ["uniform", "greedy"]),
                            doc="same sparsity in every unit, or per-unit sparsities by measured error")
     calibration_samples: int = knob(4, low=1, high=256, doc="calibration sequences (or batches)")
+    kernels: str = knob("auto", choices=KERNEL_CHOICES,
+                        doc="decode kernels: auto (optc's sparse ops only where measured to beat dense "
+                            "on GPU targets: token count and weight size), sparse (wherever few tokens), "
+                            "dense (threshold masks before dense linears only)")
 
     def active(self) -> bool:
         return self.enabled and self.sparsity > 0
@@ -67,7 +72,7 @@ def plan_sparsify_activations(ctx, anatomy: Anatomy, cfg: SparsifyActivationsCon
             proxies[u.key] = cal.ErrorProxy(gm, u, stats[u.key])
         return proxies[u.key]
 
-    plan: dict = {"method": cfg.method, "target": cfg.sparsity, "skipped_blocks": skipped}
+    plan: dict = {"method": cfg.method, "target": cfg.sparsity, "kernels": cfg.kernels, "skipped_blocks": skipped}
     if cfg.method == "chess":
         attn = [u for u in units if u.kind in ("qkv", "o")]
         cost = {u.key: proxy(u)(cfg.sparsity) for u in attn}
@@ -167,13 +172,28 @@ def _tokens(node: fx.Node) -> int | None:
     return math.prod(dims)
 
 
-def few_tokens(tokens: int | None) -> bool:
-    """Whether the sparse kernels beat dense at this token count on some GPU target (the
-    pass does not know the target; on CPU the ops run the dense torch reference)."""
+def few_tokens(tokens: int | None, weight_elems: int | None = None) -> bool:
+    """Whether the sparse kernels beat dense at this token count (and weight size) on
+    some GPU target (the pass does not know the target; on CPU the ops run the dense
+    torch reference)."""
     from optc.compiler.codegen.kernels.configs import KNOWN_TARGETS
     from optc.compiler.codegen.ops import use_sparse_kernel
 
-    return tokens is not None and any(use_sparse_kernel(tokens, t) for t in KNOWN_TARGETS)
+    return tokens is not None and any(use_sparse_kernel(tokens, t, weight_elems) for t in KNOWN_TARGETS)
+
+
+def _pays(u: cal.Unit, tokens: int | None, kernels: str) -> bool:
+    """Sparse kernels for this unit only if every weight it skips rows of is large
+    enough to gain from them (kernels="auto"); otherwise the unit is masked and stays
+    dense (Inductor fuses the mask into its own GEMV)."""
+    if kernels != "auto":
+        return kernels == "sparse" and few_tokens(tokens)
+    if u.kind == "act":
+        mlp = u.block.mlp
+        weights = [mlp.down] + ([mlp.gate, mlp.up] if mlp.gated else [])
+    else:
+        weights = u.weights
+    return all(few_tokens(tokens, lin.in_features * lin.out_features) for lin in weights)
 
 
 def _transposed(gm: fx.GraphModule, weight: str) -> str:
@@ -270,7 +290,7 @@ def sparsify_activations(gm: fx.GraphModule, anatomy: Anatomy, cfg: SparsifyActi
     if missing:
         raise CompileError(f"sparsify_activations: this program lacks the planned units {missing[:4]}")
     vectors = getattr(plan.get("channel_thresholds"), "tensors", {})
-    few = few_tokens(_tokens(units[rows[0]["key"]].source))
+    tokens = _tokens(units[rows[0]["key"]].source)
     done: dict[str, int] = {}
     for r in rows:
         u = units[r["key"]]
@@ -281,7 +301,7 @@ def sparsify_activations(gm: fx.GraphModule, anatomy: Anatomy, cfg: SparsifyActi
             value = vectors[r["key"]]
         else:
             value = torch.tensor([r["threshold"]], dtype=torch.float32)
-        if few:
+        if _pays(u, tokens, plan.get("kernels", "auto")):
             _buffer(gm, r["buffer"], value)
             how = _sparse(gm, u, r["buffer"])
         else:

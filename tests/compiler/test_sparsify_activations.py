@@ -35,10 +35,13 @@ def _run(captured, sets, task="causal-lm", calib=None):
     return gms, report[1]
 
 
-def _cached(captured, method, allocation="uniform", sparsity=0.5):
-    key = (method, allocation, sparsity)
+def _cached(captured, method, allocation="uniform", sparsity=0.5, kernels="sparse"):
+    # kernels="sparse": the tiny test model is far under the weight size at which "auto"
+    # picks the sparse ops, and these tests are about the ops being placed right.
+    key = (method, allocation, sparsity, kernels)
     if key not in _CACHE:
-        _CACHE[key] = _run(captured, {"method": method, "sparsity": sparsity, "allocation": allocation})
+        _CACHE[key] = _run(captured, {"method": method, "sparsity": sparsity, "allocation": allocation,
+                                      "kernels": kernels})
     return _CACHE[key]
 
 
@@ -89,6 +92,18 @@ def test_structure(llama_captured, method):
     names = dict(decode.named_parameters())
     assert "model.model.layers.0.mlp.down_proj.weight_t" in names
     assert "model.model.layers.0.mlp.down_proj.weight" not in names
+
+
+@pytest.mark.parametrize("kernels", ["auto", "dense"])
+def test_small_weights_stay_dense(llama_captured, kernels):
+    """kernels=auto keeps the tiny model's linears dense (under the measured size at
+    which the sparse ops pay), kernels=dense always does: masks only, same thresholds."""
+    _, captured = llama_captured
+    gms, entry = _cached(captured, "teal", kernels=kernels)
+    decode = gms["decode"]
+    assert not [t for t in _targets(decode) if "optc" in str(t)]
+    keeps = [n for n in decode.graph.nodes if n.target == aten.gt.Tensor and n.args[1].op == "get_attr"]
+    assert len(keeps) == len(entry["plan"]["units"]) > 0
 
 
 @pytest.mark.parametrize("method", METHODS)

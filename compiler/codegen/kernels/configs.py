@@ -27,6 +27,7 @@ __all__ = [
     "SPARSE_LINEAR",
     "CATS_GATE_UP",
     "CROSSOVER_TOKENS",
+    "MIN_SPARSE_WEIGHT",
     "KNOWN_TARGETS",
     "target_for_device",
     "sparse_linear_target",
@@ -96,10 +97,16 @@ class CatsTarget:
 
 
 _HOPPER_SPARSE_LINEAR = (
-    (1, LaunchConfig(block_m=1, block_n=64, block_k=64, num_warps=4, num_stages=1)),
+    # benchmarks/gemv_sweep.py, H100, 54 masked tiles x splits 2/4/8 at sparsity 0.5: this
+    # tile won on all four Llama-1B shapes (with the split choose_split_k gives).
+    (1, LaunchConfig(block_m=1, block_n=32, block_k=128, num_warps=8, num_stages=1)),
     (16, LaunchConfig(block_m=16, block_n=128, block_k=32, num_warps=4, num_stages=3)),
 )
-_HOPPER_GEMV = GemvConfig(block_n=128, block_k=32, num_warps=4, min_slice=64, max_slice=1024)
+# The compacting GEMV is not used on Hopper: in the same sweep its best tile per shape was
+# 3-14% slower than the masked tile above at sparsity 0.5 (the list round trip through
+# L1 and the barrier cost more than the full loads gain at these sizes). It stays
+# selectable (sparse_linear(..., gemv=GemvConfig(...))) for measuring other targets.
+_HOPPER_GEMV = None
 _HOPPER_CATS = (
     (1, LaunchConfig(block_m=1, block_n=8, block_k=256, num_warps=4, num_stages=1)),
     (16, LaunchConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)),
@@ -155,6 +162,14 @@ CATS_GATE_UP: dict[str, CatsTarget] = {
 # correlated across tokens, so this is the pessimistic value. h200/a100: PROVISIONAL.
 # On "cpu" the op runs the dense torch reference, which never beats plain dense: 0.
 CROSSOVER_TOKENS: dict[str, int] = {"h100": 1, "h200": 1, "a100": 1, "cpu": 0}
+
+# Smallest weight (K * N elements) worth the sparse kernel at one token. Below it the
+# pass keeps a dense linear after the threshold mask, which Inductor fuses into its own
+# GEMV (the mask costs no launch). h100, measured (benchmarks/gemv_sweep.py, bf16, cold
+# L2): 2048x2048 and 2048x512 lose to cuBLAS at every sparsity up to 0.7 (0.75-0.79x:
+# at 1-8 MB the fixed cost of a launch dominates), the 16.8M-element MLP projections
+# win from sparsity ~0.5. h200/a100: PROVISIONAL (H100 value). cpu: no sparse kernel.
+MIN_SPARSE_WEIGHT: dict[str, int] = {"h100": 8 * 2**20, "h200": 8 * 2**20, "a100": 8 * 2**20, "cpu": 0}
 
 KNOWN_TARGETS = tuple(SPARSE_LINEAR)
 
