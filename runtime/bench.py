@@ -151,10 +151,14 @@ def _time_lm(art, prompt, n, target, model, autotune: bool = True):
     _log(f"lowered and warmed up in {warm:.0f} s; timing {n} decode steps ...")
     timing = dec.measure_decode(prompt, n)
     notes = {"params": art.manifest["params"], "setup_s": round(warm, 1)}
-    skipped = [p.get("plan", {}).get("units") for p in art.manifest["passes"] if p.get("applied")]
-    if skipped:
-        notes["removed"] = skipped
-    notes["agreement"] = _agreement(dec, art, model if not skipped else None, prompt)
+    applied = [p for p in art.manifest["passes"] if p.get("applied")]
+    for p in applied:
+        if p["name"] == "skip_layers":
+            notes["removed"] = p.get("plan", {}).get("units")
+        # What each pass did to the timed program (e.g. which units got sparse kernels).
+        notes.setdefault("decode_program", {})[p["name"]] = p.get("programs", {}).get("decode")
+    # A lossy variant is compared with its own program only: the eager model differs.
+    notes["agreement"] = _agreement(dec, art, model if not applied else None, prompt)
     return timing.with_extra(compile_s=warm), notes
 
 

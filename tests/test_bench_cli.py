@@ -1,0 +1,40 @@
+"""`optc bench` on CPU with the tiny Llama: one process, the baseline and every optc
+row (dense, --set, each --variant), JSON written; bad variants refused before any work."""
+
+import json
+import subprocess
+import sys
+
+
+def optc(*args):
+    proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=900)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_bench_rows_for_each_variant(tmp_path):
+    out = tmp_path / "b.json"
+    rc, stdout, err = optc("bench", "tiny-llama", "--target", "cpu", "--tokens", "4", "--baselines", "eager",
+                           "--no-autotune", "--set", "skip_layers.layers=[1]", "--set", "skip_layers.granularity=block",
+                           "--variant", "sparsify_activations.method=cats sparsify_activations.sparsity=0.5",
+                           "--json", "--out", str(out))
+    assert rc == 0, err
+    doc = json.loads(stdout)
+    assert doc == json.loads(out.read_text())
+    names = [r["name"] for r in doc["rows"]]
+    assert names[:2] == ["eager", "optc"] and len(names) == 4
+    assert names[2].startswith("optc skip_layers.layers=[1]") and 'method="cats"' in names[3]
+    assert doc["baseline"] == "eager" and doc["failed"] == {} and doc["optc_lowering"] == "inductor"
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert all(r["median_ms"] > 0 for r in doc["rows"])
+    # Every optc row was checked against its own program; the dense one also against eager.
+    assert rows["optc"]["agreement"]["argmax_match_vs_eager"] == 1.0
+    cats = rows[names[3]]
+    assert "rel_err_vs_program" in cats["agreement"] and "rel_err_vs_eager" not in cats["agreement"]
+    assert cats["decode_program"]["sparsify_activations"]["rewritten"]
+    assert rows[names[2]]["removed"] == [[1, "block"]]
+
+
+def test_bad_variant_is_refused_up_front():
+    rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--variant", "not-a-setting")
+    assert rc == 2
+    assert "PASS.KEY=VALUE" in err
