@@ -2,17 +2,19 @@
 
 Nothing here launches anything or touches global state; the host wrappers in
 ``sparse_linear.py`` and ``cats_mlp.py`` look their tiles up here, and the
-``sparsify_activations`` pass asks :func:`crossover_tokens` whether the sparse kernel
-beats dense cuBLAS at a given token count.
+``sparsify_activations`` pass asks ``ops.use_sparse_kernel`` (token crossover and
+minimum weight size, below) whether the sparse kernel beats dense at a given shape.
 
 Targets are the names of ``compiler/targets.py``: ``h100``, ``h200``, ``a100`` and
 ``cpu`` (the Triton interpreter, ``TRITON_INTERPRET=1``, used by the tests: its tiles
 are tiny so that small test shapes still cover several tiles and split-K).
 
-Status of the numbers: the ``h100`` tiles, split-K policy and crossover were measured
-on the lent H100 80GB HBM3 (torch 2.11, triton 3.6, bf16, 2026-11-23) with
-``benchmarks/kernels_sparse_linear.py --tune`` (CUDA-graph timing, cold L2, random
-data). ``h200`` and ``a100`` reuse them and are PROVISIONAL until measured there.
+Status of the numbers: the ``h100`` tiles, split-K policy, crossover and minimum
+weight size were measured on an H100 80GB HBM3 (torch 2.11, triton 3.6, bf16,
+2026-11-23) with ``benchmarks/kernels_sparse_linear.py --tune`` and
+``benchmarks/gemv_sweep.py`` (CUDA-graph timing, cold L2, random data); the decode
+profiles behind the choices are in ``benchmarks/NOTES.md``. ``h200`` and ``a100`` reuse
+them and are PROVISIONAL until measured there.
 """
 
 from __future__ import annotations
