@@ -55,7 +55,8 @@ def main():
     masked_grid = [(LaunchConfig(1, bn, bk, nw, 1), sk) for bn, bk, nw, sk in
                    itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 4, 8))]
     gemv_grid = [GemvConfig(bn, bk, nw, sl, sl) for bn, bk, nw, sl in
-                 itertools.product((32, 64, 128, 256), (32, 64, 128), (4, 8), (256, 512, 1024))]
+                 itertools.product((32, 64, 128, 256), (32, 64, 128), (4, 8),
+                                   (16, 32) if args.smoke else (256, 512, 1024))]
     rows, best = [], {}
     for K, N in shapes:
         n_copies = su.copies(K * N * 2)

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = handler(args)
     except OptcError as exc:
+        partial = getattr(exc, "result", None)  # e.g. bench rows measured before a variant failed
+        if getattr(args, "json", False) and partial is not None:
+            print(json.dumps(partial, indent=2, default=str))
         _log(f"optc {args.command}: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:

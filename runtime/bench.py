@@ -10,6 +10,7 @@ torch configuration measured there.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 import traceback
@@ -40,12 +41,25 @@ def bench(args) -> dict:
         raise UsageError(f"target {target.name} is not present on this machine; run bench where it is, or use --target cpu")
     device = target.device
     dtype = None if device == "cpu" else target.dtype
+    variants = _variants(args)  # bad settings are refused before anything is loaded
     _log(f"loading {args.model} on {device} ...")
     entry, model, example_inputs = resolve(args.model, device=device, dtype=dtype)
     names = [n.strip() for n in args.baselines.split(",") if n.strip()]
-    variants = _variants(args)
     is_lm = type(model).__name__.endswith("ForCausalLM")
+    autotune = is_lm and not getattr(args, "no_autotune", False)
     timings, notes, failed = {}, {}, {}
+
+    def run_variant(label, time_it):
+        try:
+            timings[label], notes[label] = time_it()
+        except UsageError:
+            raise
+        except Exception as exc:  # one broken variant must not lose the others' numbers
+            _log(f"{label}: FAILED\n{traceback.format_exc()}")
+            failed[label] = f"{type(exc).__name__}: {exc}"[:2000]
+            return
+        _log(f"{label}: {timings[label].median_ms:.3f} ms {notes[label].get('agreement', '')}")
+
     if is_lm:
         prompt = example_inputs[0][:, :16].contiguous()
         if args.batch:
@@ -58,17 +72,13 @@ def bench(args) -> dict:
             _log(f"baseline {name}: {timings[name].median_ms:.3f} ms/token")
         for label, pipe, passes in variants:
             _log(f"{label}: compiling ...")
-            try:
+
+            def time_it(pipe=pipe, passes=passes):
                 art = optc.compile(model, (prompt,), target=target.name, pipeline_name=pipe, passes=passes,
                                    entry=entry, max_cache_len=args.max_cache_len, verify=False, log=_log)
-                timings[label], notes[label] = _time_lm(art, prompt, args.tokens, target, model,
-                                                        autotune=not getattr(args, "no_autotune", False))
-                _log(f"{label}: {timings[label].median_ms:.3f} ms/token {notes[label].get('agreement', '')}")
-            except UsageError:
-                raise
-            except Exception as exc:  # one broken variant must not lose the others' numbers
-                _log(f"{label}: FAILED\n{traceback.format_exc()}")
-                failed[label] = f"{type(exc).__name__}: {exc}"[:2000]
+                return _time_lm(art, prompt, args.tokens, target, model, autotune=autotune)
+
+            run_variant(label, time_it)
     else:
         inputs = example_inputs
         for name in names:
@@ -78,9 +88,13 @@ def bench(args) -> dict:
             timings[name] = baselines.FORWARD_BASELINES[name](model, inputs)
         for label, pipe, passes in variants:
             _log(f"{label}: compiling ...")
-            art = optc.compile(model, inputs, target=target.name, pipeline_name=pipe, passes=passes,
-                               entry=entry, dynamic=dynamic_dims(args), verify=False, log=_log)
-            timings[label], notes[label] = _time_forward(art, inputs, target)
+
+            def time_it(pipe=pipe, passes=passes):
+                art = optc.compile(model, inputs, target=target.name, pipeline_name=pipe, passes=passes,
+                                   entry=entry, dynamic=dynamic_dims(args), verify=False, log=_log)
+                return _time_forward(art, inputs, target)
+
+            run_variant(label, time_it)
     base_names = [n for n in names if n in timings]
     best = min(base_names, key=lambda n: timings[n].median_ms) if base_names else None
     best_ms = timings[best].median_ms if best else None
@@ -97,7 +111,7 @@ def bench(args) -> dict:
         "baseline": best,
         **device_info(device),
         "versions": {k: device_info(device)[k] for k in ("torch", "triton", "transformers", "cuda")},
-        "optc_lowering": "inductor" if getattr(args, "no_autotune", False) else "inductor max-autotune",
+        "optc_lowering": "inductor max-autotune" if autotune else "inductor",
         "rows": rows,
         "failed": failed,
     }
@@ -106,9 +120,11 @@ def bench(args) -> dict:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     if failed:
-        raise CompileError(f"bench: {len(failed)} optc variant(s) failed (the others were timed"
+        err = CompileError(f"bench: {len(failed)} optc variant(s) failed (the others were timed"
                            f"{' and written to ' + args.out if args.out else ''}): "
                            + "; ".join(f"{k}: {v[:300]}" for k, v in failed.items()))
+        err.result = result  # the CLI still prints the rows that were measured
+        raise err
     return result
 
 
@@ -117,17 +133,24 @@ def _variants(args) -> list[tuple[str, str, dict]]:
     then each --variant."""
     from optc.cli import pass_settings
     from optc.compiler.config import parse_sets
+    from optc.compiler.pipeline import resolve as resolve_pipeline
 
     all_sets = [pass_settings(args)]
     for text in getattr(args, "variant", []) or []:
-        items = text.split()
+        try:
+            items = shlex.split(text)  # quote a value with spaces: "skip_layers.layers='[1, 2]'"
+        except ValueError as exc:
+            raise UsageError(f"--variant {text!r}: {exc}") from None
         if not items:
             raise UsageError("--variant needs at least one PASS.KEY=VALUE setting")
         all_sets.append(parse_sets(items))
     variants = [("optc", "none", {})]
     for sets in all_sets:
         if sets:
+            resolve_pipeline(args.pipeline, sets)  # unknown pass, key or value: exit 2 now
             label = "optc " + " ".join(f"{p}.{k}={json.dumps(v)}" for p, vals in sets.items() for k, v in vals.items())
+            if any(label == v[0] for v in variants):
+                raise UsageError(f"two optc rows have the same settings: {label}")
             variants.append((label, args.pipeline, sets))
     return variants
 

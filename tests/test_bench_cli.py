@@ -1,5 +1,6 @@
 """`optc bench` on CPU with the tiny Llama: one process, the baseline and every optc
-row (dense, --set, each --variant), JSON written; bad variants refused before any work."""
+row (dense, --set, each --variant), JSON written; bad variants refused before the
+model is loaded."""
 
 import json
 import subprocess
@@ -34,7 +35,11 @@ def test_bench_rows_for_each_variant(tmp_path):
     assert rows[names[2]]["removed"] == [[1, "block"]]
 
 
-def test_bad_variant_is_refused_up_front():
+def test_bad_variants_are_refused_up_front():
     rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--variant", "not-a-setting")
-    assert rc == 2
-    assert "PASS.KEY=VALUE" in err
+    assert rc == 2 and "PASS.KEY=VALUE" in err
+    rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--variant", "sparsify_activations.kernels=sprase")
+    assert rc == 2 and "kernels" in err and "loading" not in err
+    same = "sparsify_activations.method=cats sparsify_activations.sparsity=0.5"
+    rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--variant", same, "--variant", same)
+    assert rc == 2 and "same settings" in err

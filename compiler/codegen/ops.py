@@ -124,6 +124,7 @@ def use_sparse_kernel(num_tokens: int, target: str, weight_elems: int | None = N
     """Whether optc::sparse_linear beats a dense GEMM at this many tokens (and, given
     ``weight_elems`` = K * N, at this weight size) on target. Both limits are per-target
     measured data in kernels/configs.py."""
+    crossover = crossover_tokens(target)  # raises on an unknown target
     if weight_elems is not None and weight_elems < MIN_SPARSE_WEIGHT[target]:
         return False
-    return 0 < num_tokens <= crossover_tokens(target)
+    return 0 < num_tokens <= crossover

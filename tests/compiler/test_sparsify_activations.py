@@ -106,6 +106,19 @@ def test_small_weights_stay_dense(llama_captured, kernels):
     assert len(keeps) == len(entry["plan"]["units"]) > 0
 
 
+def test_auto_uses_sparse_ops_on_large_enough_weights(llama_captured, monkeypatch):
+    """kernels=auto by weight size: with the H100 minimum set to the tiny model's MLP
+    weights (64 x 128), the MLP units get the sparse ops and attention stays masked."""
+    from optc.compiler.codegen.kernels import configs
+
+    monkeypatch.setitem(configs.MIN_SPARSE_WEIGHT, "h100", 64 * 128)
+    _, captured = llama_captured
+    gms, _ = _run(captured, {"method": "teal", "sparsity": 0.5, "allocation": "uniform", "kernels": "auto"})
+    ops = _targets(gms["decode"])
+    assert ops.count(torch.ops.optc.sparse_linear.default) == 3 * 4  # gate, up, down of 4 blocks
+    assert ops.count(aten.linear.default) == 4 * 4 + 1  # q, k, v, o of 4 blocks + the LM head
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_decode_continues_prefill(llama_captured, method):
     """The runtime prefills with one program and decodes with the other."""

@@ -99,7 +99,7 @@ class CatsTarget:
 
 
 _HOPPER_SPARSE_LINEAR = (
-    # benchmarks/gemv_sweep.py, H100, 54 masked tiles x splits 2/4/8 at sparsity 0.5: this
+    # benchmarks/gemv_sweep.py, H100, 18 masked tiles x splits 2/4/8 at sparsity 0.5: this
     # tile won on all four Llama-1B shapes (with the split choose_split_k gives).
     (1, LaunchConfig(block_m=1, block_n=32, block_k=128, num_warps=8, num_stages=1)),
     (16, LaunchConfig(block_m=16, block_n=128, block_k=32, num_warps=4, num_stages=3)),
@@ -137,7 +137,6 @@ SPARSE_LINEAR: dict[str, SparseLinearTarget] = {
             (1, LaunchConfig(block_m=1, block_n=16, block_k=16, num_warps=1, num_stages=1)),
             (16, LaunchConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)),
         ),
-        gemv=GemvConfig(block_n=16, block_k=4, num_warps=1, min_slice=8, max_slice=32),
     ),
 }
 
@@ -216,7 +215,7 @@ def pick_bucket(buckets: tuple[tuple[int, LaunchConfig], ...], num_tokens: int) 
 def choose_split_k(
     tgt: SparseLinearTarget, cfg: LaunchConfig, m: int, n: int, k: int, elem_size: int
 ) -> int:
-    """How many slices of K run as separate programs (then summed by a second kernel).
+    """How many slices of K run as separate programs (their partials summed by torch ops).
 
     Enough to give about ``waves * num_sms`` programs, at least ``min_chunks_per_split``
     BLOCK_K chunks per slice, and few enough that the fp32 partials (split * M * N * 4

@@ -9,7 +9,7 @@ from optc.compiler.codegen.kernels.sparse_linear import sparse_linear
 
 from test_sparse_linear import TOL, make_case, reference64, rel_err
 
-# Tiny tiles: 8..16-channel slices and 3-row trips, so small shapes span many slices
+# Tiny tiles: 8..16-channel slices and 4-row trips, so small shapes span many slices
 # and trips end part-way through a tile.
 SMALL = GemvConfig(block_n=16, block_k=4, num_warps=1, min_slice=8, max_slice=16)
 
