@@ -19,7 +19,7 @@ Index math, for program (pid_n, pid_s, pid_m) of the grid
     part[s, m, n]  at ws_ptr + s*stride_wss + m*stride_wsm + n   (fp32, when SPLIT_K > 1)
 
 With SPLIT_K > 1 each program writes its fp32 partial sum and ``_sum_partials`` adds
-the slices with torch ops (fused by Inductor into y's consumer), adds the bias and casts.
+the slices with torch ops (which Inductor can fuse into y's consumer), adds the bias and casts.
 """
 
 from __future__ import annotations
@@ -148,9 +148,10 @@ def sparse_linear_kernel(
 
 def _sum_partials(ws: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """y = sum of the split-K partials (+ bias), cast. Torch ops on purpose, not a
-    kernel of ours: Inductor traces the triton_op's body, and a sum over at most
-    ``unroll_reductions_threshold`` (8) slices is unrolled into the pointwise kernel
-    that consumes y (residual add, RoPE, ...), so the split costs no extra launch. The
+    kernel of ours: Inductor traces the triton_op's body and can fuse a sum over at
+    most ``unroll_reductions_threshold`` (8) slices into the kernel that consumes y (in
+    the Llama-1B decode profile it did for the CATS down projection, whose consumer is
+    the residual add; where it cannot, the sum is one small reduction kernel). The
     slices are added in a fixed order (deterministic)."""
     y = ws.sum(0)
     if bias is not None:
