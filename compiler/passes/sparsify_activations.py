@@ -14,8 +14,10 @@ sparsify_calibration) and keeps it only if it beats uniform on calibration loss.
 
 Programs over many tokens (prefill, encoders) get dense masking `x * (|x| > t)` before
 the linear; programs over few tokens (decode) get `optc::sparse_linear` on a transposed
-weight copy and, for act(gate) units, `optc::cats_gate_up`. Both read the same threshold
-buffers (`sparsify_t_*`), so they compute the same function and the artifact carries them.
+weight copy and, for act(gate) units, `optc::cats_gate_up`, on the units whose weights
+are large enough for the sparse ops to pay (`kernels=auto`; the rest stay masked and
+dense). Both read the same threshold buffers (`sparsify_t_*`), so they compute the same
+function and the artifact carries them.
 """
 
 from __future__ import annotations
