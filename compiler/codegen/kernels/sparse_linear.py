@@ -161,7 +161,7 @@ def _sum_partials(ws: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtyp
 
 def _launch_gemv(x2, weight_t, threshold, stride_t, bias, y, tgt, cfg: GemvConfig) -> torch.Tensor:
     K, N = weight_t.shape
-    slice_ = choose_slice(tgt, cfg, N, K)
+    slice_ = choose_slice(tgt, cfg, N, K, x2.element_size())
     slices = triton.cdiv(K, slice_)
     direct = slices == 1
     dev = x2.device

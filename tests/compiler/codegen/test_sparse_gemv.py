@@ -7,7 +7,8 @@ import torch
 from optc.compiler.codegen.kernels.configs import GemvConfig, choose_slice, sparse_linear_target
 from optc.compiler.codegen.kernels.sparse_linear import sparse_linear
 
-from test_sparse_linear import TOL, make_case, reference64, rel_err
+from kernel_checks import TOL, rel_err
+from test_sparse_linear import make_case, reference64
 
 # Tiny tiles: 8..16-channel slices and 4-row trips, so small shapes span many slices
 # and trips end part-way through a tile.
