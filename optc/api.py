@@ -89,8 +89,10 @@ def compile(
         verification = {"skipped": f"no {tgt.name} device here; the artifact is lowered when loaded there"}
     quality = None
     if evaluate:
-        quality = evaluate_quality(entry, captured.task, original[primary], gms[primary], evaluation, log, device)
-        quality.update(_pass_reports(report, gms[primary], entry, evaluation, is_lm, device))
+        # The held-out batches are built once, for the quality and every pass's own report.
+        held_out = evaluation if evaluation is not None else _zoo_batches(entry, "evaluation", is_lm)
+        quality = evaluate_quality(entry, captured.task, original[primary], gms[primary], held_out, log, device)
+        quality.update(_pass_reports(report, gms[primary], held_out, is_lm, device))
     manifest = {
         "target": tgt.name,
         "config": config,
@@ -112,12 +114,11 @@ def compile(
 
 
 def evaluate_quality(entry, task, reference_gm, candidate_gm, evaluation, log, device="cpu") -> dict:
-    """Quality of the rewritten program against the original, on held-out data."""
+    """Quality of the rewritten program against the original on the held-out batches."""
     from optc.models import quality
 
     is_lm = task == "causal-lm"
-    batches = evaluation if evaluation is not None else _zoo_batches(entry, "evaluation", is_lm)
-    batches = [_as_program_inputs(b, False, device)[0] for b in batches]
+    batches = [_as_program_inputs(b, False, device)[0] for b in evaluation]
     log(f"[optc] evaluating quality on {len(batches)} held-out batches ...")
     ref_fn, cand_fn = _forward_fn(reference_gm, is_lm), _forward_fn(candidate_gm, is_lm)
     if is_lm:
@@ -134,16 +135,16 @@ def evaluate_quality(entry, task, reference_gm, candidate_gm, evaluation, log, d
     return {"metric": metric, "before": before, "after": after, "split": "evaluation", "n": n}
 
 
-def _pass_reports(report: list[dict], gm, entry, evaluation, is_lm, device) -> dict:
-    """Each applied pass's own measurements on the held-out split (e.g. sparsity)."""
+def _pass_reports(report: list[dict], gm, evaluation, is_lm, device) -> dict:
+    """Each applied pass's own measurements on the held-out batches (e.g. sparsity)."""
     from optc.compiler import passes
 
-    out = {}
+    out, inputs = {}, None
     for entry_ in report:
         spec = passes.get(entry_["name"])
         if entry_["applied"] and spec.report is not None:
-            batches = evaluation if evaluation is not None else _zoo_batches(entry, "evaluation", is_lm)
-            inputs = [_as_program_inputs(b, is_lm, device) for b in batches]
+            if inputs is None:
+                inputs = [_as_program_inputs(b, is_lm, device) for b in evaluation]
             out[entry_["name"]] = spec.report(gm, entry_["plan"], inputs)
     return out
 
