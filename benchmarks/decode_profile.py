@@ -28,7 +28,7 @@ from optc.runtime.decode import StaticCacheDecoder
 
 
 def profile_variant(model, entry, prompt, target, settings: dict, steps: int) -> dict:
-    art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default" if settings else "none",
+    art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default",
                        passes=settings, entry=entry, verify=False)
     dec = StaticCacheDecoder(art.module("prefill", device=str(prompt.device), compiled=False),
                              art.module("decode", device=str(prompt.device), compiled=False),

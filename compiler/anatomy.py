@@ -371,6 +371,8 @@ def _residual_points(block: str, attention: Attention, mlp: MLP, dag: nx.DiGraph
 def _stream_point(block, start, sink, dag, feeds):
     reach = dag.subgraph(nx.descendants(dag, start) | {start})
     idom = nx.immediate_dominators(reach, start)
+    if sink not in idom:  # e.g. a block whose output a pass routed around
+        raise _Unreadable(f"block {block}: {start.name} does not reach the program's output")
     chain, node = [], sink
     while node is not start:
         chain.append(node)

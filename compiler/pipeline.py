@@ -17,6 +17,7 @@ import torch.fx as fx
 from optc.compiler import passes
 from optc.compiler.anatomy import analyze
 from optc.compiler.config import config_hash
+from optc.compiler.rewrite import rebuild
 from optc.errors import CompileError, OptcError, UsageError
 
 
@@ -33,6 +34,8 @@ PIPELINES: dict[str, list[Step]] = {
         # Depth first: a removed block also removes its share of every later pass's work.
         Step("skip_layers", "drop the residual blocks (or halves) that matter least; off until count/layers is set"),
         Step("sparsify_activations", "zero small activations so sparse decode kernels skip weight rows; off until sparsity is set"),
+        # Last: it merges what the passes before it left, sparse ops included.
+        Step("merge_projections", "one linear for the linears that read the same input (q/k/v, gate/up): fewer launches, same function"),
     ],
 }
 
@@ -70,14 +73,19 @@ def count(gm: fx.GraphModule) -> dict:
     }
 
 
-def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context, log=print) -> list[dict]:
+def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context, log=print,
+        check_inputs: dict | None = None) -> list[dict]:
     """Run the pipeline's passes over `gms` (program name -> GraphModule), in place.
 
     `primary` names the program calibration runs on; `make_context(gm)` builds the
     CalibrationContext lazily (only a lossy pass that is on needs data).
+    `check_inputs` ({program: (args, kwargs)}, example inputs): each lossless pass is
+    then checked against the program before it on fresh inputs shaped like these, and
+    refused if it changed the function.
     """
     history: list[str] = []
     report: list[dict] = []
+    discontinuous_after: str | None = None  # the thresholding pass applied so far, if any
     for step in PIPELINES[config["pipeline"]]:
         spec = passes.get(step.name)
         cfg = pass_config(step.name, config["passes"][step.name])
@@ -94,11 +102,18 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
             if spec.plan is not None:
                 log(f"[optc] {step.name}: planning on calibration data ...")
                 plan = spec.plan(_LazyContext(make_context, gms[primary]), anatomies[primary], cfg)
-            results = {}
+            results, checks = {}, {}
             for name, gm in gms.items():
+                before_pass = rebuild(gm)[0] if check_inputs and name in check_inputs and not spec.lossy else None
                 results[name] = spec.apply(gm, anatomies[name], cfg, plan)
                 gm.graph.lint()
                 gm.recompile()
+                if before_pass is not None and results[name].applied:
+                    if discontinuous_after:
+                        checks[name] = {"skipped": f"{discontinuous_after} thresholds this program: rounding-level "
+                                                   "differences flip decisions and cascade"}
+                    else:
+                        checks[name] = _check_lossless(step.name, before_pass, gm, check_inputs[name])
         except OptcError:
             raise
         except Exception as exc:
@@ -112,14 +127,27 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
             seconds=round(time.perf_counter() - start, 3),
             plan=plan,
             programs={
-                name: {"before": before[name], "after": count(gms[name]), **results[name].details}
+                name: {"before": before[name], "after": count(gms[name]), **results[name].details,
+                       **({"lossless_check": checks[name]} if name in checks else {})}
                 for name in gms
             },
         )
         log(f"[optc] {step.name}: {'applied' if entry['applied'] else 'not applied: ' + str(entry['reason'])} ({entry['seconds']} s)")
         history.append(step.name)
         report.append(entry)
+        if spec.discontinuous and entry["applied"]:
+            discontinuous_after = step.name
     return report
+
+
+def _check_lossless(name: str, before: fx.GraphModule, after: fx.GraphModule, inputs) -> dict:
+    from optc.compiler.codegen.lowering import compare, vocab_size
+
+    result = compare(before, after, inputs, vocab_size(before))
+    if not result["ok"]:
+        raise CompileError(f"pass {name} is lossless but changed the function: relative error "
+                           f"{result['max_rel_err']:.3g} > {result['tolerance']:g} on fresh random inputs")
+    return {"max_rel_err": float(f"{result['max_rel_err']:.3g}"), "tolerance": result["tolerance"]}
 
 
 class _LazyContext:

@@ -71,7 +71,7 @@ def compile(
         batches = calibration if calibration is not None else _zoo_batches(entry, "calibration", is_lm)
         return CalibrationContext(captured.task, gm, [_as_program_inputs(b, is_lm, device) for b in batches])
 
-    report = pipeline.run(gms, primary, config, make_context, log=log)
+    report = pipeline.run(gms, primary, config, make_context, log=log, check_inputs=captured.example_inputs)
     start = time.perf_counter()
     programs = {
         name: cap.reexport(gm, captured.example_inputs[name], captured.dynamic_shapes[name], what=f"the rewritten {name} program")

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-autotune", action="store_true",
                    help="lower optc's programs without Inductor's max-autotune (minutes faster; "
                         "the baselines keep their own modes)")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="LMs: after all optc rows are compiled, time them round-robin this many times in all "
+                        "and pool the runs (keeps every row's compiled program in memory; 1: time each once)")
     b.add_argument("--out", help="also write the JSON result to this file")
     b.add_argument("--json", action="store_true")
 

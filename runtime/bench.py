@@ -42,16 +42,22 @@ def bench(args) -> dict:
     device = target.device
     dtype = None if device == "cpu" else target.dtype
     variants = _variants(args)  # bad settings are refused before anything is loaded
+    rounds = getattr(args, "rounds", 1)
+    if rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {rounds}")
     _log(f"loading {args.model} on {device} ...")
     entry, model, example_inputs = resolve(args.model, device=device, dtype=dtype)
     names = [n.strip() for n in args.baselines.split(",") if n.strip()]
     is_lm = type(model).__name__.endswith("ForCausalLM")
     autotune = is_lm and not getattr(args, "no_autotune", False)
     timings, notes, failed = {}, {}, {}
+    again: dict = {}  # label -> time the compiled row once more (later rounds)
 
     def run_variant(label, time_it):
         try:
-            timings[label], notes[label] = time_it()
+            timings[label], notes[label], remeasure = time_it()
+            if rounds > 1 and remeasure is not None:
+                again[label] = remeasure
         except UsageError:
             raise
         except Exception as exc:  # one broken variant must not lose the others' numbers
@@ -79,6 +85,7 @@ def bench(args) -> dict:
                 return _time_lm(art, prompt, args.tokens, target, model, autotune=autotune)
 
             run_variant(label, time_it)
+        _more_rounds(timings, again, rounds, failed)
     else:
         inputs = example_inputs
         for name in names:
@@ -92,7 +99,7 @@ def bench(args) -> dict:
             def time_it(pipe=pipe, passes=passes):
                 art = optc.compile(model, inputs, target=target.name, pipeline_name=pipe, passes=passes,
                                    entry=entry, dynamic=dynamic_dims(args), verify=False, log=_log)
-                return _time_forward(art, inputs, target)
+                return (*_time_forward(art, inputs, target), None)
 
             run_variant(label, time_it)
     base_names = [n for n in names if n in timings]
@@ -101,6 +108,7 @@ def bench(args) -> dict:
     rows = [t.as_row(n, best_ms) for n, t in timings.items()]
     for row in rows:
         row["compile_s"] = timings[row["name"]].compile_s
+        row.update({k: v for k, v in timings[row["name"]].info.items() if k in ("rounds", "round_medians_ms")})
         row.update(notes.get(row["name"], {}))
     result = {
         "model": args.model,
@@ -129,8 +137,8 @@ def bench(args) -> dict:
 
 
 def _variants(args) -> list[tuple[str, str, dict]]:
-    """(label, pipeline, settings) of each optc row: dense first, then --set/--config,
-    then each --variant."""
+    """(label, pipeline, settings) of each optc row: the pipeline with its defaults
+    first (lossless passes only: the dense row), then --set/--config, then each --variant."""
     from optc.cli import pass_settings
     from optc.compiler.config import parse_sets
     from optc.compiler.pipeline import resolve as resolve_pipeline
@@ -144,7 +152,7 @@ def _variants(args) -> list[tuple[str, str, dict]]:
         if not items:
             raise UsageError("--variant needs at least one PASS.KEY=VALUE setting")
         all_sets.append(parse_sets(items))
-    variants = [("optc", "none", {})]
+    variants = [("optc", args.pipeline, {})]
     for sets in all_sets:
         if sets:
             resolve_pipeline(args.pipeline, sets)  # unknown pass, key or value: exit 2 now
@@ -181,8 +189,39 @@ def _time_lm(art, prompt, n, target, model, autotune: bool = True):
         # What each pass did to the timed program (e.g. which units got sparse kernels).
         notes.setdefault("decode_program", {})[p["name"]] = p.get("programs", {}).get("decode")
     # A lossy variant is compared with its own program only: the eager model differs.
-    notes["agreement"] = _agreement(dec, art, model if not applied else None, prompt)
-    return timing.with_extra(compile_s=warm), notes
+    lossy = any(p.get("lossy") for p in applied)
+    notes["agreement"] = _agreement(dec, art, None if lossy else model, prompt)
+    return timing.with_extra(compile_s=warm), notes, lambda: dec.measure_decode(prompt, n)
+
+
+def _more_rounds(timings: dict, again: dict, rounds: int, failed: dict) -> None:
+    """Time every compiled optc row again, round-robin, and pool each row's runs over
+    all rounds. The same program measured minutes apart on a lent GPU has differed by
+    more than the effects compared here; interleaving spreads such drift over every
+    row (it shows as p20-p80 spread) instead of between rows."""
+    from optc.runtime.timing import summarise
+
+    if rounds < 2 or not again:
+        return
+    runs = {label: [timings[label]] for label in again}
+    for r in range(2, rounds + 1):
+        _log(f"round {r} of {rounds}: timing the {len(again)} optc rows again ...")
+        for label, remeasure in again.items():
+            if label in failed:
+                continue
+            try:
+                runs[label].append(remeasure())
+            except Exception as exc:
+                _log(f"{label}: FAILED in round {r}\n{traceback.format_exc()}")
+                failed[label] = f"round {r}: {type(exc).__name__}: {exc}"[:2000]
+    for label, ts in runs.items():
+        if label in failed:
+            timings.pop(label, None)
+            continue
+        pooled = summarise([ms for t in ts for ms in t.info["samples_ms"]])
+        timings[label] = pooled.with_extra(compile_s=ts[0].compile_s, **{
+            k: v for k, v in ts[0].info.items() if k != "samples_ms"},
+            rounds=len(ts), round_medians_ms=[round(t.median_ms, 4) for t in ts])
 
 
 def _agreement(dec, art, model, prompt) -> dict:

@@ -364,6 +364,7 @@ class StaticCacheDecoder:
                 samples.append(ms)
         return summarise(samples).with_extra(
             compile_s=self.setup_s,
+            samples_ms=samples,
             definition="decode steps only, prefill excluded; ms = elapsed / steps",
             cuda_graph=self.use_cuda_graph,
             steps=n,

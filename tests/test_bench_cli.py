@@ -1,6 +1,6 @@
 """`optc bench` on CPU with the tiny Llama: one process, the baseline and every optc
-row (dense, --set, each --variant), JSON written; bad variants refused before the
-model is loaded."""
+row (dense, --set, each --variant), timed in rounds, JSON written; bad variants
+refused before the model is loaded."""
 
 import json
 import subprocess
@@ -17,7 +17,7 @@ def test_bench_rows_for_each_variant(tmp_path):
     rc, stdout, err = optc("bench", "tiny-llama", "--target", "cpu", "--tokens", "4", "--baselines", "eager",
                            "--no-autotune", "--set", "skip_layers.layers=[1]", "--set", "skip_layers.granularity=block",
                            "--variant", "sparsify_activations.method=cats sparsify_activations.sparsity=0.5",
-                           "--json", "--out", str(out))
+                           "--rounds", "2", "--json", "--out", str(out))
     assert rc == 0, err
     doc = json.loads(stdout)
     assert doc == json.loads(out.read_text())
@@ -33,6 +33,10 @@ def test_bench_rows_for_each_variant(tmp_path):
     assert "rel_err_vs_program" in cats["agreement"] and "rel_err_vs_eager" not in cats["agreement"]
     assert cats["decode_program"]["sparsify_activations"]["rewritten"]
     assert rows[names[2]]["removed"] == [[1, "block"]]
+    # The dense row is the default pipeline: lossless passes only (q/k/v and gate/up merged).
+    assert rows["optc"]["decode_program"]["merge_projections"]["linears_merged"] == 4 * 5
+    # Every optc row was timed in both rounds (the baseline once).
+    assert all(len(rows[n]["round_medians_ms"]) == 2 for n in names[1:]) and "rounds" not in rows["eager"]
 
 
 def test_bad_variants_are_refused_up_front():
@@ -43,3 +47,5 @@ def test_bad_variants_are_refused_up_front():
     same = "sparsify_activations.method=cats sparsify_activations.sparsity=0.5"
     rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--variant", same, "--variant", same)
     assert rc == 2 and "same settings" in err
+    rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--rounds", "0")
+    assert rc == 2 and "--rounds" in err and "loading" not in err

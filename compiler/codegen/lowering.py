@@ -46,10 +46,16 @@ def random_like_inputs(inputs: tuple[tuple, dict], vocab: int | None, seed: int)
     return tuple(fresh(f"arg{i}", a) for i, a in enumerate(args)), {k: fresh(k, v) for k, v in kwargs.items()}
 
 
-def vocab_size(ep: ExportedProgram) -> int | None:
-    for node in ep.graph.nodes:
+def vocab_size(program) -> int | None:
+    """Rows of the token embedding of an ExportedProgram or an unlifted GraphModule."""
+    for node in program.graph.nodes:
         if node.op == "call_function" and node.target == torch.ops.aten.embedding.default:
-            return int(node.args[0].meta["val"].shape[0])
+            table = node.args[0]
+            if "val" in table.meta:
+                return int(table.meta["val"].shape[0])
+            if table.op == "get_attr":
+                owner, _, name = table.target.rpartition(".")
+                return int(getattr(program.get_submodule(owner) if owner else program, name).shape[0])
     return None
 
 
@@ -63,7 +69,18 @@ def reset_state(module: torch.nn.Module) -> None:
 
 def verify(ep: ExportedProgram, compiled, reference: torch.nn.Module, inputs: tuple[tuple, dict], *, trials: int = 2) -> dict:
     """Compare `compiled` with the uncompiled `reference` on fresh random inputs."""
-    vocab = vocab_size(ep)
+    result = compare(reference, compiled, inputs, vocab_size(ep), trials=trials)
+    if not result["ok"]:
+        raise CompileError(
+            f"lowering changed the function: relative error {result['max_rel_err']:.3g} > "
+            f"{result['tolerance']:g} on fresh random inputs"
+        )
+    return result
+
+
+def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None, *, trials: int = 2) -> dict:
+    """Worst ||candidate - reference|| / ||reference|| over fresh random inputs shaped
+    like `inputs`, and whether it is within the tolerance of the output dtype."""
     worst = 0.0
     dtype = torch.float32
     for trial in range(trials):
@@ -72,19 +89,14 @@ def verify(ep: ExportedProgram, compiled, reference: torch.nn.Module, inputs: tu
             reset_state(reference)
             ref = reference(*args, **kwargs)
             reset_state(reference)
-            out = compiled(*args, **kwargs)
+            out = candidate(*args, **kwargs)
         dtype = ref.dtype
         err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
         if err != err:  # NaN never passes
             err = float("inf")
         worst = max(worst, err)
     tol = TOLERANCE.get(dtype, 1e-2)
-    result = {"max_rel_err": worst, "tolerance": tol, "trials": trials, "ok": worst <= tol}
-    if not result["ok"]:
-        raise CompileError(
-            f"lowering changed the function: relative error {worst:.3g} > {tol:g} on fresh random inputs"
-        )
-    return result
+    return {"max_rel_err": worst, "tolerance": tol, "trials": trials, "ok": worst <= tol}
 
 
 def lower_and_verify(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target) -> dict:

@@ -42,16 +42,21 @@ class PassSpec:
     lossy: bool
     doc: str
     report: Callable | None = None
+    # Thresholds make the programs discontinuous: after such a pass, rounding-level
+    # differences flip decisions and cascade, so end-to-end equality checks of later
+    # lossless passes say nothing (they check their own rewrites locally instead).
+    discontinuous: bool = False
 
 
 REGISTRY: dict[str, PassSpec] = {}
 
 # Modules that define passes; imported on first registry lookup, not at package import.
-_PASS_MODULES = ("skip_layers", "sparsify_activations")
+_PASS_MODULES = ("skip_layers", "sparsify_activations", "merge_projections")
 
 
 def register_pass(
-    name: str, config_cls: type, *, lossy: bool, plan: Callable | None = None, report: Callable | None = None
+    name: str, config_cls: type, *, lossy: bool, plan: Callable | None = None, report: Callable | None = None,
+    discontinuous: bool = False,
 ):
     def decorate(fn):
         if name in REGISTRY:
@@ -59,7 +64,7 @@ def register_pass(
         if fn.__name__ != name:
             raise ValueError(f"pass function {fn.__name__!r} must be named like its key {name!r}")
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        REGISTRY[name] = PassSpec(name, config_cls, fn, plan, lossy, doc, report)
+        REGISTRY[name] = PassSpec(name, config_cls, fn, plan, lossy, doc, report, discontinuous)
         return fn
 
     return decorate

@@ -281,7 +281,7 @@ def report_sparsity(gm: fx.GraphModule, plan: dict, inputs) -> dict:
 
 
 @register_pass("sparsify_activations", SparsifyActivationsConfig, lossy=True, plan=plan_sparsify_activations,
-               report=report_sparsity)
+               report=report_sparsity, discontinuous=True)
 def sparsify_activations(gm: fx.GraphModule, anatomy: Anatomy, cfg: SparsifyActivationsConfig, plan: dict) -> PassResult:
     """Threshold small activations (TEAL, CATS, CHESS) so sparse kernels skip weight rows."""
     rows = plan.get("units", [])
