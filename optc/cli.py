@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=3,
                    help="LMs: after all optc rows are compiled, time them round-robin this many times in all "
                         "and pool the runs (keeps every row's compiled program in memory; 1: time each once)")
-    b.add_argument("--out", help="also write the JSON result to this file")
+    b.add_argument("--out", help="also write the JSON result to this file (rewritten after every row, marked "
+                   "\"partial\" until the run is complete)")
     b.add_argument("--json", action="store_true")
 
     s = sub.add_parser("search", help="search pass settings against measured latency under a quality limit")

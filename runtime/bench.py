@@ -53,6 +53,39 @@ def bench(args) -> dict:
     timings, notes, failed = {}, {}, {}
     again: dict = {}  # label -> time the compiled row once more (later rounds)
 
+    def summary() -> dict:
+        base_names = [n for n in names if n in timings]
+        best = min(base_names, key=lambda n: timings[n].median_ms) if base_names else None
+        best_ms = timings[best].median_ms if best else None
+        rows = [t.as_row(n, best_ms) for n, t in timings.items()]
+        for row in rows:
+            row["compile_s"] = timings[row["name"]].compile_s
+            row.update({k: v for k, v in timings[row["name"]].info.items() if k in ("rounds", "round_medians_ms")})
+            row.update(notes.get(row["name"], {}))
+        result = {
+            "model": args.model,
+            "target": target.name,
+            "unit": "ms/token (decode, prefill excluded)" if is_lm else "ms/forward",
+            "tokens": args.tokens if is_lm else None,
+            "batch": int(example_inputs[0].shape[0]) if not is_lm else (args.batch or 1),
+            "baseline": best,
+            **device_info(device),
+            "versions": {k: device_info(device)[k] for k in ("torch", "triton", "transformers", "cuda")},
+            "optc_lowering": "inductor max-autotune" if autotune else "inductor",
+            "rows": rows,
+            "failed": failed,
+        }
+        result["partial"] = True  # until every row and round is in
+        return result
+
+    def write(result: dict) -> None:
+        if args.out:  # atomic: a reader never sees half a file
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2, default=str))
+            tmp.replace(out)
+
     def run_variant(label, time_it):
         try:
             timings[label], notes[label], remeasure = time_it()
@@ -65,6 +98,7 @@ def bench(args) -> dict:
             failed[label] = f"{type(exc).__name__}: {exc}"[:2000]
             return
         _log(f"{label}: {timings[label].median_ms:.3f} ms {notes[label].get('agreement', '')}")
+        write(summary())  # a run cut short still leaves the rows it measured
 
     if is_lm:
         prompt = example_inputs[0][:, :16].contiguous()
@@ -76,6 +110,7 @@ def bench(args) -> dict:
             _log(f"baseline {name} ...")
             timings[name] = baselines.LM_BASELINES[name](model, prompt, args.tokens)
             _log(f"baseline {name}: {timings[name].median_ms:.3f} ms/token")
+            write(summary())
         for label, pipe, passes in variants:
             _log(f"{label}: compiling ...")
 
@@ -93,6 +128,7 @@ def bench(args) -> dict:
                 raise UsageError(f"unknown baseline '{name}'; known for this model: {', '.join(baselines.FORWARD_BASELINES)}")
             _log(f"baseline {name} ...")
             timings[name] = baselines.FORWARD_BASELINES[name](model, inputs)
+            write(summary())
         for label, pipe, passes in variants:
             _log(f"{label}: compiling ...")
 
@@ -102,31 +138,10 @@ def bench(args) -> dict:
                 return (*_time_forward(art, inputs, target), None)
 
             run_variant(label, time_it)
-    base_names = [n for n in names if n in timings]
-    best = min(base_names, key=lambda n: timings[n].median_ms) if base_names else None
-    best_ms = timings[best].median_ms if best else None
-    rows = [t.as_row(n, best_ms) for n, t in timings.items()]
-    for row in rows:
-        row["compile_s"] = timings[row["name"]].compile_s
-        row.update({k: v for k, v in timings[row["name"]].info.items() if k in ("rounds", "round_medians_ms")})
-        row.update(notes.get(row["name"], {}))
-    result = {
-        "model": args.model,
-        "target": target.name,
-        "unit": "ms/token (decode, prefill excluded)" if is_lm else "ms/forward",
-        "tokens": args.tokens if is_lm else None,
-        "batch": int(example_inputs[0].shape[0]) if not is_lm else (args.batch or 1),
-        "baseline": best,
-        **device_info(device),
-        "versions": {k: device_info(device)[k] for k in ("torch", "triton", "transformers", "cuda")},
-        "optc_lowering": "inductor max-autotune" if autotune else "inductor",
-        "rows": rows,
-        "failed": failed,
-    }
+    result = summary()
+    result.pop("partial")
     _print_table(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    write(result)
     if failed:
         err = CompileError(f"bench: {len(failed)} optc variant(s) failed (the others were timed"
                            f"{' and written to ' + args.out if args.out else ''}): "
