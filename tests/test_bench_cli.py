@@ -16,6 +16,7 @@ def test_bench_rows_for_each_variant(tmp_path):
     out = tmp_path / "b.json"
     rc, stdout, err = optc("bench", "tiny-llama", "--target", "cpu", "--tokens", "4", "--baselines", "eager",
                            "--no-autotune", "--set", "skip_layers.layers=[1]", "--set", "skip_layers.granularity=block",
+                           "--set", "merge_projections.enabled=true",
                            "--variant", "sparsify_activations.method=cats sparsify_activations.sparsity=0.5",
                            "--rounds", "2", "--json", "--out", str(out))
     assert rc == 0, err
@@ -33,8 +34,9 @@ def test_bench_rows_for_each_variant(tmp_path):
     assert "rel_err_vs_program" in cats["agreement"] and "rel_err_vs_eager" not in cats["agreement"]
     assert cats["decode_program"]["sparsify_activations"]["rewritten"]
     assert rows[names[2]]["removed"] == [[1, "block"]]
-    # The dense row is the default pipeline: lossless passes only (q/k/v and gate/up merged).
-    assert rows["optc"]["decode_program"]["merge_projections"]["linears_merged"] == 4 * 5
+    # merge_projections (off by default) merged q/k/v and gate/up of the 3 blocks left.
+    assert "merge_projections" not in rows["optc"].get("decode_program", {})
+    assert rows[names[2]]["decode_program"]["merge_projections"]["linears_merged"] == 3 * 5
     # Every optc row was timed in both rounds (the baseline once).
     assert all(len(rows[n]["round_medians_ms"]) == 2 for n in names[1:]) and "rounds" not in rows["eager"]
 
