@@ -40,6 +40,12 @@ def _plain_outputs(codegen):
     return codegen
 
 
+def attr_value(gm: fx.GraphModule, target: str):
+    """The tensor a get_attr node's `target` names (parameter, buffer or constant)."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
 def drop_unused_attributes(gm: fx.GraphModule) -> None:
     """Erase get_attr nodes nothing reads and delete the parameters they named, so the
     re-exported program and the parameter count no longer include them. Buffers stay:

@@ -52,6 +52,7 @@ def bench(args) -> dict:
     autotune = is_lm and not getattr(args, "no_autotune", False)
     timings, notes, failed = {}, {}, {}
     again: dict = {}  # label -> time the compiled row once more (later rounds)
+    info = device_info(device)  # once: the JSON is rewritten after every row
 
     def summary() -> dict:
         base_names = [n for n in names if n in timings]
@@ -69,8 +70,8 @@ def bench(args) -> dict:
             "tokens": args.tokens if is_lm else None,
             "batch": int(example_inputs[0].shape[0]) if not is_lm else (args.batch or 1),
             "baseline": best,
-            **device_info(device),
-            "versions": {k: device_info(device)[k] for k in ("torch", "triton", "transformers", "cuda")},
+            **info,
+            "versions": {k: info[k] for k in ("torch", "triton", "transformers", "cuda")},
             "optc_lowering": "inductor max-autotune" if autotune else "inductor",
             "rows": rows,
             "failed": failed,

@@ -8,6 +8,7 @@ import torch
 from torch.export import ExportedProgram
 
 from optc.compiler.capture import graph_module
+from optc.compiler.rewrite import attr_value
 from optc.compiler.targets import Target
 from optc.errors import CompileError
 
@@ -54,8 +55,7 @@ def vocab_size(program) -> int | None:
             if "val" in table.meta:
                 return int(table.meta["val"].shape[0])
             if table.op == "get_attr":
-                owner, _, name = table.target.rpartition(".")
-                return int(getattr(program.get_submodule(owner) if owner else program, name).shape[0])
+                return int(attr_value(program, table.target).shape[0])
     return None
 
 

@@ -24,6 +24,7 @@ import torch.fx as fx
 from optc.compiler.anatomy import Anatomy
 from optc.compiler.config import PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
+from optc.compiler.rewrite import attr_value as _attr
 from optc.compiler.rewrite import drop_unused_attributes, eliminate_dead_code
 
 aten = torch.ops.aten
@@ -36,11 +37,6 @@ class MergeProjectionsConfig(PassConfig):
     # program (1.36-1.53 ms/token); see benchmarks/NOTES.md.
     enabled: bool = knob(False, doc="run this pass at all (off until measured to pay)")
     max_group: int = knob(8, low=2, high=64, doc="most linears merged into one (siblings beyond it form another group)")
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _is_attr(node) -> bool:
@@ -112,7 +108,7 @@ def _values(gm: fx.GraphModule, args: list, x: torch.Tensor) -> list:
     return [x] + [_attr(gm, a.target) if _is_attr(a) else a for a in args[1:]]
 
 
-def _check_group(gm: fx.GraphModule, members: list[fx.Node], merged_args: list, widths: list[int], kind: _Kind) -> float:
+def _check_group(gm: fx.GraphModule, members: list[fx.Node], merged_args: list, kind: _Kind) -> float:
     """The merged op against its members on a random input shaped like theirs:
     relative error of the concatenated outputs (the rewrite checked where it happened,
     which stays meaningful in programs whose thresholds make end-to-end checks chaotic)."""
@@ -146,7 +142,7 @@ def _merge(gm: fx.GraphModule, members: list[fx.Node], kind: _Kind) -> float:
         args[kind.weight_arg] = g.get_attr(_register(gm, weights, kind.out_dim))
         if has_bias:
             args[kind.bias_arg] = g.get_attr(_register(gm, [m.args[kind.bias_arg].target for m in members], 0))
-        err = _check_group(gm, members, args, widths, kind)
+        err = _check_group(gm, members, args, kind)
         merged = g.call_function(first.target, tuple(args))
     merged.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
     start = 0

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from optc.compiler.anatomy import Anatomy, Block, Linear
+from optc.compiler.rewrite import attr_value
 
 LEVELS = [round(0.05 * i, 2) for i in range(20)]  # greedy allocation grid, 0 .. 0.95
 MAX_TOKENS = 512  # calibration tokens used for the error proxy
@@ -169,8 +170,7 @@ def _weights(gm: fx.GraphModule, lin: Linear):
     w = gm.get_parameter(lin.weight).detach().float()
     if lin.bias is None:
         return w, None
-    owner, _, attr = lin.bias.rpartition(".")
-    return w, getattr(gm.get_submodule(owner) if owner else gm, attr).detach().float()
+    return w, attr_value(gm, lin.bias).detach().float()
 
 
 class ErrorProxy:
