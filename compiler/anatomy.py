@@ -56,6 +56,9 @@ class Attention:
     head_dim: int
     sdpa: fx.Node
     cache_writes: list[fx.Node] = field(default_factory=list)
+    # Grouped-query attention written as repeat_kv (Llama): the K and V tensors before
+    # they were copied once per query head, (k, v); None when SDPA reads them as they are.
+    kv_sources: tuple[fx.Node, fx.Node] | None = None
 
 
 @dataclass
@@ -122,6 +125,7 @@ class Anatomy:
                     "kv_heads": b.attention.num_kv_heads,
                     "head_dim": b.attention.head_dim,
                     "kv_cache": bool(b.attention.cache_writes),
+                    "kv_repeated": b.attention.kv_sources is not None,
                 },
                 "mlp": {
                     "gated": b.mlp.gated,
@@ -286,9 +290,12 @@ def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph)
     q_shape = _shape(sdpa.args[0])
     if q_shape is None or len(q_shape) != 4:
         raise _Unreadable(f"attention {path}: SDPA query has no 4-d shape metadata")
-    num_heads, head_dim = q_shape[1], q_shape[3]
-    if isinstance(num_heads, torch.SymInt) or isinstance(head_dim, torch.SymInt):
-        raise _Unreadable(f"attention {path}: head count or head size is symbolic")
+    head_dim = q_shape[3]
+    if isinstance(head_dim, torch.SymInt):
+        raise _Unreadable(f"attention {path}: head size is symbolic")
+    # From the projection, not the query's shape: a rewrite may fold query heads into
+    # SDPA's query-length axis (share_kv_heads).
+    num_heads = roles["q"].out_features // int(head_dim)
     cache_writes = [
         n
         for n in graph.nodes
@@ -301,8 +308,36 @@ def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph)
         head_dim=int(head_dim),
         sdpa=sdpa,
         cache_writes=cache_writes,
+        kv_sources=_kv_sources(sdpa, num_heads // max(1, roles["k"].out_features // int(head_dim))),
         **roles,
     )
+
+
+_VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+
+
+def _repeated_from(node, groups: int):
+    """`src` if `node` is Hugging Face's repeat_kv(src, groups), i.e.
+    src[:, :, None].expand(b, kv, groups, s, d).reshape(b, kv * groups, s, d); else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.target == aten.expand.default):
+        return None
+    unsq = expand.args[0]
+    if not (isinstance(unsq, fx.Node) and unsq.target == aten.unsqueeze.default and unsq.args[1] == 2):
+        return None
+    sizes = expand.args[1]
+    if len(sizes) != 5 or sizes[2] != groups:
+        return None
+    return unsq.args[0]
+
+
+def _kv_sources(sdpa: fx.Node, groups: int):
+    if groups < 2 or len(sdpa.args) < 3:
+        return None
+    k, v = _repeated_from(sdpa.args[1], groups), _repeated_from(sdpa.args[2], groups)
+    return (k, v) if k is not None and v is not None else None
 
 
 def _mlp(block: str, attention: Attention, linears: list[Linear], dag: nx.DiGraph) -> MLP:

@@ -33,6 +33,9 @@ PIPELINES: dict[str, list[Step]] = {
     "default": [
         # Depth first: a removed block also removes its share of every later pass's work.
         Step("skip_layers", "drop the residual blocks (or halves) that matter least; off until count/layers is set"),
+        # Before the thresholding pass, so the runner's end-to-end check of this lossless
+        # rewrite is meaningful.
+        Step("share_kv_heads", "one-token attention reads each KV head once instead of a copy per query head"),
         Step("sparsify_activations", "zero small activations so sparse decode kernels skip weight rows; off until sparsity is set"),
         # Last: it merges what the passes before it left, sparse ops included.
         Step("merge_projections", "one linear for the linears that read the same input (q/k/v, gate/up): fewer launches, same function"),
@@ -121,13 +124,20 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
                 f"pass {step.name} failed after [{', '.join(history)}]: {type(exc).__name__}: {exc}"
             ) from exc
         applied = [r.applied for r in results.values()]
+        not_applied = [(name, r.reason) for name, r in results.items() if not r.applied]
+        reason = None
+        if not_applied:  # one reason when nothing applied, else which program was left as it was and why
+            reason = not_applied[0][1] if not any(applied) else "; ".join(f"{n}: {why}" for n, why in not_applied)
         entry.update(
-            applied=all(applied),
-            reason=next((r.reason for r in results.values() if not r.applied), None),
+            # A lossy pass must change every program alike (one plan); a lossless one may
+            # rewrite only the programs where it pays (one-token decode, say).
+            applied=all(applied) if spec.lossy else any(applied),
+            reason=reason,
             seconds=round(time.perf_counter() - start, 3),
             plan=plan,
             programs={
-                name: {"before": before[name], "after": count(gms[name]), **results[name].details,
+                name: {"applied": results[name].applied, "before": before[name], "after": count(gms[name]),
+                       **results[name].details,
                        **({"lossless_check": checks[name]} if name in checks else {})}
                 for name in gms
             },
