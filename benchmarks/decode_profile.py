@@ -36,8 +36,13 @@ def profile_variant(model, entry, prompt, target, settings: dict, steps: int) ->
                              max_cache_len=art.manifest["model"]["max_cache_len"], batch_size=1)
     dec.warm_up(prompt)
     ms = dec.measure_decode(prompt, 64).median_ms
+    return dict(ms_per_token=ms, **kernel_table(dec, prompt, steps))
+
+
+def kernel_table(dec, prompt, steps: int, top: int = 25) -> dict:
+    """GPU kernels of `steps` decode-graph replays, grouped by name, per step."""
     # Prefill outside the profile: only the decode steps' graph replays are counted.
-    # (The JSON in benchmarks/results/ predates this and includes one prefill / steps.)
+    # (decode_profile_llama1b_h100.json predates this and includes one prefill / steps.)
     dec.generate(prompt, 1)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -51,11 +56,11 @@ def profile_variant(model, entry, prompt, target, settings: dict, steps: int) ->
             g = groups.setdefault(name, [0.0, 0])
             g[0] += us / steps
             g[1] += evt.count / steps
-    top = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    total = sum(v[0] for _, v in top)
-    return dict(ms_per_token=ms, kernel_us_per_step=round(total, 1),
-                kernels_per_step=round(sum(v[1] for _, v in top), 1),
-                top=[dict(name=k, us_per_step=round(v[0], 1), calls_per_step=round(v[1], 1)) for k, v in top[:25]])
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    total = sum(v[0] for _, v in ranked)
+    return dict(kernel_us_per_step=round(total, 1),
+                kernels_per_step=round(sum(v[1] for _, v in ranked), 1),
+                top=[dict(name=k, us_per_step=round(v[0], 1), calls_per_step=round(v[1], 1)) for k, v in ranked[:top]])
 
 
 def main():

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """One-token sparse GEMV on the GPU: the compacting kernel (kernels/sparse_gemv.py)
-over a grid of tiles, against the masked kernel (sparse_linear.py's BLOCK_M=1 tile) and
-cuBLAS dense, on the Llama-1B projections. Timing as in kernels_sparse_linear.py (CUDA
+over a grid of tiles, against the masked kernel (sparse_linear.py's BLOCK_M=1 tile), the
+tensor-core tile (BLOCK_M=16, one token padded; Triton pipelines its loads over
+num_stages) and cuBLAS dense, on the Llama-1B projections. The "ideal" row is cuBLAS on
+a weight holding only the active rows: what reading exactly the needed bytes costs
+through the best dense GEMV, i.e. the time a sparse kernel could reach with free
+indexing. Timing as in kernels_sparse_linear.py (CUDA
 graph over distinct weight copies spanning 2x L2, do_bench median). Prints the best tile
 of each kernel per shape (timed at sparsity 0.5, the split-K sum included as an eager
 torch kernel, which Inductor fuses away in a compiled graph) and a table; JSON to --out.
 
-    python benchmarks/gemv_sweep.py --out $OUT/gemv_sweep.json [--budget-s 240]
+    python benchmarks/gemv_sweep.py --out $OUT/gemv_sweep.json [--budget-s 240] [--kinds masked,gemv,dot]
 """
 
 from __future__ import annotations
@@ -42,18 +46,37 @@ def time_sparse(su, timer, K, N, s, WTs, fn):
     return dict(us=round(us, 3), rows_read_frac=round(frac, 4), gbps=round(read / us / 1e3, 1), rel_err=err)
 
 
+def row_ideal(su, timer, K, N, s, n_copies):
+    """cuBLAS on only the active rows at sparsity s: a dense [N, K_active] weight."""
+    k_active = max(1, round((1 - s) * K))
+    Ws = [torch.randn(N, k_active, device=su.device, dtype=su.dtype) for _ in range(n_copies)]
+    xs = [torch.randn(1, k_active, device=su.device, dtype=su.dtype) for _ in range(4)]
+    us, _ = timer([lambda i=i: torch.nn.functional.linear(xs[i % 4], Ws[i]) for i in range(n_copies)])
+    read = k_active * N * 2
+    return dict(kind="ideal", K=K, N=N, sparsity=s, us=round(us, 3), rows_read_frac=round(k_active / K, 4),
+                gbps=round(read / us / 1e3, 1), rel_err=None, config="cuBLAS on the active rows only")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--rep-ms", type=float, default=25.0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, few tiles (CPU: TRITON_INTERPRET=1)")
+    ap.add_argument("--kinds", default="masked,gemv,dot", help="which kernels to sweep (comma-separated)")
     args = ap.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not set(kinds) <= {"masked", "gemv", "dot"}:
+        raise SystemExit(f"--kinds: unknown kind in {args.kinds!r}; known: masked, gemv, dot")
     su = Setup(smoke=args.smoke)
     shapes = [(96, 64), (64, 32)] if args.smoke else SHAPES
     timer = Timer(su.device, args.rep_ms)
     masked_grid = [(LaunchConfig(1, bn, bk, nw, 1), sk) for bn, bk, nw, sk in
                    itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 4, 8))]
+    dot_grid = [(LaunchConfig(16, bn, bk, nw, st), sk) for bn, bk, nw, st, sk in
+                itertools.product((64, 128), (64, 128), (4, 8), (3, 4), (2, 4, 8))]
+    if args.smoke:
+        dot_grid = [(LaunchConfig(16, 16, 16, 1, 1), 2)]
     gemv_grid = [GemvConfig(bn, bk, nw, sl, sl) for bn, bk, nw, sl in
                  itertools.product((32, 64, 128, 256), (32, 64, 128), (4, 8),
                                    (16, 32) if args.smoke else (256, 512, 1024))]
@@ -66,12 +89,15 @@ def main():
         rows.append(dense)
         default = time_sparse(su, timer, K, N, 0.5, WTs, lambda x, wt, t: ops.sparse_linear(x, wt, t, None))
         rows.append(dict(kind="default", K=K, N=N, sparsity=0.5, dense_us=dense["us"], **default))
-        for kind, grid in (("masked", masked_grid), ("gemv", gemv_grid)):
-            cands, end = [], time.time() + args.budget_s / len(shapes) / 2
+        for s in (0.25, 0.5, 0.7):
+            rows.append(dict(row_ideal(su, timer, K, N, s, n_copies), dense_us=dense["us"]))
+        grids = {"masked": masked_grid, "gemv": gemv_grid, "dot": dot_grid}
+        for kind, grid in ((k, grids[k]) for k in kinds):
+            cands, end = [], time.time() + args.budget_s / len(shapes) / len(kinds)
             for cfg in grid:
                 if time.time() > end:
                     break
-                if kind == "masked":
+                if kind in ("masked", "dot"):
                     c, sk = cfg
                     if c.block_n > N or K // sk < c.block_k:
                         continue
@@ -105,9 +131,9 @@ def main():
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"{'kind':<11} {'K':>5} {'N':>5} {'s':>4} {'us':>8} {'dense':>8} {'x':>6} {'GB/s':>7} {'err':>8} config")
     for r in rows:
-        if r["kind"] in ("default", "masked_best", "gemv_best"):
+        if r["kind"] in ("default", "ideal", "masked_best", "gemv_best", "dot_best"):
             print(f"{r['kind']:<11} {r['K']:>5} {r['N']:>5} {r['sparsity']:>4} {r['us']:>8.2f} {r['dense_us']:>8.2f} "
-                  f"{r['dense_us'] / r['us']:>6.2f} {r['gbps']:>7.0f} {r['rel_err']:>8.1e} {r.get('config', '')}")
+                  f"{r['dense_us'] / r['us']:>6.2f} {r['gbps']:>7.0f} {r['rel_err'] if r['rel_err'] is not None else float('nan'):>8.1e} {r.get('config', '')}")
     print("best:", json.dumps(best))
 
 

@@ -87,9 +87,26 @@ def gemv_table() -> str:
     return "\n".join(out) + "\n"
 
 
+def rows_read_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    out = [f"**{d['model']}** weight rows a sparse kernel must read for M tokens at once, real held-out "
+           f"activations (in brackets: if tokens were independent, as in the kernel benchmark; "
+           f"`{path.relative_to(ROOT)}`)\n",
+           "| method | target | 1 token | 4 consecutive | 16 consecutive | 4 sequences | 16 sequences |",
+           "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        rr, ind = r["rows_read"], r["rows_read_if_independent"]
+        out.append(f"| {r['method']} | {r['sparsity']} | {rr['1']:.3f} | {rr['4_consecutive']:.3f} ({ind['4']:.3f}) "
+                   f"| {rr['16_consecutive']:.3f} ({ind['16']:.3f}) | {rr['4_sequences']:.3f} | {rr['16_sequences']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
 def quality_tables() -> str:
     out = []
     for path in sorted(RESULTS.glob("smollm2_*_cpu.json")):
+        if "rows_read" in path.name:
+            out.append(rows_read_table(path))
+            continue
         if "sparsify" in path.name:
             out.append(sparsify_quality_table(path))
             continue

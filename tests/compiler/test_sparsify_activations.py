@@ -33,7 +33,7 @@ def _run(captured, sets, task="causal-lm", calib=None):
     config = pipeline.resolve("default", {"sparsify_activations": sets, "merge_projections": {"enabled": False}})
     calib = calib if calib is not None else _inputs(_ids(2, 24, 5))
     report = pipeline.run(gms, primary, config, lambda gm: CalibrationContext(task, gm, calib), log=lambda m: None)
-    return gms, report[1]
+    return gms, next(e for e in report if e["name"] == "sparsify_activations")
 
 
 def _cached(captured, method, allocation="uniform", sparsity=0.5, kernels="sparse"):
@@ -179,7 +179,25 @@ def test_report_heldout_sparsity(llama_captured, method):
     assert 0.3 < rep["sparsity"] < 0.7 and 0.3 < rep["weighted_sparsity"] < 0.7
     assert set(rep["units"]) == {r["key"] for r in entry["plan"]["units"]}
     assert rep["n_inputs"] == 3
+    rr = rep["rows_read"]
+    assert rr["1"] == pytest.approx(1 - rep["weighted_sparsity"], abs=1e-3)
+    # More tokens at once read at least the rows one token reads; 3 sequences: no 4-sequence group.
+    assert rr["1"] <= rr["4_consecutive"] <= rr["16_consecutive"] <= 1.0
+    assert "4_sequences" not in rr
     assert sa.report_sparsity(gms["decode"], entry["plan"], [])["sparsity"] is None
+
+
+def test_union_of_active_channels_over_tokens():
+    unions = sa._Unions(1)
+    # 4 channels; token t uses channel t % 4 only; 4 identical sequences of 16 tokens,
+    # given as a batch of 3 and a batch of 1.
+    keep = torch.zeros(4, 16, 4, dtype=torch.bool)
+    keep[:, torch.arange(16), torch.arange(16) % 4] = True
+    unions.add(0, keep[:3])
+    unions.add(0, keep[3:])
+    got = unions.summary([10])
+    # 4 consecutive tokens touch every channel; the same position of 4 sequences one channel.
+    assert got == {"4_consecutive": 1.0, "16_consecutive": 1.0, "4_sequences": 0.25}
 
 
 @pytest.mark.parametrize("method", ["teal", "chess"])
