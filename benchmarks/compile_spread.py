@@ -40,25 +40,13 @@ import torch  # noqa: E402
 import optc  # noqa: E402
 from optc.compiler import targets  # noqa: E402
 from optc.compiler.codegen.lowering import lower  # noqa: E402
-from optc.compiler.config import parse_sets  # noqa: E402
+from optc.compiler.config import parse_sets, parse_value  # noqa: E402
 from optc.models.user import resolve  # noqa: E402
-from optc.runtime.decode import StaticCacheDecoder  # noqa: E402
+from optc.runtime.bench import decode_timer  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_arm(text: str) -> tuple[str, dict, dict]:
@@ -72,7 +60,7 @@ def parse_arm(text: str) -> tuple[str, dict, dict]:
         if not eq:
             raise SystemExit(f"--arm {text!r}: {item!r} is not KEY=VALUE")
         if key.startswith("inductor."):
-            inductor[key[len("inductor."):]] = _value(val)
+            inductor[key[len("inductor."):]] = parse_value(val)
         else:
             sets.append(item)
     return label, parse_sets(sets), inductor
@@ -91,6 +79,9 @@ def main():
     if args.compiles < 1 or args.rounds < 1:
         raise SystemExit("--compiles and --rounds must be >= 1")
     arms = [parse_arm(a) for a in (args.arm or ["dense:"])]
+    labels = [label for label, _, _ in arms]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"--arm labels must differ, got {labels}")
     target = targets.get("auto")
     entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
     prompt = example[0][:, :16].contiguous()
@@ -111,18 +102,13 @@ def main():
                            passes=sets, entry=entry, verify=False)
         tgt = dataclasses.replace(target, inductor={**target.inductor, **inductor})
         arm = result["arms"][label] = dict(passes=sets, inductor=tgt.inductor, compiles=[])
-        meta = art.manifest["model"]
         for i in range(args.compiles):
             # Dynamo would otherwise reuse the first compile for the same graph (weights
             # are inputs to it). The earlier decoders replay their CUDA graphs and never
             # call their compiled step again; without CUDA (a smoke run) they recompile
             # when next called, so CPU timings here mean nothing.
             torch._dynamo.reset()
-            dev = str(prompt.device)
-            dec = StaticCacheDecoder(art.module("prefill", device=dev, compiled=False),
-                                     art.module("decode", device=dev, compiled=False),
-                                     compile=lambda m, tgt=tgt: lower(m, tgt), compile_prefill=False, device=dev,
-                                     max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])
+            dec = decode_timer(art, lambda m, tgt=tgt: lower(m, tgt), str(prompt.device))
             t0 = time.perf_counter()
             dec.warm_up(prompt)
             row = dict(setup_s=round(time.perf_counter() - t0, 1), round_medians_ms=[])

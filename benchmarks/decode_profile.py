@@ -24,16 +24,13 @@ from optc.compiler import targets
 from optc.compiler.codegen.lowering import lower
 from optc.compiler.config import parse_sets
 from optc.models.user import resolve
-from optc.runtime.decode import StaticCacheDecoder
+from optc.runtime.bench import decode_timer
 
 
 def profile_variant(model, entry, prompt, target, settings: dict, steps: int) -> dict:
     art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default",
                        passes=settings, entry=entry, verify=False)
-    dec = StaticCacheDecoder(art.module("prefill", device=str(prompt.device), compiled=False),
-                             art.module("decode", device=str(prompt.device), compiled=False),
-                             compile=lambda m: lower(m, target), compile_prefill=False, device=str(prompt.device),
-                             max_cache_len=art.manifest["model"]["max_cache_len"], batch_size=1)
+    dec = decode_timer(art, lambda m: lower(m, target), str(prompt.device))
     dec.warm_up(prompt)
     ms = dec.measure_decode(prompt, 64).median_ms
     return dict(ms_per_token=ms, **kernel_table(dec, prompt, steps))

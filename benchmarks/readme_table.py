@@ -96,8 +96,12 @@ def rows_read_table(path: Path) -> str:
            "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         rr, ind = r["rows_read"], r["rows_read_if_independent"]
-        out.append(f"| {r['method']} | {r['sparsity']} | {rr['1']:.3f} | {rr['4_consecutive']:.3f} ({ind['4']:.3f}) "
-                   f"| {rr['16_consecutive']:.3f} ({ind['16']:.3f}) | {rr['4_sequences']:.3f} | {rr['16_sequences']:.3f} |")
+
+        def cell(key, indep=None):  # a run with too few tokens or sequences lacks some keys
+            text = f"{rr[key]:.3f}" if key in rr else "-"
+            return f"{text} ({ind[indep]:.3f})" if indep and key in rr else text
+        out.append(f"| {r['method']} | {r['sparsity']} | {cell('1')} | {cell('4_consecutive', '4')} "
+                   f"| {cell('16_consecutive', '16')} | {cell('4_sequences')} | {cell('16_sequences')} |")
     return "\n".join(out) + "\n"
 
 

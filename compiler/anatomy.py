@@ -25,6 +25,8 @@ _LINEAR = {aten.linear.default}
 _SDPA = {aten.scaled_dot_product_attention.default}
 _CACHE_WRITE = {aten.index_copy_.default, aten.index_put_.default, aten.copy_.default}
 _NORM = {aten.layer_norm.default, aten.rms_norm.default}
+# Node meta flag set by share_kv_heads on an SDPA whose query is [B, KV, G, D].
+GROUPED_QUERY = "optc_grouped_query"
 _ACTIVATIONS = {
     aten.silu.default: "silu",
     aten.gelu.default: "gelu",
@@ -290,12 +292,14 @@ def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph)
     q_shape = _shape(sdpa.args[0])
     if q_shape is None or len(q_shape) != 4:
         raise _Unreadable(f"attention {path}: SDPA query has no 4-d shape metadata")
-    head_dim = q_shape[3]
-    if isinstance(head_dim, torch.SymInt):
-        raise _Unreadable(f"attention {path}: head size is symbolic")
-    # From the projection, not the query's shape: a rewrite may fold query heads into
-    # SDPA's query-length axis (share_kv_heads).
-    num_heads = roles["q"].out_features // int(head_dim)
+    num_heads, head_dim = q_shape[1], q_shape[3]
+    if isinstance(num_heads, torch.SymInt) or isinstance(head_dim, torch.SymInt):
+        raise _Unreadable(f"attention {path}: head count or head size is symbolic")
+    if sdpa.meta.get(GROUPED_QUERY):
+        # share_kv_heads folded the G query heads of each KV head into the query axis
+        # of this one-token attention: [B, KV, G, D].
+        num_heads = q_shape[1] * q_shape[2]
+    num_kv_heads = roles["k"].out_features // int(head_dim)
     cache_writes = [
         n
         for n in graph.nodes
@@ -304,11 +308,11 @@ def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph)
     return Attention(
         path=path,
         num_heads=int(num_heads),
-        num_kv_heads=roles["k"].out_features // int(head_dim),
+        num_kv_heads=num_kv_heads,
         head_dim=int(head_dim),
         sdpa=sdpa,
         cache_writes=cache_writes,
-        kv_sources=_kv_sources(sdpa, num_heads // max(1, roles["k"].out_features // int(head_dim))),
+        kv_sources=_kv_sources(sdpa, int(num_heads), num_kv_heads),
         **roles,
     )
 
@@ -316,9 +320,10 @@ def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph)
 _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 
 
-def _repeated_from(node, groups: int):
-    """`src` if `node` is Hugging Face's repeat_kv(src, groups), i.e.
-    src[:, :, None].expand(b, kv, groups, s, d).reshape(b, kv * groups, s, d); else None."""
+def _repeated_from(node, heads: int, kv_heads: int):
+    """`src` if `node` is Hugging Face's repeat_kv(src, heads // kv_heads), i.e.
+    src[:, :, None].expand(b, kv, g, s, d).reshape(b, kv * g, s, d) with src [b, kv, s, d];
+    else None (other ways of copying heads are not recognised)."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS):
         return None
     expand = node.args[0]
@@ -327,16 +332,19 @@ def _repeated_from(node, groups: int):
     unsq = expand.args[0]
     if not (isinstance(unsq, fx.Node) and unsq.target == aten.unsqueeze.default and unsq.args[1] == 2):
         return None
-    sizes = expand.args[1]
-    if len(sizes) != 5 or sizes[2] != groups:
+    src, sizes, out = unsq.args[0], expand.args[1], _shape(node)
+    src_shape = _shape(src)
+    if (len(sizes) != 5 or sizes[1] != kv_heads or sizes[2] != heads // kv_heads
+            or src_shape is None or len(src_shape) != 4 or src_shape[1] != kv_heads
+            or out is None or len(out) != 4 or out[1] != heads):
         return None
-    return unsq.args[0]
+    return src
 
 
-def _kv_sources(sdpa: fx.Node, groups: int):
-    if groups < 2 or len(sdpa.args) < 3:
+def _kv_sources(sdpa: fx.Node, heads: int, kv_heads: int):
+    if kv_heads < 1 or heads % kv_heads or heads == kv_heads or len(sdpa.args) < 3:
         return None
-    k, v = _repeated_from(sdpa.args[1], groups), _repeated_from(sdpa.args[2], groups)
+    k, v = _repeated_from(sdpa.args[1], heads, kv_heads), _repeated_from(sdpa.args[2], heads, kv_heads)
     return (k, v) if k is not None and v is not None else None
 
 

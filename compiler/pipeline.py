@@ -142,7 +142,9 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
                 for name in gms
             },
         )
-        log(f"[optc] {step.name}: {'applied' if entry['applied'] else 'not applied: ' + str(entry['reason'])} ({entry['seconds']} s)")
+        said = ("applied" + (f" (not to {entry['reason']})" if entry["reason"] else "") if entry["applied"]
+                else f"not applied: {entry['reason']}")
+        log(f"[optc] {step.name}: {said} ({entry['seconds']} s)")
         history.append(step.name)
         report.append(entry)
         if spec.discontinuous and entry["applied"]:

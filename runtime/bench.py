@@ -179,19 +179,24 @@ def _variants(args) -> list[tuple[str, str, dict]]:
     return variants
 
 
-def _time_lm(art, prompt, n, target, model, autotune: bool = True):
-    from optc.compiler.codegen.lowering import lower
+def decode_timer(art, compile_fn, device: str):
+    """A StaticCacheDecoder over an artifact's programs for timing decode steps: the
+    decode step lowered by `compile_fn`, the prefill program run as exported (compiling
+    and autotuning its dynamic-length graph would cost minutes and change no number)."""
     from optc.runtime.decode import StaticCacheDecoder
 
-    device = str(prompt.device)
-    prefill = art.module("prefill", device=device, compiled=False)
-    decode = art.module("decode", device=device, compiled=False)
-    compile_fn = lambda m: lower(m, target, autotune=autotune and target.device == "cuda")  # noqa: E731
     meta = art.manifest["model"]
-    # Only the decode step is timed; the prefill program runs as exported (compiling and
-    # autotuning its dynamic-length graph would cost minutes and change no number).
-    dec = StaticCacheDecoder(prefill, decode, compile=compile_fn, compile_prefill=False, device=device,
-                             max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])
+    return StaticCacheDecoder(art.module("prefill", device=device, compiled=False),
+                              art.module("decode", device=device, compiled=False),
+                              compile=compile_fn, compile_prefill=False, device=device,
+                              max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])
+
+
+def _time_lm(art, prompt, n, target, model, autotune: bool = True):
+    from optc.compiler.codegen.lowering import lower
+
+    compile_fn = lambda m: lower(m, target, autotune=autotune and target.device == "cuda")  # noqa: E731
+    dec = decode_timer(art, compile_fn, str(prompt.device))
     start = time.perf_counter()
     dec.warm_up(prompt)
     warm = time.perf_counter() - start

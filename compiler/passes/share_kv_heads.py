@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.operator_schemas import normalize_function
 
-from optc.compiler.anatomy import Anatomy, Attention
+from optc.compiler.anatomy import GROUPED_QUERY, Anatomy, Attention
 from optc.compiler.config import PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.rewrite import eliminate_dead_code
@@ -48,28 +49,39 @@ def _sdpa_args(node: fx.Node) -> dict | None:
 
 
 def _val(node):
+    """The node's fake tensor (shape metadata), or None."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
+    return val if isinstance(val, FakeTensor) else None
 
 
 def _why_not(att: Attention) -> str | None:
-    """Why this attention cannot be rewritten exactly, or None."""
+    """Why this attention cannot be rewritten exactly, or None. Everything `_rewrite`
+    relies on is checked here, so an attention that does not fit is skipped, never
+    half rewritten."""
     if att.kv_sources is None:
-        return "SDPA reads K and V without per-head copies (no repeat_kv)"
+        return "no repeat_kv copies of K and V recognised in front of SDPA"
     args = _sdpa_args(att.sdpa)
     if args is None:
         return "SDPA arguments could not be read"
-    q = _val(args["query"])
-    if q is None or q.dim() != 4 or any(_val(s) is None for s in att.kv_sources):
-        return "no 4-d shape metadata on the query or the caches"
-    if not all(isinstance(d, int) for d in q.shape[1:]) or q.shape[2] != 1:
+    q, out = _val(args["query"]), _val(att.sdpa)
+    k, v = (_val(s) for s in att.kv_sources)
+    if any(t is None or t.dim() != 4 for t in (q, out, k, v)):
+        return "no 4-d fake-tensor metadata on the query, the output or the caches"
+    if not isinstance(q.shape[2], int) or q.shape[2] != 1:
         return "more than one query token (only one-token attention, i.e. decode, is rewritten)"
+    if not all(isinstance(d, int) for d in (*q.shape[1:], *k.shape[1:], *v.shape[1:])):
+        return "symbolic head count, head size or cache length"
+    kv = att.num_kv_heads
+    if q.shape[1] != att.num_heads or k.shape[1] != kv or v.shape[1] != kv or att.num_heads % kv:
+        return "query or cache head counts differ from the projections'"
     if args.get("is_causal") or args.get("dropout_p", 0.0) != 0.0 or args.get("enable_gqa"):
         return "SDPA uses is_causal, dropout or enable_gqa"
     mask = args.get("attn_mask")
     if mask is not None:
         m = _val(mask)
-        if m is None or (m.dim() >= 3 and m.shape[-3] != 1) or m.shape[-2] != 1:
+        # Broadcast against [B, H, 1, L] before and [B, KV, G, L] after: the same
+        # values only if the head axis (-3) and the query axis (-2) are 1 or absent.
+        if m is None or (m.dim() >= 3 and m.shape[-3] != 1) or (m.dim() >= 2 and m.shape[-2] != 1):
             return "the attention mask is not one row shared by all heads"
     return None
 
@@ -98,6 +110,7 @@ def _rewrite(gm: fx.GraphModule, att: Attention) -> None:
         back = g.call_function(aten.reshape.default, (shared, out_shape))
     for node, val in ((q_grouped, q_val), (shared, out_val), (back, back_val)):
         node.meta.update(meta, val=val)
+    shared.meta[GROUPED_QUERY] = True  # the anatomy reads H = KV * G heads from it
     sdpa.replace_all_uses_with(back)
     g.erase_node(sdpa)
 

@@ -275,8 +275,12 @@ class _Unions:
                     self.consecutive[m][i][0] += int(groups.sum())
                     self.consecutive[m][i][1] += groups.numel()
                 slot = self._open[m][i]
-                slot[0] = rows if slot[0] is None or slot[0].shape != rows.shape else slot[0] | rows
-                slot[1] += 1
+                if slot[0] is None or slot[0].shape != rows.shape:
+                    # positions are compared across sequences of one length: another
+                    # length starts a new group (the open one is dropped, incomplete)
+                    slot[0], slot[1] = rows, 1
+                else:
+                    slot[0], slot[1] = slot[0] | rows, slot[1] + 1
                 if slot[1] == m:  # a group of m sequences is complete
                     self.across[m][i][0] += int(slot[0].sum())
                     self.across[m][i][1] += slot[0].numel()

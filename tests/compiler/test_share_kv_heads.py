@@ -71,14 +71,44 @@ def test_works_with_the_other_passes(llama_captured):
     torch.testing.assert_close(_decode(gms["decode"], ids, 2), _decode(plain["decode"], ids, 2), rtol=1e-5, atol=1e-5)
 
 
+def test_batch_of_two_sequences():
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(layers=2)
+    captured = capture.capture(model, (torch.zeros(2, 8, dtype=torch.long),), max_cache_len=32)
+    plain, _ = _run(captured, {})
+    shared, entry = _run(captured, ON)
+    assert entry["programs"]["decode"]["attentions_rewritten"] == 2
+    ids = torch.tensor([[5], [9]])
+    torch.testing.assert_close(_decode(shared["decode"], ids, 7), _decode(plain["decode"], ids, 7),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _with(node, **kwargs):
+    node.kwargs = {**node.kwargs, **kwargs}
+
+
 def test_refuses_what_it_cannot_rewrite_exactly(llama_captured, bert_captured):
     _, captured = llama_captured
     gm = capture.graph_module(captured.programs["decode"])
     att = anatomy_mod.analyze(gm).blocks[0].attention
     assert att.kv_sources is not None and _why_not(att) is None
-    att.sdpa.kwargs = {**att.sdpa.kwargs, "is_causal": True}  # would mask the grouped rows differently
+    sdpa, saved = att.sdpa, dict(att.sdpa.kwargs)
+    _with(sdpa, is_causal=True)  # would mask the grouped rows differently
     assert "is_causal" in _why_not(att)
+    sdpa.kwargs = dict(saved)
+    _with(sdpa, dropout_p=0.1)
+    assert "dropout" in _why_not(att)
+    sdpa.kwargs = dict(saved)
+    # A mask with one row per head (here [1, 4, 1, L]) would not broadcast over the groups.
+    mask = sdpa.args[3]
+    real = mask.meta["val"]
+    with real.fake_mode:
+        mask.meta["val"] = real.new_empty((1, 4, 1, real.shape[-1]))
+    assert "mask" in _why_not(att)
+    mask.meta["val"] = real
+    assert _why_not(att) is None
     # No GQA (as many KV heads as query heads): nothing is copied, nothing to do.
     _, bert = bert_captured
     _, entry = _run(bert, ON)
-    assert not entry["applied"] and "without per-head copies" in entry["reason"]
+    assert not entry["applied"] and "no repeat_kv copies" in entry["reason"]

@@ -175,7 +175,8 @@ def test_chess_keeps_attention_selectively(llama_captured):
 def test_report_heldout_sparsity(llama_captured, method):
     _, captured = llama_captured
     gms, entry = _cached(captured, method)
-    rep = sa.report_sparsity(gms["prefill"], entry["plan"], _inputs(_ids(3, 20, 99)))
+    # 32 tokens: every 4-token group lies inside a 16-token group, so the unions must grow.
+    rep = sa.report_sparsity(gms["prefill"], entry["plan"], _inputs(_ids(3, 32, 99)))
     assert 0.3 < rep["sparsity"] < 0.7 and 0.3 < rep["weighted_sparsity"] < 0.7
     assert set(rep["units"]) == {r["key"] for r in entry["plan"]["units"]}
     assert rep["n_inputs"] == 3
@@ -189,15 +190,27 @@ def test_report_heldout_sparsity(llama_captured, method):
 
 def test_union_of_active_channels_over_tokens():
     unions = sa._Unions(1)
-    # 4 channels; token t uses channel t % 4 only; 4 identical sequences of 16 tokens,
-    # given as a batch of 3 and a batch of 1.
+    # 4 channels, 16 tokens; in sequence s token t uses channel (t + s) % 4 only. Four such
+    # sequences as a batch of 3 and a batch of 1, then one of another length (ignored for
+    # the across-sequences union: its group never completes).
     keep = torch.zeros(4, 16, 4, dtype=torch.bool)
-    keep[:, torch.arange(16), torch.arange(16) % 4] = True
+    for seq in range(4):
+        keep[seq, torch.arange(16), (torch.arange(16) + seq) % 4] = True
     unions.add(0, keep[:3])
     unions.add(0, keep[3:])
+    unions.add(0, keep[:1, :8])
     got = unions.summary([10])
-    # 4 consecutive tokens touch every channel; the same position of 4 sequences one channel.
-    assert got == {"4_consecutive": 1.0, "16_consecutive": 1.0, "4_sequences": 0.25}
+    # 4 consecutive tokens touch every channel; position t of the 4 sequences too; the
+    # 8-token sequence adds two 4-token groups (all channels), no 16-token group.
+    assert got == {"4_consecutive": 1.0, "16_consecutive": 1.0, "4_sequences": 1.0}
+    same = sa._Unions(1)
+    same.add(0, keep[:1].expand(4, 16, 4))  # 4 copies of one sequence: one channel per position
+    assert same.summary([10])["4_sequences"] == 0.25
+    # Three sequences of 16 tokens and one of 8 form no group of 4 same-length sequences.
+    mixed = sa._Unions(1)
+    mixed.add(0, keep[:3])
+    mixed.add(0, keep[3:, :8])
+    assert "4_sequences" not in mixed.summary([10])
 
 
 @pytest.mark.parametrize("method", ["teal", "chess"])
