@@ -86,7 +86,7 @@ def main():
     entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
     prompt = example[0][:, :16].contiguous()
     result = dict(model=args.model, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  torch=torch.__version__, triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   tokens=args.tokens, caches_disabled=os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1",
                   partial=True, arms={})
 
@@ -101,7 +101,8 @@ def main():
         art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default",
                            passes=sets, entry=entry, verify=False)
         tgt = dataclasses.replace(target, inductor={**target.inductor, **inductor})
-        arm = result["arms"][label] = dict(passes=sets, inductor=tgt.inductor, compiles=[])
+        arm = result["arms"][label] = dict(passes=sets, inductor=tgt.inductor, compiles=[],
+                                           resolved=art.manifest.get("config"))
         for i in range(args.compiles):
             # Dynamo would otherwise reuse the first compile for the same graph (weights
             # are inputs to it). The earlier decoders replay their CUDA graphs and never

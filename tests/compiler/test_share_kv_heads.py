@@ -10,7 +10,8 @@ from optc.compiler.codegen.lowering import reset_state
 from optc.compiler.passes.share_kv_heads import _why_not
 
 aten = torch.ops.aten
-ON = {"share_kv_heads": {"enabled": True}}
+ON: dict = {}  # the pass is on by default
+OFF = {"share_kv_heads": {"enabled": False}}
 
 
 def _run(captured, sets):
@@ -36,7 +37,7 @@ def _decode(gm, ids, pos, seed=0):
 
 def test_decode_attends_to_shared_heads_and_is_unchanged(llama_captured):
     _, captured = llama_captured
-    plain, off = _run(captured, {})
+    plain, off = _run(captured, OFF)
     shared, entry = _run(captured, ON)
     assert not off["applied"] and off["reason"] == "disabled"
     assert entry["applied"]
@@ -66,7 +67,7 @@ def test_works_with_the_other_passes(llama_captured):
     both = dict(ON, merge_projections={"enabled": True})
     gms, entry = _run(captured, both)
     assert entry["programs"]["decode"]["attentions_rewritten"] == 4
-    plain, _ = _run(captured, {"merge_projections": {"enabled": True}})
+    plain, _ = _run(captured, dict(OFF, merge_projections={"enabled": True}))
     ids = torch.tensor([[7]])
     torch.testing.assert_close(_decode(gms["decode"], ids, 2), _decode(plain["decode"], ids, 2), rtol=1e-5, atol=1e-5)
 
@@ -76,7 +77,7 @@ def test_batch_of_two_sequences():
 
     model = tiny_llama(layers=2)
     captured = capture.capture(model, (torch.zeros(2, 8, dtype=torch.long),), max_cache_len=32)
-    plain, _ = _run(captured, {})
+    plain, _ = _run(captured, OFF)
     shared, entry = _run(captured, ON)
     assert entry["programs"]["decode"]["attentions_rewritten"] == 2
     ids = torch.tensor([[5], [9]])
