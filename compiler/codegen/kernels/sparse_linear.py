@@ -14,7 +14,9 @@ Index math, for program (pid_n, pid_s, pid_m) of the grid
     channels k in [pid_s*K_PER_SPLIT, +K_PER_SPLIT)    (masked k < K), BLOCK_K at a time
     x[m, k]        at x_ptr + m*stride_xm + k*stride_xk
     t[k]           at thr_ptr + k*stride_t             (stride_t = 0: one per-layer value)
-    weight_t[k, n] at w_ptr + k*stride_wk + n          (stride_wk = N, rows contiguous)
+    weight_t[k, n] at w_ptr + (n // BLOCK_N)*stride_wtile + k*stride_wk + n % BLOCK_N
+                   [K, N] layout: stride_wtile = BLOCK_N, stride_wk = N (rows contiguous);
+                   tiled [N/BLOCK_N, K, BLOCK_N]: stride_wtile = K*BLOCK_N, stride_wk = BLOCK_N
     y[m, n]        at y_ptr + m*stride_ym + n
     part[s, m, n]  at ws_ptr + s*stride_wss + m*stride_wsm + n   (fp32, when SPLIT_K > 1)
 
@@ -58,7 +60,7 @@ def sparse_linear_kernel(
     x_ptr, w_ptr, thr_ptr, b_ptr, y_ptr, ws_ptr,
     M, N, K, K_PER_SPLIT,
     stride_xm, stride_xk,
-    stride_wk,
+    stride_wtile, stride_wk,
     stride_t,
     stride_ym,
     stride_wss, stride_wsm,
@@ -74,7 +76,9 @@ def sparse_linear_kernel(
     pid_m = tl.program_id(2)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + offs_j
+    w_tile = w_ptr + pid_n * stride_wtile  # this program's BLOCK_N output columns
     m_mask = offs_m < M
     n_mask = offs_n < N
     k_start = pid_s * K_PER_SPLIT
@@ -96,7 +100,7 @@ def sparse_linear_kernel(
         t_b = tl.load(thr_ptr + offs_b * stride_t, mask=offs_b < k_end, other=0.0)
         # mask (offs < k_end) matters: a negative threshold must not activate padding.
         act_a = (tl.abs(x_a.to(tl.float32)) > t_a.to(tl.float32)) & (offs_a < k_end)
-        w_a = tl.load(w_ptr + offs_a[:, None] * stride_wk + offs_n[None, :],
+        w_a = tl.load(w_tile + offs_a[:, None] * stride_wk + offs_j[None, :],
                       mask=act_a[:, None] & n_mask[None, :], other=0.0)
         # Partial sums per (k, n), reduced over k once after the loop.
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -105,7 +109,7 @@ def sparse_linear_kernel(
             x_c = tl.load(x_row + offs_c * stride_xk, mask=offs_c < k_end, other=0.0)
             t_c = tl.load(thr_ptr + offs_c * stride_t, mask=offs_c < k_end, other=0.0)
             act_b = (tl.abs(x_b.to(tl.float32)) > t_b.to(tl.float32)) & (offs_b < k_end)
-            w_b = tl.load(w_ptr + offs_b[:, None] * stride_wk + offs_n[None, :],
+            w_b = tl.load(w_tile + offs_b[:, None] * stride_wk + offs_j[None, :],
                           mask=act_b[:, None] & n_mask[None, :], other=0.0)
             xs = tl.where(act_a, x_a.to(tl.float32), 0.0)
             acc2 += xs[:, None] * w_a.to(tl.float32)
@@ -127,7 +131,7 @@ def sparse_linear_kernel(
             x = tl.where(active, x, 0.0)
             # A channel's weight row is read if any token of this tile uses it.
             row_active = tl.max(active.to(tl.int32), axis=0) > 0
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
+            w = tl.load(w_tile + offs_k[:, None] * stride_wk + offs_j[None, :],
                         mask=row_active[:, None] & n_mask[None, :], other=0.0)
             if FP32_DOT:
                 acc = tl.dot(x, w, acc, input_precision="ieee")
@@ -264,7 +268,7 @@ def sparse_linear(
         x2, weight_t, threshold, b_arg, y, ws,
         M, N, K, k_per_split,
         x2.stride(0), x2.stride(1),
-        weight_t.stride(0),
+        cfg.block_n, weight_t.stride(0),
         stride_t,
         y.stride(0),
         ws.stride(0) if not direct else 0, ws.stride(1) if not direct else 0,

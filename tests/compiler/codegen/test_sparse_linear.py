@@ -230,3 +230,25 @@ def test_op_cpu_kernel_and_fake():
     xm = torch.empty(5, 2, 16, device="meta", dtype=torch.bfloat16)
     ym = torch.ops.optc.sparse_linear(xm, wt.to("meta", torch.bfloat16), thr.to("meta"), None)
     assert ym.shape == (5, 2, 8) and ym.dtype == torch.bfloat16 and ym.device.type == "meta"
+
+
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_tiled_weight_layout_reads_the_same_weights(block_m):
+    """The kernel addresses weight columns through (tile stride, row stride): the [K, N]
+    layout and the tiled [N/BLOCK_N, K, BLOCK_N] one (benchmarks/layout_probe.py) give the
+    same result."""
+    import triton
+
+    from optc.compiler.codegen.kernels.sparse_linear import sparse_linear_kernel
+
+    m, k, n, bn, bk = (1 if block_m == 1 else 3), 48, 64, 16, 16
+    x, wt, thr, _ = make_case(m, k, n, torch.float32, "0d", False, seed=4)
+    tiled = wt.reshape(k, n // bn, bn).permute(1, 0, 2).contiguous()
+    ref = reference64(x, wt, thr, None)
+    for w, (s_tile, s_row) in ((wt, (bn, n)), (tiled, (k * bn, bn))):
+        y = torch.full((m, n), float("nan"))
+        sparse_linear_kernel[(n // bn, 1, triton.cdiv(m, block_m))](
+            x, w, thr, y, y, y, m, n, k, k, x.stride(0), x.stride(1), s_tile, s_row, 0, y.stride(0), 0, 0,
+            HAS_BIAS=False, DIRECT_OUT=True, FP32_DOT=True, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=1, num_stages=1)
+        assert_matches(y, ref, torch.float32)
