@@ -90,6 +90,11 @@ def _report_compile(r: dict) -> None:
     q = r.get("quality")
     if q:
         _log(f"  quality ({q['metric']}, held-out {q['split']} split, n={q['n']}): {q['before']:.4g} -> {q['after']:.4g}")
+        sparsity = q.get("sparsify_activations") or {}
+        if sparsity.get("sparsity") is not None:
+            rows = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in sparsity.get("rows_read", {}).items())
+            _log(f"  held-out activation sparsity {sparsity['weighted_sparsity']:.3f}; "
+                 f"weight rows read for tokens at once: {rows}")
 
 
 def cmd_inspect(args):

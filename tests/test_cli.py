@@ -118,4 +118,7 @@ def test_compile_reports_held_out_sparsity(tmp_path):
     q = json.loads(out)["quality"]
     assert q["split"] == "evaluation" and q["metric"] == "perplexity"
     assert abs(q["sparsify_activations"]["sparsity"] - 0.5) < 0.15, q
+    assert {"1", "4_consecutive", "16_consecutive", "4_sequences", "16_sequences"} <= set(
+        q["sparsify_activations"]["rows_read"]), q
     assert "pass sparsify_activations   applied" in err
+    assert "weight rows read for tokens at once: 1 0." in err and "4 consecutive" in err

@@ -10,6 +10,7 @@ import torch
 from optc.compiler import capture, pipeline
 from optc.compiler.calibration import CalibrationContext
 from optc.compiler.passes import sparsify_activations as sa
+from optc.compiler.passes import sparsify_report as sreport
 from optc.errors import CompileError, UsageError
 
 aten = torch.ops.aten
@@ -176,7 +177,7 @@ def test_report_heldout_sparsity(llama_captured, method):
     _, captured = llama_captured
     gms, entry = _cached(captured, method)
     # 32 tokens: every 4-token group lies inside a 16-token group, so the unions must grow.
-    rep = sa.report_sparsity(gms["prefill"], entry["plan"], _inputs(_ids(3, 32, 99)))
+    rep = sreport.report_sparsity(gms["prefill"], entry["plan"], _inputs(_ids(3, 32, 99)))
     assert 0.3 < rep["sparsity"] < 0.7 and 0.3 < rep["weighted_sparsity"] < 0.7
     assert set(rep["units"]) == {r["key"] for r in entry["plan"]["units"]}
     assert rep["n_inputs"] == 3
@@ -185,11 +186,11 @@ def test_report_heldout_sparsity(llama_captured, method):
     # More tokens at once read at least the rows one token reads; 3 sequences: no 4-sequence group.
     assert rr["1"] <= rr["4_consecutive"] <= rr["16_consecutive"] <= 1.0
     assert "4_sequences" not in rr
-    assert sa.report_sparsity(gms["decode"], entry["plan"], [])["sparsity"] is None
+    assert sreport.report_sparsity(gms["decode"], entry["plan"], [])["sparsity"] is None
 
 
 def test_union_of_active_channels_over_tokens():
-    unions = sa._Unions(1)
+    unions = sreport._Unions(1)
     # 4 channels, 16 tokens; in sequence s token t uses channel (t + s) % 4 only. Four such
     # sequences as a batch of 3 and a batch of 1, then one of another length (ignored for
     # the across-sequences union: its group never completes).
@@ -203,11 +204,11 @@ def test_union_of_active_channels_over_tokens():
     # 4 consecutive tokens touch every channel; position t of the 4 sequences too; the
     # 8-token sequence adds two 4-token groups (all channels), no 16-token group.
     assert got == {"4_consecutive": 1.0, "16_consecutive": 1.0, "4_sequences": 1.0}
-    same = sa._Unions(1)
+    same = sreport._Unions(1)
     same.add(0, keep[:1].expand(4, 16, 4))  # 4 copies of one sequence: one channel per position
     assert same.summary([10])["4_sequences"] == 0.25
     # Three sequences of 16 tokens and one of 8 form no group of 4 same-length sequences.
-    mixed = sa._Unions(1)
+    mixed = sreport._Unions(1)
     mixed.add(0, keep[:3])
     mixed.add(0, keep[3:, :8])
     assert "4_sequences" not in mixed.summary([10])
