@@ -20,13 +20,14 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from optc.compiler.gqa import GROUPED_QUERY, kv_sources
+from optc.compiler.rewrite import node_shape
+
 aten = torch.ops.aten
 _LINEAR = {aten.linear.default}
 _SDPA = {aten.scaled_dot_product_attention.default}
 _CACHE_WRITE = {aten.index_copy_.default, aten.index_put_.default, aten.copy_.default}
 _NORM = {aten.layer_norm.default, aten.rms_norm.default}
-# Node meta flag set by share_kv_heads on an SDPA whose query is [B, KV, G, D].
-GROUPED_QUERY = "optc_grouped_query"
 _ACTIVATIONS = {
     aten.silu.default: "silu",
     aten.gelu.default: "gelu",
@@ -169,15 +170,10 @@ def _in_scope(node: fx.Node, scope: str) -> bool:
     return any(p == scope for p in _stack_paths(node))
 
 
-def _shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     # Compared as text: symbolic sizes (dynamic batch or sequence) must not be
     # evaluated here, where no shape environment holds them.
-    sa, sb = _shape(a), _shape(b)
+    sa, sb = node_shape(a), node_shape(b)
     return sa is not None and sb is not None and tuple(map(str, sa)) == tuple(map(str, sb))
 
 
@@ -238,7 +234,7 @@ def _linear(node: fx.Node) -> Linear | None:
     bias = node.args[2] if len(node.args) > 2 else None
     if not isinstance(weight, fx.Node) or weight.op != "get_attr":
         return None
-    shape = _shape(weight)
+    shape = node_shape(weight)
     if shape is None or len(shape) != 2:
         return None
     return Linear(
@@ -289,7 +285,7 @@ def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph)
         if len(found) != 1:
             raise _Unreadable(f"attention {path}: cannot tell the {role} projection among {[x.path for x in inside]}")
         roles[role] = found[0]
-    q_shape = _shape(sdpa.args[0])
+    q_shape = node_shape(sdpa.args[0])
     if q_shape is None or len(q_shape) != 4:
         raise _Unreadable(f"attention {path}: SDPA query has no 4-d shape metadata")
     num_heads, head_dim = q_shape[1], q_shape[3]
@@ -312,40 +308,9 @@ def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph)
         head_dim=int(head_dim),
         sdpa=sdpa,
         cache_writes=cache_writes,
-        kv_sources=_kv_sources(sdpa, int(num_heads), num_kv_heads),
+        kv_sources=kv_sources(sdpa, int(num_heads), num_kv_heads),
         **roles,
     )
-
-
-_VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
-
-
-def _repeated_from(node, heads: int, kv_heads: int):
-    """`src` if `node` is Hugging Face's repeat_kv(src, heads // kv_heads), i.e.
-    src[:, :, None].expand(b, kv, g, s, d).reshape(b, kv * g, s, d) with src [b, kv, s, d];
-    else None (other ways of copying heads are not recognised)."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS):
-        return None
-    expand = node.args[0]
-    if not (isinstance(expand, fx.Node) and expand.target == aten.expand.default):
-        return None
-    unsq = expand.args[0]
-    if not (isinstance(unsq, fx.Node) and unsq.target == aten.unsqueeze.default and unsq.args[1] == 2):
-        return None
-    src, sizes, out = unsq.args[0], expand.args[1], _shape(node)
-    src_shape = _shape(src)
-    if (len(sizes) != 5 or sizes[1] != kv_heads or sizes[2] != heads // kv_heads
-            or src_shape is None or len(src_shape) != 4 or src_shape[1] != kv_heads
-            or out is None or len(out) != 4 or out[1] != heads):
-        return None
-    return src
-
-
-def _kv_sources(sdpa: fx.Node, heads: int, kv_heads: int):
-    if kv_heads < 1 or heads % kv_heads or heads == kv_heads or len(sdpa.args) < 3:
-        return None
-    k, v = _repeated_from(sdpa.args[1], heads, kv_heads), _repeated_from(sdpa.args[2], heads, kv_heads)
-    return (k, v) if k is not None and v is not None else None
 
 
 def _mlp(block: str, attention: Attention, linears: list[Linear], dag: nx.DiGraph) -> MLP:

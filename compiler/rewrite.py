@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 
@@ -82,3 +83,9 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
                 if isinstance(checked, fx.Node) and set(checked.users) == {node}:
                     gm.graph.erase_node(node)
                     changed = True
+
+
+def node_shape(node) -> tuple | None:
+    """The shape in a node's tensor metadata (`meta["val"]`), or None."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None

@@ -27,7 +27,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.operator_schemas import normalize_function
 
-from optc.compiler.anatomy import GROUPED_QUERY, Anatomy, Attention
+from optc.compiler.anatomy import Anatomy, Attention
+from optc.compiler.gqa import GROUPED_QUERY
 from optc.compiler.config import PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.rewrite import eliminate_dead_code
