@@ -36,6 +36,7 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 import optc  # noqa: E402
 from optc.compiler import targets  # noqa: E402
@@ -43,6 +44,7 @@ from optc.compiler.codegen.lowering import lower  # noqa: E402
 from optc.compiler.config import parse_sets, parse_value  # noqa: E402
 from optc.models.user import resolve  # noqa: E402
 from optc.runtime.bench import decode_timer  # noqa: E402
+from decode_profile import kernel_table  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -86,8 +88,8 @@ def main():
     entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
     prompt = example[0][:, :16].contiguous()
     result = dict(model=args.model, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  torch=torch.__version__, triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  tokens=args.tokens, caches_disabled=os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1",
+                  torch=torch.__version__, triton=triton.__version__,
+                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tokens=args.tokens, caches_disabled=os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1",
                   partial=True, arms={})
 
     def write():
@@ -114,7 +116,7 @@ def main():
             dec.warm_up(prompt)
             row = dict(setup_s=round(time.perf_counter() - t0, 1), round_medians_ms=[])
             if args.profile and torch.cuda.is_available():
-                row["kernels"] = __import__("decode_profile").kernel_table(dec, prompt, 16)
+                row["kernels"] = kernel_table(dec, prompt, 16)
             arm["compiles"].append(row)
             decoders.append((label, i, dec, row))
             log(f"{label} compile {i + 1}/{args.compiles}: set up in {row['setup_s']} s")
