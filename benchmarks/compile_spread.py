@@ -39,6 +39,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import optc  # noqa: E402
+from torch._inductor.codecache import PyCodeCache  # noqa: E402
+
 from optc.compiler import targets  # noqa: E402
 from optc.compiler.codegen.lowering import lower  # noqa: E402
 from optc.compiler.config import parse_sets, parse_value  # noqa: E402
@@ -111,6 +113,11 @@ def main():
             # call their compiled step again; without CUDA (a smoke run) they recompile
             # when next called, so CPU timings here mean nothing.
             torch._dynamo.reset()
+            # Inductor also keeps every generated kernel module in memory, keyed by its
+            # source: a second compile of the same graph would get the first one's kernels
+            # back, with the configs their runtime tuning already chose. Clearing it makes
+            # each compile tune its own (the earlier decoders hold their modules).
+            PyCodeCache.cache_clear()
             dec = decode_timer(art, lambda m, tgt=tgt: lower(m, tgt), str(prompt.device))
             t0 = time.perf_counter()
             dec.warm_up(prompt)
