@@ -202,7 +202,7 @@ def _time_lm(art, prompt, n, target, model, autotune: bool = True):
     warm = time.perf_counter() - start
     _log(f"lowered and warmed up in {warm:.0f} s; timing {n} decode steps ...")
     timing = dec.measure_decode(prompt, n)
-    notes = {"params": art.manifest["params"], "setup_s": round(warm, 1)}
+    notes = {"params": art.manifest["params"], "setup_s": round(warm, 1), "config": _settings(art)}
     applied = [p for p in art.manifest["passes"] if p.get("applied")]
     for p in applied:
         if p["name"] == "skip_layers":
@@ -284,7 +284,14 @@ def _time_forward(art, inputs, target):
     warm = time.perf_counter() - start
     with torch.no_grad():
         timing = measure(module, [inputs], device=device)
-    return timing.with_extra(compile_s=warm), {"params": art.manifest["params"]}
+    return timing.with_extra(compile_s=warm), {"params": art.manifest["params"], "config": _settings(art)}
+
+
+def _settings(art) -> dict:
+    """The resolved pass settings a row ran with: defaults change between versions, and a
+    row must say what it measured without them."""
+    config = art.manifest["config"]
+    return {"pipeline": config["pipeline"], "hash": config["hash"], "passes": config["passes"]}
 
 
 def _print_table(result: dict) -> None:

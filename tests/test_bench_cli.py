@@ -39,6 +39,10 @@ def test_bench_rows_for_each_variant(tmp_path):
     assert rows[names[2]]["decode_program"]["merge_projections"]["linears_merged"] == 3 * 5
     # Every optc row was timed in both rounds (the baseline once).
     assert all(len(rows[n]["round_medians_ms"]) == 2 for n in names[1:]) and "rounds" not in rows["eager"]
+    # Each optc row says which settings it ran with, defaults included.
+    assert rows["optc"]["config"]["passes"]["share_kv_heads"]["enabled"] is True
+    assert rows[names[3]]["config"]["passes"]["sparsify_activations"]["method"] == "cats"
+    assert rows["optc"]["config"]["hash"] != rows[names[3]]["config"]["hash"] and "config" not in rows["eager"]
 
 
 def test_bad_variants_are_refused_up_front():
