@@ -11,6 +11,7 @@ of each kernel per shape (timed at sparsity 0.5, the split-K sum included as an 
 torch kernel, which Inductor fuses away in a compiled graph) and a table; JSON to --out.
 
     python benchmarks/gemv_sweep.py --out $OUT/gemv_sweep.json [--budget-s 240] [--kinds masked,gemv,dot]
+        [--kernel-time]   # kernels' own device time too: a fair comparison with cuBLAS inside a graph
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def main():
     ap.add_argument("--rep-ms", type=float, default=25.0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, few tiles (CPU: TRITON_INTERPRET=1)")
     ap.add_argument("--kinds", default="masked,gemv,dot", help="which kernels to sweep (comma-separated)")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="also record each kernel's own device time per call (torch.profiler, no launch gaps) "
+                         "for the dense, default and ideal rows")
     args = ap.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     if not set(kinds) <= {"masked", "gemv", "dot"}:
@@ -73,6 +77,7 @@ def main():
     su = Setup(smoke=args.smoke)
     shapes = [(96, 64), (64, 32)] if args.smoke else SHAPES
     timer = Timer(su.device, args.rep_ms)
+    kernel_timer = Timer(su.device, args.rep_ms, profile_kernels=args.kernel_time)
     masked_grid = [(LaunchConfig(1, bn, bk, nw, 1), sk) for bn, bk, nw, sk in
                    itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 4, 8))]
     dot_grid = [(LaunchConfig(16, bn, bk, nw, st), sk) for bn, bk, nw, st, sk in
@@ -87,12 +92,14 @@ def main():
         n_copies = su.copies(K * N * 2)
         Ws = [torch.randn(N, K, device=su.device, dtype=su.dtype) * K ** -0.5 for _ in range(n_copies)]
         WTs = [prepare_weight(w) for w in Ws]
-        dense = row_dense(su, timer, K, N, 1, Ws, 4)
+        dense = dict(row_dense(su, kernel_timer, K, N, 1, Ws, 4), kernels_us=kernel_timer.last_kernels)
         rows.append(dense)
-        default = time_sparse(su, timer, K, N, 0.5, WTs, lambda x, wt, t: ops.sparse_linear(x, wt, t, None))
-        rows.append(dict(kind="default", K=K, N=N, sparsity=0.5, dense_us=dense["us"], **default))
+        default = time_sparse(su, kernel_timer, K, N, 0.5, WTs, lambda x, wt, t: ops.sparse_linear(x, wt, t, None))
+        rows.append(dict(kind="default", K=K, N=N, sparsity=0.5, dense_us=dense["us"], **default,
+                         kernels_us=kernel_timer.last_kernels))
         for s in (0.25, 0.5, 0.7):
-            rows.append(dict(row_ideal(su, timer, K, N, s), dense_us=dense["us"]))
+            rows.append(dict(row_ideal(su, kernel_timer, K, N, s), dense_us=dense["us"],
+                             kernels_us=kernel_timer.last_kernels))
         grids = {"masked": masked_grid, "gemv": gemv_grid, "dot": dot_grid}
         for kind, grid in ((k, grids[k]) for k in kinds):
             cands, end = [], time.time() + args.budget_s / len(shapes) / len(kinds)

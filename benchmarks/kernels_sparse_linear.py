@@ -95,11 +95,31 @@ def threshold_for(s: float) -> float:
 
 
 class Timer:
-    """R calls -> microseconds per call. GPU: CUDA graph + do_bench median; CPU: wall."""
+    """R calls -> microseconds per call. GPU: CUDA graph + do_bench median; CPU: wall.
 
-    def __init__(self, device, rep_ms):
+    With `profile_kernels`, each GPU timing also replays the graph under torch.profiler and
+    leaves in `last_kernels` every kernel's own device time per call ({name: us}): the
+    time without launch gaps, which is what a kernel costs inside a decode step's graph,
+    where the split-K sum is fused into the next kernel instead of launched on its own."""
+
+    def __init__(self, device, rep_ms, profile_kernels: bool = False):
         self.cuda = device.type == "cuda"
         self.rep_ms = rep_ms
+        self.profile_kernels = profile_kernels
+        self.last_kernels: dict | None = None
+
+    def _kernel_times(self, graph, n_calls: int, replays: int = 5) -> dict:
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                graph.replay()
+            torch.cuda.synchronize()
+        out = {}
+        for evt in prof.key_averages():
+            us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if us:
+                out[evt.key[:80]] = round(us / (replays * n_calls), 3)
+        return out
 
     def __call__(self, calls):
         for c in calls:  # compile and warm up outside the graph
@@ -122,6 +142,7 @@ class Timer:
                 for c in calls:
                     c()
             ms = triton.testing.do_bench(graph.replay, warmup=10, rep=self.rep_ms, return_mode="median")
+            self.last_kernels = self._kernel_times(graph, len(calls)) if self.profile_kernels else None
             return ms * 1e3 / len(calls), "cudagraph+do_bench"
         except Exception as e:  # noqa: BLE001 - fall back to eager timing, say so
             log(f"  graph capture failed ({type(e).__name__}: {e}); timing eagerly")
