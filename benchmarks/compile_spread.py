@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def parse_arm(text: str) -> tuple[str, dict, dict]:
     if not sep or not label:
         raise SystemExit(f"--arm {text!r}: expected LABEL:SETTINGS (SETTINGS may be empty)")
     sets, inductor = [], {}
-    for item in rest.split():
+    for item in shlex.split(rest):  # as --variant: quote a value with spaces
         key, eq, val = item.partition("=")
         if not eq:
             raise SystemExit(f"--arm {text!r}: {item!r} is not KEY=VALUE")

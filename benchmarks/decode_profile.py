@@ -26,6 +26,9 @@ from optc.compiler.config import parse_sets
 from optc.models.user import resolve
 from optc.runtime.bench import decode_timer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels_sparse_linear import profile_kernels  # noqa: E402
+
 
 def profile_variant(model, entry, prompt, target, settings: dict, steps: int) -> dict:
     art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default",
@@ -41,18 +44,7 @@ def kernel_table(dec, prompt, steps: int, top: int = 25) -> dict:
     # Prefill outside the profile: only the decode steps' graph replays are counted.
     # (decode_profile_llama1b_h100.json predates this and includes one prefill / steps.)
     dec.generate(prompt, 1)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        dec._decode_steps(steps)
-        torch.cuda.synchronize()
-    groups: dict[str, list] = {}
-    for evt in prof.key_averages():
-        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if us:
-            name = evt.key[:90]
-            g = groups.setdefault(name, [0.0, 0])
-            g[0] += us / steps
-            g[1] += evt.count / steps
+    groups = profile_kernels(lambda: dec._decode_steps(steps), steps)
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
     total = sum(v[0] for _, v in ranked)
     return dict(kernel_us_per_step=round(total, 1),

@@ -94,6 +94,23 @@ def threshold_for(s: float) -> float:
     return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(s, dtype=torch.float64)).item()
 
 
+def profile_kernels(run, divide_by: int) -> dict[str, tuple[float, float]]:
+    """Runs `run()` under torch.profiler: {kernel name (90 chars): (device us, launches)},
+    each divided by `divide_by` (steps or calls). Device time only: no launch gaps."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    out: dict[str, list] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if us:
+            acc = out.setdefault(evt.key[:90], [0.0, 0.0])
+            acc[0] += us / divide_by
+            acc[1] += evt.count / divide_by
+    return {name: (us, n) for name, (us, n) in out.items()}
+
+
 class Timer:
     """R calls -> microseconds per call. GPU: CUDA graph + do_bench median; CPU: wall.
 
@@ -109,17 +126,8 @@ class Timer:
         self.last_kernels: dict | None = None
 
     def _kernel_times(self, graph, n_calls: int, replays: int = 5) -> dict:
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(replays):
-                graph.replay()
-            torch.cuda.synchronize()
-        out = {}
-        for evt in prof.key_averages():
-            us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-            if us:
-                out[evt.key[:80]] = round(us / (replays * n_calls), 3)
-        return out
+        per_call = profile_kernels(lambda: [graph.replay() for _ in range(replays)], replays * n_calls)
+        return {name: round(us, 3) for name, (us, _) in per_call.items()}
 
     def __call__(self, calls):
         for c in calls:  # compile and warm up outside the graph

@@ -18,6 +18,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
+def _source(d: dict, path: Path) -> str:
+    """The closing part of a table's caption: the result file, and its note if any."""
+    return f"`{path.relative_to(ROOT)}`)" + (f". {d['note']}." if d.get("note") else "")
+
+
+def _row_at(rows: list, kind: str, k: int, n: int, s: float):
+    """The row of `kind` for shape K->N at sparsity s, or None."""
+    return next((r for r in rows if r["kind"] == kind and (r["K"], r["N"]) == (k, n)
+                 and abs(r.get("sparsity", -1) - s) < 1e-6), None)
+
+
 def bench_tables() -> str:
     out = []
     for path in sorted(RESULTS.glob("bench_*.json")):
@@ -25,7 +36,7 @@ def bench_tables() -> str:
         out.append(
             f"**{d['model']}** on {d['device']} ({d['unit']}, {d.get('tokens') or ''} tokens; "
             f"torch {d['torch']}, triton {d['triton']}, transformers {d['transformers']}; {d['date'][:10]}; "
-            f"`{path.relative_to(ROOT)}`)" + (f". {d['note']}." if d.get("note") else "") + "\n"
+            f"{_source(d, path)}\n"
         )
         out.append(f"| variant | median | p20 | p80 | vs {d['baseline'] or 'a baseline (none run)'} |\n|---|---|---|---|---|")
         for r in d["rows"]:
@@ -51,7 +62,7 @@ def kernel_table() -> str:
     for (k, n), dr in sorted(dense.items()):
         cells = []
         for s in (0.25, 0.5, 0.7):
-            r = next((x for x in rows if x["kind"] == "sparse_linear" and (x["K"], x["N"]) == (k, n) and abs(x.get("sparsity", -1) - s) < 1e-6), None)
+            r = _row_at(rows, "sparse_linear", k, n, s)
             cells.append(f"{r['us']:.1f} µs, {r['gbps'] / 1000:.2f} TB/s, {dr['us'] / r['us']:.2f}x" if r else "-")
         out.append(f"| {k}->{n} | {dr['us']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
@@ -130,10 +141,9 @@ def spread_tables() -> str:
     out = []
     for path in sorted(RESULTS.glob("spread_*.json")):
         d = json.loads(path.read_text())
-        note = f" {d['note']}." if d.get("note") else ""
         out.append(f"**{d['model']}** decode, each arm lowered {len(next(iter(d['arms'].values()))['compiles'])} "
                    f"time(s) cold and all timed round-robin in one process, on {d['device']} (ms/token, "
-                   f"{d['tokens']} tokens; torch {d['torch']}; {d['date'][:10]}; `{path.relative_to(ROOT)}`).{note}\n")
+                   f"{d['tokens']} tokens; torch {d['torch']}; {d['date'][:10]}; {_source(d, path)}\n")
         out.append("| arm | settings | compile | round medians | median |\n|---|---|---|---|---|")
         for label, arm in d["arms"].items():
             settings = (" ".join(f"{p}.{k}={v}" for p, kv in arm["passes"].items() for k, v in kv.items())
@@ -152,10 +162,6 @@ def ideal_table() -> str:
         return ""
     d = json.loads(path.read_text())
     rows = d["rows"]
-
-    def find(kind, k, n, s):
-        return next((r for r in rows if r["kind"] == kind and (r["K"], r["N"]) == (k, n)
-                     and abs(r.get("sparsity", -1) - s) < 1e-6), None)
     out = [f"**One token at s=0.5: optc's masked tile, the tensor-core tile, and cuBLAS on only the active rows** "
            f"(`ideal`: what reading exactly the needed bytes costs through the best dense GEMV), bf16, on "
            f"{d['device']} ({d['date'][:10]}; `{path.relative_to(ROOT)}`): µs per call, speed-up over cuBLAS dense\n",
@@ -163,9 +169,9 @@ def ideal_table() -> str:
     for k, n in dict.fromkeys((r["K"], r["N"]) for r in rows if r["kind"] == "ideal"):
         cells = []
         for kind in ("default", "dot_best", "ideal"):
-            r = find(kind, k, n, 0.5)
+            r = _row_at(rows, kind, k, n, 0.5)
             cells.append(f"{r['us']:.1f} µs, {r['dense_us'] / r['us']:.2f}x" if r else "-")
-        out.append(f"| {k}->{n} | {find('ideal', k, n, 0.5)['dense_us']:.1f} | " + " | ".join(cells) + " |")
+        out.append(f"| {k}->{n} | {_row_at(rows, 'ideal', k, n, 0.5)['dense_us']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -202,7 +202,9 @@ def _time_lm(art, prompt, n, target, model, autotune: bool = True):
     warm = time.perf_counter() - start
     _log(f"lowered and warmed up in {warm:.0f} s; timing {n} decode steps ...")
     timing = dec.measure_decode(prompt, n)
-    notes = {"params": art.manifest["params"], "setup_s": round(warm, 1), "config": _settings(art)}
+    # The resolved settings (pipeline, every pass's config, hash): defaults change between
+    # versions, and a row must say what it measured without them.
+    notes = {"params": art.manifest["params"], "setup_s": round(warm, 1), "config": art.manifest["config"]}
     applied = [p for p in art.manifest["passes"] if p.get("applied")]
     for p in applied:
         if p["name"] == "skip_layers":
@@ -284,14 +286,7 @@ def _time_forward(art, inputs, target):
     warm = time.perf_counter() - start
     with torch.no_grad():
         timing = measure(module, [inputs], device=device)
-    return timing.with_extra(compile_s=warm), {"params": art.manifest["params"], "config": _settings(art)}
-
-
-def _settings(art) -> dict:
-    """The resolved pass settings a row ran with: defaults change between versions, and a
-    row must say what it measured without them."""
-    config = art.manifest["config"]
-    return {"pipeline": config["pipeline"], "hash": config["hash"], "passes": config["passes"]}
+    return timing.with_extra(compile_s=warm), {"params": art.manifest["params"], "config": art.manifest["config"]}
 
 
 def _print_table(result: dict) -> None:
