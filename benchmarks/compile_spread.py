@@ -37,7 +37,6 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 import optc  # noqa: E402
 from torch._inductor.codecache import PyCodeCache  # noqa: E402
@@ -47,6 +46,7 @@ from optc.compiler.codegen.lowering import lower  # noqa: E402
 from optc.compiler.config import parse_sets, parse_value  # noqa: E402
 from optc.models.user import resolve  # noqa: E402
 from optc.runtime.bench import decode_timer  # noqa: E402
+from optc.runtime.timing import device_info, device_probe  # noqa: E402
 from decode_profile import kernel_table  # noqa: E402
 
 
@@ -90,9 +90,8 @@ def main():
     target = targets.get("auto")
     entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
     prompt = example[0][:, :16].contiguous()
-    result = dict(model=args.model, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  torch=torch.__version__, triton=triton.__version__,
-                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tokens=args.tokens, caches_disabled=os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1",
+    result = dict(model=args.model, **device_info(target.device), probe=device_probe(target.device),
+                  tokens=args.tokens, caches_disabled=os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1",
                   partial=True, arms={})
 
     def write():

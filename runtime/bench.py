@@ -31,7 +31,7 @@ def bench(args) -> dict:
     from optc.compiler import targets
     from optc.models.user import resolve
     from optc.runtime import baselines
-    from optc.runtime.timing import device_info
+    from optc.runtime.timing import device_info, device_probe
 
     if args.model.endswith(".optc"):
         raise UsageError("bench takes a model (zoo name, HF directory or file.py:factory); "
@@ -53,6 +53,9 @@ def bench(args) -> dict:
     timings, notes, failed = {}, {}, {}
     again: dict = {}  # label -> time the compiled row once more (later rounds)
     info = device_info(device)  # once: the JSON is rewritten after every row
+    probe = device_probe(device)  # the GPU's own copy and GEMV speed in this process
+    if probe:
+        _log(f"device probe: copy {probe['copy_tbs']} TB/s, cuBLAS GEMV 8192x2048 {probe['gemv_8192x2048_us']} us")
 
     def summary() -> dict:
         base_names = [n for n in names if n in timings]
@@ -71,6 +74,7 @@ def bench(args) -> dict:
             "batch": int(example_inputs[0].shape[0]) if not is_lm else (args.batch or 1),
             "baseline": best,
             **info,
+            "probe": probe,
             "versions": {k: info[k] for k in ("torch", "triton", "transformers", "cuda")},
             "optc_lowering": "inductor max-autotune" if autotune else "inductor",
             "rows": rows,
@@ -109,7 +113,8 @@ def bench(args) -> dict:
             if name not in baselines.LM_BASELINES:
                 raise UsageError(f"unknown baseline '{name}'; known for LMs: {', '.join(baselines.LM_BASELINES)}")
             _log(f"baseline {name} ...")
-            timings[name] = baselines.LM_BASELINES[name](model, prompt, args.tokens)
+            with _cold_inductor():
+                timings[name] = baselines.LM_BASELINES[name](model, prompt, args.tokens)
             _log(f"baseline {name}: {timings[name].median_ms:.3f} ms/token")
             write(summary())
         for label, pipe, passes in variants:
@@ -128,7 +133,8 @@ def bench(args) -> dict:
             if name not in baselines.FORWARD_BASELINES:
                 raise UsageError(f"unknown baseline '{name}'; known for this model: {', '.join(baselines.FORWARD_BASELINES)}")
             _log(f"baseline {name} ...")
-            timings[name] = baselines.FORWARD_BASELINES[name](model, inputs)
+            with _cold_inductor():
+                timings[name] = baselines.FORWARD_BASELINES[name](model, inputs)
             write(summary())
         for label, pipe, passes in variants:
             _log(f"{label}: compiling ...")
@@ -177,6 +183,15 @@ def _variants(args) -> list[tuple[str, str, dict]]:
                 raise UsageError(f"two optc rows have the same settings: {label}")
             variants.append((label, args.pipeline, sets))
     return variants
+
+
+def _cold_inductor():
+    """Baselines compile cold, as optc's lowering does when it tunes (lowering.lower):
+    a graph served from Inductor's FX cache can lose its runtime-tuned kernel configs, so
+    a warm baseline against a cold optc row would not be a like-for-like comparison."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(fx_graph_cache=False)
 
 
 def decode_timer(art, compile_fn, device: str):

@@ -16,6 +16,8 @@ import datetime
 import importlib.metadata
 import math
 import platform
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -24,7 +26,7 @@ import torch
 
 from optc.errors import UsageError
 
-__all__ = ["Timing", "measure", "summarise", "device_info", "call_with", "as_device"]
+__all__ = ["Timing", "measure", "summarise", "device_info", "device_probe", "call_with", "as_device"]
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,10 @@ def device_info(device: str | torch.device | None = None) -> dict:
             "sm_count": props.multi_processor_count,
             "capability": f"{props.major}.{props.minor}",
             "memory_gib": round(props.total_memory / 2**30, 1),
+            # Which physical GPU: rows from two runs compare only if this matches
+            # (a lent machine may be a different one on every start).
+            "uuid": str(getattr(props, "uuid", "")) or None,
+            "gpu_state": _gpu_state(dev.index or 0),
         }
     else:
         name = platform.processor() or platform.machine() or "cpu"
@@ -205,4 +211,59 @@ def device_info(device: str | torch.device | None = None) -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
+    }
+
+
+_SMI_FIELDS = ("clocks.sm", "clocks.mem", "clocks.max.sm", "power.limit", "temperature.gpu", "pstate",
+               "clocks_throttle_reasons.active")
+
+
+def _gpu_state(index: int) -> dict | None:
+    """Clocks, power limit and temperature as nvidia-smi reports them now (None when
+    nvidia-smi is missing or fails: these facts annotate a result, they never block it)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, f"--id={index}", f"--query-gpu={','.join(_SMI_FIELDS)}",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    values = [v.strip() for v in out.stdout.strip().split(",")]
+    if out.returncode != 0 or len(values) != len(_SMI_FIELDS):
+        return None
+    return dict(zip(_SMI_FIELDS, values))
+
+
+def device_probe(device: str | torch.device | None = None) -> dict | None:
+    """Two reference timings of the GPU itself, taken in the process that times the rows:
+    a device-to-device copy (TB/s over bytes read + written) and cuBLAS's bf16 GEMV on a
+    Llama-1B MLP shape (8192 x 2048, one token). Rows from two processes or two machines
+    compare only as far as these agree; None on CPU."""
+    dev = as_device(device)
+    if dev.type != "cuda":
+        return None
+    with torch.cuda.device(dev):
+        src = torch.empty(2**28, dtype=torch.uint8, device=dev)  # 256 MiB, far beyond L2
+        dst = torch.empty_like(src)
+        copy = measure(lambda: dst.copy_(src), [()], warmup=5, iters=30, device=dev)
+        # Eight weights that do not fit in L2 together (every GEMV reads HBM), replayed as
+        # one CUDA graph so that host launch time is not in the number.
+        weights = [torch.randn(8192, 2048, device=dev, dtype=torch.bfloat16) for _ in range(8)]
+        x = torch.randn(1, 2048, device=dev, dtype=torch.bfloat16)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):  # cuBLAS allocates its workspace outside capture
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+        gemv = measure(graph.replay, [()], warmup=3, iters=30, device=dev)
+        del src, dst, weights, graph
+    return {
+        "copy_tbs": round(2 * 2**28 / copy.median_ms / 1e9, 3),
+        "gemv_8192x2048_us": round(gemv.median_ms * 1e3 / 8, 2),
+        "gemv_note": "per GEMV in a CUDA graph of 8, each on its own weight",
     }

@@ -26,6 +26,7 @@ def test_bench_rows_for_each_variant(tmp_path):
     assert names[:2] == ["eager", "optc"] and len(names) == 4
     assert names[2].startswith("optc skip_layers.layers=[1]") and 'method="cats"' in names[3]
     assert doc["baseline"] == "eager" and doc["failed"] == {} and doc["optc_lowering"] == "inductor"
+    assert doc["probe"] is None  # the GPU probe (copy and GEMV speed) runs on CUDA only
     rows = {r["name"]: r for r in doc["rows"]}
     assert all(r["median_ms"] > 0 for r in doc["rows"])
     # Every optc row was checked against its own program; the dense one also against eager.
@@ -55,3 +56,14 @@ def test_bad_variants_are_refused_up_front():
     assert rc == 2 and "same settings" in err
     rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--rounds", "0")
     assert rc == 2 and "--rounds" in err and "loading" not in err
+
+
+def test_baselines_compile_cold():
+    import torch._inductor.config as inductor_config
+
+    from optc.runtime.bench import _cold_inductor
+
+    before = inductor_config.fx_graph_cache
+    with _cold_inductor():
+        assert inductor_config.fx_graph_cache is False
+    assert inductor_config.fx_graph_cache == before

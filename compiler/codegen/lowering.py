@@ -17,12 +17,23 @@ from optc.errors import CompileError
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
+# Inductor's on-disk FX graph cache returns a compiled graph without the kernel configs
+# that runtime tuning (coordinate descent) chose for it when that choice was not one of
+# the precompiled configs (pytorch/pytorch#153565, #172819). On the H100 every cache hit
+# decoded slower than a cold compile of the same graph: llama-1b dense 1.395 vs 1.347
+# ms/token, TEAL 0.5 graph 1.414 vs 1.308, CATS 1.342 vs 1.301, CHESS 1.422 vs 1.349
+# (benchmarks/NOTES.md). optc compiles cold whenever it tunes: tens of seconds more at
+# load, a faster decode step.
+
+
 def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagraphs: bool = False):
     """torch.compile with Inductor and the target's options (applied per call, never
     to the global Inductor config). `autotune` benchmarks GEMM and kernel configs on
     the device (max-autotune); `cudagraphs` lets Inductor capture CUDA graphs itself:
     leave it off where optc's decode loop captures the whole step."""
     options = dict(target.inductor)
+    if options.get("coordinate_descent_tuning") or autotune:
+        options.setdefault("fx_graph_cache", False)  # compile cold: see the note above lower()
     if autotune:
         options["max_autotune"] = True
     options["triton.cudagraphs"] = bool(cudagraphs)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from optc.errors import UsageError
-from optc.runtime.timing import Timing, call_with, device_info, measure, summarise
+from optc.runtime.timing import Timing, call_with, device_info, device_probe, measure, summarise
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -106,3 +106,17 @@ def test_device_info_cuda():
     info = device_info("cuda")
     assert info["device"] == torch.cuda.get_device_name()
     assert info["cuda"] == torch.version.cuda
+
+
+@pytest.mark.gpu
+@cuda
+def test_device_probe_cuda():
+    probe = device_probe("cuda")
+    # A copy of 256 MiB cannot run faster than any HBM or slower than PCIe-era memory.
+    assert 0.2 < probe["copy_tbs"] < 10
+    assert probe["gemv_8192x2048_us"] > 1
+    assert device_info("cuda")["uuid"]
+
+
+def test_device_probe_cpu_is_none():
+    assert device_probe("cpu") is None

@@ -1,0 +1,43 @@
+"""lower(): the options it hands to torch.compile."""
+
+import pytest
+import torch
+
+from optc.compiler import targets
+from optc.compiler.codegen import lowering
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    seen = {}
+
+    def fake_compile(gm, **kwargs):
+        seen.update(kwargs)
+        return gm
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["h100", "h200", "a100"])
+def test_tuned_gpu_lowering_compiles_cold(captured, name):
+    # Coordinate descent tuning is on for every GPU target, and a graph served from the
+    # FX graph cache can come back without its tuned kernel configs.
+    lowering.lower(torch.nn.Identity(), targets.get(name))
+    assert captured["options"]["coordinate_descent_tuning"] is True
+    assert captured["options"]["fx_graph_cache"] is False
+    assert captured["options"]["triton.cudagraphs"] is False
+
+
+def test_untuned_lowering_keeps_the_cache(captured):
+    lowering.lower(torch.nn.Identity(), targets.get("cpu"))
+    assert "fx_graph_cache" not in captured["options"]
+    lowering.lower(torch.nn.Identity(), targets.get("cpu"), autotune=True)
+    assert captured["options"]["fx_graph_cache"] is False
+    assert captured["options"]["max_autotune"] is True
+
+
+def test_targets_stay_unchanged(captured):
+    before = dict(targets.get("h100").inductor)
+    lowering.lower(torch.nn.Identity(), targets.get("h100"), autotune=True)
+    assert targets.get("h100").inductor == before
