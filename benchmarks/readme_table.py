@@ -137,23 +137,54 @@ def quality_tables() -> str:
 
 
 def spread_tables() -> str:
-    """compile_spread.py runs: every compile of every arm, timed round-robin in one process."""
+    """compile_spread.py runs: every compile of every arm, timed round-robin in one process
+    (a file may hold several such processes, run one after the other on one GPU)."""
     out = []
     for path in sorted(RESULTS.glob("spread_*.json")):
         d = json.loads(path.read_text())
-        out.append(f"**{d['model']}** decode, each arm lowered {len(next(iter(d['arms'].values()))['compiles'])} "
-                   f"time(s) cold and all timed round-robin in one process, on {d['device']} (ms/token, "
-                   f"{d['tokens']} tokens; torch {d['torch']}; {d['date'][:10]}; {_source(d, path)}\n")
-        out.append("| arm | settings | compile | round medians | median |\n|---|---|---|---|---|")
-        for label, arm in d["arms"].items():
-            settings = (" ".join(f"{p}.{k}={v}" for p, kv in arm["passes"].items() for k, v in kv.items())
-                        or "the run's pipeline defaults")
-            for i, c in enumerate(arm["compiles"]):
-                meds = c["round_medians_ms"]
-                out.append(f"| {label} | {settings} | {i + 1} | {' '.join(f'{m:.3f}' for m in meds)} "
-                           f"| {sorted(meds)[len(meds) // 2]:.3f} |")
+        runs = d.get("processes") or [d]
+        first = runs[0]
+        where = f"{len(runs)} processes, one after the other on one GPU" if len(runs) > 1 else "one process"
+        out.append(f"**{d['model']}** decode, each arm lowered {len(next(iter(first['arms'].values()))['compiles'])} "
+                   f"time(s) cold and all timed round-robin in {where}, on {d['device']} (ms/token, "
+                   f"{first['tokens']} tokens; torch {d['torch']}; {d['date'][:10]}; {_source(d, path)}\n")
+        out.append("| process | arm | settings | compile | round medians | median |\n|---|---|---|---|---|---|")
+        for proc, run in enumerate(runs, 1):
+            for label, arm in run["arms"].items():
+                settings = (" ".join(f"{p}.{k}={v}" for p, kv in arm["passes"].items() for k, v in kv.items())
+                            or "the run's pipeline defaults")
+                if arm.get("inductor") and "coordinate_descent_tuning" in arm["inductor"]:
+                    settings += f"; coordinate descent {'on' if arm['inductor']['coordinate_descent_tuning'] else 'off'}"
+                for i, c in enumerate(arm["compiles"]):
+                    meds = c["round_medians_ms"]
+                    out.append(f"| {proc} | {label} | {settings} | {i + 1} | {' '.join(f'{m:.3f}' for m in meds)} "
+                               f"| {sorted(meds)[len(meds) // 2]:.3f} |")
         out.append("")
     return "\n".join(out)
+
+
+def kernel_time_table() -> str:
+    """gemv_sweep.py --kernel-time: each kernel's own device time, one token, s=0.5."""
+    path = RESULTS / "gemv_kernel_time_h100.json"
+    if not path.exists():
+        return ""
+    d = json.loads(path.read_text())
+    rows = d["rows"]
+    out = [f"**Kernel device time, one token, s=0.5** (profiler time of each kernel, no launch gaps; optc's split-K "
+           f"sum runs as a separate kernel here and is fused into its consumer in a compiled decode step), bf16, on "
+           f"{d['device']} ({d['date'][:10]}; `{path.relative_to(ROOT)}`): µs per call; TB/s on the bytes read\n",
+           "| K->N | cuBLAS dense | optc sparse_linear_kernel | + its sum and cast | ideal (cuBLAS, active rows only) "
+           "| optc vs dense | optc vs ideal |", "|---|---|---|---|---|---|---|"]
+    for k, n in dict.fromkeys((r["K"], r["N"]) for r in rows if r["kind"] == "ideal"):
+        dense = next(r for r in rows if r["kind"] == "dense_linear" and (r["K"], r["N"]) == (k, n))
+        opt, ideal = _row_at(rows, "default", k, n, 0.5), _row_at(rows, "ideal", k, n, 0.5)
+        dense_us, ideal_us = sum(dense["kernels_us"].values()), sum(ideal["kernels_us"].values())
+        kern = opt["kernels_us"]["sparse_linear_kernel"]
+        rest = sum(opt["kernels_us"].values()) - kern
+        tbs = opt["rows_read_frac"] * k * n * 2 / kern / 1e6
+        out.append(f"| {k}->{n} | {dense_us:.1f} | {kern:.1f} ({tbs:.2f} TB/s) | {rest:.1f} | {ideal_us:.1f} "
+                   f"| {dense_us / kern:.2f}x | {ideal_us / kern:.2f}x |")
+    return "\n".join(out) + "\n"
 
 
 def ideal_table() -> str:
@@ -177,7 +208,7 @@ def ideal_table() -> str:
 
 def tables() -> str:
     return (bench_tables() + "\n" + spread_tables() + "\n" + quality_tables() + "\n" + gemv_table() + "\n"
-            + ideal_table() + "\n" + kernel_table())
+            + ideal_table() + "\n" + kernel_time_table() + "\n" + kernel_table())
 
 
 def main():
