@@ -6,6 +6,11 @@ MODEL on the command line resolves in this order: a zoo name, then `file.py:fact
 `architectures` when transformers has it, else AutoModelForCausalLM for *ForCausalLM
 architectures and AutoModel otherwise). Every module comes back in eval mode with
 requires_grad off: optc compiles for inference.
+
+A causal LM directory that also holds its tokenizer gets calibration and held-out
+evaluation data (`TextData`): windows of optc's built-in text (models/data.py)
+tokenised by the model's own tokenizer, so lossy passes and `--eval` work on it from the
+command line as they do on the zoo.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -131,6 +137,53 @@ def _load_hf_dir(folder: Path):
     return _prepare(model), _hf_example_inputs(config)
 
 
+@dataclass(frozen=True)
+class TextData:
+    """Calibration / evaluation token windows for a user's causal LM: what optc.compile
+    reads from a zoo entry (name, metric, calibration_batches, evaluation_batches),
+    cut from the built-in text's two disjoint halves with the model's tokenizer."""
+
+    name: str
+    tokenizer: object
+    vocab_size: int
+    metric: str = "perplexity"
+    default_seq_len: int = 128
+
+    def _batches(self, which: str, n: int, seq_len: int | None, batch: int, seed: int) -> list[tuple]:
+        from optc.models import data
+
+        windows = data.token_batches(self.tokenizer, which, n, seq_len or self.default_seq_len, batch, seed)
+        top = max(int(w.max()) for w in windows)
+        if top >= self.vocab_size:
+            raise UsageError(f"{self.name}'s tokenizer gives token id {top}, beyond the model's vocabulary of "
+                             f"{self.vocab_size}: the directory's tokenizer does not belong to this model")
+        return [(w,) for w in windows]
+
+    def calibration_batches(self, n: int, seq_len: int | None = None, batch: int = 1, seed: int = 0) -> list[tuple]:
+        return self._batches("calibration", n, seq_len, batch, seed)
+
+    def evaluation_batches(self, n: int, seq_len: int | None = None, batch: int = 1, seed: int = 0) -> list[tuple]:
+        return self._batches("evaluation", n, seq_len, batch, seed)
+
+
+def _text_data(folder: Path, module: torch.nn.Module) -> TextData | None:
+    """TextData for a causal LM directory whose tokenizer transformers can load offline;
+    None for other models or when there is no tokenizer (a lossy pass then refuses,
+    saying what to add)."""
+    from optc.compiler.capture import is_causal_lm
+
+    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+    if vocab is None or not is_causal_lm(module):  # the models optc captures as decoders
+        return None
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception:  # noqa: BLE001 - no tokenizer files, or ones transformers cannot read
+        return None
+    return TextData(name=folder.resolve().name, tokenizer=tokenizer, vocab_size=int(vocab))
+
+
 def load_user_model(spec: str) -> tuple[torch.nn.Module, tuple]:
     """(module, example_inputs) from 'path/to/file.py:factory' or a Hugging Face dir."""
     factory = _split_factory(spec)
@@ -147,8 +200,9 @@ def load_user_model(spec: str) -> tuple[torch.nn.Module, tuple]:
 
 
 def resolve(spec: str, device="cpu", dtype: torch.dtype | None = None):
-    """(ZooEntry or None, module, example_inputs) for a MODEL argument: zoo name first,
-    then a user model. `device` and `dtype` apply to both (dtype: floating params only)."""
+    """(entry, module, example_inputs) for a MODEL argument: zoo name first, then a user
+    model. The entry is the ZooEntry, a TextData for a causal LM directory with its
+    tokenizer, or None. `device` and `dtype` apply to both (dtype: floating params only)."""
     from optc.models import zoo
 
     if spec in zoo.names():
@@ -158,10 +212,12 @@ def resolve(spec: str, device="cpu", dtype: torch.dtype | None = None):
     if not looks_like_path:
         zoo.get(spec)  # raises the "unknown model" usage error, listing the zoo
     module, inputs = load_user_model(spec)
+    folder = Path(spec).expanduser()
+    entry = _text_data(folder, module) if folder.is_dir() else None
     if dtype is not None:
         module = module.to(dtype)
         inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                        for x in inputs)
     module = module.to(device)
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-    return None, module, inputs
+    return entry, module, inputs

@@ -166,7 +166,9 @@ def _forward_fn(gm, is_lm):
 def _zoo_batches(entry, which: str, is_lm: bool):
     if entry is None:
         raise UsageError(
-            f"a lossy pass needs {which} data: pass {which}=[...] to optc.compile, or compile a zoo model"
+            f"a lossy pass (and --eval) needs {which} data: compile a zoo model, a Hugging Face causal LM "
+            "directory that holds its tokenizer (tokenizer.save_pretrained(DIR) adds it), or pass "
+            f"{which}=[...] to optc.compile from Python"
         )
     n, seq = (4, 128) if which == "calibration" else (16, 128)
     if not is_lm:
