@@ -195,7 +195,7 @@ def device_info(device: str | torch.device | None = None) -> dict:
             # Which physical GPU: rows from two runs compare only if this matches
             # (a lent machine may be a different one on every start).
             "uuid": str(getattr(props, "uuid", "")) or None,
-            "gpu_state": _gpu_state(dev.index or 0),
+            "gpu_state": _gpu_state(str(getattr(props, "uuid", "")) or None),
         }
     else:
         name = platform.processor() or platform.machine() or "cpu"
@@ -218,14 +218,16 @@ _SMI_FIELDS = ("clocks.sm", "clocks.mem", "clocks.max.sm", "power.limit", "tempe
                "clocks_throttle_reasons.active")
 
 
-def _gpu_state(index: int) -> dict | None:
+def _gpu_state(uuid: str | None) -> dict | None:
     """Clocks, power limit and temperature as nvidia-smi reports them now (None when
-    nvidia-smi is missing or fails: these facts annotate a result, they never block it)."""
+    nvidia-smi is missing or fails: these facts annotate a result, they never block it).
+    The GPU is named by uuid: torch's index and nvidia-smi's differ under
+    CUDA_VISIBLE_DEVICES."""
     smi = shutil.which("nvidia-smi")
-    if smi is None:
+    if smi is None or not uuid:
         return None
     try:
-        out = subprocess.run([smi, f"--id={index}", f"--query-gpu={','.join(_SMI_FIELDS)}",
+        out = subprocess.run([smi, f"--id=GPU-{uuid.removeprefix('GPU-')}", f"--query-gpu={','.join(_SMI_FIELDS)}",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
