@@ -23,6 +23,12 @@ def _source(d: dict, path: Path) -> str:
     return f"`{path.relative_to(ROOT)}`)" + (f". {d['note']}." if d.get("note") else "")
 
 
+def _result(name: str) -> tuple[Path, dict | None]:
+    """A result file and its JSON (None when the file is not there)."""
+    path = RESULTS / name
+    return path, (json.loads(path.read_text()) if path.exists() else None)
+
+
 def _row_at(rows: list, kind: str, k: int, n: int, s: float):
     """The row of `kind` for shape K->N at sparsity s, or None."""
     return next((r for r in rows if r["kind"] == kind and (r["K"], r["N"]) == (k, n)
@@ -47,10 +53,9 @@ def bench_tables() -> str:
 
 
 def kernel_table() -> str:
-    path = RESULTS / "kernels_sparse_linear_h100.json"
-    if not path.exists():
+    path, d = _result("kernels_sparse_linear_h100.json")
+    if d is None:
         return ""
-    d = json.loads(path.read_text())
     rows = [r for r in d["rows"] if r.get("M") == 1]
     dense = {(r["K"], r["N"]): r for r in rows if r["kind"] == "dense_linear"}
     out = [
@@ -81,10 +86,9 @@ def sparsify_quality_table(path: Path) -> str:
 
 
 def gemv_table() -> str:
-    path = RESULTS / "gemv_sweep_h100.json"
-    if not path.exists():
+    path, d = _result("gemv_sweep_h100.json")
+    if d is None:
         return ""
-    d = json.loads(path.read_text())
     rows = [r for r in d["rows"] if r["kind"] == "masked_best"]
     out = [f"**sparse_linear, one token, the tile optc uses** (masked, best of the sweep), bf16, on {d['device']} "
            f"({d['date'][:10]}; `{path.relative_to(ROOT)}`): µs per call (split-K sum included as an eager "
@@ -165,10 +169,9 @@ def spread_tables() -> str:
 
 def kernel_time_table() -> str:
     """gemv_sweep.py --kernel-time: each kernel's own device time, one token, s=0.5."""
-    path = RESULTS / "gemv_kernel_time_h100.json"
-    if not path.exists():
+    path, d = _result("gemv_kernel_time_h100.json")
+    if d is None:
         return ""
-    d = json.loads(path.read_text())
     rows = d["rows"]
     out = [f"**Kernel device time, one token, s=0.5** (profiler time of each kernel, no launch gaps; optc's split-K "
            f"sum runs as a separate kernel here and is fused into its consumer in a compiled decode step), bf16, on "
@@ -188,10 +191,9 @@ def kernel_time_table() -> str:
 
 
 def ideal_table() -> str:
-    path = RESULTS / "gemv_dot_h100.json"
-    if not path.exists():
+    path, d = _result("gemv_dot_h100.json")
+    if d is None:
         return ""
-    d = json.loads(path.read_text())
     rows = d["rows"]
     out = [f"**One token at s=0.5: optc's masked tile, the tensor-core tile, and cuBLAS on only the active rows** "
            f"(`ideal`: what reading exactly the needed bytes costs through the best dense GEMV), bf16, on "
