@@ -6,8 +6,9 @@ it instead of pattern-matching on their own. It reads only the graph: the
 tensor metadata (`meta["val"]`) and the data flow (through a networkx view).
 
 Recognised: residual blocks (pre-norm as in Llama/ViT, post-norm as in BERT), each
-attention (q/k/v/o projections, head count, KV groups, the SDPA node and its KV-cache
-writes), each MLP (gated or not, its activation), norms, embeddings and the head.
+attention (q/k/v/o projections, or one fused q/k/v projection as in Phi-3; head count,
+KV groups, the SDPA node and its KV-cache writes), each MLP (gated or not, its
+activation), norms, embeddings and the head.
 A graph it cannot read yields an empty Anatomy with the reason, never an exception.
 """
 
@@ -50,7 +51,7 @@ class Linear:
 @dataclass
 class Attention:
     path: str
-    q: Linear
+    q: Linear  # q, k and v are one Linear when the model fuses them (fused_qkv)
     k: Linear
     v: Linear
     o: Linear
@@ -62,6 +63,16 @@ class Attention:
     # Grouped-query attention written as repeat_kv (Llama): the K and V tensors before
     # they were copied once per query head, (k, v); None when SDPA reads them as they are.
     kv_sources: tuple[fx.Node, fx.Node] | None = None
+
+    @property
+    def fused_qkv(self) -> bool:
+        """One projection computes q, k and v (Phi-3's qkv_proj), split after it."""
+        return self.q is self.k
+
+    @property
+    def linears(self) -> list[Linear]:
+        """Each projection once: q, k, v, o, or the fused qkv and o."""
+        return [self.q, self.o] if self.fused_qkv else [self.q, self.k, self.v, self.o]
 
 
 @dataclass
@@ -124,6 +135,7 @@ class Anatomy:
                     "k": b.attention.k.path,
                     "v": b.attention.v.path,
                     "o": b.attention.o.path,
+                    "fused_qkv": b.attention.fused_qkv,
                     "heads": b.attention.num_heads,
                     "kv_heads": b.attention.num_kv_heads,
                     "head_dim": b.attention.head_dim,
@@ -208,7 +220,7 @@ def _analyze(gm: fx.GraphModule) -> Anatomy:
             raise _Unreadable(f"attention node {sdpa.name} is not inside an indexed block (e.g. layers.3)")
         attn_path = _child_of(block_path, module_path(sdpa))
         block_linears = [lin for lin in linears if lin.path.startswith(block_path + ".")]
-        attention = _attention(attn_path, sdpa, block_linears, graph)
+        attention = _attention(attn_path, sdpa, block_linears, graph, dag)
         mlp = _mlp(block_path, attention, block_linears, dag)
         inp, mid, out = _residual_points(block_path, attention, mlp, dag, graph)
         blocks.append(Block(i, block_path, attention, mlp, inp, mid, out))
@@ -275,16 +287,35 @@ _ROLE_NAMES = {
     "v": ("v_proj", "value", "v", "wv"),
     "o": ("o_proj", "out_proj", "dense", "o", "wo", "c_proj"),
 }
+_FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv", "wqkv")
 
 
-def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph) -> Attention:
-    inside = [lin for lin in linears if lin.path.startswith(path + ".")]
+def _named(inside: list[Linear], names: tuple) -> list[Linear]:
+    return [lin for lin in inside if lin.path.split(".")[-1] in names]
+
+
+def _roles(path: str, sdpa: fx.Node, inside: list[Linear], dag: nx.DiGraph) -> dict:
+    """{q, k, v, o: Linear}: separate projections, or one fused projection feeding SDPA's
+    query, key and value (all three roles then name the same Linear)."""
     roles = {}
-    for role, names in _ROLE_NAMES.items():
-        found = [lin for lin in inside if lin.path.split(".")[-1] in names]
+    fused = _named(inside, _FUSED_QKV_NAMES)
+    separate = all(len(_named(inside, _ROLE_NAMES[r])) == 1 for r in "qkv")
+    if not separate and len(fused) == 1:
+        qkv = fused[0]
+        if not all(nx.has_path(dag, qkv.node, arg) for arg in sdpa.args[:3]):
+            raise _Unreadable(f"attention {path}: {qkv.path} does not feed the query, key and value")
+        roles = {"q": qkv, "k": qkv, "v": qkv}
+    for role in ("o",) if roles else ("q", "k", "v", "o"):
+        found = _named(inside, _ROLE_NAMES[role])
         if len(found) != 1:
             raise _Unreadable(f"attention {path}: cannot tell the {role} projection among {[x.path for x in inside]}")
         roles[role] = found[0]
+    return roles
+
+
+def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph, dag: nx.DiGraph) -> Attention:
+    inside = [lin for lin in linears if lin.path.startswith(path + ".")]
+    roles = _roles(path, sdpa, inside, dag)
     q_shape = node_shape(sdpa.args[0])
     if q_shape is None or len(q_shape) != 4:
         raise _Unreadable(f"attention {path}: SDPA query has no 4-d shape metadata")
@@ -295,7 +326,14 @@ def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph)
         # share_kv_heads folded the G query heads of each KV head into the query axis
         # of this one-token attention: [B, KV, G, D].
         num_heads = q_shape[1] * q_shape[2]
-    num_kv_heads = roles["k"].out_features // int(head_dim)
+    if roles["q"] is roles["k"]:  # fused: H query heads, then KV key and KV value heads
+        kv_dims = roles["q"].out_features - int(num_heads) * int(head_dim)
+        if kv_dims <= 0 or kv_dims % (2 * int(head_dim)):
+            raise _Unreadable(f"attention {path}: {roles['q'].path} has {roles['q'].out_features} outputs, "
+                              f"not {num_heads} query heads plus key and value heads of {head_dim}")
+        num_kv_heads = kv_dims // (2 * int(head_dim))
+    else:
+        num_kv_heads = roles["k"].out_features // int(head_dim)
     cache_writes = [
         n
         for n in graph.nodes

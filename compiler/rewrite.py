@@ -71,11 +71,19 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
 
     asserts = {torch.ops.aten._assert_tensor_metadata.default}
     # fx counts SDPA as impure (its dropout draws random numbers); at inference its
-    # dropout_p is 0, so an unused attention is dead code like any other.
+    # dropout_p is 0, so an unused attention is dead code like any other. The same
+    # holds for a dropout exported with train=False (Phi-3's resid_attn_dropout): it is
+    # the identity, and keeping it would keep a routed-around sub-block alive.
     pure_despite_tags = {torch.ops.aten.scaled_dot_product_attention.default}
+
+    def impure(n: fx.Node) -> bool:
+        if n.target == torch.ops.aten.dropout.default and len(n.args) > 2 and n.args[2] is False:
+            return False
+        return n.is_impure() and n.target not in pure_despite_tags
+
     changed = True
     while changed:
-        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and n.target not in pure_despite_tags)
+        gm.graph.eliminate_dead_code(is_impure_node=impure)
         changed = False
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target in asserts:

@@ -65,7 +65,7 @@ def _units(anatomy: Anatomy, cfg: SkipLayersConfig) -> list[tuple[int, str]]:
 def _unit_params(gm: fx.GraphModule, anatomy: Anatomy, unit) -> int:
     block = anatomy.blocks[unit[0]]
     linears = {
-        "attention": [block.attention.q, block.attention.k, block.attention.v, block.attention.o],
+        "attention": block.attention.linears,
         "mlp": block.mlp.linears,
     }
     chosen = linears["attention"] + linears["mlp"] if unit[1] == "block" else linears[unit[1]]

@@ -69,7 +69,7 @@ def units_for(method: str, anatomy: Anatomy) -> tuple[list[Unit], list[str]]:
     for b in anatomy.blocks:
         att, mlp = b.attention, b.mlp
         if method in ("teal", "chess"):
-            qkv = [att.q, att.k, att.v]
+            qkv = [att.q] if att.fused_qkv else [att.q, att.k, att.v]
             if len({lin.node.args[0] for lin in qkv}) == 1:
                 units.append(Unit(f"{b.index}.qkv", b, "qkv", att.q.node.args[0], qkv, att.v))
             units.append(Unit(f"{b.index}.o", b, "o", att.o.node.args[0], [att.o], att.o))
@@ -173,6 +173,44 @@ def _weights(gm: fx.GraphModule, lin: Linear):
     return w, attr_value(gm, lin.bias).detach().float()
 
 
+_PASS_THROUGH = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.transpose.int,
+                 torch.ops.aten.permute.default, torch.ops.aten.clone.default, torch.ops.aten._unsafe_view.default,
+                 torch.ops.aten.contiguous.default, torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default,
+                 torch.ops.aten._to_copy.default}
+
+
+def _v_rows(att) -> slice | None:
+    """Which output rows of a fused q/k/v projection are the values: SDPA's value input
+    traced back through views, copies and the KV-cache write to one slice of the
+    projection's last dim (None where it is not one slice, e.g. heads interleaved)."""
+    if not att.fused_qkv:
+        return None
+    node = att.sdpa.args[2]
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        # Other slices on the way are repeat_kv's full-range indexing.
+        if node.target == torch.ops.aten.slice.Tensor and node.args[0] is att.q.node:
+            dim = node.args[1] if len(node.args) > 1 else 0
+            start = node.args[2] if len(node.args) > 2 else 0
+            end = node.args[3] if len(node.args) > 3 else None
+            rank = len(att.q.node.meta["val"].shape) if "val" in att.q.node.meta else None
+            if dim in (-1, (rank or 0) - 1) and isinstance(start, int) and isinstance(end, int):
+                return slice(start, min(end, att.q.out_features))
+            return None
+        if node.target == torch.ops.aten.index_copy_.default:  # a KV cache: follow what is written
+            node = node.args[3]
+            continue
+        if node.target not in _PASS_THROUGH and node.target != torch.ops.aten.slice.Tensor:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _mlp_widths_match(mlp) -> bool:
+    """act(gate) * up (or act(up)) has the width down reads: not so for a fused gate/up
+    projection split by chunk (Phi-3), which the anatomy sees as one wide `up`."""
+    return mlp.up.out_features == mlp.down.in_features
+
+
 class ErrorProxy:
     """The error a unit's zeros add to the residual stream, relative to the stream, per
     token and averaged: comparable across units and layers, with no model forward.
@@ -193,17 +231,18 @@ class ErrorProxy:
         self.st, self.scores = st, st.scores()[::step]
         self.effective, self.stream_sq = st.effective[::step], st.stream_sq[::step]
         b = unit.block
-        if unit.kind == "qkv":
-            att = b.attention
-            wv, bv = _weights(gm, att.v)
+        att, mlp = b.attention, b.mlp
+        v_rows = _v_rows(att) if unit.kind == "qkv" else None
+        if unit.kind == "qkv" and (not att.fused_qkv or v_rows is not None):
+            wv, _ = _weights(gm, att.v)
+            wv = wv if v_rows is None else wv[v_rows]  # the value rows of a fused q/k/v weight
             wo, _ = _weights(gm, att.o)
             rep, hd = att.num_heads // att.num_kv_heads, att.head_dim
 
             def through(d):
                 v = (d @ wv.t()).unflatten(-1, (-1, hd)).repeat_interleave(rep, dim=-2).flatten(-2)
                 return v @ wo.t()
-        elif unit.kind == "gate_up":
-            mlp = b.mlp
+        elif unit.kind == "gate_up" and _mlp_widths_match(mlp):
             act = _ACT.get(mlp.activation, _ACT["none"])
             wu, bu = _weights(gm, mlp.up)
             wg, bg = _weights(gm, mlp.gate) if mlp.gated else (None, None)
@@ -219,6 +258,9 @@ class ErrorProxy:
             def through(d):
                 return (h0 - h(x - d)) @ wd.t()
         else:
+            # o, down, act(gate); and, where the paths above cannot be followed (a fused
+            # q/k/v whose value columns are not one slice, a fused gate/up), the error at
+            # the unit's own projection output.
             w, _ = _weights(gm, unit.error_weight)
 
             def through(d):
