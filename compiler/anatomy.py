@@ -15,14 +15,16 @@ A graph it cannot read yields an empty Anatomy with the reason, never an excepti
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
+from optc.compiler.anatomy_types import MLP, Anatomy, Attention, Block, Linear
 from optc.compiler.gqa import GROUPED_QUERY, kv_sources
 from optc.compiler.rewrite import node_shape
+
+__all__ = ["analyze", "module_path", "Anatomy", "Attention", "Block", "Linear", "MLP"]
 
 aten = torch.ops.aten
 _LINEAR = {aten.linear.default}
@@ -36,122 +38,6 @@ _ACTIVATIONS = {
     aten.sigmoid.default: "sigmoid",
     aten.tanh.default: "tanh",
 }
-
-
-@dataclass
-class Linear:
-    path: str  # module path, e.g. "model.layers.3.mlp.down_proj"
-    node: fx.Node
-    weight: str  # get_attr target of the weight
-    bias: str | None
-    in_features: int
-    out_features: int
-
-
-@dataclass
-class Attention:
-    path: str
-    q: Linear  # q, k and v are one Linear when the model fuses them (fused_qkv)
-    k: Linear
-    v: Linear
-    o: Linear
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    sdpa: fx.Node
-    cache_writes: list[fx.Node] = field(default_factory=list)
-    # Grouped-query attention written as repeat_kv (Llama): the K and V tensors before
-    # they were copied once per query head, (k, v); None when SDPA reads them as they are.
-    kv_sources: tuple[fx.Node, fx.Node] | None = None
-
-    @property
-    def fused_qkv(self) -> bool:
-        """One projection computes q, k and v (Phi-3's qkv_proj), split after it."""
-        return self.q is self.k
-
-    @property
-    def linears(self) -> list[Linear]:
-        """Each projection once: q, k, v, o, or the fused qkv and o."""
-        return [self.q, self.o] if self.fused_qkv else [self.q, self.k, self.v, self.o]
-
-
-@dataclass
-class MLP:
-    up: Linear
-    down: Linear
-    gate: Linear | None  # gated MLPs (SwiGLU): act(gate(x)) * up(x)
-    activation: str
-    act_node: fx.Node | None  # the activation output (of the gate when gated)
-
-    @property
-    def gated(self) -> bool:
-        return self.gate is not None
-
-    @property
-    def linears(self) -> list[Linear]:
-        return [lin for lin in (self.gate, self.up, self.down) if lin is not None]
-
-
-@dataclass
-class Block:
-    """A residual block. The residual stream enters at `input`, is `mid` after the
-    attention sub-block and `output` after the MLP sub-block: skipping a sub-block
-    means routing the stream around it (uses of its end replaced by its start)."""
-
-    index: int
-    path: str
-    attention: Attention
-    mlp: MLP
-    input: fx.Node
-    mid: fx.Node
-    output: fx.Node
-
-
-@dataclass
-class Anatomy:
-    blocks: list[Block] = field(default_factory=list)
-    embeddings: list[str] = field(default_factory=list)
-    norms: list[str] = field(default_factory=list)
-    head: Linear | None = None
-    reason: str | None = None  # why the anatomy is empty, if it is
-
-    @property
-    def empty(self) -> bool:
-        return not self.blocks
-
-    def summary(self) -> dict:
-        """A JSON-able description (what `optc inspect` prints)."""
-        out: dict = {"n_blocks": len(self.blocks), "reason": self.reason}
-        out["embeddings"] = self.embeddings
-        out["norms"] = len(self.norms)
-        out["head"] = self.head.path if self.head else None
-        out["blocks"] = [
-            {
-                "index": b.index,
-                "path": b.path,
-                "attention": {
-                    "path": b.attention.path,
-                    "q": b.attention.q.path,
-                    "k": b.attention.k.path,
-                    "v": b.attention.v.path,
-                    "o": b.attention.o.path,
-                    "fused_qkv": b.attention.fused_qkv,
-                    "heads": b.attention.num_heads,
-                    "kv_heads": b.attention.num_kv_heads,
-                    "head_dim": b.attention.head_dim,
-                    "kv_cache": bool(b.attention.cache_writes),
-                    "kv_repeated": b.attention.kv_sources is not None,
-                },
-                "mlp": {
-                    "gated": b.mlp.gated,
-                    "activation": b.mlp.activation,
-                    "linears": [lin.path for lin in b.mlp.linears],
-                    "hidden": b.mlp.up.out_features,
-                },
-            }
-            for b in self.blocks
-        ]
-        return out
 
 
 class _Unreadable(Exception):
@@ -400,6 +286,9 @@ def _residual_points(block: str, attention: Attention, mlp: MLP, dag: nx.DiGraph
     next; found with networkx's dominator analysis rather than by matching op names.
     """
     sink = next(iter(graph.find_nodes(op="output")))
+    if not nx.has_path(dag, attention.o.node, mlp.linears[0].node):
+        raise _Unreadable(f"block {block}: its MLP does not read the attention's output (attention and MLP in "
+                          "parallel, as in GPT-NeoX and Falcon); such blocks are not recognised")
     mid = _stream_point(block, attention.o.node, sink, dag, feeds=mlp.linears[0].node)
     out = _stream_point(block, mlp.down.node, sink, dag, feeds=None)
     q_in = attention.q.node.args[0]
