@@ -44,12 +44,20 @@ def kernel_table(dec, prompt, steps: int, top: int = 25) -> dict:
     # Prefill outside the profile: only the decode steps' graph replays are counted.
     # (decode_profile_llama1b_h100.json predates this and includes one prefill / steps.)
     dec.generate(prompt, 1)
-    groups = profile_kernels(lambda: dec._decode_steps(steps), steps)
+    gaps: dict[str, float] = {}
+    groups = profile_kernels(lambda: dec._decode_steps(steps), steps, gaps=gaps)
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
     total = sum(v[0] for _, v in ranked)
+    by_gap = sorted(gaps.items(), key=lambda kv: -kv[1])
     return dict(kernel_us_per_step=round(total, 1),
                 kernels_per_step=round(sum(v[1] for _, v in ranked), 1),
-                top=[dict(name=k, us_per_step=round(v[0], 1), calls_per_step=round(v[1], 1)) for k, v in ranked[:top]])
+                # Device idle time per step, and the kernels it comes before (launch latency
+                # in the graph, or the host between two replays for the step's first kernel).
+                idle_us_per_step=round(sum(gaps.values()), 1),
+                top=[dict(name=k, us_per_step=round(v[0], 1), calls_per_step=round(v[1], 1),
+                          idle_before_us_per_step=round(gaps.get(k, 0.0), 1)) for k, v in ranked[:top]],
+                top_idle=[dict(name=k, idle_before_us_per_step=round(us, 1),
+                               calls_per_step=round(groups.get(k, (0, 0))[1], 1)) for k, us in by_gap[:top]])
 
 
 def main():

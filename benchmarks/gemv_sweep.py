@@ -75,6 +75,8 @@ def main():
     ap.add_argument("--rank-by-kernel", action="store_true",
                     help="profile every candidate too and rank the masked/dot tiles by the sparse kernel's own "
                          "device time (implies --kernel-time; slower per candidate)")
+    ap.add_argument("--shapes", default=None,
+                    help="KxN shapes to sweep, comma-separated (default: the four Llama-1B projections)")
     args = ap.parse_args()
     args.kernel_time = args.kernel_time or args.rank_by_kernel
     kinds = [k for k in args.kinds.split(",") if k]
@@ -82,6 +84,11 @@ def main():
         raise SystemExit(f"--kinds: unknown kind in {args.kinds!r}; known: masked, gemv, dot")
     su = Setup(smoke=args.smoke)
     shapes = [(96, 64), (64, 32)] if args.smoke else SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in kn.lower().split("x")) for kn in args.shapes.split(",")]
+        except ValueError:
+            raise SystemExit(f"--shapes: expected KxN[,KxN...], e.g. 2048x8192; got {args.shapes!r}") from None
     timer = Timer(su.device, args.rep_ms)
     kernel_timer = Timer(su.device, args.rep_ms, profile_kernels=args.kernel_time)
     # block_k 256: fewer, larger weight loads per program (more bytes in flight per SM).

@@ -94,9 +94,11 @@ def threshold_for(s: float) -> float:
     return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(s, dtype=torch.float64)).item()
 
 
-def profile_kernels(run, divide_by: int) -> dict[str, tuple[float, float]]:
+def profile_kernels(run, divide_by: int, gaps: dict | None = None) -> dict[str, tuple[float, float]]:
     """Runs `run()` under torch.profiler: {kernel name (90 chars): (device us, launches)},
-    each divided by `divide_by` (steps or calls). Device time only: no launch gaps."""
+    each divided by `divide_by` (steps or calls). Device time only: no launch gaps.
+    If `gaps` is a dict, it is filled with ``idle_before``: the device idle time before
+    each kernel, per kernel name (see ``idle_before``), also divided by `divide_by`."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
@@ -108,7 +110,27 @@ def profile_kernels(run, divide_by: int) -> dict[str, tuple[float, float]]:
             acc = out.setdefault(evt.key[:90], [0.0, 0.0])
             acc[0] += us / divide_by
             acc[1] += evt.count / divide_by
+    if gaps is not None:
+        device = torch.autograd.DeviceType.CUDA
+        spans = [(e.name[:90], e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == device]
+        gaps.update({name: us / divide_by for name, us in idle_before(spans).items()})
     return {name: (us, n) for name, (us, n) in out.items()}
+
+
+def idle_before(spans: list[tuple[str, float, float]]) -> dict[str, float]:
+    """{kernel name: summed device idle time just before its launches}, from (name, start,
+    end) spans in any order. The idle time before a kernel is its start minus the latest
+    end of the kernels that started before it (0 when they overlap). In a CUDA graph of
+    dependent kernels that is the launch latency each one adds to the step; a kernel
+    that shows much more of it than others is where the step's non-kernel time goes."""
+    out: dict[str, float] = {}
+    latest_end = None
+    for name, start, end in sorted(spans, key=lambda s: s[1]):
+        if latest_end is not None:
+            out[name] = out.get(name, 0.0) + max(0.0, start - latest_end)
+        latest_end = end if latest_end is None else max(latest_end, end)
+    return out
 
 
 class Timer:

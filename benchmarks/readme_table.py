@@ -44,10 +44,14 @@ def bench_tables() -> str:
             f"torch {d['torch']}, triton {d['triton']}, transformers {d['transformers']}; {d['date'][:10]}; "
             f"{_source(d, path)}\n"
         )
-        out.append(f"| variant | median | p20 | p80 | vs {d['baseline'] or 'a baseline (none run)'} |\n|---|---|---|---|---|")
+        out.append(f"| variant | median | p20 | p80 | vs {d['baseline'] or 'a baseline (none run)'} | vs dense optc |"
+                   "\n|---|---|---|---|---|---|")
+        dense = next((r["median_ms"] for r in d["rows"] if r["name"] == "optc"), None)
         for r in d["rows"]:
             ratio = f"{r['ratio_vs_baseline']:.2f}x" if r.get("ratio_vs_baseline") else "-"
-            out.append(f"| {r['name']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {ratio} |")
+            vs_dense = f"{dense / r['median_ms']:.2f}x" if dense and r["name"].startswith("optc ") else "-"
+            out.append(f"| {r['name']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {ratio} "
+                       f"| {vs_dense} |")
         out.append("")
     return "\n".join(out)
 

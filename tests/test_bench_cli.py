@@ -16,7 +16,7 @@ def test_bench_rows_for_each_variant(tmp_path):
     out = tmp_path / "b.json"
     rc, stdout, err = optc("bench", "tiny-llama", "--target", "cpu", "--tokens", "4", "--baselines", "eager",
                            "--no-autotune", "--set", "skip_layers.layers=[1]", "--set", "skip_layers.granularity=block",
-                           "--set", "merge_projections.enabled=true",
+                           "--set", "merge_projections.ops=all",
                            "--variant", "sparsify_activations.method=cats sparsify_activations.sparsity=0.5",
                            "--rounds", "2", "--json", "--out", str(out))
     assert rc == 0, err
@@ -35,7 +35,8 @@ def test_bench_rows_for_each_variant(tmp_path):
     assert "rel_err_vs_program" in cats["agreement"] and "rel_err_vs_eager" not in cats["agreement"]
     assert cats["decode_program"]["sparsify_activations"]["rewritten"]
     assert rows[names[2]]["removed"] == [[1, "block"]]
-    # merge_projections (off by default) merged q/k/v and gate/up of the 3 blocks left.
+    # merge_projections merges sparse siblings only by default (the dense row has none);
+    # with ops=all it merged q/k/v and gate/up of the 3 blocks left.
     assert "merge_projections" not in rows["optc"].get("decode_program", {})
     assert rows[names[2]]["decode_program"]["merge_projections"]["linears_merged"] == 3 * 5
     # Every optc row was timed in both rounds (the baseline once).

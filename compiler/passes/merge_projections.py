@@ -32,10 +32,14 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class MergeProjectionsConfig(PassConfig):
-    # Off by default: on the H100 its effect on llama-1b decode (-6% to +5% across four
-    # processes) was smaller than the compile-to-compile spread of the same dense
-    # program (1.36-1.53 ms/token); see benchmarks/NOTES.md.
-    enabled: bool = knob(False, doc="run this pass at all (off until measured to pay)")
+    # On the H100 (llama-1b decode, benchmarks/NOTES.md) merging the two sparse
+    # gate/up GEMVs of TEAL into one 2048->16384 sparse kernel took the step from 1.330
+    # to 1.286 ms/token (kernel 2 x 10.0 us -> 16.7 us per block), while merging the
+    # dense q/k/v and gate/up made it slower (1.420 vs 1.358: Inductor already fuses
+    # RMSNorm + gate + up into one tuned GEMV). So by default only sparse siblings merge.
+    enabled: bool = knob(True, doc="run this pass at all")
+    ops: str = knob("sparse", choices=("sparse", "all"),
+                    doc="which linears merge: 'sparse' (optc::sparse_linear siblings only) or 'all' (dense too)")
     max_group: int = knob(8, low=2, high=64, doc="most linears merged into one (siblings beyond it form another group)")
 
 
@@ -54,8 +58,8 @@ class _Kind:
     shared_args: tuple[int, ...]  # further arguments every member must share (thresholds)
 
 
-def _kinds() -> dict:
-    kinds = {aten.linear.default: _Kind("linear", 1, 2, 0, ())}
+def _kinds(ops: str) -> dict:
+    kinds = {aten.linear.default: _Kind("linear", 1, 2, 0, ())} if ops == "all" else {}
     sparse = getattr(getattr(torch.ops, "optc", None), "sparse_linear", None)
     if sparse is not None:  # registered when optc.compiler.codegen.ops is imported
         kinds[sparse.default] = _Kind("sparse_linear", 1, 3, 1, (2,))
@@ -164,7 +168,7 @@ def _merge(gm: fx.GraphModule, members: list[fx.Node], kind: _Kind) -> float:
 @register_pass("merge_projections", MergeProjectionsConfig, lossy=False)
 def merge_projections(gm: fx.GraphModule, anatomy: Anatomy, cfg: MergeProjectionsConfig, plan: dict) -> PassResult:
     """One linear (or sparse linear) for the linears that read the same input."""
-    kinds = _kinds()
+    kinds = _kinds(cfg.ops)
     groups: dict = {}
     for node in gm.graph.nodes:
         key = _group_key(gm, node, kinds)
@@ -182,7 +186,8 @@ def merge_projections(gm: fx.GraphModule, anatomy: Anatomy, cfg: MergeProjection
             merged[kind.name] = merged.get(kind.name, 0) + 1
             linears += len(members)
     if not merged:
-        return PassResult(False, "no two linears read the same input with stored weights")
+        what = "linears" if cfg.ops == "all" else "sparse linears (merge_projections.ops=all merges dense ones too)"
+        return PassResult(False, f"no two {what} read the same input with stored weights")
     eliminate_dead_code(gm)
     drop_unused_attributes(gm)
     gm.recompile()

@@ -32,8 +32,9 @@ def _decode(gms, ids):
 def test_dense_merge_is_lossless_and_reexports(llama_captured):
     _, captured = llama_captured
     plain, off = _run(captured, {})
-    merged, entry = _run(captured, {"merge_projections": {"enabled": True}})
-    assert not off["applied"] and entry["applied"]
+    merged, entry = _run(captured, {"merge_projections": {"ops": "all"}})
+    # By default only sparse siblings merge, and a dense model has none.
+    assert not off["applied"] and "ops=all" in off["reason"] and entry["applied"]
     for name in ("prefill", "decode"):
         prog = entry["programs"][name]
         # 4 blocks: q/k/v (3) and gate/up (2) each become one linear.
@@ -53,8 +54,8 @@ def test_sparse_siblings_merge(llama_captured):
     calib = [((), {"input_ids": x, "cache_position": torch.arange(24)})
              for x in [torch.randint(0, 256, (1, 24), generator=g) for _ in range(2)]]
     teal = {"method": "teal", "sparsity": 0.5, "kernels": "sparse", "allocation": "uniform"}
-    plain, _ = _run(captured, {"sparsify_activations": teal}, calib)
-    merged, entry = _run(captured, {"sparsify_activations": teal, "merge_projections": {"enabled": True}}, calib)
+    plain, _ = _run(captured, {"sparsify_activations": teal, "merge_projections": {"enabled": False}}, calib)
+    merged, entry = _run(captured, {"sparsify_activations": teal}, calib)  # on by default for sparse siblings
     op = torch.ops.optc.sparse_linear.default
     # Per block: q/k/v share input and threshold (3 -> 1), gate/up too (2 -> 1); o and down stay.
     assert _count(plain["decode"], op) == 7 * 4 and _count(merged["decode"], op) == 4 * 4

@@ -64,10 +64,10 @@ def test_decode_attends_to_shared_heads_and_is_unchanged(llama_captured):
 
 def test_works_with_the_other_passes(llama_captured):
     _, captured = llama_captured
-    both = dict(ON, merge_projections={"enabled": True})
+    both = dict(ON, merge_projections={"ops": "all"})
     gms, entry = _run(captured, both)
     assert entry["programs"]["decode"]["attentions_rewritten"] == 4
-    plain, _ = _run(captured, dict(OFF, merge_projections={"enabled": True}))
+    plain, _ = _run(captured, dict(OFF, merge_projections={"ops": "all"}))
     ids = torch.tensor([[7]])
     torch.testing.assert_close(_decode(gms["decode"], ids, 2), _decode(plain["decode"], ids, 2), rtol=1e-5, atol=1e-5)
 

@@ -7,7 +7,7 @@ import torch
 from optc.errors import UsageError
 from optc.models import data, quality, zoo
 
-ALL = ["smollm2-135m", "minilm-l6", "llama-1b", "vit-b16", "bert-base",
+ALL = ["smollm2-135m", "minilm-l6", "llama-1b", "llama-8b", "vit-b16", "bert-base",
        "tiny-llama", "tiny-bert", "tiny-vit"]
 TINY = ["tiny-llama", "tiny-bert", "tiny-vit"]
 
@@ -32,7 +32,7 @@ def test_unknown_name_is_a_usage_error_pointing_at_optc_models():
 def test_dtypes_and_weights_flags():
     real = {e.name for e in zoo.entries() if e.real_weights}
     assert real == {"smollm2-135m", "minilm-l6"}
-    for name in ("llama-1b", "vit-b16", "bert-base"):
+    for name in ("llama-1b", "llama-8b", "vit-b16", "bert-base"):
         assert zoo.get(name).default_dtype == torch.bfloat16
     for name in TINY + ["smollm2-135m", "minilm-l6"]:
         assert zoo.get(name).default_dtype == torch.float32
@@ -42,7 +42,8 @@ def _meta_params(entry) -> int:
     """Parameter count from the config alone: the module is built on the meta device."""
     import transformers
 
-    cls = {"llama-1b": transformers.LlamaForCausalLM, "vit-b16": transformers.ViTForImageClassification,
+    cls = {"llama-1b": transformers.LlamaForCausalLM, "llama-8b": transformers.LlamaForCausalLM,
+           "vit-b16": transformers.ViTForImageClassification,
            "bert-base": transformers.BertModel}[entry.name]
     with torch.device("meta"):
         model = cls(entry.config())
@@ -60,6 +61,14 @@ def test_llama_1b_has_llama_3_2_1b_shape():
             rope["original_max_position_embeddings"]) == (32.0, 1.0, 4.0, 8192)
     assert cfg._attn_implementation == "sdpa"
     assert _meta_params(zoo.get("llama-1b")) == pytest.approx(1.236e9, rel=0.01)
+
+
+def test_llama_8b_has_llama_3_1_8b_shape():
+    cfg = zoo.get("llama-8b").config()
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.head_dim, cfg.intermediate_size, cfg.vocab_size) == (4096, 32, 32, 8, 128, 14336, 128256)
+    assert not cfg.tie_word_embeddings and cfg.rope_parameters["factor"] == 8.0
+    assert _meta_params(zoo.get("llama-8b")) == pytest.approx(8.03e9, rel=0.01)
 
 
 def test_vit_b16_and_bert_base_shapes():
