@@ -172,16 +172,23 @@ def spread_tables() -> str:
 
 
 def kernel_time_table() -> str:
-    """gemv_sweep.py --kernel-time: each kernel's own device time, one token, s=0.5."""
-    path, d = _result("gemv_kernel_time_h100.json")
-    if d is None:
-        return ""
+    out = []
+    for name in ("gemv_kernel_time_h100.json", "gemv_llama8b_shapes_h100.json"):
+        path, d = _result(name)
+        if d is not None:
+            out.append(_kernel_time_table(path, d))
+    return "\n".join(out)
+
+
+def _kernel_time_table(path: Path, d: dict) -> str:
     rows = d["rows"]
+    swept = any(r["kind"] == "masked_best" and r.get("kernels_us") for r in rows)
     out = [f"**Kernel device time, one token, s=0.5** (profiler time of each kernel, no launch gaps; optc's split-K "
            f"sum runs as a separate kernel here and is fused into its consumer in a compiled decode step), bf16, on "
-           f"{d['device']} ({d['date'][:10]}; `{path.relative_to(ROOT)}`): µs per call; TB/s on the bytes read\n",
+           f"{d['device']} ({d['date'][:10]}; {_source(d, path)} Cells: µs per call; TB/s on the bytes read\n",
            "| K->N | cuBLAS dense | optc sparse_linear_kernel | + its sum and cast | ideal (cuBLAS, active rows only) "
-           "| optc vs dense | optc vs ideal |", "|---|---|---|---|---|---|---|"]
+           "| optc vs dense | optc vs ideal |" + (" best swept tile |" if swept else ""),
+           "|---|---|---|---|---|---|---|" + ("---|" if swept else "")]
     for k, n in dict.fromkeys((r["K"], r["N"]) for r in rows if r["kind"] == "ideal"):
         dense = next(r for r in rows if r["kind"] == "dense_linear" and (r["K"], r["N"]) == (k, n))
         opt, ideal = _row_at(rows, "default", k, n, 0.5), _row_at(rows, "ideal", k, n, 0.5)
@@ -189,8 +196,17 @@ def kernel_time_table() -> str:
         kern = opt["kernels_us"]["sparse_linear_kernel"]
         rest = sum(opt["kernels_us"].values()) - kern
         tbs = opt["rows_read_frac"] * k * n * 2 / kern / 1e6
-        out.append(f"| {k}->{n} | {dense_us:.1f} | {kern:.1f} ({tbs:.2f} TB/s) | {rest:.1f} | {ideal_us:.1f} "
-                   f"| {dense_us / kern:.2f}x | {ideal_us / kern:.2f}x |")
+        line = (f"| {k}->{n} | {dense_us:.1f} | {kern:.1f} ({tbs:.2f} TB/s) | {rest:.1f} | {ideal_us:.1f} "
+                f"| {dense_us / kern:.2f}x | {ideal_us / kern:.2f}x |")
+        best = _row_at(rows, "masked_best", k, n, 0.5)
+        if swept and best and best.get("kernels_us"):
+            c, b_us = best["config"], best["kernels_us"]["sparse_linear_kernel"]
+            b_tbs = best["rows_read_frac"] * k * n * 2 / b_us / 1e6
+            line += (f" {b_us:.1f} ({b_tbs:.2f} TB/s, {dense_us / b_us:.2f}x dense): {c['block_n']}x{c['block_k']}, "
+                     f"{c['num_warps']} warps, split {c['split_k']} |")
+        elif swept:
+            line += " - |"
+        out.append(line)
     return "\n".join(out) + "\n"
 
 

@@ -166,21 +166,50 @@ class TextData:
         return self._batches("evaluation", n, seq_len, batch, seed)
 
 
-def _text_data(folder: Path, module: torch.nn.Module) -> TextData | None:
+@dataclass(frozen=True)
+class UnreadableTokenizer:
+    """The entry of a causal LM directory whose tokenizer files transformers cannot load:
+    compiling without data still works; asking it for data names the load error (a
+    missing tokenizer and a broken one need different fixes)."""
+
+    name: str
+    error: str
+    metric: str = "perplexity"
+
+    def _refuse(self, which: str):
+        raise UsageError(f"{self.name} has tokenizer files, but transformers cannot load them ({self.error}); "
+                         f"a lossy pass (and --eval) needs {which} data from them: re-save the tokenizer "
+                         "(tokenizer.save_pretrained(DIR)), or pass it to optc.compile from Python")
+
+    def calibration_batches(self, *args, **kwargs):
+        self._refuse("calibration")
+
+    def evaluation_batches(self, *args, **kwargs):
+        self._refuse("evaluation")
+
+
+# Files any Hugging Face tokenizer saves at least one of.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+
+
+def _text_data(folder: Path, module: torch.nn.Module) -> TextData | UnreadableTokenizer | None:
     """TextData for a causal LM directory whose tokenizer transformers can load offline;
-    None for other models or when there is no tokenizer (a lossy pass then refuses,
-    saying what to add)."""
+    UnreadableTokenizer when its tokenizer files do not load; None for other models or
+    when there is no tokenizer (a lossy pass then refuses, saying what to add)."""
     from optc.compiler.capture import is_causal_lm
 
     vocab = getattr(getattr(module, "config", None), "vocab_size", None)
     if vocab is None or not is_causal_lm(module):  # the models optc captures as decoders
         return None
+    if not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        return None
     import transformers
 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception:  # noqa: BLE001 - no tokenizer files, or ones transformers cannot read
-        return None
+    except Exception as exc:  # noqa: BLE001 - any load failure is reported when data is asked for
+        return UnreadableTokenizer(name=folder.resolve().name, error=f"{type(exc).__name__}: {exc}"[:300])
     return TextData(name=folder.resolve().name, tokenizer=tokenizer, vocab_size=int(vocab))
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from optc.compiler.anatomy import Anatomy
+from optc.compiler.codegen.lowering import THRESHOLD_BUFFER_PREFIX
 from optc.compiler.config import PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.passes import sparsify_calibration as cal
@@ -38,7 +39,7 @@ from optc.errors import CompileError
 
 aten = torch.ops.aten
 METHODS = ("cats", "teal", "chess")
-PREFIX = "sparsify_t_"
+PREFIX = THRESHOLD_BUFFER_PREFIX
 KERNEL_CHOICES = ("auto", "sparse", "dense")
 
 

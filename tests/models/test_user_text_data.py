@@ -80,3 +80,16 @@ def test_a_lossy_pass_without_data_is_refused_saying_what_to_add(tmp_path, tok):
     with pytest.raises(UsageError, match="tokenizer"):
         optc.compile(module, inputs, target="cpu", entry=entry, verify=False, log=lambda msg: None,
                      passes={"sparsify_activations.method": "teal", "sparsify_activations.sparsity": 0.5})
+
+
+def test_tokenizer_files_that_do_not_load_are_named_with_the_error(tmp_path, tok):
+    import optc
+
+    folder = _llama_dir(tmp_path / "m", len(tok), tok)
+    (folder / "tokenizer.json").write_text("{ not json")
+    entry, module, inputs = user.resolve(str(folder))
+    assert isinstance(entry, user.UnreadableTokenizer) and entry.name == "m"
+    with pytest.raises(UsageError, match="has tokenizer files, but transformers cannot load them") as info:
+        optc.compile(module, inputs, target="cpu", entry=entry, verify=False, log=lambda msg: None,
+                     passes={"sparsify_activations.method": "teal", "sparsify_activations.sparsity": 0.5})
+    assert "re-save the tokenizer" in str(info.value) and info.value.exit_code == 2

@@ -35,6 +35,7 @@ __all__ = [
     "sparse_linear_target",
     "cats_target",
     "pick_bucket",
+    "pick_tile",
     "choose_split_k",
     "choose_slice",
     "crossover_tokens",
@@ -77,6 +78,9 @@ class SparseLinearTarget:
     buckets: tuple[tuple[int, LaunchConfig], ...]
     # One token: the compacting GEMV (None: the masked tile of buckets[0]).
     gemv: GemvConfig | None = None
+    # One token on a weight of at least this many elements (K * N): this tile instead
+    # of buckets[0]'s. None: buckets[0] everywhere.
+    large_gemv: tuple[int, LaunchConfig] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,12 @@ _HOPPER_SPARSE_LINEAR = (
 # L1 and the barrier cost more than the full loads gain at these sizes). It stays
 # selectable (sparse_linear(..., gemv=GemvConfig(...))) for measuring other targets.
 _HOPPER_GEMV = None
+# benchmarks/gemv_sweep.py --rank-by-kernel, H100, s=0.5, Llama-3.1-8B shapes
+# (gemv_llama8b_shapes_h100.json): 64 x 64 with 8 warps was best or within 5% of the best on
+# 4096->14336, 14336->4096 and 4096->28672 (27.8 / 26.2 / 52.9 us, 72-79% of copy bandwidth on
+# the bytes read), where the 32 x 128 tile took 29.8 / 27.0 / 57.7; on Llama-1B's 2048 x 8192
+# weights the 32 x 128 tile stays ahead (10.0 vs 10.3-12.1 us). 32M elements lies between.
+_HOPPER_LARGE_GEMV = (32 * 2**20, LaunchConfig(block_m=1, block_n=64, block_k=64, num_warps=8, num_stages=1))
 _HOPPER_CATS = (
     (1, LaunchConfig(block_m=1, block_n=8, block_k=256, num_warps=4, num_stages=1)),
     (16, LaunchConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4)),
@@ -117,17 +127,17 @@ _HOPPER_CATS = (
 SPARSE_LINEAR: dict[str, SparseLinearTarget] = {
     "h100": SparseLinearTarget(
         num_sms=132, waves=4.0, max_split_k=8, workspace_fraction=0.125, min_chunks_per_split=2,
-        buckets=_HOPPER_SPARSE_LINEAR, gemv=_HOPPER_GEMV,
+        buckets=_HOPPER_SPARSE_LINEAR, gemv=_HOPPER_GEMV, large_gemv=_HOPPER_LARGE_GEMV,
     ),
     # PROVISIONAL: H100 tiles (same SMs and core, faster HBM); not measured on H200.
     "h200": SparseLinearTarget(
         num_sms=132, waves=4.0, max_split_k=8, workspace_fraction=0.125, min_chunks_per_split=2,
-        buckets=_HOPPER_SPARSE_LINEAR, gemv=_HOPPER_GEMV,
+        buckets=_HOPPER_SPARSE_LINEAR, gemv=_HOPPER_GEMV, large_gemv=_HOPPER_LARGE_GEMV,
     ),
     # PROVISIONAL: H100 tiles with the A100's SM count; not measured.
     "a100": SparseLinearTarget(
         num_sms=108, waves=4.0, max_split_k=8, workspace_fraction=0.125, min_chunks_per_split=2,
-        buckets=_HOPPER_SPARSE_LINEAR, gemv=_HOPPER_GEMV,
+        buckets=_HOPPER_SPARSE_LINEAR, gemv=_HOPPER_GEMV, large_gemv=_HOPPER_LARGE_GEMV,
     ),
     # The interpreter: tiny tiles so that small test shapes span several tiles and
     # split K (num_sms is a pretend value that only drives the split-K choice).
@@ -202,6 +212,14 @@ def sparse_linear_target(target: str) -> SparseLinearTarget:
 
 def cats_target(target: str) -> CatsTarget:
     return CATS_GATE_UP[_check_target(target)]
+
+
+def pick_tile(tgt: SparseLinearTarget, num_tokens: int, k: int, n: int) -> LaunchConfig:
+    """The target's tile for an M x K @ K x N product: ``large_gemv`` for one token on a
+    large weight, else the token bucket's."""
+    if num_tokens == 1 and tgt.large_gemv is not None and k * n >= tgt.large_gemv[0]:
+        return tgt.large_gemv[1]
+    return pick_bucket(tgt.buckets, num_tokens)
 
 
 def pick_bucket(buckets: tuple[tuple[int, LaunchConfig], ...], num_tokens: int) -> LaunchConfig:

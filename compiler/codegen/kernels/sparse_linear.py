@@ -37,7 +37,7 @@ from .configs import (
     SparseLinearTarget,
     choose_slice,
     choose_split_k,
-    pick_bucket,
+    pick_tile,
     sparse_linear_target,
     target_for_device,
 )
@@ -196,7 +196,7 @@ def prepare_weight(linear_weight: torch.Tensor) -> torch.Tensor:
 def plan(tgt: SparseLinearTarget, M: int, N: int, K: int, elem_size: int,
          config: LaunchConfig | None = None, split_k: int | None = None):
     """(tile, split_k, k_per_split) for an M x K @ K x N product on a target."""
-    cfg = config or pick_bucket(tgt.buckets, M)
+    cfg = config or pick_tile(tgt, M, K, N)
     if split_k is None:
         split_k = choose_split_k(tgt, cfg, M, N, K, elem_size)
     # Each slice covers a whole number of BLOCK_K chunks; the last may be partial.

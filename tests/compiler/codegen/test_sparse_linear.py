@@ -178,6 +178,31 @@ def test_split_k_policy():
     assert configs.pick_bucket(h100.buckets, 100).block_m == 16
 
 
+def test_large_weights_get_their_own_one_token_tile():
+    """h100: Llama-3.1-8B's MLP weights (>= 32M elements) use the large GEMV tile at one
+    token, with the split the policy gives (measured best: 2 for 4096->14336, 8 for
+    14336->4096); Llama-1B's keep the bucket tile, and 16 tokens always do."""
+    from optc.compiler.codegen.kernels.sparse_linear import plan
+
+    h100 = configs.sparse_linear_target("h100")
+    large = h100.large_gemv[1]
+    assert large != h100.buckets[0][1]
+    assert plan(h100, 1, 14336, 4096, 2)[:2] == (large, 2)  # (M, N, K): 4096 -> 14336
+    assert plan(h100, 1, 4096, 14336, 2)[:2] == (large, 8)
+    assert plan(h100, 1, 8192, 2048, 2)[0] == h100.buckets[0][1]
+    assert plan(h100, 16, 14336, 4096, 2)[0] == h100.buckets[1][1]
+    assert configs.sparse_linear_target("cpu").large_gemv is None
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_large_tile_under_interpreter(split_k, poison_empty):
+    """The h100 large-weight tile itself (64 x 64), run on an irregular shape."""
+    large = configs.sparse_linear_target("h100").large_gemv[1]
+    x, wt, thr, bias = make_case(1, 200, 150, torch.float16, "per_channel", True, seed=9)
+    y = sparse_linear(x, wt, thr, bias, config=large, split_k=split_k)
+    assert rel_err(y, reference64(x, wt, thr, bias)) < TOL[torch.float16]
+
+
 def test_use_sparse_kernel_crossover():
     c = configs.crossover_tokens("h100")
     assert c >= 1
