@@ -73,7 +73,7 @@ def main():
                     help="also record each kernel's own device time per call (torch.profiler, no launch gaps) "
                          "for the dense, default and ideal rows")
     ap.add_argument("--rank-by-kernel", action="store_true",
-                    help="profile every candidate too and rank the masked/dot tiles by the sparse kernel's own "
+                    help="profile every candidate too and rank the tiles by the sparse kernel's own "
                          "device time (implies --kernel-time; slower per candidate)")
     ap.add_argument("--shapes", default=None,
                     help="KxN shapes to sweep, comma-separated (default: the four Llama-1B projections)")
@@ -100,7 +100,7 @@ def main():
         dot_grid = [(LaunchConfig(16, 16, 16, 1, 1), 2)]
     gemv_grid = [GemvConfig(bn, bk, nw, sl, sl) for bn, bk, nw, sl in
                  itertools.product((32, 64, 128, 256), (32, 64, 128), (4, 8),
-                                   (16, 32) if args.smoke else (256, 512, 1024))]
+                                   (16, 32) if args.smoke else (256, 512, 1024, 2048, 4096))]
     rows, best = [], {}
     for K, N in shapes:
         n_copies = su.copies(K * N * 2)
@@ -131,7 +131,7 @@ def main():
                         continue
                     fn = (lambda x, wt, t, c=cfg: sparse_host(x, wt, t, None, gemv=c))
                     desc = cfg.__dict__
-                ranked = args.rank_by_kernel and kind in ("masked", "dot")
+                ranked = args.rank_by_kernel
                 try:
                     r = time_sparse(su, kernel_timer if ranked else timer, K, N, 0.5, WTs, fn)
                 except Exception as e:  # noqa: BLE001 - a tile that does not compile is a data point
@@ -140,7 +140,8 @@ def main():
                 kernels = kernel_timer.last_kernels if ranked else None
                 rows.append(dict(kind=f"{kind}_sweep", K=K, N=N, sparsity=0.5, config=desc, **r, kernels_us=kernels))
                 if r["rel_err"] < 1e-2:
-                    score = kernels.get("sparse_linear_kernel", r["us"]) if kernels else r["us"]
+                    name = "sparse_gemv_kernel" if kind == "gemv" else "sparse_linear_kernel"
+                    score = kernels.get(name, r["us"]) if kernels else r["us"]
                     cands.append((score, fn, desc))
             if not cands:
                 continue

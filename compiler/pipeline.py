@@ -100,6 +100,7 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
         start = time.perf_counter()
         before = {name: count(gm) for name, gm in gms.items()}
         try:
+            prepared = _prepare(step.name, spec, gms, check_inputs, discontinuous_after)
             anatomies = {name: analyze(gm) for name, gm in gms.items()}
             plan = {}
             if spec.plan is not None:
@@ -137,6 +138,7 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
             plan=plan,
             programs={
                 name: {"applied": results[name].applied, "before": before[name], "after": count(gms[name]),
+                       **({"prepared": prepared[name]} if name in prepared else {}),
                        **results[name].details,
                        **({"lossless_check": checks[name]} if name in checks else {})}
                 for name in gms
@@ -150,6 +152,26 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
         if spec.discontinuous and entry["applied"]:
             discontinuous_after = step.name
     return report
+
+
+def _prepare(name: str, spec, gms: dict, check_inputs, discontinuous_after: str | None) -> dict:
+    """Runs the pass's lossless preparation on every program; {program: what it did,
+    with its end-to-end check} for the programs it changed."""
+    if spec.prepare is None:
+        return {}
+    out = {}
+    for prog, gm in gms.items():
+        before = rebuild(gm)[0] if check_inputs and prog in check_inputs else None
+        details = spec.prepare(gm)
+        if not details:
+            continue
+        gm.graph.lint()
+        gm.recompile()
+        if before is not None and not discontinuous_after:
+            details = {**details, "lossless_check": _check_lossless(f"{name} (its preparation)", before, gm,
+                                                                     check_inputs[prog])}
+        out[prog] = details
+    return out
 
 
 def _check_lossless(name: str, before: fx.GraphModule, after: fx.GraphModule, inputs) -> dict:

@@ -8,6 +8,10 @@ A pass is a frozen config dataclass plus up to two functions:
 - `apply(gm, anatomy, cfg, plan) -> PassResult`: rewrite one program's graph. For a
   decoder LM it runs on the prefill and the decode program with the same plan, so the
   two stay consistent.
+- `prepare(gm) -> dict` (optional): a lossless rewrite of each program run before its
+  anatomy is read, only when the pass is active (e.g. splitting a fused gate/up
+  projection so the pass sees gate and up); returns what it did ({} for nothing). The
+  runner checks it end to end like a lossless pass.
 - `report(gm, plan, inputs) -> dict` (optional): measurements of the rewritten
   program on held-out inputs (e.g. the activation sparsity actually reached), added
   to the quality report by `optc compile --eval`.
@@ -46,6 +50,7 @@ class PassSpec:
     # differences flip decisions and cascade, so end-to-end equality checks of later
     # lossless passes say nothing (they check their own rewrites locally instead).
     discontinuous: bool = False
+    prepare: Callable | None = None
 
 
 REGISTRY: dict[str, PassSpec] = {}
@@ -56,7 +61,7 @@ _PASS_MODULES = ("skip_layers", "share_kv_heads", "sparsify_activations", "merge
 
 def register_pass(
     name: str, config_cls: type, *, lossy: bool, plan: Callable | None = None, report: Callable | None = None,
-    discontinuous: bool = False,
+    discontinuous: bool = False, prepare: Callable | None = None,
 ):
     def decorate(fn):
         if name in REGISTRY:
@@ -64,7 +69,7 @@ def register_pass(
         if fn.__name__ != name:
             raise ValueError(f"pass function {fn.__name__!r} must be named like its key {name!r}")
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        REGISTRY[name] = PassSpec(name, config_cls, fn, plan, lossy, doc, report, discontinuous)
+        REGISTRY[name] = PassSpec(name, config_cls, fn, plan, lossy, doc, report, discontinuous, prepare)
         return fn
 
     return decorate

@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from optc.compiler.anatomy import Anatomy
 from optc.compiler.codegen.lowering import THRESHOLD_BUFFER_PREFIX
+from optc.compiler.fused_mlp import split_fused_gate_up
 from optc.compiler.config import PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.passes import sparsify_calibration as cal
@@ -252,7 +253,7 @@ def _sparse(gm: fx.GraphModule, u: cal.Unit, tname: str) -> str:
 
 
 @register_pass("sparsify_activations", SparsifyActivationsConfig, lossy=True, plan=plan_sparsify_activations,
-               report=report_sparsity, discontinuous=True)
+               report=report_sparsity, discontinuous=True, prepare=split_fused_gate_up)
 def sparsify_activations(gm: fx.GraphModule, anatomy: Anatomy, cfg: SparsifyActivationsConfig, plan: dict) -> PassResult:
     """Threshold small activations (TEAL, CATS, CHESS) so sparse kernels skip weight rows."""
     rows = plan.get("units", [])

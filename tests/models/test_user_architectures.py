@@ -1,7 +1,8 @@
 """sparsify_activations on decoder architectures other than Llama, as a user brings them
 (tiny random Hugging Face models with a tokenizer): each is recognised, calibrated to
 the target and evaluated on held-out text; Phi-3's fused q/k/v projection is read as
-one; Gemma-2 (no SDPA) is refused with a reason."""
+one and its fused gate/up projection is split for the methods that need gate and up;
+Gemma-2 (no SDPA) is refused with a reason."""
 
 import pytest
 import torch
@@ -82,11 +83,30 @@ def test_fused_qkv_is_one_projection(tok):
     assert _v_rows(att) == slice(96, 128)
 
 
-def test_fused_model_refusals_and_skips(tok):
-    # CATS needs act(gate) * up; Phi-3 computes gate and up in one projection and splits it.
-    art = _compile("phi3", tok, "cats", evaluate=False)
-    cats = {p["name"]: p for p in art.manifest["passes"]}["sparsify_activations"]
-    assert not cats["applied"] and "act(gate)*up" in cats["reason"]
+@pytest.mark.parametrize("method", ["cats", "chess"])
+def test_fused_gate_up_is_split_for_the_gate_methods(tok, method):
+    """Phi-3 computes gate and up in one projection; sparsify_activations first splits it
+    (lossless, checked end to end), then CATS / CHESS threshold act(gate) as on Llama."""
+    art = _compile("phi3", tok, method)
+    rep = {p["name"]: p for p in art.manifest["passes"]}["sparsify_activations"]
+    assert rep["applied"], rep["reason"]
+    for prog in ("prefill", "decode"):
+        prepared = rep["programs"][prog]["prepared"]
+        assert prepared["fused_gate_up_split"] == 2 and prepared["lossless_check"]["max_rel_err"] <= 1e-6
+    assert 0.4 < art.manifest["quality"]["sparsify_activations"]["weighted_sparsity"] < 0.6
+    assert art.manifest["params"]["before"] == art.manifest["params"]["after"]  # halves replace the whole
+
+
+def test_split_halves_feed_the_fused_cats_kernel(tok):
+    art = _compile("phi3", tok, passes={"sparsify_activations.method": "cats", "sparsify_activations.sparsity": 0.5,
+                                        "sparsify_activations.kernels": "sparse"}, evaluate=False)
+    rep = {p["name"]: p for p in art.manifest["passes"]}["sparsify_activations"]
+    assert rep["programs"]["decode"]["rewritten"] == {"cats_gate_up": 2}
+    decode = art.programs["decode"].graph_module.graph
+    assert sum(n.target == torch.ops.optc.cats_gate_up.default for n in decode.nodes) == 2
+
+
+def test_fused_model_skips_keep_the_fused_projection(tok):
     # Removing an attention removes its fused projection's weights too (dead code, dropout included).
     art = _compile("phi3", tok, passes={"skip_layers.layers": [1], "skip_layers.granularity": "attention"},
                    evaluate=False)
