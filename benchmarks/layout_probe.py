@@ -48,7 +48,8 @@ def launch(x, w, thr, K, N, bn, bk, warps, split, tiled):
     sparse_linear_kernel[(N // bn, split, 1)](
         x, w, thr, y, y, ws, 1, N, K, k_per_split, x.stride(0), x.stride(1), stride_wtile, stride_wk, 0,
         y.stride(0), ws.stride(0), ws.stride(1), HAS_BIAS=False, DIRECT_OUT=split == 1,
-        FP32_DOT=x.dtype == torch.float32, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1)
+        FP32_DOT=x.dtype == torch.float32, BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, EVEN_N=N % bn == 0,
+        num_warps=warps, num_stages=1)
     return y if split == 1 else ws.sum(0).to(x.dtype)
 
 

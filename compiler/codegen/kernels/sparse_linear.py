@@ -70,6 +70,7 @@ def sparse_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -80,7 +81,12 @@ def sparse_linear_kernel(
     offs_n = pid_n * BLOCK_N + offs_j
     w_tile = w_ptr + pid_n * stride_wtile  # this program's BLOCK_N output columns
     m_mask = offs_m < M
-    n_mask = offs_n < N
+    if EVEN_N:
+        # N is a multiple of BLOCK_N: a constant-true column mask, which the compiler folds
+        # away, so each weight load is predicated by its row's activity alone.
+        n_mask = tl.full((BLOCK_N,), 1, tl.int1)
+    else:
+        n_mask = offs_n < N
     k_start = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     offs_kb = tl.arange(0, BLOCK_K)
@@ -275,7 +281,7 @@ def sparse_linear(
         HAS_BIAS=bias is not None,
         DIRECT_OUT=direct,
         FP32_DOT=x.dtype == torch.float32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_N=N % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct:
