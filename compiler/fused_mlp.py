@@ -38,7 +38,10 @@ def _halves(lin: fx.Node):
     if len(users) != 1:
         return None
     chunk = users[0]
-    if chunk.target != aten.chunk.default or chunk.args[1] != 2 or chunk.args[2] not in (-1, len(_shape(lin)) - 1):
+    if chunk.target != aten.chunk.default:
+        return None
+    dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
+    if chunk.args[1] != 2 or dim not in (-1, len(_shape(lin)) - 1):
         return None
     items = {}
     for g in chunk.users:

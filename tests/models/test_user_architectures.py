@@ -121,3 +121,25 @@ def test_parallel_attention_and_mlp_are_refused_with_the_reason():
     captured = capture.capture(transformers.GPTNeoXForCausalLM(config).eval(), (torch.zeros(1, 16, dtype=torch.long),))
     anatomy = analyze(capture.graph_module(captured.programs["decode"]))
     assert anatomy.empty and "in parallel" in anatomy.reason
+
+
+def test_only_a_gate_up_pattern_is_split():
+    """A linear chunked along another dim, or whose halves are not act(half 0) * half 1,
+    is left as it is."""
+    import torch.fx as fx
+
+    from optc.compiler.fused_mlp import split_fused_gate_up
+
+    class NotGateUp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 16, bias=False)
+
+        def forward(self, x):
+            a, b = self.proj(x).chunk(2, dim=0)   # along tokens, not features
+            c, d = self.proj(x).chunk(2, dim=-1)  # features, but act(half 1) * half 0
+            return torch.nn.functional.silu(a) * b, torch.nn.functional.silu(d) * c
+
+    ep = torch.export.export(NotGateUp(), (torch.randn(4, 8),))
+    gm = ep.module()
+    assert isinstance(gm, fx.GraphModule) and split_fused_gate_up(gm) == {}
