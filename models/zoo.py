@@ -140,14 +140,15 @@ class ZooEntry:
 # Shape-only and tiny configs
 
 
-def _llama_1b_config():
+def _llama3_config(hidden: int, intermediate: int, layers: int, head_dim: int, tied: bool, rope_factor: float):
+    """A Llama-3.x shape: 128256-token vocabulary, 32 query and 8 KV heads, llama3 RoPE."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+        vocab_size=128256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=head_dim,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": rope_factor,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192},
         bos_token_id=128000, eos_token_id=128001, initializer_range=0.02,
@@ -155,19 +156,12 @@ def _llama_1b_config():
     )
 
 
-def _llama_8b_config():
-    from transformers import LlamaConfig
+def _llama_1b_config():  # Llama-3.2-1B
+    return _llama3_config(2048, 8192, 16, 64, tied=True, rope_factor=32.0)
 
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
-        bos_token_id=128000, eos_token_id=128001, initializer_range=0.02,
-        attn_implementation="sdpa",
-    )
+
+def _llama_8b_config():  # Llama-3.1-8B
+    return _llama3_config(4096, 14336, 32, 128, tied=False, rope_factor=8.0)
 
 
 def _tiny_llama_config():
