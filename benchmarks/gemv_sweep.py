@@ -91,7 +91,7 @@ def main():
             raise SystemExit(f"--shapes: expected KxN[,KxN...], e.g. 2048x8192; got {args.shapes!r}") from None
     timer = Timer(su.device, args.rep_ms)
     kernel_timer = Timer(su.device, args.rep_ms, profile_kernels=args.kernel_time)
-    # block_k 256: fewer, larger weight loads per program (more bytes in flight per SM).
+    # block_k 256 stays in the grid although it was slower on every H100 tile (gemv_rank_by_kernel_h100.json).
     masked_grid = [(LaunchConfig(1, bn, bk, nw, 1), sk) for bn, bk, nw, sk in
                    itertools.product((32, 64, 128), (32, 64, 128, 256), (4, 8), (2, 4, 8))]
     dot_grid = [(LaunchConfig(16, bn, bk, nw, st), sk) for bn, bk, nw, st, sk in
