@@ -101,7 +101,7 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
         before = {name: count(gm) for name, gm in gms.items()}
         try:
             prepared = _prepare(step.name, spec, gms, check_inputs, discontinuous_after)
-            anatomies = {name: analyze(gm) for name, gm in gms.items()}
+            anatomies = {name: analyze(gm) if spec.reads_anatomy else None for name, gm in gms.items()}
             plan = {}
             if spec.plan is not None:
                 log(f"[optc] {step.name}: planning on calibration data ...")

@@ -12,6 +12,8 @@ A pass is a frozen config dataclass plus up to two functions:
   anatomy is read, only when the pass is active (e.g. splitting a fused gate/up
   projection so the pass sees gate and up); returns what it did ({} for nothing). The
   runner checks it end to end like a lossless pass.
+- `reads_anatomy=False` (registration): the pass works on ops alone, the runner does not
+  read the anatomy for it and passes None (merge_projections).
 - `report(gm, plan, inputs) -> dict` (optional): measurements of the rewritten
   program on held-out inputs (e.g. the activation sparsity actually reached), added
   to the quality report by `optc compile --eval`.
@@ -51,6 +53,9 @@ class PassSpec:
     # lossless passes say nothing (they check their own rewrites locally instead).
     discontinuous: bool = False
     prepare: Callable | None = None
+    # False for a pass that works on ops alone: the runner then skips reading the
+    # anatomy (seconds on a 30-block model) and passes None.
+    reads_anatomy: bool = True
 
 
 REGISTRY: dict[str, PassSpec] = {}
@@ -61,7 +66,7 @@ _PASS_MODULES = ("skip_layers", "share_kv_heads", "sparsify_activations", "merge
 
 def register_pass(
     name: str, config_cls: type, *, lossy: bool, plan: Callable | None = None, report: Callable | None = None,
-    discontinuous: bool = False, prepare: Callable | None = None,
+    discontinuous: bool = False, prepare: Callable | None = None, reads_anatomy: bool = True,
 ):
     def decorate(fn):
         if name in REGISTRY:
@@ -69,7 +74,8 @@ def register_pass(
         if fn.__name__ != name:
             raise ValueError(f"pass function {fn.__name__!r} must be named like its key {name!r}")
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        REGISTRY[name] = PassSpec(name, config_cls, fn, plan, lossy, doc, report, discontinuous, prepare)
+        REGISTRY[name] = PassSpec(name, config_cls, fn, plan, lossy, doc, report, discontinuous, prepare,
+                                  reads_anatomy)
         return fn
 
     return decorate

@@ -165,8 +165,8 @@ def _merge(gm: fx.GraphModule, members: list[fx.Node], kind: _Kind) -> float:
     return err
 
 
-@register_pass("merge_projections", MergeProjectionsConfig, lossy=False)
-def merge_projections(gm: fx.GraphModule, anatomy: Anatomy, cfg: MergeProjectionsConfig, plan: dict) -> PassResult:
+@register_pass("merge_projections", MergeProjectionsConfig, lossy=False, reads_anatomy=False)
+def merge_projections(gm: fx.GraphModule, anatomy: Anatomy | None, cfg: MergeProjectionsConfig, plan: dict) -> PassResult:
     """One linear (or sparse linear) for the linears that read the same input."""
     kinds = _kinds(cfg.ops)
     groups: dict = {}
