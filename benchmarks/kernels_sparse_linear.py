@@ -3,6 +3,7 @@
     python benchmarks/kernels_sparse_linear.py [--out FILE]    # GPU, ~1 min
     python benchmarks/kernels_sparse_linear.py --tune          # GPU: sweep tiles, then time with the best, ~3 min
     python benchmarks/kernels_sparse_linear.py --smoke         # CPU interpreter, tiny shapes
+    python benchmarks/kernels_sparse_linear.py --shapes llama-8b   # Llama-3.1-8B's projections
 
 For the Llama-3.2-1B projections (K->N: 2048->8192, 8192->2048, 2048->2048, 2048->512)
 at activation sparsity 0/0.25/0.5/0.7 and 1/4/16 tokens it first checks optc::sparse_linear
@@ -34,6 +35,9 @@ from pathlib import Path
 
 LLAMA_1B = [(2048, 8192), (8192, 2048), (2048, 2048), (2048, 512)]  # (K, N)
 LLAMA_1B_MLP = (2048, 8192)  # (H, I)
+LLAMA_8B = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # Llama-3.1-8B
+LLAMA_8B_MLP = (4096, 14336)
+SHAPES = {"llama-1b": (LLAMA_1B, LLAMA_1B_MLP), "llama-8b": (LLAMA_8B, LLAMA_8B_MLP)}
 SPARSITIES = [0.0, 0.25, 0.5, 0.7]
 TOKENS = [1, 4, 16]
 CROSSOVER_TOKENS = [1, 2, 3, 4, 6, 8, 12, 16]
@@ -51,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--tune", action="store_true",
                    help="sweep first, then time the table with the best tile per token bucket "
                         "(prints the configs.py entries to copy)")
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="llama-1b",
+                   help="whose projections and MLP to time (default llama-1b)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/... or benchmarks/results/)")
     p.add_argument("--rep-ms", type=float, default=60.0, help="do_bench rep time per measurement")
     return p.parse_args(argv)
@@ -498,7 +504,7 @@ def main(args):
     if args.smoke:
         shapes, mlp, tokens, sparsities, xtokens = [(40, 48), (48, 24)], (24, 40), [1, 3], [0.0, 0.5], [2]
     else:
-        shapes, mlp, tokens, sparsities, xtokens = LLAMA_1B, LLAMA_1B_MLP, TOKENS, SPARSITIES, CROSSOVER_TOKENS
+        (shapes, mlp), tokens, sparsities, xtokens = SHAPES[args.shapes], TOKENS, SPARSITIES, CROSSOVER_TOKENS
     TOKENS_SHOWN = set(tokens)
     timer = Timer(su.device, args.rep_ms)
     t0 = time.time()
@@ -538,7 +544,8 @@ def main(args):
     )
     out = Path(args.out) if args.out else (
         Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
-    ) / ("kernels_sparse_linear.smoke.json" if args.smoke else "kernels_sparse_linear.json")
+    ) / ("kernels_sparse_linear.smoke.json" if args.smoke else
+         "kernels_sparse_linear.json" if args.shapes == "llama-1b" else f"kernels_sparse_linear_{args.shapes}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     log(f"wrote {out} ({result['seconds']} s)")
