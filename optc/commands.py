@@ -84,7 +84,11 @@ def _report_compile(r: dict) -> None:
     _log(f"  params: {pb:,} -> {pa:,} ({100 * (pb - pa) / max(pb, 1):.1f}% fewer)")
     for name, v in r["verification"].items():
         if isinstance(v, dict):
-            _log(f"  lowering of {name}: rel. error {v['max_rel_err']:.2e} (tolerance {v['tolerance']:g}) ok")
+            how = ""
+            if "regimes" in v:  # a thresholded program: judged with every threshold kept / dropped
+                how = (f", with every threshold kept / dropped; at the calibrated thresholds "
+                       f"{v['at_calibrated_thresholds_rel_err']:.2e}, not judged: rounding can flip decisions there")
+            _log(f"  lowering of {name}: rel. error {v['max_rel_err']:.2e} (tolerance {v['tolerance']:g}{how}) ok")
         else:
             _log(f"  lowering: {v}")
     q = r.get("quality")
