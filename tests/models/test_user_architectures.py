@@ -97,13 +97,18 @@ def test_fused_gate_up_is_split_for_the_gate_methods(tok, method):
     assert art.manifest["params"]["before"] == art.manifest["params"]["after"]  # halves replace the whole
 
 
-def test_split_halves_feed_the_fused_cats_kernel(tok):
+def test_split_halves_feed_the_fused_cats_kernel(tok, tmp_path):
     art = _compile("phi3", tok, passes={"sparsify_activations.method": "cats", "sparsify_activations.sparsity": 0.5,
                                         "sparsify_activations.kernels": "sparse"}, evaluate=False)
     rep = {p["name"]: p for p in art.manifest["passes"]}["sparsify_activations"]
     assert rep["programs"]["decode"]["rewritten"] == {"cats_gate_up": 2}
     decode = art.programs["decode"].graph_module.graph
     assert sum(n.target == torch.ops.optc.cats_gate_up.default for n in decode.nodes) == 2
+    # The artifact with the split weights saves, loads and decodes.
+    art.save(tmp_path / "phi3.optc")
+    prompt = user.TextData(name="phi3", tokenizer=tok, vocab_size=len(tok)).calibration_batches(1, 8)[0][0]
+    out = optc.load(tmp_path / "phi3.optc").generate(prompt, 4)
+    assert out.shape == (1, 12) and torch.equal(out[:, :8], prompt)
 
 
 def test_fused_model_skips_keep_the_fused_projection(tok):
