@@ -31,7 +31,7 @@ _LINEAR = {aten.linear.default}
 _SDPA = {aten.scaled_dot_product_attention.default}
 _CACHE_WRITE = {aten.index_copy_.default, aten.index_put_.default, aten.copy_.default}
 _NORM = {aten.layer_norm.default, aten.rms_norm.default}
-_ACTIVATIONS = {
+ACTIVATIONS = {
     aten.silu.default: "silu",
     aten.gelu.default: "gelu",
     aten.relu.default: "relu",
@@ -268,8 +268,8 @@ def _activation_after(start: fx.Node, stop: fx.Node):
     """The first activation op on the single-user chain from `start` (before `stop`)."""
     node = start
     for _ in range(8):
-        if node.op == "call_function" and node.target in _ACTIVATIONS:
-            return node, _ACTIVATIONS[node.target]
+        if node.op == "call_function" and node.target in ACTIVATIONS:
+            return node, ACTIVATIONS[node.target]
         users = list(node.users)
         if len(users) != 1 or users[0] is stop:
             return None

@@ -21,13 +21,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from optc.compiler.rewrite import attr_value, drop_unused_attributes, eliminate_dead_code
+from optc.compiler.anatomy import ACTIVATIONS
+from optc.compiler.rewrite import attr_value, drop_unused_attributes, eliminate_dead_code, node_shape
 
 aten = torch.ops.aten
-
-# Activations a gated MLP applies to its gate (the anatomy's list).
-_GATE_ACTIVATIONS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default,
-                     aten.tanh.default}
 
 
 def _halves(lin: fx.Node):
@@ -41,7 +38,7 @@ def _halves(lin: fx.Node):
     if chunk.target != aten.chunk.default:
         return None
     dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
-    if chunk.args[1] != 2 or dim not in (-1, len(_shape(lin)) - 1):
+    if chunk.args[1] != 2 or dim not in (-1, len(node_shape(lin) or ()) - 1):
         return None
     items = {}
     for g in chunk.users:
@@ -51,17 +48,12 @@ def _halves(lin: fx.Node):
     if set(items) != {0, 1} or len(items[0].users) != 1:
         return None
     act = next(iter(items[0].users))
-    if act.target not in _GATE_ACTIVATIONS or len(act.users) != 1:
+    if act.target not in ACTIVATIONS or len(act.users) != 1:  # the gate activations the anatomy reads
         return None
     mul = next(iter(act.users))
     if mul.target != aten.mul.Tensor or set(mul.args) != {act, items[1]}:
         return None
     return items[0], items[1]
-
-
-def _shape(node: fx.Node) -> tuple:
-    val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
 
 
 def _half_param(gm: fx.GraphModule, target: str, rows: slice, part: str, g: fx.Graph) -> fx.Node:

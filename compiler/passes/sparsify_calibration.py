@@ -207,7 +207,8 @@ def _v_rows(att) -> slice | None:
 
 def _mlp_widths_match(mlp) -> bool:
     """act(gate) * up (or act(up)) has the width down reads: not so for a fused gate/up
-    projection split by chunk (Phi-3), which the anatomy sees as one wide `up`."""
+    projection that fused_mlp does not split (its halves not act(half 0) * half 1), which
+    the anatomy sees as one wide `up`. Phi-3's is split before this pass reads the model."""
     return mlp.up.out_features == mlp.down.in_features
 
 
@@ -259,8 +260,8 @@ class ErrorProxy:
                 return (h0 - h(x - d)) @ wd.t()
         else:
             # o, down, act(gate); and, where the paths above cannot be followed (a fused
-            # q/k/v whose value columns are not one slice, a fused gate/up), the error at
-            # the unit's own projection output.
+            # q/k/v whose value columns are not one slice, a fused gate/up left unsplit),
+            # the error at the unit's own projection output.
             w, _ = _weights(gm, unit.error_weight)
 
             def through(d):
