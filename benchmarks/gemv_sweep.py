@@ -98,9 +98,9 @@ def main():
                 itertools.product((64, 128), (64, 128), (4, 8), (3, 4), (2, 4, 8))]
     if args.smoke:
         dot_grid = [(LaunchConfig(16, 16, 16, 1, 1), 2)]
-    gemv_grid = [GemvConfig(bn, bk, nw, sl, sl) for bn, bk, nw, sl in
+    gemv_grid = [GemvConfig(bn, bk, nw, sl, sl, pf) for bn, bk, nw, sl, pf in
                  itertools.product((32, 64, 128, 256), (32, 64, 128), (4, 8),
-                                   (16, 32) if args.smoke else (256, 512, 1024, 2048, 4096))]
+                                   (16, 32) if args.smoke else (256, 512, 1024, 2048, 4096), (True, False))]
     rows, best = [], {}
     for K, N in shapes:
         n_copies = su.copies(K * N * 2)

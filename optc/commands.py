@@ -88,7 +88,9 @@ def _report_compile(r: dict) -> None:
             if "regimes" in v:  # a thresholded program: judged with every threshold kept / dropped
                 how = (f", with every threshold kept / dropped; at the calibrated thresholds "
                        f"{v['at_calibrated_thresholds_rel_err']:.2e}, not judged: rounding can flip decisions there")
-            _log(f"  lowering of {name}: rel. error {v['max_rel_err']:.2e} (tolerance {v['tolerance']:g}{how}) ok")
+            if v.get("tolerance", 0) > v.get("tolerance_floor", float("inf")):
+                how = f": the program's own bf16/fp16 rounding noise{how}"
+            _log(f"  lowering of {name}: rel. error {v['max_rel_err']:.2e} (tolerance {v['tolerance']:.3g}{how}) ok")
         else:
             _log(f"  lowering: {v}")
     q = r.get("quality")

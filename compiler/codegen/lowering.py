@@ -13,8 +13,12 @@ from optc.compiler.targets import Target
 from optc.errors import CompileError
 
 # Tolerances of ||out - ref|| / ||ref||: fp32 reorderings land far below 1e-4;
-# bf16 operands between 1e-3 and 1e-2.
+# bf16 operands between 1e-3 and 1e-2 per op. A deep half-precision program compounds its
+# ops' rounding (Llama-1B in bf16 on the H100: 0.025 between eager and Inductor, Llama-8B
+# 0.048), so for bf16/fp16 outputs the tolerance is the larger of this floor and the
+# program's own rounding noise (see rounding_noise).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+_HALF = (torch.float16, torch.bfloat16)
 
 # Buffers holding activation thresholds carry this prefix (sparsify_activations names
 # them), so that verify() can find them in a thresholded program.
@@ -78,7 +82,7 @@ def reset_state(module: torch.nn.Module) -> None:
     """Zero a decoder's KV cache (buffers the program mutates), so two runs of a
     stateful program start from the same state."""
     for name, buf in module.named_buffers():
-        if "cache" in name or "cumulative_length" in name:
+        if _is_state(name):
             buf.zero_()
 
 
@@ -91,9 +95,12 @@ def verify(ep: ExportedProgram, compiled, reference: torch.nn.Module, inputs: tu
     else:
         result = compare(reference, compiled, inputs, vocab_size(ep), trials=trials)
     if not result["ok"]:
+        noise = result.get("rounding_noise_rel_err")
         raise CompileError(
             f"lowering changed the function: relative error {result['max_rel_err']:.3g} > "
-            f"{result['tolerance']:g} on fresh random inputs"
+            f"{result['tolerance']:.3g} on fresh random inputs"
+            + (f" (the tolerance is the larger of the {result['tolerance_floor']:g} floor for its dtype and "
+               f"the program's own rounding noise, {noise:.3g})" if noise is not None else "")
             + (" (every threshold at one end of its range: no rounding-level decision flips)" if thresholds else "")
         )
     return result
@@ -128,17 +135,20 @@ def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials
             for t, s in zip(thresholds, saved):
                 t.copy_(s)
     calibrated = compare(reference, candidate, inputs, vocab, trials=1)
-    worst = max(r["max_rel_err"] for r in regimes.values())
-    return {"max_rel_err": worst, "tolerance": regimes["all_kept"]["tolerance"], "trials": trials,
-            "ok": all(r["ok"] for r in regimes.values()),
+    # Each regime is judged by its own tolerance (a half-precision one scales with that
+    # regime's rounding noise); the headline numbers are the regime closest to failing.
+    closest = max(regimes.values(), key=lambda r: r["max_rel_err"] / r["tolerance"])
+    return {**closest, "trials": trials, "ok": all(r["ok"] for r in regimes.values()),
             "regimes": {k: v["max_rel_err"] for k, v in regimes.items()},
+            "regime_tolerances": {k: v["tolerance"] for k, v in regimes.items()},
             "at_calibrated_thresholds_rel_err": calibrated["max_rel_err"]}
 
 
 def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None, *, trials: int = 2) -> dict:
     """Worst ||candidate - reference|| / ||reference|| over fresh random inputs shaped
-    like `inputs`, and whether it is within the tolerance of the output dtype."""
-    worst = 0.0
+    like `inputs`, and whether it is within the tolerance of the output dtype (for a
+    bf16/fp16 output: or within the reference's own rounding noise, if larger)."""
+    worst, noise = 0.0, 0.0
     dtype = torch.float32
     for trial in range(trials):
         args, kwargs = random_like_inputs(inputs, vocab, seed=1234 + trial)
@@ -147,13 +157,64 @@ def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None,
             ref = reference(*args, **kwargs)
             reset_state(reference)
             out = candidate(*args, **kwargs)
-        dtype = ref.dtype
-        err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-        if err != err:  # NaN never passes
-            err = float("inf")
-        worst = max(worst, err)
-    tol = TOLERANCE.get(dtype, 1e-2)
-    return {"max_rel_err": worst, "tolerance": tol, "trials": trials, "ok": worst <= tol}
+            dtype = ref.dtype
+            if dtype in _HALF:
+                noise = max(noise, rounding_noise(reference, ref, args, kwargs))
+        worst = max(worst, _rel_err(out, ref))
+    floor = TOLERANCE.get(dtype, 1e-2)
+    tol = max(floor, noise)
+    result = {"max_rel_err": worst, "tolerance": tol, "trials": trials, "ok": worst <= tol}
+    if dtype in _HALF:
+        result.update(rounding_noise_rel_err=noise, tolerance_floor=floor)
+    return result
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+    return float("inf") if err != err else err  # NaN never passes
+
+
+def rounding_noise(reference: torch.nn.Module, ref_out: torch.Tensor, args, kwargs) -> float:
+    """How far the reference's output moves when every half-precision weight moves by
+    one unit in the last place: the lowest mantissa bit of each bf16/fp16 parameter and
+    buffer is flipped in place (XOR, so flipping again restores it bit for bit) and the
+    reference runs again. A correct lowering only rounds differently (fused kernels keep
+    fp32 intermediates, reductions reorder); its difference from the reference stays of
+    this order however deep the program, while a wrong lowering lands far above it.
+    Left alone: threshold buffers and any tensor holding an inf or NaN (a flipped inf is
+    a NaN: a mask filled with -inf), and state buffers (the KV cache: reset_state
+    zeroes it)."""
+    weights = [t for name, t in _named_tensors(reference)
+               if t.dtype in _HALF and t.numel() > 0 and not _is_state(name)
+               and not name.rsplit(".", 1)[-1].startswith(THRESHOLD_BUFFER_PREFIX)
+               and bool(torch.isfinite(t).all())]
+    if not weights:
+        return 0.0
+    try:
+        for t in weights:
+            t.view(torch.int16).bitwise_xor_(1)
+        reset_state(reference)
+        flipped = reference(*args, **kwargs)
+    finally:
+        for t in weights:
+            t.view(torch.int16).bitwise_xor_(1)
+        reset_state(reference)
+    return _rel_err(flipped, ref_out)
+
+
+def _named_tensors(module):
+    if not isinstance(module, torch.nn.Module):
+        return
+    seen = set()
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        if key not in seen:  # a weight held twice must be flipped once, not flipped back
+            seen.add(key)
+            yield name, t.data
+
+
+def _is_state(name: str) -> bool:
+    return "cache" in name or "cumulative_length" in name
 
 
 def lower_and_verify(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target) -> dict:

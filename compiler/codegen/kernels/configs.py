@@ -95,6 +95,9 @@ class GemvConfig:
     num_warps: int
     min_slice: int
     max_slice: int
+    # Software-pipeline the gather loop (the next trip's rows in flight while one is
+    # multiplied); False: one trip at a time, list load then weight load.
+    prefetch: bool = True
 
 
 @dataclass(frozen=True)

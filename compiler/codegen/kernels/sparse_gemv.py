@@ -44,6 +44,7 @@ def sparse_gemv_kernel(
     SLICE: tl.constexpr,       # channels per program (a power of two)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,     # listed rows gathered per trip
+    PREFETCH: tl.constexpr,    # software-pipeline the gather loop (next trip's rows in flight)
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -67,13 +68,38 @@ def sparse_gemv_kernel(
     # 2. Gather BLOCK_K listed rows per trip; partial sums per (row, n), reduced once.
     offs_j = tl.arange(0, BLOCK_K)
     acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, count, BLOCK_K):
-        listed = (j0 + offs_j) < count
-        rows = tl.load(idx_ptr + list_base + j0 + offs_j, mask=listed, other=0)
-        vals = tl.load(val_ptr + list_base + j0 + offs_j, mask=listed, other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
-                    mask=listed[:, None] & n_mask[None, :], other=0.0)
-        acc2 += vals[:, None] * w.to(tl.float32)
+    if PREFETCH:
+        # Software-pipelined by hand, as the masked GEMV is (Triton pipelines only loads
+        # that feed a tl.dot): list entries two trips ahead, weight rows one trip ahead,
+        # so a full weight tile is in flight while the previous one is multiplied.
+        # Loads past the list are fully masked (no traffic).
+        listed_a = offs_j < count
+        rows_a = tl.load(idx_ptr + list_base + offs_j, mask=listed_a, other=0)
+        vals_a = tl.load(val_ptr + list_base + offs_j, mask=listed_a, other=0.0)
+        w_a = tl.load(w_ptr + rows_a[:, None] * stride_wk + offs_n[None, :],
+                      mask=listed_a[:, None] & n_mask[None, :], other=0.0)
+        offs_b = offs_j + BLOCK_K
+        listed_b = offs_b < count
+        rows_b = tl.load(idx_ptr + list_base + offs_b, mask=listed_b, other=0)
+        vals_b = tl.load(val_ptr + list_base + offs_b, mask=listed_b, other=0.0)
+        for _ in range(0, count, BLOCK_K):
+            offs_next = offs_b + BLOCK_K
+            listed_c = offs_next < count
+            rows_c = tl.load(idx_ptr + list_base + offs_next, mask=listed_c, other=0)
+            vals_c = tl.load(val_ptr + list_base + offs_next, mask=listed_c, other=0.0)
+            w_b = tl.load(w_ptr + rows_b[:, None] * stride_wk + offs_n[None, :],
+                          mask=listed_b[:, None] & n_mask[None, :], other=0.0)
+            acc2 += vals_a[:, None] * w_a.to(tl.float32)
+            vals_a, w_a = vals_b, w_b
+            rows_b, vals_b, listed_b, offs_b = rows_c, vals_c, listed_c, offs_next
+    else:
+        for j0 in range(0, count, BLOCK_K):
+            listed = (j0 + offs_j) < count
+            rows = tl.load(idx_ptr + list_base + j0 + offs_j, mask=listed, other=0)
+            vals = tl.load(val_ptr + list_base + j0 + offs_j, mask=listed, other=0.0)
+            w = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                        mask=listed[:, None] & n_mask[None, :], other=0.0)
+            acc2 += vals[:, None] * w.to(tl.float32)
     acc = tl.sum(acc2, axis=0)
 
     if DIRECT_OUT:

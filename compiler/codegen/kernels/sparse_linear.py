@@ -186,7 +186,7 @@ def _launch_gemv(x2, weight_t, threshold, stride_t, bias, y, tgt, cfg: GemvConfi
         N, K,
         x2.stride(1), weight_t.stride(0), stride_t, ws.stride(0) if not direct else 0,
         HAS_BIAS=bias is not None, DIRECT_OUT=direct,
-        SLICE=slice_, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SLICE=slice_, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=1,
     )
     return y if direct else _sum_partials(ws, bias, y.dtype)

@@ -1,0 +1,67 @@
+"""Compiles every optc kernel, with the tiles configs.py gives the H100, for sm_90 down
+to a cubin, and prints {case: "ok" or the error} as JSON. Run as a script in a process
+without TRITON_INTERPRET (test_compiles_for_hopper.py does): under the interpreter
+triton.language is patched for interpretation and real compilation fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from optc.compiler.codegen.kernels import cats_mlp, configs, sparse_gemv, sparse_linear  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def _ints(*names):
+    return {n: "i32" for n in names}
+
+
+SPARSE_LINEAR_SIG = {
+    "x_ptr": "*bf16", "w_ptr": "*bf16", "thr_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
+    **_ints("M", "N", "K", "K_PER_SPLIT", "stride_xm", "stride_xk", "stride_wtile", "stride_wk", "stride_t",
+            "stride_ym", "stride_wss", "stride_wsm")}
+GEMV_SIG = {
+    "x_ptr": "*bf16", "w_ptr": "*bf16", "thr_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
+    "idx_ptr": "*i32", "val_ptr": "*fp32", **_ints("N", "K", "stride_xk", "stride_wk", "stride_t", "stride_wss")}
+CATS_SIG = {
+    "x_ptr": "*bf16", "wg_ptr": "*bf16", "wu_ptr": "*bf16", "thr_ptr": "*fp32", "h_ptr": "*bf16",
+    **_ints("M", "I", "H", "stride_xm", "stride_xk", "stride_wg", "stride_wu", "stride_t", "stride_hm")}
+
+
+def cases():
+    """(case id, kernel, signature, constexprs, num_warps)."""
+    h100 = configs.sparse_linear_target("h100")
+    for cfg in [c for _, c in h100.buckets] + [h100.large_gemv[1]]:
+        for even_n in (True, False):
+            for direct in (True, False):
+                yield (f"sparse_linear-m{cfg.block_m}-n{cfg.block_n}-k{cfg.block_k}-even{int(even_n)}-direct{int(direct)}",
+                       sparse_linear.sparse_linear_kernel, SPARSE_LINEAR_SIG,
+                       dict(HAS_BIAS=direct, DIRECT_OUT=direct, FP32_DOT=False, BLOCK_M=cfg.block_m,
+                            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_N=even_n), cfg.num_warps)
+    for prefetch in (True, False):
+        yield (f"sparse_gemv-prefetch{int(prefetch)}", sparse_gemv.sparse_gemv_kernel, GEMV_SIG,
+               dict(HAS_BIAS=False, DIRECT_OUT=False, SLICE=2048, BLOCK_N=128, BLOCK_K=128, PREFETCH=prefetch), 4)
+    for _, cfg in configs.cats_target("h100").buckets:
+        yield (f"cats_gate_up-m{cfg.block_m}", cats_mlp.cats_gate_up_kernel, CATS_SIG,
+               dict(FP32_DOT=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg.num_warps)
+
+
+def compile_one(kernel, signature, constexprs, num_warps) -> str:
+    sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    try:
+        compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps})
+    except Exception as exc:  # noqa: BLE001 - the error is the result
+        return f"{type(exc).__name__}: {exc}"[-2000:]
+    return "ok" if compiled.asm.get("cubin") else "no cubin"
+
+
+if __name__ == "__main__":
+    json.dump({case: compile_one(*rest) for case, *rest in cases()}, sys.stdout)
