@@ -16,6 +16,14 @@ def _program_device(ep: ExportedProgram) -> torch.device:
     return torch.device("cpu")
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or a.stride() != b.stride():
+        return False
+    return a.data_ptr() == b.data_ptr() or bool(torch.equal(a, b))
+
+
 class Artifact:
     """What `optc.compile` returns and `optc.load` reads back.
 
@@ -28,6 +36,7 @@ class Artifact:
         self.manifest = manifest
         self.extra_files = extra_files or {}
         self._modules: dict = {}
+        self._placed: dict = {}  # device -> weights already placed there (see _place_weights)
 
     @property
     def task(self) -> str:
@@ -48,7 +57,7 @@ class Artifact:
             from optc.compiler.codegen.lowering import lower
             from optc.compiler.targets import get
 
-            ep = self.programs[name]
+            ep = self._place_weights(self.programs[name], device)
             if torch.device(device) != _program_device(ep):
                 # GraphModule.to() would leave the KV-cache constants behind.
                 from torch.export.passes import move_to_device_pass
@@ -63,6 +72,33 @@ class Artifact:
                 lower(gm, target, autotune=on_gpu, cudagraphs=on_gpu and name == "forward") if compiled else gm
             )
         return self._modules[key]
+
+    def _place_weights(self, ep: ExportedProgram, device) -> ExportedProgram:
+        """Put the program's weights on `device`, taking each one that a program placed
+        before holds under the same name with the same values from that program. The
+        prefill and decode programs share most weights, but an artifact read from disk
+        carries a copy per program (each is its own torch.export archive): without this
+        an 8B model would take twice its size in GPU memory. Only parameters and buffers
+        are shared (their names are the model's, the same in every program); lifted
+        constants (numbered per program) and the state the programs mutate (KV caches)
+        are left to move_to_device_pass and the decoder, which ties the caches itself."""
+        from optc.compiler.codegen.lowering import is_state_buffer
+
+        placed = self._placed.setdefault(str(torch.device(device)), {})  # name -> (as read, on device)
+        mutated = set(ep.graph_signature.buffers_to_mutate.values())
+        for name, tensor in list(ep.state_dict.items()):
+            if name in mutated or is_state_buffer(name):
+                continue
+            hit = placed.get(name)
+            if hit is not None and _same_values(hit[0], tensor):
+                ep.state_dict[name] = hit[1]
+                continue
+            on_device = tensor.to(device)
+            if isinstance(tensor, torch.nn.Parameter) and on_device is not tensor:
+                on_device = torch.nn.Parameter(on_device, requires_grad=tensor.requires_grad)
+            placed[name] = (tensor, on_device)
+            ep.state_dict[name] = on_device
+        return ep
 
     def __call__(self, *args, compiled: bool = True):
         """Run a forward program (encoders, ViT) on positional inputs."""

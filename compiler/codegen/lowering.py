@@ -82,7 +82,7 @@ def reset_state(module: torch.nn.Module) -> None:
     """Zero a decoder's KV cache (buffers the program mutates), so two runs of a
     stateful program start from the same state."""
     for name, buf in module.named_buffers():
-        if _is_state(name):
+        if is_state_buffer(name):
             buf.zero_()
 
 
@@ -185,7 +185,7 @@ def rounding_noise(reference: torch.nn.Module, ref_out: torch.Tensor, args, kwar
     a NaN: a mask filled with -inf), and state buffers (the KV cache: reset_state
     zeroes it)."""
     weights = [t for name, t in _named_tensors(reference)
-               if t.dtype in _HALF and t.numel() > 0 and not _is_state(name)
+               if t.dtype in _HALF and t.numel() > 0 and not is_state_buffer(name)
                and not name.rsplit(".", 1)[-1].startswith(THRESHOLD_BUFFER_PREFIX)
                and bool(torch.isfinite(t).all())]
     if not weights:
@@ -213,7 +213,8 @@ def _named_tensors(module):
             yield name, t.data
 
 
-def _is_state(name: str) -> bool:
+def is_state_buffer(name: str) -> bool:
+    """A decoder's state (KV cache, cache position), which its programs mutate."""
     return "cache" in name or "cumulative_length" in name
 
 

@@ -1,0 +1,51 @@
+"""A loaded artifact holds one copy of each weight its prefill and decode programs share:
+each program's archive carries its own copy, and placing them on a device keeps one."""
+
+import pytest
+import torch
+
+import optc
+from optc.models import zoo
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    entry = zoo.get("tiny-llama")
+    art = optc.compile(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda msg: None,
+                       verify=False)
+    path = tmp_path_factory.mktemp("art") / "tiny.optc"
+    art.save(path)
+    prompt = entry.example_inputs()[0][:, :8]
+    return path, prompt, art.generate(prompt, 6, compiled=False)
+
+
+def _weights(module):
+    return {n: t for n, t in [*module.named_parameters(), *module.named_buffers()] if "cache" not in n}
+
+
+def test_programs_share_their_common_weights_and_decode_as_before(saved):
+    path, prompt, expected = saved
+    art = optc.load(path)
+    read = {name: dict(ep.state_dict) for name, ep in art.programs.items()}
+    # As read from disk, the two programs hold separate copies.
+    common = set(read["prefill"]) & set(read["decode"])
+    assert common and all(read["prefill"][n].data_ptr() != read["decode"][n].data_ptr() for n in common)
+
+    prefill = _weights(art.module("prefill", compiled=False))
+    decode = _weights(art.module("decode", compiled=False))
+    shared = [n for n in set(prefill) & set(decode) if prefill[n].data_ptr() == decode[n].data_ptr()]
+    assert len(shared) >= len([n for n in common if "cache" not in n]) > 0
+    assert torch.equal(art.generate(prompt, 6, compiled=False), expected)
+
+
+def test_a_weight_that_differs_between_programs_is_not_shared(saved):
+    path, _, _ = saved
+    art = optc.load(path)
+    name = next(n for n in art.programs["decode"].state_dict if n.endswith("weight") and "norm" not in n)
+    with torch.no_grad():  # as a pass that rewrote one program's copy would leave it
+        art.programs["decode"].state_dict[name] = torch.nn.Parameter(
+            art.programs["decode"].state_dict[name] + 1, requires_grad=False)
+    prefill = _weights(art.module("prefill", compiled=False))
+    decode = _weights(art.module("decode", compiled=False))
+    assert prefill[name].data_ptr() != decode[name].data_ptr()
+    assert torch.equal(decode[name], prefill[name] + 1)
