@@ -10,10 +10,12 @@ from torch.export import ExportedProgram
 from optc.errors import UsageError
 
 
-def _program_device(ep: ExportedProgram) -> torch.device:
-    for tensor in ep.state_dict.values():
-        return tensor.device
-    return torch.device("cpu")
+def _held_elsewhere(ep: ExportedProgram, device) -> bool:
+    """Whether any of the program's tensors is not on `device` ("cuda" and "cuda:0"
+    count as different: moving then costs a no-op pass, never a missed move)."""
+    device = torch.device(device)
+    tensors = [*ep.state_dict.values(), *ep.constants.values()]
+    return any(isinstance(t, torch.Tensor) and t.device != device for t in tensors)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -57,8 +59,11 @@ class Artifact:
             from optc.compiler.codegen.lowering import lower
             from optc.compiler.targets import get
 
-            ep = self._place_weights(self.programs[name], device)
-            if torch.device(device) != _program_device(ep):
+            ep = self.programs[name]
+            elsewhere = _held_elsewhere(ep, device)
+            ep = self._place_weights(ep, device)
+            if elsewhere:
+                # The rest (KV caches, lifted constants, device arguments in the graph);
                 # GraphModule.to() would leave the KV-cache constants behind.
                 from torch.export.passes import move_to_device_pass
 
@@ -84,19 +89,21 @@ class Artifact:
         are left to move_to_device_pass and the decoder, which ties the caches itself."""
         from optc.compiler.codegen.lowering import is_state_buffer
 
-        placed = self._placed.setdefault(str(torch.device(device)), {})  # name -> (as read, on device)
+        placed = self._placed.setdefault(str(torch.device(device)), {})  # name -> tensor on the device
         mutated = set(ep.graph_signature.buffers_to_mutate.values())
         for name, tensor in list(ep.state_dict.items()):
             if name in mutated or is_state_buffer(name):
                 continue
-            hit = placed.get(name)
-            if hit is not None and _same_values(hit[0], tensor):
-                ep.state_dict[name] = hit[1]
-                continue
+            # Compared on the device, one tensor at a time: keeping the copies as read
+            # for the comparison would hold the whole model in host memory.
             on_device = tensor.to(device)
-            if isinstance(tensor, torch.nn.Parameter) and on_device is not tensor:
+            hit = placed.get(name)
+            if hit is not None and _same_values(hit, on_device):
+                ep.state_dict[name] = hit
+                continue
+            if isinstance(tensor, torch.nn.Parameter) and not isinstance(on_device, torch.nn.Parameter):
                 on_device = torch.nn.Parameter(on_device, requires_grad=tensor.requires_grad)
-            placed[name] = (tensor, on_device)
+            placed[name] = on_device
             ep.state_dict[name] = on_device
         return ep
 
