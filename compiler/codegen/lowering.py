@@ -134,7 +134,7 @@ def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials
         with torch.no_grad():
             for t, s in zip(thresholds, saved):
                 t.copy_(s)
-    calibrated = compare(reference, candidate, inputs, vocab, trials=1)
+    calibrated = compare(reference, candidate, inputs, vocab, trials=1, judged=False)
     # Each regime is judged by its own tolerance (a half-precision one scales with that
     # regime's rounding noise); the headline numbers are the regime closest to failing.
     closest = max(regimes.values(), key=lambda r: r["max_rel_err"] / r["tolerance"])
@@ -144,12 +144,16 @@ def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials
             "at_calibrated_thresholds_rel_err": calibrated["max_rel_err"]}
 
 
-def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None, *, trials: int = 2) -> dict:
+def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None, *, trials: int = 2,
+            judged: bool = True) -> dict:
     """Worst ||candidate - reference|| / ||reference|| over fresh random inputs shaped
     like `inputs`, and whether it is within the tolerance of the output dtype (for a
-    bf16/fp16 output: or within the reference's own rounding noise, if larger)."""
+    bf16/fp16 output: or within the reference's own rounding noise, if larger). With
+    `judged=False` only the error is wanted: the noise (a forward more per trial) is
+    not measured."""
     worst, noise = 0.0, 0.0
     dtype = torch.float32
+    flippable = None  # found once, on the first half-precision output
     for trial in range(trials):
         args, kwargs = random_like_inputs(inputs, vocab, seed=1234 + trial)
         with torch.no_grad():
@@ -158,8 +162,10 @@ def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None,
             reset_state(reference)
             out = candidate(*args, **kwargs)
             dtype = ref.dtype
-            if dtype in _HALF:
-                noise = max(noise, rounding_noise(reference, ref, args, kwargs))
+            if judged and dtype in _HALF:
+                if flippable is None:
+                    flippable = flippable_weights(reference)
+                noise = max(noise, rounding_noise(reference, flippable, ref, args, kwargs))
         worst = max(worst, _rel_err(out, ref))
     floor = TOLERANCE.get(dtype, 1e-2)
     tol = max(floor, noise)
@@ -174,20 +180,26 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if err != err else err  # NaN never passes
 
 
-def rounding_noise(reference: torch.nn.Module, ref_out: torch.Tensor, args, kwargs) -> float:
+def flippable_weights(reference) -> list[torch.Tensor]:
+    """The bf16/fp16 parameters and buffers rounding_noise may move by one ulp. Left
+    alone: threshold buffers and any tensor holding an inf or NaN (a flipped inf is a
+    NaN: a mask filled with -inf), and state buffers (the KV cache: reset_state zeroes
+    it)."""
+    return [t for name, t in _named_tensors(reference)
+            if t.dtype in _HALF and t.numel() > 0 and not is_state_buffer(name)
+            and not name.rsplit(".", 1)[-1].startswith(THRESHOLD_BUFFER_PREFIX)
+            and bool(torch.isfinite(t).all())]
+
+
+def rounding_noise(reference: torch.nn.Module, weights: list[torch.Tensor], ref_out: torch.Tensor,
+                   args, kwargs) -> float:
     """How far the reference's output moves when every half-precision weight moves by
-    one unit in the last place: the lowest mantissa bit of each bf16/fp16 parameter and
-    buffer is flipped in place (XOR, so flipping again restores it bit for bit) and the
-    reference runs again. A correct lowering only rounds differently (fused kernels keep
-    fp32 intermediates, reductions reorder); its difference from the reference stays of
-    this order however deep the program, while a wrong lowering lands far above it.
-    Left alone: threshold buffers and any tensor holding an inf or NaN (a flipped inf is
-    a NaN: a mask filled with -inf), and state buffers (the KV cache: reset_state
-    zeroes it)."""
-    weights = [t for name, t in _named_tensors(reference)
-               if t.dtype in _HALF and t.numel() > 0 and not is_state_buffer(name)
-               and not name.rsplit(".", 1)[-1].startswith(THRESHOLD_BUFFER_PREFIX)
-               and bool(torch.isfinite(t).all())]
+    one unit in the last place: the lowest mantissa bit of each of `weights`
+    (flippable_weights) is flipped in place (XOR, so flipping again restores it bit for
+    bit) and the reference runs again. A correct lowering only rounds differently
+    (fused kernels keep fp32 intermediates, reductions reorder); its difference from the
+    reference stays of this order however deep the program, while a wrong lowering
+    lands far above it."""
     if not weights:
         return 0.0
     try:
