@@ -58,10 +58,12 @@ def _halves(lin: fx.Node):
 
 def _half_param(gm: fx.GraphModule, target: str, rows: slice, part: str, g: fx.Graph) -> fx.Node:
     """A get_attr of a new parameter holding `rows` of `target`, beside it (same owner
-    module, name suffixed with the part)."""
+    module, name suffixed with the part). A view, not a copy: a row range of a
+    contiguous weight is contiguous, and the prefill and decode programs (and the
+    caller's model) then share one copy of the weight."""
     owner, _, attr = target.rpartition(".")
     module = gm.get_submodule(owner) if owner else gm
-    value = attr_value(gm, target)[rows].detach().clone()
+    value = attr_value(gm, target).detach()[rows]
     module.register_parameter(f"{attr}__{part}", torch.nn.Parameter(value, requires_grad=False))
     node = g.get_attr(f"{owner}.{attr}__{part}" if owner else f"{attr}__{part}")
     # Shape metadata like every get_attr of the program (the anatomy reads weight shapes).

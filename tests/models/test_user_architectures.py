@@ -104,6 +104,11 @@ def test_split_halves_feed_the_fused_cats_kernel(tok, tmp_path):
     assert rep["programs"]["decode"]["rewritten"] == {"cats_gate_up": 2}
     decode = art.programs["decode"].graph_module.graph
     assert sum(n.target == torch.ops.optc.cats_gate_up.default for n in decode.nodes) == 2
+    # The halves are views of the fused weight: both programs read one copy.
+    halves = [n for n in art.programs["decode"].state_dict if n.endswith(("__gate", "__up"))]
+    assert len(halves) == 4 and all(
+        art.programs["prefill"].state_dict[n].data_ptr() == art.programs["decode"].state_dict[n].data_ptr()
+        for n in halves)
     # The artifact with the split weights saves, loads and decodes.
     art.save(tmp_path / "phi3.optc")
     prompt = user.TextData(name="phi3", tokenizer=tok, vocab_size=len(tok)).calibration_batches(1, 8)[0][0]
