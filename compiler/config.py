@@ -16,9 +16,59 @@ from dataclasses import dataclass, field
 from optc.errors import UsageError
 
 
-def knob(default, *, choices=None, low=None, high=None, search=None, doc=""):
-    """A config field with its valid range; `search` is the Optuna space
-    (("int", lo, hi) | ("float", lo, hi) | ("categorical", [..])) or None."""
+@dataclass(frozen=True)
+class Space:
+    """Where the search may set one config key.
+
+    kind: "int" (low..high, step), "float" (low..high, a step or a log scale) or "choice".
+    when: (key, op, value) of the same pass: the key matters only when that holds
+    (`method` only when `sparsity > 0`); otherwise it stays at its default.
+    bound: a name the model's anatomy resolves to an upper bound ("blocks": one less
+    than the residual blocks there are), so no count exceeds what the model has.
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple = ()
+    when: tuple | None = None
+    bound: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+                if v not in (None, False, ())}
+
+    def holds(self, settings: dict) -> bool:
+        """Whether this key is live given the pass's other settings."""
+        if self.when is None:
+            return True
+        key, op, value = self.when
+        current = settings.get(key)
+        return {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "==": lambda a, b: a == b,
+                "!=": lambda a, b: a != b, "in": lambda a, b: a in b}[op](current, value)
+
+
+def Int(low: int, high: int, *, step: int = 1, when=None, bound: str | None = None) -> Space:
+    return Space("int", low, high, step=step, when=when, bound=bound)
+
+
+def Float(low: float, high: float, *, step: float | None = None, log: bool = False, when=None) -> Space:
+    if log and step is not None:
+        raise ValueError("a float space has a step or a log scale, not both")
+    return Space("float", low, high, step=step, log=log, when=when)
+
+
+def Choice(choices, *, when=None) -> Space:
+    return Space("choice", choices=tuple(choices), when=when)
+
+
+def knob(default, *, choices=None, low=None, high=None, search: Space | None = None, doc=""):
+    """A config field with its valid range; `search` is where the search may set it
+    (a Space: Int, Float or Choice), or None to leave it at what the user gives."""
+    if search is not None and not isinstance(search, Space):
+        raise TypeError("knob(search=...) takes Int(...), Float(...) or Choice(...)")
     meta = {"choices": choices, "low": low, "high": high, "search": search, "doc": doc}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
@@ -55,9 +105,10 @@ class PassConfig:
             kwargs[key] = _coerce(pass_name, fields[key], value)
         return cls(**kwargs)
 
-    def search_space(self) -> dict:
-        """{key: space} for the fields that declare one."""
-        return {f.name: f.metadata["search"] for f in dataclasses.fields(self) if f.metadata.get("search")}
+    @classmethod
+    def search_space(cls) -> dict[str, Space]:
+        """{key: Space} for the fields that declare one, in declaration order."""
+        return {f.name: f.metadata["search"] for f in dataclasses.fields(cls) if f.metadata.get("search")}
 
 
 def _jsonable(value):

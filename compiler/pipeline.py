@@ -9,6 +9,7 @@ prefill and decode graphs), so they stay consistent.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -76,8 +77,22 @@ def count(gm: fx.GraphModule) -> dict:
     }
 
 
+class PlanCache:
+    """Plans and calibration statistics kept between runs of one captured model (a
+    compile session): a plan is a function of the pass's settings and of the graph it
+    plans on, which the settings of the passes applied before it determine."""
+
+    def __init__(self):
+        self.plans: dict = {}
+        self.memos: dict = {}  # upstream key -> what calibration measured on that graph
+        self.hits = 0
+
+    def memo(self, upstream: str) -> dict:
+        return self.memos.setdefault(upstream, {})
+
+
 def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context, log=print,
-        check_inputs: dict | None = None) -> list[dict]:
+        check_inputs: dict | None = None, cache: PlanCache | None = None) -> list[dict]:
     """Run the pipeline's passes over `gms` (program name -> GraphModule), in place.
 
     `primary` names the program calibration runs on; `make_context(gm)` builds the
@@ -85,8 +100,10 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
     `check_inputs` ({program: (args, kwargs)}, example inputs): each lossless pass is
     then checked against the program before it on fresh inputs shaped like these, and
     refused if it changed the function.
+    `cache`: reuse plans and calibration statistics of earlier runs on the same capture.
     """
     history: list[str] = []
+    upstream: list = []  # (pass, settings) of the passes that ran so far: what a plan depends on
     report: list[dict] = []
     discontinuous_after: str | None = None  # the thresholding pass applied so far, if any
     for step in PIPELINES[config["pipeline"]]:
@@ -104,8 +121,7 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
             anatomies = {name: analyze(gm) if spec.reads_anatomy else None for name, gm in gms.items()}
             plan = {}
             if spec.plan is not None:
-                log(f"[optc] {step.name}: planning on calibration data ...")
-                plan = spec.plan(_LazyContext(make_context, gms[primary]), anatomies[primary], cfg)
+                plan = _plan(step.name, spec, cfg, make_context, gms[primary], anatomies[primary], upstream, cache, log)
             results, checks = {}, {}
             for name, gm in gms.items():
                 before_pass = rebuild(gm)[0] if check_inputs and name in check_inputs and not spec.lossy else None
@@ -148,10 +164,27 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
                 else f"not applied: {entry['reason']}")
         log(f"[optc] {step.name}: {said} ({entry['seconds']} s)")
         history.append(step.name)
+        upstream.append((step.name, cfg.to_dict()))
         report.append(entry)
         if spec.discontinuous and entry["applied"]:
             discontinuous_after = step.name
     return report
+
+
+def _plan(name, spec, cfg, make_context, gm, anatomy, upstream, cache: PlanCache | None, log) -> dict:
+    """The pass's plan, from the cache when the same settings planned on the same graph."""
+    key = config_hash({"upstream": upstream})
+    plan_key = (name, config_hash(cfg.to_dict()), key)
+    if cache is not None and plan_key in cache.plans:
+        cache.hits += 1
+        log(f"[optc] {name}: plan reused from an earlier run of this session")
+        return copy.deepcopy(cache.plans[plan_key])
+    log(f"[optc] {name}: planning on calibration data ...")
+    memo = cache.memo(key) if cache is not None else None
+    plan = spec.plan(_LazyContext(make_context, gm, memo), anatomy, cfg)
+    if cache is not None:
+        cache.plans[plan_key] = copy.deepcopy(plan)
+    return plan
 
 
 def _prepare(name: str, spec, gms: dict, check_inputs, discontinuous_after: str | None) -> dict:
@@ -188,12 +221,14 @@ class _LazyContext:
     """Builds the calibration context on first use: a plan that needs no data (layers
     given by index) never loads any."""
 
-    def __init__(self, make_context, gm):
-        self._make, self._gm, self._ctx = make_context, gm, None
+    def __init__(self, make_context, gm, memo: dict | None = None):
+        self._make, self._gm, self._ctx, self._memo = make_context, gm, None, memo
 
     def __getattr__(self, name):
         if self._ctx is None:
             if self._make is None:
                 raise UsageError("this pass needs calibration data and none was given")
             self._ctx = self._make(self._gm)
+            if self._memo is not None:
+                self._ctx.memo = self._memo
         return getattr(self._ctx, name)

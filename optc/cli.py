@@ -58,12 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
 
     s = sub.add_parser("search", help="search pass settings against measured latency under a quality limit")
-    s.add_argument("model")
-    s.add_argument("--target", default="auto")
-    s.add_argument("--trials", type=int, default=20)
-    s.add_argument("--max-quality-loss", type=float, default=0.05)
-    s.add_argument("--storage")
-    s.add_argument("--study")
+    s.add_argument("model", help="zoo name, Hugging Face directory, or file.py:factory")
+    s.add_argument("--target", default="auto", help="cpu, h100, h200, a100 or auto (the device present)")
+    s.add_argument("--trials", type=int, default=20, help="trials to run now (added to a resumed study)")
+    s.add_argument("--max-quality-loss", type=float, default=0.05,
+                   help="LMs: relative perplexity increase; encoders: 1 - cosine; classifiers: top-1 disagreement")
+    s.add_argument("--storage", help="journal file path (default: OUT/STUDY.journal), postgresql://... or sqlite:///...")
+    s.add_argument("--study", help="study name (default: MODEL-TARGET); workers and hosts share a study by name")
+    s.add_argument("--workers", type=int, default=1, help="worker processes on this host, one per visible GPU")
+    s.add_argument("--pipeline", default="default", help="named pipeline whose passes are searched")
+    s.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE",
+                   help="fix a setting (it is then not searched)")
+    s.add_argument("--config", help="JSON file of fixed pass settings")
+    s.add_argument("-o", "--output", default="optc-search", help="folder for the journal, JSON, plot and artifact")
+    s.add_argument("--tokens", type=int, default=32, help="decode steps timed per measurement (LMs)")
+    s.add_argument("--batch", type=int, default=None, help="batch size measured (default 1)")
+    s.add_argument("--measure-all", action="store_true", help="measure every trial (no cost-model estimates)")
+    s.add_argument("--no-artifact", action="store_true", help="do not compile the best configuration at the end")
+    s.add_argument("--seed", type=int, default=None, help="sampler seed")
+    s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process of --workers N
     s.add_argument("--json", action="store_true")
 
     e = sub.add_parser("export", help="emit the optimised graph as MLIR through torch-mlir")

@@ -135,11 +135,60 @@ def cmd_inspect(args):
 def cmd_bench(args):
     from optc.runtime.bench import bench
 
-    return bench(args)
+    return bench(
+        args.model,
+        target=args.target,
+        baselines=[n.strip() for n in args.baselines.split(",") if n.strip()],
+        tokens=args.tokens,
+        batch=args.batch,
+        variants=_bench_variants(args),  # bad settings are refused before anything is loaded
+        autotune=not args.no_autotune,
+        rounds=args.rounds,
+        out=args.out,
+        max_cache_len=args.max_cache_len,
+        dynamic=dynamic_dims(args),
+    )
+
+
+def _bench_variants(args) -> list[tuple[str, str, dict]]:
+    """(label, pipeline, settings) of each optc row: the pipeline with its defaults
+    first (lossless passes only: the dense row), then --set/--config, then each --variant."""
+    import json
+    import shlex
+
+    from optc.compiler.config import parse_sets
+    from optc.compiler.pipeline import resolve as resolve_pipeline
+
+    all_sets = [pass_settings(args)]
+    for text in args.variant or []:
+        try:
+            items = shlex.split(text)  # quote a value with spaces: "skip_layers.layers='[1, 2]'"
+        except ValueError as exc:
+            raise UsageError(f"--variant {text!r}: {exc}") from None
+        if not items:
+            raise UsageError("--variant needs at least one PASS.KEY=VALUE setting")
+        all_sets.append(parse_sets(items))
+    variants = [("optc", args.pipeline, {})]
+    for sets in all_sets:
+        if sets:
+            resolve_pipeline(args.pipeline, sets)  # unknown pass, key or value: exit 2 now
+            label = "optc " + " ".join(f"{p}.{k}={json.dumps(v)}" for p, vals in sets.items() for k, v in vals.items())
+            if any(label == v[0] for v in variants):
+                raise UsageError(f"two optc rows have the same settings: {label}")
+            variants.append((label, args.pipeline, sets))
+    return variants
 
 
 def cmd_search(args):
-    raise UsageError("optc search is not available yet: the Optuna search over pass settings is still being built")
+    from optc.search import SearchRequest, search
+
+    req = SearchRequest(
+        model=args.model, target=args.target, trials=args.trials, max_quality_loss=args.max_quality_loss,
+        storage=args.storage, study=args.study, workers=args.workers, pipeline=args.pipeline,
+        fixed=pass_settings(args), out_dir=args.output, tokens=args.tokens, batch=args.batch,
+        measure_all=args.measure_all, compile_best=not args.no_artifact, seed=args.seed,
+    )
+    return search(req, worker_only=args.worker)
 
 
 def cmd_export(args):

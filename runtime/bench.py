@@ -2,60 +2,87 @@
 
 Decoder LMs are timed in ms per decoded token (prefill excluded) through optc's
 StaticCacheDecoder (one CUDA graph per token on the GPU); encoders and ViTs in ms per
-forward of a batch. Every optc row gets its ratio against the fastest baseline of the
-same run (`baseline` in the JSON names it), so a ratio > 1 means optc beat the best
-torch configuration measured there.
+forward of a batch. Every optc row is timed by optc.runtime.measure (the search times
+its trials there too) and gets its ratio against the fastest baseline of the same run
+(`baseline` in the JSON names it), so a ratio > 1 means optc beat the best torch
+configuration measured there.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 import traceback
 from pathlib import Path
-
-import torch
+from typing import Sequence
 
 from optc.errors import CompileError, UsageError
+from optc.runtime.measure import Workload, agreement, decode_timer, measure  # noqa: F401 (decode_timer: benchmarks/ import it from here)
+
+DEFAULT_BASELINES = ("eager", "hf-static", "inductor", "inductor-max")
 
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def bench(args) -> dict:
+def bench(
+    model: str,
+    *,
+    target: str = "auto",
+    baselines: Sequence[str] = DEFAULT_BASELINES,
+    tokens: int = 64,
+    batch: int | None = None,
+    variants: Sequence[tuple[str, str, dict]] = (("optc", "default", {}),),
+    autotune: bool = True,
+    rounds: int = 1,
+    out: str | Path | None = None,
+    max_cache_len: int = 256,
+    dynamic: tuple[str, ...] = (),
+) -> dict:
+    """Time `model` (a zoo name, HF directory or file.py:factory) under each baseline and
+    each optc variant, (label, pipeline name, pass settings as optc.compile takes them),
+    and return the result JSON (also written to `out` after every row). `batch` applies
+    to LMs (default 1); `rounds` > 1 times the compiled LM rows again round-robin."""
     import optc
-    from optc.cli import dynamic_dims
     from optc.compiler import targets
     from optc.models.user import resolve
-    from optc.runtime import baselines
+    from optc.runtime import baselines as torch_baselines
     from optc.runtime.timing import device_info, device_probe
 
-    if args.model.endswith(".optc"):
+    if model.endswith(".optc"):
         raise UsageError("bench takes a model (zoo name, HF directory or file.py:factory); "
                          "an artifact is benchmarked through the model it was compiled from")
-    target = targets.get(args.target)
-    if not targets.available(target):
-        raise UsageError(f"target {target.name} is not present on this machine; run bench where it is, or use --target cpu")
-    device = target.device
-    dtype = None if device == "cpu" else target.dtype
-    variants = _variants(args)  # bad settings are refused before anything is loaded
-    rounds = getattr(args, "rounds", 1)
+    tgt = targets.get(target)
+    if not targets.available(tgt):
+        raise UsageError(f"target {tgt.name} is not present on this machine; run bench where it is, or use --target cpu")
+    labels = [v[0] for v in variants]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"two optc rows have the same label: {labels}")
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {rounds}")
-    _log(f"loading {args.model} on {device} ...")
-    entry, model, example_inputs = resolve(args.model, device=device, dtype=dtype)
-    names = [n.strip() for n in args.baselines.split(",") if n.strip()]
-    is_lm = type(model).__name__.endswith("ForCausalLM")
-    autotune = is_lm and not getattr(args, "no_autotune", False)
+    device = tgt.device
+    dtype = None if device == "cpu" else tgt.dtype
+    _log(f"loading {model} on {device} ...")
+    entry, eager, example_inputs = resolve(model, device=device, dtype=dtype)
+    names = list(baselines)
+    is_lm = type(eager).__name__.endswith("ForCausalLM")
+    autotune = is_lm and autotune
     timings, notes, failed = {}, {}, {}
     again: dict = {}  # label -> time the compiled row once more (later rounds)
     info = device_info(device)  # once: the JSON is rewritten after every row
     probe = device_probe(device)  # the GPU's own copy and GEMV speed in this process
     if probe:
         _log(f"device probe: copy {probe['copy_tbs']} TB/s, cuBLAS GEMV 8192x2048 {probe['gemv_8192x2048_us']} us")
+    if is_lm:
+        prompt = example_inputs[0][:, :16].contiguous()
+        if batch:
+            prompt = prompt[:1].expand(batch, -1).contiguous()
+        workload = Workload("decode", batch=prompt.shape[0], tokens=tokens, prompt_len=prompt.shape[1])
+    else:
+        prompt = None
+        workload = Workload("forward", batch=int(example_inputs[0].shape[0]))
 
     def summary() -> dict:
         base_names = [n for n in names if n in timings]
@@ -67,11 +94,11 @@ def bench(args) -> dict:
             row.update({k: v for k, v in timings[row["name"]].info.items() if k in ("rounds", "round_medians_ms")})
             row.update(notes.get(row["name"], {}))
         result = {
-            "model": args.model,
-            "target": target.name,
-            "unit": "ms/token (decode, prefill excluded)" if is_lm else "ms/forward",
-            "tokens": args.tokens if is_lm else None,
-            "batch": int(example_inputs[0].shape[0]) if not is_lm else (args.batch or 1),
+            "model": model,
+            "target": tgt.name,
+            "unit": workload.unit,
+            "tokens": tokens if is_lm else None,
+            "batch": workload.batch,
             "baseline": best,
             **info,
             "probe": probe,
@@ -84,12 +111,12 @@ def bench(args) -> dict:
         return result
 
     def write(result: dict) -> None:
-        if args.out:  # atomic: a reader never sees half a file
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
+        if out:  # atomic: a reader never sees half a file
+            path = Path(out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(result, indent=2, default=str))
-            tmp.replace(out)
+            tmp.replace(path)
 
     def run_variant(label, time_it):
         try:
@@ -105,84 +132,60 @@ def bench(args) -> dict:
         _log(f"{label}: {timings[label].median_ms:.3f} ms {notes[label].get('agreement', '')}")
         write(summary())  # a run cut short still leaves the rows it measured
 
+    table = torch_baselines.LM_BASELINES if is_lm else torch_baselines.FORWARD_BASELINES
+    for name in names:
+        if name not in table:
+            raise UsageError(f"unknown baseline '{name}'; known for {'LMs' if is_lm else 'this model'}: {', '.join(table)}")
+        _log(f"baseline {name} ...")
+        with _cold_inductor():
+            timings[name] = table[name](eager, prompt, tokens) if is_lm else table[name](eager, example_inputs)
+        _log(f"baseline {name}: {timings[name].median_ms:.3f} {workload.unit}")
+        write(summary())
+    for label, pipe, passes in variants:
+        _log(f"{label}: compiling ...")
+
+        def time_it(pipe=pipe, passes=passes):
+            if is_lm:
+                art = optc.compile(eager, (prompt,), target=tgt.name, pipeline_name=pipe, passes=passes,
+                                   entry=entry, max_cache_len=max_cache_len, verify=False, log=_log)
+                m = measure(art, tgt, workload, inputs=prompt, autotune=autotune, log=_log)
+                return m.timing, _lm_notes(art, m, eager, prompt), m.remeasure
+            art = optc.compile(eager, example_inputs, target=tgt.name, pipeline_name=pipe, passes=passes,
+                               entry=entry, dynamic=dynamic, verify=False, log=_log)
+            m = measure(art, tgt, workload, inputs=example_inputs, log=_log)
+            # Forward rows are timed once: the round-robin rounds are for decode.
+            return m.timing, {"params": art.manifest["params"], "config": art.manifest["config"]}, None
+
+        run_variant(label, time_it)
     if is_lm:
-        prompt = example_inputs[0][:, :16].contiguous()
-        if args.batch:
-            prompt = prompt[:1].expand(args.batch, -1).contiguous()
-        for name in names:
-            if name not in baselines.LM_BASELINES:
-                raise UsageError(f"unknown baseline '{name}'; known for LMs: {', '.join(baselines.LM_BASELINES)}")
-            _log(f"baseline {name} ...")
-            with _cold_inductor():
-                timings[name] = baselines.LM_BASELINES[name](model, prompt, args.tokens)
-            _log(f"baseline {name}: {timings[name].median_ms:.3f} ms/token")
-            write(summary())
-        for label, pipe, passes in variants:
-            _log(f"{label}: compiling ...")
-
-            def time_it(pipe=pipe, passes=passes):
-                art = optc.compile(model, (prompt,), target=target.name, pipeline_name=pipe, passes=passes,
-                                   entry=entry, max_cache_len=args.max_cache_len, verify=False, log=_log)
-                return _time_lm(art, prompt, args.tokens, target, model, autotune=autotune)
-
-            run_variant(label, time_it)
         _more_rounds(timings, again, rounds, failed)
-    else:
-        inputs = example_inputs
-        for name in names:
-            if name not in baselines.FORWARD_BASELINES:
-                raise UsageError(f"unknown baseline '{name}'; known for this model: {', '.join(baselines.FORWARD_BASELINES)}")
-            _log(f"baseline {name} ...")
-            with _cold_inductor():
-                timings[name] = baselines.FORWARD_BASELINES[name](model, inputs)
-            write(summary())
-        for label, pipe, passes in variants:
-            _log(f"{label}: compiling ...")
-
-            def time_it(pipe=pipe, passes=passes):
-                art = optc.compile(model, inputs, target=target.name, pipeline_name=pipe, passes=passes,
-                                   entry=entry, dynamic=dynamic_dims(args), verify=False, log=_log)
-                return (*_time_forward(art, inputs, target), None)
-
-            run_variant(label, time_it)
     result = summary()
     result.pop("partial")
     _print_table(result)
     write(result)
     if failed:
         err = CompileError(f"bench: {len(failed)} optc variant(s) failed (the others were timed"
-                           f"{' and written to ' + args.out if args.out else ''}): "
+                           f"{' and written to ' + str(out) if out else ''}): "
                            + "; ".join(f"{k}: {v[:300]}" for k, v in failed.items()))
         err.result = result  # the CLI still prints the rows that were measured
         raise err
     return result
 
 
-def _variants(args) -> list[tuple[str, str, dict]]:
-    """(label, pipeline, settings) of each optc row: the pipeline with its defaults
-    first (lossless passes only: the dense row), then --set/--config, then each --variant."""
-    from optc.cli import pass_settings
-    from optc.compiler.config import parse_sets
-    from optc.compiler.pipeline import resolve as resolve_pipeline
-
-    all_sets = [pass_settings(args)]
-    for text in getattr(args, "variant", []) or []:
-        try:
-            items = shlex.split(text)  # quote a value with spaces: "skip_layers.layers='[1, 2]'"
-        except ValueError as exc:
-            raise UsageError(f"--variant {text!r}: {exc}") from None
-        if not items:
-            raise UsageError("--variant needs at least one PASS.KEY=VALUE setting")
-        all_sets.append(parse_sets(items))
-    variants = [("optc", args.pipeline, {})]
-    for sets in all_sets:
-        if sets:
-            resolve_pipeline(args.pipeline, sets)  # unknown pass, key or value: exit 2 now
-            label = "optc " + " ".join(f"{p}.{k}={json.dumps(v)}" for p, vals in sets.items() for k, v in vals.items())
-            if any(label == v[0] for v in variants):
-                raise UsageError(f"two optc rows have the same settings: {label}")
-            variants.append((label, args.pipeline, sets))
-    return variants
+def _lm_notes(art, m, eager, prompt) -> dict:
+    # The resolved settings (pipeline, every pass's config, hash): defaults change between
+    # versions, and a row must say what it measured without them.
+    notes = {"params": art.manifest["params"], "setup_s": round(m.setup_s, 1), "config": art.manifest["config"]}
+    applied = [p for p in art.manifest["passes"] if p.get("applied")]
+    for p in applied:
+        if p["name"] == "skip_layers":
+            notes["removed"] = p.get("plan", {}).get("units")
+        # What each pass did to the timed program (e.g. which units got sparse kernels).
+        notes.setdefault("decode_program", {})[p["name"]] = p.get("programs", {}).get("decode")
+    # A lossy variant is compared with its own program only: the eager model differs.
+    lossy = any(p.get("lossy") for p in applied)
+    notes["agreement"] = agreement(m.program, art, prompt, None if lossy else eager)
+    return notes
 
 
 def _cold_inductor():
@@ -192,44 +195,6 @@ def _cold_inductor():
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(fx_graph_cache=False)
-
-
-def decode_timer(art, compile_fn, device: str):
-    """A StaticCacheDecoder over an artifact's programs for timing decode steps: the
-    decode step lowered by `compile_fn`, the prefill program run as exported (compiling
-    and autotuning its dynamic-length graph would cost minutes and change no number)."""
-    from optc.runtime.decode import StaticCacheDecoder
-
-    meta = art.manifest["model"]
-    return StaticCacheDecoder(art.module("prefill", device=device, compiled=False),
-                              art.module("decode", device=device, compiled=False),
-                              compile=compile_fn, compile_prefill=False, device=device,
-                              max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])
-
-
-def _time_lm(art, prompt, n, target, model, autotune: bool = True):
-    from optc.compiler.codegen.lowering import lower
-
-    compile_fn = lambda m: lower(m, target, autotune=autotune and target.device == "cuda")  # noqa: E731
-    dec = decode_timer(art, compile_fn, str(prompt.device))
-    start = time.perf_counter()
-    dec.warm_up(prompt)
-    warm = time.perf_counter() - start
-    _log(f"lowered and warmed up in {warm:.0f} s; timing {n} decode steps ...")
-    timing = dec.measure_decode(prompt, n)
-    # The resolved settings (pipeline, every pass's config, hash): defaults change between
-    # versions, and a row must say what it measured without them.
-    notes = {"params": art.manifest["params"], "setup_s": round(warm, 1), "config": art.manifest["config"]}
-    applied = [p for p in art.manifest["passes"] if p.get("applied")]
-    for p in applied:
-        if p["name"] == "skip_layers":
-            notes["removed"] = p.get("plan", {}).get("units")
-        # What each pass did to the timed program (e.g. which units got sparse kernels).
-        notes.setdefault("decode_program", {})[p["name"]] = p.get("programs", {}).get("decode")
-    # A lossy variant is compared with its own program only: the eager model differs.
-    lossy = any(p.get("lossy") for p in applied)
-    notes["agreement"] = _agreement(dec, art, None if lossy else model, prompt)
-    return timing.with_extra(compile_s=warm), notes, lambda: dec.measure_decode(prompt, n)
 
 
 def _more_rounds(timings: dict, again: dict, rounds: int, failed: dict) -> None:
@@ -260,48 +225,6 @@ def _more_rounds(timings: dict, again: dict, rounds: int, failed: dict) -> None:
         timings[label] = pooled.with_extra(compile_s=ts[0].compile_s, **{
             k: v for k, v in ts[0].info.items() if k != "samples_ms"},
             rounds=len(ts), round_medians_ms=[round(t.median_ms, 4) for t in ts])
-
-
-def _agreement(dec, art, model, prompt) -> dict:
-    """Teacher-forced logits of the compiled decode loop against the variant's own
-    uncompiled prefill program over the whole sequence (and against the eager model for
-    lossless variants), so a fast number cannot come from a broken program."""
-    from optc.compiler.capture import graph_module
-
-    ids = torch.cat([prompt, prompt[:, :8]], dim=1)
-    start = prompt.shape[1] - 1
-    with torch.no_grad():
-        out = dec.forced_logits(ids, prompt.shape[1]).float()
-        program = graph_module(art.programs["prefill"])  # a fresh copy: its own cache
-        refs = {"program": program(input_ids=ids, cache_position=torch.arange(ids.shape[1], device=ids.device))}
-        if model is not None:
-            refs["eager"] = model(ids, use_cache=False).logits
-    result = {}
-    for name, ref in refs.items():
-        ref = ref[:, start:].float()
-        result[f"rel_err_vs_{name}"] = ((out - ref).norm() / ref.norm()).item()
-        result[f"argmax_match_vs_{name}"] = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    return result
-
-
-def _time_forward(art, inputs, target):
-    from optc.runtime.timing import measure
-
-    device = str(inputs[0].device)
-    compiled = art.module("forward", device=device, compiled=True)
-
-    def module(*args):
-        if device.startswith("cuda"):
-            torch.compiler.cudagraph_mark_step_begin()  # Inductor's CUDA graphs reuse outputs
-        return compiled(*args)
-
-    start = time.perf_counter()
-    with torch.no_grad():
-        module(*inputs)
-    warm = time.perf_counter() - start
-    with torch.no_grad():
-        timing = measure(module, [inputs], device=device)
-    return timing.with_extra(compile_s=warm), {"params": art.manifest["params"], "config": art.manifest["config"]}
 
 
 def _print_table(result: dict) -> None:

@@ -58,3 +58,37 @@ def vit_captured():
 
     model = tiny_vit()
     return model, capture.capture(model, (torch.randn(2, 3, 32, 32),))
+
+
+def _postgres():
+    """tests/postgres.py, loaded by its path (tests/ is not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "optc_tests_postgres"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("postgres.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """URL (SQLAlchemy form) of a real PostgreSQL server's database, for the whole session: from
+    OPTC_TEST_POSTGRES_URL, or a throwaway server that `.ci/postgres.sh` starts and stops around the
+    session. Without either the test skips, and fails when OPTC_REQUIRE_POSTGRES=1 (tests/postgres.py)."""
+    yield from _postgres().session_server()
+
+
+@pytest.fixture
+def postgres_db_url(postgres_url, request):
+    """A fresh, empty database on that server for this test alone (dropped after it), as a URL that
+    optuna.storages.RDBStorage takes: studies do not leak between tests."""
+    pg = _postgres()
+    name = pg.database_name(request.node.name)
+    url = pg.create_database(postgres_url, name)
+    yield url
+    pg.drop_database(postgres_url, name)

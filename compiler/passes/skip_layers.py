@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from optc.compiler.anatomy import Anatomy
-from optc.compiler.config import PassConfig, knob
+from optc.compiler.config import Choice, Int, PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.rewrite import drop_unused_attributes, eliminate_dead_code, rebuild
 from optc.errors import UsageError
@@ -36,10 +36,12 @@ PARTS = ("block", "attention", "mlp")
 
 @dataclass(frozen=True)
 class SkipLayersConfig(PassConfig):
-    count: int = knob(0, low=0, high=256, search=("int", 0, 8), doc="how many blocks (or blocks' worth) to remove")
+    count: int = knob(0, low=0, high=256, search=Int(0, 12, bound="blocks"),
+                      doc="how many blocks (or blocks' worth) to remove")
     layers: tuple = knob((), low=0, doc="remove exactly these block indices, e.g. [3,7]")
     granularity: str = knob(
-        "sublayer", choices=("block", "attention", "mlp", "sublayer"), doc="what a removed unit is"
+        "sublayer", choices=("block", "attention", "mlp", "sublayer"),
+        search=Choice(("block", "sublayer"), when=("count", ">", 0)), doc="what a removed unit is"
     )
     selection: str = knob("loss", choices=("loss", "cosine"), doc="how units are ranked")
     calibration_samples: int = knob(4, low=1, high=256, doc="calibration sequences (or batches)")

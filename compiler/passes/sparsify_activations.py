@@ -31,7 +31,7 @@ import torch.fx as fx
 from optc.compiler.anatomy import Anatomy
 from optc.compiler.codegen.lowering import THRESHOLD_BUFFER_PREFIX
 from optc.compiler.fused_mlp import split_fused_gate_up
-from optc.compiler.config import PassConfig, knob
+from optc.compiler.config import Choice, Float, PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.passes import sparsify_calibration as cal
 from optc.compiler.passes.sparsify_report import report_sparsity
@@ -46,10 +46,10 @@ KERNEL_CHOICES = ("auto", "sparse", "dense")
 
 @dataclass(frozen=True)
 class SparsifyActivationsConfig(PassConfig):
-    method: str = knob("teal", choices=METHODS, search=("categorical", list(METHODS)), doc="cats | teal | chess")
-    sparsity: float = knob(0.0, low=0.0, high=0.95, search=("float", 0.0, 0.7),
+    method: str = knob("teal", choices=METHODS, search=Choice(METHODS, when=("sparsity", ">", 0)), doc="cats | teal | chess")
+    sparsity: float = knob(0.0, low=0.0, high=0.95, search=Float(0.0, 0.7, step=0.05),
                            doc="target fraction of thresholded activations set to zero")
-    allocation: str = knob("greedy", choices=("uniform", "greedy"), search=("categorical", ["uniform", "greedy"]),
+    allocation: str = knob("greedy", choices=("uniform", "greedy"), search=Choice(("uniform", "greedy"), when=("sparsity", ">", 0)),
                            doc="same sparsity in every unit, or per-unit sparsities by measured error")
     calibration_samples: int = knob(4, low=1, high=256, doc="calibration sequences (or batches)")
     kernels: str = knob("auto", choices=KERNEL_CHOICES,

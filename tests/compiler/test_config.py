@@ -49,4 +49,7 @@ def test_hash_ignores_key_order_and_changes_with_values():
 def test_search_space_declared():
     from optc.compiler.passes.skip_layers import SkipLayersConfig
 
-    assert SkipLayersConfig().search_space() == {"count": ("int", 0, 8)}
+    space = SkipLayersConfig.search_space()
+    assert space["count"].kind == "int" and space["count"].bound == "blocks"
+    # granularity is searched only where something is removed
+    assert space["granularity"].holds({"count": 2}) and not space["granularity"].holds({"count": 0})

@@ -273,4 +273,5 @@ def test_off_by_default(llama_captured):
     assert not entry["applied"] and "not configured" in entry["reason"]
     assert not [t for t in _targets(gms["decode"]) if "optc" in str(t)]
     space = sa.SparsifyActivationsConfig().search_space()
-    assert space["sparsity"][0] == "float" and set(space["method"][1]) == set(METHODS)
+    assert space["sparsity"].kind == "float" and set(space["method"].choices) == set(METHODS)
+    assert not space["method"].holds({"sparsity": 0.0}) and space["method"].holds({"sparsity": 0.5})

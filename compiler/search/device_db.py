@@ -1,0 +1,260 @@
+"""Per-device calibration of the cost model's roofline: microbenchmarks, and one JSON
+file per device in the user's cache directory.
+
+A device is keyed by what changes its speed: the GPU name (or "cpu" and the CPU model),
+the driver, torch and triton versions. A record holds the fitted constants the cost
+model reads (`bandwidth_gbs`, `tflops`, `launch_us`) and the raw measurements they came
+from, so a later fit can be checked by hand.
+
+This module imports neither optc.runtime nor Triton (importing Triton here would fix
+its interpreter mode for the whole process); versions come from package metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+SCHEMA = 1
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """$OPTC_CACHE_DIR, else $XDG_CACHE_HOME/optc, else ~/.cache/optc."""
+    if os.environ.get("OPTC_CACHE_DIR"):
+        return Path(os.environ["OPTC_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "optc"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    # The kernel module's version is the driver users know; torch only exposes the
+    # CUDA driver API level, used when /proc is not there (other OSes).
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+        if found:
+            return found.group(1)
+    except OSError:
+        pass
+    try:
+        return f"cuda-api-{torch._C._cuda_getDriverVersion()}"
+    except Exception:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_key(device: str | torch.device) -> dict:
+    """What identifies a device's speed: name, driver, torch and triton versions."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        name, driver = torch.cuda.get_device_properties(index).name, _nvidia_driver()
+    else:
+        name, driver = f"cpu {_cpu_model()}", None
+    return {"device": name, "driver": driver, "torch": torch.__version__, "triton": _version("triton")}
+
+
+def key_file(key: dict) -> Path:
+    """The record's path: a readable slug plus a hash of the whole key (slugs collide)."""
+    text = json.dumps(key, sort_keys=True)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{key['device']}_{key['driver']}_torch{key['torch']}").strip("-")
+    return cache_dir() / "devices" / f"{slug[:80]}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.json"
+
+
+def load(device: str | torch.device) -> dict | None:
+    """The stored record of this device (as keyed now), or None."""
+    key = device_key(device)
+    path = key_file(key)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("key") == key and record.get("schema") == SCHEMA else None
+
+
+def store(record: dict) -> Path:
+    """Write atomically (a temporary file in the same folder, then os.replace) so that
+    parallel study workers never read half a record."""
+    path = key_file(record["key"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def _timer(dev: torch.device):
+    """fn, reps -> median ms per call of `fn`, from `reps` timed calls after a warm-up."""
+
+    def run(fn, reps: int) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return run
+
+
+def _launch_us(dev: torch.device, calls: int, reps: int, timed) -> float:
+    """Cost of one tiny kernel: replayed from a CUDA graph (how the runtime decodes), or
+    a tight loop of tiny ops on CPU."""
+    x = torch.zeros(1, device=dev)
+    if dev.type == "cuda":
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            x.add_(1)  # warm the op outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                x.add_(1)
+        return timed(graph.replay, reps) * 1e3 / calls
+
+    def loop():
+        for _ in range(calls):
+            x.add_(1)
+
+    return timed(loop, reps) * 1e3 / calls
+
+
+def _rotating(make, nbytes_each: int, at_least: int) -> list:
+    """Enough copies of an operand that cycling through them overflows the last-level
+    cache, so bandwidth is DRAM's, not the cache's."""
+    return [make() for _ in range(max(1, -(-at_least // max(nbytes_each, 1))))]
+
+
+SIZES = {
+    # copy MiB, launch calls, GEMV (K, N) shapes (1 x K @ K x N), GEMM n, timed reps
+    "full": {"copy_mib": 512, "calls": 2000, "gemv": [(2048, 8192), (4096, 4096), (8192, 2048), (4096, 14336)],
+             "gemm": 8192, "reps": 20},
+    "quick": {"copy_mib": 4, "calls": 200, "gemv": [(256, 512), (512, 256)], "gemm": 256, "reps": 3},
+}
+
+
+def microbenchmarks(device: str | torch.device, dtype: torch.dtype, *, quick: bool = False, log=_log) -> dict:
+    """Raw measurements: copy bandwidth, launch cost, GEMV times, GEMM rate."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    sizes = SIZES["quick" if quick else "full"]
+    timed = _timer(dev)
+    item = torch.empty((), dtype=dtype).element_size()
+    llc = torch.cuda.get_device_properties(dev).L2_cache_size if dev.type == "cuda" else 64 << 20
+    flush_at = 0 if quick else 4 * llc
+    out: dict = {"dtype": str(dtype).replace("torch.", "")}
+
+    n = sizes["copy_mib"] << 20
+    src, dst = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
+    ms = timed(lambda: dst.copy_(src), sizes["reps"])
+    out["copy"] = {"bytes": 2 * n, "ms": ms}  # read + write, as the features count bytes
+    del src, dst
+    log(f"[optc] calibrate {dev}: copy {2 * n / ms / 1e6:.1f} GB/s")
+
+    out["launch_us"] = _launch_us(dev, sizes["calls"], sizes["reps"], timed)
+    log(f"[optc] calibrate {dev}: launch {out['launch_us']:.2f} us")
+
+    out["gemv"] = []
+    for k, m in sizes["gemv"]:
+        weights = _rotating(lambda: torch.randn(m, k, device=dev, dtype=dtype), m * k * item, flush_at)
+        x = torch.randn(1, k, device=dev, dtype=dtype)
+        state = {"i": 0}
+
+        def gemv():
+            state["i"] = (state["i"] + 1) % len(weights)
+            torch.nn.functional.linear(x, weights[state["i"]])
+
+        out["gemv"].append({"shape": [1, k, m], "bytes": (m * k + k + m) * item, "ms": timed(gemv, sizes["reps"])})
+        del weights
+
+    g = sizes["gemm"]
+    a, b = torch.randn(g, g, device=dev, dtype=dtype), torch.randn(g, g, device=dev, dtype=dtype)
+    out["gemm"] = {"n": g, "flops": 2 * g**3, "ms": timed(lambda: a @ b, sizes["reps"])}
+    log(f"[optc] calibrate {dev}: GEMM {out['gemm']['flops'] / out['gemm']['ms'] / 1e9:.2f} TFLOP/s")
+    return out
+
+
+def fit_constants(raw: dict) -> dict:
+    """Roofline constants from the measurements. Bandwidth is what the GEMVs reach after
+    their launch cost (decode is GEMVs; a plain copy overstates what they get), never
+    more than the copy reaches; the FLOP rate is the GEMM's."""
+    launch_ms = raw["launch_us"] / 1e3
+    copy_gbs = raw["copy"]["bytes"] / raw["copy"]["ms"] / 1e6
+    reached = [g["bytes"] / max(g["ms"] - launch_ms, 0.5 * g["ms"]) / 1e6 for g in raw.get("gemv", [])]
+    bandwidth = min(statistics.median(reached), copy_gbs) if reached else copy_gbs
+    return {
+        "bandwidth_gbs": bandwidth,
+        "copy_gbs": copy_gbs,
+        "tflops": raw["gemm"]["flops"] / raw["gemm"]["ms"] / 1e9,
+        "launch_us": raw["launch_us"],
+    }
+
+
+def calibrate_device(device: str | torch.device, *, dtype: torch.dtype | None = None, quick: bool = False,
+                     log=_log) -> dict:
+    """Measure `device`, fit the roofline constants, store the record; returns it.
+    dtype: the device's dtype by default (bf16 on CUDA, fp32 on CPU); quick: tiny sizes
+    (tests, smoke runs), whose constants are rough."""
+    dev = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    raw = microbenchmarks(dev, dtype, quick=quick, log=log)
+    record = {
+        "schema": SCHEMA,
+        "key": device_key(dev),
+        "constants": fit_constants(raw),
+        "measurements": raw,
+        "quick": quick,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    record["path"] = str(store(record))
+    log(f"[optc] calibration stored in {record['path']}")
+    return record

@@ -1,0 +1,185 @@
+"""One search worker: ask a configuration, compile it in the session, score its quality
+on a held-out subsample, estimate its latency with the cost model, measure the
+promising on the device, tell Optuna (latency, quality loss) with the quality limit as
+a constraint.
+
+Measuring is handed in (`measure(compiled) -> ms`): it belongs to the runtime, which
+the compiler does not import. Every trial records what it is (settings, config hash,
+active passes), its estimate, and whether its latency was measured or estimated.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from optc.compiler.search import storage as st
+from optc.compiler.search.space import SearchSpace, active_passes
+from optc.errors import CompileError, OptcError
+
+# Quality is measured in full for candidates whose subsample loss is within this
+# factor of the limit; latency is measured for candidates the cost model puts within
+# MEASURE_MARGIN of the fastest feasible measured one, or that would join the front.
+FULL_QUALITY_FACTOR = 1.5
+MEASURE_MARGIN = 0.10
+MAX_ERRORS_IN_A_ROW = 3
+
+
+@dataclass
+class WorkerOptions:
+    n_trials: int
+    max_quality_loss: float
+    subsample: int | None = None  # held-out batches scored first (None: all)
+    min_measured: int = 4  # measure at least this many before trusting the cost model
+    heartbeat_s: float = st.HEARTBEAT_S
+    grace_s: float = st.GRACE_S
+    measure_all: bool = False
+
+
+@dataclass
+class Outcome:
+    latency_ms: float
+    source: str  # "measured" | "estimated"
+    quality: dict
+    extra: dict = field(default_factory=dict)
+
+
+def make_sampler(seed: int | None = None) -> optuna.samplers.BaseSampler:
+    # Optuna 5 leaves multivariate TPE off for multi-objective studies; the passes'
+    # settings interact (a removed block changes what sparsity costs), so turn it on,
+    # grouped because conditional keys come and go.
+    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=8)
+
+
+def enqueue_seeds(study: optuna.Study, space: SearchSpace) -> None:
+    for params in space.seeds():
+        study.enqueue_trial(params, user_attrs={"seed": True}, skip_if_exists=True)
+
+
+def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Callable, features: Callable,
+               cost, opts: WorkerOptions, log=print) -> list[int]:
+    """Run `opts.n_trials` trials; returns their numbers."""
+    done: list[int] = []
+    errors_in_a_row = 0
+    while len(done) < opts.n_trials:
+        st.reap_stale(study, opts.grace_s, log)
+        trial = study.ask()
+        beat = st.Heartbeat(study, trial._trial_id, opts.heartbeat_s)
+        try:
+            _one_trial(study, trial, space, session, measure, features, cost, opts, log)
+        except KeyboardInterrupt:
+            beat.stop()
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except OptcError as exc:  # the configuration cannot apply here: recorded, never retried
+            trial.set_user_attr("inapplicable", str(exc)[:2000])
+            study.tell(trial, state=TrialState.FAIL)
+            log(f"[optc] trial {trial.number}: cannot apply: {exc}")
+        except Exception as exc:  # a bug: recorded with its traceback; the search goes on unless it repeats
+            trial.set_user_attr("error", traceback.format_exc()[-4000:])
+            study.tell(trial, state=TrialState.FAIL)
+            log(f"[optc] trial {trial.number}: failed: {type(exc).__name__}: {exc}")
+            errors_in_a_row += 1
+            if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                raise CompileError(f"{errors_in_a_row} trials in a row failed; the last: "
+                                   f"{type(exc).__name__}: {exc} (tracebacks are in the trials' 'error' attribute)"
+                                   ) from exc
+        else:
+            errors_in_a_row = 0
+        finally:
+            beat.stop()
+        done.append(trial.number)
+        log(_progress(study, len(done), opts))
+    return done
+
+
+def _one_trial(study, trial, space, session, measure, features, cost, opts, log):
+    settings = space.suggest(trial)
+    config = session.resolve(settings, space.pipeline_name)
+    trial.set_user_attr("settings", settings)
+    trial.set_user_attr("config_hash", config["hash"])
+    trial.set_user_attr("active_passes", active_passes(settings))
+    earlier = _finished_twin(study, config["hash"], trial.number)
+    if earlier is not None:  # another worker (or an earlier run) finished this configuration
+        _copy_result(study, trial, earlier, log)
+        return
+    start = time.perf_counter()
+    compiled = session.run(config)
+    trial.set_user_attr("compile_s", round(time.perf_counter() - start, 2))
+    quality = session.quality(compiled.primary_gm, opts.subsample)
+    feats = features(compiled)
+    estimate = cost.estimate_ms(feats)
+    trial.set_user_attr("features", feats)
+    trial.set_user_attr("estimate_ms", estimate)
+    measured = _measured(study)
+    near_limit = quality["loss"] <= opts.max_quality_loss * FULL_QUALITY_FACTOR + quality["spread"]
+    if opts.measure_all or len(measured) < opts.min_measured or (near_limit and _promising(
+            estimate, quality["loss"], measured, opts.max_quality_loss)):
+        if quality["windows"] < quality["of"] and near_limit:
+            quality = session.quality(compiled.primary_gm)
+        if _finished_twin(study, config["hash"], trial.number) is not None:
+            _copy_result(study, trial, _finished_twin(study, config["hash"], trial.number), log)
+            return
+        latency, source = measure(compiled), "measured"
+        cost.fit([(t.user_attrs["features"], t.values[0]) for t in measured] + [(feats, latency)])
+    else:
+        latency, source = estimate, "estimated"
+    trial.set_user_attr("latency_source", source)
+    trial.set_user_attr("quality", {k: v for k, v in quality.items() if k != "split"})
+    trial.set_constraint("quality", quality["loss"] - opts.max_quality_loss)
+    study.tell(trial, [latency, quality["loss"]])
+    log(f"[optc] trial {trial.number}: {_describe(settings)}: {latency:.4g} ms ({source}; estimate "
+        f"{estimate:.4g}), quality loss {quality['loss']:.4f} on {quality['windows']}/{quality['of']} batches")
+
+
+def _finished_twin(study, config_hash: str, number: int):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != number and t.user_attrs.get("config_hash") == config_hash and not t.user_attrs.get("copy_of"):
+            return t
+    return None
+
+
+def _copy_result(study, trial, earlier, log) -> None:
+    for key in ("latency_source", "quality", "features", "estimate_ms"):
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    trial.set_user_attr("copy_of", earlier.number)
+    for key, value in earlier.constraints.items():
+        trial.set_constraint(key, value)
+    study.tell(trial, list(earlier.values))
+    log(f"[optc] trial {trial.number}: same configuration as trial {earlier.number}; its result reused, not measured again")
+
+
+def _measured(study) -> list:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("latency_source") == "measured" and not t.user_attrs.get("copy_of")]
+
+
+def _promising(estimate: float, loss: float, measured: list, limit: float) -> bool:
+    """Worth measuring: faster (within the margin) than the fastest feasible measured
+    configuration, or not dominated by any measured one."""
+    feasible = [t.values[0] for t in measured if t.values[1] <= limit]
+    if feasible and estimate <= min(feasible) * (1 + MEASURE_MARGIN):
+        return True
+    return not any(t.values[0] <= estimate and t.values[1] <= loss for t in measured)
+
+
+def _describe(settings: dict) -> str:
+    parts = [f"{p}.{k}={v}" for p, values in settings.items() for k, v in values.items()]
+    return " ".join(parts) or "dense"
+
+
+def _progress(study, n: int, opts: WorkerOptions) -> str:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    feasible = [t for t in trials if t.values[1] <= opts.max_quality_loss
+                and t.user_attrs.get("latency_source") == "measured"]
+    best = min(feasible, key=lambda t: t.values[0], default=None)
+    said = (f"best feasible {best.values[0]:.4g} ms (trial {best.number}, loss {best.values[1]:.4f})"
+            if best else "no feasible measured configuration yet")
+    return f"[optc] search: trial {n} of {opts.n_trials} in this worker; {len(trials)} complete in the study; {said}"
+

@@ -1,0 +1,245 @@
+"""`optc search`: the compile session, the runtime's latency measurement and the cost
+model wired into an Optuna study; the front, its plot and the best configuration's
+artifact at the end.
+
+With `workers > 1` the host runs one worker process per visible GPU (each sees one,
+through CUDA_VISIBLE_DEVICES), all on the same study; any number of hosts can join
+the same study with `--storage postgresql://... --study NAME`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from optc.errors import NoConfigError, UsageError
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class SearchRequest:
+    model: str
+    target: str = "auto"
+    trials: int = 20
+    max_quality_loss: float = 0.05
+    storage: str | None = None
+    study: str | None = None
+    workers: int = 1
+    pipeline: str = "default"
+    fixed: dict = field(default_factory=dict)
+    out_dir: str = "optc-search"
+    tokens: int = 32
+    batch: int | None = None
+    measure_all: bool = False
+    compile_best: bool = True
+    seed: int | None = None
+
+
+def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
+    """Run the search (this process's worker, or one worker per GPU) and report."""
+    from optc.compiler import targets
+    from optc.compiler.search import report, storage as st, study as sy
+    from optc.compiler.search.space import SearchSpace
+
+    if req.trials < 0 or req.workers < 1:
+        raise UsageError("--trials must be >= 0 and --workers >= 1")
+    if not 0 <= req.max_quality_loss:
+        raise UsageError(f"--max-quality-loss must be >= 0, got {req.max_quality_loss}")
+    target = targets.get(req.target)
+    if not targets.available(target):
+        raise UsageError(f"target {target.name} is not present on this machine: a search measures latency, "
+                         "so run it where the target is (or use --target cpu)")
+    out_dir = Path(req.out_dir)
+    study_name = req.study or f"{Path(req.model.split(':')[0]).name}-{target.name}"
+    if req.workers > 1 and not worker_only:
+        return _run_workers(req, target, study_name, log)
+    session, entry, prompt = _session(req, target, log)
+    space = SearchSpace(session.anatomy, req.pipeline, req.fixed)
+    workload = _workload(session, req)
+    signature = {"model": session.model_name, "target": target.name, "workload": workload.to_dict(),
+                 "space": space.signature(), "calibration": session.calibration_source()}
+    store, where = st.open_storage(req.storage, out_dir / f"{study_name}.journal")
+    study = st.open_study(store, study_name, signature, sy.make_sampler(req.seed))
+    sy.enqueue_seeds(study, space)
+    cost = _cost_model(target, study)
+    log(f"search: study '{study_name}' in {where}; {len(space.params)} searched settings: "
+        f"{', '.join(space.params)}; cost model {cost.source}")
+    measure = _measurer(target, workload, prompt, log)
+
+    def features(compiled):
+        program = compiled.programs["decode" if session.is_lm else "forward"]
+        return _plain(_features(program, compiled.manifest, workload))
+
+    n_sub = req_subsample(session)
+    opts = sy.WorkerOptions(req.trials, req.max_quality_loss, subsample=n_sub, measure_all=req.measure_all)
+    start = time.perf_counter()
+    sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log)
+    if worker_only:
+        return {"study": study_name, "worker_trials": req.trials}
+    return _finish(req, study, study_name, where, target, session, time.perf_counter() - start, log)
+
+
+def req_subsample(session) -> int:
+    from optc.compiler.session import SUBSAMPLE
+
+    return SUBSAMPLE["causal-lm" if session.is_lm else "other"]
+
+
+def _session(req, target, log):
+    from optc.compiler.session import CompileSession
+    from optc.models.user import resolve
+
+    log(f"loading {req.model} on {target.device} ...")
+    entry, model, example_inputs = resolve(req.model, device=target.device,
+                                           dtype=None if target.device == "cpu" else target.dtype)
+    session = CompileSession(model, example_inputs, target=target.name, entry=entry, log=log)
+    prompt = example_inputs[0][:, :16].contiguous() if session.is_lm else example_inputs
+    return session, entry, prompt
+
+
+def _workload(session, req):
+    from optc.runtime.measure import workload_for
+
+    return workload_for(session.task, batch=req.batch, tokens=req.tokens)
+
+
+def _cost_model(target, study):
+    from optc.compiler.search.cost_model import CostModel
+    from optc.compiler.search.study import _measured
+
+    cost = CostModel.for_device(target.device, target, calibrate=target.device == "cuda")
+    return cost.fit([(t.user_attrs["features"], t.values[0]) for t in _measured(study)])
+
+
+def _features(program, manifest, workload):
+    from optc.compiler.search.cost_model import program_features
+
+    return program_features(program, manifest, batch=workload.batch)
+
+
+def _measurer(target, workload, inputs, log):
+    from optc.runtime.loaded import Artifact
+    from optc.runtime.measure import measure
+
+    def run(compiled) -> float:
+        art = Artifact(compiled.programs, compiled.manifest)
+        return measure(art, target, workload, inputs=inputs, log=log).timing.median_ms
+
+    return run
+
+
+def _finish(req, study, study_name, where, target, session, seconds, log) -> dict:
+    from optc.compiler.search import report
+
+    summary = report.summarise(study, req.max_quality_loss)
+    summary["limit"] = req.max_quality_loss
+    out_dir = Path(req.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / f"{study_name}-front.png"
+    report.plot(summary, png, f"{session.model_name} on {target.name}: {summary['n_measured']} measured trials")
+    result = {"study": study_name, "storage": where, "model": session.model_name, "target": target.name,
+              "max_quality_loss": req.max_quality_loss, "seconds": round(seconds, 1), "plot": str(png),
+              **{k: v for k, v in summary.items() if k != "limit"}}
+    best = summary["best"]
+    if best is not None and req.compile_best:
+        result["best"] = {**best, **_compile_best(session, best, out_dir, study_name, log)}
+    _print(result, log)
+    path = out_dir / f"{study_name}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(path)
+    if best is None:
+        err = NoConfigError(f"no measured configuration meets --max-quality-loss {req.max_quality_loss} "
+                               f"(of {summary['n_trials']} trials); raise the limit or run more trials")
+        err.result = result
+        raise err
+    return result
+
+
+def _compile_best(session, best, out_dir: Path, study_name: str, log) -> dict:
+    """The chosen configuration compiled, verified and evaluated in full, saved."""
+    from optc.runtime.loaded import Artifact
+
+    config = session.resolve(best["config"])
+    compiled = session.run(config, verify=True, evaluate=True)
+    path = out_dir / f"{study_name}-best-{config['hash']}.optc"
+    Artifact(compiled.programs, compiled.manifest).save(path)
+    log(f"search: best configuration compiled to {path}")
+    return {"artifact": str(path), "config_hash": config["hash"], "quality_full": compiled.manifest["quality"]}
+
+
+def _run_workers(req, target, study_name, log) -> dict:
+    """One worker process per visible GPU (or per CPU worker on the cpu target), all on
+    one study; the trials split between them; this process reports at the end."""
+    if req.storage is None:
+        req.storage = str(Path(req.out_dir) / f"{study_name}.journal")
+    gpus = _visible_gpus() if target.device == "cuda" else [None] * req.workers
+    if len(gpus) < req.workers:
+        raise UsageError(f"--workers {req.workers} but {len(gpus)} GPU(s) are visible; one worker per GPU")
+    share = [req.trials // req.workers + (i < req.trials % req.workers) for i in range(req.workers)]
+    procs = []
+    for i in range(req.workers):
+        env = dict(os.environ)
+        if gpus[i] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+        argv = _worker_argv(req, study_name, share[i])
+        log(f"search: worker {i} ({'GPU ' + gpus[i] if gpus[i] is not None else 'cpu'}): {share[i]} trials")
+        procs.append(subprocess.Popen(argv, env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        log(f"search: worker exit codes {codes}; reporting what the study holds")
+    return search(SearchRequest(**{**req.__dict__, "trials": 0, "workers": 1, "study": study_name}), log=log)
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _worker_argv(req, study_name: str, trials: int) -> list[str]:
+    argv = [sys.executable, "-m", "optc.cli", "search", req.model, "--target", req.target, "--trials", str(trials),
+            "--max-quality-loss", str(req.max_quality_loss), "--storage", req.storage, "--study", study_name,
+            "--pipeline", req.pipeline, "-o", req.out_dir, "--tokens", str(req.tokens), "--worker"]
+    for name, values in req.fixed.items():
+        for key, value in values.items():
+            argv += ["--set", f"{name}.{key}={json.dumps(value)}"]
+    if req.batch:
+        argv += ["--batch", str(req.batch)]
+    if req.measure_all:
+        argv.append("--measure-all")
+    return argv
+
+
+def _plain(value):
+    """JSON-able copy (numpy and torch scalars to Python)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def _print(result: dict, log) -> None:
+    log(f"\noptc search: study {result['study']} ({result['storage']}): {result['n_trials']} trials, "
+        f"{result['n_measured']} measured, {result['n_estimated']} estimated, {result['seconds']} s")
+    log(f"  {'latency ms':>10} {'quality loss':>12}  configuration")
+    for row in result["pareto"]:
+        conf = " ".join(f"{p}.{k}={v}" for p, vals in row["config"].items() for k, v in vals.items()) or "dense"
+        log(f"  {row['latency_ms']:>10.4g} {row['quality_loss']:>12.4f}  {conf}")
+    acc = result["cost_model"]
+    if acc.get("spearman") is not None:
+        log(f"  cost model on {acc['n']} later-measured trials: Spearman {acc['spearman']:.3f}, "
+            f"MAPE {100 * acc['mape']:.1f}%, {100 * acc['within_10pct']:.0f}% within 10%")
+    best = result.get("best")
+    log(f"  best under loss {result['max_quality_loss']}: " + (
+        f"{best['latency_ms']:.4g} ms, loss {best['quality_loss']:.4f}" + (
+            f", artifact {best['artifact']}" if "artifact" in best else "") if best else "none"))
+    log(f"  plot: {result['plot']}")
