@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--measure-all", action="store_true", help="measure every trial (no cost-model estimates)")
     s.add_argument("--no-artifact", action="store_true", help="do not compile the best configuration at the end")
     s.add_argument("--seed", type=int, default=None, help="sampler seed")
+    s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no new trial after this long (each worker)")
     s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process of --workers N
     s.add_argument("--json", action="store_true")
 

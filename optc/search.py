@@ -41,6 +41,7 @@ class SearchRequest:
     measure_all: bool = False
     compile_best: bool = True
     seed: int | None = None
+    time_limit_s: float | None = None
 
 
 def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
@@ -63,7 +64,7 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         return _run_workers(req, target, study_name, log)
     session, entry, prompt = _session(req, target, log)
     space = SearchSpace(session.anatomy, req.pipeline, req.fixed)
-    workload = _workload(session, req)
+    workload = _workload(session, req, prompt)
     signature = {"model": session.model_name, "target": target.name, "workload": workload.to_dict(),
                  "space": space.signature(), "calibration": session.calibration_source()}
     store, where = st.open_storage(req.storage, out_dir / f"{study_name}.journal")
@@ -79,12 +80,26 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         return _plain(_features(program, compiled.manifest, workload))
 
     n_sub = req_subsample(session)
-    opts = sy.WorkerOptions(req.trials, req.max_quality_loss, subsample=n_sub, measure_all=req.measure_all)
+    opts = sy.WorkerOptions(req.trials, req.max_quality_loss, subsample=n_sub, measure_all=req.measure_all,
+                            time_limit_s=req.time_limit_s, **_liveness_from_env())
     start = time.perf_counter()
     sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log)
     if worker_only:
         return {"study": study_name, "worker_trials": req.trials}
     return _finish(req, study, study_name, where, target, session, time.perf_counter() - start, log)
+
+
+def _liveness_from_env() -> dict:
+    """OPTC_SEARCH_HEARTBEAT_S / OPTC_SEARCH_GRACE_S: how often a running trial says it is
+    alive, and after how long without a word another worker takes it for dead."""
+    out = {}
+    for key, name in (("heartbeat_s", "OPTC_SEARCH_HEARTBEAT_S"), ("grace_s", "OPTC_SEARCH_GRACE_S")):
+        if os.environ.get(name):
+            try:
+                out[key] = float(os.environ[name])
+            except ValueError:
+                raise UsageError(f"{name}={os.environ[name]!r} is not a number of seconds") from None
+    return out
 
 
 def req_subsample(session) -> int:
@@ -105,10 +120,12 @@ def _session(req, target, log):
     return session, entry, prompt
 
 
-def _workload(session, req):
+def _workload(session, req, inputs):
     from optc.runtime.measure import workload_for
 
-    return workload_for(session.task, batch=req.batch, tokens=req.tokens)
+    # An encoder is measured at the batch of its example inputs (the zoo's benchmark batch).
+    batch = req.batch if session.is_lm else int(inputs[0].shape[0])
+    return workload_for(session.task, batch=batch, tokens=req.tokens)
 
 
 def _cost_model(target, study):
@@ -145,9 +162,12 @@ def _finish(req, study, study_name, where, target, session, seconds, log) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{study_name}-front.png"
     report.plot(summary, png, f"{session.model_name} on {target.name}: {summary['n_measured']} measured trials")
+    from optc.runtime.timing import device_info
+
     result = {"study": study_name, "storage": where, "model": session.model_name, "target": target.name,
               "max_quality_loss": req.max_quality_loss, "seconds": round(seconds, 1), "plot": str(png),
-              **{k: v for k, v in summary.items() if k != "limit"}}
+              **{k: v for k, v in summary.items() if k != "limit"},
+              "argv": sys.argv, "git_commit": _git_commit(), **device_info(target.device)}
     best = summary["best"]
     if best is not None and req.compile_best:
         result["best"] = {**best, **_compile_best(session, best, out_dir, study_name, log)}
@@ -219,7 +239,18 @@ def _worker_argv(req, study_name: str, trials: int) -> list[str]:
         argv += ["--batch", str(req.batch)]
     if req.measure_all:
         argv.append("--measure-all")
+    if req.time_limit_s:
+        argv += ["--time-limit", str(req.time_limit_s)]
     return argv
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _plain(value):

@@ -105,9 +105,11 @@ def test_models_json():
     assert rc == 0 and {"smollm2-135m", "minilm-l6", "llama-1b", "vit-b16", "bert-base", "tiny-llama"} <= names
 
 
-def test_search_refuses_clearly():
-    rc, _, err = optc("search", "tiny-llama", "--target", "cpu")
-    assert rc == 2 and "not available yet" in err
+def test_search_refuses_bad_arguments_before_loading(tmp_path):
+    rc, _, err = optc("search", "tiny-llama", "--target", "cpu", "--workers", "0", "-o", str(tmp_path))
+    assert rc == 2 and "--workers" in err
+    rc, _, err = optc("search", "tiny-llama", "--target", "h200", "-o", str(tmp_path))
+    assert rc == 2 and "not present on this machine" in err
 
 
 def test_compile_reports_held_out_sparsity(tmp_path):

@@ -145,26 +145,27 @@ def _timer(dev: torch.device):
     return run
 
 
-def _launch_us(dev: torch.device, calls: int, reps: int, timed) -> float:
-    """Cost of one tiny kernel: replayed from a CUDA graph (how the runtime decodes), or
-    a tight loop of tiny ops on CPU."""
-    x = torch.zeros(1, device=dev)
+def _per_call_ms(dev: torch.device, fn, calls: int, reps: int, timed) -> float:
+    """ms per call of `fn` among `calls` back-to-back calls: replayed from a CUDA graph
+    (how the runtime decodes, with no host launch cost in between), or a tight loop on
+    CPU. One call at a time would time the host's launch, not the kernel."""
     if dev.type == "cuda":
         stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            x.add_(1)  # warm the op outside the capture
+            fn()  # warm the op outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(calls):
-                x.add_(1)
-        return timed(graph.replay, reps) * 1e3 / calls
+                fn()
+        return timed(graph.replay, reps) / calls
 
     def loop():
         for _ in range(calls):
-            x.add_(1)
+            fn()
 
-    return timed(loop, reps) * 1e3 / calls
+    return timed(loop, reps) / calls
 
 
 def _rotating(make, nbytes_each: int, at_least: int) -> list:
@@ -195,12 +196,13 @@ def microbenchmarks(device: str | torch.device, dtype: torch.dtype, *, quick: bo
 
     n = sizes["copy_mib"] << 20
     src, dst = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
-    ms = timed(lambda: dst.copy_(src), sizes["reps"])
+    ms = _per_call_ms(dev, lambda: dst.copy_(src), 4, sizes["reps"], timed)
     out["copy"] = {"bytes": 2 * n, "ms": ms}  # read + write, as the features count bytes
     del src, dst
     log(f"[optc] calibrate {dev}: copy {2 * n / ms / 1e6:.1f} GB/s")
 
-    out["launch_us"] = _launch_us(dev, sizes["calls"], sizes["reps"], timed)
+    tiny = torch.zeros(1, device=dev)
+    out["launch_us"] = _per_call_ms(dev, lambda: tiny.add_(1), sizes["calls"], sizes["reps"], timed) * 1e3
     log(f"[optc] calibrate {dev}: launch {out['launch_us']:.2f} us")
 
     out["gemv"] = []
@@ -213,12 +215,14 @@ def microbenchmarks(device: str | torch.device, dtype: torch.dtype, *, quick: bo
             state["i"] = (state["i"] + 1) % len(weights)
             torch.nn.functional.linear(x, weights[state["i"]])
 
-        out["gemv"].append({"shape": [1, k, m], "bytes": (m * k + k + m) * item, "ms": timed(gemv, sizes["reps"])})
+        calls = len(weights) * max(1, -(-16 // len(weights)))  # every copy, equally often
+        ms = _per_call_ms(dev, gemv, calls, sizes["reps"], timed)
+        out["gemv"].append({"shape": [1, k, m], "bytes": (m * k + k + m) * item, "ms": ms})
         del weights
 
     g = sizes["gemm"]
     a, b = torch.randn(g, g, device=dev, dtype=dtype), torch.randn(g, g, device=dev, dtype=dtype)
-    out["gemm"] = {"n": g, "flops": 2 * g**3, "ms": timed(lambda: a @ b, sizes["reps"])}
+    out["gemm"] = {"n": g, "flops": 2 * g**3, "ms": _per_call_ms(dev, lambda: a @ b, 4, sizes["reps"], timed)}
     log(f"[optc] calibrate {dev}: GEMM {out['gemm']['flops'] / out['gemm']['ms'] / 1e9:.2f} TFLOP/s")
     return out
 

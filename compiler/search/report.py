@@ -46,7 +46,7 @@ def summarise(study, max_quality_loss: float) -> dict:
         single[name] = pareto([r for r in measured if r["passes"] in ([name], [])])
     trials = study.get_trials(deepcopy=False)
     return {
-        "n_trials": len(trials),
+        "n_trials": sum(1 for t in trials if t.state.is_finished()),
         "states": {s.name.lower(): sum(1 for t in trials if t.state == s) for s in TrialState
                    if any(t.state == s for t in trials)},
         "n_measured": len(measured),

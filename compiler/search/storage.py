@@ -96,10 +96,10 @@ def reap_stale(study: optuna.Study, grace: float = GRACE_S, log=print) -> int:
         if beat is None or now - beat <= grace:
             continue
         try:
+            study._storage.set_trial_user_attr(trial._trial_id, "failed", "its worker stopped (stale heartbeat)")
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker reaped it, or it finished just now
-        study._storage.set_trial_user_attr(trial._trial_id, "failed", "its worker stopped (stale heartbeat)")
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         log(f"[optc] trial {trial.number}: its worker stopped; failed it and queued its configuration again")
         reaped += 1

@@ -10,8 +10,11 @@ active passes), its estimate, and whether its latency was measured or estimated.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +31,7 @@ from optc.errors import CompileError, OptcError
 FULL_QUALITY_FACTOR = 1.5
 MEASURE_MARGIN = 0.10
 MAX_ERRORS_IN_A_ROW = 3
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -39,6 +43,7 @@ class WorkerOptions:
     heartbeat_s: float = st.HEARTBEAT_S
     grace_s: float = st.GRACE_S
     measure_all: bool = False
+    time_limit_s: float | None = None  # start no trial after this long
 
 
 @dataclass
@@ -53,7 +58,9 @@ def make_sampler(seed: int | None = None) -> optuna.samplers.BaseSampler:
     # Optuna 5 leaves multivariate TPE off for multi-objective studies; the passes'
     # settings interact (a removed block changes what sparsity costs), so turn it on,
     # grouped because conditional keys come and go.
-    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=8)
+    with warnings.catch_warnings():  # `group` is marked experimental since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=8)
 
 
 def enqueue_seeds(study: optuna.Study, space: SearchSpace) -> None:
@@ -66,9 +73,14 @@ def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Cal
     """Run `opts.n_trials` trials; returns their numbers."""
     done: list[int] = []
     errors_in_a_row = 0
+    start = time.monotonic()
     while len(done) < opts.n_trials:
+        if opts.time_limit_s is not None and time.monotonic() - start > opts.time_limit_s:
+            log(f"[optc] search: time limit of {opts.time_limit_s:g} s reached after {len(done)} trials")
+            break
         st.reap_stale(study, opts.grace_s, log)
         trial = study.ask()
+        trial.set_user_attr("worker", WORKER_ID)
         beat = st.Heartbeat(study, trial._trial_id, opts.heartbeat_s)
         try:
             _one_trial(study, trial, space, session, measure, features, cost, opts, log)

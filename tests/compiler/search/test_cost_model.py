@@ -17,10 +17,13 @@ from optc.compiler.search import cost_model as cm
 from optc.compiler.search import device_db
 from optc.models import user
 
-SPARSE = {"sparsify_activations.sparsity": 0.5, "sparsify_activations.kernels": "sparse"}
+# Small calibrations keep the module's four compiles quick; what is counted is the same.
+SPARSE = {"sparsify_activations.sparsity": 0.5, "sparsify_activations.kernels": "sparse",
+          "sparsify_activations.calibration_samples": 1}
 CONFIGS = {
     "dense": {},
-    "skip": {"skip_layers.count": 1, "skip_layers.granularity": "block"},
+    "skip": {"skip_layers.count": 1, "skip_layers.granularity": "block", "skip_layers.calibration_samples": 1,
+             "skip_layers.rescore_top": 1},
     # kernels=sparse: the tiny model is far under the weight size at which "auto" picks
     # the sparse ops; these tests are about counting them.
     "teal": {**SPARSE, "sparsify_activations.method": "teal"},

@@ -1,0 +1,180 @@
+"""The search's space and worker loop on a toy pass and a fake session: no model, so
+these run in seconds. The search must find a pass only through its declared space."""
+
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from optc.compiler import passes, pipeline
+from optc.compiler.config import Choice, Float, Int, PassConfig, config_hash, knob
+from optc.compiler.search import report, storage as st, study as sy
+from optc.compiler.search.space import SearchSpace
+from optc.errors import UsageError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass(frozen=True)
+class ToyConfig(PassConfig):
+    level: int = knob(0, low=0, high=100, search=Int(0, 50, bound="blocks"))
+    strength: float = knob(0.0, low=0.0, high=1.0, search=Float(0.0, 0.8, step=0.1))
+    flavour: str = knob("a", choices=("a", "b"), search=Choice(("a", "b"), when=("strength", ">", 0)))
+
+    def active(self):
+        return self.enabled and (self.level > 0 or self.strength > 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_pass():
+    passes.load_all()
+    if "toy_pass" not in passes.REGISTRY:
+        @passes.register_pass("toy_pass", ToyConfig, lossy=True)
+        def toy_pass(gm, anatomy, cfg, plan):
+            """A pass the search has never heard of."""
+            return passes.PassResult(True)
+    pipeline.PIPELINES["toy"] = [pipeline.Step("toy_pass", "exists for the test")]
+    yield
+    pipeline.PIPELINES.pop("toy")
+
+
+ANATOMY = SimpleNamespace(blocks=[0] * 6)  # "blocks" bounds level to 5
+
+
+class FakeSession:
+    """What the worker needs of a CompileSession: resolve, run, quality. Latency and
+    loss are functions of the settings, so the study's figures can be checked."""
+
+    def __init__(self, fail_on=None):
+        self.runs, self.fail_on = 0, fail_on
+
+    def resolve(self, settings, pipeline_name="toy"):
+        config = pipeline.resolve(pipeline_name, settings)
+        config["hash"] = config_hash(config)
+        return config
+
+    def run(self, config):
+        self.runs += 1
+        toy = config["passes"]["toy_pass"]
+        if self.fail_on is not None and toy["level"] == self.fail_on:
+            raise UsageError(f"level {toy['level']} cannot apply to this model")
+        return SimpleNamespace(toy=toy, primary_gm=toy)
+
+    def quality(self, gm, n=None):
+        loss = 0.02 * gm["level"] + 0.1 * gm["strength"]
+        return {"loss": loss, "windows": n or 8, "of": 8, "spread": 0.0, "metric": "toy"}
+
+
+class FakeCost:
+    def __init__(self):
+        self.fitted = 0
+
+    def estimate_ms(self, feats):
+        return feats["bytes"] / 100
+
+    def fit(self, samples):
+        self.fitted = len(samples)
+        return self
+
+
+def _features(compiled):
+    toy = compiled.toy
+    return {"bytes": 1000 - 100 * toy["level"] - 300 * toy["strength"], "launches": 10}
+
+
+def _measure(compiled):
+    return _features(compiled)["bytes"] / 90  # the estimate is off by a constant factor
+
+
+def _study():
+    return optuna.create_study(directions=["minimize", "minimize"], sampler=sy.make_sampler(seed=0))
+
+
+def test_toy_pass_joins_the_search_through_its_declared_space():
+    space = SearchSpace(ANATOMY, "toy")
+    assert list(space.params) == ["toy_pass.level", "toy_pass.strength", "toy_pass.flavour"]
+    assert space.params["toy_pass.level"][2].high == 5  # bounded by the anatomy, not 50
+    seeds = space.seeds()
+    assert seeds[0] == {"toy_pass.level": 0, "toy_pass.strength": 0.0}  # dense first
+    assert {"toy_pass.level": 5, "toy_pass.strength": 0.0} in seeds  # the first key alone
+    study = _study()
+    trial = study.ask()
+    settings = space.suggest(trial)
+    toy = settings.get("toy_pass", {})
+    assert 0 <= toy["level"] <= 5 and 0.0 <= toy["strength"] <= 0.8
+    assert ("flavour" in toy) == (toy["strength"] > 0)  # conditional: only when it matters
+
+
+def test_fixed_settings_leave_the_space_and_unknown_keys_are_refused():
+    space = SearchSpace(ANATOMY, "toy", fixed={"toy_pass": {"level": 2}})
+    assert "toy_pass.level" not in space.params
+    with pytest.raises(UsageError, match="toy_pass.nope"):
+        SearchSpace(ANATOMY, "toy", fixed={"toy_pass": {"nope": 1}})
+    with pytest.raises(UsageError, match="nothing to search"):
+        SearchSpace(SimpleNamespace(blocks=[0]), "toy", fixed={"toy_pass": {"strength": 0.5, "flavour": "a"}})
+
+
+def test_worker_measures_the_first_then_estimates_and_keeps_the_limit_as_a_constraint():
+    space, study, cost = SearchSpace(ANATOMY, "toy"), _study(), FakeCost()
+    sy.enqueue_seeds(study, space)
+    opts = sy.WorkerOptions(n_trials=12, max_quality_loss=0.05, subsample=4, min_measured=3)
+    sy.run_worker(study, space, FakeSession(), measure=_measure, features=_features, cost=cost, opts=opts,
+                  log=lambda m: None)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 12
+    sources = [t.user_attrs["latency_source"] for t in trials]
+    assert sources[:3] == ["measured"] * 3 and "measured" in sources
+    for t in trials:
+        expected = _features(SimpleNamespace(toy=dict(level=t.params.get("toy_pass.level", 0),
+                                                      strength=t.params.get("toy_pass.strength", 0.0))))
+        if t.user_attrs.get("copy_of") is None:
+            ms = expected["bytes"] / (90 if t.user_attrs["latency_source"] == "measured" else 100)
+            assert t.values[0] == pytest.approx(ms)
+        assert t.constraints["quality"] == pytest.approx(t.values[1] - 0.05)
+    assert cost.fitted >= 3
+    summary = report.summarise(study, 0.05)
+    assert summary["best"] is not None and summary["best"]["quality_loss"] <= 0.05
+    assert summary["dense"]["config"] == {"toy_pass": {"level": 0, "strength": 0.0}}
+    for row in summary["pareto"]:  # no measured row beats a front row on both objectives
+        assert not any(r["latency_ms"] < row["latency_ms"] and r["quality_loss"] < row["quality_loss"]
+                       for r in summary["pareto"])
+
+
+def test_a_finished_configuration_is_not_run_again_and_inapplicable_ones_are_recorded():
+    space, study = SearchSpace(ANATOMY, "toy"), _study()
+    for _ in range(2):
+        study.enqueue_trial({"toy_pass.level": 2, "toy_pass.strength": 0.0})
+    study.enqueue_trial({"toy_pass.level": 3, "toy_pass.strength": 0.0})
+    session = FakeSession(fail_on=3)
+    opts = sy.WorkerOptions(n_trials=3, max_quality_loss=0.05, min_measured=5)
+    sy.run_worker(study, space, session, measure=_measure, features=_features, cost=FakeCost(), opts=opts,
+                  log=lambda m: None)
+    t0, t1, t2 = study.get_trials()
+    assert session.runs == 2  # the twin of trial 0 was not compiled or measured again
+    assert t1.user_attrs["copy_of"] == 0 and t1.values == t0.values
+    assert t2.state == TrialState.FAIL and "cannot apply" in t2.user_attrs["inapplicable"]
+
+
+def test_stale_trials_are_failed_and_their_configuration_queued_again():
+    study = _study()
+    trial = study.ask({"toy_pass.level": optuna.distributions.IntDistribution(0, 5)})
+    study._storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time() - 100)
+    fresh = study.ask({"toy_pass.level": optuna.distributions.IntDistribution(0, 5)})
+    st.Heartbeat(study, fresh._trial_id, interval=60).stop()  # beats once, now
+    assert st.reap_stale(study, grace=10, log=lambda m: None) == 1
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[trial.number] == TrialState.FAIL and states[fresh.number] == TrialState.RUNNING
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == trial.number
+    assert st.reap_stale(study, grace=10, log=lambda m: None) == 0  # reaped once only
+
+
+def test_a_study_made_for_another_model_is_refused(tmp_path):
+    storage, _ = st.open_storage(None, tmp_path / "s.journal")
+    st.open_study(storage, "s", {"model": "a", "target": "cpu"}, sy.make_sampler())
+    st.open_study(storage, "s", {"model": "a", "target": "cpu"}, sy.make_sampler())  # the same: joins
+    with pytest.raises(UsageError, match="another model"):
+        st.open_study(storage, "s", {"model": "b", "target": "cpu"}, sy.make_sampler())

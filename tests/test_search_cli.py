@@ -1,0 +1,102 @@
+"""`optc search` end to end on tiny-llama on the CPU: resuming a study, refusing a
+study made for something else, exit 3, and workers sharing a study on a real
+PostgreSQL server while one of them is killed with SIGKILL mid-trial."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+
+
+def _optc(*argv, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "optc.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_search_resumes_the_same_study_and_reports_a_front(tmp_path):
+    args = ["search", "tiny-llama", "--target", "cpu", "--trials", "3", "-o", str(tmp_path), "--json", "--seed", "1"]
+    first = _optc(*args, "--no-artifact")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _optc(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = json.loads(second.stdout)
+    assert out["n_trials"] == 6 and out["study"] == "tiny-llama-cpu"
+    assert out["storage"].endswith("tiny-llama-cpu.journal")
+    assert out["pareto"] and all({"config", "latency_ms", "quality_loss"} <= set(r) for r in out["pareto"])
+    assert out["dense"] is not None and out["dense"]["latency_source"] == "measured"
+    assert out["best"]["quality_loss"] <= 0.05 and os.path.exists(out["best"]["artifact"])
+    assert out["best"]["quality_full"]["windows"] == out["best"]["quality_full"]["of"]
+    assert os.path.getsize(out["plot"]) > 1000
+    assert "trial 3 of 3 in this worker" in second.stderr
+
+
+def test_a_study_for_another_space_is_refused_and_no_feasible_result_exits_3(tmp_path):
+    base = ["search", "tiny-llama", "--target", "cpu", "-o", str(tmp_path), "--json"]
+    empty = _optc(*base, "--trials", "0")
+    assert empty.returncode == 3, empty.stderr[-2000:]
+    assert "no measured configuration meets" in empty.stderr
+    other = _optc(*base, "--trials", "1", "--set", "skip_layers.granularity=block")
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "was created for another space" in other.stderr
+    bad = _optc("search", "tiny-llama", "--target", "cpu", "--storage", "ftp://nowhere", "--trials", "1")
+    assert bad.returncode == 2 and "--storage ftp://nowhere" in bad.stderr
+
+
+def test_workers_on_postgres_lose_no_trial_when_one_is_killed(tmp_path, postgres_db_url):
+    env = {"OPTC_SEARCH_HEARTBEAT_S": "1", "OPTC_SEARCH_GRACE_S": "6"}
+    argv = [sys.executable, "-m", "optc.cli", "search", "tiny-llama", "--target", "cpu", "--storage",
+            postgres_db_url, "--study", "shared", "-o", str(tmp_path), "--worker", "--seed", "3"]
+    workers = [subprocess.Popen(argv + ["--trials", "3"], env={**os.environ, **env}, stderr=subprocess.DEVNULL)
+               for _ in range(3)]
+    victim = workers[0]
+    study = _wait_for_study(postgres_db_url)
+    killed_trial = _wait_running(study, f":{victim.pid}")
+    before = {t.number for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    for w in workers[1:]:
+        assert w.wait(timeout=900) == 0
+    time.sleep(7)  # past the grace period: the killed worker's trial is stale now
+    again = _optc("search", "tiny-llama", "--target", "cpu", "--storage", postgres_db_url, "--study", "shared",
+                  "-o", str(tmp_path), "--trials", "1", "--no-artifact", "--json", env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = {t.number: t for t in study.get_trials()}
+    assert before <= {n for n, t in trials.items() if t.state == TrialState.COMPLETE}  # nothing completed was lost
+    assert trials[killed_trial].state == TrialState.FAIL and "stale heartbeat" in trials[killed_trial].user_attrs["failed"]
+    retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == killed_trial]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == trials[killed_trial].params
+    assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
+    measured = [t.user_attrs["config_hash"] for t in trials.values()
+                if t.state == TrialState.COMPLETE and t.user_attrs.get("latency_source") == "measured"
+                and "copy_of" not in t.user_attrs]
+    assert len(measured) == len(set(measured))  # no finished configuration measured twice
+
+
+def _wait_for_study(url, timeout=300):
+    storage = optuna.storages.RDBStorage(url)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            return optuna.load_study(study_name="shared", storage=storage)
+        except KeyError:
+            time.sleep(0.5)
+    raise AssertionError("no worker created the study")
+
+
+def _wait_running(study, worker_suffix, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for t in study.get_trials(states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("worker", "").endswith(worker_suffix) and t.number >= 1:
+                return t.number
+        time.sleep(0.2)
+    raise AssertionError("the worker never ran a trial")
