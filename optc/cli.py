@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="sampler seed")
     s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no new trial after this long (each worker)")
+    s.add_argument("--lowering", default="target", choices=["target", "plain"],
+                   help="how trials are lowered for measurement: the target's Inductor options (what ships), "
+                        "or plain Inductor without coordinate-descent tuning (faster trials)")
     s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process of --workers N
     s.add_argument("--json", action="store_true")
 

@@ -187,7 +187,7 @@ def cmd_search(args):
         storage=args.storage, study=args.study, workers=args.workers, pipeline=args.pipeline,
         fixed=pass_settings(args), out_dir=args.output, tokens=args.tokens, batch=args.batch,
         measure_all=args.measure_all, compile_best=not args.no_artifact, seed=args.seed,
-        time_limit_s=args.time_limit,
+        time_limit_s=args.time_limit, lowering=args.lowering,
     )
     return search(req, worker_only=args.worker)
 

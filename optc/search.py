@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from optc.errors import NoConfigError, UsageError
@@ -42,6 +42,7 @@ class SearchRequest:
     compile_best: bool = True
     seed: int | None = None
     time_limit_s: float | None = None
+    lowering: str = "target"  # "plain": Inductor defaults for trials (faster), not the target's tuning
 
 
 def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
@@ -66,6 +67,7 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     space = SearchSpace(session.anatomy, req.pipeline, req.fixed)
     workload = _workload(session, req, prompt)
     signature = {"model": session.model_name, "target": target.name, "workload": workload.to_dict(),
+                 "lowering": req.lowering,
                  "space": space.signature(), "calibration": session.calibration_source()}
     store, where = st.open_storage(req.storage, out_dir / f"{study_name}.journal")
     study = st.open_study(store, study_name, signature, sy.make_sampler(req.seed))
@@ -73,7 +75,9 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     cost = _cost_model(target, study)
     log(f"search: study '{study_name}' in {where}; {len(space.params)} searched settings: "
         f"{', '.join(space.params)}; cost model {cost.source}")
-    measure = _measurer(target, workload, prompt, log)
+    if req.lowering not in ("target", "plain"):
+        raise UsageError(f"--lowering {req.lowering!r}: expected target or plain")
+    measure = _measurer(replace(target, inductor={}) if req.lowering == "plain" else target, workload, prompt, log)
 
     def features(compiled):
         program = compiled.programs["decode" if session.is_lm else "forward"]
@@ -241,6 +245,7 @@ def _worker_argv(req, study_name: str, trials: int) -> list[str]:
         argv.append("--measure-all")
     if req.time_limit_s:
         argv += ["--time-limit", str(req.time_limit_s)]
+    argv += ["--lowering", req.lowering]
     return argv
 
 
