@@ -28,7 +28,6 @@ or their shapes are smaller.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -75,7 +74,7 @@ class _Sizes:
     the value the program was traced with."""
 
     def __init__(self, gm: fx.GraphModule, batch: int | None, seq: int | None):
-        self.given = {}
+        self.given, self.values = {}, {}
         for n in gm.graph.find_nodes(op="placeholder"):
             val = n.meta.get("val")
             if not isinstance(val, torch.Tensor) or val.dim() < 2:
@@ -88,10 +87,10 @@ class _Sizes:
         if not isinstance(d, torch.SymInt):
             return int(d)
         env = d.node.shape_env
-        values = dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)
-        values.update(self.given)
+        if id(env) not in self.values:
+            self.values[id(env)] = {**(getattr(env, "backed_var_to_val", None) or env.var_to_val), **self.given}
         try:
-            return int(d.node.expr.xreplace(values))
+            return int(d.node.expr.xreplace(self.values[id(env)]))
         except (TypeError, ValueError):
             return int(d.node.hint) if d.node.hint is not None else 1
 
@@ -328,8 +327,10 @@ PRIOR = (1.0, 1.0, 0.0)  # roofline and launch terms as calibrated, no constant
 
 @dataclass
 class CostModel:
-    """ms = a * roofline + b * launches * launch cost + c, with (a, b, c) = (1, 1, 0)
-    until `fit` has enough measured trials.
+    """ms = a * roofline + b * launches * launch_us + c, with (a, b, c) = (1, 1, 0)
+    until `fit` has enough measured trials. launch_us is what a kernel costs beyond its
+    bytes and FLOPs (launch, ramp-up, tail); one constant for every kind of kernel, the
+    fitted b absorbs the mix.
 
     The roofline is summed per kernel, sum(max(bytes/BW, flops/peak)), rather than
     max(total bytes/BW, total flops/peak): a prefill or encoder program mixes
@@ -386,6 +387,7 @@ class CostModel:
         """Fit the correction on (features, measured ms) pairs: non-negative least squares
         of relative error, pulled toward (1, 1, 0) by PRIOR_WEIGHT so that a handful of
         trials cannot swing it. Returns self."""
+        samples = [(f, ms) for f, ms in samples if ms is not None and math.isfinite(ms) and ms > 0]
         self.n_fit = len(samples)
         if len(samples) < MIN_FIT:
             self.coef = None
@@ -423,6 +425,16 @@ class CostModel:
     def from_dict(cls, d: dict) -> "CostModel":
         coef = tuple(d["coef"]) if d.get("coef") else None
         return cls(d["bandwidth_gbs"], d["tflops"], d["launch_us"], d.get("source", "prior"), coef, d.get("n_fit", 0))
+
+
+def holdout_accuracy(samples: list, k_fit: int, seed: int = 0, *, model: CostModel | None = None) -> dict:
+    """`model.holdout_accuracy` (the detected target's priors by default)."""
+    return (model or CostModel.prior("auto")).holdout_accuracy(samples, k_fit, seed)
+
+
+def leave_one_out(samples: list, *, model: CostModel | None = None) -> dict:
+    """`model.leave_one_out` (the detected target's priors by default)."""
+    return (model or CostModel.prior("auto")).leave_one_out(samples)
 
 
 def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -478,4 +490,4 @@ def accuracy(predicted: list[float], measured: list[float]) -> dict:
             "n": n}
 
 
-__all__ = ["program_features", "CostModel", "accuracy", "calibrate_device", "device_db"]
+__all__ = ["program_features", "CostModel", "accuracy", "holdout_accuracy", "leave_one_out", "calibrate_device"]

@@ -3,8 +3,8 @@ file per device in the user's cache directory.
 
 A device is keyed by what changes its speed: the GPU name (or "cpu" and the CPU model),
 the driver, torch and triton versions. A record holds the fitted constants the cost
-model reads (`bandwidth_gbs`, `tflops`, `launch_us`) and the raw measurements they came
-from, so a later fit can be checked by hand.
+model reads (`bandwidth_gbs`, `tflops`, and `launch_us`: what each kernel costs beyond
+its bytes) and the raw measurements they came from, so a fit can be checked by hand.
 
 This module imports neither optc.runtime nor Triton (importing Triton here would fix
 its interpreter mode for the whole process); versions come from package metadata.
@@ -24,9 +24,10 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 
-SCHEMA = 1
+SCHEMA = 2
 
 
 def _log(msg: str) -> None:
@@ -145,11 +146,13 @@ def _timer(dev: torch.device):
     return run
 
 
-def _per_call_ms(dev: torch.device, fn, calls: int, reps: int, timed) -> float:
+def _per_call_ms(dev: torch.device, fn, calls: int, reps: int, timed, graph: bool = True) -> float:
     """ms per call of `fn` among `calls` back-to-back calls: replayed from a CUDA graph
-    (how the runtime decodes, with no host launch cost in between), or a tight loop on
-    CPU. One call at a time would time the host's launch, not the kernel."""
-    if dev.type == "cuda":
+    (how the runtime decodes, with no host launch cost in between), or a tight loop
+    (CPU, and long kernels, which the host outruns anyway: a plain copy captured in a
+    graph becomes a copy-engine transfer, slower than the copy kernel the programs run).
+    One call at a time would time the host's launch, not the kernel."""
+    if dev.type == "cuda" and graph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -176,9 +179,10 @@ def _rotating(make, nbytes_each: int, at_least: int) -> list:
 
 SIZES = {
     # copy MiB, launch calls, GEMV (K, N) shapes (1 x K @ K x N), GEMM n, timed reps
-    "full": {"copy_mib": 512, "calls": 2000, "gemv": [(2048, 8192), (4096, 4096), (8192, 2048), (4096, 14336)],
+    "full": {"copy_mib": 512, "calls": 2000,
+             "gemv": [(2048, 2048), (2048, 8192), (8192, 2048), (4096, 14336), (8192, 28672)],
              "gemm": 8192, "reps": 20},
-    "quick": {"copy_mib": 4, "calls": 200, "gemv": [(256, 512), (512, 256)], "gemm": 256, "reps": 3},
+    "quick": {"copy_mib": 4, "calls": 200, "gemv": [(256, 256), (512, 1024)], "gemm": 256, "reps": 3},
 }
 
 
@@ -196,7 +200,7 @@ def microbenchmarks(device: str | torch.device, dtype: torch.dtype, *, quick: bo
 
     n = sizes["copy_mib"] << 20
     src, dst = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
-    ms = _per_call_ms(dev, lambda: dst.copy_(src), 4, sizes["reps"], timed)
+    ms = _per_call_ms(dev, lambda: dst.copy_(src), 4, sizes["reps"], timed, graph=False)
     out["copy"] = {"bytes": 2 * n, "ms": ms}  # read + write, as the features count bytes
     del src, dst
     log(f"[optc] calibrate {dev}: copy {2 * n / ms / 1e6:.1f} GB/s")
@@ -222,24 +226,34 @@ def microbenchmarks(device: str | torch.device, dtype: torch.dtype, *, quick: bo
 
     g = sizes["gemm"]
     a, b = torch.randn(g, g, device=dev, dtype=dtype), torch.randn(g, g, device=dev, dtype=dtype)
-    out["gemm"] = {"n": g, "flops": 2 * g**3, "ms": _per_call_ms(dev, lambda: a @ b, 4, sizes["reps"], timed)}
+    ms = _per_call_ms(dev, lambda: a @ b, 4, sizes["reps"], timed, graph=False)
+    out["gemm"] = {"n": g, "flops": 2 * g**3, "ms": ms}
     log(f"[optc] calibrate {dev}: GEMM {out['gemm']['flops'] / out['gemm']['ms'] / 1e9:.2f} TFLOP/s")
     return out
 
 
 def fit_constants(raw: dict) -> dict:
-    """Roofline constants from the measurements. Bandwidth is what the GEMVs reach after
-    their launch cost (decode is GEMVs; a plain copy overstates what they get), never
-    more than the copy reaches; the FLOP rate is the GEMM's."""
+    """Roofline constants from the measurements. GEMV time against bytes is a line:
+    its slope gives the bandwidth weight-bound kernels reach (decode is GEMVs; a copy
+    is another kernel), its intercept what every kernel costs beyond its bytes
+    (launch, ramp-up, tail), never less than a tiny kernel's launch. The FLOP rate is
+    the GEMM's."""
     launch_ms = raw["launch_us"] / 1e3
     copy_gbs = raw["copy"]["bytes"] / raw["copy"]["ms"] / 1e6
-    reached = [g["bytes"] / max(g["ms"] - launch_ms, 0.5 * g["ms"]) / 1e6 for g in raw.get("gemv", [])]
-    bandwidth = min(statistics.median(reached), copy_gbs) if reached else copy_gbs
+    x = np.array([g["bytes"] for g in raw.get("gemv", [])], dtype=float)
+    t = np.array([g["ms"] for g in raw.get("gemv", [])], dtype=float)
+    slope = intercept = None
+    if len(set(x)) >= 2:
+        slope, intercept = np.polyfit(x, t, 1)
+    if slope is None or slope <= 0:  # too few sizes, or noise swamped them: the mean rate
+        slope = float(np.sum(np.maximum(t - launch_ms, 0.5 * t)) / np.sum(x)) if len(x) else 1 / (copy_gbs * 1e6)
+        intercept = launch_ms
     return {
-        "bandwidth_gbs": bandwidth,
+        "bandwidth_gbs": 1.0 / slope / 1e6,
+        "launch_us": max(float(intercept), launch_ms) * 1e3,
         "copy_gbs": copy_gbs,
+        "tiny_launch_us": raw["launch_us"],
         "tflops": raw["gemm"]["flops"] / raw["gemm"]["ms"] / 1e9,
-        "launch_us": raw["launch_us"],
     }
 
 

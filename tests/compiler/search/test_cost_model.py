@@ -213,6 +213,8 @@ def test_holdout_and_leave_one_out():
     loo = model.leave_one_out(samples)
     assert loo["n"] == 12 and loo["mape"] < 0.05
     assert model.coef is None  # the base model is not fitted by either
+    assert cm.holdout_accuracy(samples, 8, 0, model=model) == held
+    assert cm.leave_one_out(samples, model=model) == loo
     with pytest.raises(ValueError):
         model.holdout_accuracy(samples, k_fit=12, seed=0)
 
