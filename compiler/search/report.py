@@ -52,6 +52,7 @@ def summarise(study, max_quality_loss: float) -> dict:
         "n_measured": len(measured),
         "n_estimated": len(rows) - len(measured),
         "pareto": pareto(measured),
+        "measured": [[r["latency_ms"], r["quality_loss"]] for r in measured],
         "single_pass_fronts": single,
         "dense": dense,
         "best": min(feasible, key=lambda r: r["latency_ms"], default=None),
@@ -83,6 +84,8 @@ def plot(summary: dict, path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = summary.get("measured", [])
+    ax.scatter([q for _, q in points], [ms for ms, _ in points], s=14, color="lightgrey", label="measured trials")
     for name, front in summary["single_pass_fronts"].items():
         ax.plot([r["quality_loss"] for r in front], [r["latency_ms"] for r in front], "--o", ms=4,
                 label=f"{name} alone", alpha=0.8)

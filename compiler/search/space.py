@@ -69,17 +69,20 @@ class SearchSpace:
         base = {param: (space.choices[0] if space.kind == "choice" else space.low)
                 for param, (_, _, space) in self.params.items() if space.when is None}
         out: list[dict] = [dict(base)]
+        ladders = []  # per pass: its first unconditional numeric key at each seed point
         seen_pass = set()
         for param, (pass_name, key, space) in self.params.items():
             if pass_name in seen_pass or space.when is not None or space.kind == "choice":
                 continue
             seen_pass.add(pass_name)
-            for frac in SEED_POINTS:
-                value = space.low + frac * (space.high - space.low)
-                value = int(round(value)) if space.kind == "int" else _on_step(value, space)
-                seed = {**base, param: value}
-                if value != space.low and seed not in out:
-                    out.append(seed)
+            values = [int(round(space.low + f * (space.high - space.low))) if space.kind == "int"
+                      else _on_step(space.low + f * (space.high - space.low), space) for f in SEED_POINTS]
+            ladders.append([{**base, param: v} for v in values if v != space.low])
+        # Round-robin over the passes, mildest first: a search cut short has seen every pass.
+        for rung in range(max((len(ladder) for ladder in ladders), default=0)):
+            for ladder in ladders:
+                if rung < len(ladder) and ladder[rung] not in out:
+                    out.append(ladder[rung])
         return out
 
     def signature(self) -> dict:
