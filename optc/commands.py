@@ -95,7 +95,10 @@ def _report_compile(r: dict) -> None:
             _log(f"  lowering: {v}")
     q = r.get("quality")
     if q:
-        _log(f"  quality ({q['metric']}, held-out {q['split']} split, n={q['n']}): {q['before']:.4g} -> {q['after']:.4g}")
+        spread = (f"; loss {q['loss']:.4f}, {q['halves'][0]:.4f} / {q['halves'][1]:.4f} on the two halves"
+                  if "halves" in q else "")
+        _log(f"  quality ({q['metric']}, held-out {q['split']} split, n={q['n']}): {q['before']:.4g} -> "
+             f"{q['after']:.4g}{spread}")
         sparsity = q.get("sparsify_activations") or {}
         if sparsity.get("sparsity") is not None:
             rows = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in sparsity.get("rows_read", {}).items())

@@ -1,0 +1,58 @@
+"""The compile session: one capture for many configurations, plans reused, what decides
+the programs in the config hash, calibration batches as many as a pass asks for."""
+
+import pytest
+import torch
+
+from optc.compiler.session import CompileSession
+from optc.models import zoo
+
+
+@pytest.fixture(scope="module")
+def session():
+    entry = zoo.get("tiny-llama")
+    model = entry.load()
+    return CompileSession(model, entry.example_inputs(), target="cpu", entry=entry, log=lambda m: None)
+
+
+def test_runs_share_one_capture_and_reuse_plans(session):
+    config = session.resolve({"skip_layers": {"count": 1, "granularity": "block"}})
+    first = session.run(config)
+    hits = session.cache.hits
+    second = session.run(config)
+    assert session.cache.hits == hits + 1  # planned once, on the first run
+    assert first.manifest["passes"][0]["plan"]["units"] == second.manifest["passes"][0]["plan"]["units"]
+    assert first.manifest["params"]["after"] < first.manifest["params"]["before"]
+    dense = session.run(session.resolve({}))
+    assert dense.manifest["params"]["after"] == dense.manifest["params"]["before"]  # copies, not the same graph
+
+
+def test_config_hash_covers_target_cache_length_and_calibration(session):
+    entry = zoo.get("tiny-llama")
+    model = entry.load()
+    here = session.resolve({"skip_layers": {"count": 1}})
+    other_target = CompileSession(model, entry.example_inputs(), target="h200", entry=entry, log=lambda m: None)
+    longer_cache = CompileSession(model, entry.example_inputs(), target="cpu", entry=entry, max_cache_len=128,
+                                  log=lambda m: None)
+    user_data = CompileSession(model, entry.example_inputs(), target="cpu", log=lambda m: None,
+                               calibration=[(torch.randint(0, 256, (1, 32)),)])
+    hashes = {s.resolve({"skip_layers": {"count": 1}})["hash"]
+              for s in (session, other_target, longer_cache, user_data)}
+    assert len(hashes) == 4
+    assert here["compile"]["calibration"] == "zoo:tiny-llama:calibration"
+    assert user_data.calibration_source().startswith("user:")
+
+
+def test_calibration_takes_as_many_batches_as_a_pass_asks_for(session):
+    config = session.resolve({"skip_layers": {"count": 1, "calibration_samples": 7}})
+    session.run(config)
+    assert 7 in session._calibration_inputs and len(session._calibration_inputs[7]) == 7
+
+
+def test_held_out_quality_reports_halves(session):
+    dense = session.run(session.resolve({}))
+    q = session.quality(dense.primary_gm, n=4)
+    assert q["loss"] == pytest.approx(0.0, abs=1e-6) and q["windows"] == 4 and q["of"] == session.heldout().size
+    cut = session.run(session.resolve({"skip_layers": {"layers": [0, 1, 2]}}))
+    q = session.quality(cut.primary_gm, n=4)
+    assert q["loss"] != 0.0 and len(q["halves"]) == 2 and q["spread"] == abs(q["halves"][0] - q["halves"][1])
