@@ -100,3 +100,27 @@ def _wait_running(study, worker_suffix, timeout=600):
                 return t.number
         time.sleep(0.2)
     raise AssertionError("the worker never ran a trial")
+
+
+def test_workers_split_the_trials_and_share_one_journal(tmp_path):
+    out = _optc("search", "tiny-llama", "--target", "cpu", "--workers", "2", "--trials", "2", "-o", str(tmp_path),
+                "--no-artifact", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["n_trials"] == 2 and result["storage"].endswith("tiny-llama-cpu.journal")
+    assert "worker 0 (cpu): 1 trials" in out.stderr and "worker 1 (cpu): 1 trials" in out.stderr
+    study = optuna.load_study(study_name="tiny-llama-cpu", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(result["storage"])))
+    assert len({t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}) == 2
+
+
+def test_one_worker_per_visible_gpu(monkeypatch):
+    from optc import search
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert search._visible_gpus() == ["0", "1"]
+    req = search.SearchRequest("llama-1b", target="h200", trials=5, storage="postgresql://h/db", workers=2,
+                               fixed={"skip_layers": {"granularity": "block"}})
+    argv = search._worker_argv(req, "s", 3)
+    assert argv[argv.index("--trials") + 1] == "3" and "--worker" in argv
+    assert argv[argv.index("--set") + 1] == 'skip_layers.granularity="block"'
