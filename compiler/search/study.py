@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from optc.compiler.search import storage as st
 from optc.compiler.search.space import SearchSpace, active_passes
-from optc.errors import CompileError, OptcError
+from optc.errors import CompileError, OptcError, UsageError
 
 # Quality is measured in full for candidates whose subsample loss is within this
 # factor of the limit; latency is measured for candidates the cost model puts within
@@ -120,6 +120,9 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log)
     if earlier is not None:  # another worker (or an earlier run) finished this configuration
         _copy_result(study, trial, earlier, log)
         return
+    refused = _refused_twin(study, config["hash"], trial.number)
+    if refused is not None:  # known not to apply: say so again without compiling
+        raise UsageError(f"as in trial {refused.number}: {refused.user_attrs['inapplicable']}")
     start = time.perf_counter()
     compiled = session.run(config)
     trial.set_user_attr("compile_s", round(time.perf_counter() - start, 2))
@@ -152,6 +155,13 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log)
 def _finished_twin(study, config_hash: str, number: int):
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.number != number and t.user_attrs.get("config_hash") == config_hash and not t.user_attrs.get("copy_of"):
+            return t
+    return None
+
+
+def _refused_twin(study, config_hash: str, number: int):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.number != number and t.user_attrs.get("config_hash") == config_hash and "inapplicable" in t.user_attrs:
             return t
     return None
 

@@ -145,17 +145,17 @@ def test_worker_measures_the_first_then_estimates_and_keeps_the_limit_as_a_const
 
 def test_a_finished_configuration_is_not_run_again_and_inapplicable_ones_are_recorded():
     space, study = SearchSpace(ANATOMY, "toy"), _study()
-    for _ in range(2):
-        study.enqueue_trial({"toy_pass.level": 2, "toy_pass.strength": 0.0})
-    study.enqueue_trial({"toy_pass.level": 3, "toy_pass.strength": 0.0})
+    for level in (2, 2, 3, 3):
+        study.enqueue_trial({"toy_pass.level": level, "toy_pass.strength": 0.0})
     session = FakeSession(fail_on=3)
-    opts = sy.WorkerOptions(n_trials=3, max_quality_loss=0.05, min_measured=5)
+    opts = sy.WorkerOptions(n_trials=4, max_quality_loss=0.05, min_measured=5)
     sy.run_worker(study, space, session, measure=_measure, features=_features, cost=FakeCost(), opts=opts,
                   log=lambda m: None)
-    t0, t1, t2 = study.get_trials()
-    assert session.runs == 2  # the twin of trial 0 was not compiled or measured again
+    t0, t1, t2, t3 = study.get_trials()
+    assert session.runs == 2  # neither twin was compiled again
     assert t1.user_attrs["copy_of"] == 0 and t1.values == t0.values
     assert t2.state == TrialState.FAIL and "cannot apply" in t2.user_attrs["inapplicable"]
+    assert t3.state == TrialState.FAIL and "as in trial 2" in t3.user_attrs["inapplicable"]
 
 
 def test_stale_trials_are_failed_and_their_configuration_queued_again():
