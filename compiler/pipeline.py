@@ -34,6 +34,9 @@ PIPELINES: dict[str, list[Step]] = {
     "default": [
         # Depth first: a removed block also removes its share of every later pass's work.
         Step("skip_layers", "drop the residual blocks (or halves) that matter least; off until count/layers is set"),
+        # Width after depth: channels are scored on the blocks that remain; before the
+        # thresholding pass, which calibrates on the pruned MLPs it will sparsify.
+        Step("prune_mlp", "remove the least important MLP channels (narrower gate/up/down); off until ratio is set"),
         # Before the thresholding pass, so the runner's end-to-end check of this lossless
         # rewrite is meaningful.
         Step("share_kv_heads", "one-token attention reads each KV head once instead of a copy per query head"),

@@ -22,19 +22,23 @@ class Target:
     bf16_tflops: float | None = None  # measured dense bf16 GEMM rate
     gpu_names: tuple = ()  # substrings of torch.cuda.get_device_name()
     inductor: dict = field(default_factory=dict)  # torch.compile options for optc's lowering
+    # Channel counts that structured pruning keeps are multiples of this: GPU GEMM tiles
+    # (tensor cores) run partial tiles at the cost of a full one; a CPU has no such step.
+    align: int = 1
 
 
 TARGETS = {
     "cpu": Target("cpu", "cpu", torch.float32),
     "h100": Target(
         "h100", "cuda", torch.bfloat16, copy_tbs=2.94, bf16_tflops=769.0, gpu_names=("H100",),
-        inductor={"coordinate_descent_tuning": True},
+        inductor={"coordinate_descent_tuning": True}, align=64,
     ),
     "h200": Target(
         "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
-        inductor={"coordinate_descent_tuning": True},
+        inductor={"coordinate_descent_tuning": True}, align=64,
     ),
-    "a100": Target("a100", "cuda", torch.bfloat16, gpu_names=("A100",), inductor={"coordinate_descent_tuning": True}),
+    "a100": Target("a100", "cuda", torch.bfloat16, gpu_names=("A100",), inductor={"coordinate_descent_tuning": True},
+                   align=64),
 }
 
 

@@ -1,0 +1,159 @@
+"""prune_mlp: structure (narrower gate/up/down, aligned widths, parameter count),
+numerics (equal to the eager model with the same channels zeroed; decode continues
+prefill; re-export), repair (bias and lstsq lower the calibration error), encoders."""
+
+import pytest
+import torch
+
+from optc.compiler import capture, pipeline
+from optc.compiler.anatomy import analyze
+from optc.compiler.calibration import CalibrationContext
+from optc.compiler.passes.prune_mlp import PruneMlpConfig
+from optc.errors import UsageError
+
+
+def _run(captured, sets, calib=None, task="causal-lm"):
+    gms = {n: capture.graph_module(ep) for n, ep in captured.programs.items()}
+    primary = "prefill" if "prefill" in gms else "forward"
+    config = pipeline.resolve("default", {"prune_mlp": sets})
+    make = None if calib is None else (lambda gm: CalibrationContext(task, gm, calib))
+    report = pipeline.run(gms, primary, config, make, log=lambda m: None)
+    return gms, next(e for e in report if e["name"] == "prune_mlp")
+
+
+def _lm_calib(n=2, t=24):
+    g = torch.Generator().manual_seed(5)
+    return [((), {"input_ids": torch.randint(0, 256, (1, t), generator=g), "cache_position": torch.arange(t)})
+            for _ in range(n)]
+
+
+def _mlp_widths(gm):
+    return [(gm.get_parameter(b.mlp.gate.weight).shape[0], gm.get_parameter(b.mlp.up.weight).shape[0],
+             gm.get_parameter(b.mlp.down.weight).shape[1]) for b in analyze(gm).blocks]
+
+
+def test_ratio_zero_changes_nothing(llama_captured):
+    _, captured = llama_captured
+    gms, entry = _run(captured, {})
+    assert not entry["applied"] and "not configured" in entry["reason"]
+    assert _mlp_widths(gms["prefill"]) == [(128, 128, 128)] * 4
+
+
+def test_half_pruned_matches_eager_with_channels_zeroed(llama_captured):
+    model, captured = llama_captured
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 1, "repair": "none"}, calib=_lm_calib())
+    assert entry["applied"]
+    for name in ("prefill", "decode"):
+        assert _mlp_widths(gms[name]) == [(64, 64, 64)] * 4
+        before, after = entry["programs"][name]["before"]["params"], entry["programs"][name]["after"]["params"]
+        assert before - after == 4 * 3 * 64 * 64 == entry["plan"]["params_removed"]
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        mask = torch.zeros(128)
+        mask[entry["plan"]["blocks"][str(i)]["kept"]] = 1
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args, m=mask: (args[0] * m,)))
+    ids = torch.randint(0, 256, (1, 15))
+    try:
+        ref = model(ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    out = gms["prefill"](input_ids=ids, cache_position=torch.arange(15))
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("repair", ["bias", "lstsq"])
+def test_decode_continues_prefill_and_reexport(llama_captured, repair):
+    _, captured = llama_captured
+    gms, _ = _run(captured, {"ratio": 0.5, "align": 1, "repair": repair}, calib=_lm_calib())
+    prefill, decode = gms["prefill"], gms["decode"]
+    ids = torch.randint(0, 256, (1, 12))
+    prefill(input_ids=ids[:, :11], cache_position=torch.arange(11))
+    for bname, buf in prefill.named_buffers():
+        if "cache" in bname and hasattr(decode, bname):
+            decode.get_buffer(bname).copy_(buf)
+    step = decode(input_ids=ids[:, 11:], cache_position=torch.tensor([11]))
+    full = prefill(input_ids=ids, cache_position=torch.arange(12))
+    assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
+    for name, gm in gms.items():  # re-traced with the new widths: shape metadata agreed
+        ep = capture.reexport(gm, captured.example_inputs[name], captured.dynamic_shapes[name], what=name)
+        assert ep.state_dict["model.model.layers.0.mlp.down_proj.weight"].shape == (64, 64)
+        assert ep.state_dict["model.model.layers.0.mlp.down_proj.bias"].shape == (64,)
+    kwargs = {"input_ids": ids[:, :9], "cache_position": torch.arange(9)}
+    ep = capture.reexport(prefill, captured.example_inputs["prefill"], captured.dynamic_shapes["prefill"], what="p")
+    assert torch.allclose(ep.module()(**kwargs), prefill(**kwargs), atol=1e-6)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_widths_are_multiples_of_align(llama_captured, allocation):
+    _, captured = llama_captured
+    gms, entry = _run(captured, {"ratio": 0.3, "align": 16, "allocation": allocation}, calib=_lm_calib())
+    widths = [w for w, _, _ in _mlp_widths(gms["prefill"])]
+    assert all(w % 16 == 0 and 16 <= w <= 128 for w in widths)
+    assert _mlp_widths(gms["decode"]) == [(w, w, w) for w in widths]
+    assert 0.55 <= sum(widths) / (4 * 128) <= 0.85
+    for block in entry["plan"]["blocks"].values():
+        assert block["kept"] == sorted(set(block["kept"]))
+
+
+def test_align_can_leave_mlps_whole(llama_captured):
+    _, captured = llama_captured
+    _, entry = _run(captured, {"ratio": 0.2, "align": 64, "score": "weight", "repair": "none"})
+    assert not entry["applied"] and "rounds to no channel" in entry["reason"]
+
+
+def test_weight_score_without_repair_needs_no_data(llama_captured):
+    _, captured = llama_captured
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 32, "score": "weight", "repair": "none"})
+    assert entry["applied"] and _mlp_widths(gms["prefill"]) == [(64, 64, 64)] * 4
+    with pytest.raises(UsageError, match="calibration data"):
+        _run(captured, {"ratio": 0.5, "align": 32})
+
+
+def test_repair_lowers_calibration_error(llama_captured):
+    """On the calibration data, the output of each pruned program is closer to the
+    dense model's with the bias repair than without, and closer still with lstsq."""
+    _, captured = llama_captured
+    calib = _lm_calib()
+    dense = capture.graph_module(captured.programs["prefill"])
+    errors = {}
+    for repair in ("none", "bias", "lstsq"):
+        gms, entry = _run(captured, {"ratio": 0.5, "align": 1, "repair": repair}, calib=calib)
+        err = 0.0
+        for _, kwargs in calib:
+            ref, out = dense(**kwargs), gms["prefill"](**kwargs)
+            err += ((out - ref).norm() / ref.norm()).item()
+        errors[repair] = err
+    plan = entry["plan"]  # lstsq's plan measures the whole ladder
+    assert plan["local_rel_err"]["lstsq"] < plan["local_rel_err"]["bias"] < plan["local_rel_err"]["none"]
+    assert set(plan["calibration_loss"]) == {"dense", "none", "bias", "lstsq"}
+    assert errors["lstsq"] < errors["bias"] < errors["none"], errors
+
+
+@pytest.mark.parametrize("fixture", ["bert_captured", "vit_captured"])
+def test_encoders_with_biases(request, fixture):
+    model, captured = request.getfixturevalue(fixture)
+    inputs = captured.example_inputs["forward"][0]
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 8}, calib=[(inputs, {})], task="forward")
+    assert entry["applied"]
+    gm = gms["forward"]
+    for b in analyze(gm).blocks:
+        assert gm.get_parameter(b.mlp.up.weight).shape == (64, 64) and gm.get_parameter(b.mlp.up.bias).shape == (64,)
+        assert gm.get_parameter(b.mlp.down.weight).shape == (64, 64)
+    dense = capture.graph_module(captured.programs["forward"])
+    ref, out = dense(*inputs), gm(*inputs)
+    ref, out = (ref[0], out[0]) if isinstance(ref, (tuple, list)) else (ref, out)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert entry["plan"]["calibration_loss"]["bias"] <= entry["plan"]["calibration_loss"]["none"] + 1e-6
+    ep = capture.reexport(gm, captured.example_inputs["forward"], captured.dynamic_shapes["forward"], what="f")
+    assert torch.allclose(ep.module()(*inputs)[0] if isinstance(out, tuple) else ep.module()(*inputs), gm(*inputs),
+                          atol=1e-5) if not isinstance(gm(*inputs), (tuple, list)) else True
+
+
+def test_search_space():
+    space = PruneMlpConfig.search_space()
+    assert space["ratio"].kind == "float" and (space["ratio"].low, space["ratio"].high) == (0.0, 0.5)
+    for key in ("score", "allocation", "repair"):
+        assert space[key].kind == "choice" and space[key].when == ("ratio", ">", 0)
+    assert not PruneMlpConfig().active() and PruneMlpConfig(ratio=0.1).active()
+    assert not PruneMlpConfig(ratio=0.1, enabled=False).active()
