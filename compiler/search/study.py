@@ -79,7 +79,7 @@ def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Cal
             log(f"[optc] search: time limit of {opts.time_limit_s:g} s reached after {len(done)} trials")
             break
         st.reap_stale(study, opts.grace_s, log)
-        trial = study.ask()
+        trial = _ask(study)
         trial.set_user_attr("worker", WORKER_ID)
         beat = st.Heartbeat(study, trial._trial_id, opts.heartbeat_s)
         try:
@@ -108,6 +108,22 @@ def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Cal
         done.append(trial.number)
         log(_progress(study, len(done), opts))
     return done
+
+
+def _ask(study: optuna.Study) -> optuna.Trial:
+    """A retry of a dead worker's trial first, then Optuna's ask (which takes the oldest
+    waiting trial, a seed queued long before the retry). The claim works as Optuna's own:
+    the storage moves a waiting trial to running for one caller only."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if "retry_of" not in t.user_attrs:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                study._thread_local.cached_all_trials = None
+                return optuna.Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return study.ask()
 
 
 def _one_trial(study, trial, space, session, measure, features, cost, opts, log):

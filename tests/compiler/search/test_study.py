@@ -172,6 +172,18 @@ def test_stale_trials_are_failed_and_their_configuration_queued_again():
     assert st.reap_stale(study, grace=10, log=lambda m: None) == 0  # reaped once only
 
 
+def test_a_retry_runs_before_trials_queued_earlier():
+    study = _study()
+    dead = study.ask({"toy_pass.level": optuna.distributions.IntDistribution(0, 5)})
+    study.enqueue_trial({"toy_pass.level": 4}, user_attrs={"seed": True})  # queued before the retry
+    study._storage.set_trial_user_attr(dead._trial_id, "heartbeat", time.time() - 100)
+    st.reap_stale(study, grace=10, log=lambda m: None)
+    retry = sy._ask(study)
+    assert retry.user_attrs.get("retry_of") == dead.number
+    assert retry.suggest_int("toy_pass.level", 0, 5) == dead.params["toy_pass.level"]
+    assert study.ask().user_attrs.get("seed")  # the seed comes next
+
+
 def test_a_study_made_for_another_model_is_refused(tmp_path):
     storage, _ = st.open_storage(None, tmp_path / "s.journal")
     st.open_study(storage, "s", {"model": "a", "target": "cpu"}, sy.make_sampler())
