@@ -139,6 +139,10 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log)
     refused = _refused_twin(study, config["hash"], trial.number)
     if refused is not None:  # known not to apply: say so again without compiling
         raise UsageError(f"as in trial {refused.number}: {refused.user_attrs['inapplicable']}")
+    earlier = _claim(study, trial, config["hash"], log, grace_s=opts.grace_s)
+    if earlier is not None:  # another worker was already running it: its result, not a second measurement
+        _copy_result(study, trial, earlier, log)
+        return
     start = time.perf_counter()
     compiled = session.run(config)
     trial.set_user_attr("compile_s", round(time.perf_counter() - start, 2))
@@ -173,6 +177,28 @@ def _finished_twin(study, config_hash: str, number: int):
         if t.number != number and t.user_attrs.get("config_hash") == config_hash and not t.user_attrs.get("copy_of"):
             return t
     return None
+
+
+def _claim(study, trial, config_hash: str, log, poll_s: float = 2.0, grace_s: float = st.GRACE_S):
+    """Go ahead with `config_hash` only if no running trial claimed it first; else wait
+    for that trial and return it once finished (None: it failed, so this one runs).
+    The storage orders the writes: of two claims, the later one's read sees the earlier."""
+    while True:
+        mine = (time.time(), trial.number)
+        trial.set_user_attr("claimed_at", mine[0])
+        first = min(((t.user_attrs["claimed_at"], t.number) for t in study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING,)) if t.number != trial.number
+            and t.user_attrs.get("config_hash") == config_hash and "claimed_at" in t.user_attrs), default=None)
+        if first is None or first > mine:
+            return None
+        log(f"[optc] trial {trial.number}: trial {first[1]} is running the same configuration; waiting for it")
+        while study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+                study._study_id, first[1])).state == TrialState.RUNNING:
+            time.sleep(poll_s)
+            st.reap_stale(study, grace_s, log)  # its worker may have died meanwhile
+        done = _finished_twin(study, config_hash, trial.number)
+        if done is not None:
+            return done
 
 
 def _refused_twin(study, config_hash: str, number: int):

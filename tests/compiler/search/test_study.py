@@ -158,6 +158,21 @@ def test_a_finished_configuration_is_not_run_again_and_inapplicable_ones_are_rec
     assert t3.state == TrialState.FAIL and "as in trial 2" in t3.user_attrs["inapplicable"]
 
 
+def test_a_configuration_another_worker_is_running_is_waited_for_not_measured_again():
+    import threading
+
+    space, study = SearchSpace(ANATOMY, "toy"), _study()
+    first = study.ask({"toy_pass.level": optuna.distributions.IntDistribution(0, 5)})
+    config_hash = FakeSession().resolve({"toy_pass": {"level": first.params["toy_pass.level"]}})["hash"]
+    first.set_user_attr("config_hash", config_hash)
+    first.set_user_attr("claimed_at", time.time() - 1)
+    threading.Timer(0.5, lambda: study.tell(first, [1.0, 0.01])).start()  # the other worker finishes
+    second = study.ask()
+    assert sy._claim(study, second, config_hash, log=lambda m: None, poll_s=0.05).number == first.number
+    third = study.ask()
+    assert sy._claim(study, third, "another hash", log=lambda m: None) is None
+
+
 def test_stale_trials_are_failed_and_their_configuration_queued_again():
     study = _study()
     trial = study.ask({"toy_pass.level": optuna.distributions.IntDistribution(0, 5)})
