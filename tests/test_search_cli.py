@@ -96,7 +96,8 @@ def _wait_running(study, worker_suffix, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
         for t in study.get_trials(states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("worker", "").endswith(worker_suffix) and t.number >= 1:
+            # killed once its configuration is fully chosen (config_hash is written after suggest)
+            if t.user_attrs.get("worker", "").endswith(worker_suffix) and "config_hash" in t.user_attrs:
                 return t.number
         time.sleep(0.2)
     raise AssertionError("the worker never ran a trial")
