@@ -22,20 +22,20 @@ def _optc(*argv, env=None, timeout=900):
 
 
 def test_search_resumes_the_same_study_and_reports_a_front(tmp_path):
-    args = ["search", "tiny-llama", "--target", "cpu", "--trials", "3", "-o", str(tmp_path), "--json", "--seed", "1"]
+    args = ["search", "tiny-llama", "--target", "cpu", "--trials", "2", "-o", str(tmp_path), "--json", "--seed", "1"]
     first = _optc(*args, "--no-artifact")
     assert first.returncode == 0, first.stderr[-3000:]
     second = _optc(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     out = json.loads(second.stdout)
-    assert out["n_trials"] == 6 and out["study"] == "tiny-llama-cpu"
+    assert out["n_trials"] == 4 and out["study"] == "tiny-llama-cpu"
     assert out["storage"].endswith("tiny-llama-cpu.journal")
     assert out["pareto"] and all({"config", "latency_ms", "quality_loss"} <= set(r) for r in out["pareto"])
     assert out["dense"] is not None and out["dense"]["latency_source"] == "measured"
     assert out["best"]["quality_loss"] <= 0.05 and os.path.exists(out["best"]["artifact"])
     assert out["best"]["quality_full"]["windows"] == out["best"]["quality_full"]["of"]
     assert os.path.getsize(out["plot"]) > 1000
-    assert "trial 3 of 3 in this worker" in second.stderr
+    assert "trial 2 of 2 in this worker" in second.stderr
 
 
 def test_a_study_for_another_space_is_refused_and_no_feasible_result_exits_3(tmp_path):

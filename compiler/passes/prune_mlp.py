@@ -39,9 +39,9 @@ from optc.errors import CompileError
 SCORES = ("activation", "weight")
 ALLOCATIONS = ("uniform", "global")
 REPAIRS = ("bias", "none", "lstsq")
-# Ridge weight relative to the mean variance of the kept inputs: calibration has a few
-# hundred tokens per kept channel or fewer (4 x 128 on the zoo's LMs), so the plain
-# normal equations are near singular and the refit would fit noise.
+# lstsq's ridge, relative to the mean diagonal of the kept inputs' Gram matrix: the zoo's
+# calibration has fewer tokens (4 x 128) than kept channels, so the normal equations are
+# singular without it.
 RIDGE = 1e-2
 
 
@@ -113,11 +113,19 @@ def _repair(x: torch.Tensor, w: torch.Tensor, kept: torch.Tensor, lstsq: bool):
     mean = x.mean(0)
     wk = w[:, kept]
     if lstsq:
+        # min ||xk w'^T - xc w^T||^2 + ridge ||w' - wk||^2 (centred): the kept columns plus
+        # a correction predicting the removed channels' output from the kept ones. The
+        # ridge pulls toward the original columns, not toward 0: with fewer calibration
+        # tokens than kept channels a plain refit interpolates them (SmolLM2, 512 tokens
+        # for 1152 channels) and ruins held-out outputs.
         xc = x - mean
+        drop = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+        drop[kept] = False
         xk = xc[:, kept]
         gram = xk.T @ xk
         ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-        wk = torch.linalg.solve(gram + ridge * torch.eye(len(kept), dtype=gram.dtype), xk.T @ (xc @ w.T)).T
+        eye = torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
+        wk = wk + torch.linalg.solve(gram + ridge * eye, xk.T @ (xc[:, drop] @ w[:, drop].T)).T
     return wk, mean @ w.T - mean[kept] @ wk.T
 
 
@@ -184,13 +192,19 @@ def plan_prune_mlp(ctx, anatomy: Anatomy, cfg: PruneMlpConfig) -> dict:
     if xs:
         plan["local_rel_err"] = {k: round(sum(v) / len(v), 6) for k, v in errs.items() if v}
         losses = {"dense": ctx.calibration_loss(lambda g: g, n=cfg.calibration_samples)}
-        for name in variants:
+        for name, comp in variants.items():
             trial = {**plan, "repair": name, "blocks": {
-                k: {**b, "compensation": variants[name][k]} if name != "none" else
-                {kk: vv for kk, vv in b.items() if kk != "compensation"} for k, b in blocks.items()}}
+                k: {"width": b["width"], "kept": b["kept"], "compensation": comp.get(k)} for k, b in blocks.items()}}
             losses[name] = ctx.calibration_loss(lambda g, t=trial: _pruned_copy(g, anatomy, t),
                                                 n=cfg.calibration_samples)
         plan["calibration_loss"] = {k: round(v, 5) for k, v in losses.items()}
+        if cfg.repair == "lstsq" and losses["lstsq"] > losses["bias"]:
+            # Each MLP is refit alone on dense activations; the pruned model as a whole can
+            # still lose. Keep what the calibration loss prefers, and say so.
+            plan.pop("refit")
+            plan.update(repair="bias", repair_note="lstsq lost to bias on calibration loss: bias used")
+            for k, b in blocks.items():
+                b["compensation"] = variants["bias"][k]
     return plan
 
 
@@ -199,6 +213,7 @@ def _pruned_copy(gm: fx.GraphModule, anatomy: Anatomy, plan: dict) -> fx.GraphMo
     (the copy's modules are its own; only tensors are shared)."""
     copy, _ = rebuild(gm)
     prune(copy, anatomy, plan)
+    copy.recompile()  # the compensation is a new argument of down_proj's linear
     return copy
 
 

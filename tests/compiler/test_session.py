@@ -44,7 +44,7 @@ def test_config_hash_covers_target_cache_length_and_calibration(session):
 
 
 def test_calibration_takes_as_many_batches_as_a_pass_asks_for(session):
-    config = session.resolve({"skip_layers": {"count": 1, "calibration_samples": 7}})
+    config = session.resolve({"skip_layers": {"count": 1, "selection": "cosine", "calibration_samples": 7}})
     session.run(config)
     assert 7 in session._calibration_inputs and len(session._calibration_inputs[7]) == 7
 
