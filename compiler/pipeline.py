@@ -90,7 +90,15 @@ class PlanCache:
         self.memos: dict = {}  # upstream key -> what calibration measured on that graph
         self.hits = 0
 
+    # Calibration statistics hold activations (on the model's device): keep those of the
+    # few most recent graph states, not of every configuration a search ever tried.
+    MAX_MEMOS = 4
+
     def memo(self, upstream: str) -> dict:
+        if upstream in self.memos:
+            self.memos[upstream] = self.memos.pop(upstream)  # most recent last
+        elif len(self.memos) >= self.MAX_MEMOS:
+            self.memos.pop(next(iter(self.memos)))
         return self.memos.setdefault(upstream, {})
 
 
