@@ -83,7 +83,7 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         program = compiled.programs["decode" if session.is_lm else "forward"]
         return _plain(_features(program, compiled.manifest, workload))
 
-    n_sub = req_subsample(session)
+    n_sub = _subsample(session)
     opts = sy.WorkerOptions(req.trials, req.max_quality_loss, subsample=n_sub, measure_all=req.measure_all,
                             time_limit_s=req.time_limit_s, **_liveness_from_env())
     start = time.perf_counter()
@@ -106,7 +106,7 @@ def _liveness_from_env() -> dict:
     return out
 
 
-def req_subsample(session) -> int:
+def _subsample(session) -> int:
     from optc.compiler.session import SUBSAMPLE
 
     return SUBSAMPLE["causal-lm" if session.is_lm else "other"]
