@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from optc.errors import NoConfigError, UsageError
+from optc.fileio import atomic_open
 
 
 def _log(msg: str) -> None:
@@ -176,10 +177,8 @@ def _finish(req, study, study_name, where, target, session, seconds, log) -> dic
     if best is not None and req.compile_best:
         result["best"] = {**best, **_compile_best(session, best, out_dir, study_name, log)}
     _print(result, log)
-    path = out_dir / f"{study_name}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(path)
+    with atomic_open(out_dir / f"{study_name}.json", "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(result, indent=2, default=str))
     if best is None:
         err = NoConfigError(f"no measured configuration meets --max-quality-loss {req.max_quality_loss} "
                                f"(of {summary['n_trials']} trials); raise the limit or run more trials")

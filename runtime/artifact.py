@@ -17,14 +17,11 @@ destination nor clobbers an existing artifact.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 import warnings
 import zipfile
 from datetime import datetime, timezone
@@ -34,6 +31,7 @@ from typing import NamedTuple
 
 from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
 from optc.errors import ArtifactError, UsageError
+from optc.fileio import atomic_open  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -168,45 +166,6 @@ def _zipinfo(member: str) -> zipfile.ZipInfo:
     info.compress_type = zipfile.ZIP_STORED
     info.external_attr = 0o644 << 16
     return info
-
-
-@contextlib.contextmanager
-def atomic_open(path, mode: str = "wb", encoding: str | None = None):
-    """Open a temporary file next to `path`; on success fsync it and rename it onto
-    `path`, on any failure remove it. Readers never see a partial file and an existing
-    file at `path` survives a failed write."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
-    # Same folder as the destination so that os.replace is a rename on one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, encoding=encoding) as fh:
-            # mkstemp makes the file 0600; keep the mode of the file being replaced.
-            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform (Windows).
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 # --------------------------------------------------------------------------- reading

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from optc.errors import CaptureError, CompileError, UsageError
-from optc.runtime.artifact import atomic_open
+from optc.fileio import atomic_open
 
 FORMATS = {
     "mlir-torch": "torch",

@@ -1,0 +1,50 @@
+"""Writing files so that a reader never sees half of one: shared by every layer (the
+compiler's MLIR emission, the runtime's artifacts, the search's results), like errors.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from optc.errors import UsageError
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb", encoding: str | None = None):
+    """Open a temporary file next to `path`; on success fsync it and rename it onto
+    `path`, on any failure remove it. Readers never see a partial file and an existing
+    file at `path` survives a failed write."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
+    # Same folder as the destination so that os.replace is a rename on one filesystem.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            # mkstemp makes the file 0600; keep the mode of the file being replaced.
+            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform (Windows).
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
