@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from optc.errors import UsageError
+from optc.models.quality import output_tensor, pooled
 
 
 class HeldOut:
@@ -37,14 +38,14 @@ class HeldOut:
         with torch.no_grad():
             if self.task == "causal-lm":
                 ids = batch[0]
-                out = _main_tensor(gm(input_ids=ids, cache_position=torch.arange(ids.shape[1], device=ids.device)))
+                out = output_tensor(gm(input_ids=ids, cache_position=torch.arange(ids.shape[1], device=ids.device)))
                 logits = out[:, :-1].float().flatten(0, 1)
                 ce = F.cross_entropy(logits, ids[:, 1:].flatten(), reduction="sum").item()
                 return ce, ids[:, 1:].numel()
-            out = _main_tensor(gm(*batch)).float()
+            out = output_tensor(gm(*batch), "last_hidden_state").float()
             if self.metric == "top1-agreement":
                 return out.argmax(-1).cpu()
-            return _pooled(out, batch).cpu()
+            return pooled(out, batch).cpu()
 
     def loss(self, gm, n: int | None = None) -> dict:
         """Quality loss of `gm` on the first `n` windows (all by default), with the
@@ -74,18 +75,3 @@ class HeldOut:
         return {"metric": "embedding-cosine", "before": 1.0, "after": cos, "loss": 1.0 - cos,
                 "samples": ref_t.shape[0]}
 
-
-def _main_tensor(out):
-    while isinstance(out, (tuple, list)) and not isinstance(out, torch.Tensor):
-        out = out[0]
-    return getattr(out, "logits", None) if hasattr(out, "logits") else out
-
-
-def _pooled(hidden: torch.Tensor, batch: tuple) -> torch.Tensor:
-    if hidden.dim() == 2:  # already pooled (or class logits)
-        return hidden
-    mask = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-    if mask is None:
-        return hidden.mean(dim=1)
-    mask = mask.to(hidden.device, torch.float32).unsqueeze(-1)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

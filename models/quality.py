@@ -68,7 +68,8 @@ def perplexity(forward_logits, batches) -> float:
     return math.exp(total / count)
 
 
-def _pooled(hidden: torch.Tensor, args: tuple) -> torch.Tensor:
+def pooled(hidden: torch.Tensor, args: tuple) -> torch.Tensor:
+    """Mean over the attention mask (args[1]) or over all tokens; 2-D inputs as they are."""
     hidden = hidden.float()
     if hidden.dim() == 2:  # already pooled
         return hidden
@@ -85,7 +86,7 @@ def embeddings(fn, batches) -> torch.Tensor:
     out = []
     for batch in batches:
         args = _as_tuple(batch)
-        out.append(_pooled(output_tensor(fn(*args), "last_hidden_state"), args).cpu())
+        out.append(pooled(output_tensor(fn(*args), "last_hidden_state"), args).cpu())
     return torch.cat(out)
 
 
