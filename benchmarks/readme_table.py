@@ -1,7 +1,8 @@
-"""Regenerate the README's result tables from benchmarks/results/*.json.
+"""Regenerate the result tables from benchmarks/results/*.json: the search fronts in
+README.md, the results history in docs/results.md.
 
     python benchmarks/readme_table.py          # print the tables
-    python benchmarks/readme_table.py --write  # replace them in README.md
+    python benchmarks/readme_table.py --write  # replace them in README.md and docs/results.md
 
 Every number comes from a result file; ratios are against the baselines measured in
 the same run on the same device.
@@ -15,7 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"  # in docs/results.md
+SEARCH_BEGIN, SEARCH_END = "<!-- search:begin -->", "<!-- search:end -->"  # in README.md
 
 
 def _source(d: dict, path: Path) -> str:
@@ -228,23 +230,67 @@ def ideal_table() -> str:
     return "\n".join(out) + "\n"
 
 
+def _config(config: dict) -> str:
+    parts = [f"{p}.{k}={v:g}" if isinstance(v, float) else f"{p}.{k}={v}"
+             for p, values in config.items() for k, v in values.items()
+             if not (k in ("sparsity", "count") and v == 0) and not (k == "allocation" and "sparsity" in values
+                                                                        and values["sparsity"] == 0)]
+    return " ".join(parts) or "dense"
+
+
+def _real_weights(model: str) -> bool:
+    from optc.models import zoo
+
+    return model in zoo.names() and zoo.get(model).real_weights
+
+
+def table() -> str:
+    out = []
+    for path in sorted(RESULTS.glob("search_*.json")):
+        d = json.loads(path.read_text())
+        acc = d.get("cost_model", {})
+        acc_text = (f"cost model, each trial estimated before it was measured (fitted on earlier trials only), "
+                    f"{acc['n']} trials: Spearman {acc['spearman']:.2f}, "
+                    f"error {100 * acc['mape']:.1f}%, {100 * acc['within_10pct']:.0f}% within 10%"
+                    if acc.get("spearman") is not None else "cost model: too few measured trials to judge")
+        weights = "" if _real_weights(d["model"]) else ", random weights: its quality losses are a random model's"
+        out.append(f"**{d['model']}**{weights} on {d['device']} ({d['n_trials']} trials, {d['n_measured']} measured, "
+                   f"{d['seconds']:.0f} s; quality limit {d['max_quality_loss']}; torch {d['torch']}; "
+                   f"{d['date'][:10]}; `{path.relative_to(ROOT)}`); {acc_text}\n")
+        argv = d.get("argv") or []
+        if argv:
+            out.append("`optc " + " ".join(a for a in argv[1:] if a != "--json") + "`\n")
+        dense = (d.get("dense") or {}).get("latency_ms")
+        out.append("| latency ms | vs dense | quality loss | configuration |\n|---|---|---|---|")
+        for r in d["pareto"]:
+            speed = f"{dense / r['latency_ms']:.2f}x" if dense else "-"
+            mark = " (best under the limit)" if d.get("best") and r["trial"] == d["best"]["trial"] else ""
+            out.append(f"| {r['latency_ms']:.3f} | {speed} | {r['quality_loss']:.4f} | {_config(r['config'])}{mark} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def tables() -> str:
     return (bench_tables() + "\n" + spread_tables() + "\n" + quality_tables() + "\n" + gemv_table() + "\n"
             + ideal_table() + "\n" + kernel_time_table() + "\n" + kernel_table())
 
 
+def _replace_between(path: Path, begin: str, end: str, text: str) -> None:
+    head, rest = path.read_text().split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--write", action="store_true")
+    p.add_argument("--write", action="store_true", help="replace the tables in docs/results.md and README.md")
     args = p.parse_args()
-    text = tables()
+    history, search = tables(), table()
     if not args.write:
-        print(text)
+        print(search + "\n" + history)
         return
-    readme = (ROOT / "README.md").read_text()
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    (ROOT / "README.md").write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    _replace_between(ROOT / "docs" / "results.md", BEGIN, END, history)
+    _replace_between(ROOT / "README.md", SEARCH_BEGIN, SEARCH_END, search)
 
 
 if __name__ == "__main__":
