@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.fx as fx
 
@@ -97,3 +99,20 @@ def node_shape(node) -> tuple | None:
     """The shape in a node's tensor metadata (`meta["val"]`), or None."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+class PlanTensors(str):
+    """A JSON string (the content hash of named tensors) that carries the tensors
+    themselves in this process: a plan stays JSON for the manifest, and what a pass
+    computed on calibration data (thresholds, refit weights) reaches its graphs."""
+
+    tensors: dict
+
+
+def plan_tensors(tensors: dict) -> PlanTensors:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode() + tensors[key].detach().cpu().numpy().tobytes())
+    out = PlanTensors("sha256:" + digest.hexdigest()[:16])
+    out.tensors = tensors
+    return out

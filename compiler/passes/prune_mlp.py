@@ -24,7 +24,6 @@ up to the chosen one, so the gain of each step is visible.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from optc.compiler.anatomy import Anatomy
 from optc.compiler.config import Choice, Float, PassConfig, knob
 from optc.compiler.fused_mlp import split_fused_gate_up
 from optc.compiler.passes import PassResult, register_pass
-from optc.compiler.rewrite import attr_value, rebuild
+from optc.compiler.rewrite import attr_value, plan_tensors, rebuild
 from optc.errors import CompileError
 
 SCORES = ("activation", "weight")
@@ -63,22 +62,6 @@ class PruneMlpConfig(PassConfig):
 
     def active(self) -> bool:
         return self.enabled and self.ratio > 0
-
-
-class RefitWeights(str):
-    """A JSON string (the refit weights' hash) that carries the tensors in-process from
-    plan to apply; read back from JSON it carries none, and lstsq must plan again."""
-
-    tensors: dict
-
-
-def _refit_weights(tensors: dict) -> RefitWeights:
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode() + tensors[key].detach().cpu().numpy().tobytes())
-    out = RefitWeights("sha256:" + digest.hexdigest()[:16])
-    out.tensors = tensors
-    return out
 
 
 def _aligned(k: float, width: int, align: int) -> int:
@@ -189,7 +172,7 @@ def plan_prune_mlp(ctx, anatomy: Anatomy, cfg: PruneMlpConfig) -> dict:
         "why": f"{cfg.score} scores, {cfg.allocation} allocation, widths multiples of {cfg.align}",
     }
     if cfg.repair == "lstsq":
-        plan["refit"] = _refit_weights(refit)
+        plan["refit"] = plan_tensors(refit)
     if xs:
         plan["local_rel_err"] = {k: round(sum(v) / len(v), 6) for k, v in errs.items() if v}
         losses = {"dense": ctx.calibration_loss(lambda g: g, n=cfg.calibration_samples)}

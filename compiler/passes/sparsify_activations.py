@@ -35,7 +35,7 @@ from optc.compiler.config import Choice, Float, PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.passes import sparsify_calibration as cal
 from optc.compiler.passes.sparsify_report import report_sparsity
-from optc.compiler.rewrite import drop_unused_attributes, eliminate_dead_code, rebuild
+from optc.compiler.rewrite import drop_unused_attributes, eliminate_dead_code, plan_tensors, rebuild
 from optc.errors import CompileError
 
 aten = torch.ops.aten
@@ -123,7 +123,7 @@ def plan_sparsify_activations(ctx, anatomy: Anatomy, cfg: SparsifyActivationsCon
     plan["calibration_weights_skipped"] = round(sum(reach[u.key] * u.params for u in units) / plan["block_params"], 4)
     plan["calibration_tokens"] = int(next(iter(stats.values())).x.shape[0])
     if vectors:
-        plan["channel_thresholds"] = cal.channel_thresholds(vectors)
+        plan["channel_thresholds"] = plan_tensors(vectors)
     return plan
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import hashlib
 import math
 
 import torch
@@ -301,23 +300,6 @@ def greedy(units: list[Unit], proxies: dict[str, ErrorProxy], target: float) -> 
         level[best.key] += 1
         done += best.params * step
     return {k: LEVELS[i] for k, i in level.items()}
-
-
-class ChannelThresholds(str):
-    """A JSON string (the content hash of per-channel threshold vectors) that carries
-    the vectors themselves in this process: the plan stays JSON for the manifest, and
-    the vectors reach the graphs as buffers."""
-
-    tensors: dict
-
-
-def channel_thresholds(tensors: dict) -> ChannelThresholds:
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode() + tensors[key].detach().cpu().numpy().tobytes())
-    out = ChannelThresholds("sha256:" + digest.hexdigest()[:16])
-    out.tensors = tensors
-    return out
 
 
 def sig(v: float) -> float:
