@@ -92,3 +92,21 @@ def postgres_db_url(postgres_url, request):
     url = pg.create_database(postgres_url, name)
     yield url
     pg.drop_database(postgres_url, name)
+
+
+def _decode_step_and_full(gms, ids):
+    """Prefill all but the last token, hand its KV caches to the decode program, decode the
+    last token; returns (decode logits, prefill logits of the whole sequence)."""
+    prefill, decode = gms["prefill"], gms["decode"]
+    n = ids.shape[1] - 1
+    prefill(input_ids=ids[:, :n], cache_position=torch.arange(n))
+    for bname, buf in prefill.named_buffers():
+        if "cache" in bname and hasattr(decode, bname):
+            decode.get_buffer(bname).copy_(buf)
+    step = decode(input_ids=ids[:, n:], cache_position=torch.tensor([n]))
+    return step, prefill(input_ids=ids, cache_position=torch.arange(n + 1))
+
+
+@pytest.fixture
+def decode_after_prefill():
+    return _decode_step_and_full

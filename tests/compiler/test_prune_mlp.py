@@ -67,17 +67,11 @@ def test_half_pruned_matches_eager_with_channels_zeroed(llama_captured):
 
 
 @pytest.mark.parametrize("repair", ["bias", "lstsq"])
-def test_decode_continues_prefill_and_reexport(llama_captured, repair):
+def test_decode_continues_prefill_and_reexport(llama_captured, repair, decode_after_prefill):
     _, captured = llama_captured
     gms, _ = _run(captured, {"ratio": 0.5, "align": 1, "repair": repair}, calib=_lm_calib())
-    prefill, decode = gms["prefill"], gms["decode"]
-    ids = torch.randint(0, 256, (1, 12))
-    prefill(input_ids=ids[:, :11], cache_position=torch.arange(11))
-    for bname, buf in prefill.named_buffers():
-        if "cache" in bname and hasattr(decode, bname):
-            decode.get_buffer(bname).copy_(buf)
-    step = decode(input_ids=ids[:, 11:], cache_position=torch.tensor([11]))
-    full = prefill(input_ids=ids, cache_position=torch.arange(12))
+    prefill = gms["prefill"]
+    step, full = decode_after_prefill(gms, torch.randint(0, 256, (1, 12)))
     assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
     kwargs = {"input_ids": ids[:, :9], "cache_position": torch.arange(9)}
     for name, gm in gms.items():  # re-traced at the new widths
