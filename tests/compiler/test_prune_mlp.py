@@ -71,7 +71,8 @@ def test_decode_continues_prefill_and_reexport(llama_captured, repair, decode_af
     _, captured = llama_captured
     gms, _ = _run(captured, {"ratio": 0.5, "align": 1, "repair": repair}, calib=_lm_calib())
     prefill = gms["prefill"]
-    step, full = decode_after_prefill(gms, torch.randint(0, 256, (1, 12)))
+    ids = torch.randint(0, 256, (1, 12))
+    step, full = decode_after_prefill(gms, ids)
     assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
     kwargs = {"input_ids": ids[:, :9], "cache_position": torch.arange(9)}
     for name, gm in gms.items():  # re-traced at the new widths
