@@ -155,6 +155,9 @@ class CompileSession:
         if n not in self._calibration_inputs:
             if self._calibration is not None:
                 batches = self._calibration[:n]
+                if len(batches) < n:
+                    self.log(f"[optc] the calibration data has {len(batches)} batches; a pass asks for {n}: "
+                             f"using all {len(batches)}")
             else:
                 batches = self._zoo_batches("calibration", n)
             self._calibration_inputs[n] = [_as_program_inputs(b, self.is_lm, self.device) for b in batches]
@@ -184,9 +187,11 @@ class CompileSession:
 
     def _zoo_batches(self, which: str, n: int):
         if self.entry is None:
+            how = ("give --calibration PATH (a text file, or a .pt list of input tuples), "
+                   if which == "calibration" else "")
             raise UsageError(
                 f"a lossy pass (and --eval) needs {which} data: compile a zoo model, a Hugging Face causal LM "
-                "directory that holds its tokenizer (tokenizer.save_pretrained(DIR) adds it), or pass "
+                f"directory that holds its tokenizer (tokenizer.save_pretrained(DIR) adds it), {how}or pass "
                 f"{which}=[...] to optc.compile from Python"
             )
         fn = self.entry.calibration_batches if which == "calibration" else self.entry.evaluation_batches

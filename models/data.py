@@ -116,7 +116,8 @@ class FastTokenizer:
 _TOKEN_CACHE: dict = {}  # (id(tokenizer), split) -> (tokenizer, LongTensor); bounded
 
 
-def _plain_encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, without the special tokens a tokenizer may add around it."""
     try:
         return list(tokenizer.encode(text, add_special_tokens=False))
     except TypeError:  # an encode without that keyword
@@ -130,7 +131,7 @@ def split_tokens(tokenizer, which: str) -> torch.Tensor:
     hit = _TOKEN_CACHE.get(key)
     if hit is not None and hit[0] is tokenizer:  # the object kept alive, so id is unique
         return hit[1]
-    ids = torch.tensor(_plain_encode(tokenizer, text_split(which)), dtype=torch.long)
+    ids = torch.tensor(encode_text(tokenizer, text_split(which)), dtype=torch.long)
     if len(_TOKEN_CACHE) >= 16:
         _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
     _TOKEN_CACHE[key] = (tokenizer, ids)

@@ -6,6 +6,7 @@ Public API (what the CLI is built on)::
     art = optc.compile(model, example_inputs, target="cpu", passes={"skip_layers.count": 2})
     art.save("model.optc")
     art = optc.load("model.optc")
+    calib = optc.read_calibration("text.txt", model, example_inputs)  # --calibration PATH
 
 Submodules are imported on first use so that `import optc` stays cheap and changes
 no global torch state.
@@ -13,11 +14,11 @@ no global torch state.
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "load", "__version__"]
+__all__ = ["compile", "load", "read_calibration", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("compile", "load"):
+    if name in ("compile", "load", "read_calibration"):
         from optc import api
 
         return getattr(api, name)

@@ -53,6 +53,19 @@ def compile(
     return Artifact(compiled.programs, compiled.manifest)
 
 
+def read_calibration(path: str | Path | None, model: torch.nn.Module, example_inputs: tuple, *,
+                     entry=None) -> list | None:
+    """A calibration file (`--calibration PATH`: text for causal LMs with a tokenizer, or a
+    `.pt` list of input tuples) read and checked against `model`; None for no path."""
+    if path is None:
+        return None
+    from optc.compiler.capture import is_causal_lm
+    from optc.models.calibration_file import read_calibration as read
+
+    return read(path, entry=entry, example_inputs=example_inputs, is_lm=is_causal_lm(model),
+                vocab_size=getattr(getattr(model, "config", None), "vocab_size", None))
+
+
 def load(path: str | Path, *, check_versions: bool = True) -> Artifact:
     """Load a `.optc` artifact; refuses truncated, tampered or mismatched files (exit 2)."""
     from optc.runtime.artifact import read_artifact

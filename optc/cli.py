@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lowering", default="target", choices=["target", "plain"],
                    help="how trials are lowered for measurement: the target's Inductor options (what ships), "
                         "or plain Inductor without coordinate-descent tuning (faster trials)")
+    _add_calibration_option(s)
     s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process of --workers N
     s.add_argument("--json", action="store_true")
 
@@ -102,6 +103,13 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON file of pass settings: {\"skip_layers\": {\"count\": 4}} or flat keys")
     p.add_argument("--max-cache-len", type=int, default=256, help="static KV cache length of decoder LMs")
     p.add_argument("--dynamic", default="", help="comma list of dynamic dimensions: batch, seq")
+    _add_calibration_option(p)
+
+
+def _add_calibration_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", metavar="PATH",
+                   help="calibration data for lossy passes: a text file (causal LMs with a tokenizer) "
+                        "or a .pt list of input tuples (any model); default: the zoo's or the directory's data")
 
 
 def pass_settings(args) -> dict:

@@ -39,6 +39,7 @@ def compile_model(args, *, evaluate: bool):
         pipeline_name=args.pipeline,
         passes=pass_settings(args),
         entry=entry,
+        calibration=optc.read_calibration(args.calibration, module, example_inputs, entry=entry),
         max_cache_len=args.max_cache_len,
         dynamic=dynamic_dims(args),
         verify=not getattr(args, "no_verify", False),
@@ -150,6 +151,7 @@ def cmd_bench(args):
         out=args.out,
         max_cache_len=args.max_cache_len,
         dynamic=dynamic_dims(args),
+        calibration=args.calibration,
     )
 
 
@@ -190,7 +192,7 @@ def cmd_search(args):
         storage=args.storage, study=args.study, workers=args.workers, pipeline=args.pipeline,
         fixed=pass_settings(args), out_dir=args.output, tokens=args.tokens, batch=args.batch,
         measure_all=args.measure_all, compile_best=not args.no_artifact, seed=args.seed,
-        time_limit_s=args.time_limit, lowering=args.lowering,
+        time_limit_s=args.time_limit, lowering=args.lowering, calibration=args.calibration,
     )
     return search(req, worker_only=args.worker)
 

@@ -44,6 +44,7 @@ class SearchRequest:
     seed: int | None = None
     time_limit_s: float | None = None
     lowering: str = "target"  # "plain": Inductor defaults for trials (faster), not the target's tuning
+    calibration: str | None = None  # a --calibration file instead of the zoo's data
 
 
 def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
@@ -114,13 +115,16 @@ def _subsample(session) -> int:
 
 
 def _session(req, target, log):
+    from optc.api import read_calibration
     from optc.compiler.session import CompileSession
     from optc.models.user import resolve
 
     log(f"loading {req.model} on {target.device} ...")
     entry, model, example_inputs = resolve(req.model, device=target.device,
                                            dtype=None if target.device == "cpu" else target.dtype)
-    session = CompileSession(model, example_inputs, target=target.name, entry=entry, log=log)
+    calibration = read_calibration(req.calibration, model, example_inputs, entry=entry)
+    session = CompileSession(model, example_inputs, target=target.name, entry=entry, calibration=calibration,
+                             log=log)
     prompt = example_inputs[0][:, :16].contiguous() if session.is_lm else example_inputs
     return session, entry, prompt
 
@@ -245,6 +249,8 @@ def _worker_argv(req, study_name: str, trials: int) -> list[str]:
     if req.time_limit_s:
         argv += ["--time-limit", str(req.time_limit_s)]
     argv += ["--lowering", req.lowering]
+    if req.calibration:
+        argv += ["--calibration", req.calibration]
     return argv
 
 

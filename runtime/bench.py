@@ -40,13 +40,17 @@ def bench(
     out: str | Path | None = None,
     max_cache_len: int = 256,
     dynamic: tuple[str, ...] = (),
+    calibration: str | Path | None = None,
 ) -> dict:
     """Time `model` (a zoo name, HF directory or file.py:factory) under each baseline and
     each optc variant, (label, pipeline name, pass settings as optc.compile takes them),
     and return the result JSON (also written to `out` after every row). `batch` applies
-    to LMs (default 1); `rounds` > 1 times the compiled LM rows again round-robin."""
+    to LMs (default 1); `rounds` > 1 times the compiled LM rows again round-robin.
+    `calibration`: a file for the lossy rows' passes (models/calibration_file.py)."""
     import optc
     from optc.compiler import targets
+    from optc.compiler.capture import is_causal_lm
+    from optc.models.calibration_file import read_calibration
     from optc.models.user import resolve
     from optc.runtime import baselines as torch_baselines
     from optc.runtime.timing import device_info, device_probe
@@ -67,7 +71,10 @@ def bench(
     _log(f"loading {model} on {device} ...")
     entry, eager, example_inputs = resolve(model, device=device, dtype=dtype)
     names = list(baselines)
-    is_lm = type(eager).__name__.endswith("ForCausalLM")
+    is_lm = is_causal_lm(eager)
+    calib = None if calibration is None else read_calibration(
+        calibration, entry=entry, example_inputs=example_inputs, is_lm=is_lm,
+        vocab_size=getattr(getattr(eager, "config", None), "vocab_size", None))
     autotune = is_lm and autotune
     timings, notes, failed = {}, {}, {}
     again: dict = {}  # label -> time the compiled row once more (later rounds)
@@ -147,11 +154,11 @@ def bench(
         def time_it(pipe=pipe, passes=passes):
             if is_lm:
                 art = optc.compile(eager, (prompt,), target=tgt.name, pipeline_name=pipe, passes=passes,
-                                   entry=entry, max_cache_len=max_cache_len, verify=False, log=_log)
+                                   entry=entry, calibration=calib, max_cache_len=max_cache_len, verify=False, log=_log)
                 m = measure(art, tgt, workload, inputs=prompt, autotune=autotune, log=_log)
                 return m.timing, _lm_notes(art, m, eager, prompt), m.remeasure
             art = optc.compile(eager, example_inputs, target=tgt.name, pipeline_name=pipe, passes=passes,
-                               entry=entry, dynamic=dynamic, verify=False, log=_log)
+                               entry=entry, calibration=calib, dynamic=dynamic, verify=False, log=_log)
             m = measure(art, tgt, workload, inputs=example_inputs, log=_log)
             # Forward rows are timed once: the round-robin rounds are for decode.
             return m.timing, {"params": art.manifest["params"], "config": art.manifest["config"]}, None
