@@ -100,14 +100,13 @@ def _analyze(gm: fx.GraphModule) -> Anatomy:
         return anatomy
     dag = _dag(graph)
     blocks = []
-    for i, sdpa in enumerate(sdpas):
-        block_path = _block_path(sdpa)
-        if block_path is None:
-            raise _Unreadable(f"attention node {sdpa.name} is not inside an indexed block (e.g. layers.3)")
-        attn_path = _child_of(block_path, module_path(sdpa))
+    for i, (block_path, sdpa) in enumerate(_block_paths(graph, sdpas, linears)):
         block_linears = [lin for lin in linears if lin.path.startswith(block_path + ".")]
-        attention = _attention(attn_path, sdpa, block_linears, graph, dag)
-        mlp = _mlp(block_path, attention, block_linears, dag)
+        attention = None
+        if sdpa is not None:
+            attention = _attention(_child_of(block_path, module_path(sdpa)), sdpa, block_linears, graph, dag)
+        rest = [lin for lin in block_linears if attention is None or not lin.path.startswith(attention.path + ".")]
+        mlp = _mlp(block_path, rest, dag) if rest else None
         inp, mid, out = _residual_points(block_path, attention, mlp, dag, graph)
         blocks.append(Block(i, block_path, attention, mlp, inp, mid, out))
     anatomy.blocks = blocks
@@ -116,6 +115,30 @@ def _analyze(gm: fx.GraphModule) -> Anatomy:
     after = [lin for lin in after if nx.has_path(dag, last, lin.node)]
     anatomy.head = after[-1] if after else None
     return anatomy
+
+
+def _block_paths(graph: fx.Graph, sdpas: list, linears: list[Linear]) -> list[tuple[str, fx.Node | None]]:
+    """(block path, its SDPA or None) in graph order. A block is an indexed module
+    holding an attention; after skip_layers removed an attention half, its sibling
+    (layers.3 beside layers.2) holding only MLP linears is a block too."""
+    by_path: dict[str, fx.Node | None] = {}
+    for sdpa in sdpas:
+        path = _block_path(sdpa)
+        if path is None:
+            raise _Unreadable(f"attention node {sdpa.name} is not inside an indexed block (e.g. layers.3)")
+        if path in by_path:
+            raise _Unreadable(f"block {path} holds two attentions (cross-attention); such blocks are not recognised")
+        by_path[path] = sdpa
+    lists = {path.rpartition(".")[0] for path in by_path}
+    first_seen = {path: sdpa for path, sdpa in by_path.items()}
+    for lin in linears:
+        for path in _stack_paths(lin.node):
+            parent, _, index = path.rpartition(".")
+            if parent in lists and index.isdigit() and path not in by_path:
+                by_path[path] = None
+                first_seen[path] = lin.node
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(by_path.items(), key=lambda item: order[first_seen[item[0]]])
 
 
 def _rmsnorm_paths(graph: fx.Graph) -> set[str]:
@@ -237,8 +260,8 @@ def _attention(path: str, sdpa: fx.Node, linears: list[Linear], graph: fx.Graph,
     )
 
 
-def _mlp(block: str, attention: Attention, linears: list[Linear], dag: nx.DiGraph) -> MLP:
-    rest = [lin for lin in linears if not lin.path.startswith(attention.path + ".")]
+def _mlp(block: str, rest: list[Linear], dag: nx.DiGraph) -> MLP:
+    """The MLP among a block's linears other than the attention's."""
     if len(rest) not in (2, 3):
         raise _Unreadable(f"block {block}: expected 2 or 3 MLP linears, found {[x.path for x in rest]}")
     # The down projection is the one fed by the others.
@@ -277,8 +300,10 @@ def _activation_after(start: fx.Node, stop: fx.Node):
     return None
 
 
-def _residual_points(block: str, attention: Attention, mlp: MLP, dag: nx.DiGraph, graph: fx.Graph):
-    """The residual stream at the block's input, between its sub-blocks and at its output.
+def _residual_points(block: str, attention: Attention | None, mlp: MLP | None, dag: nx.DiGraph,
+                     graph: fx.Graph):
+    """The residual stream at the block's input, between its sub-blocks and at its output
+    (a block left with one half has mid == output, or input == mid).
 
     After a sub-block's last projection, every path to the graph output passes through
     a chain of dominators (the residual add, a post-norm, dtype casts). The stream
@@ -286,21 +311,25 @@ def _residual_points(block: str, attention: Attention, mlp: MLP, dag: nx.DiGraph
     next; found with networkx's dominator analysis rather than by matching op names.
     """
     sink = next(iter(graph.find_nodes(op="output")))
-    if not nx.has_path(dag, attention.o.node, mlp.linears[0].node):
+    if attention is not None and mlp is not None and not nx.has_path(dag, attention.o.node, mlp.linears[0].node):
         raise _Unreadable(f"block {block}: its MLP does not read the attention's output (attention and MLP in "
                           "parallel, as in GPT-NeoX and Falcon); such blocks are not recognised")
-    mid = _stream_point(block, attention.o.node, sink, dag, feeds=mlp.linears[0].node)
-    out = _stream_point(block, mlp.down.node, sink, dag, feeds=None)
-    q_in = attention.q.node.args[0]
+    mid = out = None
+    if attention is not None:
+        mid = _stream_point(block, attention.o.node, sink, dag, feeds=mlp.linears[0].node if mlp else None)
+    if mlp is not None:
+        out = _stream_point(block, mlp.down.node, sink, dag, feeds=None)
+    first_in = (attention.q if attention is not None else mlp.linears[0]).node.args[0]
+    ref = mid if mid is not None else out
     candidates = [
-        n for n in nx.ancestors(dag, q_in) | {q_in} if not _in_scope(n, block) and _same_shape(n, mid)
+        n for n in nx.ancestors(dag, first_in) | {first_in} if not _in_scope(n, block) and _same_shape(n, ref)
     ]
     if not candidates:
         raise _Unreadable(f"block {block}: cannot find the residual stream entering it")
     # The stream entering is the latest such node (closest to the block).
     order = {n: i for i, n in enumerate(graph.nodes)}
     inp = max(candidates, key=order.__getitem__)
-    return inp, mid, out
+    return inp, mid if mid is not None else inp, out if out is not None else mid
 
 
 def _stream_point(block, start, sink, dag, feeds):

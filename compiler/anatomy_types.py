@@ -67,15 +67,22 @@ class MLP:
 class Block:
     """A residual block. The residual stream enters at `input`, is `mid` after the
     attention sub-block and `output` after the MLP sub-block: skipping a sub-block
-    means routing the stream around it (uses of its end replaced by its start)."""
+    means routing the stream around it (uses of its end replaced by its start).
+    After skip_layers removed one half, the other remains: `attention` or `mlp` is
+    None, and mid == output (no MLP) or input == mid (no attention)."""
 
     index: int
     path: str
-    attention: Attention
-    mlp: MLP
+    attention: Attention | None
+    mlp: MLP | None
     input: fx.Node
     mid: fx.Node
     output: fx.Node
+
+    @property
+    def halves(self) -> list[str]:
+        """The sub-blocks still present: 'attention', 'mlp' or both."""
+        return [name for name in ("attention", "mlp") if getattr(self, name) is not None]
 
 
 @dataclass
@@ -100,7 +107,7 @@ class Anatomy:
             {
                 "index": b.index,
                 "path": b.path,
-                "attention": {
+                "attention": None if b.attention is None else {
                     "path": b.attention.path,
                     "q": b.attention.q.path,
                     "k": b.attention.k.path,
@@ -113,7 +120,7 @@ class Anatomy:
                     "kv_cache": bool(b.attention.cache_writes),
                     "kv_repeated": b.attention.kv_sources is not None,
                 },
-                "mlp": {
+                "mlp": None if b.mlp is None else {
                     "gated": b.mlp.gated,
                     "activation": b.mlp.activation,
                     "linears": [lin.path for lin in b.mlp.linears],

@@ -37,6 +37,9 @@ PIPELINES: dict[str, list[Step]] = {
         # Width after depth: channels are scored on the blocks that remain; before the
         # thresholding pass, which calibrates on the pruned MLPs it will sparsify.
         Step("prune_mlp", "remove the least important MLP channels (narrower gate/up/down); off until ratio is set"),
+        # Heads after channels: both are scored on the blocks that remain; before
+        # share_kv_heads, which rewrites the decode attention this pass narrows.
+        Step("prune_heads", "remove the least important attention heads (KV groups, with their cache); off until ratio is set"),
         # Before the thresholding pass, so the runner's end-to-end check of this lossless
         # rewrite is meaningful.
         Step("share_kv_heads", "one-token attention reads each KV head once instead of a copy per query head"),

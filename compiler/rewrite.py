@@ -116,3 +116,43 @@ def plan_tensors(tensors: dict) -> PlanTensors:
     out = PlanTensors("sha256:" + digest.hexdigest()[:16])
     out.tensors = tensors
     return out
+
+
+def get_attr_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """The get_attr nodes of `gm` by target."""
+    out: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            out.setdefault(node.target, []).append(node)
+    return out
+
+
+def set_param(gm: fx.GraphModule, getattrs: dict, name: str, value: torch.Tensor) -> None:
+    """Replace (or add) the parameter `name` of `gm` by `value`; a new tensor, so other
+    programs holding the old one are left as they are."""
+    owner, _, attr = name.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    module.register_parameter(attr, torch.nn.Parameter(value.contiguous(), requires_grad=False))
+    # Shape metadata like every get_attr of the program: later passes' anatomy reads it.
+    for node in getattrs.get(name, []):
+        node.meta["val"] = node.meta["val"].new_empty(value.shape) if "val" in node.meta else \
+            torch.empty(value.shape, dtype=value.dtype, device="meta")
+
+
+def add_to_linear_output(gm: fx.GraphModule, getattrs: dict, linear: fx.Node, weight: str, bias: str | None,
+                         constant: torch.Tensor) -> None:
+    """Add `constant` to the output of the `linear` node reading `weight`: folded into
+    its bias, a new `<owner>.bias` parameter where it had none, so the graph keeps an
+    ordinary linear that later passes read as such."""
+    w = attr_value(gm, weight)
+    constant = constant.to(w.device, torch.float32)
+    if bias is not None:
+        set_param(gm, getattrs, bias, (attr_value(gm, bias).float() + constant).to(w.dtype))
+        return
+    name = f"{weight.rpartition('.')[0]}.bias".lstrip(".")
+    set_param(gm, getattrs, name, constant.to(w.dtype))
+    with gm.graph.inserting_before(linear):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = getattrs[weight][0].meta["val"].new_empty(constant.shape)
+    getattrs.setdefault(name, []).append(node)
+    linear.args = (linear.args[0], linear.args[1], node)

@@ -33,7 +33,7 @@ from optc.compiler.anatomy import Anatomy
 from optc.compiler.config import Choice, Float, PassConfig, knob
 from optc.compiler.fused_mlp import split_fused_gate_up
 from optc.compiler.passes import PassResult, register_pass
-from optc.compiler.rewrite import attr_value, plan_tensors, rebuild
+from optc.compiler.rewrite import add_to_linear_output, attr_value, get_attr_nodes, plan_tensors, rebuild, set_param
 from optc.errors import CompileError
 
 SCORES = ("activation", "weight")
@@ -122,12 +122,14 @@ def _rel_err(x, w, kept, wk, c) -> float:
 def plan_prune_mlp(ctx, anatomy: Anatomy, cfg: PruneMlpConfig) -> dict:
     if anatomy.empty:
         return {"blocks": {}, "reason": f"no residual blocks recognised: {anatomy.reason}"}
-    mlps = {b.index: b.mlp for b in anatomy.blocks}
+    mlps = {b.index: b.mlp for b in anatomy.blocks if b.mlp is not None}
+    if not mlps:
+        return {"blocks": {}, "reason": "no MLP left (skip_layers removed every MLP half)"}
     odd = [i for i, m in mlps.items() if m.up.out_features != m.down.in_features
            or (m.gated and m.gate.out_features != m.down.in_features)]
     if odd:
         return {"blocks": {}, "reason": f"blocks {odd}: up/gate widths differ from down_proj's input"}
-    gm = anatomy.blocks[0].mlp.down.node.graph.owning_module
+    gm = next(iter(mlps.values())).down.node.graph.owning_module
     needs_data = cfg.score == "activation" or cfg.repair != "none"
     xs = {}
     if needs_data:  # a weight-scored plan without repair needs no calibration data at all
@@ -201,16 +203,6 @@ def _pruned_copy(gm: fx.GraphModule, anatomy: Anatomy, plan: dict) -> fx.GraphMo
     return copy
 
 
-def _set_param(gm: fx.GraphModule, getattrs: dict, name: str, value: torch.Tensor) -> None:
-    owner, _, attr = name.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    module.register_parameter(attr, torch.nn.Parameter(value.contiguous(), requires_grad=False))
-    # Shape metadata like every get_attr of the program: later passes' anatomy reads it.
-    for node in getattrs.get(name, []):
-        node.meta["val"] = node.meta["val"].new_empty(value.shape) if "val" in node.meta else \
-            torch.empty(value.shape, dtype=value.dtype, device="meta")
-
-
 def _narrow_meta(start: list[fx.Node], stop: fx.Node, width: int, kept: int) -> None:
     """Intermediate activations (linear outputs, act, product) between gate/up and down
     are `kept` wide now: their metadata says so for the passes that read it."""
@@ -229,10 +221,7 @@ def _narrow_meta(start: list[fx.Node], stop: fx.Node, width: int, kept: int) -> 
 def prune(gm: fx.GraphModule, anatomy: Anatomy, plan: dict) -> int:
     """Slice the planned MLPs of `gm` (found by parameter name, so `anatomy` may belong
     to another program with the same parameters); returns how many were pruned."""
-    getattrs: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            getattrs.setdefault(node.target, []).append(node)
+    getattrs = get_attr_nodes(gm)
     refit = getattr(plan.get("refit"), "tensors", None)
     if plan.get("repair") == "lstsq" and refit is None:
         raise CompileError("prune_mlp: this lstsq plan was read back from JSON without its refit weights; plan again")
@@ -242,6 +231,8 @@ def prune(gm: fx.GraphModule, anatomy: Anatomy, plan: dict) -> int:
         if entry is None:
             continue
         mlp = block.mlp
+        if mlp is None:
+            raise CompileError(f"prune_mlp: the plan prunes block {block.index}'s MLP, which this program lacks")
         w_down = attr_value(gm, mlp.down.weight)
         if w_down.shape[1] != entry["width"]:
             raise CompileError(f"prune_mlp: block {block.index}'s MLP is {w_down.shape[1]} wide, the plan was "
@@ -252,23 +243,15 @@ def prune(gm: fx.GraphModule, anatomy: Anatomy, plan: dict) -> int:
         for lin in (mlp.gate, mlp.up):
             if lin is None:
                 continue
-            _set_param(gm, getattrs, lin.weight, attr_value(gm, lin.weight).detach()[kept])
+            set_param(gm, getattrs, lin.weight, attr_value(gm, lin.weight).detach()[kept])
             if lin.bias is not None:
-                _set_param(gm, getattrs, lin.bias, attr_value(gm, lin.bias).detach()[kept])
+                set_param(gm, getattrs, lin.bias, attr_value(gm, lin.bias).detach()[kept])
         new_down = refit[str(block.index)] if plan.get("repair") == "lstsq" else w_down.detach()[:, kept]
-        _set_param(gm, getattrs, mlp.down.weight, new_down.to(w_down.device, w_down.dtype))
+        set_param(gm, getattrs, mlp.down.weight, new_down.to(w_down.device, w_down.dtype))
         down_node = next(u for u in getattrs[mlp.down.weight][0].users)
         if entry.get("compensation") is not None:
-            c = torch.tensor(entry["compensation"], dtype=torch.float32, device=w_down.device)
-            if mlp.down.bias is not None:
-                _set_param(gm, getattrs, mlp.down.bias, (attr_value(gm, mlp.down.bias).float() + c).to(w_down.dtype))
-            else:
-                name = f"{mlp.down.weight.rpartition('.')[0]}.bias".lstrip(".")
-                _set_param(gm, getattrs, name, c.to(w_down.dtype))
-                with gm.graph.inserting_before(down_node):
-                    bias = gm.graph.get_attr(name)
-                bias.meta["val"] = getattrs[mlp.down.weight][0].meta["val"].new_empty(c.shape)
-                down_node.args = (down_node.args[0], down_node.args[1], bias)
+            add_to_linear_output(gm, getattrs, down_node, mlp.down.weight, mlp.down.bias,
+                                 torch.tensor(entry["compensation"], dtype=torch.float32))
         _narrow_meta(starts, down_node, entry["width"], len(entry["kept"]))
         done += 1
     return done

@@ -124,6 +124,8 @@ def share_kv_heads(gm: fx.GraphModule, anatomy: Anatomy, cfg: ShareKVHeadsConfig
         return PassResult(False, f"no transformer structure recognised: {anatomy.reason}")
     rewritten, skipped = 0, {}
     for block in anatomy.blocks:
+        if block.attention is None:
+            continue  # removed by skip_layers
         why = _why_not(block.attention)
         if why is not None:
             skipped[why] = skipped.get(why, 0) + 1

@@ -53,25 +53,26 @@ class SkipLayersConfig(PassConfig):
 
 
 def _units(anatomy: Anatomy, cfg: SkipLayersConfig) -> list[tuple[int, str]]:
+    """Candidate units; a half an earlier pass already removed is no candidate."""
     n = len(anatomy.blocks)
     if cfg.layers:
         bad = [i for i in cfg.layers if i >= n]
         if bad:
             raise UsageError(f"skip_layers.layers={list(cfg.layers)}: the model has blocks 0..{n - 1}, not {bad}")
         part = "block" if cfg.granularity == "sublayer" else cfg.granularity
+        missing = [i for i in cfg.layers if part != "block" and part not in anatomy.blocks[i].halves]
+        if missing:
+            raise UsageError(f"skip_layers.layers={list(cfg.layers)}: blocks {missing} have no {part} half left")
         return [(i, part) for i in cfg.layers]
     parts = ("attention", "mlp") if cfg.granularity == "sublayer" else (cfg.granularity,)
-    return [(i, part) for i in range(n) for part in parts]
+    return [(i, part) for i in range(n) for part in parts
+            if part == "block" or part in anatomy.blocks[i].halves]
 
 
 def _unit_params(gm: fx.GraphModule, anatomy: Anatomy, unit) -> int:
     block = anatomy.blocks[unit[0]]
-    linears = {
-        "attention": block.attention.linears,
-        "mlp": block.mlp.linears,
-    }
-    chosen = linears["attention"] + linears["mlp"] if unit[1] == "block" else linears[unit[1]]
-    return sum(gm.get_parameter(lin.weight).numel() for lin in chosen)
+    halves = block.halves if unit[1] == "block" else [unit[1]]
+    return sum(gm.get_parameter(lin.weight).numel() for half in halves for lin in getattr(block, half).linears)
 
 
 def plan_skip_layers(ctx, anatomy: Anatomy, cfg: SkipLayersConfig) -> dict:
@@ -167,8 +168,9 @@ def _remap(anatomy: Anatomy, mapping: dict) -> Anatomy:
     for b in anatomy.blocks:
         nb = _copy.copy(b)
         nb.input, nb.mid, nb.output = mapping[b.input], mapping[b.mid], mapping[b.output]
-        nb.attention = _copy.copy(b.attention)
-        nb.attention.cache_writes = [mapping[n] for n in b.attention.cache_writes]
+        if b.attention is not None:
+            nb.attention = _copy.copy(b.attention)
+            nb.attention.cache_writes = [mapping[n] for n in b.attention.cache_writes]
         moved.blocks.append(nb)
     return moved
 
@@ -188,15 +190,16 @@ def remove_units(gm: fx.GraphModule, anatomy: Anatomy, units, biases: dict | Non
     # Later blocks first: a later block's input node is an earlier block's output,
     # whose uses (including the ones just redirected) are then rerouted in turn.
     for index in sorted(parts_by_block, reverse=True):
-        block, parts = anatomy.blocks[index], parts_by_block[index]
+        block = anatomy.blocks[index]
+        parts = parts_by_block[index] & set(block.halves)
         bias = bias_by_block.get(index)
-        if parts == {"attention", "mlp"}:
+        if parts == set(block.halves):  # all that is left of the block
             _reroute(gm, block.output, block.input, bias, f"optc_skip_bias_{index}")
         elif parts == {"attention"}:
             _reroute(gm, block.mid, block.input, bias, f"optc_skip_bias_{index}_attention")
         else:
             _reroute(gm, block.output, block.mid, bias, f"optc_skip_bias_{index}_mlp")
-        if "attention" in parts:
+        if "attention" in parts and block.attention is not None:
             for write in block.attention.cache_writes:
                 write.replace_all_uses_with(write.args[0])
                 gm.graph.erase_node(write)

@@ -118,7 +118,7 @@ def plan_sparsify_activations(ctx, anatomy: Anatomy, cfg: SparsifyActivationsCon
     plan["units"] = rows
     plan["calibration_sparsity"] = round(sum(reach[u.key] * u.params for u in units) / total, 4)
     plan["block_params"] = sum(lin.in_features * lin.out_features for b in anatomy.blocks
-                               for lin in (*b.attention.linears, *b.mlp.linears))
+                               for half in b.halves for lin in getattr(b, half).linears)
     # What decode speed follows: the fraction of all block weight rows a token skips.
     plan["calibration_weights_skipped"] = round(sum(reach[u.key] * u.params for u in units) / plan["block_params"], 4)
     plan["calibration_tokens"] = int(next(iter(stats.values())).x.shape[0])

@@ -67,11 +67,13 @@ def units_for(method: str, anatomy: Anatomy) -> tuple[list[Unit], list[str]]:
     units, skipped = [], []
     for b in anatomy.blocks:
         att, mlp = b.attention, b.mlp
-        if method in ("teal", "chess"):
+        if method in ("teal", "chess") and att is not None:
             qkv = [att.q] if att.fused_qkv else [att.q, att.k, att.v]
             if len({lin.node.args[0] for lin in qkv}) == 1:
                 units.append(Unit(f"{b.index}.qkv", b, "qkv", att.q.node.args[0], qkv, att.v))
             units.append(Unit(f"{b.index}.o", b, "o", att.o.node.args[0], [att.o], att.o))
+        if mlp is None:
+            continue
         if method == "teal":
             ins = [lin for lin in (mlp.gate, mlp.up) if lin is not None]
             if len({lin.node.args[0] for lin in ins}) == 1:

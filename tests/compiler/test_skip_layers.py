@@ -151,3 +151,40 @@ def test_compensation_adds_mean_output(llama_captured):
     assert torch.allclose(out, ref, atol=1e-5)
     _, plain = _run(captured, {"count": 1, "granularity": "block", "selection": "cosine", "compensate": False}, calib=_lm_calib())
     assert "compensation" not in plain["plan"] or not plain["plan"]["compensation"]
+
+
+@pytest.mark.parametrize("part", ["attention", "mlp"])
+def test_anatomy_reads_blocks_left_with_one_half(llama_captured, part):
+    """After a half is removed the block is still read (the other half, its stream
+    points), so later passes keep applying to it: no silent stop."""
+    from optc.compiler import anatomy
+
+    _, captured = llama_captured
+    gms, _ = _run(captured, {"layers": [1, 2], "granularity": part})
+    for name, gm in gms.items():
+        a = anatomy.analyze(gm)
+        assert a.reason is None and len(a.blocks) == 4, (name, a.reason)
+        kept = "mlp" if part == "attention" else "attention"
+        assert [b.halves for b in a.blocks] == [["attention", "mlp"], [kept], [kept], ["attention", "mlp"]]
+        for b in a.blocks[1:3]:
+            assert (b.input is b.mid) if part == "attention" else (b.mid is b.output)
+            assert b.input is a.blocks[b.index - 1].output  # the stream still runs block to block
+        assert a.summary()["blocks"][1][part] is None
+    # The passes after skip_layers apply to what is left, on every program.
+    config = pipeline.resolve("default", {"skip_layers": {"layers": [1, 2], "granularity": part},
+                                          "prune_mlp": {"ratio": 0.5, "align": 1},
+                                          "sparsify_activations": {"sparsity": 0.5, "method": "teal"}})
+    gms = {n: capture.graph_module(ep) for n, ep in captured.programs.items()}
+    report = pipeline.run(gms, "prefill", config, lambda gm: CalibrationContext("causal-lm", gm, _lm_calib()),
+                          log=lambda m: None)
+    by_name = {e["name"]: e for e in report}
+    assert by_name["share_kv_heads"]["applied"], by_name["share_kv_heads"]["reason"]
+    shared = by_name["share_kv_heads"]["programs"]["decode"]["attentions_rewritten"]
+    assert shared == (2 if part == "attention" else 4)
+    pruned = by_name["prune_mlp"]
+    assert pruned["applied"] and sorted(pruned["plan"]["blocks"]) == (["0", "1", "2", "3"] if part == "attention"
+                                                                      else ["0", "3"])
+    sparse = by_name["sparsify_activations"]
+    assert sparse["applied"], sparse["reason"]
+    units = {u["key"] for u in sparse["plan"]["units"]}
+    assert ("1.qkv" in units) == (part == "mlp") and ("1.down" in units) == (part == "attention")

@@ -1,0 +1,296 @@
+"""prune_heads: structured pruning of attention heads.
+
+A head is D rows of q (and, for a whole KV group, D rows of k and of v), D columns of o,
+and, in a decoder, its slice of the KV cache; removing it leaves narrower dense linears,
+a narrower SDPA and a smaller cache. With grouped-query attention (KV heads < heads)
+`granularity="group"` removes whole KV groups (a KV head and its G query heads), so the
+grouping stays valid and the cache shrinks; `"head"` removes the same number of query
+heads from every group (the cache stays). Which go (`plan`, on calibration data):
+- score="activation": the energy a unit adds to o's output on calibration tokens,
+  mean ||W_o[:, unit] (x_unit - c)||^2 with x o's input, c its mean when the repair
+  puts the mean back (FLAP's fluctuation, exact per unit), else 0.
+- score="weight": ||W_o[:, unit]||^2 * ||W_v[unit's KV rows]||^2; no data needed.
+- allocation="uniform" keeps the same count in every layer; "global" ranks all units
+  together by their score standardised per layer (FLAP).
+Kept widths (heads x head_dim) are multiples of `align`, at least one KV group a layer.
+repair="bias" (FLAP) folds the removed heads' mean contribution into o's bias.
+
+Every tensor that carries the head count follows (compiler/head_coupling.py finds them,
+compiler/head_narrow.py cuts them); where that cannot be proven the pass refuses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from optc.compiler.anatomy import Anatomy
+from optc.compiler.config import Choice, Float, PassConfig, knob
+from optc.compiler.head_coupling import HeadCoupling, Uncoupled, couple
+from optc.compiler.head_narrow import Kept, narrow
+from optc.compiler.passes import PassResult, register_pass
+from optc.compiler.rewrite import add_to_linear_output, attr_value, get_attr_nodes, rebuild
+from optc.errors import CompileError
+
+SCORES = ("activation", "weight")
+ALLOCATIONS = ("uniform", "global")
+REPAIRS = ("bias", "none")
+GRANULARITIES = ("group", "head")
+
+
+@dataclass(frozen=True)
+class PruneHeadsConfig(PassConfig):
+    ratio: float = knob(0.0, low=0.0, high=0.9, search=Float(0.0, 0.5, step=0.05),
+                        doc="fraction of each attention's heads removed (0 = off)")
+    score: str = knob("activation", choices=SCORES, search=Choice(SCORES, when=("ratio", ">", 0)),
+                      doc="head importance: activation (o's output energy on calibration data) | weight (norms only)")
+    allocation: str = knob("uniform", choices=ALLOCATIONS, search=Choice(ALLOCATIONS, when=("ratio", ">", 0)),
+                           doc="uniform: same ratio per layer | global: rank all layers' heads together")
+    repair: str = knob("bias", choices=REPAIRS, search=Choice(REPAIRS, when=("ratio", ">", 0)),
+                       doc="bias: add the removed heads' mean output to o_proj's bias | none")
+    granularity: str = knob("group", choices=GRANULARITIES,
+                            doc="group: remove whole KV groups (smaller KV cache) | head: the same number of "
+                                "query heads from every group")
+    align: int = knob(64, low=1, high=4096,
+                      doc="kept heads x head_dim is a multiple of this (64 suits the GPU targets, 1 is enough on cpu)")
+    calibration_samples: int = knob(4, low=1, high=256, doc="calibration sequences (or batches)")
+
+    def active(self) -> bool:
+        return self.enabled and self.ratio > 0
+
+
+@dataclass
+class _Layer:
+    """One attention as the plan sees it: its units (KV groups, or query heads) and what
+    one step of its kept count is worth."""
+
+    index: int
+    coupling: HeadCoupling
+    by_group: bool  # units are KV groups; else query heads, counted per group
+    count: int  # kept count at full width: groups, or query heads per group
+
+    @property
+    def att(self):
+        return self.coupling.attention
+
+    def unit_heads(self, u: int) -> list[int]:
+        g = self.att.num_heads // self.att.num_kv_heads
+        return list(range(u * g, (u + 1) * g)) if self.by_group else [u]
+
+    def columns(self, heads: list[int]) -> torch.Tensor:
+        d = self.att.head_dim
+        return torch.tensor([h * d + j for h in heads for j in range(d)], dtype=torch.long)
+
+    def step(self, align: int) -> int:
+        """The kept count moves in steps that keep the width a multiple of `align`."""
+        per = self.att.head_dim * (self.att.num_heads // self.att.num_kv_heads if self.by_group
+                                   else self.att.num_kv_heads)
+        return align // math.gcd(align, per)
+
+
+def _layers(gm, anatomy: Anatomy, granularity: str) -> list[_Layer]:
+    out = []
+    for b in anatomy.blocks:
+        att = b.attention
+        group = att.num_heads // att.num_kv_heads
+        by_group = granularity == "group" or group == 1  # one query head a group: the same thing
+        out.append(_Layer(b.index, couple(gm, att), by_group, att.num_kv_heads if by_group else group))
+    return out
+
+
+def _o_weight(gm, layer: _Layer) -> torch.Tensor:
+    return attr_value(gm, layer.att.o.weight).float()
+
+
+def _v_rows(gm, layer: _Layer, kv: int) -> torch.Tensor:
+    att, d = layer.att, layer.att.head_dim
+    w = attr_value(gm, att.v.weight).float()
+    offset = (att.num_heads + att.num_kv_heads) * d if att.fused_qkv else 0
+    return w[offset + kv * d: offset + (kv + 1) * d]
+
+
+def _unit_scores(gm, layer: _Layer, x: torch.Tensor | None, score: str, centred: bool) -> torch.Tensor:
+    wo = _o_weight(gm, layer)
+    n_units = layer.att.num_kv_heads if layer.by_group else layer.att.num_heads
+    group = layer.att.num_heads // layer.att.num_kv_heads
+    out = []
+    for u in range(n_units):
+        cols = layer.columns(layer.unit_heads(u))
+        if score == "activation":
+            xu = x[:, cols.to(x.device)]
+            xu = xu - xu.mean(0) if centred else xu
+            out.append((xu @ wo[:, cols].T.to(x.device)).pow(2).sum(1).mean().item())
+        else:
+            kv = u if layer.by_group else u // group
+            out.append(wo[:, cols].pow(2).sum().item() * _v_rows(gm, layer, kv).pow(2).sum().item())
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _kept_counts(layers: list[_Layer], scores: dict, cfg: PruneHeadsConfig) -> dict:
+    """Kept count per layer (groups, or query heads per group), aligned."""
+    per_count = {ly.index: scores[ly.index].numel() // ly.count for ly in layers}  # units in one count
+    if cfg.allocation == "uniform":
+        raw = {ly.index: ly.count * (1 - cfg.ratio) for ly in layers}
+    else:
+        z = {i: (s - s.mean()) / s.std().clamp_min(1e-12) if s.numel() > 1 else s * 0 for i, s in scores.items()}
+        every = torch.cat(list(z.values())).sort().values
+        drop = int(round(cfg.ratio * every.numel()))
+        cut = every[drop - 1] if drop else -float("inf")
+        raw = {i: int((zi > cut).sum()) / per_count[i] for i, zi in z.items()}
+    out = {}
+    for ly in layers:
+        m = ly.step(cfg.align)
+        k = int(round(raw[ly.index] / m)) * m
+        out[ly.index] = max(min(m, ly.count), min(ly.count, k))
+    return out
+
+
+def _kept_heads(layer: _Layer, scores: torch.Tensor, count: int) -> tuple[list[int], list[int]]:
+    """(kept KV heads, kept query heads)."""
+    att = layer.att
+    if layer.by_group:
+        groups = sorted(scores.topk(count).indices.tolist())
+        return groups, [h for u in groups for h in layer.unit_heads(u)]
+    group = att.num_heads // att.num_kv_heads
+    heads = [kv * group + h for kv in range(att.num_kv_heads)
+             for h in scores[kv * group:(kv + 1) * group].topk(count).indices.tolist()]
+    return list(range(att.num_kv_heads)), sorted(heads)
+
+
+def _params_removed(layer: _Layer, kv: list[int], heads: list[int]) -> int:
+    att, d = layer.att, layer.att.head_dim
+    q_in = att.q.in_features + (att.q.bias is not None)
+    kv_in = att.k.in_features + (att.k.bias is not None)
+    return ((att.num_heads - len(heads)) * d * (q_in + att.o.out_features)
+            + 2 * (att.num_kv_heads - len(kv)) * d * kv_in)
+
+
+def _rel_err(x, w, kept_cols, c) -> float:
+    y = x @ w.T
+    approx = x[:, kept_cols] @ w[:, kept_cols].T + (c if c is not None else 0)
+    return ((approx - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)).item()
+
+
+def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
+    if anatomy.empty:
+        return {"blocks": {}, "reason": f"no residual blocks recognised: {anatomy.reason}"}
+    gm = anatomy.blocks[0].attention.o.node.graph.owning_module
+    try:
+        layers = _layers(gm, anatomy, cfg.granularity)
+    except Uncoupled as exc:
+        return {"blocks": {}, "reason": f"cannot prove what carries the head count ({exc}): every tensor of a "
+                                        "head is cut or none, so prune_heads leaves this model whole"}
+    needs_data = cfg.score == "activation" or cfg.repair != "none"
+    xs = {}
+    if needs_data:  # a weight-scored plan without repair needs no calibration data at all
+        values = ctx.stream_values([ly.att.o.node.args[0] for ly in layers], n=cfg.calibration_samples)
+        xs = {ly.index: torch.cat([v[k].float().flatten(0, -2) for v in values]) for k, ly in enumerate(layers)}
+    scores = {ly.index: _unit_scores(gm, ly, xs.get(ly.index), cfg.score, cfg.repair != "none") for ly in layers}
+    counts = _kept_counts(layers, scores, cfg)
+    blocks, errs, removed = {}, {"none": [], "bias": []}, 0
+    comps = {}
+    for ly in layers:
+        if counts[ly.index] >= ly.count:
+            continue
+        kv, heads = _kept_heads(ly, scores[ly.index], counts[ly.index])
+        att = ly.att
+        blocks[str(ly.index)] = {"heads": att.num_heads, "kv_heads": att.num_kv_heads, "head_dim": att.head_dim,
+                                 "kept_kv": kv, "kept_heads": heads}
+        removed += _params_removed(ly, kv, heads)
+        if ly.index not in xs:
+            continue
+        x, w = xs[ly.index], _o_weight(gm, ly).to(xs[ly.index].device)
+        cols = ly.columns(heads).to(x.device)
+        drop = torch.ones(w.shape[1], dtype=torch.bool, device=x.device)
+        drop[cols] = False
+        comps[str(ly.index)] = x.mean(0)[drop] @ w[:, drop].T
+        errs["none"].append(_rel_err(x, w, cols, None))
+        errs["bias"].append(_rel_err(x, w, cols, comps[str(ly.index)]))
+        if cfg.repair == "bias":
+            blocks[str(ly.index)]["compensation"] = comps[str(ly.index)].tolist()
+    if not blocks:
+        return {"blocks": {}, "reason": f"ratio {cfg.ratio} rounds to no head at align={cfg.align}"}
+    total = sum(ly.att.num_heads for ly in layers)
+    kept_heads = {str(ly.index): len(blocks[str(ly.index)]["kept_heads"]) if str(ly.index) in blocks
+                  else ly.att.num_heads for ly in layers}
+    plan = {
+        "blocks": blocks,
+        "repair": cfg.repair,
+        "granularity": cfg.granularity,
+        "kept_heads": kept_heads,
+        "kept_fraction": round(sum(kept_heads.values()) / total, 4),
+        "params_removed": int(removed),
+        "why": f"{cfg.score} scores, {cfg.allocation} allocation, widths multiples of {cfg.align}",
+    }
+    if xs:
+        plan["local_rel_err"] = {k: round(sum(v) / len(v), 6) for k, v in errs.items() if v}
+        _calibration_losses(ctx, gm, layers, plan, comps, cfg)
+    return plan
+
+
+def _calibration_losses(ctx, gm, layers, plan: dict, comps: dict, cfg: PruneHeadsConfig) -> None:
+    """The calibration loss dense and with each repair up to the chosen one, so the plan
+    shows what the repair buys."""
+    couplings = {ly.index: ly.coupling for ly in layers}
+    losses = {"dense": ctx.calibration_loss(lambda g: g, n=cfg.calibration_samples)}
+    for name in ("none", "bias")[: 2 if cfg.repair == "bias" else 1]:
+        trial = {**plan, "blocks": {k: {**b, "compensation": comps.get(k) if name == "bias" else None}
+                                    for k, b in plan["blocks"].items()}}
+        losses[name] = ctx.calibration_loss(lambda g, t=trial: _pruned_copy(g, couplings, t),
+                                            n=cfg.calibration_samples)
+    plan["calibration_loss"] = {k: round(v, 5) for k, v in losses.items()}
+
+
+def _pruned_copy(gm: fx.GraphModule, couplings: dict, plan: dict) -> fx.GraphModule:
+    """A copy of `gm` with the plan applied; `gm`'s own tensors are left as they are."""
+    copy, mapping = rebuild(gm)
+    _apply(copy, {i: c.moved(mapping) for i, c in couplings.items()}, plan)
+    copy.recompile()
+    return copy
+
+
+def prune(gm: fx.GraphModule, anatomy: Anatomy, plan: dict) -> int:
+    """Narrow the planned attentions of `gm` (blocks by index, checked against the plan's
+    head counts); every block is coupled before any is cut, so a refusal changes nothing."""
+    couplings = {}
+    for block in anatomy.blocks:
+        entry = plan["blocks"].get(str(block.index))
+        if entry is None:
+            continue
+        att = block.attention
+        if (att.num_heads, att.num_kv_heads, att.head_dim) != (entry["heads"], entry["kv_heads"], entry["head_dim"]):
+            raise CompileError(f"prune_heads: block {block.index} has {att.num_heads} heads over "
+                               f"{att.num_kv_heads} KV heads of {att.head_dim}; the plan was made for another shape")
+        try:
+            couplings[block.index] = couple(gm, att)
+        except Uncoupled as exc:
+            raise CompileError(f"prune_heads: block {block.index} of this program cannot be narrowed like the "
+                               f"calibration program ({exc}); compile without prune_heads.ratio") from None
+    return _apply(gm, couplings, plan)
+
+
+def _apply(gm: fx.GraphModule, couplings: dict, plan: dict) -> int:
+    getattrs = get_attr_nodes(gm)
+    for index, c in couplings.items():
+        entry = plan["blocks"][str(index)]
+        narrow(gm, c, Kept(c, entry["kept_kv"], entry["kept_heads"]), getattrs)
+        comp = entry.get("compensation")
+        if comp is not None:
+            o = c.attention.o
+            add_to_linear_output(gm, getattrs, c.o_node, o.weight, o.bias, torch.as_tensor(comp, dtype=torch.float32))
+    return len(couplings)
+
+
+@register_pass("prune_heads", PruneHeadsConfig, lossy=True, plan=plan_prune_heads)
+def prune_heads(gm: fx.GraphModule, anatomy: Anatomy, cfg: PruneHeadsConfig, plan: dict) -> PassResult:
+    """Remove the least important attention heads (whole KV groups by default), KV cache included."""
+    if not plan.get("blocks"):
+        return PassResult(False, plan.get("reason", "nothing selected"))
+    if anatomy.empty:
+        return PassResult(False, f"no residual blocks recognised: {anatomy.reason}")
+    done = prune(gm, anatomy, plan)
+    gm.recompile()
+    return PassResult(True, details={"pruned_attentions": done, "kept_fraction": plan.get("kept_fraction")})

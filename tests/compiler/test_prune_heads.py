@@ -1,0 +1,240 @@
+"""prune_heads: structure (narrower q/k/v/o, KV caches, head counts the anatomy reads,
+parameter counts), numerics (equal to the eager model with the same heads' outputs
+zeroed; decode continues prefill; re-export; generation from a saved artifact), q/k/v
+biases (Qwen2), a fused q/k/v projection (Phi-3), encoders, refusals."""
+
+import pytest
+import torch
+import transformers
+
+import optc
+from optc.compiler import capture, pipeline
+from optc.compiler.anatomy import analyze
+from optc.compiler.calibration import CalibrationContext
+from optc.compiler.passes.prune_heads import PruneHeadsConfig
+
+SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+ARCHS = {
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),  # q/k/v biases
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"pad_token_id": 0}),  # fused q/k/v
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),  # q/k norms over all heads
+}
+
+
+def _lm(arch):
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(0)
+    return model_cls(config_cls(**SIZES, **extra)).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def captured_lms():
+    """Tiny decoders of other architectures, captured once for the module."""
+    out = {}
+    for arch in ("qwen2", "phi3"):
+        model = _lm(arch)
+        out[arch] = model, capture.capture(model, (torch.zeros(1, 8, dtype=torch.long),), max_cache_len=64)
+    return out
+
+
+def _run(captured, sets, calib=None, task="causal-lm", mlp=None):
+    gms = {n: capture.graph_module(ep) for n, ep in captured.programs.items()}
+    primary = "prefill" if "prefill" in gms else "forward"
+    config = pipeline.resolve("default", {"prune_heads": sets, **({"prune_mlp": mlp} if mlp else {})})
+    make = None if calib is None else (lambda gm: CalibrationContext(task, gm, calib))
+    report = pipeline.run(gms, primary, config, make, log=lambda m: None)
+    return gms, next(e for e in report if e["name"] == "prune_heads")
+
+
+def _lm_calib(n=2, t=24):
+    g = torch.Generator().manual_seed(5)
+    return [((), {"input_ids": torch.randint(0, 256, (1, t), generator=g), "cache_position": torch.arange(t)})
+            for _ in range(n)]
+
+
+def _heads(gm):
+    return [(b.attention.num_heads, b.attention.num_kv_heads) for b in analyze(gm).blocks]
+
+
+def _cache_shapes(gm):
+    return {name: tuple(t.shape) for name, t in gm.named_buffers() if "key_cache" in name or "value_cache" in name}
+
+
+def _eager_with_heads_zeroed(model, o_projs, plan, ids):
+    """The eager model's logits with the removed heads' outputs zeroed at o_proj's input."""
+    hooks = []
+    for i, o_proj in enumerate(o_projs):
+        mask = torch.zeros(o_proj.in_features)
+        for h in plan["blocks"][str(i)]["kept_heads"]:
+            mask[h * 16:(h + 1) * 16] = 1
+        hooks.append(o_proj.register_forward_pre_hook(lambda mod, args, m=mask: (args[0] * m,)))
+    try:
+        return model(ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_ratio_zero_changes_nothing(llama_captured):
+    _, captured = llama_captured
+    gms, entry = _run(captured, {})
+    assert not entry["applied"] and "not configured" in entry["reason"]
+    assert _heads(gms["decode"]) == [(4, 2)] * 4
+    assert set(_cache_shapes(gms["decode"]).values()) == {(1, 2, 64, 16)}
+
+
+@pytest.mark.parametrize("granularity,heads,kv_rows", [("group", (2, 1), 16), ("head", (2, 2), 32)])
+def test_llama_matches_eager_with_heads_zeroed(llama_captured, granularity, heads, kv_rows):
+    model, captured = llama_captured
+    sets = {"ratio": 0.5, "align": 1, "repair": "none", "granularity": granularity}
+    gms, entry = _run(captured, sets, calib=_lm_calib())
+    assert entry["applied"]
+    for name in ("prefill", "decode"):
+        gm = gms[name]
+        assert _heads(gm) == [heads] * 4
+        attn = "model.model.layers.0.self_attn"
+        assert gm.get_parameter(f"{attn}.q_proj.weight").shape == (32, 64)
+        assert gm.get_parameter(f"{attn}.k_proj.weight").shape == (kv_rows, 64)
+        assert gm.get_parameter(f"{attn}.o_proj.weight").shape == (64, 32)
+        # The cache keeps the KV heads that remain, under its own names.
+        assert set(_cache_shapes(gm).values()) == {(1, kv_rows // 16, 64, 16)}
+        before, after = entry["programs"][name]["before"]["params"], entry["programs"][name]["after"]["params"]
+        assert before - after == entry["plan"]["params_removed"]
+    ids = torch.randint(0, 256, (1, 15))
+    ref = _eager_with_heads_zeroed(model, [ly.self_attn.o_proj for ly in model.model.layers], entry["plan"], ids)
+    out = gms["prefill"](input_ids=ids, cache_position=torch.arange(15))
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("granularity", ["group", "head"])
+def test_decode_continues_prefill_and_reexport(llama_captured, granularity, decode_after_prefill):
+    _, captured = llama_captured
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 1, "granularity": granularity}, calib=_lm_calib())
+    assert entry["plan"]["local_rel_err"]["bias"] < entry["plan"]["local_rel_err"]["none"]
+    ids = torch.randint(0, 256, (1, 12))
+    step, full = decode_after_prefill(gms, ids)
+    assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
+    kwargs = {"input_ids": ids[:, :9], "cache_position": torch.arange(9)}
+    kv = 1 if granularity == "group" else 2
+    for name, gm in gms.items():  # re-traced at the new head counts
+        ep = capture.reexport(gm, captured.example_inputs[name], captured.dynamic_shapes[name], what=name)
+        assert ep.state_dict["model.model.layers.0.self_attn.o_proj.bias"].shape == (64,)  # the repair
+        assert ep.constants["key_cache_0"].shape == (1, kv, 64, 16)
+        if name == "prefill":
+            assert torch.allclose(ep.module()(**kwargs), gms["prefill"](**kwargs), atol=1e-6)
+
+
+def test_artifact_generates_over_the_narrow_cache(tmp_path):
+    """Through optc.compile, save and load: the runtime ties prefill and decode to one
+    narrower cache, and greedy generation equals re-running the pruned prefill."""
+    from conftest import tiny_llama
+
+    g = torch.Generator().manual_seed(3)
+    calib = [(torch.randint(0, 256, (1, 24), generator=g),) for _ in range(2)]
+    art = optc.compile(tiny_llama(layers=2), (torch.zeros(1, 8, dtype=torch.long),), target="cpu", verify=False,
+                       max_cache_len=32, calibration=calib, log=lambda m: None,
+                       passes={"prune_heads.ratio": 0.5, "prune_heads.align": 16})
+    entry = next(p for p in art.manifest["passes"] if p["name"] == "prune_heads")
+    assert entry["applied"] and art.manifest["params"]["after"] < art.manifest["params"]["before"]
+    loaded = optc.load(art.save(tmp_path / "heads.optc"))
+    assert loaded.programs["decode"].constants["value_cache_1"].shape == (1, 1, 32, 16)
+    prompt = torch.randint(0, 256, (1, 6), generator=g)
+    out = loaded.generate(prompt, 5, compiled=False)
+    reference = capture.graph_module(loaded.programs["prefill"])  # its own cache
+    seq = prompt
+    for _ in range(5):
+        logits = reference(input_ids=seq, cache_position=torch.arange(seq.shape[1]))
+        seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out.flatten()[-5:], seq.flatten()[-5:])
+
+
+@pytest.mark.parametrize("arch,rows", [("qwen2", {"q_proj": 32, "k_proj": 16, "v_proj": 16}),
+                                       ("phi3", {"qkv_proj": 64})])
+def test_biases_and_fused_qkv(captured_lms, arch, rows, decode_after_prefill):
+    model, captured = captured_lms[arch]
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 1, "repair": "none"}, calib=_lm_calib())
+    assert entry["applied"]
+    for gm in gms.values():
+        attn = "model.model.layers.1.self_attn"
+        for proj, n in rows.items():
+            assert gm.get_parameter(f"{attn}.{proj}.weight").shape == (n, 64)
+            if arch == "qwen2":
+                assert gm.get_parameter(f"{attn}.{proj}.bias").shape == (n,)
+        assert _heads(gm) == [(2, 1)] * 2
+        att = analyze(gm).blocks[0].attention
+        assert att.fused_qkv == (arch == "phi3")
+    ids = torch.randint(0, 256, (1, 11))
+    ref = _eager_with_heads_zeroed(model, [ly.self_attn.o_proj for ly in model.model.layers], entry["plan"], ids)
+    out = gms["prefill"](input_ids=ids, cache_position=torch.arange(11))
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    step, full = decode_after_prefill(gms, ids)
+    assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
+
+
+def test_with_prune_mlp(llama_captured, decode_after_prefill):
+    _, captured = llama_captured
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 16}, calib=_lm_calib(), mlp={"ratio": 0.5, "align": 16})
+    assert entry["applied"]
+    for gm in gms.values():
+        blocks = analyze(gm).blocks
+        assert [(b.attention.num_heads, b.attention.num_kv_heads, b.mlp.up.out_features) for b in blocks] == \
+            [(2, 1, 64)] * 4
+    step, full = decode_after_prefill(gms, torch.randint(0, 256, (1, 10)))
+    assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4) and torch.isfinite(full).all()
+
+
+@pytest.mark.parametrize("fixture", ["bert_captured", "vit_captured"])
+def test_encoders(request, fixture):
+    _, captured = request.getfixturevalue(fixture)
+    inputs = captured.example_inputs["forward"][0]
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 8, "allocation": "global"}, calib=[(inputs, {})],
+                      task="forward")
+    assert entry["applied"]
+    gm = gms["forward"]
+    kept = entry["plan"]["kept_heads"]
+    assert sum(kept.values()) == 6 and min(kept.values()) >= 1  # global: layers keep different counts
+    for b, heads in zip(analyze(gm).blocks, kept.values()):
+        assert b.attention.num_heads == b.attention.num_kv_heads == heads
+        assert gm.get_parameter(b.attention.v.bias).shape == (heads * 16,)
+        assert gm.get_parameter(b.attention.o.weight).shape == (64, heads * 16)
+    dense = capture.graph_module(captured.programs["forward"])
+    ref, out = _first(dense(*inputs)), _first(gm(*inputs))
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.5
+    ep = capture.reexport(gm, captured.example_inputs["forward"], captured.dynamic_shapes["forward"], what="f")
+    assert torch.allclose(_first(ep.module()(*inputs)), out, atol=1e-5)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def test_alignment_and_weight_score_without_data(llama_captured):
+    _, captured = llama_captured
+    # Kept widths (heads x 16) are multiples of 32: a whole KV group.
+    gms, entry = _run(captured, {"ratio": 0.3, "align": 32, "score": "weight", "repair": "none"})
+    assert entry["applied"] and "calibration_loss" not in entry["plan"]
+    assert all(h * 16 % 32 == 0 for h, _ in _heads(gms["decode"]))
+    _, entry = _run(captured, {"ratio": 0.3, "align": 128, "score": "weight", "repair": "none"})
+    assert not entry["applied"] and "rounds to no head" in entry["reason"]
+
+
+def test_refuses_heads_coupled_through_a_norm():
+    """Olmo-2 normalises q and k over all heads at once: removing heads would change the
+    norm of the rest, so the pass refuses (naming the op) and changes nothing."""
+    model = _lm("olmo2")
+    captured = capture.capture(model, (torch.zeros(1, 8, dtype=torch.long),), max_cache_len=32)
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 1, "score": "weight", "repair": "none"})
+    assert not entry["applied"] and "reduces over the heads" in entry["reason"]
+    assert all(p["before"] == p["after"] for p in entry["programs"].values())
+
+
+def test_search_space():
+    space = PruneHeadsConfig.search_space()
+    assert space["ratio"].kind == "float" and (space["ratio"].low, space["ratio"].high) == (0.0, 0.5)
+    for key in ("score", "allocation", "repair"):
+        assert space[key].kind == "choice" and space[key].when == ("ratio", ">", 0)
+    assert not PruneHeadsConfig().active() and PruneHeadsConfig(ratio=0.1).active()
+    steps = [s.name for s in pipeline.PIPELINES["default"]]
+    assert steps.index("prune_heads") == steps.index("prune_mlp") + 1
