@@ -95,6 +95,8 @@ def _layers(gm, anatomy: Anatomy, granularity: str) -> list[_Layer]:
     out = []
     for b in anatomy.blocks:
         att = b.attention
+        if att is None:  # skip_layers removed this attention
+            continue
         group = att.num_heads // att.num_kv_heads
         by_group = granularity == "group" or group == 1  # one query head a group: the same thing
         out.append(_Layer(b.index, couple(gm, att), by_group, att.num_kv_heads if by_group else group))
@@ -177,7 +179,10 @@ def _rel_err(x, w, kept_cols, c) -> float:
 def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
     if anatomy.empty:
         return {"blocks": {}, "reason": f"no residual blocks recognised: {anatomy.reason}"}
-    gm = anatomy.blocks[0].attention.o.node.graph.owning_module
+    attentions = [b.attention for b in anatomy.blocks if b.attention is not None]
+    if not attentions:
+        return {"blocks": {}, "reason": "no attention left (skip_layers removed every attention half)"}
+    gm = attentions[0].o.node.graph.owning_module
     try:
         layers = _layers(gm, anatomy, cfg.granularity)
     except Uncoupled as exc:
@@ -261,6 +266,8 @@ def prune(gm: fx.GraphModule, anatomy: Anatomy, plan: dict) -> int:
         if entry is None:
             continue
         att = block.attention
+        if att is None:
+            raise CompileError(f"prune_heads: the plan prunes block {block.index}'s attention, which this program lacks")
         if (att.num_heads, att.num_kv_heads, att.head_dim) != (entry["heads"], entry["kv_heads"], entry["head_dim"]):
             raise CompileError(f"prune_heads: block {block.index} has {att.num_heads} heads over "
                                f"{att.num_kv_heads} KV heads of {att.head_dim}; the plan was made for another shape")
