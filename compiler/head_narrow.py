@@ -17,7 +17,8 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from optc.compiler.head_coupling import G, HEAD_FACTORS, KV, QKV, HeadCoupling, factor_size, fused_parts, source_factors
+from optc.compiler.head_coupling import HeadCoupling
+from optc.compiler.head_ops import G, KV, QKV, factor_size, fused_parts, source_factors
 from optc.compiler.rewrite import attr_value, get_attr_nodes, set_param
 
 aten = torch.ops.aten
@@ -83,7 +84,7 @@ def _rows(gm, getattrs, name: str | None, index: torch.Tensor, dim: int = 0) -> 
 def _narrow_projections(gm, getattrs, c: HeadCoupling, kept: Kept) -> None:
     att, src = c.attention, source_factors(c.attention)
     if att.fused_qkv:
-        offsets = sorted(fused_parts(c).items())
+        offsets = sorted(fused_parts(c.attention).items())
         index = torch.cat([start + kept.index(f) for (start, _), f in offsets])
         _rows(gm, getattrs, att.q.weight, index)
         _rows(gm, getattrs, att.q.bias, index)
@@ -124,7 +125,7 @@ def _set_tensor_attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None
 def _narrow_sizes(c: HeadCoupling, kept: Kept) -> None:
     """Size arguments of views and expands, and the bounds of slices of the heads."""
     bounds, start = {}, 0  # a fused projection's q, k and v slices: old bounds -> new
-    for (a, b), f in sorted(fused_parts(c).items()) if c.attention.fused_qkv else ():
+    for (a, b), f in sorted(fused_parts(c.attention).items()) if c.attention.fused_qkv else ():
         bounds[(a, b)] = (start, start + kept.size(f))
         start += kept.size(f)
     for node, r in c.roles.items():
