@@ -43,13 +43,15 @@ class HeadCoupling:
     sizes: dict  # factor -> its size before pruning: {"kv": KV, "g": G}
     roles: dict = field(default_factory=dict)  # fx.Node -> tuple of (factors | None) per dim
     caches: list = field(default_factory=list)  # get_attr nodes of KV-cache tensors written
+    cache_names: dict = field(default_factory=dict)  # every attribute aliasing one -> its get_attr
     o_factors: tuple = ()  # factors of o_proj's input dimension
     o_node: fx.Node | None = None  # o_proj's linear
 
     def moved(self, mapping: dict) -> "HeadCoupling":
         """The same coupling on a copy of the graph (`rewrite.rebuild`'s node mapping)."""
         return HeadCoupling(self.attention, dict(self.sizes), {mapping[n]: r for n, r in self.roles.items()},
-                            [mapping[n] for n in self.caches], self.o_factors, mapping[self.o_node])
+                            [mapping[n] for n in self.caches], {k: mapping[n] for k, n in self.cache_names.items()},
+                            self.o_factors, mapping[self.o_node])
 
 
 def couple(gm: fx.GraphModule, att: Attention) -> HeadCoupling:
@@ -71,6 +73,7 @@ def couple(gm: fx.GraphModule, att: Attention) -> HeadCoupling:
     else:
         raise Uncoupled("the KV-cache tensors could not be settled")
     c.caches, c.o_node = list(seeds), att.o.node
+    c.cache_names = cache_aliases(gm, c.caches)
     if not c.o_factors:
         raise Uncoupled(f"the heads do not reach {att.o.path} as its input")
     if head_factors_of(c.o_factors) != head_factors_of(source_factors(att)["q"]):
@@ -80,26 +83,52 @@ def couple(gm: fx.GraphModule, att: Attention) -> HeadCoupling:
 
 def _same_storage(gm: fx.GraphModule, found: dict) -> dict:
     """Every get_attr holding the same view of a found cache tensor (the named buffer
-    `key_cache_i` and the lifted constant the graph writes alias each other); another
-    view of that storage could not be narrowed alike."""
-    views = {}
-    for node, r in found.items():
-        t = attr_value(gm, node.target)
-        views[t.untyped_storage().data_ptr()] = (_view_key(t), r)
+    `key_cache_i` and the lifted constant the graph writes alias each other)."""
+    keys = {_view_key(attr_value(gm, node.target)): r for node, r in found.items()}
     out = dict(found)
     for node in gm.graph.nodes:
         t = attr_value(gm, node.target) if node.op == "get_attr" else None
-        if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() not in views:
+        if isinstance(t, torch.Tensor) and _view_key(t) in keys:
+            out[node] = keys[_view_key(t)]
+    return out
+
+
+def cache_aliases(gm: fx.GraphModule, caches: list) -> dict:
+    """{attribute name: the cache get_attr it aliases} for every buffer or constant of
+    `gm` holding the same view as a cache the graph writes, read by the graph or not
+    (skip_layers drops unread get_attr nodes; the runtime ties caches by buffer name).
+    Another view of a cache's storage could not be narrowed alike: Uncoupled."""
+    by_storage = {}
+    for node in caches:
+        t = attr_value(gm, node.target)
+        by_storage.setdefault(t.untyped_storage().data_ptr(), (_view_key(t), node))
+    out = {}
+    for name, t in tensor_attributes(gm).items():
+        hit = by_storage.get(t.untyped_storage().data_ptr()) if t.untyped_storage().data_ptr() else None
+        if hit is None:
             continue
-        key, r = views[t.untyped_storage().data_ptr()]
-        if _view_key(t) != key:
-            raise Uncoupled(f"{node.target} is another view of a KV-cache tensor")
-        out[node] = r
+        if _view_key(t) != hit[0]:
+            raise Uncoupled(f"{name} is another view of the KV-cache tensor {hit[1].target}")
+        out[name] = hit[1]
+    return out
+
+
+def tensor_attributes(gm: fx.GraphModule) -> dict:
+    """Buffers and constants (plain tensor attributes) of `gm` by dotted name."""
+    out = {}
+    for prefix, mod in gm.named_modules(remove_duplicate=False):
+        prefix = f"{prefix}." if prefix else ""
+        for k, v in mod._buffers.items():
+            if v is not None:
+                out[prefix + k] = v
+        for k, v in vars(mod).items():
+            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                out.setdefault(prefix + k, v)
     return out
 
 
 def _view_key(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.stride(), t.storage_offset(), t.dtype
+    return t.untyped_storage().data_ptr(), tuple(t.shape), t.stride(), t.storage_offset(), t.dtype
 
 
 def _walk(gm: fx.GraphModule, c: HeadCoupling, seeds: dict) -> dict:

@@ -96,21 +96,19 @@ def _narrow_projections(gm, getattrs, c: HeadCoupling, kept: Kept) -> None:
 
 
 def _narrow_caches(gm, c: HeadCoupling, kept: Kept) -> dict:
-    """New cache tensors for the get_attr nodes of `c.caches`; nodes that aliased one
-    storage share one new tensor (the named buffer and the constant the graph writes)."""
-    made, out = {}, {}
+    """One new, narrower tensor per cache, bound to every attribute that aliased it (the
+    named buffer and the constant the graph writes stay one tensor); returns the new
+    tensor of each cache get_attr node."""
+    made = {}
     for node in c.caches:
-        old = attr_value(gm, node.target)
-        key = (old.untyped_storage().data_ptr(), tuple(old.shape), old.storage_offset())
-        if key not in made:
-            new = old.detach()
-            for d, f in enumerate(c.roles[node]):
-                if f is not None:
-                    new = new.index_select(d, kept.index(f).to(new.device))
-            made[key] = new.contiguous()
-        _set_tensor_attr(gm, node.target, made[key])
-        out[node] = made[key]
-    return out
+        new = attr_value(gm, node.target).detach()
+        for d, f in enumerate(c.roles[node]):
+            if f is not None:
+                new = new.index_select(d, kept.index(f).to(new.device))
+        made[node] = new.contiguous()
+    for name, node in c.cache_names.items():
+        _set_tensor_attr(gm, name, made[node])
+    return made
 
 
 def _set_tensor_attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:

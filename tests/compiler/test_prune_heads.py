@@ -38,10 +38,10 @@ def captured_lms():
     return out
 
 
-def _run(captured, sets, calib=None, task="causal-lm", mlp=None):
+def _run(captured, sets, calib=None, task="causal-lm", **others):
     gms = {n: capture.graph_module(ep) for n, ep in captured.programs.items()}
     primary = "prefill" if "prefill" in gms else "forward"
-    config = pipeline.resolve("default", {"prune_heads": sets, **({"prune_mlp": mlp} if mlp else {})})
+    config = pipeline.resolve("default", {"prune_heads": sets, **others})
     make = None if calib is None else (lambda gm: CalibrationContext(task, gm, calib))
     report = pipeline.run(gms, primary, config, make, log=lambda m: None)
     return gms, next(e for e in report if e["name"] == "prune_heads")
@@ -174,7 +174,7 @@ def test_biases_and_fused_qkv(captured_lms, arch, rows, decode_after_prefill):
 
 def test_with_prune_mlp(llama_captured, decode_after_prefill):
     _, captured = llama_captured
-    gms, entry = _run(captured, {"ratio": 0.5, "align": 16}, calib=_lm_calib(), mlp={"ratio": 0.5, "align": 16})
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 16}, calib=_lm_calib(), prune_mlp={"ratio": 0.5, "align": 16})
     assert entry["applied"]
     for gm in gms.values():
         blocks = analyze(gm).blocks
@@ -182,6 +182,20 @@ def test_with_prune_mlp(llama_captured, decode_after_prefill):
             [(2, 1, 64)] * 4
     step, full = decode_after_prefill(gms, torch.randint(0, 256, (1, 10)))
     assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4) and torch.isfinite(full).all()
+
+
+def test_after_skip_layers_removed_an_attention(llama_captured, decode_after_prefill):
+    """The attentions that remain are pruned; skip_layers dropped the get_attr nodes of
+    the cache buffers, which still alias what the graph writes and must follow."""
+    _, captured = llama_captured
+    gms, entry = _run(captured, {"ratio": 0.5, "align": 1}, calib=_lm_calib(),
+                      skip_layers={"layers": [1], "granularity": "attention"})
+    assert entry["applied"] and set(entry["plan"]["blocks"]) == {"0", "2", "3"}
+    blocks = analyze(gms["decode"]).blocks
+    assert blocks[1].attention is None and blocks[2].attention.num_kv_heads == 1
+    assert _cache_shapes(gms["decode"])["key_cache_2"] == (1, 1, 64, 16)
+    step, full = decode_after_prefill(gms, torch.randint(0, 256, (1, 10)))
+    assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
 
 
 @pytest.mark.parametrize("fixture", ["bert_captured", "vit_captured"])
