@@ -80,6 +80,9 @@ class CompileSession:
         decides the compiled programs (target, cache length, dynamic dims, calibration
         data), all in its hash."""
         config = pipeline.resolve(pipeline_name, _nested(passes or {}))
+        for values in config["passes"].values():
+            if values.get("align") == 0:  # structured widths follow the target's tiles
+                values["align"] = self.target.align
         config["compile"] = {
             "target": self.target.name,
             "max_cache_len": self.max_cache_len if self.is_lm else None,

@@ -55,9 +55,8 @@ class PruneMlpConfig(PassConfig):
                            doc="uniform: same ratio per layer | global: rank all layers' channels together")
     repair: str = knob("bias", choices=REPAIRS, search=Choice(REPAIRS, when=("ratio", ">", 0)),
                        doc="bias: add the removed channels' mean output | lstsq: also refit down_proj | none")
-    align: int = knob(64, low=1, high=4096,
-                      doc="kept channels per MLP are a multiple of this (the runner does not hand passes "
-                          "the target yet: 64 suits the GPU targets, 1 is enough on cpu)")
+    align: int = knob(0, low=0, high=4096,
+                      doc="kept channels per MLP are a multiple of this; 0: the target's (64 on GPUs, 1 on cpu)")
     calibration_samples: int = knob(4, low=1, high=256, doc="calibration sequences (or batches)")
 
     def active(self) -> bool:
@@ -65,6 +64,7 @@ class PruneMlpConfig(PassConfig):
 
 
 def _aligned(k: float, width: int, align: int) -> int:
+    align = align or 1  # 0 unresolved (a pipeline run without a target): no step
     k = int(round(k / align)) * align
     return max(min(align, width), min(width, k))
 

@@ -56,3 +56,14 @@ def test_held_out_quality_reports_halves(session):
     cut = session.run(session.resolve({"skip_layers": {"layers": [0, 1, 2]}}))
     q = session.quality(cut.primary_gm, n=4)
     assert q["loss"] != 0.0 and len(q["halves"]) == 2 and q["spread"] == abs(q["halves"][0] - q["halves"][1])
+
+
+def test_structured_widths_follow_the_targets_alignment(session):
+    entry = zoo.get("tiny-llama")
+    gpu = CompileSession(entry.load(), entry.example_inputs(), target="h200", entry=entry, log=lambda m: None)
+    assert session.resolve({"prune_mlp": {"ratio": 0.5}})["passes"]["prune_mlp"]["align"] == 1
+    assert gpu.resolve({"prune_mlp": {"ratio": 0.5}})["passes"]["prune_mlp"]["align"] == 64
+    assert gpu.resolve({"prune_mlp": {"ratio": 0.5, "align": 8}})["passes"]["prune_mlp"]["align"] == 8
+    pruned = session.run(session.resolve({"prune_mlp": {"ratio": 0.3, "repair": "none"}}))
+    plan = next(p["plan"] for p in pruned.manifest["passes"] if p["name"] == "prune_mlp")
+    assert set(plan["kept_channels"].values()) == {90}  # 70% of 128 on cpu; a GPU target would keep 64
