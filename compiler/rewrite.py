@@ -49,6 +49,42 @@ def attr_value(gm: fx.GraphModule, target: str):
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
+def mutated_attr_names(module: torch.nn.Module) -> list[str]:
+    """Tensor attributes that a GraphModule's graph writes in place (directly or through
+    a view such as `aten.to`/`select` that aliases them). Empty for other modules.
+    (A decoder's static KV cache is such state: the runtime ties it between programs,
+    MLIR export turns it into function arguments.)"""
+    names: set[str] = set()
+    for mname, gm in module.named_modules(remove_duplicate=False):
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        prefix = f"{mname}." if mname else ""
+        root: dict[fx.Node, str] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                if isinstance(attr_value(gm, node.target), torch.Tensor):
+                    root[node] = node.target
+                continue
+            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+                continue
+            schema = node.target._schema
+            out_sets = set()
+            for ret in schema.returns:
+                if ret.alias_info is not None:
+                    out_sets |= set(ret.alias_info.before_set)
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is None:
+                    continue
+                val = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                if not isinstance(val, fx.Node) or val not in root:
+                    continue
+                if arg.alias_info.is_write:
+                    names.add(prefix + root[val])
+                if out_sets & set(arg.alias_info.before_set):
+                    root[node] = root[val]
+    return sorted(names)
+
+
 def drop_unused_attributes(gm: fx.GraphModule) -> None:
     """Erase get_attr nodes nothing reads and delete the parameters they named, so the
     re-exported program and the parameter count no longer include them. Buffers stay:

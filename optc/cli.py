@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="zoo name, Hugging Face directory, file.py:factory, or an .optc artifact")
     e.add_argument("--format", required=True, choices=["mlir-torch", "mlir-linalg", "stablehlo"])
     e.add_argument("-o", "--output", required=True)
+    e.add_argument("--program", help="which program: forward, or a decoder LM's prefill (default) or decode")
+    e.add_argument("--json", action="store_true")
     _add_pass_options(e)
 
     m = sub.add_parser("models", help="list the model zoo")

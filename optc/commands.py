@@ -26,7 +26,7 @@ def _load_model(spec: str, target):
     return resolve(spec, device=target.device, dtype=dtype)
 
 
-def compile_model(args, *, evaluate: bool):
+def compile_model(args, *, evaluate: bool, verify: bool | None = None):
     import optc
     from optc.compiler import targets
 
@@ -42,7 +42,7 @@ def compile_model(args, *, evaluate: bool):
         calibration=optc.read_calibration(args.calibration, module, example_inputs, entry=entry),
         max_cache_len=args.max_cache_len,
         dynamic=dynamic_dims(args),
-        verify=not getattr(args, "no_verify", False),
+        verify=(not getattr(args, "no_verify", False)) if verify is None else verify,
         evaluate=evaluate,
     )
     return entry, art
@@ -199,17 +199,27 @@ def cmd_search(args):
 
 def cmd_export(args):
     from optc.compiler.codegen.mlir import export_mlir
+    from optc.compiler.codegen.mlir_state import state_names
 
     if args.model.endswith(".optc"):
         import optc
 
         art = optc.load(args.model)
     else:
-        _, art = compile_model(args, evaluate=False)
-    name = "forward" if "forward" in art.programs else "prefill"
-    path = export_mlir(art.programs[name], None, args.format, args.output)
+        # What is emitted is the rewritten program, not Inductor's lowering of it: checking
+        # that lowering would take minutes and check nothing that lands in the file.
+        _, art = compile_model(args, evaluate=False, verify=False)
+    name = args.program or ("forward" if "forward" in art.programs else "prefill")
+    if name not in art.programs:
+        raise UsageError(f"--program {name}: the model has no such program; it has {', '.join(sorted(art.programs))}")
+    ep = art.programs[name]
+    state = state_names(ep)
+    path = export_mlir(ep, None, args.format, args.output)
     _log(f"optc export: wrote the {name} program as {args.format} to {path}")
-    return {"output": str(path), "format": args.format, "program": name}
+    if state:
+        _log(f"  its state ({len(state)} tensors: {', '.join(state[:4])}{' ...' if len(state) > 4 else ''}) "
+             "is taken after the program's inputs and returned, updated, before its outputs")
+    return {"output": str(path), "format": args.format, "program": name, "state": state}
 
 
 def cmd_models(args):

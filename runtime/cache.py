@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from optc.compiler.rewrite import mutated_attr_names
 from optc.errors import CompileError, UsageError
 
 _CACHE_NAME = re.compile(r"(^|\.)(key_cache|value_cache|cumulative_length)_\d+$")
@@ -46,13 +47,6 @@ def _storage_key(t: torch.Tensor):
     return None if ptr == 0 else (t.device, ptr)
 
 
-def _get_attr(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _set_tensor_attr(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
@@ -61,40 +55,6 @@ def _set_tensor_attr(module: nn.Module, name: str, value: torch.Tensor) -> None:
     else:
         # A GraphModule constant is a plain attribute; bypass nn.Module's checks.
         object.__setattr__(owner, leaf, value)
-
-
-def mutated_attr_names(module: nn.Module) -> list[str]:
-    """Tensor attributes that a GraphModule's graph writes in place (directly or through
-    a view such as `aten.to`/`select` that aliases them). Empty for other modules."""
-    names: set[str] = set()
-    for mname, gm in module.named_modules(remove_duplicate=False):
-        if not isinstance(gm, torch.fx.GraphModule):
-            continue
-        prefix = f"{mname}." if mname else ""
-        root: dict[torch.fx.Node, str] = {}
-        for node in gm.graph.nodes:
-            if node.op == "get_attr":
-                if isinstance(_get_attr(gm, node.target), torch.Tensor):
-                    root[node] = node.target
-                continue
-            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-                continue
-            schema = node.target._schema
-            out_sets = set()
-            for ret in schema.returns:
-                if ret.alias_info is not None:
-                    out_sets |= set(ret.alias_info.before_set)
-            for i, arg in enumerate(schema.arguments):
-                if arg.alias_info is None:
-                    continue
-                val = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-                if not isinstance(val, torch.fx.Node) or val not in root:
-                    continue
-                if arg.alias_info.is_write:
-                    names.add(prefix + root[val])
-                if out_sets & set(arg.alias_info.before_set):
-                    root[node] = root[val]
-    return sorted(names)
 
 
 def cache_buffer_names(module: nn.Module) -> list[str]:

@@ -4,6 +4,15 @@
     mlir-linalg  linalg-on-tensors (+ arith, tensor, math)
     stablehlo    StableHLO
 
+What the function `@main` computes: the program, from its inputs. A program that writes
+state in place (a decoder LM's prefill and decode steps, which write the static KV cache)
+takes that state as arguments after its own inputs and returns it, updated, before its
+outputs: `main(input_ids, cache_position, cumulative_length_0.., key_cache_0,
+value_cache_0, ..) -> (the same state after the step.., logits)` (mlir_state.py; `optc
+export --json` lists the state in order). A prefill of a fresh prompt passes zeros;
+a decode step passes what the previous step returned. The prefill keeps its dynamic
+length (`?`).
+
 Weights are frozen into the module as `dense_resource` blobs, so the text file is
 roughly twice the size of the fp32 weights (hex). torch-mlir ships CPU-only wheels for
 Linux x86_64 (manylinux) and is an optional dependency (`pip install optc[mlir]`); it
@@ -20,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from optc.compiler.codegen.mlir_state import export_call
 from optc.errors import CaptureError, CompileError, UsageError
 from optc.fileio import atomic_open
 
@@ -188,39 +198,50 @@ def _buffers_made_persistent(module: torch.nn.Module):
 
 
 def _persistent_program(ep_or_module, example_inputs):
-    """An ExportedProgram whose buffers are all in its state_dict."""
+    """An ExportedProgram whose buffers are all in its state_dict and that writes no
+    tensor in place (what it writes becomes arguments and results: mlir_state)."""
     if isinstance(ep_or_module, torch.export.ExportedProgram):
         ep = ep_or_module
         non_persistent = [
             s for s in ep.graph_signature.input_specs
             if s.kind == torch.export.graph_signature.InputKind.BUFFER and not s.persistent
         ]
-        if not non_persistent:
+        if not non_persistent and not _writes_in_place(ep):
             return ep
-        # Re-export the program's own module with those buffers persistent; the
-        # unlifted module takes exactly the inputs the program was exported with.
-        module = ep.module()
+        # Re-export the program's own module (which takes exactly the inputs the
+        # program was exported with, and keeps its dynamic dimensions).
         if example_inputs is None:
             example_inputs = getattr(ep, "example_inputs", None)
             if example_inputs is None:
-                raise UsageError("this ExportedProgram has non-persistent buffers and no "
+                raise UsageError("this ExportedProgram has non-persistent buffers or in-place state and no "
                                  "stored example inputs; pass example_inputs to re-export it")
+        call = export_call(ep, _split_inputs(example_inputs))
+        module, args, kwargs, shapes = call.module, call.args, {}, call.dynamic_shapes
     elif isinstance(ep_or_module, torch.nn.Module):
-        module = ep_or_module
+        module, shapes = ep_or_module, None
         if example_inputs is None:
             raise UsageError("export_mlir needs example_inputs to capture an nn.Module")
+        args, kwargs = _split_inputs(example_inputs)
     else:
         raise UsageError("export_mlir takes an nn.Module or a torch.export.ExportedProgram, "
                          f"got {type(ep_or_module).__name__}")
 
-    args, kwargs = _split_inputs(example_inputs)
     with _buffers_made_persistent(module):
         try:
-            return torch.export.export(module, args, kwargs, strict=False)
+            return torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # noqa: BLE001
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
             raise CaptureError(f"torch.export could not capture the model for MLIR export: "
                                f"{type(e).__name__}: {first[:400]}") from e
+
+
+def _writes_in_place(ep) -> bool:
+    """Whether the program mutates anything (a decoder's KV cache, a buffer)."""
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
+        return True
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+               and n.target._schema.is_mutable for n in ep.graph.nodes)
 
 
 # --------------------------------------------------------------------------- output
