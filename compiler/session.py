@@ -28,10 +28,11 @@ from optc.errors import UsageError
 
 # Held-out windows of 128 tokens for an LM's --eval and a search's full measurement
 # (the split holds about 880 of them); a search scores candidates on the first
-# SUBSAMPLE first. Encoders and classifiers: batches of 4.
+# SUBSAMPLE first. Encoders and classifiers: batches of ENCODER_BATCH samples.
 EVAL_WINDOWS = {"causal-lm": 64, "other": 16}
 SUBSAMPLE = {"causal-lm": 16, "other": 4}
 DEFAULT_CALIBRATION_SAMPLES = 4
+ENCODER_BATCH = 4  # samples per calibration / held-out batch of an encoder or classifier
 
 
 def _log(msg: str) -> None:
@@ -198,7 +199,14 @@ class CompileSession:
                 f"{which}=[...] to optc.compile from Python"
             )
         fn = self.entry.calibration_batches if which == "calibration" else self.entry.evaluation_batches
-        return fn(n, 128, batch=1) if self.is_lm else fn(n, 32, batch=4)
+        if self.is_lm:
+            return fn(n, 128, batch=1)
+        # The program was captured at the example's batch and length (unless declared
+        # dynamic) and refuses others: batches of that shape, as many samples as 4 per batch.
+        first = self.captured.example_inputs[self.primary][0][0]
+        batch = ENCODER_BATCH if "batch" in self.dynamic else int(first.shape[0])
+        seq = 32 if "seq" in self.dynamic or first.dim() != 2 else int(first.shape[1])
+        return fn(n * max(1, ENCODER_BATCH // batch), seq, batch=batch)
 
     def _pass_reports(self, report: list[dict], gm) -> dict:
         """Each applied pass's own measurements on the held-out batches (e.g. sparsity)."""

@@ -67,3 +67,16 @@ def test_structured_widths_follow_the_targets_alignment(session):
     pruned = session.run(session.resolve({"prune_mlp": {"ratio": 0.3, "repair": "none"}}))
     plan = next(p["plan"] for p in pruned.manifest["passes"] if p["name"] == "prune_mlp")
     assert set(plan["kept_channels"].values()) == {90}  # 70% of 128 on cpu; a GPU target would keep 64
+
+
+def test_encoder_data_comes_at_the_captured_shape():
+    """A zoo encoder captured at batch 1 is calibrated and evaluated on batches of that
+    shape (the program refuses others), with as many samples as batches of 4 would hold."""
+    entry = zoo.get("tiny-bert")
+    example = entry.example_inputs()
+    bert = CompileSession(entry.load(), example, target="cpu", entry=entry, log=lambda m: None)
+    compiled = bert.run(bert.resolve({"prune_mlp": {"ratio": 0.5}}), evaluate=True)
+    calib = bert.calibration_inputs(4)
+    assert len(calib) == 16 and all(a[0].shape == example[0].shape for a, _ in calib)
+    q = compiled.manifest["quality"]
+    assert q["metric"] == "embedding-cosine" and q["n"] == 64 and 0 < q["loss"] < 1
