@@ -39,6 +39,7 @@ class Artifact:
         self.extra_files = extra_files or {}
         self._modules: dict = {}
         self._placed: dict = {}  # device -> weights already placed there (see _place_weights)
+        self._decoders: dict = {}  # (device, compiled) -> StaticCacheDecoder (see decoder)
 
     @property
     def task(self) -> str:
@@ -116,9 +117,19 @@ class Artifact:
             return self.module("forward", device=device, compiled=compiled)(*args)
 
     def decoder(self, *, device: str = "cpu", compiled: bool = True):
-        """A StaticCacheDecoder over the prefill and decode programs (one shared KV cache)."""
+        """The StaticCacheDecoder over the prefill and decode programs (one shared KV
+        cache), built on the first call for a device and reused after: building one
+        lowers both programs and (on CUDA) captures the decode step, seconds to minutes
+        that a second generate must not pay again. Every decoder of an artifact writes
+        the same cache tensors, so a second one would not be independent anyway."""
         if self.task != "causal-lm":
             raise UsageError("only decoder-LM artifacts have a decode loop")
+        key = (str(torch.device(device)), compiled)
+        if key not in self._decoders:
+            self._decoders[key] = self._new_decoder(device, compiled)
+        return self._decoders[key]
+
+    def _new_decoder(self, device: str, compiled: bool):
         from optc.runtime.decode import StaticCacheDecoder
 
         from optc.compiler.codegen.lowering import lower
@@ -134,4 +145,5 @@ class Artifact:
                                   max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, *, compiled: bool = True) -> torch.Tensor:
+        """Greedy decoding through the artifact's decoder for the prompt's device (reused)."""
         return self.decoder(device=str(prompt_ids.device), compiled=compiled).generate(prompt_ids, max_new_tokens)
