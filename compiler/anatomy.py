@@ -196,7 +196,7 @@ _ROLE_NAMES = {
     "v": ("v_proj", "value", "v", "wv"),
     "o": ("o_proj", "out_proj", "dense", "o", "wo", "c_proj"),
 }
-_FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv", "wqkv")
+_FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv", "wqkv", "c_attn")
 
 
 def _named(inside: list[Linear], names: tuple) -> list[Linear]:

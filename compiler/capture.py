@@ -31,7 +31,18 @@ class Captured:
 
 
 def is_causal_lm(module: torch.nn.Module) -> bool:
-    return type(module).__name__.endswith("ForCausalLM") and hasattr(module, "generate")
+    """A decoder LM optc captures as prefill + decode: a *ForCausalLM class, or one
+    transformers lists as a causal LM under another name (GPT2LMHeadModel)."""
+    if not hasattr(module, "generate"):
+        return False
+    name = type(module).__name__
+    if name.endswith("ForCausalLM"):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def capture(
@@ -132,11 +143,20 @@ def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256, p
 
 
 def export_program(module, args: tuple, kwargs: dict, dynamic_shapes, *, what: str) -> ExportedProgram:
-    """torch.export (non-strict) with a one-paragraph summary of any failure."""
+    """torch.export (non-strict) with a one-paragraph summary of any failure. GPT-2-style
+    Conv1D projections come out as ordinary linears (compiler/conv1d_linear.py)."""
+    from optc.compiler.conv1d_linear import conv1d_as_linear
+
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            if not ep.graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default):
+                return ep
+            gm = graph_module(ep)
+            if not conv1d_as_linear(gm):
+                return ep
+            return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         raise CaptureError(_summarise(exc, what)) from None
 
