@@ -113,7 +113,12 @@ def _narrow_caches(gm, c: HeadCoupling, kept: Kept) -> dict:
 
 def _set_tensor_attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
+    try:
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+    except AttributeError:  # a copy of the graph holds only the attributes it reads
+        return
+    if not hasattr(owner, leaf):
+        return
     if leaf in owner._buffers:
         owner._buffers[leaf] = value
     else:  # a lifted constant is a plain attribute
