@@ -42,7 +42,8 @@ def compile(
     passes: {"skip_layers.count": 2} or {"skip_layers": {"count": 2}}.
     calibration / evaluation: lists of input tuples like `example_inputs` (token ids
     for LMs); a zoo `entry` supplies both from its data splits when they are None.
-    evaluate: measure quality before/after on the evaluation data (held out).
+    evaluate: measure quality before/after on the evaluation data (held out); for an LM
+        also through its decode program token by token (quality["decode"]).
     A search compiles many configurations of one model: use `CompileSession` directly.
     """
     targets.get(target)  # an unknown target is refused before the capture
@@ -50,7 +51,25 @@ def compile(
                              evaluation=evaluation, max_cache_len=max_cache_len, dynamic=dynamic, log=log)
     config = session.resolve(passes, pipeline_name)
     compiled = session.run(config, verify=verify, evaluate=evaluate)
-    return Artifact(compiled.programs, compiled.manifest)
+    art = Artifact(compiled.programs, compiled.manifest)
+    if evaluate and session.is_lm:
+        _decode_quality(art, session, compiled, log)
+    return art
+
+
+def _decode_quality(art: Artifact, session: CompileSession, compiled, log) -> None:
+    """The held-out figure through the decode loop, beside the prefill graph's (see
+    optc.runtime.decode_quality): through the lowered programs when the compile lowered
+    and verified them here, else the uncompiled ones."""
+    from optc.runtime.decode_quality import WINDOW_TOKENS, WINDOWS, decode_quality
+
+    checked = compiled.manifest["verification"]
+    lowered = bool(checked) and "skipped" not in checked
+    log(f"[optc] evaluating quality through the {'lowered' if lowered else 'uncompiled'} decode program on "
+        f"{WINDOWS} held-out windows of {WINDOW_TOKENS} tokens ...")
+    quality = compiled.manifest["quality"]
+    quality["decode"] = decode_quality(art, session.heldout().batches, reference=session.original,
+                                       rewritten=compiled.primary_gm, lowered=lowered, device=str(session.device))
 
 
 def read_calibration(path: str | Path | None, model: torch.nn.Module, example_inputs: tuple, *,

@@ -100,11 +100,25 @@ def _report_compile(r: dict) -> None:
                   if "halves" in q else "")
         _log(f"  quality ({q['metric']}, held-out {q['split']} split, n={q['n']}): {q['before']:.4g} -> "
              f"{q['after']:.4g}{spread}")
+        _report_decode_quality(q.get("decode"))
         sparsity = q.get("sparsify_activations") or {}
         if sparsity.get("sparsity") is not None:
             rows = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in sparsity.get("rows_read", {}).items())
             _log(f"  held-out activation sparsity {sparsity['weighted_sparsity']:.3f}; "
                  f"weight rows read for tokens at once: {rows}")
+
+
+def _report_decode_quality(d: dict | None) -> None:
+    if not d:
+        return
+    if "skipped" in d:
+        _log(f"  quality through the decode program: not measured ({d['skipped']})")
+        return
+    how = "lowered as the artifact loads them" if d["programs"] == "lowered" else "uncompiled"
+    _log(f"  quality through the decode program ({how}, {d['device']}; {d['windows']} held-out windows of "
+         f"{d['window_tokens']} tokens, {d['prefill_tokens']} prefilled then decoded one at a time, "
+         f"n={d['tokens']}): {d['metric']} {d['before']:.4g} -> {d['after']:.4g}; the prefill graph on the "
+         f"same tokens {d['prefill_graph_after']:.4g} ({100 * d['vs_prefill_graph']:+.2f}%)")
 
 
 def cmd_inspect(args):

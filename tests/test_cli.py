@@ -124,3 +124,6 @@ def test_compile_reports_held_out_sparsity(tmp_path):
         q["sparsify_activations"]["rows_read"]), q
     assert "pass sparsify_activations   applied" in err
     assert "weight rows read for tokens at once: 1 0." in err and "4 consecutive" in err
+    # --no-verify lowered nothing: the decode loop's figure comes from the uncompiled programs.
+    assert q["decode"]["programs"] == "uncompiled" and abs(q["decode"]["vs_prefill_graph"]) < 1e-3, q["decode"]
+    assert "quality through the decode program (uncompiled, cpu; 2 held-out windows of 64 tokens" in err

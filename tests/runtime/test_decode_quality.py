@@ -1,0 +1,51 @@
+"""--eval on an LM measures held-out quality through the decode program too, beside the
+prefill graph's figure on the same tokens."""
+
+import pytest
+import torch
+
+import optc
+from optc.compiler.codegen import lowering
+from optc.models import zoo
+
+SPARSE = {"sparsify_activations.sparsity": 0.5}
+
+
+def _compile(**kwargs):
+    entry = zoo.get("tiny-llama")
+    held_out = entry.evaluation_batches(4, 128, batch=1)  # the prefill figure on 4 windows, not 64: seconds
+    return optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", entry=entry, passes=SPARSE,
+                        evaluation=held_out, evaluate=True, log=lambda m: None, **kwargs)
+
+
+def _check(d: dict, programs: str) -> None:
+    assert d["programs"] == programs and d["device"] == "cpu"
+    assert (d["windows"], d["window_tokens"], d["prefill_tokens"], d["tokens"]) == (2, 64, 32, 64)
+    assert d["metric"] == "perplexity" and d["before"] > 1
+    # The decode loop computes what the prefill graph does (to float rounding).
+    assert abs(d["vs_prefill_graph"]) < 1e-3, d
+    assert d["after"] == pytest.approx(d["prefill_graph_after"], rel=1e-3)
+    assert d["loss"] == pytest.approx(d["after"] / d["before"] - 1)
+
+
+def test_uncompiled_decode_program_without_lowering():
+    art = _compile(verify=False)
+    q = art.manifest["quality"]
+    assert q["sparsify_activations"]["sparsity"] == pytest.approx(0.5, abs=0.15)
+    _check(q["decode"], "uncompiled")
+    assert not art._decoders[("cpu", False)].compiled
+
+
+def test_lowered_decode_program_when_the_compile_lowered(monkeypatch):
+    lowered = []
+
+    def lower(gm, target, **options):  # counted; dynamo without Inductor keeps the test short
+        lowered.append(gm)
+        return torch.compile(gm, backend="eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(lowering, "lower", lower)
+    art = _compile(verify=True)
+    # Two for the verification, two for the decoder's prefill and decode programs.
+    assert len(lowered) == 4
+    _check(art.manifest["quality"]["decode"], "lowered")
+    assert art._decoders[("cpu", True)].compiled
