@@ -147,10 +147,22 @@ class CompileSession:
             "params": {"before": self.params_before, "after": pipeline.count(gms[self.primary])["params"]},
             "anatomy": self.anatomy.summary(),
             "verification": verification,
+            "lowering": self._lowering_record(programs, checked=bool(verification) and "skipped" not in verification),
             "example_inputs": {name: _describe(inputs) for name, inputs in self.captured.example_inputs.items()},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
         return Compiled(programs, manifest, gms[self.primary])
+
+    def _lowering_record(self, programs: dict, *, checked: bool) -> dict:
+        """What the compile-time check lowered with (None: it did not lower) and what a
+        load on the target lowers with, per program: on a GPU the check does not
+        autotune and the load does, so the kernels checked are not the ones that run."""
+        return {
+            "target": self.target.name,
+            "check": lowering.lowering_record(self.target, **lowering.CHECK_LOWERING) if checked else None,
+            "load": {name: lowering.lowering_record(self.target, **lowering.load_lowering(self.target, name))
+                     for name in programs},
+        }
 
     # -- data --------------------------------------------------------------------------
 

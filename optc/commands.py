@@ -66,6 +66,7 @@ def cmd_compile(args):
         ],
         "params": man["params"],
         "verification": man["verification"],
+        "lowering": man.get("lowering"),
         "seconds": round(time.perf_counter() - start, 2),
     }
     if man.get("quality"):
@@ -94,6 +95,7 @@ def _report_compile(r: dict) -> None:
             _log(f"  lowering of {name}: rel. error {v['max_rel_err']:.2e} (tolerance {v['tolerance']:.3g}{how}) ok")
         else:
             _log(f"  lowering: {v}")
+    _report_lowering(r.get("lowering"))
     q = r.get("quality")
     if q:
         spread = (f"; loss {q['loss']:.4f}, {q['halves'][0]:.4f} / {q['halves'][1]:.4f} on the two halves"
@@ -106,6 +108,16 @@ def _report_compile(r: dict) -> None:
             rows = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in sparsity.get("rows_read", {}).items())
             _log(f"  held-out activation sparsity {sparsity['weighted_sparsity']:.3f}; "
                  f"weight rows read for tokens at once: {rows}")
+
+
+def _report_lowering(rec: dict | None) -> None:
+    if not rec or not rec.get("check"):
+        return
+    differ = sorted({name for name, load in rec["load"].items() if load != rec["check"]})
+    if differ:  # on a GPU: the check does not autotune, a load does
+        _log(f"  note: the check lowered with autotune {'on' if rec['check']['autotune'] else 'off'}; a load on "
+             f"{rec['target']} lowers {', '.join(differ)} otherwise (manifest 'lowering'), so its kernels were not "
+             "the ones checked")
 
 
 def _report_decode_quality(d: dict | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,8 +30,9 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 class Artifact:
     """What `optc.compile` returns and `optc.load` reads back.
 
-    Programs are lowered through Inductor for the running device on first use
-    (`compiled=False` runs the exported graph as it is, for checks).
+    Programs are lowered through Inductor on first use, for the target the manifest
+    names (target_for) with the options load_lowering gives (`compiled=False` runs the
+    exported graph as it is, for checks).
     """
 
     def __init__(self, programs: dict[str, ExportedProgram], manifest: dict, extra_files: dict | None = None):
@@ -40,6 +42,7 @@ class Artifact:
         self._modules: dict = {}
         self._placed: dict = {}  # device -> weights already placed there (see _place_weights)
         self._decoders: dict = {}  # (device, compiled) -> StaticCacheDecoder (see decoder)
+        self._warned: set = set()  # target mismatches already warned about
 
     @property
     def task(self) -> str:
@@ -57,8 +60,7 @@ class Artifact:
             if name not in self.programs:
                 raise UsageError(f"the artifact has no program '{name}'; it has {sorted(self.programs)}")
             from optc.compiler.capture import graph_module
-            from optc.compiler.codegen.lowering import lower
-            from optc.compiler.targets import get
+            from optc.compiler.codegen.lowering import load_lowering, lower
 
             ep = self.programs[name]
             elsewhere = _held_elsewhere(ep, device)
@@ -70,14 +72,33 @@ class Artifact:
 
                 ep = move_to_device_pass(ep, device)
             gm = graph_module(ep)
-            target = get("cpu" if device == "cpu" else "auto")
-            on_gpu = target.device == "cuda"
-            # Forward programs let Inductor capture CUDA graphs; decoder programs do not,
-            # because StaticCacheDecoder captures the whole decode step itself.
-            self._modules[key] = (
-                lower(gm, target, autotune=on_gpu, cudagraphs=on_gpu and name == "forward") if compiled else gm
-            )
+            if compiled:
+                target = self.target_for(device)
+                gm = lower(gm, target, **load_lowering(target, name))
+            self._modules[key] = gm
         return self._modules[key]
+
+    def target_for(self, device):
+        """The target whose Inductor options lower the programs on `device`: the one the
+        manifest names when it is a device of that kind (not what this machine would
+        detect), else the device's own, with a warning that says so."""
+        from optc.compiler import targets
+
+        kind = torch.device(device).type
+        name = self.manifest.get("target")
+        recorded = targets.TARGETS.get(name)
+        if recorded is not None and recorded.device == kind:
+            if kind == "cuda" and not targets.available(recorded) and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(f"this artifact was compiled for {name}; this GPU is not one, so its programs are "
+                              f"lowered with {name}'s options but were never checked here", stacklevel=3)
+            return recorded
+        here = targets.get("cpu" if kind == "cpu" else "auto")
+        if name is not None and (name, kind) not in self._warned:  # None: a manifest that names none
+            self._warned.add((name, kind))
+            warnings.warn(f"this artifact was compiled for {name}; on {device} its programs are lowered for "
+                          f"{here.name} instead, a lowering the compile did not check", stacklevel=3)
+        return here
 
     def _place_weights(self, ep: ExportedProgram, device) -> ExportedProgram:
         """Put the program's weights on `device`, taking each one that a program placed
@@ -132,14 +153,15 @@ class Artifact:
     def _new_decoder(self, device: str, compiled: bool):
         from optc.runtime.decode import StaticCacheDecoder
 
-        from optc.compiler.codegen.lowering import lower
-        from optc.compiler.targets import get
+        from optc.compiler.codegen.lowering import load_lowering, lower
 
         # The decoder ties the two programs' caches first, then compiles each.
         prefill = self.module("prefill", device=device, compiled=False)
         decode = self.module("decode", device=device, compiled=False)
-        target = get("cpu" if device == "cpu" else "auto")
-        compile_fn = (lambda m: lower(m, target, autotune=target.device == "cuda")) if compiled else None
+        compile_fn = None
+        if compiled:
+            target = self.target_for(device)
+            compile_fn = lambda m: lower(m, target, **load_lowering(target, "decode"))  # noqa: E731
         meta = self.manifest["model"]
         return StaticCacheDecoder(prefill, decode, compile=compile_fn, device=device,
                                   max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])

@@ -32,6 +32,9 @@ def test_compile_json_contract(artifact):
     assert skip["name"] == "skip_layers" and skip["applied"] and skip["plan"]["units"] == [[1, "mlp"]]
     assert doc["params"]["after"] < doc["params"]["before"]
     assert all(v["ok"] for v in doc["verification"].values())
+    # The lowering the check used, as the manifest records it (on the CPU: as a load lowers).
+    assert doc["lowering"]["check"] == doc["lowering"]["load"]["decode"]
+    assert doc["lowering"]["check"]["autotune"] is False
 
 
 def test_load_and_run_matches_program(artifact):

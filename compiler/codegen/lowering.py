@@ -39,13 +39,34 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
     to the global Inductor config). `autotune` benchmarks GEMM and kernel configs on
     the device (max-autotune); `cudagraphs` lets Inductor capture CUDA graphs itself:
     leave it off where optc's decode loop captures the whole step."""
+    options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs)
+    return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
+
+
+def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool = False) -> dict:
+    """The options `lower` hands torch.compile (the manifest records them)."""
     options = dict(target.inductor)
     if options.get("coordinate_descent_tuning") or autotune:
         options.setdefault("fx_graph_cache", False)  # compile cold: see the note above lower()
     if autotune:
         options["max_autotune"] = True
     options["triton.cudagraphs"] = bool(cudagraphs)
-    return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
+    return options
+
+
+def load_lowering(target: Target, program: str) -> dict:
+    """How a loaded artifact lowers `program` for `target` (Artifact.module / .decoder):
+    autotuned on a GPU; Inductor's own CUDA graphs for forward programs only, because
+    the decode loop captures the whole decode step itself. On the CPU, tuning C++
+    templates costs minutes for nothing."""
+    on_gpu = target.device == "cuda"
+    return {"autotune": on_gpu, "cudagraphs": on_gpu and program == "forward"}
+
+
+def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool = False) -> dict:
+    """A lowering as the manifest records it: the switches and the exact options."""
+    return {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
+            "inductor_options": inductor_options(target, autotune=autotune, cudagraphs=cudagraphs)}
 
 
 def random_like_inputs(inputs: tuple[tuple, dict], vocab: int | None, seed: int) -> tuple[tuple, dict]:
@@ -230,7 +251,12 @@ def is_state_buffer(name: str) -> bool:
     return "cache" in name or "cumulative_length" in name
 
 
+# The compile-time check lowers without autotuning (minutes on a GPU, and its choices
+# vary from one process to the next); the manifest records this beside load_lowering.
+CHECK_LOWERING = {"autotune": False, "cudagraphs": False}
+
+
 def lower_and_verify(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target) -> dict:
     gm = graph_module(ep)
-    compiled = lower(gm, target)
+    compiled = lower(gm, target, **CHECK_LOWERING)
     return verify(ep, compiled, gm, inputs)

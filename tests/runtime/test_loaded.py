@@ -37,3 +37,64 @@ def test_second_generate_reuses_the_decoder(saved, monkeypatch):
     assert torch.equal(first, second)
     assert art.decoder() is art.decoder(device="cpu")
     assert art.decoder(compiled=False) is not art.decoder()  # the uncompiled one is its own
+
+
+def _recording_lower(monkeypatch) -> list:
+    """lowering.lower replaced by dynamo without Inductor (seconds, not minutes on a CPU),
+    recording what each call asked for."""
+    calls = []
+
+    def lower(gm, target, *, autotune=False, cudagraphs=False):
+        calls.append({"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs})
+        return torch.compile(gm, backend="eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(lowering, "lower", lower)
+    return calls
+
+
+def _tiny(target, **kwargs):
+    entry = zoo.get("tiny-llama")
+    return optc.compile(entry.load(), entry.example_inputs(seq_len=8), target=target, pipeline_name="none",
+                        max_cache_len=32, log=lambda m: None, **kwargs)
+
+
+def test_manifest_records_the_lowering_the_check_used(monkeypatch, tmp_path):
+    calls = _recording_lower(monkeypatch)
+    art = _tiny("cpu", verify=True)
+    cpu = optc.compiler.targets.get("cpu")
+    assert len(calls) == 2 and all(c == calls[0] for c in calls)  # prefill and decode, alike
+    used = calls[0]
+    rec = optc.load(art.save(tmp_path / "a.optc")).manifest["lowering"]  # survives the file
+    assert rec["target"] == "cpu"
+    assert rec["check"] == lowering.lowering_record(cpu, autotune=used["autotune"], cudagraphs=used["cudagraphs"])
+    assert rec["check"] == {"target": "cpu", "autotune": False, "cudagraphs": False,
+                            "inductor_options": {"triton.cudagraphs": False}}
+    assert rec["load"]["decode"] == rec["check"]  # on the CPU the load lowers as the check did
+    assert _tiny("cpu", verify=False).manifest["lowering"]["check"] is None  # nothing was lowered
+
+    # For a GPU target (no such device here: not checked) the load autotunes, the check would not.
+    rec = _tiny("h200", verify=True).manifest["lowering"]
+    assert rec["check"] is None and rec["load"]["decode"]["autotune"] is True
+    assert rec["load"]["decode"]["inductor_options"] == {
+        "coordinate_descent_tuning": True, "fx_graph_cache": False, "max_autotune": True, "triton.cudagraphs": False}
+
+
+def test_loading_lowers_for_the_manifest_target_not_a_detected_one(saved, monkeypatch):
+    from optc.compiler import targets
+
+    calls = _recording_lower(monkeypatch)
+    tuned = targets.Target("cpu-tuned", "cpu", torch.float32, inductor={"coordinate_descent_tuning": True})
+    monkeypatch.setitem(targets.TARGETS, "cpu-tuned", tuned)
+    monkeypatch.setattr(targets, "detect", lambda: pytest.fail("the artifact re-detected its target"))
+    art = optc.load(saved)
+    art.manifest["target"] = "cpu-tuned"  # as if compiled for it
+    assert art.target_for("cpu") is tuned
+    art.module("prefill")
+    art.generate(torch.randint(0, 256, (1, 8)), 2)
+    assert [c["target"] for c in calls] == ["cpu-tuned"] * 3
+
+    # A target of another kind of device: lowered for this one's, and said so.
+    art = optc.load(saved)
+    art.manifest["target"] = "h200"
+    with pytest.warns(UserWarning, match="compiled for h200; on cpu its programs are lowered for cpu instead"):
+        assert art.target_for("cpu").name == "cpu"
