@@ -239,7 +239,7 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
 def _calibration_losses(ctx, gm, layers, plan: dict, comps: dict, cfg: PruneHeadsConfig) -> None:
     """The calibration loss dense and with each repair up to the chosen one, so the plan
     shows what the repair buys."""
-    couplings = {ly.index: ly.coupling for ly in layers}
+    couplings = {ly.index: ly.coupling for ly in layers if str(ly.index) in plan["blocks"]}
     losses = {"dense": ctx.calibration_loss(lambda g: g, n=cfg.calibration_samples)}
     for name in ("none", "bias")[: 2 if cfg.repair == "bias" else 1]:
         trial = {**plan, "blocks": {k: {**b, "compensation": comps.get(k) if name == "bias" else None}

@@ -224,6 +224,17 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def test_global_allocation_leaves_some_layers_whole(llama_captured, decode_after_prefill):
+    _, captured = llama_captured
+    gms, entry = _run(captured, {"ratio": 0.25, "align": 1, "allocation": "global"}, calib=_lm_calib())
+    kept = entry["plan"]["kept_heads"]
+    assert sum(kept.values()) == 12 and max(kept.values()) == 4  # two of eight KV groups, wherever they are
+    assert [h for h, _ in _heads(gms["decode"])] == list(kept.values())
+    assert set(entry["plan"]["calibration_loss"]) == {"dense", "none", "bias"}
+    step, full = decode_after_prefill(gms, torch.randint(0, 256, (1, 10)))
+    assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
+
+
 def test_alignment_and_weight_score_without_data(llama_captured):
     _, captured = llama_captured
     # Kept widths (heads x 16) are multiples of 32: a whole KV group.
