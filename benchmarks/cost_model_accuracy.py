@@ -4,7 +4,9 @@ trials of search studies (their journals keep each trial's features and latency)
     python benchmarks/cost_model_accuracy.py OUT.json STUDY.journal[:NAME] [...] --device-record REC.json
 
 Reported: leave-one-out (fit on all other measured trials, predict the one left out),
-the calibrated roofline with no correction, and per-study splits.
+the calibrated roofline with no correction, per-study splits, and across studies (each
+study predicted by a correction fitted on the other studies' trials only: a later
+study of the same model and device, fitted on nothing of its own).
 """
 
 from __future__ import annotations
@@ -39,16 +41,24 @@ def main() -> None:
     record = json.loads(Path(args.device_record).read_text())
     c = record["constants"]
     base = CostModel(c["bandwidth_gbs"], c["tflops"], c["launch_us"], source=f"calibrated {record['key']['device']}")
-    per_study, everything = {}, []
+    per_study, everything, by_study = {}, [], {}
     for spec in args.studies:
         journal, _, name = spec.partition(":")
         samples = measured_samples(journal, name or None)
+        by_study[Path(journal).name] = samples
         per_study[Path(journal).name] = {
             "n": len(samples),
             "roofline_only": accuracy([base.estimate_ms(f) for f, _ in samples], [ms for _, ms in samples]),
             "leave_one_out": base.leave_one_out(samples) if len(samples) >= 4 else None,
         }
         everything += samples
+    for study, samples in by_study.items():
+        others = [x for other, xs in by_study.items() if other != study for x in xs]
+        if others:
+            fitted = base.unfitted().fit(others)
+            per_study[study]["fitted_on_other_studies"] = {
+                **accuracy([fitted.estimate_ms(f) for f, _ in samples], [ms for _, ms in samples]),
+                "n_fit": len(others)}
     result = {
         "argv": sys.argv,
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
