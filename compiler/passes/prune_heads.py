@@ -54,8 +54,8 @@ class PruneHeadsConfig(PassConfig):
     granularity: str = knob("group", choices=GRANULARITIES,
                             doc="group: remove whole KV groups (smaller KV cache) | head: the same number of "
                                 "query heads from every group")
-    align: int = knob(64, low=1, high=4096,
-                      doc="kept heads x head_dim is a multiple of this (64 suits the GPU targets, 1 is enough on cpu)")
+    align: int = knob(0, low=0, high=4096,
+                      doc="kept heads x head_dim is a multiple of this; 0: the target's (64 on GPUs, 1 on cpu)")
     calibration_samples: int = knob(4, low=1, high=256, doc="calibration sequences (or batches)")
 
     def active(self) -> bool:
@@ -88,6 +88,7 @@ class _Layer:
         """The kept count moves in steps that keep the width a multiple of `align`."""
         per = self.att.head_dim * (self.att.num_heads // self.att.num_kv_heads if self.by_group
                                    else self.att.num_kv_heads)
+        align = align or 1  # 0 unresolved (a pipeline run without a target): no step
         return align // math.gcd(align, per)
 
 

@@ -64,6 +64,8 @@ def test_structured_widths_follow_the_targets_alignment(session):
     assert session.resolve({"prune_mlp": {"ratio": 0.5}})["passes"]["prune_mlp"]["align"] == 1
     assert gpu.resolve({"prune_mlp": {"ratio": 0.5}})["passes"]["prune_mlp"]["align"] == 64
     assert gpu.resolve({"prune_mlp": {"ratio": 0.5, "align": 8}})["passes"]["prune_mlp"]["align"] == 8
+    assert gpu.resolve({"prune_heads": {"ratio": 0.5}})["passes"]["prune_heads"]["align"] == 64
+    assert session.resolve({"prune_heads": {"ratio": 0.5}})["passes"]["prune_heads"]["align"] == 1
     pruned = session.run(session.resolve({"prune_mlp": {"ratio": 0.3, "repair": "none"}}))
     plan = next(p["plan"] for p in pruned.manifest["passes"] if p["name"] == "prune_mlp")
     assert set(plan["kept_channels"].values()) == {90}  # 70% of 128 on cpu; a GPU target would keep 64
