@@ -110,3 +110,10 @@ def _decode_step_and_full(gms, ids):
 @pytest.fixture
 def decode_after_prefill():
     return _decode_step_and_full
+
+
+@pytest.fixture
+def make_tiny_llama():
+    """tiny_llama itself, for tests that build a fresh model (conftest modules of
+    subfolders shadow `import conftest`)."""
+    return tiny_llama

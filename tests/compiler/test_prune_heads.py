@@ -125,14 +125,12 @@ def test_decode_continues_prefill_and_reexport(llama_captured, granularity, deco
             assert torch.allclose(ep.module()(**kwargs), gms["prefill"](**kwargs), atol=1e-6)
 
 
-def test_artifact_generates_over_the_narrow_cache(tmp_path):
+def test_artifact_generates_over_the_narrow_cache(tmp_path, make_tiny_llama):
     """Through optc.compile, save and load: the runtime ties prefill and decode to one
     narrower cache, and greedy generation equals re-running the pruned prefill."""
-    from conftest import tiny_llama
-
     g = torch.Generator().manual_seed(3)
     calib = [(torch.randint(0, 256, (1, 24), generator=g),) for _ in range(2)]
-    art = optc.compile(tiny_llama(layers=2), (torch.zeros(1, 8, dtype=torch.long),), target="cpu", verify=False,
+    art = optc.compile(make_tiny_llama(layers=2), (torch.zeros(1, 8, dtype=torch.long),), target="cpu", verify=False,
                        max_cache_len=32, calibration=calib, log=lambda m: None,
                        passes={"prune_heads.ratio": 0.5, "prune_heads.align": 16})
     entry = next(p for p in art.manifest["passes"] if p["name"] == "prune_heads")

@@ -72,10 +72,8 @@ def test_works_with_the_other_passes(llama_captured):
     torch.testing.assert_close(_decode(gms["decode"], ids, 2), _decode(plain["decode"], ids, 2), rtol=1e-5, atol=1e-5)
 
 
-def test_batch_of_two_sequences():
-    from tests.conftest import tiny_llama
-
-    model = tiny_llama(layers=2)
+def test_batch_of_two_sequences(make_tiny_llama):
+    model = make_tiny_llama(layers=2)
     captured = capture.capture(model, (torch.zeros(2, 8, dtype=torch.long),), max_cache_len=32)
     plain, _ = _run(captured, OFF)
     shared, entry = _run(captured, ON)
