@@ -32,7 +32,9 @@ def read_calibration(path: str | Path, *, entry, example_inputs: tuple, is_lm: b
     batches = _from_pt(file) if file.suffix == ".pt" else _from_text(file, entry, is_lm, seq_len)
     for i, batch in enumerate(batches):
         _check(file, i, batch, example_inputs, is_lm, vocab_size)
-    return batches
+    # Floating inputs (images) take the model's dtype: a float32 file calibrates a bf16 model.
+    return [tuple(x.to(ref.dtype) if x.is_floating_point() and isinstance(ref, torch.Tensor) else x
+                  for x, ref in zip(batch, example_inputs)) for batch in batches]
 
 
 def _from_pt(file: Path) -> list[tuple]:

@@ -120,3 +120,12 @@ def test_cli_factory_model_needs_and_takes_calibration(tmp_path):
     rc, out, err = _cli("compile", spec, "--target", "cpu", "--set", "prune_mlp.ratio=0.5",
                         "--calibration", str(bad), "-o", str(tmp_path / "b.optc"))
     assert rc == 2 and "outside the model's vocabulary" in err and not (tmp_path / "b.optc").exists()
+
+
+def test_float_inputs_take_the_models_dtype(tmp_path):
+    vit = zoo.get("tiny-vit")
+    example = tuple(x.to(torch.bfloat16) for x in vit.example_inputs())
+    path = tmp_path / "images.pt"
+    torch.save([(torch.rand(1, *example[0].shape[1:]),)], path)
+    batches = optc.read_calibration(path, vit.load(), example, entry=vit)
+    assert batches[0][0].dtype == torch.bfloat16 and batches[0][0].shape == example[0].shape
