@@ -289,11 +289,11 @@ def table() -> str:
             mark = " (best under the limit)" if d.get("best") and r["trial"] == d["best"]["trial"] else ""
             out.append(f"| {r['latency_ms']:.3f} | {speed} | {r['quality_loss']:.4f} | {_config(r['config'])}{mark} |")
         out.append("")
-    return "\n".join(out + cost_model_lines())
+    return "\n".join(out)
 
 
 def tables() -> str:
-    return (bench_tables() + "\n" + spread_tables() + "\n" + quality_tables() + "\n" + gemv_table() + "\n"
+    return ("\n".join(cost_model_lines()) + "\n" + bench_tables() + "\n" + spread_tables() + "\n" + quality_tables() + "\n" + gemv_table() + "\n"
             + ideal_table() + "\n" + kernel_time_table() + "\n" + kernel_table())
 
 
