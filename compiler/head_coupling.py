@@ -27,7 +27,7 @@ import torch.fx as fx
 from optc.compiler.anatomy_types import Attention
 from optc.compiler.head_ops import (G, KV, QKV, Uncoupled, flat_nodes, head_factors_of, norm_dim, out_factors,
                                     shape_of, source_factors)
-from optc.compiler.rewrite import attr_value
+from optc.compiler.rewrite import attr_value, tensor_attributes
 
 aten = torch.ops.aten
 _INPLACE_WRITES = {aten.index_copy_.default, aten.index_copy.default, aten.index_put_.default,
@@ -110,20 +110,6 @@ def cache_aliases(gm: fx.GraphModule, caches: list) -> dict:
         if _view_key(t) != hit[0]:
             raise Uncoupled(f"{name} is another view of the KV-cache tensor {hit[1].target}")
         out[name] = hit[1]
-    return out
-
-
-def tensor_attributes(gm: fx.GraphModule) -> dict:
-    """Buffers and constants (plain tensor attributes) of `gm` by dotted name."""
-    out = {}
-    for prefix, mod in gm.named_modules(remove_duplicate=False):
-        prefix = f"{prefix}." if prefix else ""
-        for k, v in mod._buffers.items():
-            if v is not None:
-                out[prefix + k] = v
-        for k, v in vars(mod).items():
-            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
-                out.setdefault(prefix + k, v)
     return out
 
 

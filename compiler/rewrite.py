@@ -192,3 +192,18 @@ def add_to_linear_output(gm: fx.GraphModule, getattrs: dict, linear: fx.Node, we
     node.meta["val"] = getattrs[weight][0].meta["val"].new_empty(constant.shape)
     getattrs.setdefault(name, []).append(node)
     linear.args = (linear.args[0], linear.args[1], node)
+
+
+def tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers and plain tensor attributes (GraphModule constants) by dotted name.
+    Parameters are left out: a cache is never a parameter."""
+    out = {}
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        prefix = f"{prefix}." if prefix else ""
+        for k, v in mod._buffers.items():
+            if v is not None:
+                out[prefix + k] = v
+        for k, v in vars(mod).items():
+            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                out.setdefault(prefix + k, v)
+    return out

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from optc.compiler.rewrite import mutated_attr_names
+from optc.compiler.rewrite import mutated_attr_names, tensor_attributes
 from optc.errors import CompileError, UsageError
 
 _CACHE_NAME = re.compile(r"(^|\.)(key_cache|value_cache|cumulative_length)_\d+$")
@@ -24,21 +24,6 @@ _KEY_NAME = re.compile(r"(^|\.)key_cache_\d+$")
 # ----------------------------------------------------------------------------------------
 # Finding and sharing cache tensors
 # ----------------------------------------------------------------------------------------
-
-
-def _tensor_attrs(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers and plain tensor attributes (GraphModule constants) by dotted name.
-    Parameters are left out: a cache is never a parameter."""
-    out: dict[str, torch.Tensor] = {}
-    for mname, mod in module.named_modules(remove_duplicate=False):
-        prefix = f"{mname}." if mname else ""
-        for k, v in mod._buffers.items():
-            if v is not None:
-                out[prefix + k] = v
-        for k, v in vars(mod).items():
-            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
-                out.setdefault(prefix + k, v)
-    return out
 
 
 def _storage_key(t: torch.Tensor):
@@ -61,7 +46,7 @@ def cache_buffer_names(module: nn.Module) -> list[str]:
     """Names of every tensor attribute that holds KV-cache state: the buffers named
     `key_cache_i` / `value_cache_i` / `cumulative_length_i`, whatever a GraphModule
     writes in place, and any attribute aliasing the storage of those."""
-    tensors = _tensor_attrs(module)
+    tensors = tensor_attributes(module)
     seeds = {n for n in tensors if _CACHE_NAME.search(n)}
     seeds |= {n for n in mutated_attr_names(module) if n in tensors}
     storages = {_storage_key(tensors[n]) for n in seeds} - {None}
@@ -78,8 +63,8 @@ def tie_buffers(src_module: nn.Module, dst_module: nn.Module, names: Iterable[st
     aliased the replaced tensor (the same view of the same storage) is rebound too, so a
     lifted constant follows its buffer. Returns the names rebound in `dst_module`.
     """
-    src_t = _tensor_attrs(src_module)
-    dst_t = _tensor_attrs(dst_module)
+    src_t = tensor_attributes(src_module)
+    dst_t = tensor_attributes(dst_module)
     rebound: list[str] = []
     for name in names:
         if name not in src_t:
@@ -118,7 +103,7 @@ def tie_buffers(src_module: nn.Module, dst_module: nn.Module, names: Iterable[st
 
 def _check_shared(a: nn.Module, b: nn.Module) -> None:
     """Every tensor that either program writes in place must be one both programs see."""
-    a_t, b_t = _tensor_attrs(a), _tensor_attrs(b)
+    a_t, b_t = tensor_attributes(a), tensor_attributes(b)
     a_s = {_storage_key(t) for t in a_t.values()} - {None}
     b_s = {_storage_key(t) for t in b_t.values()} - {None}
     for mod, tensors, other, label in ((a, a_t, b_s, "prefill"), (b, b_t, a_s, "decode")):

@@ -52,7 +52,7 @@ from optc.runtime.cache import (  # noqa: E402  (re-exported: tests and callers 
     _KEY_NAME,
     _check_shared,
     _storage_key,
-    _tensor_attrs,
+    tensor_attributes,
     cache_buffer_names,
     mutated_attr_names,
     tie_buffers,
@@ -130,7 +130,7 @@ class StaticCacheDecoder:
         keys: list[torch.Tensor] = []
         devices: set[torch.device] = set()
         for mod in modules:
-            tensors = _tensor_attrs(mod)
+            tensors = tensor_attributes(mod)
             for n in cache_buffer_names(mod):
                 t = tensors[n]
                 devices.add(t.device)
