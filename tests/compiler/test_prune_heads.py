@@ -10,8 +10,8 @@ import transformers
 import optc
 from optc.compiler import capture, pipeline
 from optc.compiler.anatomy import analyze
-from optc.compiler.calibration import CalibrationContext
 from optc.compiler.passes.prune_heads import PruneHeadsConfig
+from pass_helpers import lm_calib, run_pass
 
 SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -39,18 +39,10 @@ def captured_lms():
 
 
 def _run(captured, sets, calib=None, task="causal-lm", **others):
-    gms = {n: capture.graph_module(ep) for n, ep in captured.programs.items()}
-    primary = "prefill" if "prefill" in gms else "forward"
-    config = pipeline.resolve("default", {"prune_heads": sets, **others})
-    make = None if calib is None else (lambda gm: CalibrationContext(task, gm, calib))
-    report = pipeline.run(gms, primary, config, make, log=lambda m: None)
-    return gms, next(e for e in report if e["name"] == "prune_heads")
+    return run_pass(captured, "prune_heads", sets, calib, task, **others)
 
 
-def _lm_calib(n=2, t=24):
-    g = torch.Generator().manual_seed(5)
-    return [((), {"input_ids": torch.randint(0, 256, (1, t), generator=g), "cache_position": torch.arange(t)})
-            for _ in range(n)]
+_lm_calib = lm_calib
 
 
 def _heads(gm):

@@ -5,26 +5,18 @@ prefill; re-export), repair (bias and lstsq lower the calibration error), encode
 import pytest
 import torch
 
-from optc.compiler import capture, pipeline
+from optc.compiler import capture
 from optc.compiler.anatomy import analyze
-from optc.compiler.calibration import CalibrationContext
 from optc.compiler.passes.prune_mlp import PruneMlpConfig
 from optc.errors import UsageError
+from pass_helpers import lm_calib, run_pass
 
 
 def _run(captured, sets, calib=None, task="causal-lm"):
-    gms = {n: capture.graph_module(ep) for n, ep in captured.programs.items()}
-    primary = "prefill" if "prefill" in gms else "forward"
-    config = pipeline.resolve("default", {"prune_mlp": sets})
-    make = None if calib is None else (lambda gm: CalibrationContext(task, gm, calib))
-    report = pipeline.run(gms, primary, config, make, log=lambda m: None)
-    return gms, next(e for e in report if e["name"] == "prune_mlp")
+    return run_pass(captured, "prune_mlp", sets, calib, task)
 
 
-def _lm_calib(n=2, t=24):
-    g = torch.Generator().manual_seed(5)
-    return [((), {"input_ids": torch.randint(0, 256, (1, t), generator=g), "cache_position": torch.arange(t)})
-            for _ in range(n)]
+_lm_calib = lm_calib
 
 
 def _mlp_widths(gm):
