@@ -1,0 +1,198 @@
+"""Token merging (ToMe) kernels: bipartite matching and the size-weighted merge.
+
+The sequence is [P protected tokens | the rest]; the rest alternates between set A
+(even positions) and set B (odd positions):
+
+    a_i = token P + 2*i   (i < NA = ceil((N - P) / 2))
+    b_j = token P + 2*j + 1   (j < NB = floor((N - P) / 2))
+
+A token's size s (fp32) is how many original tokens it stands for; padding has size 0.
+
+token_match_kernel, grid (B, cdiv(NA, BLOCK_A)): for each a_i, the b_j it is most
+similar to by cosine of the metric rows and that score, without materialising the
+[NA, NB] score matrix (one [BLOCK_A, BLOCK_B] tile at a time, a running max/argmax):
+
+    metric[b, n, d]  at m_ptr + b*stride_mb + n*stride_mn + d*stride_md
+    size[b, n]       at s_ptr + b*stride_sb + n*stride_sn
+    best[b, i], idx[b, i]   at best_ptr / idx_ptr + b*NA + i   (fp32 / int64)
+
+Score rules (one owner: the torch reference in ops.py follows them exactly):
+    both real: cosine; a_i padding: PAD_SCORE (above any cosine, so padding goes first
+    and its zero weight leaves its destination unchanged); a_i real, b_j padding: -inf
+    (a real token never moves into a padding slot). Ties keep the smallest j.
+
+token_merge_kernel, grid (B * N_OUT, cdiv(C, BLOCK_C)), N_OUT = N - R: output token o of
+batch b, channels [pid_c*BLOCK_C, +BLOCK_C):
+
+    o < P:            copy of token o
+    o < P + NA - R:   copy of a_{unm[b, o - P]}
+    else, j = o - P - (NA - R):
+        y = (x[b_j] s[b_j] + sum over k with dst[b, k] == j of x[a_src[b,k]] s[a_src[b,k]])
+            / (s[b_j] + sum of those s);  x[b_j] itself where that sum of sizes is 0
+
+    x[b, n, c]  at x_ptr + b*stride_xb + n*stride_xn + c   (channels contiguous)
+    y[b, o, c]  at y_ptr + (b*N_OUT + o)*C + c;   size_out[b, o] at so_ptr + b*N_OUT + o
+
+Each destination reads the R (src, dst) pairs of its batch BLOCK_R at a time and loads
+the rows of only the sources that merge into it (masked loads of the others issue no
+memory traffic), so the reduction is deterministic: no atomics.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["token_match_kernel", "token_merge_kernel", "PAD_SCORE"]
+
+PAD_SCORE = 2.0  # above any cosine
+
+
+@triton.jit
+def token_match_kernel(
+    m_ptr, s_ptr, best_ptr, idx_ptr,
+    N, D, NA, NB, P,
+    stride_mb, stride_mn, stride_md, stride_sb, stride_sn,
+    PAD: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_a = tl.program_id(1)
+    offs_i = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_a = offs_i < NA
+    d_mask = offs_d < D
+    rows_a = P + 2 * offs_i
+    m_base = m_ptr + pid_b * stride_mb
+    a = tl.load(m_base + rows_a[:, None] * stride_mn + offs_d[None, :] * stride_md,
+                mask=in_a[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    # Normalised rows: the dot product of two is their cosine (a zero row stays zero).
+    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-12)[:, None]
+    size_a = tl.load(s_ptr + pid_b * stride_sb + rows_a * stride_sn, mask=in_a, other=1.0)
+    pad_a = size_a == 0.0
+
+    best = tl.full((BLOCK_A,), float("-inf"), tl.float32)
+    best_j = tl.zeros((BLOCK_A,), tl.int32)
+    for j0 in range(0, NB, BLOCK_B):
+        offs_j = j0 + tl.arange(0, BLOCK_B)
+        in_b = offs_j < NB
+        rows_b = P + 2 * offs_j + 1
+        bm = tl.load(m_base + rows_b[:, None] * stride_mn + offs_d[None, :] * stride_md,
+                     mask=in_b[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        bm = bm / tl.maximum(tl.sqrt(tl.sum(bm * bm, axis=1)), 1e-12)[:, None]
+        size_b = tl.load(s_ptr + pid_b * stride_sb + rows_b * stride_sn, mask=in_b, other=1.0)
+        scores = tl.dot(a, tl.trans(bm), input_precision="ieee")
+        scores = tl.where(pad_a[:, None], PAD, scores)
+        scores = tl.where((~pad_a[:, None]) & (size_b[None, :] == 0.0), float("-inf"), scores)
+        scores = tl.where(in_b[None, :], scores, float("-inf"))
+        tile_best = tl.max(scores, axis=1)
+        # The smallest j reaching the tile's max (the reference's tie rule).
+        cand = tl.where(scores == tile_best[:, None], offs_j[None, :], NB + BLOCK_B)
+        tile_j = tl.min(cand, axis=1)
+        better = tile_best > best  # strictly: an earlier tile wins ties
+        best_j = tl.where(better, tile_j, best_j)
+        best = tl.where(better, tile_best, best)
+    tl.store(best_ptr + pid_b * NA + offs_i, best, mask=in_a)
+    tl.store(idx_ptr + pid_b * NA + offs_i, best_j.to(tl.int64), mask=in_a)
+
+
+@triton.jit
+def token_merge_kernel(
+    x_ptr, s_ptr, unm_ptr, src_ptr, dst_ptr, y_ptr, so_ptr,
+    N_OUT, C, NA, R, P,
+    stride_xb, stride_xn, stride_sb, stride_sn,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = pid // N_OUT
+    o = pid % N_OUT
+    n_unm = NA - R
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    is_unm = (o >= P) & (o < P + n_unm)
+    is_dst = o >= P + n_unm
+    j = tl.where(is_dst, o - P - n_unm, -1)
+    # The input row this output starts from: itself, an unmerged a_i, or b_j.
+    unm_i = tl.load(unm_ptr + b * n_unm + (o - P), mask=is_unm, other=0)
+    row = tl.where(is_unm, P + 2 * unm_i, tl.where(is_dst, P + 2 * j + 1, o))
+    x_base = x_ptr + b * stride_xb
+    x_row = tl.load(x_base + row * stride_xn + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    s_row = tl.load(s_ptr + b * stride_sb + row * stride_sn)
+    acc = x_row * s_row
+    den = s_row
+    for k0 in range(0, R, BLOCK_R):
+        offs_k = k0 + tl.arange(0, BLOCK_R)
+        dst = tl.load(dst_ptr + b * R + offs_k, mask=offs_k < R, other=-1)
+        hit = (dst == j) & (offs_k < R)
+        src = tl.load(src_ptr + b * R + offs_k, mask=hit, other=0)
+        rows = P + 2 * src
+        s_src = tl.load(s_ptr + b * stride_sb + rows * stride_sn, mask=hit, other=0.0)
+        x_src = tl.load(x_base + rows[:, None] * stride_xn + offs_c[None, :],
+                        mask=hit[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x_src * s_src[:, None], axis=0)
+        den += tl.sum(s_src, axis=0)
+    y = tl.where(den > 0.0, acc / tl.where(den > 0.0, den, 1.0), x_row)
+    tl.store(y_ptr + pid * C + offs_c, y.to(y_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(so_ptr + pid, den, mask=pid_c == 0)
+
+
+def _launcher(kernel):
+    # Inductor traces launches through wrap_triton; under TRITON_INTERPRET=1 (CPU tensors,
+    # eager only) the interpreted kernel is launched directly, as sparse_linear.py does.
+    if type(kernel).__name__ == "InterpretedFunction":
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def _pow2(n: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(int(n)))
+
+
+def token_match(metric, size, protected: int):
+    """(best [B, NA] fp32, idx [B, NA] int64): each a_i's most similar b_j and the score."""
+    import torch
+
+    assert metric.dim() == 3 and size.shape == metric.shape[:2], "metric [B, N, D], size [B, N]"
+    assert size.dtype == torch.float32, "sizes are fp32"
+    bsz, n, d = metric.shape
+    na, nb = (n - protected + 1) // 2, (n - protected) // 2
+    assert nb >= 1, "nothing to match"
+    best = torch.empty((bsz, na), dtype=torch.float32, device=metric.device)
+    idx = torch.empty((bsz, na), dtype=torch.int64, device=metric.device)
+    block_a, block_b = (16, 16) if na <= 64 else (64, 32)
+    grid = (bsz, triton.cdiv(na, block_a))
+    _launcher(token_match_kernel)[grid](
+        metric, size, best, idx, n, d, na, nb, protected,
+        metric.stride(0), metric.stride(1), metric.stride(2), size.stride(0), size.stride(1),
+        PAD=PAD_SCORE, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=_pow2(d),
+    )
+    return best, idx
+
+
+def token_merge(x, size, unm, src, dst, protected: int):
+    """(y [B, N - R, C], size_out [B, N - R] fp32); see the module docstring."""
+    import torch
+
+    assert x.dim() == 3 and size.shape == x.shape[:2], "x [B, N, C], size [B, N]"
+    assert src.shape == dst.shape and src.shape[0] == x.shape[0], "src/dst [B, R]"
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    bsz, n, c = x.shape
+    r = src.shape[1]
+    na = (n - protected + 1) // 2
+    assert unm.shape == (bsz, na - r), "unm [B, NA - R]"
+    n_out = n - r
+    unm, src, dst = unm.contiguous(), src.contiguous(), dst.contiguous()
+    y = torch.empty((bsz, n_out, c), dtype=x.dtype, device=x.device)
+    size_out = torch.empty((bsz, n_out), dtype=torch.float32, device=x.device)
+    block_c = min(_pow2(c), 256)
+    grid = (bsz * n_out, triton.cdiv(c, block_c))
+    _launcher(token_merge_kernel)[grid](
+        x, size, unm, src, dst, y, size_out, n_out, c, na, r, protected,
+        x.stride(0), x.stride(1), size.stride(0), size.stride(1),
+        BLOCK_C=block_c, BLOCK_R=_pow2(min(r, 64), 16),
+    )
+    return y, size_out
