@@ -114,7 +114,29 @@ def _analyze(gm: fx.GraphModule) -> Anatomy:
     after = [lin for lin in linears if not any(lin.path.startswith(b.path + ".") for b in blocks)]
     after = [lin for lin in after if nx.has_path(dag, last, lin.node)]
     anatomy.head = after[-1] if after else None
+    anatomy.prefix_tokens = _prefix_tokens(blocks[0].input, dag)
     return anatomy
+
+
+def _prefix_tokens(stream: fx.Node, dag: nx.DiGraph) -> int:
+    """How many tokens computed from parameters alone (class, distillation, register
+    tokens) the latest concatenation along the token dimension before the first block
+    puts in front of the data's tokens; 0 when there is none (text encoders)."""
+    order = {n: i for i, n in enumerate(stream.graph.nodes)}
+    cats = [n for n in nx.ancestors(dag, stream) | {stream} if n.target == aten.cat.default]
+    for cat in sorted(cats, key=order.__getitem__, reverse=True):
+        parts = cat.args[0]
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        shape = node_shape(cat)
+        if shape is None or len(shape) != 3 or dim not in (1, -2):
+            continue
+        count = 0
+        for part in parts:
+            if any(a.op == "placeholder" for a in nx.ancestors(dag, part)) or node_shape(part) is None:
+                break
+            count += int(node_shape(part)[1])
+        return count
+    return 0
 
 
 def _block_paths(graph: fx.Graph, sdpas: list, linears: list[Linear]) -> list[tuple[str, fx.Node | None]]:

@@ -92,6 +92,9 @@ class Anatomy:
     norms: list[str] = field(default_factory=list)
     head: Linear | None = None
     reason: str | None = None  # why the anatomy is empty, if it is
+    # Learned tokens concatenated in front of the sequence before the first block (a
+    # ViT's class token, DeiT's distillation token): positions 0..prefix_tokens-1.
+    prefix_tokens: int = 0
 
     @property
     def empty(self) -> bool:
@@ -103,6 +106,7 @@ class Anatomy:
         out["embeddings"] = self.embeddings
         out["norms"] = len(self.norms)
         out["head"] = self.head.path if self.head else None
+        out["prefix_tokens"] = self.prefix_tokens
         out["blocks"] = [
             {
                 "index": b.index,

@@ -40,6 +40,9 @@ PIPELINES: dict[str, list[Step]] = {
         # Heads after channels: both are scored on the blocks that remain; before
         # share_kv_heads, which rewrites the decode attention this pass narrows.
         Step("prune_heads", "remove the least important attention heads (KV groups, with their cache); off until ratio is set"),
+        # After the structural passes (they score channels and heads on every token);
+        # before the thresholding pass, which then calibrates on the merged tokens.
+        Step("merge_tokens", "merge similar tokens inside encoder blocks (ToMe); off until r or schedule is set"),
         # Before the thresholding pass, so the runner's end-to-end check of this lossless
         # rewrite is meaningful.
         Step("share_kv_heads", "one-token attention reads each KV head once instead of a copy per query head"),

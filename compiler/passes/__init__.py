@@ -61,7 +61,8 @@ class PassSpec:
 REGISTRY: dict[str, PassSpec] = {}
 
 # Modules that define passes; imported on first registry lookup, not at package import.
-_PASS_MODULES = ("skip_layers", "prune_mlp", "prune_heads", "share_kv_heads", "sparsify_activations", "merge_projections")
+_PASS_MODULES = ("skip_layers", "prune_mlp", "prune_heads", "share_kv_heads", "sparsify_activations", "merge_projections",
+                "merge_tokens")
 
 
 def register_pass(
