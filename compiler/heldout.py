@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from optc.errors import UsageError
-from optc.models.quality import output_tensor, pooled
+from optc.models.quality import output_tensor, pooled, retrieval_agreement
 
 
 class HeldOut:
@@ -72,6 +72,9 @@ class HeldOut:
             return {"metric": self.metric, "before": 1.0, "after": agree, "loss": 1.0 - agree,
                     "samples": ref_t.numel()}
         cos = F.cosine_similarity(ref_t, cand_t, dim=-1).mean().item()
-        return {"metric": "embedding-cosine", "before": 1.0, "after": cos, "loss": 1.0 - cos,
-                "samples": ref_t.shape[0]}
+        out = {"metric": "embedding-cosine", "before": 1.0, "after": cos, "loss": 1.0 - cos,
+               "samples": ref_t.shape[0]}
+        if ref_t.shape[0] >= 2:  # the samples as a search corpus: same nearest neighbour?
+            out["retrieval_agreement"] = retrieval_agreement(ref_t, cand_t)
+        return out
 

@@ -5,6 +5,10 @@
 - embedding-cosine (encoders): mean cosine between the candidate's and the original
   model's pooled embeddings (mean over attention_mask) of the same inputs; the
   original scores 1.0.
+- retrieval agreement (encoders, beside embedding-cosine): the share of held-out samples
+  whose nearest neighbour among the other samples (cosine of pooled embeddings) is the
+  same under the candidate as under the original: whether a search index built on the
+  candidate's embeddings returns what the original's would.
 - top1-agreement (vision): fraction of images whose argmax class matches the original
   model's. The vision models here have random weights, so this measures agreement
   with the original, not accuracy.
@@ -96,6 +100,21 @@ def embedding_cosine(reference_fn, candidate_fn, batches) -> float:
     batches = list(batches)
     ref, cand = embeddings(reference_fn, batches), embeddings(candidate_fn, batches)
     return torch.nn.functional.cosine_similarity(ref, cand, dim=-1).mean().item()
+
+
+@torch.no_grad()
+def retrieval_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Share of rows of [N, H] embeddings whose nearest other row by cosine is the same
+    in `candidate` as in `reference` (N >= 2)."""
+    def nearest(e):
+        e = torch.nn.functional.normalize(e.float(), dim=-1)
+        sim = e @ e.T
+        sim.fill_diagonal_(float("-inf"))
+        return sim.argmax(-1)
+
+    if reference.shape[0] < 2:
+        raise UsageError("retrieval agreement needs at least 2 samples")
+    return (nearest(reference) == nearest(candidate)).float().mean().item()
 
 
 @torch.no_grad()
