@@ -13,7 +13,10 @@ heads from every group (the cache stays). Which go (`plan`, on calibration data)
 - allocation="uniform" keeps the same count in every layer; "global" ranks all units
   together by their score standardised per layer (FLAP).
 Kept widths (heads x head_dim) are multiples of `align`, at least one KV group a layer.
-repair="bias" (FLAP) folds the removed heads' mean contribution into o's bias.
+repair="bias" (FLAP) folds the removed heads' mean contribution into o's bias;
+"lstsq" also refits o's kept columns to o's full output on the calibration activations
+(compiler/refit.py, shared with prune_mlp), kept only if it beats "bias" on calibration
+loss.
 
 Every tensor that carries the head count follows (compiler/head_coupling.py finds them,
 compiler/head_narrow.py cuts them); where that cannot be proven the pass refuses.
@@ -32,13 +35,17 @@ from optc.compiler.config import Choice, Float, PassConfig, knob
 from optc.compiler.head_coupling import HeadCoupling, Uncoupled, couple
 from optc.compiler.head_narrow import Kept, narrow
 from optc.compiler.passes import PassResult, register_pass
-from optc.compiler.rewrite import add_to_linear_output, attr_value, get_attr_nodes, rebuild
+from optc.compiler.refit import rel_err, repair
+from optc.compiler.rewrite import add_to_linear_output, attr_value, get_attr_nodes, plan_tensors, rebuild, set_param
 from optc.errors import CompileError
 
 SCORES = ("activation", "weight")
 ALLOCATIONS = ("uniform", "global")
-REPAIRS = ("bias", "none")
+REPAIRS = ("bias", "none", "lstsq")
 GRANULARITIES = ("group", "head")
+# lstsq's ridge (compiler/refit.py), relative to the mean diagonal of the kept heads'
+# Gram matrix; chosen on calibration windows the fit did not see (passes/README.md).
+RIDGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class PruneHeadsConfig(PassConfig):
     allocation: str = knob("uniform", choices=ALLOCATIONS, search=Choice(ALLOCATIONS, when=("ratio", ">", 0)),
                            doc="uniform: same ratio per layer | global: rank all layers' heads together")
     repair: str = knob("bias", choices=REPAIRS, search=Choice(REPAIRS, when=("ratio", ">", 0)),
-                       doc="bias: add the removed heads' mean output to o_proj's bias | none")
+                       doc="bias: add the removed heads' mean output to o_proj's bias | lstsq: also refit o_proj | none")
     granularity: str = knob("group", choices=GRANULARITIES,
                             doc="group: remove whole KV groups (smaller KV cache) | head: the same number of "
                                 "query heads from every group")
@@ -171,12 +178,6 @@ def _params_removed(layer: _Layer, kv: list[int], heads: list[int]) -> int:
             + 2 * (att.num_kv_heads - len(kv)) * d * kv_in)
 
 
-def _rel_err(x, w, kept_cols, c) -> float:
-    y = x @ w.T
-    approx = x[:, kept_cols] @ w[:, kept_cols].T + (c if c is not None else 0)
-    return ((approx - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)).item()
-
-
 def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
     if anatomy.empty:
         return {"blocks": {}, "reason": f"no residual blocks recognised: {anatomy.reason}"}
@@ -196,8 +197,10 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
         xs = {ly.index: torch.cat([v[k].float().flatten(0, -2) for v in values]) for k, ly in enumerate(layers)}
     scores = {ly.index: _unit_scores(gm, ly, xs.get(ly.index), cfg.score, cfg.repair != "none") for ly in layers}
     counts = _kept_counts(layers, scores, cfg)
-    blocks, errs, removed = {}, {"none": [], "bias": []}, 0
-    comps = {}
+    # Each repair is measured with those before it, so the plan shows what each step buys.
+    ladder = {"none": ("none",), "bias": ("none", "bias"), "lstsq": ("none", "bias", "lstsq")}[cfg.repair]
+    blocks, errs, removed = {}, {k: [] for k in ladder}, 0
+    comps, refit = {k: {} for k in ladder}, {}
     for ly in layers:
         if counts[ly.index] >= ly.count:
             continue
@@ -210,13 +213,15 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
             continue
         x, w = xs[ly.index], _o_weight(gm, ly).to(xs[ly.index].device)
         cols = ly.columns(heads).to(x.device)
-        drop = torch.ones(w.shape[1], dtype=torch.bool, device=x.device)
-        drop[cols] = False
-        comps[str(ly.index)] = x.mean(0)[drop] @ w[:, drop].T
-        errs["none"].append(_rel_err(x, w, cols, None))
-        errs["bias"].append(_rel_err(x, w, cols, comps[str(ly.index)]))
-        if cfg.repair == "bias":
-            blocks[str(ly.index)]["compensation"] = comps[str(ly.index)].tolist()
+        errs["none"].append(rel_err(x, w, cols))
+        for name in ladder[1:]:
+            wk, c = repair(x, w, cols, name == "lstsq", RIDGE)
+            errs[name].append(rel_err(x, w, cols, wk, c))
+            comps[name][str(ly.index)] = c.tolist()
+            if name == "lstsq":
+                refit[str(ly.index)] = wk
+        if cfg.repair != "none":
+            blocks[str(ly.index)]["compensation"] = comps[cfg.repair][str(ly.index)]
     if not blocks:
         return {"blocks": {}, "reason": f"ratio {cfg.ratio} rounds to no head at align={cfg.align}"}
     total = sum(ly.att.num_heads for ly in layers)
@@ -231,23 +236,32 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
         "params_removed": int(removed),
         "why": f"{cfg.score} scores, {cfg.allocation} allocation, widths multiples of {cfg.align}",
     }
+    if cfg.repair == "lstsq":
+        plan["refit"] = plan_tensors(refit)
     if xs:
         plan["local_rel_err"] = {k: round(sum(v) / len(v), 6) for k, v in errs.items() if v}
-        _calibration_losses(ctx, gm, layers, plan, comps, cfg)
+        _calibration_losses(ctx, layers, plan, comps, ladder, cfg)
     return plan
 
 
-def _calibration_losses(ctx, gm, layers, plan: dict, comps: dict, cfg: PruneHeadsConfig) -> None:
+def _calibration_losses(ctx, layers, plan: dict, comps: dict, ladder: tuple, cfg: PruneHeadsConfig) -> None:
     """The calibration loss dense and with each repair up to the chosen one, so the plan
-    shows what the repair buys."""
+    shows what each repair buys; an lstsq refit that loses to bias gives way to it."""
     couplings = {ly.index: ly.coupling for ly in layers if str(ly.index) in plan["blocks"]}
     losses = {"dense": ctx.calibration_loss(lambda g: g, n=cfg.calibration_samples)}
-    for name in ("none", "bias")[: 2 if cfg.repair == "bias" else 1]:
-        trial = {**plan, "blocks": {k: {**b, "compensation": comps.get(k) if name == "bias" else None}
-                                    for k, b in plan["blocks"].items()}}
+    for name in ladder:
+        trial = {**plan, "repair": name, "blocks": {k: {**b, "compensation": comps[name].get(k) if name != "none"
+                                                        else None} for k, b in plan["blocks"].items()}}
         losses[name] = ctx.calibration_loss(lambda g, t=trial: _pruned_copy(g, couplings, t),
                                             n=cfg.calibration_samples)
     plan["calibration_loss"] = {k: round(v, 5) for k, v in losses.items()}
+    if cfg.repair == "lstsq" and losses["lstsq"] > losses["bias"]:
+        # Each o_proj is refit alone on dense activations; the pruned model as a whole
+        # can still lose. Keep what the calibration loss prefers, and say so.
+        plan.pop("refit")
+        plan.update(repair="bias", repair_note="lstsq lost to bias on calibration loss: bias used")
+        for k, b in plan["blocks"].items():
+            b["compensation"] = comps["bias"][k]
 
 
 def _pruned_copy(gm: fx.GraphModule, couplings: dict, plan: dict) -> fx.GraphModule:
@@ -282,12 +296,18 @@ def prune(gm: fx.GraphModule, anatomy: Anatomy, plan: dict) -> int:
 
 def _apply(gm: fx.GraphModule, couplings: dict, plan: dict) -> int:
     getattrs = get_attr_nodes(gm)
+    refit = getattr(plan.get("refit"), "tensors", None) if plan.get("repair") == "lstsq" else None
+    if plan.get("repair") == "lstsq" and refit is None:
+        raise CompileError("prune_heads: this lstsq plan was read back from JSON without its refit weights; plan again")
     for index, c in couplings.items():
         entry = plan["blocks"][str(index)]
         narrow(gm, c, Kept(c, entry["kept_kv"], entry["kept_heads"]), getattrs)
+        o = c.attention.o
+        if refit is not None:  # o's kept columns, in the order narrow keeps them (heads ascending)
+            w = attr_value(gm, o.weight)
+            set_param(gm, getattrs, o.weight, refit[str(index)].to(w.device, w.dtype))
         comp = entry.get("compensation")
         if comp is not None:
-            o = c.attention.o
             add_to_linear_output(gm, getattrs, c.o_node, o.weight, o.bias, torch.as_tensor(comp, dtype=torch.float32))
     return len(couplings)
 

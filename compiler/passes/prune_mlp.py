@@ -33,15 +33,15 @@ from optc.compiler.anatomy import Anatomy
 from optc.compiler.config import Choice, Float, PassConfig, knob
 from optc.compiler.fused_mlp import split_fused_gate_up
 from optc.compiler.passes import PassResult, register_pass
+from optc.compiler.refit import rel_err, repair
 from optc.compiler.rewrite import add_to_linear_output, attr_value, get_attr_nodes, plan_tensors, rebuild, set_param
 from optc.errors import CompileError
 
 SCORES = ("activation", "weight")
 ALLOCATIONS = ("uniform", "global")
 REPAIRS = ("bias", "none", "lstsq")
-# lstsq's ridge, relative to the mean diagonal of the kept inputs' Gram matrix: the zoo's
-# calibration has fewer tokens (4 x 128) than kept channels, so the normal equations are
-# singular without it; the value was chosen on held-out perplexity (passes/README.md).
+# lstsq's ridge (compiler/refit.py), relative to the mean diagonal of the kept inputs'
+# Gram matrix; chosen on calibration windows the fit did not see (passes/README.md).
 RIDGE = 1.0
 
 
@@ -92,33 +92,6 @@ def _kept_counts(scores: dict, cfg: PruneMlpConfig) -> dict:
     return {i: _aligned(raw[i], scores[i].numel(), cfg.align) for i in raw}
 
 
-def _repair(x: torch.Tensor, w: torch.Tensor, kept: torch.Tensor, lstsq: bool):
-    """(kept down columns, constant added to the output): y ~ x_kept @ w'^T + c."""
-    mean = x.mean(0)
-    wk = w[:, kept]
-    if lstsq:
-        # min ||xk w'^T - xc w^T||^2 + ridge ||w' - wk||^2 (centred): the kept columns plus
-        # a correction predicting the removed channels' output from the kept ones. The
-        # ridge pulls toward the original columns, not toward 0: with fewer calibration
-        # tokens than kept channels a plain refit interpolates them (SmolLM2, 512 tokens
-        # for 1152 channels) and ruins held-out outputs.
-        xc = x - mean
-        drop = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-        drop[kept] = False
-        xk = xc[:, kept]
-        gram = xk.T @ xk
-        ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-        eye = torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
-        wk = wk + torch.linalg.solve(gram + ridge * eye, xk.T @ (xc[:, drop] @ w[:, drop].T)).T
-    return wk, mean @ w.T - mean[kept] @ wk.T
-
-
-def _rel_err(x, w, kept, wk, c) -> float:
-    y = x @ w.T
-    approx = x[:, kept] @ wk.T + (c if c is not None else 0)
-    return ((approx - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)).item()
-
-
 def plan_prune_mlp(ctx, anatomy: Anatomy, cfg: PruneMlpConfig) -> dict:
     if anatomy.empty:
         return {"blocks": {}, "reason": f"no residual blocks recognised: {anatomy.reason}"}
@@ -153,10 +126,10 @@ def plan_prune_mlp(ctx, anatomy: Anatomy, cfg: PruneMlpConfig) -> dict:
             continue
         w = attr_value(gm, m.down.weight).float().to(xs[i].device)
         kept = kept.to(xs[i].device)
-        errs["none"].append(_rel_err(xs[i], w, kept, w[:, kept], None))
+        errs["none"].append(rel_err(xs[i], w, kept))
         for name in [k for k in variants if k != "none"]:
-            wk, c = _repair(xs[i], w, kept, name == "lstsq")
-            errs[name].append(_rel_err(xs[i], w, kept, wk, c))
+            wk, c = repair(xs[i], w, kept, name == "lstsq", RIDGE)
+            errs[name].append(rel_err(xs[i], w, kept, wk, c))
             variants[name][str(i)] = c.tolist()
             if name == "lstsq":
                 refit[str(i)] = wk

@@ -3,6 +3,8 @@ parameter counts), numerics (equal to the eager model with the same heads' outpu
 zeroed; decode continues prefill; re-export; generation from a saved artifact), q/k/v
 biases (Qwen2), a fused q/k/v projection (Phi-3), encoders, refusals."""
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -10,7 +12,8 @@ import transformers
 import optc
 from optc.compiler import capture, pipeline
 from optc.compiler.anatomy import analyze
-from optc.compiler.passes.prune_heads import PruneHeadsConfig
+from optc.compiler.passes.prune_heads import PruneHeadsConfig, prune
+from optc.errors import CompileError
 from pass_helpers import lm_calib, run_pass
 
 SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -115,6 +118,9 @@ def test_decode_continues_prefill_and_reexport(llama_captured, granularity, deco
         assert ep.constants["key_cache_0"].shape == (1, kv, 64, 16)
         if name == "prefill":
             assert torch.allclose(ep.module()(**kwargs), gms["prefill"](**kwargs), atol=1e-6)
+    gm = capture.graph_module(captured.programs["prefill"])  # the refit weights are not in the JSON
+    with pytest.raises(CompileError, match="plan again"):
+        prune(gm, analyze(gm), json.loads(json.dumps(plan)))
 
 
 def test_artifact_generates_over_the_narrow_cache(tmp_path, make_tiny_llama):
@@ -253,3 +259,45 @@ def test_search_space():
     assert not PruneHeadsConfig().active() and PruneHeadsConfig(ratio=0.1).active()
     steps = [s.name for s in pipeline.PIPELINES["default"]]
     assert steps.index("prune_heads") == steps.index("prune_mlp") + 1
+
+
+def test_lstsq_repair_lowers_the_calibration_error(llama_captured, decode_after_prefill):
+    """The refit of o_proj's kept columns reproduces o's full output on the calibration
+    activations better than the bias alone, which beats no repair; the refit weights
+    reach both programs (decode continues prefill) and the re-export, not the JSON plan."""
+    _, captured = llama_captured
+    calib = _lm_calib(n=8, t=32)  # on fewer random tokens the loss (near ln 256) prefers bias
+    dense = capture.graph_module(captured.programs["prefill"])
+    errors = {}
+    for repair in ("none", "bias", "lstsq"):
+        gms, entry = _run(captured, {"ratio": 0.5, "align": 1, "repair": repair, "calibration_samples": 8},
+                          calib=calib)
+        errors[repair] = sum(((gms["prefill"](**kw) - dense(**kw)).norm() / dense(**kw).norm()).item()
+                             for _, kw in calib)
+    plan = entry["plan"]
+    assert plan["repair"] == "lstsq" and set(plan["calibration_loss"]) == {"dense", "none", "bias", "lstsq"}
+    assert plan["local_rel_err"]["lstsq"] < plan["local_rel_err"]["bias"] < plan["local_rel_err"]["none"]
+    assert plan["calibration_loss"]["lstsq"] <= plan["calibration_loss"]["bias"]
+    assert errors["lstsq"] < errors["none"], errors
+    o = "model.model.layers.0.self_attn.o_proj"
+    for gm in gms.values():  # the same refit weights in both programs
+        assert gm.get_parameter(f"{o}.weight").shape == (64, 32)
+        assert torch.equal(gm.get_parameter(f"{o}.weight"), plan["refit"].tensors["0"])
+    step, full = decode_after_prefill(gms, torch.randint(0, 256, (1, 12)))
+    assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
+    ep = capture.reexport(gms["prefill"], captured.example_inputs["prefill"], captured.dynamic_shapes["prefill"],
+                          what="prefill")
+    kwargs = {"input_ids": torch.randint(0, 256, (1, 9)), "cache_position": torch.arange(9)}
+    assert torch.allclose(ep.module()(**kwargs), gms["prefill"](**kwargs), atol=1e-6)
+    gm = capture.graph_module(captured.programs["prefill"])  # the refit weights are not in the JSON
+    with pytest.raises(CompileError, match="plan again"):
+        prune(gm, analyze(gm), json.loads(json.dumps(plan)))
+
+
+def test_ratio_zero_with_lstsq_is_exactly_lossless(llama_captured):
+    _, captured = llama_captured
+    gms, entry = _run(captured, {"ratio": 0.0, "repair": "lstsq"}, calib=_lm_calib())
+    assert not entry["applied"]
+    dense = capture.graph_module(captured.programs["prefill"])
+    kwargs = {"input_ids": torch.randint(0, 256, (1, 10)), "cache_position": torch.arange(10)}
+    assert torch.equal(gms["prefill"](**kwargs), dense(**kwargs))
