@@ -213,10 +213,10 @@ def _child_of(parent: str, path: str) -> str:
 
 
 _ROLE_NAMES = {
-    "q": ("q_proj", "query", "q", "wq"),
-    "k": ("k_proj", "key", "k", "wk"),
-    "v": ("v_proj", "value", "v", "wv"),
-    "o": ("o_proj", "out_proj", "dense", "o", "wo", "c_proj"),
+    "q": ("q_proj", "query", "q", "wq", "q_lin"),  # q_lin...out_lin: DistilBERT
+    "k": ("k_proj", "key", "k", "wk", "k_lin"),
+    "v": ("v_proj", "value", "v", "wv", "v_lin"),
+    "o": ("o_proj", "out_proj", "dense", "o", "wo", "c_proj", "out_lin"),
 }
 _FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "qkv", "wqkv", "c_attn")
 

@@ -64,12 +64,13 @@ def Choice(choices, *, when=None) -> Space:
     return Space("choice", choices=tuple(choices), when=when)
 
 
-def knob(default, *, choices=None, low=None, high=None, search: Space | None = None, doc=""):
+def knob(default, *, choices=None, low=None, high=None, search: Space | None = None, doc="", unique=True):
     """A config field with its valid range; `search` is where the search may set it
-    (a Space: Int, Float or Choice), or None to leave it at what the user gives."""
+    (a Space: Int, Float or Choice), or None to leave it at what the user gives.
+    A list field refuses repeated entries unless `unique=False` (a per-block schedule)."""
     if search is not None and not isinstance(search, Space):
         raise TypeError("knob(search=...) takes Int(...), Float(...) or Choice(...)")
-    meta = {"choices": choices, "low": low, "high": high, "search": search, "doc": doc}
+    meta = {"choices": choices, "low": low, "high": high, "search": search, "doc": doc, "unique": unique}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -137,7 +138,7 @@ def _coerce(pass_name: str, f: dataclasses.Field, value):
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             value = tuple(int(v) for v in value)
-            if len(set(value)) != len(value):
+            if meta.get("unique", True) and len(set(value)) != len(value):
                 raise UsageError(f"{key} lists an entry twice: {list(value)}")
         elif isinstance(default, str):
             value = str(value)

@@ -44,7 +44,7 @@ aten = torch.ops.aten
 class MergeTokensConfig(PassConfig):
     r: int = knob(0, low=0, high=4096, search=Int(0, 16),
                   doc="tokens merged in every block (clamped to half of what is left)")
-    schedule: tuple = knob((), low=0, doc="tokens merged per block, e.g. [8,8,4,0]; overrides r")
+    schedule: tuple = knob((), low=0, unique=False, doc="tokens merged per block, e.g. [8,8,4,0]; overrides r")
     protected: int = knob(-1, low=-1, high=64,
                           doc="leading tokens that never merge; -1: the model's prefix tokens (class, "
                               "distillation), at least 1 ([CLS])")
