@@ -1,0 +1,104 @@
+"""Token-merging kernels (kernels/token_merge.py) under the Triton interpreter against
+the torch references of codegen/token_ops.py: matching (cosine, padding rules, ties
+across tiles), the size-weighted merge (several sources per destination, padding), and
+the destination map the unmerge reads."""
+
+import pytest
+import torch
+
+from optc.compiler.codegen import token_ops as ops
+from optc.compiler.codegen.kernels import token_merge as k
+
+
+def _case(bsz=2, n=41, d=24, c=40, protected=1, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(bsz, n, d, generator=g).to(dtype)
+    x = torch.randn(bsz, n, c, generator=g).to(dtype)
+    size = torch.randint(1, 4, (bsz, n), generator=g).float()
+    size[1, -9:] = 0  # row 1 ends in padding
+    return metric, x, size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("protected,n", [(0, 40), (1, 41), (2, 37)])
+def test_match_equals_reference(dtype, protected, n, poison_empty):
+    metric, _, size = _case(n=n, protected=protected, dtype=dtype)
+    # A tie across two tiles of B: the smaller j must win, as torch's argmax picks it.
+    metric[0, protected + 2 * 3 + 1] = metric[0, protected + 2 * 16 + 1]
+    metric[0, protected] = metric[0, protected + 2 * 16 + 1]
+    best, idx = k.token_match(metric, size, protected)
+    ref_best, ref_idx = ops.match_scores_reference(metric, size, protected)
+    torch.testing.assert_close(best, ref_best, atol=1e-5, rtol=1e-5)
+    assert torch.equal(idx, ref_idx)
+    assert idx[0, 0] == 3
+    pad_a = size[:, protected::2] == 0
+    assert (best[pad_a] == k.PAD_SCORE).all()  # padding is merged first
+
+
+def test_match_reads_strided_metric():
+    metric, _, size = _case(n=33)
+    strided = metric.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, D] with stride_md = N
+    best, idx = k.token_match(strided, size, 1)
+    ref_best, ref_idx = ops.match_scores_reference(metric, size, 1)
+    torch.testing.assert_close(best, ref_best, atol=1e-5, rtol=1e-5)
+    assert torch.equal(idx, ref_idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("r", [1, 7, 18])
+def test_merge_equals_reference(dtype, r, poison_empty):
+    metric, x, size = _case(dtype=dtype)
+    unm, src, dst = ops.token_match_reference(metric, size, r, 1)
+    y, size_out = k.token_merge(x, size, unm, src, dst, 1)
+    ref_y, ref_size = ops.token_merge_reference(x, size, unm, src, dst, 1)
+    assert y.shape == (2, 41 - r, 40) and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(y, ref_y, atol=tol, rtol=tol)
+    torch.testing.assert_close(size_out, ref_size)
+    assert size_out.sum(1).tolist() == size.sum(1).tolist()  # sizes are conserved
+
+
+def test_merge_many_sources_into_one_destination():
+    # Every a-token's best match is b_0: all r sources merge into it, in two chunks of BLOCK_R.
+    bsz, n, c, r = 1, 41, 8, 18
+    x = torch.randn(bsz, n, c)
+    size = torch.ones(bsz, n)
+    src = torch.arange(r)[None]
+    dst = torch.zeros_like(src)
+    unm = torch.arange(r, 20)[None]
+    y, size_out = k.token_merge(x, size, unm, src, dst, 1)
+    ref_y, _ = ops.token_merge_reference(x, size, unm, src, dst, 1)
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5)
+    expected = torch.cat([x[0, 2:3], x[0, 1:1 + 2 * r:2]]).mean(0)  # b_0 is token 2
+    torch.testing.assert_close(y[0, 1 + 2], expected, atol=1e-5, rtol=1e-5)
+    assert size_out[0, 3] == r + 1
+
+
+def test_padding_only_merge_keeps_destination():
+    metric, x, size = _case()
+    size[:, 1:] = 0  # everything but the protected token is padding
+    unm, src, dst = ops.token_match_reference(metric, size, 5, 1)
+    y, size_out = k.token_merge(x, size, unm, src, dst, 1)
+    ref_y, ref_size = ops.token_merge_reference(x, size, unm, src, dst, 1)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, ref_y)
+    assert (size_out[:, 1:] == 0).all()
+
+
+def test_dest_map_and_unmerge():
+    metric, x, size = _case()
+    unm, src, dst = ops.token_match_reference(metric, size, 9, 1)
+    y, _ = ops.token_merge_reference(x, size, unm, src, dst, 1)
+    dest = torch.ops.optc.token_merge_dest(unm, src, dst, 41, 1)
+    back = torch.ops.optc.token_unmerge(y, dest)
+    assert back.shape == x.shape
+    merged = torch.zeros(2, 41, dtype=torch.bool)
+    rows = 1 + 2 * src
+    merged.scatter_(1, rows, True)
+    merged.scatter_(1, 2 + 2 * dst, True)
+    # A token that took part in no merge comes back (x * size / size: to rounding); [CLS] is one.
+    torch.testing.assert_close(back[~merged], x[~merged], atol=1e-6, rtol=1e-6)
+    assert torch.equal(back[:, 0], x[:, 0])
+    # A source and its destination come back as the same merged value.
+    assert torch.equal(back.gather(1, rows[..., None].expand(-1, -1, 40)),
+                       back.gather(1, (2 + 2 * dst)[..., None].expand(-1, -1, 40)))
