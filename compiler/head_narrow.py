@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from optc.compiler.head_coupling import HeadCoupling
-from optc.compiler.head_ops import G, KV, QKV, factor_size, fused_parts, source_factors
+from optc.compiler.head_ops import G, KV, QKV, factor_size, fused_parts, norm_dim, source_factors, split_bounds
 from optc.compiler.rewrite import attr_value, get_attr_nodes, set_param
 
 aten = torch.ops.aten
@@ -142,6 +142,12 @@ def _narrow_sizes(c: HeadCoupling, kept: Kept) -> None:
             node.args = (node.args[0], sizes, *node.args[2:])
         elif node.target is aten.slice.Tensor:
             _narrow_slice(node, c, kept, bounds)
+        elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+            d, _ = split_bounds(node)
+            d = norm_dim(d, len(c.roles[node.args[0]]))
+            if c.roles[node.args[0]][d] == (QKV,):  # q, k and v may now differ in width
+                node.target = aten.split_with_sizes.default
+                node.args, node.kwargs = (node.args[0], [kept.size(part[d]) for part in r], d), {}
 
 
 def _narrow_slice(node, c: HeadCoupling, kept: Kept, bounds: dict) -> None:

@@ -8,6 +8,8 @@ not listed here, or used in a way these rules cannot follow, raises `Uncoupled`.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -33,6 +35,7 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 _SDPA = aten.scaled_dot_product_attention.default
 _SLICE_END = 2**63 - 1
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 
 
 class Uncoupled(Exception):
@@ -130,6 +133,10 @@ def out_factors(node, roles, c):
         return _expand(node, roles[x], c)
     if t is aten.slice.Tensor:
         return _slice(node, roles[x], c)
+    if t in _SPLITS:
+        return _split(node, roles[x], c)
+    if t is operator.getitem and isinstance(roles[x], list):  # one part of a split
+        return roles[x][node.args[1]]
     if t is aten.cat.default:
         return _cat(node, roles)
     if t in _REDUCTIONS:
@@ -255,6 +262,32 @@ def _slice(node, r, c) -> tuple:
     if (start, end) != (0, size):
         raise Uncoupled(f"{node.name} keeps part of the heads")
     return r
+
+
+def split_bounds(node) -> tuple[int, list[tuple]]:
+    """(dim, [(start, end)] of each part) of a split node (GPT-2 splits its fused c_attn)."""
+    size = node.args[1]
+    d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    total = int_size(shape_of(node.args[0])[d])
+    if total is None or not all(isinstance(n, int) for n in (size if isinstance(size, (list, tuple)) else [size])):
+        raise Uncoupled(f"{node.name} splits at symbolic bounds")
+    sizes = [size] * -(-total // size) if isinstance(size, int) else list(size)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return d, [(a, min(a + n, total)) for a, n in zip(starts, sizes)]
+
+
+def _split(node, r, c) -> list:
+    """A list of factors, one per part: a fused q/k/v output split into q, k and v."""
+    d, bounds = split_bounds(node)
+    d = norm_dim(d, len(r))
+    if r[d] is None:
+        return [r] * len(bounds)
+    if r[d] != (QKV,):
+        raise Uncoupled(f"{node.name} splits the heads")
+    parts = [fused_parts(c.attention).get(b) for b in bounds]
+    if None in parts:
+        raise Uncoupled(f"{node.name} cuts a fused q/k/v output other than into q, k and v")
+    return [r[:d] + (part,) + r[d + 1:] for part in parts]
 
 
 def _cat(node, roles) -> tuple:
