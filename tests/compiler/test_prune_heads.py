@@ -118,9 +118,6 @@ def test_decode_continues_prefill_and_reexport(llama_captured, granularity, deco
         assert ep.constants["key_cache_0"].shape == (1, kv, 64, 16)
         if name == "prefill":
             assert torch.allclose(ep.module()(**kwargs), gms["prefill"](**kwargs), atol=1e-6)
-    gm = capture.graph_module(captured.programs["prefill"])  # the refit weights are not in the JSON
-    with pytest.raises(CompileError, match="plan again"):
-        prune(gm, analyze(gm), json.loads(json.dumps(plan)))
 
 
 def test_artifact_generates_over_the_narrow_cache(tmp_path, make_tiny_llama):
