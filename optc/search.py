@@ -74,9 +74,9 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     store, where = st.open_storage(req.storage, out_dir / f"{study_name}.journal")
     study = st.open_study(store, study_name, signature, sy.make_sampler(req.seed))
     sy.enqueue_seeds(study, space)
-    cost = _cost_model(target, study)
+    cost = _cost_model(target, study, workload, req.lowering)
     log(f"search: study '{study_name}' in {where}; {len(space.params)} searched settings: "
-        f"{', '.join(space.params)}; cost model {cost.source}")
+        f"{', '.join(space.params)}; cost model {cost.source}, {len(cost.history)} samples of the device's history")
     if req.lowering not in ("target", "plain"):
         raise UsageError(f"--lowering {req.lowering!r}: expected target or plain")
     measure = _measurer(replace(target, inductor={}) if req.lowering == "plain" else target, workload, prompt, log)
@@ -86,10 +86,14 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         return _plain(_features(program, compiled.manifest, workload))
 
     n_sub = _subsample(session)
+    # With a device history the correction is fitted from the start: one measured trial
+    # (the dense seed) anchors the study before estimates are trusted.
     opts = sy.WorkerOptions(req.trials, req.max_quality_loss, subsample=n_sub, measure_all=req.measure_all,
-                            time_limit_s=req.time_limit_s, **_liveness_from_env())
+                            time_limit_s=req.time_limit_s, min_measured=1 if cost.coef else 4,
+                            **_liveness_from_env())
     start = time.perf_counter()
-    sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log)
+    sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log,
+                  remember=_remember(target, workload, req.lowering, session.model_name))
     if worker_only:
         return {"study": study_name, "worker_trials": req.trials}
     return _finish(req, study, study_name, where, target, session, time.perf_counter() - start, log)
@@ -137,12 +141,25 @@ def _workload(session, req, inputs):
     return workload_for(session.task, batch=batch, tokens=req.tokens)
 
 
-def _cost_model(target, study):
+def _cost_model(target, study, workload, lowering):
+    from optc.compiler.search import device_db
     from optc.compiler.search.cost_model import CostModel
     from optc.compiler.search.study import _measured
 
     cost = CostModel.for_device(target.device, target, calibrate=target.device == "cuda")
+    past = device_db.history(target.device, kind=workload.kind, lowering=lowering)
+    cost.with_history([(s["features"], s["ms"]) for s in past if s["workload"] == workload.to_dict()])
     return cost.fit([(t.user_attrs["features"], t.values[0]) for t in _measured(study)])
+
+
+def _remember(target, workload, lowering, model_name):
+    from optc.compiler.search import device_db
+
+    def remember(features, ms):
+        device_db.append_sample(target.device, {"workload": workload.to_dict(), "lowering": lowering,
+                                                "features": features, "ms": ms, "model": model_name})
+
+    return remember
 
 
 def _features(program, manifest, workload):

@@ -9,6 +9,21 @@ import torch
 warnings.filterwarnings("ignore", message=".*not properly registered as a parameter.*")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory):
+    """optc's cache (device records, the search's latency history) in a fresh folder for
+    the test run: what a user's earlier runs stored must not change what a test sees."""
+    import os
+
+    before = os.environ.get("OPTC_CACHE_DIR")
+    os.environ["OPTC_CACHE_DIR"] = str(tmp_path_factory.mktemp("optc-cache"))
+    yield
+    if before is None:
+        os.environ.pop("OPTC_CACHE_DIR", None)
+    else:
+        os.environ["OPTC_CACHE_DIR"] = before
+
+
 def tiny_llama(layers=4):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -30,6 +30,10 @@ MIN_FIT = 3  # fewer measured trials than the correction's coefficients: keep th
 # that move together across the trials), and yields wherever they can.
 PRIOR_WEIGHT = 0.02
 PRIOR = (1.0, 1.0, 0.0)  # roofline and launch terms as calibrated, no constant
+# Weight of a sample from the device's history (other studies, other models) against
+# one of the study's own: enough to start fitted, little enough that a study's own
+# trials take over once it has a few.
+HISTORY_WEIGHT = 0.3
 
 
 @dataclass
@@ -50,6 +54,13 @@ class CostModel:
     source: str = "prior"
     coef: tuple[float, float, float] | None = None
     n_fit: int = 0
+    history: tuple = ()  # (features, ms) measured on this device by earlier studies
+
+    def with_history(self, samples: list) -> "CostModel":
+        """Fit from now on also on these samples (the device's history), at
+        HISTORY_WEIGHT each; returns self, fitted on them alone so far."""
+        self.history = tuple((f, ms) for f, ms in samples if ms and math.isfinite(ms) and ms > 0)
+        return self.fit([])
 
     @classmethod
     def prior(cls, target="cpu") -> "CostModel":
@@ -96,14 +107,17 @@ class CostModel:
         trials cannot swing it. Returns self."""
         samples = [(f, ms) for f, ms in samples if ms is not None and math.isfinite(ms) and ms > 0]
         self.n_fit = len(samples)
+        weights = [1.0] * len(samples) + [HISTORY_WEIGHT] * len(self.history)
+        samples = samples + list(self.history)
         if len(samples) < MIN_FIT:
             self.coef = None
             return self
         y = np.array([ms for _, ms in samples], dtype=float)
-        x = np.array([[*self.terms(f), 1.0] for f, _ in samples]) / y[:, None]
+        w = np.sqrt(np.array(weights))
+        x = np.array([[*self.terms(f), 1.0] for f, _ in samples]) / y[:, None] * w[:, None]
         scale = np.array([1.0, 1.0, 1.0 / float(np.median(y))])  # c is in ms: compare it to a typical trial
         a = np.vstack([x, math.sqrt(PRIOR_WEIGHT) * np.diag(scale)])
-        rhs = np.concatenate([np.ones(len(y)), math.sqrt(PRIOR_WEIGHT) * scale * np.array(PRIOR)])
+        rhs = np.concatenate([w, math.sqrt(PRIOR_WEIGHT) * scale * np.array(PRIOR)])
         self.coef = tuple(float(v) for v in _nonneg_lstsq(a, rhs))
         return self
 
@@ -126,7 +140,8 @@ class CostModel:
 
     def to_dict(self) -> dict:
         return {"bandwidth_gbs": self.bandwidth_gbs, "tflops": self.tflops, "launch_us": self.launch_us,
-                "source": self.source, "coef": list(self.coef) if self.coef else None, "n_fit": self.n_fit}
+                "source": self.source, "coef": list(self.coef) if self.coef else None, "n_fit": self.n_fit,
+                "n_history": len(self.history)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":

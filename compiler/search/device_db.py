@@ -120,6 +120,46 @@ def store(record: dict) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------- history
+# Every latency a search measures on a device is also appended to the device's history
+# (one JSON line per sample, beside its record), so a new study on the same device
+# starts with a fitted correction instead of measuring its first trials blind.
+
+
+def history_file(key: dict) -> Path:
+    return key_file(key).with_suffix(".samples.jsonl")
+
+
+def append_sample(device: str | torch.device, sample: dict) -> None:
+    """Add one measured sample: {"workload": {...}, "lowering": str, "features": {...},
+    "ms": float, "model": str}. One write per line in append mode, so concurrent
+    workers' lines do not interleave; a torn last line is skipped on reading."""
+    path = history_file(device_key(device))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({**sample, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
+def history(device: str | torch.device, *, kind: str, lowering: str) -> list[dict]:
+    """The device's measured samples for one workload kind (decode, forward) and
+    lowering (target, plain): the cost model is only comparable within one."""
+    path = history_file(device_key(device))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            s = json.loads(line)
+        except ValueError:
+            continue
+        if s.get("workload", {}).get("kind") == kind and s.get("lowering") == lowering and s.get("ms"):
+            out.append(s)
+    return out
+
+
 # ---------------------------------------------------------------------------- timing
 
 

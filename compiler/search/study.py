@@ -39,7 +39,7 @@ class WorkerOptions:
     n_trials: int
     max_quality_loss: float
     subsample: int | None = None  # held-out batches scored first (None: all)
-    min_measured: int = 4  # measure at least this many before trusting the cost model
+    min_measured: int = 4  # measure at least this many before trusting the cost model (1 with a device history)
     heartbeat_s: float = st.HEARTBEAT_S
     grace_s: float = st.GRACE_S
     measure_all: bool = False
@@ -69,8 +69,9 @@ def enqueue_seeds(study: optuna.Study, space: SearchSpace) -> None:
 
 
 def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Callable, features: Callable,
-               cost, opts: WorkerOptions, log=print) -> list[int]:
-    """Run `opts.n_trials` trials; returns their numbers."""
+               cost, opts: WorkerOptions, log=print, remember: Callable | None = None) -> list[int]:
+    """Run `opts.n_trials` trials; returns their numbers. `remember(features, ms)` is
+    told every latency measured (the device's history)."""
     done: list[int] = []
     errors_in_a_row = 0
     start = time.monotonic()
@@ -83,7 +84,7 @@ def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Cal
         trial.set_user_attr("worker", WORKER_ID)
         beat = st.Heartbeat(study, trial._trial_id, opts.heartbeat_s)
         try:
-            _one_trial(study, trial, space, session, measure, features, cost, opts, log)
+            _one_trial(study, trial, space, session, measure, features, cost, opts, log, remember)
         except KeyboardInterrupt:
             beat.stop()
             study.tell(trial, state=TrialState.FAIL)
@@ -126,7 +127,7 @@ def _ask(study: optuna.Study) -> optuna.Trial:
     return study.ask()
 
 
-def _one_trial(study, trial, space, session, measure, features, cost, opts, log):
+def _one_trial(study, trial, space, session, measure, features, cost, opts, log, remember=None):
     settings = space.suggest(trial)
     config = session.resolve(settings, space.pipeline_name)
     trial.set_user_attr("settings", settings)
@@ -162,6 +163,8 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log)
             return
         latency, source = measure(compiled), "measured"
         cost.fit([(t.user_attrs["features"], t.values[0]) for t in measured] + [(feats, latency)])
+        if remember is not None:
+            remember(feats, latency)
     else:
         latency, source = estimate, "estimated"
     trial.set_user_attr("latency_source", source)

@@ -171,6 +171,20 @@ def test_fit_recovers_known_coefficients():
     assert again == fitted and again.estimate_ms(samples[0][0]) == fitted.estimate_ms(samples[0][0])
 
 
+def test_a_device_history_starts_the_fit_and_the_studys_own_trials_take_over():
+    model = cm.CostModel.prior("h200")
+    elsewhere, here = (1.35, 0.7, 0.0), (1.0, 1.2, 0.0)
+    started = model.unfitted().with_history(_synthetic(30, 1, model, elsewhere))
+    assert started.coef[:2] == pytest.approx(elsewhere[:2], rel=0.05)  # fitted before any own trial
+    own = _synthetic(12, 2, model, here)
+    fitted = started.fit(own)
+    test = _synthetic(10, 3, model, here)
+    err = [abs(fitted.estimate_ms(f) / ms - 1) for f, ms in test]
+    err_history_only = [abs(started.unfitted().with_history(started.history).estimate_ms(f) / ms - 1) for f, ms in test]
+    assert max(err) < 0.5 * max(err_history_only)
+    assert fitted.to_dict()["n_history"] == 30 and fitted.n_fit == 12
+
+
 def test_few_samples_keep_the_roofline():
     model = cm.CostModel.prior("h200")
     samples = _synthetic(2, 3, model, (2.0, 2.0, 1.0))
@@ -244,6 +258,20 @@ def test_device_record_round_trip(monkeypatch, tmp_path):
     # Another torch version is another device record.
     path.write_text(json.dumps({**record, "key": {**key, "torch": "0.0"}}))
     assert device_db.load("cpu") is None
+
+
+def test_device_history_keeps_samples_per_workload_and_lowering(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path))
+    decode = {"kind": "decode", "batch": 1}
+    device_db.append_sample("cpu", {"workload": decode, "lowering": "plain", "features": {"bytes": 1}, "ms": 2.0})
+    device_db.append_sample("cpu", {"workload": decode, "lowering": "target", "features": {"bytes": 1}, "ms": 3.0})
+    device_db.append_sample("cpu", {"workload": {"kind": "forward"}, "lowering": "plain", "features": {}, "ms": 4.0})
+    path = device_db.history_file(device_db.device_key("cpu"))
+    with open(path, "a") as f:
+        f.write('{"workload": {"kind": "decode"}, "lowe')  # a writer killed mid-line
+    got = device_db.history("cpu", kind="decode", lowering="plain")
+    assert [s["ms"] for s in got] == [2.0] and got[0]["at"]
+    assert device_db.history("cpu", kind="forward", lowering="target") == []
 
 
 def test_calibration_on_cpu_stores_a_record_keyed_by_device(monkeypatch, tmp_path):
