@@ -127,29 +127,38 @@ def _by_loss(ctx, anatomy, candidates, params, budget, cfg, cosine, biases):
     the first round measures the loss of the best `shortlist`, and each later round
     re-measures the `rescore_top` most promising of what is left (refilled from the
     cosine ranking), together with the units already chosen.
+
+    The rounds do not depend on the budget, only where they stop does: the trail is kept
+    in the calibration memo and extended on demand, so a search asking for 3, then 6,
+    then 4 blocks pays for six rounds once, not thirteen.
     """
     n = cfg.calibration_samples
-    base = ctx.calibration_loss(lambda gm: gm, n=n)
-    by_cosine = sorted(candidates, key=lambda u: cosine[u] / params[u])
-    chosen, removed, trail = [], 0, []
-    measured: dict = {}
-    pool = by_cosine[: max(2 * cfg.rescore_top, 12)]
-    while removed < budget * 0.98:
-        costs = {}
-        for unit in pool:
-            loss = ctx.calibration_loss(lambda gm, u=unit: _rewritten(gm, anatomy, chosen + [u], biases), n=n)
-            costs[unit] = (loss - base) / params[unit]
-        measured.update(costs)
-        ranked = sorted(costs, key=costs.__getitem__)
-        best = ranked[0]
-        chosen.append(best)
-        removed += params[best]
-        trail.append({"unit": f"{best[0]}.{best[1]}", "loss_per_mparam": round(costs[best] * 1e6, 5)})
-        rest = [u for u in ranked[1:]] + [u for u in by_cosine if u not in costs and u not in chosen]
-        pool = rest[: cfg.rescore_top]
-        if not pool:
-            break
-    return chosen, {"baseline_loss": round(base, 5), "rounds": trail}
+    key = ("skip_layers.greedy", tuple(candidates), n, cfg.rescore_top, cfg.compensate)
+    greedy = ctx.memo.get(key)
+    if greedy is None:
+        by_cosine = sorted(candidates, key=lambda u: cosine[u] / params[u])
+        greedy = ctx.memo[key] = {"base": ctx.calibration_loss(lambda gm: gm, n=n), "by_cosine": by_cosine,
+                                  "pool": by_cosine[: max(2 * cfg.rescore_top, 12)], "chosen": [], "removed": [0],
+                                  "trail": []}
+    while greedy["removed"][-1] < budget * 0.98 and greedy["pool"]:
+        _greedy_round(ctx, anatomy, greedy, params, cfg, biases)
+    rounds = next((k for k, r in enumerate(greedy["removed"]) if r >= budget * 0.98), len(greedy["chosen"]))
+    return greedy["chosen"][:rounds], {"baseline_loss": round(greedy["base"], 5), "rounds": greedy["trail"][:rounds]}
+
+
+def _greedy_round(ctx, anatomy, greedy, params, cfg, biases) -> None:
+    chosen, n = greedy["chosen"], cfg.calibration_samples
+    costs = {}
+    for unit in greedy["pool"]:
+        loss = ctx.calibration_loss(lambda gm, u=unit: _rewritten(gm, anatomy, chosen + [u], biases), n=n)
+        costs[unit] = (loss - greedy["base"]) / params[unit]
+    ranked = sorted(costs, key=costs.__getitem__)
+    best = ranked[0]
+    chosen.append(best)
+    greedy["removed"].append(greedy["removed"][-1] + params[best])
+    greedy["trail"].append({"unit": f"{best[0]}.{best[1]}", "loss_per_mparam": round(costs[best] * 1e6, 5)})
+    rest = ranked[1:] + [u for u in greedy["by_cosine"] if u not in costs and u not in chosen]
+    greedy["pool"] = rest[: cfg.rescore_top]
 
 
 def _rewritten(gm: fx.GraphModule, anatomy: Anatomy, units, biases) -> fx.GraphModule:

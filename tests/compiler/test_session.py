@@ -4,6 +4,7 @@ the programs in the config hash, calibration batches as many as a pass asks for.
 import pytest
 import torch
 
+from optc.compiler.calibration import CalibrationContext
 from optc.compiler.session import CompileSession
 from optc.models import zoo
 
@@ -82,3 +83,27 @@ def test_encoder_data_comes_at_the_captured_shape():
     assert len(calib) == 16 and all(a[0].shape == example[0].shape for a, _ in calib)
     q = compiled.manifest["quality"]
     assert q["metric"] == "embedding-cosine" and q["n"] == 64 and 0 < q["loss"] < 1
+
+
+def test_a_greedy_skip_plan_extends_the_rounds_of_a_smaller_one():
+    """The greedy rounds do not depend on the budget: after planning 3 blocks' worth, a
+    plan for 1 or 2 is a prefix of it and costs no new calibration forward."""
+    entry = zoo.get("tiny-llama")
+    fresh = CompileSession(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda m: None)
+    warm = CompileSession(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda m: None)
+
+    def units(sess, count):
+        config = sess.resolve({"skip_layers": {"count": count, "granularity": "sublayer"}})
+        return sess.run(config).manifest["passes"][0]["plan"]["units"]
+
+    expected = units(fresh, 2)
+    units(warm, 3)
+    calls = []
+    original = CalibrationContext.calibration_loss
+    CalibrationContext.calibration_loss = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        assert units(warm, 2) == expected
+    finally:
+        CalibrationContext.calibration_loss = original
+    assert calls == []
+    assert len(expected) >= 2 and units(warm, 3)[: len(expected)] == expected
