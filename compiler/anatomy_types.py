@@ -36,6 +36,12 @@ class Attention:
     kv_sources: tuple[fx.Node, fx.Node] | None = None
 
     @property
+    def causal(self) -> bool:
+        """Causal attention (is_causal, SDPA's sixth argument) or one writing a KV cache."""
+        return bool(self.cache_writes or self.sdpa.kwargs.get("is_causal")
+                    or (len(self.sdpa.args) > 5 and self.sdpa.args[5]))
+
+    @property
     def fused_qkv(self) -> bool:
         """One projection computes q, k and v (Phi-3's qkv_proj), split after it."""
         return self.q is self.k
@@ -99,6 +105,11 @@ class Anatomy:
     @property
     def empty(self) -> bool:
         return not self.blocks
+
+    @property
+    def causal(self) -> bool:
+        """Some block's attention is causal or writes a KV cache: a decoder."""
+        return any(b.attention is not None and b.attention.causal for b in self.blocks)
 
     def summary(self) -> dict:
         """A JSON-able description (what `optc inspect` prints)."""

@@ -24,7 +24,8 @@ class Space:
     when: (key, op, value) of the same pass: the key matters only when that holds
     (`method` only when `sparsity > 0`); otherwise it stays at its default.
     bound: a name the model's anatomy resolves to an upper bound ("blocks": one less
-    than the residual blocks there are), so no count exceeds what the model has.
+    than the residual blocks there are, so no count exceeds what the model has;
+    "encoder": the declared range on encoders, nothing to search on a decoder).
     """
 
     kind: str

@@ -42,7 +42,7 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class MergeTokensConfig(PassConfig):
-    r: int = knob(0, low=0, high=4096, search=Int(0, 16),
+    r: int = knob(0, low=0, high=4096, search=Int(0, 16, bound="encoder"),
                   doc="tokens merged in every block (clamped to half of what is left)")
     schedule: tuple = knob((), low=0, unique=False, doc="tokens merged per block, e.g. [8,8,4,0]; overrides r")
     protected: int = knob(-1, low=-1, high=64,
@@ -90,7 +90,7 @@ def _refusal(blocks) -> str | None:
         att = b.attention
         if att is None:
             continue
-        if att.cache_writes or att.sdpa.kwargs.get("is_causal") or (len(att.sdpa.args) > 5 and att.sdpa.args[5]):
+        if att.causal:
             return "token merging is for encoders: this attention is causal or writes a KV cache"
         q, mid = node_shape(att.sdpa.args[0]), node_shape(b.mid)
         if q is None or mid is None or len(mid) != 3 or any(isinstance(s, torch.SymInt) for s in q + mid) \

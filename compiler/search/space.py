@@ -26,6 +26,8 @@ def resolve_bound(space: Space, anatomy) -> Space:
         return space
     if space.bound == "blocks":
         most = len(anatomy.blocks) - 1 if anatomy is not None else 0
+    elif space.bound == "encoder":  # nothing to search on a decoder
+        most = space.low if anatomy is None or anatomy.causal else space.high
     else:
         raise ValueError(f"unknown search bound {space.bound!r}")
     return replace(space, high=max(space.low, min(space.high, most)))
@@ -46,6 +48,11 @@ class SearchSpace:
                 if space.kind != "choice" and space.high <= space.low:
                     continue  # nothing to choose on this model (no blocks to skip, say)
                 self.params[f"{step.name}.{key}"] = (step.name, key, space)
+        # A key conditional on one with nothing to search, or fixed where the condition
+        # fails (prune_heads.repair with ratio fixed at 0), changes nothing.
+        self.params = {p: v for p, v in self.params.items() if v[2].when is None
+                       or f"{v[0]}.{v[2].when[0]}" in self.params
+                       or (v[2].when[0] in self.fixed.get(v[0], {}) and v[2].holds(self.fixed[v[0]]))}
         # Conditions read keys suggested before them: unconditional keys go first.
         self.params = dict(sorted(self.params.items(), key=lambda item: item[1][2].when is not None))
         if not self.params:

@@ -117,6 +117,22 @@ def test_fixed_settings_leave_the_space_and_unknown_keys_are_refused():
         SearchSpace(SimpleNamespace(blocks=[0]), "toy", fixed={"toy_pass": {"strength": 0.5, "flavour": "a"}})
 
 
+def test_a_key_whose_condition_cannot_hold_leaves_the_space():
+    assert "toy_pass.flavour" not in SearchSpace(ANATOMY, "toy", fixed={"toy_pass": {"strength": 0.0}}).params
+    assert "toy_pass.flavour" in SearchSpace(ANATOMY, "toy", fixed={"toy_pass": {"strength": 0.5}}).params
+
+
+@pytest.mark.parametrize("name, merges", [("tiny-llama", False), ("tiny-bert", True)])
+def test_token_merging_is_searched_on_encoders_only(name, merges):
+    from optc.compiler.session import CompileSession
+    from optc.models import zoo
+
+    entry = zoo.get(name)
+    session = CompileSession(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda m: None)
+    params = SearchSpace(session.anatomy, "default").params
+    assert ("merge_tokens.r" in params) == merges and ("merge_tokens.kernels" in params) == merges
+
+
 def test_worker_measures_the_first_then_estimates_and_keeps_the_limit_as_a_constraint():
     space, study, cost = SearchSpace(ANATOMY, "toy"), _study(), FakeCost()
     sy.enqueue_seeds(study, space)
