@@ -156,12 +156,13 @@ def bench(
                 art = optc.compile(eager, (prompt,), target=tgt.name, pipeline_name=pipe, passes=passes,
                                    entry=entry, calibration=calib, max_cache_len=max_cache_len, verify=False, log=_log)
                 m = measure(art, tgt, workload, inputs=prompt, autotune=autotune, log=_log)
-                return m.timing, _lm_notes(art, m, eager, prompt), m.remeasure
+                return m.timing, {**_lm_notes(art, m, eager, prompt), "work": _work(art, workload)}, m.remeasure
             art = optc.compile(eager, example_inputs, target=tgt.name, pipeline_name=pipe, passes=passes,
                                entry=entry, calibration=calib, dynamic=dynamic, verify=False, log=_log)
             m = measure(art, tgt, workload, inputs=example_inputs, log=_log)
             # Forward rows are timed once: the round-robin rounds are for decode.
-            return m.timing, {"params": art.manifest["params"], "config": art.manifest["config"]}, None
+            return m.timing, {"params": art.manifest["params"], "config": art.manifest["config"],
+                              "work": _work(art, workload)}, None
 
         run_variant(label, time_it)
     if is_lm:
@@ -177,6 +178,17 @@ def bench(
         err.result = result  # the CLI still prints the rows that were measured
         raise err
     return result
+
+
+def _work(art, workload) -> dict:
+    """Bytes moved, weight bytes, FLOPs and kernels of the timed program per decode step
+    or forward (the cost model's count), so a row's speed-up can be set against the work
+    a pass removed."""
+    from optc.compiler.search.features import program_features
+
+    program = art.programs["decode" if workload.kind == "decode" else "forward"]
+    f = program_features(program, art.manifest, batch=workload.batch)
+    return {k: f[k] for k in ("bytes", "weight_bytes", "flops", "launches")}
 
 
 def _lm_notes(art, m, eager, prompt) -> dict:
