@@ -1,0 +1,115 @@
+"""Issue 13's quality bar for structured pruning, through the CLI, with the passes'
+default settings against the same pass with no repair:
+
+    python benchmarks/pruning_quality.py OUT.json [--model smollm2-135m] [--case prune_mlp=0.25 ...]
+
+Each case compiles `optc compile MODEL --target cpu --set PASS.ratio=R --eval --json`
+twice, with the defaults and with `--set PASS.repair=none`, from a scratch directory
+(the CLI is run as the user runs it), and records held-out quality before and after,
+parameters before and after, the kept widths (and whether each is a multiple of the
+target's alignment), the plan's calibration losses and the compile time. The bar: the
+quality loss of the defaults (perplexity increase; 1 - cosine for encoders) is at most
+half that of repair=none on the same held-out windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def compile_json(model: str, sets: list[str]) -> tuple[dict, list[str], float]:
+    argv = [sys.executable, "-m", "optc.cli", "compile", model, "--target", "cpu", "--eval", "--json"]
+    for s in sets:
+        argv += ["--set", s]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        proc = subprocess.run(argv + ["-o", str(Path(tmp) / "a.optc")], cwd=tmp, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout), argv[2:], wall
+
+
+def summary(result: dict, pass_name: str, argv: list[str], wall: float) -> dict:
+    entry = next(p for p in result["passes"] if p["name"] == pass_name)
+    plan = entry.get("plan") or {}
+    q = result["quality"]
+    align = result["config"]["passes"][pass_name]["align"]
+    if pass_name == "prune_mlp":
+        widths = plan.get("kept_channels", {})
+    else:
+        head_dim = {b["head_dim"] for b in plan.get("blocks", {}).values()}
+        widths = {k: v * next(iter(head_dim)) for k, v in plan.get("kept_heads", {}).items()} if head_dim else {}
+    return {
+        "command": "optc " + " ".join(argv),
+        "applied": entry["applied"],
+        "quality_before": q["before"],
+        "quality_after": q["after"],
+        "metric": q["metric"],
+        "quality_loss": q["after"] - q["before"] if q["metric"] == "perplexity" else 1.0 - q["after"],
+        "held_out": {k: q.get(k) for k in ("windows", "tokens", "samples", "n")},
+        "params_before": result["params"]["before"],
+        "params_after": result["params"]["after"],
+        "kept_widths": widths,
+        "align": align,
+        "widths_aligned": all(w % align == 0 for w in widths.values()),
+        "repair_used": plan.get("repair"),
+        "repair_note": plan.get("repair_note"),
+        "calibration_loss": plan.get("calibration_loss"),
+        "local_rel_err": plan.get("local_rel_err"),
+        "pass_seconds": entry.get("seconds"),
+        "compile_seconds": result["seconds"],
+        "wall_seconds": round(wall, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--case", action="append", help="PASS=RATIO (default: prune_mlp=0.25 and prune_heads=0.33)")
+    args = ap.parse_args()
+    cases = args.case or ["prune_mlp=0.25", "prune_heads=0.33"]
+    rows = []
+    for case in cases:
+        name, _, ratio = case.partition("=")
+        runs = {}
+        for label, extra in (("default", []), ("repair_none", [f"{name}.repair=none"])):
+            result, argv, wall = compile_json(args.model, [f"{name}.ratio={ratio}", *extra])
+            runs[label] = summary(result, name, argv, wall)
+            print(f"{args.model} {case} {label}: {runs[label]['metric']} {runs[label]['quality_before']:.4g} -> "
+                  f"{runs[label]['quality_after']:.4g} ({runs[label]['repair_used']}), "
+                  f"{runs[label]['compile_seconds']} s", flush=True)
+        d, n = runs["default"]["quality_loss"], runs["repair_none"]["quality_loss"]
+        rows.append({"pass": name, "ratio": float(ratio), **runs,
+                     "bar": {"default_loss": d, "none_loss": n, "ratio_of_losses": d / n if n else None,
+                             "met": d <= 0.5 * n}})
+    import torch
+    import transformers
+
+    out = {
+        "argv": sys.argv,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                     cwd=REPO).stdout.strip(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "machine": f"{platform.machine()}, cpu target",
+        "model": args.model,
+        "rows": rows,
+    }
+    Path(args.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
