@@ -45,7 +45,7 @@ REPAIRS = ("bias", "none", "lstsq")
 GRANULARITIES = ("group", "head")
 # lstsq's ridge (compiler/refit.py), relative to the mean diagonal of the kept heads'
 # Gram matrix; chosen on calibration windows the fit did not see (passes/README.md).
-RIDGE = 1.0
+RIDGE = 0.1
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,15 @@ class PruneHeadsConfig(PassConfig):
                       doc="head importance: activation (o's output energy on calibration data) | weight (norms only)")
     allocation: str = knob("uniform", choices=ALLOCATIONS, search=Choice(ALLOCATIONS, when=("ratio", ">", 0)),
                            doc="uniform: same ratio per layer | global: rank all layers' heads together")
-    repair: str = knob("bias", choices=REPAIRS, search=Choice(REPAIRS, when=("ratio", ">", 0)),
+    repair: str = knob("lstsq", choices=REPAIRS, search=Choice(REPAIRS, when=("ratio", ">", 0)),
                        doc="bias: add the removed heads' mean output to o_proj's bias | lstsq: also refit o_proj | none")
     granularity: str = knob("group", choices=GRANULARITIES,
                             doc="group: remove whole KV groups (smaller KV cache) | head: the same number of "
                                 "query heads from every group")
     align: int = knob(0, low=0, high=4096,
                       doc="kept heads x head_dim is a multiple of this; 0: the target's (64 on GPUs, 1 on cpu)")
-    calibration_samples: int = knob(4, low=1, high=256, doc="calibration sequences (or batches)")
+    # The o_proj refit needs many more tokens than kept columns (passes/README.md).
+    calibration_samples: int = knob(32, low=1, high=256, doc="calibration sequences (or batches)")
 
     def active(self) -> bool:
         return self.enabled and self.ratio > 0

@@ -223,7 +223,7 @@ def test_global_allocation_leaves_some_layers_whole(llama_captured, decode_after
     kept = entry["plan"]["kept_heads"]
     assert sum(kept.values()) == 12 and max(kept.values()) == 4  # two of eight KV groups, wherever they are
     assert [h for h, _ in _heads(gms["decode"])] == list(kept.values())
-    assert set(entry["plan"]["calibration_loss"]) == {"dense", "none", "bias"}
+    assert set(entry["plan"]["calibration_loss"]) == {"dense", "none", "bias", "lstsq"}  # the default repair's ladder
     step, full = decode_after_prefill(gms, torch.randint(0, 256, (1, 10)))
     assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
 
