@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--baselines", default="eager,hf-static,inductor,inductor-max",
                    help="comma list of eager, hf-static (LMs), inductor, inductor-max")
     b.add_argument("--tokens", type=int, default=64, help="decode steps timed per run (LMs)")
-    b.add_argument("--batch", type=int, default=None, help="batch size (default: the model's benchmark batch)")
+    b.add_argument("--batch", type=int, default=None,
+                   help="batch size: LMs decode at it (default 1), encoders run forwards of it (default: the "
+                        "model's example batch)")
+    b.add_argument("--seq", type=int, default=None, help="text encoders: sequence length (default: the model's)")
     b.add_argument("--variant", action="append", default=[], metavar="'PASS.KEY=V [PASS.KEY=V ...]'",
                    help="one more optc row, its settings separated by spaces (repeatable; --set/--config "
                         "settings are the first such row)")

@@ -171,6 +171,7 @@ def cmd_bench(args):
         baselines=[n.strip() for n in args.baselines.split(",") if n.strip()],
         tokens=args.tokens,
         batch=args.batch,
+        seq=args.seq,
         variants=_bench_variants(args),  # bad settings are refused before anything is loaded
         autotune=not args.no_autotune,
         rounds=args.rounds,

@@ -34,6 +34,7 @@ def bench(
     baselines: Sequence[str] = DEFAULT_BASELINES,
     tokens: int = 64,
     batch: int | None = None,
+    seq: int | None = None,
     variants: Sequence[tuple[str, str, dict]] = (("optc", "default", {}),),
     autotune: bool = True,
     rounds: int = 1,
@@ -72,6 +73,8 @@ def bench(
     entry, eager, example_inputs = resolve(model, device=device, dtype=dtype)
     names = list(baselines)
     is_lm = is_causal_lm(eager)
+    if seq is not None and is_lm:
+        raise UsageError("--seq is for encoders; a causal LM decodes after a fixed prompt (--tokens sets how many)")
     calib = None if calibration is None else read_calibration(
         calibration, entry=entry, example_inputs=example_inputs, is_lm=is_lm,
         vocab_size=getattr(getattr(eager, "config", None), "vocab_size", None))
@@ -89,6 +92,8 @@ def bench(
         workload = Workload("decode", batch=prompt.shape[0], tokens=tokens, prompt_len=prompt.shape[1])
     else:
         prompt = None
+        if batch or seq:
+            example_inputs = _encoder_inputs(entry, example_inputs, batch, seq, device)
         workload = Workload("forward", batch=int(example_inputs[0].shape[0]))
 
     def summary() -> dict:
@@ -110,7 +115,8 @@ def bench(
             **info,
             "probe": probe,
             "versions": {k: info[k] for k in ("torch", "triton", "transformers", "cuda")},
-            "optc_lowering": "inductor max-autotune" if autotune else "inductor",
+            "seq": None if is_lm else (int(example_inputs[0].shape[1]) if example_inputs[0].dim() == 2 else None),
+            "optc_lowering": "inductor max-autotune" if autotune or (not is_lm and device == "cuda") else "inductor",
             "rows": rows,
             "failed": failed,
         }
@@ -178,6 +184,26 @@ def bench(
         err.result = result  # the CLI still prints the rows that were measured
         raise err
     return result
+
+
+def _encoder_inputs(entry, example_inputs, batch, seq, device) -> tuple:
+    """An encoder's inputs at another batch (and, for text, sequence length): built by
+    the zoo entry when there is one; a user's model has its example rows repeated."""
+    if batch is not None and batch < 1 or seq is not None and seq < 1:
+        raise UsageError(f"--batch and --seq must be positive, got batch={batch} seq={seq}")
+    if entry is not None:
+        if seq is not None and entry.family == "vit":
+            raise UsageError(f"--seq: {entry.name} takes images (its token count is set by the image size)")
+        return entry.example_inputs(batch=batch or int(example_inputs[0].shape[0]), seq_len=seq, device=device)
+    if seq is not None:
+        raise UsageError("--seq needs a zoo model (its tokenizer builds the inputs); time a user's model at the "
+                         "length of its example inputs")
+    import torch
+
+    n = int(example_inputs[0].shape[0])
+    reps = -(-batch // n)
+    return tuple(t.repeat(reps, *[1] * (t.dim() - 1))[:batch] if isinstance(t, torch.Tensor) and t.dim() else t
+                 for t in example_inputs)
 
 
 def _work(art, workload) -> dict:

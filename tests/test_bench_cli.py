@@ -47,6 +47,19 @@ def test_bench_rows_for_each_variant(tmp_path):
     assert rows["optc"]["config"]["hash"] != rows[names[3]]["config"]["hash"] and "config" not in rows["eager"]
 
 
+def test_an_encoder_is_timed_at_the_batch_and_length_asked_for():
+    rc, stdout, err = optc("bench", "tiny-bert", "--target", "cpu", "--baselines", "eager", "--batch", "3", "--seq", "20",
+                           "--variant", "prune_mlp.ratio=0.5", "--json")
+    assert rc == 0, err
+    doc = json.loads(stdout)
+    assert doc["batch"] == 3 and doc["seq"] == 20
+    rows = {r["name"]: r for r in doc["rows"]}
+    dense, pruned = rows["optc"]["work"], rows["optc prune_mlp.ratio=0.5"]["work"]
+    assert pruned["weight_bytes"] < dense["weight_bytes"] and pruned["flops"] < dense["flops"]
+    rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--seq", "20")
+    assert rc == 2 and "--seq is for encoders" in err
+
+
 def test_bad_variants_are_refused_up_front():
     rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--variant", "not-a-setting")
     assert rc == 2 and "PASS.KEY=VALUE" in err
