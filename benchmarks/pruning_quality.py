@@ -37,7 +37,7 @@ def compile_json(model: str, sets: list[str]) -> tuple[dict, list[str], float]:
         wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout), argv[2:], wall
+    return json.loads(proc.stdout), argv[3:], wall
 
 
 def summary(result: dict, pass_name: str, argv: list[str], wall: float) -> dict:

@@ -1,5 +1,6 @@
-"""Regenerate the result tables from benchmarks/results/*.json: the search fronts in
-README.md, the results history in docs/results.md.
+"""Regenerate the result tables from benchmarks/results/*.json: the search fronts, the
+speed table (the README's GPU) and the quality table in README.md, the results history
+in docs/results.md.
 
     python benchmarks/readme_table.py          # print the tables
     python benchmarks/readme_table.py --write  # replace them in README.md and docs/results.md
@@ -18,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"  # in docs/results.md
 SEARCH_BEGIN, SEARCH_END = "<!-- search:begin -->", "<!-- search:end -->"  # in README.md
+SPEED_BEGIN, SPEED_END = "<!-- speed:begin -->", "<!-- speed:end -->"  # in README.md
+QUALITY_BEGIN, QUALITY_END = "<!-- quality:begin -->", "<!-- quality:end -->"  # in README.md
+README_SPEED_DEVICE = "H200"  # the GPU the README's speed table is measured on
 
 
 def _source(d: dict, path: Path) -> str:
@@ -253,7 +257,7 @@ def ideal_table() -> str:
 def _config(config: dict) -> str:
     parts = [f"{p}.{k}={v:g}" if isinstance(v, float) else f"{p}.{k}={v}"
              for p, values in config.items() for k, v in values.items()
-             if not (k in ("sparsity", "count") and v == 0) and not (k == "allocation" and "sparsity" in values
+             if not (k in ("sparsity", "count", "ratio", "r") and v == 0) and not (k == "allocation" and "sparsity" in values
                                                                         and values["sparsity"] == 0)]
     return " ".join(parts) or "dense"
 
@@ -266,10 +270,14 @@ def _real_weights(model: str) -> bool:
 
 def table() -> str:
     out = []
+    latest: dict = {}  # model -> (date, path, result): the README shows each model's latest search
     for path in sorted(RESULTS.glob("search_*.json")):
         d = json.loads(path.read_text())
         if d["max_quality_loss"] > 1:
             continue  # a study run to label the cost model, not to choose: cost_model_lines() reports it
+        if d["model"] not in latest or d["date"] > latest[d["model"]][0]:
+            latest[d["model"]] = (d["date"], path, d)
+    for _, path, d in sorted(latest.values(), key=lambda v: v[2]["model"]):
         acc = d.get("cost_model", {})
         acc_text = (f"cost model, each trial estimated before it was measured (fitted on earlier trials only), "
                     f"{acc['n']} trials: Spearman {acc['spearman']:.2f}, "
@@ -292,6 +300,56 @@ def table() -> str:
     return "\n".join(out)
 
 
+def speed_table() -> str:
+    """README: every optc row of the complete bench runs on the README's GPU, against dense
+    optc and the fastest baseline of the same process, beside the work the row removed
+    (bytes per decode step; FLOPs per forward)."""
+    out = ["| model | workload | variant | ms | vs dense optc | vs baseline | work removed | result |",
+           "|---|---|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("bench_*.json")):
+        d = json.loads(path.read_text())
+        if README_SPEED_DEVICE not in (d.get("device") or "") or d.get("partial"):
+            continue
+        decode = d["unit"].startswith("ms/token")
+        workload = f"decode, batch {d['batch']}" if decode else f"forward, batch {d['batch']}" + (
+            f", seq {d['seq']}" if d.get("seq") else "")
+        workload += "; optc " + ("max-autotune" if "max-autotune" in d.get("optc_lowering", "") else "without autotune")
+        rows = {r["name"]: r for r in d["rows"]}
+        dense = rows.get("optc")
+        for r in d["rows"]:
+            if not r["name"].startswith("optc"):
+                continue
+            key = "bytes" if decode else "flops"
+            removed = "-"
+            if dense and r is not dense and r.get("work") and dense.get("work"):
+                removed = f"{100 * (1 - r['work'][key] / dense['work'][key]):.1f}% of {key}"
+            vs_dense = f"{dense['median_ms'] / r['median_ms']:.2f}x" if dense and r is not dense else "-"
+            vs_base = f"{r['ratio_vs_baseline']:.2f}x vs {d['baseline']}" if r.get("ratio_vs_baseline") else "-"
+            out.append(f"| {d['model']} | {workload} | {r['name']} | {r['median_ms']:.3f} | {vs_dense} | {vs_base} "
+                       f"| {removed} | `{path.name}` |")
+    return "\n".join(out)
+
+
+def quality_table() -> str:
+    """README: the lossy passes' measured quality cost on held-out data (real weights)."""
+    out = ["| model | pass | setting | metric | before | after | note | result |", "|---|---|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("pruning_quality_*.json")):
+        d = json.loads(path.read_text())
+        for row in d["rows"]:
+            ours, none = row["default"], row["repair_none"]
+            note = (f"repair {ours['repair_used']}; without repair {none['quality_after']:.4g}; "
+                    f"loss {100 * row['bar']['ratio_of_losses']:.0f}% of the unrepaired")
+            out.append(f"| {d['model']} | {row['pass']} | ratio {row['ratio']} | {ours['metric']} | "
+                       f"{ours['quality_before']:.4g} | {ours['quality_after']:.4g} | {note} | `{path.name}` |")
+    for path in sorted(RESULTS.glob("merge_tokens_*.json")):
+        d = json.loads(path.read_text())
+        for row in d["rows"]:
+            out.append(f"| {d['model']} | merge_tokens | r={row['r']} ({row['tokens_out']} of "
+                       f"{row['tokens_per_block'][0]} tokens left) | pooled cosine | 1 | {row['pooled_cosine']:.4f} | "
+                       f"retrieval agreement {row['retrieval_agreement']:.2f} | `{path.name}` |")
+    return "\n".join(out)
+
+
 def tables() -> str:
     return ("\n".join(cost_model_lines()) + "\n" + bench_tables() + "\n" + spread_tables() + "\n" + quality_tables() + "\n" + gemv_table() + "\n"
             + ideal_table() + "\n" + kernel_time_table() + "\n" + kernel_table())
@@ -307,12 +365,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--write", action="store_true", help="replace the tables in docs/results.md and README.md")
     args = p.parse_args()
-    history, search = tables(), table()
+    history, search, speed, quality = tables(), table(), speed_table(), quality_table()
     if not args.write:
-        print(search + "\n" + history)
+        print(search + "\n" + speed + "\n\n" + quality + "\n" + history)
         return
     _replace_between(ROOT / "docs" / "results.md", BEGIN, END, history)
     _replace_between(ROOT / "README.md", SEARCH_BEGIN, SEARCH_END, search)
+    _replace_between(ROOT / "README.md", SPEED_BEGIN, SPEED_END, speed)
+    _replace_between(ROOT / "README.md", QUALITY_BEGIN, QUALITY_END, quality)
 
 
 if __name__ == "__main__":

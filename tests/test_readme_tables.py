@@ -29,4 +29,14 @@ def test_readme_search_table_is_generated_from_results():
     readme = (ROOT / "README.md").read_text()
     between = readme.split(mod.SEARCH_BEGIN, 1)[1].split(mod.SEARCH_END, 1)[0]
     assert between == f"\n{mod.table()}\n", "README is stale: run python benchmarks/readme_table.py --write"
-    assert "search_llama1b_costmodel_h200.json" in between and "search_smollm2_h200.json" in between
+    assert "search_llama1b_costmodel_h200.json" in between and "search_smollm2_history_h200.json" in between
+
+
+def test_readme_speed_and_quality_tables_are_generated_from_results():
+    mod = _generator()
+    readme = (ROOT / "README.md").read_text()
+    for begin, end, make in ((mod.SPEED_BEGIN, mod.SPEED_END, mod.speed_table),
+                             (mod.QUALITY_BEGIN, mod.QUALITY_END, mod.quality_table)):
+        between = readme.split(begin, 1)[1].split(end, 1)[0]
+        assert between == f"\n{make()}\n", "README is stale: run python benchmarks/readme_table.py --write"
+        assert between.count("\n| ") >= 3  # a header and at least one measured row
