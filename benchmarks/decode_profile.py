@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Where a decode step's time goes: the GPU kernels of optc's decode CUDA graph for
-llama-1b, dense and with sparsify_activations, grouped by kernel name (torch.profiler
-over graph replays). Lowering without max-autotune (minutes cheaper; the sparse
-kernels are not autotuned by Inductor either way), so ms/token here is a diagnosis,
-not the benchmark (that is `optc bench`).
+"""Where a decode step's time goes: the GPU kernels of optc's decode CUDA graph, dense
+and with passes, grouped by kernel name (torch.profiler over graph replays), and with
+`--inductor-max` the same table for torch.compile(mode="max-autotune")'s decode step in
+the same process, so the two steps compare kernel by kernel. optc is lowered without
+max-autotune unless `--autotune` (minutes cheaper; the sparse kernels are not autotuned
+by Inductor either way), so ms/token here is a diagnosis, not the benchmark (that is
+`optc bench`).
 
-    python benchmarks/decode_profile.py --out $OUT/decode_profile.json \\
+    python benchmarks/decode_profile.py --model smollm2-135m --inductor-max --out $OUT/p.json \\
         --variant "" --variant "sparsify_activations.method=cats sparsify_activations.sparsity=0.5"
 """
 
@@ -30,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels_sparse_linear import profile_kernels  # noqa: E402
 
 
-def profile_variant(model, entry, prompt, target, settings: dict, steps: int) -> dict:
+def profile_variant(model, entry, prompt, target, settings: dict, steps: int, autotune: bool = False) -> dict:
     art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default",
                        passes=settings, entry=entry, verify=False)
-    dec = decode_timer(art, lambda m: lower(m, target), str(prompt.device))
+    dec = decode_timer(art, lambda m: lower(m, target, autotune=autotune), str(prompt.device))
     dec.warm_up(prompt)
     ms = dec.measure_decode(prompt, 64).median_ms
     return dict(ms_per_token=ms, **kernel_table(dec, prompt, steps))
@@ -60,24 +62,68 @@ def kernel_table(dec, prompt, steps: int, top: int = 25) -> dict:
                                calls_per_step=round(groups.get(k, (0, 0))[1], 1)) for k, us in by_gap[:top]])
 
 
+def profile_inductor_max(model, prompt, steps: int) -> dict:
+    """torch.compile(mode="max-autotune") of the static-cache decode step (the
+    inductor-max baseline of `optc bench`), its kernels per step over `steps` steps."""
+    from optc.runtime.baselines import static_cache_module
+
+    B, T = prompt.shape
+    module = static_cache_module(model, B, T + steps + 70)
+    step = torch.compile(module, mode="max-autotune", fullgraph=False, dynamic=False)
+
+    def run(n, start):
+        tok = prompt[:, -1:]
+        for i in range(n):
+            torch.compiler.cudagraph_mark_step_begin()
+            logits = step(input_ids=tok, cache_position=torch.tensor([start + i], device=prompt.device))
+            tok = logits[:, -1, :].argmax(dim=-1, keepdim=True)
+
+    with torch.no_grad():
+        module(input_ids=prompt, cache_position=torch.arange(T, device=prompt.device))
+        run(4, T)  # compile, autotune, graph capture
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(64, T + 4)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) * 1e3 / 64  # host loop included, as in the bench's baseline
+        gaps: dict[str, float] = {}
+        groups = profile_kernels(lambda: run(steps, T + 4), steps, gaps=gaps)
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    return dict(ms_per_token=ms, kernel_us_per_step=round(sum(v[0] for _, v in ranked), 1),
+                kernels_per_step=round(sum(v[1] for _, v in ranked), 1),
+                idle_us_per_step=round(sum(gaps.values()), 1),
+                top=[dict(name=k, us_per_step=round(v[0], 1), calls_per_step=round(v[1], 1),
+                          idle_before_us_per_step=round(gaps.get(k, 0.0), 1)) for k, v in ranked[:25]])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--inductor-max", action="store_true", help="also profile torch.compile max-autotune's step")
+    ap.add_argument("--autotune", action="store_true", help="lower optc's step with max-autotune too")
     args = ap.parse_args()
     target = targets.get("auto")
     entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
     prompt = example[0][:, :16].contiguous()
     result = dict(model=args.model, device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  date=time.strftime("%Y-%m-%d"), variants={})
+                  date=time.strftime("%Y-%m-%d"), argv=sys.argv, optc_autotune=args.autotune, variants={})
     for text in args.variant or [""]:
         t0 = time.time()
-        r = profile_variant(model, entry, prompt, target, parse_sets(text.split()), args.steps)
+        r = profile_variant(model, entry, prompt, target, parse_sets(text.split()), args.steps, args.autotune)
         result["variants"][text or "dense"] = r
         print(f"== {text or 'dense'}: {r['ms_per_token']:.3f} ms/token, kernels {r['kernel_us_per_step']} us/step, "
               f"{r['kernels_per_step']} launches/step ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        for row in r["top"][:14]:
+            print(f"   {row['us_per_step']:>8.1f} us {row['calls_per_step']:>6.1f}x  {row['name']}", file=sys.stderr)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.inductor_max:
+        r = result["inductor-max"] = profile_inductor_max(model, prompt, args.steps)
+        print(f"== inductor-max: {r['ms_per_token']:.3f} ms/token, kernels {r['kernel_us_per_step']} us/step, "
+              f"{r['kernels_per_step']} launches/step", file=sys.stderr, flush=True)
         for row in r["top"][:14]:
             print(f"   {row['us_per_step']:>8.1f} us {row['calls_per_step']:>6.1f}x  {row['name']}", file=sys.stderr)
         if args.out:
