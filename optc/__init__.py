@@ -12,7 +12,7 @@ Submodules are imported on first use so that `import optc` stays cheap and chang
 no global torch state.
 """
 
-__version__ = "0.1.0"
+from optc.version import __version__
 
 __all__ = ["compile", "load", "read_calibration", "__version__"]
 

@@ -12,9 +12,8 @@ import json
 import os
 import sys
 import traceback
-from pathlib import Path
 
-from optc.errors import OptcError, UsageError
+from optc.errors import OptcError
 
 
 def _log(msg: str) -> None:
@@ -115,34 +114,6 @@ def _add_calibration_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", metavar="PATH",
                    help="calibration data for lossy passes: a text file (causal LMs with a tokenizer) "
                         "or a .pt list of input tuples (any model); default: the zoo's or the directory's data")
-
-
-def pass_settings(args) -> dict:
-    """--config then --set (which wins), as {"pass": {"key": value}}."""
-    from optc.compiler.config import flat_to_nested, parse_sets
-
-    settings: dict = {}
-    if args.config:
-        path = Path(args.config)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UsageError(f"--config {path}: no such file") from None
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--config {path}: not valid JSON ({exc})") from None
-        data = data.get("passes", data) if isinstance(data, dict) else None
-        if not isinstance(data, dict):
-            raise UsageError(f"--config {path}: expected a JSON object of pass settings")
-        nested = data if all(isinstance(v, dict) for v in data.values()) else flat_to_nested(data)
-        for name, values in nested.items():
-            settings.setdefault(name, {}).update(values)
-    for name, values in parse_sets(args.set).items():
-        settings.setdefault(name, {}).update(values)
-    return settings
-
-
-def dynamic_dims(args) -> tuple[str, ...]:
-    return tuple(d.strip() for d in args.dynamic.split(",") if d.strip())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,16 +6,46 @@ human-readable report to stderr.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
-from optc.cli import dynamic_dims, pass_settings
 from optc.errors import UsageError
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# Parsed arguments -> settings. They live with the handlers that use them, not in
+# cli.py: cli.py imports this module, and importing it back would be a cycle.
+def pass_settings(args) -> dict:
+    """--config then --set (which wins), as {"pass": {"key": value}}."""
+    from optc.compiler.config import flat_to_nested, parse_sets
+
+    settings: dict = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"--config {path}: no such file") from None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--config {path}: not valid JSON ({exc})") from None
+        data = data.get("passes", data) if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {path}: expected a JSON object of pass settings")
+        nested = data if all(isinstance(v, dict) for v in data.values()) else flat_to_nested(data)
+        for name, values in nested.items():
+            settings.setdefault(name, {}).update(values)
+    for name, values in parse_sets(args.set).items():
+        settings.setdefault(name, {}).update(values)
+    return settings
+
+
+def dynamic_dims(args) -> tuple[str, ...]:
+    return tuple(d.strip() for d in args.dynamic.split(",") if d.strip())
 
 
 def _load_model(spec: str, target):
@@ -185,7 +215,6 @@ def cmd_bench(args):
 def _bench_variants(args) -> list[tuple[str, str, dict]]:
     """(label, pipeline, settings) of each optc row: the pipeline with its defaults
     first (lossless passes only: the dense row), then --set/--config, then each --variant."""
-    import json
     import shlex
 
     from optc.compiler.config import parse_sets

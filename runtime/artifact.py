@@ -55,9 +55,9 @@ class LoadedArtifact(NamedTuple):
 
 
 def _optc_version() -> str:
-    import optc
+    from optc.version import __version__
 
-    return optc.__version__
+    return __version__
 
 
 def _triton_version() -> str | None:
