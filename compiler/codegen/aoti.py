@@ -1,0 +1,248 @@
+"""AOTInductor packages: each program compiled ahead of time for the target, so that a
+load on the same target and versions runs the code that was verified here instead of
+running Inductor (and, on a GPU, autotuning) again.
+
+How a program becomes a package:
+  * The decoder's KV cache is state the program writes in place through GraphModule
+    constants (runtime/cache.py). An AOTInductor model owns its constants, so prefill and
+    decode packages would each write a private cache. The state is therefore turned into
+    trailing inputs (`StateAsInputs`): the package writes whatever tensors it is handed,
+    and the runtime hands both programs the one tied cache.
+  * Weights are left out of the shared library (`package_constants_in_so=False`): the
+    portable torch.export program in the same file already carries them, and the runtime
+    hands the package those tensors (`load_constants(user_managed=True)`), so the file
+    does not hold the model a third and fourth time and prefill and decode keep sharing
+    one copy on the device.
+  * The package is compiled with the Inductor options a load would lower with
+    (`load_lowering`) and checked against the uncompiled program like any lowering.
+
+Nothing here touches the global Inductor config; options go through `inductor_configs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+import time
+from importlib import metadata
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+from torch.fx import _pytree as fx_pytree
+from torch.utils import _pytree as pytree
+
+from optc.compiler.capture import graph_module
+from optc.compiler.rewrite import attr_value, mutated_attr_names
+from optc.compiler.targets import Target, available
+
+FORMAT = "aoti"
+MEMBER_DIR = "packages/"
+# Prefix the wrapper puts before every attribute of the wrapped program; the runtime
+# strips it to find the tensor a package constant names.
+WRAPPED = "gm."
+
+
+def member(name: str) -> str:
+    return f"{MEMBER_DIR}{name}.pt2"
+
+
+def _triton_version() -> str | None:
+    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def environment(target: Target) -> dict:
+    """What compiled code depends on beyond the target's name: the exact torch build
+    (a +cpu and a +cu128 wheel of one release differ), triton (GPU kernels), and the
+    instruction set the code was generated for (CPU vector ISA, GPU model). A package
+    runs only where all of these are equal."""
+    env = {"target": target.name, "torch": torch.__version__, "machine": platform.machine()}
+    if target.device == "cuda":
+        env["triton"] = _triton_version()
+        env["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name()
+            env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    else:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        env["cpu_isa"] = str(pick_vec_isa()) or "none"
+    return env
+
+
+class StateAsInputs(nn.Module):
+    """A program whose in-place state (attributes its graph writes) comes in as trailing
+    positional inputs: forward(*flat_user_inputs, *state). Export (non-strict) sees the
+    state attributes bound to the inputs, so the writes land on inputs."""
+
+    def __init__(self, gm: torch.fx.GraphModule, in_spec, state: list[str]):
+        super().__init__()
+        self.gm = gm
+        self.in_spec = in_spec
+        self.state = list(state)
+
+    def forward(self, *flat):
+        n = len(flat) - len(self.state)
+        for name, t in zip(self.state, flat[n:]):
+            _set_attr(self.gm, name, t)
+        args, kwargs = pytree.tree_unflatten(list(flat[:n]), self.in_spec)
+        return self.gm(*args, **kwargs)
+
+
+def _set_attr(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:  # a GraphModule constant is a plain attribute
+        object.__setattr__(owner, leaf, value)
+
+
+class PackagedProgram(nn.Module):
+    """A package as a module called like its program: (input_ids=..., cache_position=...)
+    or the forward program's positional inputs. It holds the program's GraphModule (not
+    run: it owns the weights the package reads and the state it writes), so the decoder
+    finds and ties the KV cache on it exactly as on an uncompiled program; the state is
+    read from those attributes on every call, so a tie takes effect."""
+
+    def __init__(self, runner, gm: torch.fx.GraphModule, state: list[str]):
+        super().__init__()
+        self.gm = gm
+        self.state = list(state)
+        object.__setattr__(self, "runner", runner)  # not a module: kept out of nn.Module's registries
+
+    def forward(self, *args, **kwargs):
+        flat = fx_pytree.tree_flatten_spec((args, kwargs), self.gm._in_spec)
+        return self.runner(*flat, *(attr_value(self.gm, n) for n in self.state))
+
+
+def _flat_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict]):
+    args, kwargs = inputs
+    flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    return flat, ep.call_spec.in_spec or spec
+
+
+def _dynamic_dims(ep: ExportedProgram) -> list[dict]:
+    """Per flat user input, the dims the program keeps symbolic (Dim.AUTO lets export
+    take the range the original program had)."""
+    dims = []
+    for node in ep.graph.find_nodes(op="placeholder"):
+        if node.name not in ep.graph_signature.user_inputs:
+            continue
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", ())
+        dims.append({i: Dim.AUTO for i, s in enumerate(shape) if not isinstance(s, int)})
+    return dims
+
+
+def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict]):
+    """(ExportedProgram taking the state as inputs, the state's attribute names)."""
+    gm = graph_module(ep)
+    state = mutated_attr_names(gm)
+    flat, in_spec = _flat_inputs(ep, inputs)
+    example = [*flat, *(attr_value(gm, n).detach().clone() for n in state)]
+    dims = _dynamic_dims(ep)
+    dynamic = None
+    if any(dims) and len(dims) == len(flat):
+        dynamic = ((*dims, *({} for _ in state)),)
+    with torch.no_grad():
+        wrapped = torch.export.export(StateAsInputs(gm, in_spec, state), tuple(example),
+                                      dynamic_shapes=dynamic, strict=False)
+    return wrapped, state
+
+
+def package_options(target: Target, program: str) -> dict:
+    """The Inductor options of the package: those a load would lower `program` with
+    (lowering.load_lowering), without Inductor's CUDA graphs (not an AOTInductor
+    feature: optc's decode loop captures the step itself), weights outside the .so."""
+    from optc.compiler.codegen.lowering import inductor_options, load_lowering
+
+    lowering = load_lowering(target, program)
+    options = inductor_options(target, autotune=lowering["autotune"], cudagraphs=False)
+    options.pop("triton.cudagraphs", None)
+    options["aot_inductor.package_constants_in_so"] = False
+    return options
+
+
+def load_package(data: bytes, device_index: int = -1):
+    """An AOTICompiledModel from package bytes (the loader wants a file path)."""
+    with tempfile.TemporaryDirectory(prefix="optc-aoti-") as tmp:
+        path = os.path.join(tmp, "package.pt2")
+        with open(path, "wb") as fh:
+            fh.write(data)
+        return torch._inductor.aoti_load_package(path, device_index=device_index)
+
+
+def bind_constants(runner, gm: torch.nn.Module) -> None:
+    """Hand the package the program's own weights (no copy: they stay shared)."""
+    consts = {fqn: attr_value(gm, fqn[len(WRAPPED):] if fqn.startswith(WRAPPED) else fqn)
+              for fqn in runner.get_constant_fqns()}
+    runner.load_constants(consts, check_full_update=True, user_managed=True)
+
+
+def custom_ops(ep: ExportedProgram) -> list[str]:
+    """optc's own ops in the program (Triton kernels on a GPU)."""
+    return sorted({str(n.target) for n in ep.graph.nodes
+                   if n.op == "call_function" and str(n.target).startswith("optc.")})
+
+
+def build_package(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target, program: str) -> tuple[bytes, dict]:
+    """Compile one program into an AOTInductor package; returns (bytes, record)."""
+    start = time.perf_counter()
+    wrapped, state = export_with_state_inputs(ep, inputs)
+    options = package_options(target, program)
+    with tempfile.TemporaryDirectory(prefix="optc-aoti-") as tmp:
+        path = torch._inductor.aoti_compile_and_package(
+            wrapped, package_path=os.path.join(tmp, f"{program}.pt2"), inductor_configs=options)
+        with open(path, "rb") as fh:
+            data = fh.read()
+    record = {"member": member(program), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+              "state": state, "inductor_options": options, "custom_ops": custom_ops(ep),
+              "seconds": round(time.perf_counter() - start, 2)}
+    return data, record
+
+
+def package_programs(programs: dict, example_inputs: dict, target: Target, *, verify: bool = True,
+                     log=lambda m: None) -> tuple[dict, dict]:
+    """Packages for every program that compiles (and, with `verify`, matches its
+    uncompiled program): ({member: bytes}, the manifest's "packages" record). A program
+    that cannot be packaged is skipped with the reason; the portable program then runs."""
+    record = {"format": FORMAT, "environment": environment(target), "programs": {}}
+    files: dict[str, bytes] = {}
+    if not available(target):
+        reason = f"no {target.name} device here: the code is compiled on the target"
+        record["programs"] = {name: {"skipped": reason} for name in programs}
+        return files, record
+    for name, ep in programs.items():
+        log(f"[optc] packaging {name} with AOTInductor for {target.name} ...")
+        try:
+            data, rec = build_package(ep, example_inputs[name], target, name)
+            if verify:
+                rec["verification"] = _verify(ep, data, rec, example_inputs[name], target)
+        except Exception as exc:  # noqa: BLE001 - any failure: ship the portable program
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            record["programs"][name] = {"skipped": f"AOTInductor failed: {type(exc).__name__}: {first}",
+                                        "custom_ops": custom_ops(ep)}
+            log(f"[optc] {name} not packaged: {record['programs'][name]['skipped']}")
+            continue
+        files[rec["member"]] = data
+        record["programs"][name] = rec
+    return files, record
+
+
+def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target) -> dict:
+    """The package against the uncompiled program, with lowering.verify's tolerances
+    (raises CompileError when it changed the function)."""
+    from optc.compiler.codegen.lowering import verify
+
+    gm = graph_module(ep)
+    runner = load_package(data)
+    bind_constants(runner, gm)
+    return verify(ep, PackagedProgram(runner, gm, rec["state"]), gm, inputs)
