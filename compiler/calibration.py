@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from optc.compiler.rewrite import rebuild
+from optc.progress import progress
 
 
 class CalibrationContext:
@@ -38,7 +39,8 @@ class CalibrationContext:
     def reference_outputs(self) -> list[torch.Tensor]:
         key = ("reference", len(self.inputs))
         if key not in self.memo:
-            self.memo[key] = [self._run(self.calibration_program, a, k).float() for a, k in self.inputs]
+            self.memo[key] = [self._run(self.calibration_program, a, k).float()
+                              for a, k in progress(self.inputs, "calibration: reference outputs")]
         return self.memo[key]
 
     def calibration_loss(self, transform, n: int | None = None) -> float:
@@ -46,7 +48,7 @@ class CalibrationContext:
         cross-entropy for causal LMs, else 1 - mean cosine to the original outputs."""
         gm = transform(self.calibration_program)
         losses = []
-        for i, (args, kwargs) in enumerate(self.inputs[:n]):
+        for i, (args, kwargs) in enumerate(progress(self.inputs[:n], "calibration: loss")):
             out = self._run(gm, args, kwargs).float()
             if self.task == "causal-lm":
                 ids = kwargs["input_ids"]
@@ -62,7 +64,7 @@ class CalibrationContext:
         if key not in self.memo:
             probe, _ = rebuild(self.calibration_program, extra_outputs=nodes)
             with torch.no_grad():
-                self.memo[key] = [probe(*a, **k)[1] for a, k in self.inputs[:n]]
+                self.memo[key] = [probe(*a, **k)[1] for a, k in progress(self.inputs[:n], "calibration: activations")]
         return self.memo[key]
 
     def stream_cosines(self, anatomy, units, n: int | None = None) -> dict:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from optc.errors import UsageError
 from optc.models.quality import output_tensor, pooled, retrieval_agreement
+from optc.progress import progress
 
 
 class HeldOut:
@@ -26,7 +27,7 @@ class HeldOut:
             raise UsageError("quality needs at least one held-out batch")
         self.task, self.metric, self.device = task, metric, device
         self.batches = [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b) for b in batches]
-        self._reference = [self._window(reference_gm, b) for b in self.batches]
+        self._reference = [self._window(reference_gm, b) for b in progress(self.batches, "held-out: original", unit="window")]
 
     @property
     def size(self) -> int:
@@ -51,7 +52,7 @@ class HeldOut:
         """Quality loss of `gm` on the first `n` windows (all by default), with the
         original's and the candidate's figures and the two halves' spread."""
         n = min(n or self.size, self.size)
-        cand = [self._window(gm, b) for b in self.batches[:n]]
+        cand = [self._window(gm, b) for b in progress(self.batches[:n], "held-out: candidate", unit="window")]
         ref = self._reference[:n]
         total = self._loss(ref, cand)
         halves = [self._loss(ref[i::2], cand[i::2]) for i in (0, 1)] if n >= 2 else [total["loss"]] * 2

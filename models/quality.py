@@ -24,6 +24,7 @@ import math
 import torch
 
 from optc.errors import UsageError
+from optc.progress import progress
 
 # Defaults per metric: (n batches, batch); text windows are entry.default_seq_len long
 # (128 for the real models: 8x127 predicted tokens for an LM).
@@ -56,7 +57,7 @@ def perplexity(forward_logits, batches) -> float:
     """exp(mean next-token cross-entropy) over all predicted tokens of `batches`
     (LongTensors [B, T], or input tuples whose first element is one)."""
     total, count = 0.0, 0
-    for batch in batches:
+    for batch in progress(batches, "perplexity"):
         args = _as_tuple(batch)
         ids = args[0]
         logits = output_tensor(forward_logits(*args)).float()
@@ -88,7 +89,7 @@ def pooled(hidden: torch.Tensor, args: tuple) -> torch.Tensor:
 def embeddings(fn, batches) -> torch.Tensor:
     """Mean-pooled embeddings [N, H] of every sample in `batches`."""
     out = []
-    for batch in batches:
+    for batch in progress(batches, "embeddings"):
         args = _as_tuple(batch)
         out.append(pooled(output_tensor(fn(*args), "last_hidden_state"), args).cpu())
     return torch.cat(out)
@@ -121,7 +122,7 @@ def retrieval_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> flo
 def top1_agreement(reference_fn, candidate_fn, batches) -> float:
     """Fraction of samples where the candidate's argmax class equals the reference's."""
     same, count = 0, 0
-    for batch in batches:
+    for batch in progress(batches, "top-1 agreement"):
         args = _as_tuple(batch)
         ref = output_tensor(reference_fn(*args)).float().argmax(dim=-1).cpu()
         cand = output_tensor(candidate_fn(*args)).float().argmax(dim=-1).cpu()

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from optc.compiler.rewrite import rebuild
+from optc.progress import progress
 
 aten = torch.ops.aten
 
@@ -72,7 +73,7 @@ def report_sparsity(gm: fx.GraphModule, plan: dict, inputs) -> dict:
     zeros, count = [0] * len(keeps), [0] * len(keeps)
     unions = _Unions(len(keeps))
     with torch.no_grad():
-        for args, kwargs in inputs:
+        for args, kwargs in progress(inputs, "held-out sparsity"):
             for i, keep in enumerate(probe(*args, **kwargs)[1]):
                 zeros[i] += int((~keep).sum())
                 count[i] += keep.numel()
