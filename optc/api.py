@@ -14,6 +14,7 @@ import torch
 
 from optc.compiler import targets
 from optc.compiler.session import CompileSession
+from optc.errors import UsageError
 from optc.runtime.loaded import Artifact
 
 
@@ -35,6 +36,7 @@ def compile(
     dynamic: tuple[str, ...] = (),
     verify: bool = True,
     evaluate: bool = False,
+    package: str = "none",
     log=_log,
 ) -> Artifact:
     """Compile `model` for `target` with the pipeline's passes.
@@ -44,17 +46,45 @@ def compile(
     for LMs); a zoo `entry` supplies both from its data splits when they are None.
     evaluate: measure quality before/after on the evaluation data (held out); for an LM
         also through its decode program token by token (quality["decode"]).
+    package: "aoti" compiles every program into an AOTInductor package for the target
+        (verified like the lowering when `verify`), which the artifact carries so that a
+        load on the same target and versions runs it without Inductor; "none" (the API's
+        default: in-process callers lower anyway) ships the portable programs only.
     A search compiles many configurations of one model: use `CompileSession` directly.
     """
     targets.get(target)  # an unknown target is refused before the capture
+    if package not in PACKAGE_FORMATS:
+        raise UsageError(f"package={package!r}: expected one of {', '.join(PACKAGE_FORMATS)}")
     session = CompileSession(model, example_inputs, target=target, entry=entry, calibration=calibration,
                              evaluation=evaluation, max_cache_len=max_cache_len, dynamic=dynamic, log=log)
     config = session.resolve(passes, pipeline_name)
     compiled = session.run(config, verify=verify, evaluate=evaluate)
     art = Artifact(compiled.programs, compiled.manifest)
+    _package(art, session, package, verify, log)
     if evaluate and session.is_lm:
         _decode_quality(art, session, compiled, log)
     return art
+
+
+PACKAGE_FORMATS = ("aoti", "none")
+
+
+def _package(art: Artifact, session: CompileSession, package: str, verify: bool, log) -> None:
+    """Adds the packages and the manifest's "packages" record (before the decode-quality
+    figure, which then runs through the packages: what a load runs)."""
+    import time
+
+    from optc.compiler.codegen import aoti
+
+    if package == "none":
+        art.manifest["packages"] = {"format": "none"}
+        return
+    start = time.perf_counter()
+    files, record = aoti.package_programs(art.programs, session.captured.example_inputs, session.target,
+                                          verify=verify, log=log)
+    art.extra_files.update(files)
+    art.manifest["packages"] = record
+    art.manifest.setdefault("timings_s", {})["packaging"] = round(time.perf_counter() - start, 3)
 
 
 def _decode_quality(art: Artifact, session: CompileSession, compiled, log) -> None:
@@ -85,9 +115,14 @@ def read_calibration(path: str | Path | None, model: torch.nn.Module, example_in
                 vocab_size=getattr(getattr(model, "config", None), "vocab_size", None))
 
 
-def load(path: str | Path, *, check_versions: bool = True) -> Artifact:
-    """Load a `.optc` artifact; refuses truncated, tampered or mismatched files (exit 2)."""
+def load(path: str | Path, *, check_versions: bool = True, packages: bool = True) -> Artifact:
+    """Load a `.optc` artifact; refuses truncated, tampered or mismatched files (exit 2).
+    packages: run the AOTInductor packages the artifact carries where they fit this
+    target and environment (else, with a warning, the portable programs lowered here)."""
     from optc.runtime.artifact import read_artifact
 
+    from optc.runtime.packages import check_hashes
+
     loaded = read_artifact(path, check_versions=check_versions)
-    return Artifact(loaded.programs, loaded.manifest, loaded.extra_files)
+    check_hashes(loaded.manifest, loaded.extra_files)
+    return Artifact(loaded.programs, loaded.manifest, loaded.extra_files, packages=packages)

@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="artifact path (default: <model>-<config hash>.optc)")
     c.add_argument("--eval", action="store_true", help="measure quality before/after on the held-out split")
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the lowering")
+    c.add_argument("--package", default="aoti", choices=["aoti", "none"],
+                   help="aoti (default): carry each program compiled by AOTInductor for the target, so that a "
+                        "load on the same target and versions runs it without Inductor (the target's device must "
+                        "be here; a program that cannot be packaged is skipped, with the reason in the manifest); "
+                        "none: the portable programs only, lowered at every load")
     c.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="describe an artifact: model anatomy, passes, quality, versions")

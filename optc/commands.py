@@ -74,6 +74,7 @@ def compile_model(args, *, evaluate: bool, verify: bool | None = None):
         dynamic=dynamic_dims(args),
         verify=(not getattr(args, "no_verify", False)) if verify is None else verify,
         evaluate=evaluate,
+        package=getattr(args, "package", "none"),
     )
     return entry, art
 
@@ -97,6 +98,7 @@ def cmd_compile(args):
         "params": man["params"],
         "verification": man["verification"],
         "lowering": man.get("lowering"),
+        "packages": man.get("packages"),
         "seconds": round(time.perf_counter() - start, 2),
     }
     if man.get("quality"):
@@ -126,6 +128,7 @@ def _report_compile(r: dict) -> None:
         else:
             _log(f"  lowering: {v}")
     _report_lowering(r.get("lowering"))
+    _report_packages(r.get("packages"))
     q = r.get("quality")
     if q:
         spread = (f"; loss {q['loss']:.4f}, {q['halves'][0]:.4f} / {q['halves'][1]:.4f} on the two halves"
@@ -150,6 +153,24 @@ def _report_lowering(rec: dict | None) -> None:
              "the ones checked")
 
 
+def _report_packages(rec: dict | None) -> None:
+    """One line per program: packaged (size, seconds) or why not (also `optc inspect`)."""
+    if not rec or rec.get("format") != "aoti":
+        _log("  packages: none (the portable programs are lowered by Inductor at every load)")
+        return
+    env = rec.get("environment", {})
+    _log(f"  AOTInductor packages for {env.get('target')} (torch {env.get('torch')}"
+         + (f", triton {env['triton']}" if env.get("triton") else "")
+         + (f", {env['cpu_isa']}" if env.get("cpu_isa") else "") + (f", {env['gpu']}" if env.get("gpu") else "") + "):")
+    for name, p in rec.get("programs", {}).items():
+        if "skipped" in p:
+            _log(f"    {name}: not packaged: {p['skipped']}")
+        else:
+            checked = p.get("verification")
+            how = f", rel. error {checked['max_rel_err']:.2e}" if checked else ", not verified"
+            _log(f"    {name}: {p['size'] / 1e6:.1f} MB, {p['seconds']} s{how}; sha256 {p['sha256'][:12]}")
+
+
 def _report_decode_quality(d: dict | None) -> None:
     if not d:
         return
@@ -167,7 +188,10 @@ def cmd_inspect(args):
     from optc.runtime.artifact import read_artifact, verify_versions
     from optc.errors import ArtifactError
 
+    from optc.runtime.packages import check_hashes
+
     loaded = read_artifact(args.artifact, check_versions=False)  # checksums are always checked
+    check_hashes(loaded.manifest, loaded.extra_files)
     man = loaded.manifest
     try:
         verify_versions(man, args.artifact)
@@ -189,6 +213,7 @@ def cmd_inspect(args):
     if man.get("quality"):
         q = man["quality"]
         _log(f"  quality {q['metric']}: {q['before']:.4g} -> {q['after']:.4g} ({q['split']} split)")
+    _report_packages(man.get("packages"))
     return {"artifact": args.artifact, "compatible": compatible, "programs": sorted(loaded.programs), **man}
 
 

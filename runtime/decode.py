@@ -61,6 +61,7 @@ from optc.runtime.cache import (  # noqa: E402  (re-exported: tests and callers 
 
 def _static_input_shape(module, name: str):
     """The example shape a GraphModule's input was exported with, if static."""
+    module = getattr(module, "gm", module)  # an AOTInductor package holds its program's GraphModule
     if not isinstance(module, torch.fx.GraphModule):
         return None
     for node in module.graph.nodes:

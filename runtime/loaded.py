@@ -30,15 +30,19 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 class Artifact:
     """What `optc.compile` returns and `optc.load` reads back.
 
-    Programs are lowered through Inductor on first use, for the target the manifest
+    A program runs as its AOTInductor package when the artifact carries one that fits
+    this target and environment (runtime/packages.py; `packages=False` never uses them);
+    otherwise it is lowered through Inductor on first use, for the target the manifest
     names (target_for) with the options load_lowering gives (`compiled=False` runs the
     exported graph as it is, for checks).
     """
 
-    def __init__(self, programs: dict[str, ExportedProgram], manifest: dict, extra_files: dict | None = None):
+    def __init__(self, programs: dict[str, ExportedProgram], manifest: dict, extra_files: dict | None = None,
+                 *, packages: bool = True):
         self.programs = programs
         self.manifest = manifest
         self.extra_files = extra_files or {}
+        self.use_packages = packages
         self._modules: dict = {}
         self._placed: dict = {}  # device -> weights already placed there (see _place_weights)
         self._decoders: dict = {}  # (device, compiled) -> StaticCacheDecoder (see decoder)
@@ -74,9 +78,17 @@ class Artifact:
             gm = graph_module(ep)
             if compiled:
                 target = self.target_for(device)
-                gm = lower(gm, target, **load_lowering(target, name))
+                gm = self._packaged(name, target, gm, device) or lower(gm, target, **load_lowering(target, name))
             self._modules[key] = gm
         return self._modules[key]
+
+    def _packaged(self, name: str, target, gm, device):
+        """The program's AOTInductor package over `gm`'s weights and state, or None."""
+        if not self.use_packages:
+            return None
+        from optc.runtime.packages import packaged_module
+
+        return packaged_module(self.manifest, self.extra_files, name, target, gm, device, self._warned)
 
     def target_for(self, device):
         """The target whose Inductor options lower the programs on `device`: the one the
@@ -161,7 +173,13 @@ class Artifact:
         compile_fn = None
         if compiled:
             target = self.target_for(device)
-            compile_fn = lambda m: lower(m, target, **load_lowering(target, "decode"))  # noqa: E731
+            # Packages run only as a pair: they take the cache as inputs, which the
+            # decoder ties on the GraphModules they hold (as on uncompiled programs).
+            pair = [self._packaged(n, target, m, device) for n, m in (("prefill", prefill), ("decode", decode))]
+            if all(p is not None for p in pair):
+                prefill, decode = pair
+            else:
+                compile_fn = lambda m: lower(m, target, **load_lowering(target, "decode"))  # noqa: E731
         meta = self.manifest["model"]
         return StaticCacheDecoder(prefill, decode, compile=compile_fn, device=device,
                                   max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])

@@ -1,0 +1,88 @@
+"""Choosing, at load, between an artifact's AOTInductor package and its portable program.
+
+A package is code compiled for one target and one environment (compiler/codegen/aoti.py:
+`environment`). It runs when the manifest's record names this target and every part of
+this environment equals it; otherwise the portable torch.export program is lowered by
+Inductor here, with a warning that says why (another target, another torch or triton
+build, another CPU instruction set or GPU). A package whose bytes do not hash to what
+the manifest recorded is refused (ArtifactError, exit 2), never run nor silently
+replaced: the file was modified after it was written, so nothing in it is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import torch
+
+from optc.errors import ArtifactError
+
+_RECOMPILE = "recompile the model with `optc compile`"
+
+
+def check_hashes(manifest: dict, extra_files: dict) -> None:
+    """Refuse (ArtifactError, exit 2) an artifact whose packages do not hash to what its
+    manifest's "packages" record says: checked at load, before anything could run."""
+    packages = manifest.get("packages") or {}
+    for name, rec in (packages.get("programs") or {}).items():
+        if "skipped" in rec:
+            continue
+        data = extra_files.get(rec.get("member"))
+        if data is None:
+            raise ArtifactError(f"the artifact's manifest lists the package {rec.get('member')!r} of {name} but the "
+                                f"file lacks it; {_RECOMPILE}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != rec.get("sha256"):
+            raise ArtifactError(f"the package {rec['member']!r} does not match its manifest hash (sha256 "
+                                f"{digest[:16]}..., recorded {str(rec.get('sha256'))[:16]}...): the file was "
+                                f"modified after it was written; {_RECOMPILE}")
+
+
+def package_for(manifest: dict, extra_files: dict, name: str, target) -> tuple[bytes | None, dict | None, str | None]:
+    """(bytes, record, None) when the package of program `name` can run for `target`
+    here; (None, None, reason) when the portable program must be lowered instead
+    (reason None: the artifact carries no packages, nothing to say)."""
+    from optc.compiler.codegen.aoti import environment
+
+    packages = manifest.get("packages")
+    if not packages or packages.get("format") != "aoti":
+        return None, None, None
+    rec = (packages.get("programs") or {}).get(name)
+    if rec is None:
+        return None, None, f"the artifact has no package of {name}"
+    if "skipped" in rec:
+        return None, None, f"{name} was not packaged at compile time ({rec['skipped']})"
+    built = packages.get("environment") or {}
+    here = environment(target)
+    if built.get("target") != target.name:
+        return None, None, f"its packages were compiled for {built.get('target')}, this is {target.name}"
+    differ = [f"{k} {built.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(built) | set(here))
+              if k != "target" and built.get(k) != here.get(k)]
+    if differ:
+        return None, None, "its packages were compiled in another environment: " + "; ".join(differ)
+    check_hashes({"packages": {"programs": {name: rec}}}, extra_files)  # again: the bytes may be in-memory edits
+    return extra_files[rec["member"]], rec, None
+
+
+def packaged_module(manifest: dict, extra_files: dict, name: str, target, gm, device, warned: set):
+    """The package of `name` bound to `gm`'s weights and state, or None (after a
+    warning, once per reason) when the portable program must be lowered instead."""
+    from optc.compiler.codegen.aoti import PackagedProgram, bind_constants, load_package
+
+    data, rec, reason = package_for(manifest, extra_files, name, target)
+    if data is not None:
+        try:
+            dev = torch.device(device)
+            index = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else -1
+            runner = load_package(data, device_index=index)
+            bind_constants(runner, gm)
+            return PackagedProgram(runner, gm, rec["state"])
+        except Exception as exc:  # noqa: BLE001 - a package that cannot load: lower the portable program
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            reason = f"its package of {name} cannot be loaded here ({type(exc).__name__}: {first})"
+    if reason is not None and reason not in warned:
+        warned.add(reason)
+        warnings.warn(f"{reason}; running the portable {name} program, lowered by Inductor now "
+                      "(slower to load, and not the code the compile verified)", stacklevel=4)
+    return None
