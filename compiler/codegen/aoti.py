@@ -26,6 +26,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from importlib import metadata
 
 import torch
@@ -152,7 +153,9 @@ def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict]):
     dynamic = None
     if any(dims) and len(dims) == len(flat):
         dynamic = ((*dims, *({} for _ in state)),)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Binding the state attributes to inputs is the point; export warns about it.
+        warnings.filterwarnings("ignore", message=".*were assigned during export.*")
         wrapped = torch.export.export(StateAsInputs(gm, in_spec, state), tuple(example),
                                       dynamic_shapes=dynamic, strict=False)
     return wrapped, state

@@ -1,0 +1,150 @@
+"""AOTInductor packages in the artifact (CPU): a load runs them without Inductor and
+gives what the portable programs give; a tampered package is refused (exit 2); another
+environment falls back to the portable programs with a warning that says why."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+import optc
+from optc.compiler.codegen import aoti, lowering
+from optc.errors import ArtifactError
+from optc.models import zoo
+from optc.runtime.artifact import MANIFEST_NAME
+
+QUIET = {"log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    entry = zoo.get("tiny-llama")
+    art = optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", pipeline_name="none",
+                       max_cache_len=32, verify=False, package="aoti", **QUIET)
+    return art.save(tmp_path_factory.mktemp("pk") / "lm.optc")
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    entry = zoo.get("tiny-bert")
+    art = optc.compile(entry.load(), entry.example_inputs(), target="cpu", pipeline_name="none", verify=True,
+                       package="aoti", **QUIET)
+    return art.save(tmp_path_factory.mktemp("pk") / "enc.optc"), entry.example_inputs()
+
+
+@pytest.fixture
+def no_inductor(monkeypatch):
+    def lower(*args, **kwargs):
+        raise AssertionError("a program was lowered by Inductor although its package fits")
+
+    monkeypatch.setattr(lowering, "lower", lower)
+
+
+def _eager_lower(monkeypatch) -> list:
+    """lowering.lower as dynamo without Inductor (the fallback path in seconds)."""
+    calls = []
+
+    def lower(gm, target, **options):
+        calls.append(options)
+        return torch.compile(gm, backend="eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(lowering, "lower", lower)
+    return calls
+
+
+def test_manifest_records_the_packages(lm):
+    rec = optc.load(lm).manifest["packages"]
+    assert rec["format"] == "aoti" and rec["environment"] == aoti.environment(optc.compiler.targets.get("cpu"))
+    for name in ("prefill", "decode"):
+        p = rec["programs"][name]
+        assert p["member"] == f"packages/{name}.pt2" and len(p["sha256"]) == 64 and p["custom_ops"] == []
+        assert p["inductor_options"]["aot_inductor.package_constants_in_so"] is False  # weights stay in the program
+        assert any("lifted_tensor" in s for s in p["state"])  # the KV cache goes in as inputs
+
+
+def test_lm_generate_through_packages_matches_portable(lm, no_inductor):
+    art = optc.load(lm)
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))  # prefill is dynamic
+    out = art.generate(prompt, 6)
+    assert isinstance(art.decoder().decode_fn, aoti.PackagedProgram)
+    assert torch.equal(out, art.generate(prompt, 6, compiled=False))
+    assert torch.equal(out, art.generate(prompt, 6))  # the decoder (and its tied cache) is reused
+
+
+def test_encoder_forward_through_package_matches_portable(encoder, no_inductor):
+    path, inputs = encoder
+    art = optc.load(path)
+    assert art.manifest["packages"]["programs"]["forward"]["verification"]["ok"]
+    assert isinstance(art.module("forward"), aoti.PackagedProgram)
+    torch.testing.assert_close(art(*inputs), art(*inputs, compiled=False), rtol=1e-4, atol=1e-5)
+
+
+def test_other_environment_falls_back_with_a_warning(lm, monkeypatch):
+    calls = _eager_lower(monkeypatch)
+    real = aoti.environment
+    monkeypatch.setattr(aoti, "environment", lambda target: {**real(target), "torch": "2.99.0+other"})
+    art = optc.load(lm)
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"another environment: torch '.*' there, '2.99.0\+other' here"):
+        out = art.generate(prompt, 4)
+    assert len(calls) == 2  # prefill and decode lowered here instead
+    assert torch.equal(out, art.generate(prompt, 4, compiled=False))
+
+
+def test_load_without_packages_lowers(lm, monkeypatch):
+    calls = _eager_lower(monkeypatch)
+    optc.load(lm, packages=False).generate(torch.zeros(1, 8, dtype=torch.long), 2)
+    assert len(calls) == 2
+
+
+def _rewrite(src, dst, edit_package, *, fix_file_hash: bool):
+    """Copy the artifact with the decode package's bytes edited; with fix_file_hash the
+    manifest's file list is updated to the new bytes (only the package record then
+    tells), else the zip's own checksums catch it."""
+    with zipfile.ZipFile(src) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    man = json.loads(members[MANIFEST_NAME])
+    member = man["packages"]["programs"]["decode"]["member"]
+    members[member] = edit_package(members[member])
+    if fix_file_hash:
+        man["files"][member] = {"sha256": hashlib.sha256(members[member]).hexdigest(), "size": len(members[member])}
+    members[MANIFEST_NAME] = json.dumps(man).encode()
+    with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return dst
+
+
+def _flip(data: bytes) -> bytes:
+    mid = len(data) // 2
+    return data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
+
+
+def _cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("fix_file_hash", [True, False])
+def test_tampered_package_is_refused(lm, tmp_path, fix_file_hash):
+    bad = _rewrite(lm, tmp_path / "bad.optc", _flip, fix_file_hash=fix_file_hash)
+    with pytest.raises(ArtifactError, match="modified"):
+        optc.load(bad)
+    rc, err = _cli("inspect", str(bad))
+    assert rc == 2 and "modified" in err
+
+
+def test_corrupt_file_still_exits_2(lm, tmp_path):
+    cut = tmp_path / "cut.optc"
+    cut.write_bytes(lm.read_bytes()[: lm.stat().st_size // 2])
+    rc, err = _cli("inspect", str(cut))
+    assert rc == 2 and "truncated" in err
+
+
+def test_inspect_shows_the_packages(lm):
+    rc, err = _cli("inspect", str(lm))
+    assert rc == 0 and "AOTInductor packages for cpu" in err and "decode: " in err
