@@ -52,11 +52,15 @@ RIDGE = 0.1
 class PruneHeadsConfig(PassConfig):
     ratio: float = knob(0.0, low=0.0, high=0.9, search=Float(0.0, 0.5, step=0.05),
                         doc="fraction of each attention's heads removed (0 = off)")
-    score: str = knob("activation", choices=SCORES, search=Choice(SCORES, when=("ratio", ">", 0)),
+    # Not searched: weight scores wrecked SmolLM2 even at small ratios (benchmarks/NOTES.md,
+    # "Weight scores"): norms miss the heads that carry massive activations.
+    score: str = knob("activation", choices=SCORES,
                       doc="head importance: activation (o's output energy on calibration data) | weight (norms only)")
     allocation: str = knob("uniform", choices=ALLOCATIONS, search=Choice(ALLOCATIONS, when=("ratio", ">", 0)),
                            doc="uniform: same ratio per layer | global: rank all layers' heads together")
-    repair: str = knob("lstsq", choices=REPAIRS, search=Choice(REPAIRS, when=("ratio", ">", 0)),
+    # Not searched: the repairs cost the same latency, and the default falls back to the
+    # cheaper repair whenever it loses on calibration loss.
+    repair: str = knob("lstsq", choices=REPAIRS,
                        doc="bias: add the removed heads' mean output to o_proj's bias | lstsq: also refit o_proj | none")
     granularity: str = knob("group", choices=GRANULARITIES,
                             doc="group: remove whole KV groups (smaller KV cache) | head: the same number of "

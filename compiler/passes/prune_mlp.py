@@ -49,11 +49,15 @@ RIDGE = 1.0
 class PruneMlpConfig(PassConfig):
     ratio: float = knob(0.0, low=0.0, high=0.9, search=Float(0.0, 0.5, step=0.05),
                         doc="fraction of each MLP's intermediate channels removed (0 = off)")
-    score: str = knob("activation", choices=SCORES, search=Choice(SCORES, when=("ratio", ">", 0)),
+    # Not searched: weight scores wrecked SmolLM2 even at small ratios (benchmarks/NOTES.md,
+    # "Weight scores"): norms miss the channels that carry massive activations.
+    score: str = knob("activation", choices=SCORES,
                       doc="channel importance: activation (FLAP fluctuation, calibration data) | weight (norms only)")
     allocation: str = knob("uniform", choices=ALLOCATIONS, search=Choice(ALLOCATIONS, when=("ratio", ">", 0)),
                            doc="uniform: same ratio per layer | global: rank all layers' channels together")
-    repair: str = knob("lstsq", choices=REPAIRS, search=Choice(REPAIRS, when=("ratio", ">", 0)),
+    # Not searched: the repairs cost the same latency, and the default falls back to the
+    # cheaper repair whenever it loses on calibration loss.
+    repair: str = knob("lstsq", choices=REPAIRS,
                        doc="bias: add the removed channels' mean output | lstsq: also refit down_proj | none")
     align: int = knob(0, low=0, high=4096,
                       doc="kept channels per MLP are a multiple of this; 0: the target's (64 on GPUs, 1 on cpu)")
