@@ -4,13 +4,24 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.optc-installed
 
-.PHONY: run test clean
+.PHONY: run test test-fast test-gpu clean
 
 run: $(STAMP)
 	$(VENV)/bin/optc compile smollm2-135m --target auto --eval -o smollm2-135m.optc
 
+# The full suite (CI, the README's test command). tests/gpu skips here: without CUDA,
+# and with CUDA too, as tests/compiler/codegen sets TRITON_INTERPRET=1 in this process.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Unit tests for daily work (under 3 minutes on 2 cores): without the tests marked slow
+# (real models, the CLI in subprocesses, Inductor compiles; tests/conftest.py lists them).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not gpu"
+
+# Every Triton kernel compiled and run in bf16 on the GPU, in a process of its own.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 
 $(STAMP): requirements.txt requirements-models.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -132,3 +132,60 @@ def make_tiny_llama():
     """tiny_llama itself, for tests that build a fresh model (conftest modules of
     subfolders shadow `import conftest`)."""
     return tiny_llama
+
+
+# -- what `make test-fast` leaves out ------------------------------------------------------
+# Tests marked `slow` here by node-id prefix (a file, or file::test for all its parameters)
+# on top of the files that mark themselves: end-to-end work that takes seconds each on CI's
+# 2 cores: compiling and re-exporting whole models, decode loops, calibration repairs, the
+# CLI in subprocesses, Inductor lowering. One list, so a daily run's gaps are in one place;
+# `make test` runs them all. Chosen from per-test durations (about 3 s and above on a busy
+# 2-core machine; the fixtures of a file move with its first test).
+SLOW_TESTS = (
+    # the CLI and the dynamo backend in fresh interpreters, each loading and compiling a model
+    "tests/test_cli.py", "tests/test_bench_cli.py", "tests/test_export_cli.py", "tests/test_backend.py",
+    "tests/models/test_calibration_file.py::test_cli_", "tests/models/test_user_text_data.py::test_cli_",
+    # Triton's compiler for sm_90 in a subprocess, every kernel
+    "tests/compiler/codegen/test_compiles_for_hopper.py",
+    "tests/compiler/codegen/test_token_merge_kernels.py::test_kernels_compile_for_sm90_bf16",
+    # whole-model compiles with verification, Inductor lowering, re-export
+    "tests/compiler/codegen/test_verify_thresholded.py::test_optc_compile_verifies_a_thresholded_model_at_both_ends",
+    "tests/compiler/codegen/test_rounding_noise.py::test_inductor_lowering_of_a_bf16_llama_passes_within_its_noise",
+    # (these three share a module fixture that compiles a model with each sparsity method)
+    "tests/compiler/search/test_cost_model.py::test_skipping_a_block_removes_its_weight_bytes",
+    "tests/compiler/search/test_cost_model.py::test_decode_reads_every_weight_once",
+    "tests/compiler/search/test_cost_model.py::test_sparse_ops_read_the_planned_share_of_their_weights",
+    "tests/compiler/test_gpt2.py::test_lossy_passes_apply_and_decode_continues_prefill",
+    "tests/compiler/test_merge_projections.py",
+    # least-squares repair on calibration data, decode after prefill, artifacts generating
+    "tests/compiler/test_prune_heads.py::test_lstsq_repair_lowers_the_calibration_error",
+    "tests/compiler/test_prune_heads.py::test_with_prune_mlp",
+    "tests/compiler/test_prune_heads.py::test_decode_continues_prefill_and_reexport",
+    "tests/compiler/test_prune_heads.py::test_artifact_generates_over_the_narrow_cache",
+    "tests/compiler/test_prune_heads.py::test_global_allocation_leaves_some_layers_whole",
+    "tests/compiler/test_prune_heads.py::test_after_skip_layers_removed_an_attention",
+    "tests/compiler/test_prune_mlp.py::test_repair_lowers_calibration_error",
+    "tests/compiler/test_prune_mlp.py::test_decode_continues_prefill_and_reexport",
+    "tests/compiler/test_prune_mlp.py::test_widths_are_multiples_of_align",
+    "tests/compiler/test_prune_mlp.py::test_half_pruned_matches_eager_with_channels_zeroed",
+    "tests/compiler/test_pruning_models.py::test_pruned_widths_heads_and_numerics",
+    "tests/compiler/test_pruning_models.py::test_gpt2_heads_match_eager_with_heads_zeroed",
+    # compile sessions: several full compiles each, held-out evaluation
+    "tests/compiler/test_session.py",
+    # greedy skip plans on calibration data, sub-layer skips re-captured
+    "tests/compiler/test_skip_layers.py::test_sublayer_budget_in_block_equivalents",
+    "tests/compiler/test_skip_layers.py::test_anatomy_reads_blocks_left_with_one_half",
+    "tests/compiler/test_skip_layers.py::test_count_selects_by_calibration",
+    "tests/compiler/test_skip_layers.py::test_compensation_adds_mean_output",
+    # other decoder architectures built, sparsified and compiled end to end
+    "tests/models/test_user_architectures.py",
+    "tests/models/test_calibration_file.py::test_pt_file_round_trips_and_changes_the_config_hash",
+    # a decode loop over held-out text
+    "tests/runtime/test_decode_quality.py::test_uncompiled_decode_program_without_lowering",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
