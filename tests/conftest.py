@@ -180,8 +180,15 @@ SLOW_TESTS = (
     # other decoder architectures built, sparsified and compiled end to end
     "tests/models/test_user_architectures.py",
     "tests/models/test_calibration_file.py::test_pt_file_round_trips_and_changes_the_config_hash",
-    # a decode loop over held-out text
-    "tests/runtime/test_decode_quality.py::test_uncompiled_decode_program_without_lowering",
+    # decode loops over held-out text, artifacts compiled, packaged, loaded and timed
+    "tests/runtime/test_decode_quality.py",
+    "tests/runtime/test_packages.py",
+    "tests/runtime/test_shared_weights.py",
+    "tests/runtime/test_measure.py::test_forward_latency",
+    "tests/runtime/test_measure.py::test_decode_latency_and_remeasure",
+    "tests/runtime/test_loaded.py::test_manifest_records_the_lowering_the_check_used",
+    "tests/runtime/test_loaded.py::test_second_generate_reuses_the_decoder",
+    "tests/runtime/test_loaded.py::test_loading_lowers_for_the_manifest_target_not_a_detected_one",
 )
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bf16_checks import assert_bf16_close
+from bf16_checks import _needs_cuda, assert_bf16_close, launched  # noqa: F401 (fixtures)
 
 from optc.compiler.codegen import ops
 from optc.compiler.codegen.kernels.cats_mlp import cats_gate_up

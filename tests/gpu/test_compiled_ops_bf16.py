@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bf16_checks import assert_bf16_close
+from bf16_checks import _needs_cuda, assert_bf16_close, launched  # noqa: F401 (fixtures)
 
 from optc.compiler.codegen import ops, token_ops
 from optc.compiler.codegen.kernels.sparse_linear import prepare_weight

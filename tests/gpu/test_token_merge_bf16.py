@@ -5,7 +5,7 @@ and small padded shapes, both match tilings (NA <= 64 and above)."""
 import pytest
 import torch
 
-from bf16_checks import assert_bf16_close
+from bf16_checks import _needs_cuda, assert_bf16_close, launched  # noqa: F401 (fixtures)
 
 from optc.compiler.codegen import token_ops as ops
 from optc.compiler.codegen.kernels import token_merge as k
