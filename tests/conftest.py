@@ -134,6 +134,17 @@ def make_tiny_llama():
     return tiny_llama
 
 
+@pytest.fixture(scope="session")
+def make_tiny_bert():
+    """tiny_bert itself (`from conftest import` finds whichever conftest.py loaded last)."""
+    return tiny_bert
+
+
+@pytest.fixture(scope="session")
+def make_tiny_vit():
+    return tiny_vit
+
+
 # -- what `make test-fast` leaves out ------------------------------------------------------
 # Tests marked `slow` here by node-id prefix (a file, or file::test for all its parameters)
 # on top of the files that mark themselves: end-to-end work that takes seconds each on CI's

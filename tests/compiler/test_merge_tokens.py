@@ -21,10 +21,8 @@ def _bert_inputs():
 
 
 @pytest.fixture(scope="module")
-def bert():
-    from conftest import tiny_bert
-
-    model = tiny_bert()
+def bert(make_tiny_bert):
+    model = make_tiny_bert()
     inputs = _bert_inputs()
     return model, inputs, capture.capture(model, inputs)
 
@@ -148,10 +146,8 @@ def test_distilbert_with_padding():
     torch.testing.assert_close(out[1, :4], ref[1, :4], atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_graph():
-    from conftest import tiny_vit
-
-    model = tiny_vit().to(torch.bfloat16)
+def test_bf16_graph(make_tiny_vit):
+    model = make_tiny_vit().to(torch.bfloat16)
     x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
     gms, entry = run_pass(capture.capture(model, (x,)), "merge_tokens", {"r": 4}, task="forward")
     out = gms["forward"](x)
