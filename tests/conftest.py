@@ -191,6 +191,15 @@ SLOW_TESTS = (
     # other decoder architectures built, sparsified and compiled end to end
     "tests/models/test_user_architectures.py",
     "tests/models/test_calibration_file.py::test_pt_file_round_trips_and_changes_the_config_hash",
+    # each a few seconds: whole tiny models pruned, shared or sparsified and compared or re-exported
+    "tests/compiler/test_prune_heads.py::test_llama_matches_eager_with_heads_zeroed",
+    "tests/compiler/test_prune_heads.py::test_encoders",
+    "tests/compiler/test_prune_mlp.py::test_encoders_with_biases",
+    "tests/compiler/test_share_kv_heads.py::test_works_with_the_other_passes",
+    "tests/compiler/test_share_kv_heads.py::test_batch_of_two_sequences",
+    "tests/compiler/test_share_kv_heads.py::test_decode_attends_to_shared_heads_and_is_unchanged",
+    "tests/compiler/test_sparsify_activations.py::test_reexport_runs_on_cpu",
+    "tests/compiler/codegen/test_verify_thresholded.py::test_a_faithful_lowering_passes_and_the_thresholds_come_back",
     # decode loops over held-out text, artifacts compiled, packaged, loaded and timed
     "tests/runtime/test_decode_quality.py",
     "tests/runtime/test_packages.py",
