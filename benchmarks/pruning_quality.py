@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--case", action="append", help="PASS=RATIO (default: prune_mlp=0.25 and prune_heads=0.33)")
     args = ap.parse_args()
     cases = args.case or ["prune_mlp=0.25", "prune_heads=0.33"]
-    rows = []
+    rows: list = []
     for case in cases:
         name, _, ratio = case.partition("=")
         runs = {}
@@ -94,6 +94,10 @@ def main() -> None:
         rows.append({"pass": name, "ratio": float(ratio), **runs,
                      "bar": {"default_loss": d, "none_loss": n, "ratio_of_losses": d / n if n else None,
                              "met": d <= 0.5 * n}})
+        write(args, rows, partial=len(rows) < len(cases))  # a run cut short keeps the cases it finished
+
+
+def write(args, rows: list, partial: bool) -> None:
     import torch
     import transformers
 
@@ -107,8 +111,11 @@ def main() -> None:
         "machine": f"{platform.machine()}, cpu target",
         "model": args.model,
         "rows": rows,
+        **({"partial": True} if partial else {}),
     }
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(args.out)
 
 
 if __name__ == "__main__":

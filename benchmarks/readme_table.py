@@ -334,7 +334,7 @@ def quality_table() -> str:
     """README: the lossy passes' measured quality cost on held-out data (real weights)."""
     out = ["| model | pass | setting | metric | before | after | note | result |", "|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("pruning_quality_*.json")):
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text())  # a partial file holds the cases it finished
         for row in d["rows"]:
             ours, none = row["default"], row["repair_none"]
             note = (f"repair {ours['repair_used']}; without repair {none['quality_after']:.4g}; "
