@@ -236,7 +236,10 @@ class CompileSession:
 
 def _calibration_samples(config: dict) -> int:
     """As many calibration batches as the most any active pass asks for."""
-    asked = [values.get("calibration_samples") for values in config["passes"].values()]
+    from optc.compiler import passes
+
+    asked = [values.get("calibration_samples") for name, values in config["passes"].items()
+             if passes.get(name).config_cls.from_dict(name, values).active()]
     return max([DEFAULT_CALIBRATION_SAMPLES] + [n for n in asked if isinstance(n, int)])
 
 
