@@ -46,8 +46,13 @@ def kernel_table(dec, prompt, steps: int, top: int = 25) -> dict:
     # Prefill outside the profile: only the decode steps' graph replays are counted.
     # (decode_profile_llama1b_h100.json predates this and includes one prefill / steps.)
     dec.generate(prompt, 1)
+    return profiled_steps(lambda: dec._decode_steps(steps), steps, top)
+
+
+def profiled_steps(run, steps: int, top: int = 25) -> dict:
+    """The kernels of `run()` (`steps` decode steps) under the profiler, per step."""
     gaps: dict[str, float] = {}
-    groups = profile_kernels(lambda: dec._decode_steps(steps), steps, gaps=gaps)
+    groups = profile_kernels(run, steps, gaps=gaps)
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
     total = sum(v[0] for _, v in ranked)
     by_gap = sorted(gaps.items(), key=lambda kv: -kv[1])
@@ -86,14 +91,17 @@ def profile_inductor_max(model, prompt, steps: int) -> dict:
         run(64, T + 4)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - start) * 1e3 / 64  # host loop included, as in the bench's baseline
-        gaps: dict[str, float] = {}
-        groups = profile_kernels(lambda: run(steps, T + 4), steps, gaps=gaps)
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    return dict(ms_per_token=ms, kernel_us_per_step=round(sum(v[0] for _, v in ranked), 1),
-                kernels_per_step=round(sum(v[1] for _, v in ranked), 1),
-                idle_us_per_step=round(sum(gaps.values()), 1),
-                top=[dict(name=k, us_per_step=round(v[0], 1), calls_per_step=round(v[1], 1),
-                          idle_before_us_per_step=round(gaps.get(k, 0.0), 1)) for k, v in ranked[:25]])
+        return dict(ms_per_token=ms, **profiled_steps(lambda: run(steps, T + 4), steps))
+
+
+def report(label: str, r: dict, result: dict, out: str | None, seconds: float | None = None) -> None:
+    took = f" ({seconds:.0f} s)" if seconds is not None else ""
+    print(f"== {label}: {r['ms_per_token']:.3f} ms/token, kernels {r['kernel_us_per_step']} us/step, "
+          f"{r['kernels_per_step']} launches/step{took}", file=sys.stderr, flush=True)
+    for row in r["top"][:14]:
+        print(f"   {row['us_per_step']:>8.1f} us {row['calls_per_step']:>6.1f}x  {row['name']}", file=sys.stderr)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
 
 
 def main():
@@ -114,20 +122,10 @@ def main():
         t0 = time.time()
         r = profile_variant(model, entry, prompt, target, parse_sets(text.split()), args.steps, args.autotune)
         result["variants"][text or "dense"] = r
-        print(f"== {text or 'dense'}: {r['ms_per_token']:.3f} ms/token, kernels {r['kernel_us_per_step']} us/step, "
-              f"{r['kernels_per_step']} launches/step ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
-        for row in r["top"][:14]:
-            print(f"   {row['us_per_step']:>8.1f} us {row['calls_per_step']:>6.1f}x  {row['name']}", file=sys.stderr)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
+        report(text or "dense", r, result, args.out, time.time() - t0)
     if args.inductor_max:
         r = result["inductor-max"] = profile_inductor_max(model, prompt, args.steps)
-        print(f"== inductor-max: {r['ms_per_token']:.3f} ms/token, kernels {r['kernel_us_per_step']} us/step, "
-              f"{r['kernels_per_step']} launches/step", file=sys.stderr, flush=True)
-        for row in r["top"][:14]:
-            print(f"   {row['us_per_step']:>8.1f} us {row['calls_per_step']:>6.1f}x  {row['name']}", file=sys.stderr)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
+        report("inductor-max", r, result, args.out)
 
 
 if __name__ == "__main__":
