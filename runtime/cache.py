@@ -1,9 +1,17 @@
 """The KV cache of exported decoder programs: finding its tensors and sharing them.
 
-torch.export keeps a static cache as named buffers (`key_cache_i`, `value_cache_i`,
-`cumulative_length_i`) but the graph writes it through lifted constants that alias
-those buffers, and two separately loaded programs hold separate copies. These helpers
-find every tensor that holds cache state and tie two programs to one cache.
+What the cache looks like inside `ep.module()` (checked on torch 2.13 / transformers
+5.23 and the same code in transformers 5.17): the module registers buffers
+`key_cache_{i}`, `value_cache_{i}`, `cumulative_length_{i}`, but the exported graph does
+not write them as mutable buffers; the cache tensors are reached through the
+`StaticCache` object, so export lifts them as constants (`lifted_tensor_N`,
+`model.model.layers.i.self_attn.lifted_tensor_N`) that alias the registered buffers'
+storage and are written in place (`index_copy_`, `copy_`). Two programs exported from
+one module instance therefore start out sharing the cache; programs loaded separately
+do not. `cache_buffer_names` finds every tensor attribute that holds cache state (the
+named buffers, whatever the graph mutates in place, and their aliases) and
+`tie_buffers` rebinds them, so both layouts work; the decoder then checks that every
+tensor either program mutates is shared, and refuses to run otherwise.
 """
 
 from __future__ import annotations

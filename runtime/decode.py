@@ -6,18 +6,7 @@ program (T = prompt length) and a decode program (T = 1). Both are called as
 `fn(input_ids=[B, T] long, cache_position=[T] long) -> logits [B, T, V]` and mutate the
 static KV cache in place.
 
-What the cache looks like inside `ep.module()` (checked on torch 2.13 / transformers
-5.23 and the same code in transformers 5.17): the module registers buffers
-`key_cache_{i}`, `value_cache_{i}`, `cumulative_length_{i}`, but the exported graph does
-not write them as mutable buffers; the cache tensors are reached through the
-`StaticCache` object, so export lifts them as constants (`lifted_tensor_N`,
-`model.model.layers.i.self_attn.lifted_tensor_N`) that alias the registered buffers'
-storage and are written in place (`index_copy_`, `copy_`). Two programs exported from
-one module instance therefore start out sharing the cache; programs loaded separately
-do not. `cache_buffer_names` finds every tensor attribute that holds cache state (the
-named buffers, whatever the graph mutates in place, and their aliases) and
-`tie_buffers` rebinds them, so both layouts work; the decoder then checks that every
-tensor either program mutates is shared, and refuses to run otherwise.
+How the programs' cache tensors are found and tied to one cache: runtime/cache.py.
 
 The decode step on CUDA is captured once as a CUDA graph that, per replay, runs the
 model on a static token buffer, takes the argmax of the last logits, writes it into
@@ -27,7 +16,6 @@ replays generate N tokens with no host work in between.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Callable
 
@@ -37,26 +25,10 @@ from torch import nn
 from optc.errors import UsageError
 from optc.runtime.timing import Timing, summarise
 
-__all__ = [
-    "StaticCacheDecoder",
-    "tie_buffers",
-    "cache_buffer_names",
-    "mutated_attr_names",
-    "export_lm_programs",
-]
+from optc.runtime.cache import (_CACHE_NAME, _KEY_NAME, _check_shared, _storage_key, cache_buffer_names,
+                                tensor_attributes, tie_buffers)
 
-# Buffer names TorchExportableModuleWithStaticCache registers for its StaticCache.
-from optc.compiler.capture import export_lm_programs  # noqa: E402,F401 (re-exported for tests and benchmarks)
-from optc.runtime.cache import (  # noqa: E402  (re-exported: tests and callers use them from here)
-    _CACHE_NAME,
-    _KEY_NAME,
-    _check_shared,
-    _storage_key,
-    tensor_attributes,
-    cache_buffer_names,
-    mutated_attr_names,
-    tie_buffers,
-)
+__all__ = ["StaticCacheDecoder"]
 
 
 def _static_input_shape(module, name: str):

@@ -4,14 +4,9 @@ import pytest
 import torch
 
 from optc.errors import CompileError, UsageError
-from optc.runtime.decode import (
-    StaticCacheDecoder,
-    _check_shared,
-    cache_buffer_names,
-    export_lm_programs,
-    mutated_attr_names,
-    tie_buffers,
-)
+from optc.compiler.capture import export_lm_programs
+from optc.runtime.cache import _check_shared, cache_buffer_names, mutated_attr_names, tie_buffers
+from optc.runtime.decode import StaticCacheDecoder
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
