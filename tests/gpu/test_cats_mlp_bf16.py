@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bf16_checks import _needs_cuda, assert_bf16_close, launched  # noqa: F401 (fixtures)
 
 from optc.compiler.codegen import ops
 from optc.compiler.codegen.kernels.cats_mlp import cats_gate_up
 from optc.compiler.codegen.kernels.sparse_linear import prepare_weight, sparse_linear
+from cats_thresholds import separated_threshold, silu_gate  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 KERNELS = ("cats_gate_up_kernel",)  # read by test_kernels_covered.py
@@ -25,31 +25,6 @@ def make_case(m, h, i, seed=0, lead=None):
     w_gate = torch.randn(i, h, generator=g) / math.sqrt(h)
     w_up = torch.randn(i, h, generator=g) / math.sqrt(h)
     return (t.to("cuda", torch.bfloat16) for t in (x, w_gate, w_up))
-
-
-def silu_gate(x, w_gate):
-    return F.silu(x.double().reshape(-1, x.shape[-1]) @ w_gate.double().t())
-
-
-def separated_threshold(x, w_gate, sparsity, per_channel, seed=0):
-    """A threshold near the sparsity-quantile of |silu(gate)| that no activation lies
-    within a margin of: the kernel (fp32 sums in its own order) and the fp64 reference
-    must agree on every kept channel, or a flipped channel fails the comparison."""
-    absa = silu_gate(x, w_gate).abs()
-    q = torch.quantile(absa.flatten().float()[:2**20], sparsity).item()
-    n = w_gate.shape[0]
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    t = (torch.rand(n, generator=g, device="cuda", dtype=torch.float64) * 2 * q if per_channel
-         else torch.full((1,), q, dtype=torch.float64, device="cuda"))
-    margin = 1e-3 * absa.max().item()
-    for _ in range(1000):
-        close = ((absa - t).abs() < margin).any(dim=0)
-        if not close.any():
-            break
-        t = torch.where(close, t + 3 * margin, t) if per_channel else t + 3 * margin
-    else:
-        raise AssertionError("could not separate the threshold from the activations")
-    return t.float() if per_channel else t.float().reshape(())
 
 
 def reference64(x, w_gate, w_up, t):

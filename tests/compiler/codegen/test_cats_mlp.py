@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,33 +13,7 @@ from kernel_checks import TOL, assert_matches, rel_err
 from optc.compiler.codegen import ops
 from optc.compiler.codegen.kernels.cats_mlp import cats_gate_up
 from optc.compiler.codegen.kernels.sparse_linear import prepare_weight, sparse_linear
-
-
-def silu_gate(x, w_gate):
-    return F.silu(x.double() @ w_gate.double().t())
-
-
-def separated_threshold(x, w_gate, sparsity, per_channel, seed=0):
-    """A threshold at about the sparsity-quantile of |silu(gate)| that no |a| lies
-    within a margin of, so kernel and fp64 reference (summing in different orders)
-    cannot disagree on which channels are kept."""
-    absa = silu_gate(x, w_gate).abs()
-    q = torch.quantile(absa.flatten(), sparsity).item() if absa.numel() else 0.0
-    n = w_gate.shape[0]
-    if per_channel:
-        g = torch.Generator().manual_seed(seed)
-        t = (torch.rand(n, generator=g, dtype=torch.float64) * 2 * q)
-    else:
-        t = torch.full((1,), q, dtype=torch.float64)
-    margin = 1e-3 * max(absa.max().item() if absa.numel() else 0.0, 1e-3)
-    for _ in range(1000):
-        close = ((absa - t).abs() < margin).any(dim=0)  # per channel (or the one value)
-        if not close.any():
-            break
-        t = torch.where(close, t + 3 * margin, t) if per_channel else t + 3 * margin
-    else:
-        raise AssertionError("could not separate the threshold from the activations")
-    return t.float() if per_channel else t.float().reshape(())
+from cats_thresholds import separated_threshold, silu_gate  # noqa: E402
 
 
 def make_case(m, h, i, dtype, seed=0, lead=None):
