@@ -23,3 +23,22 @@ def lm_calib(n=2, t=24):
     g = torch.Generator().manual_seed(5)
     return [((), {"input_ids": torch.randint(0, 256, (1, t), generator=g), "cache_position": torch.arange(t)})
             for _ in range(n)]
+
+
+def mask_input(module, mask):
+    """A hook multiplying `module`'s input by `mask` (what a pruned unit contributes: 0)."""
+    return module.register_forward_pre_hook(lambda mod, args, m=mask: (args[0] * m,))
+
+
+def eager_logits(model, ids, hooks):
+    """The eager LM's logits with `hooks` in place; the hooks are removed afterwards."""
+    try:
+        return model(ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def assert_prefill_matches(gms, ref, ids):
+    out = gms["prefill"](input_ids=ids, cache_position=torch.arange(ids.shape[1]))
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()

@@ -14,7 +14,7 @@ from optc.compiler import capture, pipeline
 from optc.compiler.anatomy import analyze
 from optc.compiler.passes.prune_heads import PruneHeadsConfig, prune
 from optc.errors import CompileError
-from pass_helpers import lm_calib, run_pass
+from pass_helpers import eager_logits, lm_calib, mask_input, run_pass
 
 SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -63,12 +63,8 @@ def _eager_with_heads_zeroed(model, o_projs, plan, ids):
         mask = torch.zeros(o_proj.in_features)
         for h in plan["blocks"][str(i)]["kept_heads"]:
             mask[h * 16:(h + 1) * 16] = 1
-        hooks.append(o_proj.register_forward_pre_hook(lambda mod, args, m=mask: (args[0] * m,)))
-    try:
-        return model(ids, use_cache=False).logits
-    finally:
-        for h in hooks:
-            h.remove()
+        hooks.append(mask_input(o_proj, mask))
+    return eager_logits(model, ids, hooks)
 
 
 def test_ratio_zero_changes_nothing(llama_captured):

@@ -9,7 +9,7 @@ from optc.compiler import capture
 from optc.compiler.anatomy import analyze
 from optc.compiler.passes.prune_mlp import PruneMlpConfig
 from optc.errors import UsageError
-from pass_helpers import lm_calib, run_pass
+from pass_helpers import assert_prefill_matches, eager_logits, lm_calib, mask_input, run_pass
 
 
 def _run(captured, sets, calib=None, task="causal-lm"):
@@ -47,15 +47,9 @@ def test_half_pruned_matches_eager_with_channels_zeroed(llama_captured):
     for i, layer in enumerate(model.model.layers):
         mask = torch.zeros(128)
         mask[entry["plan"]["blocks"][str(i)]["kept"]] = 1
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda mod, args, m=mask: (args[0] * m,)))
+        hooks.append(mask_input(layer.mlp.down_proj, mask))
     ids = torch.randint(0, 256, (1, 15))
-    try:
-        ref = model(ids, use_cache=False).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    out = gms["prefill"](input_ids=ids, cache_position=torch.arange(15))
-    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert_prefill_matches(gms, eager_logits(model, ids, hooks), ids)
 
 
 @pytest.mark.parametrize("repair", ["bias", "lstsq"])

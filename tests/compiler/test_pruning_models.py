@@ -16,7 +16,7 @@ import transformers
 from optc.compiler import capture
 from optc.compiler.anatomy import analyze
 from optc.models import zoo
-from pass_helpers import lm_calib, run_pass
+from pass_helpers import assert_prefill_matches, eager_logits, lm_calib, mask_input, run_pass
 
 ALIGN = 16
 HEAD_DIM = 8
@@ -145,12 +145,6 @@ def test_gpt2_heads_match_eager_with_heads_zeroed():
         mask = torch.zeros(64)
         for h in entry["plan"]["blocks"][str(i)]["kept_heads"]:
             mask[h * 16:(h + 1) * 16] = 1
-        hooks.append(block.attn.c_proj.register_forward_pre_hook(lambda mod, args, m=mask: (args[0] * m,)))
+        hooks.append(mask_input(block.attn.c_proj, mask))
     ids = torch.randint(0, 256, (1, 13))
-    try:
-        ref = module(ids, use_cache=False).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    out = gms["prefill"](input_ids=ids, cache_position=torch.arange(13))
-    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert_prefill_matches(gms, eager_logits(module, ids, hooks), ids)
