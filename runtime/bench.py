@@ -78,7 +78,6 @@ def bench(
     calib = None if calibration is None else read_calibration(
         calibration, entry=entry, example_inputs=example_inputs, is_lm=is_lm,
         vocab_size=getattr(getattr(eager, "config", None), "vocab_size", None))
-    autotune = is_lm and autotune
     timings, notes, failed = {}, {}, {}
     again: dict = {}  # label -> time the compiled row once more (later rounds)
     info = device_info(device)  # once: the JSON is rewritten after every row
@@ -116,7 +115,7 @@ def bench(
             "probe": probe,
             "versions": {k: info[k] for k in ("torch", "triton", "transformers", "cuda")},
             "seq": None if is_lm else (int(example_inputs[0].shape[1]) if example_inputs[0].dim() == 2 else None),
-            "optc_lowering": "inductor max-autotune" if autotune or (not is_lm and device == "cuda") else "inductor",
+            "optc_lowering": "inductor max-autotune" if autotune and device == "cuda" else "inductor",
             "rows": rows,
             "failed": failed,
         }
@@ -165,7 +164,7 @@ def bench(
                 return m.timing, {**_lm_notes(art, m, eager, prompt), "work": _work(art, workload)}, m.remeasure
             art = optc.compile(eager, example_inputs, target=tgt.name, pipeline_name=pipe, passes=passes,
                                entry=entry, calibration=calib, dynamic=dynamic, verify=False, log=_log)
-            m = measure(art, tgt, workload, inputs=example_inputs, log=_log)
+            m = measure(art, tgt, workload, inputs=example_inputs, autotune=None if autotune else False, log=_log)
             # Forward rows are timed once: the round-robin rounds are for decode.
             return m.timing, {"params": art.manifest["params"], "config": art.manifest["config"],
                               "work": _work(art, workload)}, None

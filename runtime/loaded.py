@@ -57,9 +57,10 @@ class Artifact:
 
         return write_artifact(path, self.programs, self.manifest, self.extra_files)
 
-    def module(self, name: str, *, device: str = "cpu", compiled: bool = True):
-        """The program `name` as a callable module on `device`."""
-        key = (name, device, compiled)
+    def module(self, name: str, *, device: str = "cpu", compiled: bool = True, autotune: bool | None = None):
+        """The program `name` as a callable module on `device`. `autotune=False` lowers it
+        without max-autotune (a quicker benchmark of a program that is not what ships)."""
+        key = (name, device, compiled, autotune)
         if key not in self._modules:
             if name not in self.programs:
                 raise UsageError(f"the artifact has no program '{name}'; it has {sorted(self.programs)}")
@@ -78,7 +79,11 @@ class Artifact:
             gm = graph_module(ep)
             if compiled:
                 target = self.target_for(device)
-                gm = self._packaged(name, target, gm, device) or lower(gm, target, **load_lowering(target, name))
+                options = load_lowering(target, name)
+                if autotune is not None:
+                    options["autotune"] = autotune
+                packaged = self._packaged(name, target, gm, device) if autotune is not False else None
+                gm = packaged or lower(gm, target, **options)
             self._modules[key] = gm
         return self._modules[key]
 

@@ -85,13 +85,13 @@ class Measurement:
         return {"workload": self.workload.to_dict(), "setup_s": round(self.setup_s, 3), **self.timing.to_dict()}
 
 
-def measure(art, target, workload: Workload, *, inputs, autotune: bool = False, log=_log) -> Measurement:
+def measure(art, target, workload: Workload, *, inputs, autotune: bool | None = None, log=_log) -> Measurement:
     """Lower `art` for `target` (a name or a Target), warm up, and time `workload`.
 
     inputs: decode, the prompt [batch, prompt_len] (torch.long, on the target's device);
     forward, the example input tuple of the model, batch first.
-    autotune: Inductor max-autotune for the decode step on the GPU (minutes more);
-    forward programs are lowered as Artifact.module lowers them.
+    autotune: Inductor max-autotune on the GPU (minutes more). None: as the artifact
+    loads, which autotunes forward programs and not the decode step.
     """
     from optc.compiler import targets
 
@@ -112,7 +112,7 @@ def _device_of(x, tgt) -> str:
     return str(x.device)
 
 
-def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool, log) -> Measurement:
+def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool | None, log) -> Measurement:
     from optc.compiler.codegen.lowering import lower
 
     if art.task != "causal-lm":
@@ -131,7 +131,7 @@ def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool, log) -
         raise UsageError(f"a {P}-token prompt + {n} decode steps exceed the artifact's "
                          f"max_cache_len={meta['max_cache_len']}")
     # Tuning Inductor's configs on the CPU benchmarks C++ templates for minutes, to no gain.
-    dec = decode_timer(art, lambda m: lower(m, tgt, autotune=autotune and tgt.device == "cuda"), device)
+    dec = decode_timer(art, lambda m: lower(m, tgt, autotune=bool(autotune) and tgt.device == "cuda"), device)
     start = time.perf_counter()
     dec.warm_up(prompt)
     setup = time.perf_counter() - start
@@ -140,7 +140,7 @@ def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool, log) -
     return Measurement(timing, setup, workload, dec, lambda: dec.measure_decode(prompt, n))
 
 
-def _measure_forward(art, tgt, workload: Workload, inputs, autotune: bool, log) -> Measurement:
+def _measure_forward(art, tgt, workload: Workload, inputs, autotune: bool | None, log) -> Measurement:
     if "forward" not in art.programs:
         raise UsageError(f"a forward workload needs an encoder or ViT artifact; this one ({art.task}) has "
                          f"programs {sorted(art.programs)}: time it with Workload('decode')")
@@ -149,7 +149,7 @@ def _measure_forward(art, tgt, workload: Workload, inputs, autotune: bool, log) 
     if inputs[0].dim() == 0 or inputs[0].shape[0] != workload.batch:
         raise UsageError(f"the forward workload is batch {workload.batch}, the inputs' first dimension is "
                          f"{list(inputs[0].shape[:1])}")
-    compiled = art.module("forward", device=device, compiled=True)
+    compiled = art.module("forward", device=device, compiled=True, autotune=autotune)
 
     def module(*args):
         if device.startswith("cuda"):
