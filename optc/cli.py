@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no new trial after this long (each worker)")
     s.add_argument("--lowering", default="target", choices=["target", "plain"],
                    help="how trials are lowered for measurement: the target's Inductor options (what ships), "
-                        "or plain Inductor without coordinate-descent tuning (faster trials)")
+                        "or plain Inductor without coordinate-descent tuning or max-autotune (faster trials)")
     _add_calibration_option(s)
     s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process of --workers N
     s.add_argument("--json", action="store_true")

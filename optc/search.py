@@ -79,7 +79,8 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         f"{', '.join(space.params)}; cost model {cost.source}, {len(cost.history)} samples of the device's history")
     if req.lowering not in ("target", "plain"):
         raise UsageError(f"--lowering {req.lowering!r}: expected target or plain")
-    measure = _measurer(replace(target, inductor={}) if req.lowering == "plain" else target, workload, prompt, log)
+    plain = req.lowering == "plain"
+    measure = _measurer(replace(target, inductor={}) if plain else target, workload, prompt, log, autotune=not plain)
 
     def features(compiled):
         program = compiled.programs["decode" if session.is_lm else "forward"]
@@ -168,13 +169,17 @@ def _features(program, manifest, workload):
     return program_features(program, manifest, batch=workload.batch)
 
 
-def _measurer(target, workload, inputs, log):
+def _measurer(target, workload, inputs, log, autotune: bool):
+    """Times a trial's program. `autotune=False` ("plain" trials) also lowers encoders'
+    forward programs without max-autotune: a merged encoder has other shapes in every
+    layer, and tuning each costs minutes on the GPU."""
     from optc.runtime.loaded import Artifact
     from optc.runtime.measure import measure
 
     def run(compiled) -> float:
         art = Artifact(compiled.programs, compiled.manifest)
-        return measure(art, target, workload, inputs=inputs, log=log).timing.median_ms
+        return measure(art, target, workload, inputs=inputs, autotune=None if autotune else False,
+                       log=log).timing.median_ms
 
     return run
 

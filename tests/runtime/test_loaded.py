@@ -98,3 +98,17 @@ def test_loading_lowers_for_the_manifest_target_not_a_detected_one(saved, monkey
     art.manifest["target"] = "h200"
     with pytest.warns(UserWarning, match="compiled for h200; on cpu its programs are lowered for cpu instead"):
         assert art.target_for("cpu").name == "cpu"
+
+
+def test_module_autotune_overrides_the_load_lowering(saved, monkeypatch):
+    """bench --no-autotune and plain search trials lower a forward program without
+    max-autotune, which loading would otherwise use on a GPU; each choice is its own
+    lowered module."""
+    calls = _recording_lower(monkeypatch)
+    art = optc.load(saved)
+    default = art.module("prefill")
+    tuned = art.module("prefill", autotune=True)
+    plain = art.module("prefill", autotune=False)
+    assert [c["autotune"] for c in calls] == [False, True, False]  # the CPU target loads without autotune
+    assert len({id(default), id(tuned), id(plain)}) == 3
+    assert art.module("prefill", autotune=True) is tuned and len(calls) == 3
