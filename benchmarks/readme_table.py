@@ -268,13 +268,15 @@ def _real_weights(model: str) -> bool:
     return model in zoo.names() and zoo.get(model).real_weights
 
 
-def table() -> str:
+def table(real_weights: bool = True) -> str:
+    """Each model's latest search: the README shows models with real weights (their
+    quality losses mean something), docs/results.md the shape-only ones."""
     out = []
-    latest: dict = {}  # model -> (date, path, result): the README shows each model's latest search
+    latest: dict = {}  # model -> (date, path, result)
     for path in sorted(RESULTS.glob("search_*.json")):
         d = json.loads(path.read_text())
-        if d["max_quality_loss"] > 1:
-            continue  # a study run to label the cost model, not to choose: cost_model_lines() reports it
+        if d["max_quality_loss"] > 1 or _real_weights(d["model"]) != real_weights:
+            continue  # (a study run to label the cost model, not to choose: cost_model_lines() reports it)
         if d["model"] not in latest or d["date"] > latest[d["model"]][0]:
             latest[d["model"]] = (d["date"], path, d)
     for _, path, d in sorted(latest.values(), key=lambda v: v[2]["model"]):
@@ -351,7 +353,7 @@ def quality_table() -> str:
 
 
 def tables() -> str:
-    return ("\n".join(cost_model_lines()) + "\n" + bench_tables() + "\n" + spread_tables() + "\n" + quality_tables() + "\n" + gemv_table() + "\n"
+    return ("\n".join(cost_model_lines()) + "\n" + table(real_weights=False) + "\n" + bench_tables() + "\n" + spread_tables() + "\n" + quality_tables() + "\n" + gemv_table() + "\n"
             + ideal_table() + "\n" + kernel_time_table() + "\n" + kernel_table())
 
 
