@@ -15,11 +15,11 @@ import itertools
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
 from optc.compiler.head_coupling import HeadCoupling
 from optc.compiler.head_ops import G, KV, QKV, factor_size, fused_parts, norm_dim, source_factors, split_bounds
 from optc.compiler.rewrite import attr_value, get_attr_nodes, set_param
+from optc.compiler.torch_private import detect_fake_mode, set_tensor_attr
 
 aten = torch.ops.aten
 _SLICE_END = 2**63 - 1
@@ -119,10 +119,7 @@ def _set_tensor_attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None
         return
     if not hasattr(owner, leaf):
         return
-    if leaf in owner._buffers:
-        owner._buffers[leaf] = value
-    else:  # a lifted constant is a plain attribute
-        object.__setattr__(owner, leaf, value)
+    set_tensor_attr(owner, leaf, value)  # a buffer keeps its slot; a lifted constant is a plain attribute
 
 
 def _narrow_sizes(c: HeadCoupling, kept: Kept) -> None:

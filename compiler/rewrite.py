@@ -7,6 +7,9 @@ import hashlib
 import torch
 import torch.fx as fx
 
+from optc.compiler.torch_private import (OpOverload, buffer_slots, codegen_without_out_spec, graph_codegen,
+                                         op_schema, set_graph_codegen)
+
 
 def rebuild(gm: fx.GraphModule, extra_outputs: list[fx.Node] | None = None):
     """A new GraphModule over a copy of `gm`'s graph that shares `gm`'s parameters and
@@ -22,25 +25,13 @@ def rebuild(gm: fx.GraphModule, extra_outputs: list[fx.Node] | None = None):
         graph.output((out, [mapping[n] for n in extra_outputs]))
     else:
         graph.output(out)
-        graph._codegen = gm.graph._codegen  # keeps the program's keyword signature
+        set_graph_codegen(graph, graph_codegen(gm.graph))  # keeps the program's keyword signature
     new = fx.GraphModule(gm, graph)
     if extra_outputs:
         # The copied codegen would flatten outputs with the original's output spec.
-        new.graph._codegen = _plain_outputs(gm.graph._codegen)
+        set_graph_codegen(new.graph, codegen_without_out_spec(graph_codegen(gm.graph)))
         new.recompile()
     return new, mapping
-
-
-def _plain_outputs(codegen):
-    import copy
-
-    from torch.fx.graph import _PyTreeCodeGen
-
-    if isinstance(codegen, _PyTreeCodeGen):
-        plain = copy.copy(codegen)
-        plain.pytree_info = codegen.pytree_info._replace(out_spec=None)
-        return plain
-    return codegen
 
 
 def attr_value(gm: fx.GraphModule, target: str):
@@ -65,9 +56,9 @@ def mutated_attr_names(module: torch.nn.Module) -> list[str]:
                 if isinstance(attr_value(gm, node.target), torch.Tensor):
                     root[node] = node.target
                 continue
-            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            if node.op != "call_function" or not isinstance(node.target, OpOverload):
                 continue
-            schema = node.target._schema
+            schema = op_schema(node.target)
             out_sets = set()
             for ret in schema.returns:
                 if ret.alias_info is not None:
@@ -200,7 +191,7 @@ def tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for prefix, mod in module.named_modules(remove_duplicate=False):
         prefix = f"{prefix}." if prefix else ""
-        for k, v in mod._buffers.items():
+        for k, v in buffer_slots(mod).items():
             if v is not None:
                 out[prefix + k] = v
         for k, v in vars(mod).items():

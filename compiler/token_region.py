@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
+
+from optc.compiler.torch_private import detect_fake_mode
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default

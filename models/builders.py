@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from optc.compiler.torch_private import buffer_slots, non_persistent_buffer_names
 from optc.errors import UsageError
 from optc.models import data
 
@@ -60,9 +61,10 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
     for mod in model.modules():
-        for key, buf in mod._buffers.items():
-            if buf is not None and buf.is_floating_point() and key not in mod._non_persistent_buffers_set:
-                mod._buffers[key] = buf.to(dtype)
+        slots = buffer_slots(mod)
+        for key, buf in slots.items():
+            if buf is not None and buf.is_floating_point() and key not in non_persistent_buffer_names(mod):
+                slots[key] = buf.to(dtype)
     return model
 
 

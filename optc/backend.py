@@ -29,11 +29,10 @@ _OWN_OPTIONS = ("strict", "target", "calibration")
 
 
 def optc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_ignored):
-    from torch._inductor.compile_fx import compile_fx
-
     from optc.compiler import passes as pass_registry
     from optc.compiler import pipeline
     from optc.compiler.config import flat_to_nested
+    from optc.compiler.torch_private import compile_fx
 
     options = dict(options or {})
     strict = bool(options.get("strict", False))
@@ -56,10 +55,9 @@ def optc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
 
 
 def _compile_with_passes(gm, example_inputs, config, calibration):
-    from torch._inductor.compile_fx import compile_fx
-
     from optc.compiler import pipeline
     from optc.compiler.calibration import CalibrationContext
+    from optc.compiler.torch_private import compile_fx
 
     holder, user_positions = _params_as_attributes(gm, example_inputs)
     user_inputs = tuple(example_inputs[i] for i in user_positions)

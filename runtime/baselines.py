@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from optc.compiler.torch_private import dynamo_counters
 from optc.errors import UsageError
 from optc.runtime.timing import Timing, as_device, call_with, measure, summarise
 
@@ -158,7 +159,7 @@ def hf_generate_static(model: nn.Module, prompt: torch.Tensor, n: int, *, repeat
     auto-compile the decode forward (Inductor, reduce-overhead) for a static cache on
     CUDA; `info["auto_compiled"]` records whether it did, and `info["dynamo_graphs"]`
     how many graphs Dynamo compiled meanwhile."""
-    from torch._dynamo.utils import counters
+    counters = dynamo_counters()
 
     had = hasattr(model, "_compiled_call")
     if had:
@@ -207,7 +208,7 @@ def inductor_decode(
     Inductor's own CUDA graphs on CUDA. Only the decode step is compiled (static
     shapes); the prefill runs the same module eagerly.
     """
-    from torch._dynamo.utils import counters
+    counters = dynamo_counters()
 
     _check_lm_args(prompt, n)
     if mode not in ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"):
@@ -314,7 +315,7 @@ def inductor_forward(
 ) -> Timing:
     """ms per forward of torch.compile(model, mode): "inductor" (default) or
     "inductor-max" (max-autotune, Inductor's CUDA graphs on CUDA)."""
-    from torch._dynamo.utils import counters
+    counters = dynamo_counters()
 
     dev = as_device(device) if device is not None else _device_of(model)
     inputs_list = _as_inputs_list(inputs)

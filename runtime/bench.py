@@ -236,9 +236,9 @@ def _cold_inductor():
     """Baselines compile cold, as optc's lowering does when it tunes (lowering.lower):
     a graph served from Inductor's FX cache can lose its runtime-tuned kernel configs, so
     a warm baseline against a cold optc row would not be a like-for-like comparison."""
-    import torch._inductor.config as inductor_config
+    from optc.compiler.torch_private import inductor_config_patch
 
-    return inductor_config.patch(fx_graph_cache=False)
+    return inductor_config_patch(fx_graph_cache=False)
 
 
 def _more_rounds(timings: dict, again: dict, rounds: int, failed: dict) -> None:

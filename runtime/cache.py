@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from optc.compiler.rewrite import mutated_attr_names, tensor_attributes
+from optc.compiler.torch_private import set_tensor_attr
 from optc.errors import CompileError, UsageError
 
 _CACHE_NAME = re.compile(r"(^|\.)(key_cache|value_cache|cumulative_length)_\d+$")
@@ -43,11 +44,8 @@ def _storage_key(t: torch.Tensor):
 def _set_tensor_attr(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    if leaf in owner._buffers:
-        owner._buffers[leaf] = value
-    else:
-        # A GraphModule constant is a plain attribute; bypass nn.Module's checks.
-        object.__setattr__(owner, leaf, value)
+    # A buffer keeps its slot; a GraphModule constant is a plain attribute; nn.Module's checks are bypassed.
+    set_tensor_attr(owner, leaf, value)
 
 
 def cache_buffer_names(module: nn.Module) -> list[str]:

@@ -32,12 +32,13 @@ from importlib import metadata
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
-from torch.fx import _pytree as fx_pytree
-from torch.utils import _pytree as pytree
 
 from optc.compiler.capture import graph_module
 from optc.compiler.rewrite import attr_value, mutated_attr_names
 from optc.compiler.targets import Target, available
+from optc.compiler.torch_private import (aoti_compile_and_package, aoti_load_package, graph_module_in_spec,
+                                         pick_vec_isa, set_tensor_attr, tree_flatten, tree_flatten_spec,
+                                         tree_unflatten)
 
 FORMAT = "aoti"
 MEMBER_DIR = "packages/"
@@ -72,8 +73,6 @@ def environment(target: Target) -> dict:
             env["gpu"] = torch.cuda.get_device_name()
             env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     else:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
-
         env["cpu_isa"] = str(pick_vec_isa()) or "none"
     return env
 
@@ -93,17 +92,14 @@ class StateAsInputs(nn.Module):
         n = len(flat) - len(self.state)
         for name, t in zip(self.state, flat[n:]):
             _set_attr(self.gm, name, t)
-        args, kwargs = pytree.tree_unflatten(list(flat[:n]), self.in_spec)
+        args, kwargs = tree_unflatten(list(flat[:n]), self.in_spec)
         return self.gm(*args, **kwargs)
 
 
 def _set_attr(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    if leaf in owner._buffers:
-        owner._buffers[leaf] = value
-    else:  # a GraphModule constant is a plain attribute
-        object.__setattr__(owner, leaf, value)
+    set_tensor_attr(owner, leaf, value)  # a buffer keeps its slot; a GraphModule constant is a plain attribute
 
 
 class PackagedProgram(nn.Module):
@@ -120,13 +116,13 @@ class PackagedProgram(nn.Module):
         object.__setattr__(self, "runner", runner)  # not a module: kept out of nn.Module's registries
 
     def forward(self, *args, **kwargs):
-        flat = fx_pytree.tree_flatten_spec((args, kwargs), self.gm._in_spec)
+        flat = tree_flatten_spec((args, kwargs), graph_module_in_spec(self.gm))
         return self.runner(*flat, *(attr_value(self.gm, n) for n in self.state))
 
 
 def _flat_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict]):
     args, kwargs = inputs
-    flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    flat, spec = tree_flatten((tuple(args), dict(kwargs)))
     return flat, ep.call_spec.in_spec or spec
 
 
@@ -180,7 +176,7 @@ def load_package(data: bytes, device_index: int = -1):
         path = os.path.join(tmp, "package.pt2")
         with open(path, "wb") as fh:
             fh.write(data)
-        return torch._inductor.aoti_load_package(path, device_index=device_index)
+        return aoti_load_package(path, device_index=device_index)
 
 
 def bind_constants(runner, gm: torch.nn.Module) -> None:
@@ -202,7 +198,7 @@ def build_package(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Targe
     wrapped, state = export_with_state_inputs(ep, inputs)
     options = package_options(target, program)
     with tempfile.TemporaryDirectory(prefix="optc-aoti-") as tmp:
-        path = torch._inductor.aoti_compile_and_package(
+        path = aoti_compile_and_package(
             wrapped, package_path=os.path.join(tmp, f"{program}.pt2"), inductor_configs=options)
         with open(path, "rb") as fh:
             data = fh.read()

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from optc.compiler.codegen.mlir_state import export_call
+from optc.compiler.torch_private import OpOverload, buffer_slots, non_persistent_buffer_names, op_schema
 from optc.errors import CaptureError, CompileError, UsageError
 from optc.fileio import atomic_open
 
@@ -185,8 +186,8 @@ def _buffers_made_persistent(module: torch.nn.Module):
     """
     changed = []
     for sub in module.modules():
-        for name in list(sub._non_persistent_buffers_set):
-            buf = sub._buffers.get(name)
+        for name in list(non_persistent_buffer_names(sub)):
+            buf = buffer_slots(sub).get(name)
             if buf is not None:
                 sub.register_buffer(name, buf, persistent=True)
                 changed.append((sub, name))
@@ -194,7 +195,7 @@ def _buffers_made_persistent(module: torch.nn.Module):
         yield
     finally:
         for sub, name in changed:
-            sub.register_buffer(name, sub._buffers[name], persistent=False)
+            sub.register_buffer(name, buffer_slots(sub)[name], persistent=False)
 
 
 def _persistent_program(ep_or_module, example_inputs):
@@ -240,8 +241,8 @@ def _writes_in_place(ep) -> bool:
     sig = ep.graph_signature
     if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
         return True
-    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-               and n.target._schema.is_mutable for n in ep.graph.nodes)
+    return any(n.op == "call_function" and isinstance(n.target, OpOverload)
+               and op_schema(n.target).is_mutable for n in ep.graph.nodes)
 
 
 # --------------------------------------------------------------------------- output

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.operator_schemas import normalize_function
 
 from optc.compiler.anatomy import Anatomy, Attention
@@ -32,6 +31,7 @@ from optc.compiler.gqa import GROUPED_QUERY
 from optc.compiler.config import PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.rewrite import eliminate_dead_code
+from optc.compiler.torch_private import FakeTensor
 
 aten = torch.ops.aten
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from optc.compiler.torch_private import cuda_driver_api_version
+
 SCHEMA = 2
 
 
@@ -60,7 +62,7 @@ def _nvidia_driver() -> str | None:
     except OSError:
         pass
     try:
-        return f"cuda-api-{torch._C._cuda_getDriverVersion()}"
+        return f"cuda-api-{cuda_driver_api_version()}"
     except Exception:
         return None
 

@@ -31,6 +31,7 @@ import math
 import torch
 import torch.fx as fx
 
+from optc.compiler.torch_private import op_schema
 
 VIEWS = {
     "view", "_unsafe_view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "permute", "transpose",
@@ -253,7 +254,7 @@ def _group_cost(w: _Walk, members: list[fx.Node]) -> tuple[int, int, int]:
     written = flops = 0
     for n in members:
         _, name = _op(n)
-        mutates = getattr(getattr(n.target, "_schema", None), "is_mutable", False)
+        mutates = getattr(op_schema(n.target), "is_mutable", False)
         args = n.all_input_nodes
         if mutates and len(args) > 1 and args[0] is n.args[0]:
             # an in-place write of new entries into existing storage (a cache): it reads

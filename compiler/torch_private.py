@@ -1,0 +1,215 @@
+"""Every private torch API optc relies on, and nothing else.
+
+Underscored torch modules and attributes change between releases without a
+deprecation. optc's code reaches them only through this module, so a torch upgrade
+that moves or changes one fails here first: tests/compiler/test_torch_private.py
+runs one cheap smoke test per name below, and fails when package code (optc/,
+compiler/, runtime/, models/) uses a private torch API anywhere else. `torch._check`
+(documented for export) and `torch.__version__` are public and not listed.
+
+Each name says why optc needs it and the torch releases it was checked on: 2.13
+(CPU, where these smoke tests run) and 2.11 (the GPU machine, where the same calls ran
+before they moved here). When an upgrade breaks one, fix it here (a version branch if
+need be) and update its line; a new private use gets a name here and a test there.
+
+torch._inductor and torch._dynamo are imported inside the functions that need them:
+they take seconds to import, and `import optc` (or loading any compiler module) must
+not pay for that. The modules imported at the top are already loaded by `import torch`.
+
+Lives in the compiler (optc.compiler.torch_private) and imports nothing from optc, so
+the compiler, the runtime, the models and the CLI can all use it (tests/test_layering.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = [
+    "detect_fake_mode", "FakeTensor",
+    "OpOverload", "op_schema",
+    "tree_flatten", "tree_unflatten", "tree_flatten_spec", "graph_module_in_spec",
+    "graph_codegen", "set_graph_codegen", "codegen_without_out_spec",
+    "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
+    "compile_fx", "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
+    "dynamo_counters",
+    "cuda_driver_api_version",
+]
+
+# --------------------------------------------------------------------------- fake tensors
+
+# The FakeTensorMode an exported graph's `meta["val"]` tensors belong to, to compute new
+# nodes' shape metadata in the same mode (head_narrow, token_region). torch 2.11-2.13.
+from torch._guards import detect_fake_mode  # noqa: E402
+
+# The type of an exported node's `meta["val"]`, to tell shape metadata from other
+# values (passes/share_kv_heads). torch 2.11-2.13.
+from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
+
+# --------------------------------------------------------------------------- operators
+
+# The type of an aten/custom op call target in an exported graph (`aten.mm.default`), to
+# read its schema's aliasing (rewrite.mutated_attr_names, codegen/mlir). torch 2.11-2.13.
+from torch._ops import OpOverload  # noqa: E402
+
+
+def op_schema(target):
+    """The `torch._C.FunctionSchema` of an op overload (arguments, returns, alias info,
+    `is_mutable`), or None for any other call target (a Python function, an
+    OpOverloadPacket, a higher-order op). optc reads which arguments an op writes in
+    place (KV-cache state, cost model). `OpOverload._schema`, torch 2.11-2.13."""
+    return getattr(target, "_schema", None)
+
+
+# --------------------------------------------------------------------------- pytrees
+
+# Flatten and rebuild (args, kwargs) with the TreeSpec types torch.export records in
+# `ep.call_spec.in_spec` (codegen/aoti feeds packages flat inputs). torch 2.11-2.13.
+from torch.utils._pytree import tree_flatten, tree_unflatten  # noqa: E402
+
+# Flatten (args, kwargs) by an existing TreeSpec, as `ep.module()` does for its own
+# inputs (codegen/aoti.PackagedProgram). torch 2.11-2.13.
+from torch.fx._pytree import tree_flatten_spec  # noqa: E402
+
+
+def graph_module_in_spec(gm: fx.GraphModule):
+    """The input TreeSpec of a GraphModule made by `ExportedProgram.module()`, to flatten
+    a call's (args, kwargs) exactly as that module would (codegen/aoti).
+    `GraphModule._in_spec`, set by torch.export's unlifting, torch 2.11-2.13."""
+    return gm._in_spec
+
+
+# --------------------------------------------------------------------------- fx codegen
+
+
+def graph_codegen(graph: fx.Graph):
+    """The graph's CodeGen: for an exported program a `_PyTreeCodeGen` that gives the
+    generated forward the program's keyword signature and output structure.
+    `Graph._codegen`, torch 2.11-2.13."""
+    return graph._codegen
+
+
+def set_graph_codegen(graph: fx.Graph, codegen) -> None:
+    """Give a copied graph the original's CodeGen (rewrite.rebuild keeps the program's
+    signature). `Graph._codegen`, torch 2.11-2.13."""
+    graph._codegen = codegen
+
+
+def codegen_without_out_spec(codegen):
+    """A copy of a pytree CodeGen that returns its graph's outputs unflattened (its input
+    signature kept), so that a copy of a program can return extra values (calibration
+    reads the residual stream this way); any other CodeGen as it is.
+    `torch.fx.graph._PyTreeCodeGen` and its `pytree_info.out_spec`, torch 2.11-2.13."""
+    import copy
+
+    from torch.fx.graph import _PyTreeCodeGen
+
+    if isinstance(codegen, _PyTreeCodeGen):
+        plain = copy.copy(codegen)
+        plain.pytree_info = codegen.pytree_info._replace(out_spec=None)
+        return plain
+    return codegen
+
+
+# --------------------------------------------------------------------------- module internals
+
+
+def buffer_slots(module: nn.Module) -> dict:
+    """A module's own buffer slots, the live dict (entries may be None). Writing into it
+    swaps a buffer's tensor without registering it again, so it stays (non-)persistent
+    and no check runs (KV-cache ties, dtype casts, buffers of a program being rewritten).
+    `nn.Module._buffers`, torch 2.11-2.13."""
+    return module._buffers
+
+
+def non_persistent_buffer_names(module: nn.Module) -> set:
+    """Names of a module's own buffers registered with persistent=False (Hugging Face's
+    rotary `inv_freq`), the live set: `state_dict` leaves them out, which decides how
+    export and dtype casts treat them (codegen/mlir, models/builders).
+    `nn.Module._non_persistent_buffers_set`, torch 2.11-2.13."""
+    return module._non_persistent_buffers_set
+
+
+def set_tensor_attr(owner: nn.Module, leaf: str, value: torch.Tensor) -> None:
+    """Rebind `owner.<leaf>` to `value` without nn.Module's checks: a buffer keeps its
+    slot and persistence, a GraphModule constant (a plain attribute) is set directly.
+    How the KV cache is tied between programs and handed to packages, and how pruned
+    buffers are swapped in. `nn.Module._buffers`, torch 2.11-2.13."""
+    if leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:  # a GraphModule constant (lifted tensor) is a plain attribute
+        object.__setattr__(owner, leaf, value)
+
+
+# --------------------------------------------------------------------------- Inductor (lazy)
+
+
+def compile_fx(gm: fx.GraphModule, example_inputs):
+    """Inductor's compiler entry for a Dynamo graph: what the `optc` torch.compile
+    backend hands graphs to (optc/backend.py). `torch._inductor.compile_fx.compile_fx`,
+    torch 2.11-2.13."""
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    return _compile_fx(gm, example_inputs)
+
+
+def pick_vec_isa():
+    """The CPU vector instruction set Inductor generates code for (avx512, avx2, ...;
+    falsy when none), recorded in a package's environment so it loads only where that
+    code runs (codegen/aoti). `torch._inductor.cpu_vec_isa.pick_vec_isa`, torch 2.11-2.13."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa as _pick_vec_isa
+
+    return _pick_vec_isa()
+
+
+def inductor_config_patch(**changes):
+    """A context manager (and decorator) that sets global Inductor config keys and
+    restores them on exit; the benchmarks compile baselines with
+    `fx_graph_cache=False` (runtime/bench). `torch._inductor.config.patch`,
+    torch 2.11-2.13."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(**changes)
+
+
+def aoti_compile_and_package(ep, **kwargs) -> str:
+    """Compile an ExportedProgram ahead of time into a .pt2 package; returns its path
+    (codegen/aoti.build_package; kwargs: package_path, inductor_configs).
+    `torch._inductor.aoti_compile_and_package`, torch 2.11-2.13."""
+    import torch._inductor
+
+    return torch._inductor.aoti_compile_and_package(ep, **kwargs)
+
+
+def aoti_load_package(path: str, **kwargs):
+    """Load a .pt2 package as a runner (get_constant_fqns, load_constants, __call__)
+    (codegen/aoti.load_package; kwargs: device_index).
+    `torch._inductor.aoti_load_package`, torch 2.11-2.13."""
+    import torch._inductor
+
+    return torch._inductor.aoti_load_package(path, **kwargs)
+
+
+# --------------------------------------------------------------------------- Dynamo (lazy)
+
+
+def dynamo_counters():
+    """Dynamo's global event counters (a dict of Counters): `["stats"]["unique_graphs"]`
+    says how many graphs were compiled, `["inductor"]["cudagraph_skips"]` how often
+    Inductor's CUDA graphs were skipped; the baselines report both (runtime/baselines).
+    `torch._dynamo.utils.counters`, torch 2.11-2.13."""
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+def cuda_driver_api_version() -> int:
+    """The CUDA driver API version (12080 for 12.8), keying a device's cost-model
+    calibration where /proc/driver/nvidia is missing (search/device_db). Raises where
+    there is no CUDA driver. `torch._C._cuda_getDriverVersion`, torch 2.11-2.13
+    (CUDA builds; a CPU build lacks it and raises AttributeError)."""
+    return torch._C._cuda_getDriverVersion()
