@@ -160,8 +160,8 @@ class CompileSession:
         return {
             "target": self.target.name,
             "check": lowering.lowering_record(self.target, **lowering.CHECK_LOWERING) if checked else None,
-            "load": {name: lowering.lowering_record(self.target, **lowering.load_lowering(self.target, name))
-                     for name in programs},
+            "load": {name: lowering.lowering_record(self.target, **lowering.load_lowering(self.target, name, ep.graph))
+                     for name, ep in programs.items()},
         }
 
     # -- data --------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class Artifact:
             gm = graph_module(ep)
             if compiled:
                 target = self.target_for(device)
-                options = load_lowering(target, name)
+                options = load_lowering(target, name, gm.graph)
                 if autotune is not None:
                     options["autotune"] = autotune
                 packaged = self._packaged(name, target, gm, device) if autotune is not False else None
@@ -184,7 +184,7 @@ class Artifact:
             if all(p is not None for p in pair):
                 prefill, decode = pair
             else:
-                compile_fn = lambda m: lower(m, target, **load_lowering(target, "decode"))  # noqa: E731
+                compile_fn = lambda m: lower(m, target, **load_lowering(target, "decode", m.graph))  # noqa: E731
         meta = self.manifest["model"]
         return StaticCacheDecoder(prefill, decode, compile=compile_fn, device=device,
                                   max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])

@@ -157,14 +157,15 @@ def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict]):
     return wrapped, state
 
 
-def package_options(target: Target, program: str) -> dict:
+def package_options(target: Target, program: str, graph=None) -> dict:
     """The Inductor options of the package: those a load would lower `program` with
     (lowering.load_lowering), without Inductor's CUDA graphs (not an AOTInductor
     feature: optc's decode loop captures the step itself), weights outside the .so."""
     from optc.compiler.codegen.lowering import inductor_options, load_lowering
 
-    lowering = load_lowering(target, program)
-    options = inductor_options(target, autotune=lowering["autotune"], cudagraphs=False)
+    lowering = load_lowering(target, program, graph)
+    options = inductor_options(target, autotune=lowering["autotune"], cudagraphs=False,
+                               shape_tuning=lowering.get("shape_tuning", True))
     options.pop("triton.cudagraphs", None)
     options["aot_inductor.package_constants_in_so"] = False
     return options
@@ -196,7 +197,7 @@ def build_package(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Targe
     """Compile one program into an AOTInductor package; returns (bytes, record)."""
     start = time.perf_counter()
     wrapped, state = export_with_state_inputs(ep, inputs)
-    options = package_options(target, program)
+    options = package_options(target, program, ep.graph)
     with tempfile.TemporaryDirectory(prefix="optc-aoti-") as tmp:
         path = aoti_compile_and_package(
             wrapped, package_path=os.path.join(tmp, f"{program}.pt2"), inductor_configs=options)

@@ -34,18 +34,23 @@ THRESHOLD_BUFFER_PREFIX = "sparsify_t_"
 # load, a faster decode step.
 
 
-def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagraphs: bool = False):
+def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagraphs: bool = False,
+          shape_tuning: bool = True):
     """torch.compile with Inductor and the target's options (applied per call, never
     to the global Inductor config). `autotune` benchmarks GEMM and kernel configs on
     the device (max-autotune); `cudagraphs` lets Inductor capture CUDA graphs itself:
-    leave it off where optc's decode loop captures the whole step."""
-    options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs)
+    leave it off where optc's decode loop captures the whole step. `shape_tuning=False`
+    drops the target's per-kernel tuning (coordinate descent) too: see load_lowering."""
+    options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning)
     return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
 
 
-def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool = False) -> dict:
+def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool = False,
+                     shape_tuning: bool = True) -> dict:
     """The options `lower` hands torch.compile (the manifest records them)."""
     options = dict(target.inductor)
+    if not shape_tuning:
+        options.pop("coordinate_descent_tuning", None)
     if options.get("coordinate_descent_tuning") or autotune:
         options.setdefault("fx_graph_cache", False)  # compile cold: see the note above lower()
     if autotune:
@@ -54,19 +59,42 @@ def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool
     return options
 
 
-def load_lowering(target: Target, program: str) -> dict:
+def load_lowering(target: Target, program: str, graph: torch.fx.Graph | None = None) -> dict:
     """How a loaded artifact lowers `program` for `target` (Artifact.module / .decoder):
     autotuned on a GPU; Inductor's own CUDA graphs for forward programs only, because
     the decode loop captures the whole decode step itself. On the CPU, tuning C++
-    templates costs minutes for nothing."""
+    templates costs minutes for nothing.
+
+    A program whose layers each have their own token count (merge_tokens) is not tuned:
+    tuning is per shape, so it would cost about one dense model's tuning per layer
+    (benchmarks/NOTES.md, ViT-B/16 at batch 64); Inductor's heuristics and cuBLAS
+    lower it instead."""
     on_gpu = target.device == "cuda"
-    return {"autotune": on_gpu, "cudagraphs": on_gpu and program == "forward"}
+    tuned = not (graph is not None and per_layer_shapes(graph))
+    record = {"autotune": on_gpu and tuned, "cudagraphs": on_gpu and program == "forward"}
+    if not tuned:
+        record["shape_tuning"] = False
+    return record
 
 
-def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool = False) -> dict:
+def per_layer_shapes(graph: torch.fx.Graph) -> bool:
+    """Whether the program merges tokens, so that its layers' activations differ in shape."""
+    return any(n.op == "call_function" and str(n.target).startswith(TOKEN_MERGE_OP) for n in graph.nodes)
+
+
+# The op that shortens the token dimension (compiler/codegen/token_ops.py).
+TOKEN_MERGE_OP = "optc.token_merge"
+
+
+def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool = False,
+                    shape_tuning: bool = True) -> dict:
     """A lowering as the manifest records it: the switches and the exact options."""
-    return {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
-            "inductor_options": inductor_options(target, autotune=autotune, cudagraphs=cudagraphs)}
+    record = {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
+              "inductor_options": inductor_options(target, autotune=autotune, cudagraphs=cudagraphs,
+                                                   shape_tuning=shape_tuning)}
+    if not shape_tuning:
+        record["shape_tuning"] = False
+    return record
 
 
 def random_like_inputs(inputs: tuple[tuple, dict], vocab: int | None, seed: int) -> tuple[tuple, dict]:

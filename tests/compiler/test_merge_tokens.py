@@ -70,6 +70,22 @@ def test_bert_shapes_plan_and_padding_merges_first(bert):
     assert torch.isfinite(out).all()
 
 
+def test_merged_programs_lower_without_per_shape_tuning(bert):
+    from optc.compiler import targets
+    from optc.compiler.codegen import lowering
+
+    model, inputs, captured = bert
+    h200 = targets.get("h200")
+    merged = run_pass(captured, "merge_tokens", {"r": 1}, task="forward")[0]["forward"]
+    dense = run_pass(captured, "merge_tokens", {"r": 0}, task="forward")[0]["forward"]
+    assert lowering.load_lowering(h200, "forward", dense.graph) == {"autotune": True, "cudagraphs": True}
+    plain = lowering.load_lowering(h200, "forward", merged.graph)
+    assert plain == {"autotune": False, "cudagraphs": True, "shape_tuning": False}
+    record = lowering.lowering_record(h200, **plain)
+    assert "coordinate_descent_tuning" not in record["inductor_options"] and not record["shape_tuning"]
+    assert "max_autotune" not in record["inductor_options"]
+
+
 def test_unmerged_positions_share_their_token(bert):
     model, inputs, captured = bert
     gms, entry = run_pass(captured, "merge_tokens", {"schedule": [0, 0, 5]}, task="forward")
