@@ -10,6 +10,7 @@ active passes), its estimate, and whether its latency was measured or estimated.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -20,6 +21,8 @@ from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
+
+from optc.compiler.config import config_hash
 
 from optc.compiler.search import storage as st
 from optc.compiler.search.space import SearchSpace, active_passes
@@ -147,6 +150,12 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log,
     start = time.perf_counter()
     compiled = session.run(config)
     trial.set_user_attr("compile_s", round(time.perf_counter() - start, 2))
+    programs = program_hash(compiled, config)
+    trial.set_user_attr("program_hash", programs)
+    earlier = _finished_twin(study, programs, trial.number, key="program_hash")
+    if earlier is not None:  # other settings, the same programs (a ratio that removes nothing)
+        _copy_result(study, trial, earlier, log)
+        return
     quality = session.quality(compiled.primary_gm, opts.subsample)
     feats = features(compiled)
     estimate = cost.estimate_ms(feats)
@@ -175,9 +184,24 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log,
         f"{estimate:.4g}), quality loss {quality['loss']:.4f} on {quality['windows']}/{quality['of']} batches")
 
 
-def _finished_twin(study, config_hash: str, number: int):
+def program_hash(compiled, config: dict) -> str | None:
+    """What a configuration changed, whatever it asked for: the passes that applied, with
+    their settings and plans. Settings that change nothing (a head ratio that rounds to no
+    KV group, a pass that found nothing to do) compile the same programs as the dense
+    model, so they share its measurement instead of timing it again."""
+    report = getattr(compiled, "manifest", {}).get("passes")
+    if report is None:
+        return None
+    applied = [{"name": e["name"], "settings": config["passes"].get(e["name"]), "plan": e.get("plan")}
+               for e in report if e.get("applied")]
+    return config_hash({"applied": json.loads(json.dumps(applied, default=str))})
+
+
+def _finished_twin(study, value: str | None, number: int, key: str = "config_hash"):
+    if value is None:
+        return None
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.number != number and t.user_attrs.get("config_hash") == config_hash and not t.user_attrs.get("copy_of"):
+        if t.number != number and t.user_attrs.get(key) == value and not t.user_attrs.get("copy_of"):
             return t
     return None
 
@@ -219,7 +243,8 @@ def _copy_result(study, trial, earlier, log) -> None:
     for key, value in earlier.constraints.items():
         trial.set_constraint(key, value)
     study.tell(trial, list(earlier.values))
-    log(f"[optc] trial {trial.number}: same configuration as trial {earlier.number}; its result reused, not measured again")
+    same = "programs" if trial.user_attrs.get("program_hash") else "configuration"
+    log(f"[optc] trial {trial.number}: same {same} as trial {earlier.number}; its result reused, not measured again")
 
 
 def _measured(study) -> list:

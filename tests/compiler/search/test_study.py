@@ -61,7 +61,10 @@ class FakeSession:
         toy = config["passes"]["toy_pass"]
         if self.fail_on is not None and toy["level"] == self.fail_on:
             raise UsageError(f"level {toy['level']} cannot apply to this model")
-        return SimpleNamespace(toy=toy, primary_gm=toy)
+        # level 1 alone rounds to nothing: the pass does not apply and the programs are dense
+        applied = toy["level"] > 1 or toy["strength"] > 0
+        manifest = {"passes": [{"name": "toy_pass", "applied": applied, "plan": {}}]}
+        return SimpleNamespace(toy=toy, primary_gm=toy, manifest=manifest)
 
     def quality(self, gm, n=None):
         loss = 0.02 * gm["level"] + 0.1 * gm["strength"]
@@ -172,6 +175,20 @@ def test_a_finished_configuration_is_not_run_again_and_inapplicable_ones_are_rec
     assert t1.user_attrs["copy_of"] == 0 and t1.values == t0.values
     assert t2.state == TrialState.FAIL and "cannot apply" in t2.user_attrs["inapplicable"]
     assert t3.state == TrialState.FAIL and "as in trial 2" in t3.user_attrs["inapplicable"]
+
+
+def test_settings_that_change_nothing_reuse_the_dense_measurement():
+    space, study = SearchSpace(ANATOMY, "toy"), _study()
+    for level in (0, 1, 2):
+        study.enqueue_trial({"toy_pass.level": level, "toy_pass.strength": 0.0})
+    timed = []
+    opts = sy.WorkerOptions(n_trials=3, max_quality_loss=0.05, min_measured=5)
+    sy.run_worker(study, space, FakeSession(), measure=lambda c: timed.append(c.toy["level"]) or _measure(c),
+                  features=_features, cost=FakeCost(), opts=opts, log=lambda m: None)
+    dense, noop, pruned = study.get_trials()
+    assert timed == [0, 2]  # level 1 compiled, found to be the dense programs, and not timed
+    assert noop.user_attrs["copy_of"] == 0 and noop.values == dense.values
+    assert noop.user_attrs["program_hash"] == dense.user_attrs["program_hash"] != pruned.user_attrs["program_hash"]
 
 
 def test_a_configuration_another_worker_is_running_is_waited_for_not_measured_again():
