@@ -23,7 +23,6 @@ import optuna
 from optuna.trial import TrialState
 
 from optc.compiler.config import config_hash
-
 from optc.compiler.search import storage as st
 from optc.compiler.search.space import SearchSpace, active_passes
 from optc.errors import CompileError, OptcError, UsageError
