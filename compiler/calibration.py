@@ -11,7 +11,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from optc.compiler.rewrite import rebuild
+from optc.compiler.rewrite import mutated_attr_names, rebuild
+from optc.compiler.torch_private import flat_graph_inputs
 from optc.progress import progress
 
 
@@ -66,6 +67,63 @@ class CalibrationContext:
             with torch.no_grad():
                 self.memo[key] = [probe(*a, **k)[1] for a, k in progress(self.inputs[:n], "calibration: activations")]
         return self.memo[key]
+
+    def sequential(self, nodes: list[fx.Node], fit, n: int | None = None) -> None:
+        """Run the program on the first `n` inputs all together, one layer at a time: at
+        each of `nodes` (in graph order) `fit(node, values)` gets the values of the node's
+        first argument over every input, *as the model rewritten so far computes them*,
+        and returns a function that replaces the node (its output from that argument)
+        for the rest of the run. This is how a repair is fitted on the activations of
+        the model already repaired below it (SparseGPT's sequential calibration) in one
+        pass, instead of one pass per layer.
+
+        Inputs advance together between two such nodes and one at a time within a stretch,
+        so each input gets its own copy of the state the program writes in place (the KV
+        cache, the cache's position counters): the inputs' writes would otherwise meet.
+        The program's own buffers are left as they are."""
+        mutated = set(mutated_attr_names(self.calibration_program))
+        order = {node: i for i, node in enumerate(self.calibration_program.graph.nodes)}
+        stops = sorted(nodes, key=order.__getitem__)
+        runs = [self._stepper(a, k, set(stops), mutated) for a, k in self.inputs[:n]]
+        # Grad mode is global state: the generators' own no_grad blocks interleave, so the
+        # whole run is inside one.
+        with torch.no_grad():
+            values = [next(r) for r in runs]
+            for node in stops:
+                assert all(v[0] is node for v in values)
+                replace = fit(node, [v[1] for v in values])
+                values = [r.send(replace(v[1])) for r, v in zip(runs, values)]
+        assert all(v is None for v in values)
+
+    def _stepper(self, args, kwargs, stops: set, mutated: set):
+        """A generator running the program node by node on one input: at a node of `stops`
+        it yields (node, value of its first argument) and takes the node's output. The
+        attributes in `mutated` are read from copies of its own."""
+        gm = self.calibration_program
+        own: dict = {}
+
+        class Own(fx.Interpreter):
+            def get_attr(self, target, a, k):
+                value = super().get_attr(target, a, k)
+                if target not in mutated:
+                    return value
+                if target not in own:
+                    own[target] = value.clone()
+                return own[target]
+
+        interp = Own(gm)
+        interp.args_iter = iter(flat_graph_inputs(gm, args, kwargs))
+        env = interp.env
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                break
+            if node in stops:
+                env[node] = yield node, env[node.args[0]]
+            else:
+                env[node] = interp.run_node(node)
+            for dead in interp.user_to_last_uses.get(node, []):
+                del env[dead]
+        yield None
 
     def stream_cosines(self, anatomy, units, n: int | None = None) -> dict:
         """1 - cos(stream before, stream after) of each unit, averaged over tokens."""

@@ -30,7 +30,7 @@ __all__ = [
     "detect_fake_mode", "FakeTensor",
     "OpOverload", "op_schema",
     "tree_flatten", "tree_unflatten", "tree_flatten_spec", "graph_module_in_spec",
-    "graph_codegen", "set_graph_codegen", "codegen_without_out_spec",
+    "graph_codegen", "set_graph_codegen", "codegen_without_out_spec", "flat_graph_inputs",
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
     "compile_fx", "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
     "dynamo_counters",
@@ -110,6 +110,17 @@ def codegen_without_out_spec(codegen):
         plain.pytree_info = codegen.pytree_info._replace(out_spec=None)
         return plain
     return codegen
+
+
+def flat_graph_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """A call's (args, kwargs) as the values of `gm`'s placeholders, in order, as its
+    generated forward binds them (calibration's sequential run interprets the graph
+    node by node). The pytree CodeGen's `pytree_info.in_spec`, torch 2.11-2.13; a
+    graph without one takes its arguments positionally."""
+    info = getattr(graph_codegen(gm.graph), "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        return list(tree_flatten_spec((args, kwargs), info.in_spec))
+    return [*args, *kwargs.values()]
 
 
 # --------------------------------------------------------------------------- module internals

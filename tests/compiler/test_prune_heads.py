@@ -11,6 +11,7 @@ import transformers
 
 import optc
 from optc.compiler import capture, pipeline
+from optc.compiler.calibration import CalibrationContext
 from optc.compiler.anatomy import analyze
 from optc.compiler.passes.prune_heads import PruneHeadsConfig, prune
 from optc.errors import CompileError
@@ -294,3 +295,51 @@ def test_ratio_zero_with_lstsq_is_exactly_lossless(llama_captured):
     dense = capture.graph_module(captured.programs["prefill"])
     kwargs = {"input_ids": torch.randint(0, 256, (1, 10)), "cache_position": torch.arange(10)}
     assert torch.equal(gms["prefill"](**kwargs), dense(**kwargs))
+
+
+def test_sequential_run_sees_the_program_and_uses_the_replacements(llama_captured):
+    """CalibrationContext.sequential, which the sequential refit runs on: with each o_proj
+    replaced by itself the inputs it hands over are the program's own (stream_values);
+    a replacement reaches the layers above it; the program's KV cache is left as it was."""
+    _, captured = llama_captured
+    gm = capture.graph_module(captured.programs["prefill"])
+    calib = _lm_calib(n=3)
+    ctx = CalibrationContext("causal-lm", gm, calib)
+    os = [b.attention.o.node for b in analyze(gm).blocks]
+    ref = ctx.stream_values([o.args[0] for o in os])
+    state = {k: v.clone() for k, v in gm.named_buffers()}
+    for scale in (1.0, 0.5):
+        seen = []
+
+        def fit(node, values, scale=scale):
+            seen.append(values)
+            w = gm.get_parameter(node.args[1].target)
+            return lambda v: torch.nn.functional.linear(v, w) * scale
+
+        ctx.sequential(os, fit)
+        assert len(seen) == len(os) and all(len(v) == len(calib) for v in seen)
+        same = [torch.allclose(seen[layer][i], ref[i][layer], atol=1e-6)
+                for layer in range(len(os)) for i in range(len(calib))]
+        # halving layer 0's o_proj output changes what every layer above it gets
+        assert all(same) if scale == 1.0 else (all(same[:len(calib)]) and not any(same[len(calib):]))
+    assert all(torch.equal(v, state[k]) for k, v in gm.named_buffers())
+
+
+def test_sequential_refit_lowers_the_calibration_error(llama_captured):
+    """Refitting each o_proj on the activations of the model pruned and repaired below it
+    reproduces the dense model's outputs on the calibration data better than refitting each
+    on the dense activations; the bottom layer's refit (same inputs) is the same in both."""
+    _, captured = llama_captured
+    calib = _lm_calib(n=8, t=32)
+    dense = capture.graph_module(captured.programs["prefill"])
+    errors, plans = {}, {}
+    for refit in ("layer", "sequential"):
+        gms, entry = _run(captured, {"ratio": 0.5, "align": 1, "repair": "lstsq", "refit": refit,
+                                     "calibration_samples": 8}, calib=calib)
+        plans[refit] = entry["plan"]
+        errors[refit] = sum(((gms["prefill"](**kw) - dense(**kw)).norm() / dense(**kw).norm()).item()
+                            for _, kw in calib)
+    assert plans["layer"]["repair"] == plans["sequential"]["repair"] == "lstsq"
+    assert torch.allclose(plans["layer"]["refit"].tensors["0"], plans["sequential"]["refit"].tensors["0"], atol=1e-5)
+    assert not torch.allclose(plans["layer"]["refit"].tensors["3"], plans["sequential"]["refit"].tensors["3"])
+    assert errors["sequential"] < errors["layer"], errors

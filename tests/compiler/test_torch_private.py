@@ -159,6 +159,15 @@ def test_set_graph_codegen(exported):
     assert set(out) == {"y", "total"}
 
 
+def test_flat_graph_inputs(exported):
+    ep, args, kwargs = exported
+    gm = ep.module()
+    flat = tp.flat_graph_inputs(gm, args, kwargs)  # calibration's node-by-node run binds placeholders so
+    assert len(flat) == 2 and flat[0] is args[0] and flat[1] is kwargs["bias"]
+    plain = fx.symbolic_trace(nn.Linear(4, 3))  # no pytree CodeGen: positional
+    assert tp.flat_graph_inputs(plain, args, {}) == [args[0]]
+
+
 def test_codegen_without_out_spec(exported):
     ep, args, kwargs = exported
     gm = ep.module()
