@@ -193,12 +193,11 @@ def _finish(req, study, study_name, where, target, session, seconds, log) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{study_name}-front.png"
     report.plot(summary, png, f"{session.model_name} on {target.name}: {summary['n_measured']} measured trials")
-    from optc.runtime.timing import device_info
+    from optc.runtime.timing import result_envelope
 
     result = {"study": study_name, "storage": where, "model": session.model_name, "target": target.name,
               "max_quality_loss": req.max_quality_loss, "seconds": round(seconds, 1), "plot": str(png),
-              **{k: v for k, v in summary.items() if k != "limit"},
-              "argv": sys.argv, "git_commit": _git_commit(), **device_info(target.device)}
+              **{k: v for k, v in summary.items() if k != "limit"}, **result_envelope(target.device)}
     best = summary["best"]
     if best is not None and req.compile_best:
         result["best"] = {**best, **_compile_best(session, best, out_dir, study_name, log)}
@@ -274,15 +273,6 @@ def _worker_argv(req, study_name: str, trials: int) -> list[str]:
     if req.calibration:
         argv += ["--calibration", req.calibration]
     return argv
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _plain(value):

@@ -54,7 +54,7 @@ def bench(
     from optc.models.calibration_file import read_calibration
     from optc.models.user import resolve
     from optc.runtime import baselines as torch_baselines
-    from optc.runtime.timing import device_info, device_probe
+    from optc.runtime.timing import device_probe, result_envelope
 
     if model.endswith(".optc"):
         raise UsageError("bench takes a model (zoo name, HF directory or file.py:factory); "
@@ -80,7 +80,7 @@ def bench(
         vocab_size=getattr(getattr(eager, "config", None), "vocab_size", None))
     timings, notes, failed = {}, {}, {}
     again: dict = {}  # label -> time the compiled row once more (later rounds)
-    info = device_info(device)  # once: the JSON is rewritten after every row
+    info = result_envelope(device)  # once: the JSON is rewritten after every row
     probe = device_probe(device)  # the GPU's own copy and GEMV speed in this process
     if probe:
         _log(f"device probe: copy {probe['copy_tbs']} TB/s, cuBLAS GEMV 8192x2048 {probe['gemv_8192x2048_us']} us")
@@ -113,7 +113,6 @@ def bench(
             "baseline": best,
             **info,
             "probe": probe,
-            "versions": {k: info[k] for k in ("torch", "triton", "transformers", "cuda")},
             "seq": None if is_lm else (int(example_inputs[0].shape[1]) if example_inputs[0].dim() == 2 else None),
             "optc_lowering": "inductor max-autotune" if autotune and device == "cuda" else "inductor",
             "rows": rows,

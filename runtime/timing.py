@@ -18,15 +18,19 @@ import math
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from optc.errors import UsageError
+from optc.version import __version__
 
-__all__ = ["Timing", "measure", "summarise", "device_info", "device_probe", "call_with", "as_device"]
+__all__ = ["Timing", "measure", "summarise", "device_info", "device_probe", "call_with", "as_device",
+           "git_commit", "result_envelope"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,27 @@ def device_info(device: str | torch.device | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def git_commit() -> str | None:
+    """The commit optc runs from (40 hex digits), or None where that is not a git checkout
+    (an installed wheel) or git is missing: a result never fails for want of it."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def result_envelope(device: str | torch.device | None = None) -> dict:
+    """The keys every result JSON opens with (optc bench, optc search, benchmarks/), so
+    that each number can be traced to the command, code and machine that produced it:
+    argv, git commit, device_info (device, its state, date, versions) and the versions
+    once more as one dict."""
+    info = device_info(device)
+    versions = {k: info[k] for k in ("torch", "triton", "transformers", "cuda", "python")}
+    return {"argv": list(sys.argv), "git_commit": git_commit(), **info, "versions": {**versions, "optc": __version__}}
 
 
 _SMI_FIELDS = ("clocks.sm", "clocks.mem", "clocks.max.sm", "power.limit", "temperature.gpu", "pstate",

@@ -27,6 +27,8 @@ def test_bench_rows_for_each_variant(tmp_path):
     assert names[2].startswith("optc skip_layers.layers=[1]") and 'method="cats"' in names[3]
     assert doc["baseline"] == "eager" and doc["failed"] == {} and doc["optc_lowering"] == "inductor"
     assert doc["probe"] is None  # the GPU probe (copy and GEMV speed) runs on CUDA only
+    # The result envelope every result file opens with (runtime/timing.py result_envelope).
+    assert doc["argv"][1:3] == ["bench", "tiny-llama"] and doc["versions"]["optc"] and "git_commit" in doc
     rows = {r["name"]: r for r in doc["rows"]}
     assert all(r["median_ms"] > 0 for r in doc["rows"])
     # Every optc row was checked against its own program; the dense one also against eager.
