@@ -12,15 +12,13 @@ study of the same model and device, fitted on nothing of its own).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from harness import write_result
 from optc.compiler.search.cost_model import CostModel, accuracy
 
 
@@ -60,17 +58,14 @@ def main() -> None:
                 **accuracy([fitted.estimate_ms(f) for f, _ in samples], [ms for _, ms in samples]),
                 "n_fit": len(others)}
     result = {
-        "argv": sys.argv,
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device_record": record["key"],
+        "device_record": record["key"],  # the measured device; the envelope's is where this analysis ran
         "constants": c,
         "n": len(everything),
         "roofline_only": accuracy([base.estimate_ms(f) for f, _ in everything], [ms for _, ms in everything]),
         "leave_one_out": base.leave_one_out(everything),
         "studies": per_study,
     }
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result, device="cpu")
     loo = result["leave_one_out"]
     print(f"{result['n']} measured configurations; leave-one-out: Spearman {loo['spearman']:.3f}, "
           f"error {100 * loo['mape']:.1f}%, {100 * loo['within_10pct']:.0f}% within 10%")

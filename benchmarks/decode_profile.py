@@ -14,22 +14,19 @@ by Inductor either way), so ms/token here is a diagnosis, not the benchmark (tha
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import optc
+from harness import envelope, write_result
+from kernels_sparse_linear import profile_kernels
 from optc.compiler import targets
 from optc.compiler.codegen.lowering import lower
 from optc.compiler.config import parse_sets
 from optc.models.user import resolve
 from optc.runtime.bench import decode_timer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels_sparse_linear import profile_kernels  # noqa: E402
 
 
 def profile_variant(model, entry, prompt, target, settings: dict, steps: int, autotune: bool = False) -> dict:
@@ -94,14 +91,14 @@ def profile_inductor_max(model, prompt, steps: int) -> dict:
         return dict(ms_per_token=ms, **profiled_steps(lambda: run(steps, T + 4), steps))
 
 
-def report(label: str, r: dict, result: dict, out: str | None, seconds: float | None = None) -> None:
+def report(label: str, r: dict, result: dict, out: str | None, env: dict, seconds: float | None = None) -> None:
     took = f" ({seconds:.0f} s)" if seconds is not None else ""
     print(f"== {label}: {r['ms_per_token']:.3f} ms/token, kernels {r['kernel_us_per_step']} us/step, "
           f"{r['kernels_per_step']} launches/step{took}", file=sys.stderr, flush=True)
     for row in r["top"][:14]:
         print(f"   {row['us_per_step']:>8.1f} us {row['calls_per_step']:>6.1f}x  {row['name']}", file=sys.stderr)
     if out:
-        Path(out).write_text(json.dumps(result, indent=1))
+        write_result(out, result, env)
 
 
 def main():
@@ -116,16 +113,16 @@ def main():
     target = targets.get("auto")
     entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
     prompt = example[0][:, :16].contiguous()
-    result = dict(model=args.model, device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  date=time.strftime("%Y-%m-%d"), argv=sys.argv, optc_autotune=args.autotune, variants={})
+    env = envelope(target.device)
+    result = dict(model=args.model, optc_autotune=args.autotune, variants={})
     for text in args.variant or [""]:
         t0 = time.time()
         r = profile_variant(model, entry, prompt, target, parse_sets(text.split()), args.steps, args.autotune)
         result["variants"][text or "dense"] = r
-        report(text or "dense", r, result, args.out, time.time() - t0)
+        report(text or "dense", r, result, args.out, env, time.time() - t0)
     if args.inductor_max:
         r = result["inductor-max"] = profile_inductor_max(model, prompt, args.steps)
-        report("inductor-max", r, result, args.out)
+        report("inductor-max", r, result, args.out, env)
 
 
 if __name__ == "__main__":

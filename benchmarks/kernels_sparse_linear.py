@@ -25,8 +25,6 @@ Bandwidth counts bytes actually read: active rows x N x 2 + activations + output
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import sys
@@ -73,6 +71,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from harness import envelope, write_result  # noqa: E402
 from optc.compiler.codegen import ops  # noqa: E402  (registers optc::*)
 from optc.compiler.codegen.kernels import configs  # noqa: E402
 from optc.compiler.codegen.kernels.configs import LaunchConfig  # noqa: E402
@@ -531,9 +530,7 @@ def main(args):
         if not args.no_sweep_cats:
             rows += sweep_cats(su, timer, *mlp)
     result = dict(
-        device=su.name, target=su.target, torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        dtype=str(su.dtype), l2_bytes=su.l2, peak_tbps=su.peak, smoke=args.smoke,
+        target=su.target, dtype=str(su.dtype), l2_bytes=su.l2, peak_tbps=su.peak, smoke=args.smoke,
         timing="CUDA graph of R calls on R distinct weight copies, do_bench median (L2 cleared per replay) / R",
         seconds=round(time.time() - t0, 1), crossover=xover,
         crossover_tokens_configured=configs.crossover_tokens(su.target),
@@ -546,8 +543,7 @@ def main(args):
         Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
     ) / ("kernels_sparse_linear.smoke.json" if args.smoke else
          "kernels_sparse_linear.json" if args.shapes == "llama-1b" else f"kernels_sparse_linear_{args.shapes}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_result(out, result, envelope(su.device))
     log(f"wrote {out} ({result['seconds']} s)")
     print(table(rows, xover, su))
     if fails:

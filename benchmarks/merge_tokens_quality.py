@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import write_result
 
 
 def compile_r(r: int) -> dict:
@@ -47,15 +45,6 @@ def compile_r(r: int) -> dict:
     }
 
 
-def versions() -> dict:
-    import torch
-    import transformers
-    import triton
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--r", type=int, nargs="+", default=[2, 4, 8, 12, 16])
@@ -65,12 +54,10 @@ def main():
     for r in args.r:
         rows.append(compile_r(r))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     result = {
         "what": "merge_tokens (ToMe) on minilm-l6: pooled-embedding cosine to the unmerged model and "
                 "nearest-neighbour retrieval agreement, held-out split",
-        "model": "minilm-l6", "device": "cpu", "argv": sys.argv, "git_commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "versions": versions(),
+        "model": "minilm-l6",
         "definitions": {
             "pooled_cosine": "mean over held-out samples of cos(mean-pooled embedding, the unmerged model's)",
             "retrieval_agreement": "share of held-out samples whose nearest other sample (cosine of pooled "
@@ -78,10 +65,7 @@ def main():
         },
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(out)
+    print(write_result(args.out, result, device="cpu"))
 
 
 if __name__ == "__main__":

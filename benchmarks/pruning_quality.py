@@ -15,16 +15,14 @@ half that of repair=none on the same held-out windows.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import envelope, write_result
 
 
 def compile_json(model: str, sets: list[str]) -> tuple[dict, list[str], float]:
@@ -81,6 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     cases = args.case or ["prune_mlp=0.25", "prune_heads=0.33"]
     rows: list = []
+    env = envelope("cpu")
     for case in cases:
         name, _, ratio = case.partition("=")
         runs = {}
@@ -94,28 +93,9 @@ def main() -> None:
         rows.append({"pass": name, "ratio": float(ratio), **runs,
                      "bar": {"default_loss": d, "none_loss": n, "ratio_of_losses": d / n if n else None,
                              "met": d <= 0.5 * n}})
-        write(args, rows, partial=len(rows) < len(cases))  # a run cut short keeps the cases it finished
-
-
-def write(args, rows: list, partial: bool) -> None:
-    import torch
-    import transformers
-
-    out = {
-        "argv": sys.argv,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=REPO).stdout.strip(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "machine": f"{platform.machine()}, cpu target",
-        "model": args.model,
-        "rows": rows,
-        **({"partial": True} if partial else {}),
-    }
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(args.out)
+        # A run cut short keeps the cases it finished.
+        write_result(args.out, {"model": args.model, "rows": rows,
+                                **({"partial": True} if len(rows) < len(cases) else {})}, env)
 
 
 if __name__ == "__main__":

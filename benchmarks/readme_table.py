@@ -171,7 +171,7 @@ def quality_tables() -> str:
 
 
 def spread_tables() -> str:
-    """compile_spread.py runs: every compile of every arm, timed round-robin in one process
+    """experiments/compile_spread.py runs: every compile of every arm, timed round-robin in one process
     (a file may hold several such processes, run one after the other on one GPU)."""
     out = []
     for path in sorted(RESULTS.glob("spread_*.json")):

@@ -2,6 +2,7 @@
 goes, from kernel spans (the profiler itself needs a GPU; the attribution does not)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def idle_before():
     spec = importlib.util.spec_from_file_location("kernels_sparse_linear", ROOT / "benchmarks" / "kernels_sparse_linear.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: benchmarks/harness.py importable
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     return mod.idle_before
 
 

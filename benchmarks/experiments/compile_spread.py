@@ -12,7 +12,7 @@ timing them); if an arm without runtime tuning has no spread, that is the cause.
 `--profile` adds each compile's kernel table (decode_profile.kernel_table), so the
 kernels that differ between a fast and a slow compile can be named.
 
-    python benchmarks/compile_spread.py --out $OUT/compile_spread.json --compiles 3 \\
+    python benchmarks/experiments/compile_spread.py --out $OUT/compile_spread.json --compiles 3 \\
         --arm "cdt:" --arm "no-cdt:inductor.coordinate_descent_tuning=false" --profile
 
 An ARM is "LABEL:SETTINGS"; SETTINGS are space-separated `PASS.KEY=VALUE` (as optc
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 # Every lowering below must be a cold compile: a cache hit would reuse an earlier
 # compile's choices and hide the spread this script measures.
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness.py and the scripts reused here
 
 import torch  # noqa: E402
 
@@ -46,8 +45,9 @@ from optc.compiler.codegen.lowering import lower  # noqa: E402
 from optc.compiler.config import parse_sets, parse_value  # noqa: E402
 from optc.models.user import resolve  # noqa: E402
 from optc.runtime.bench import decode_timer  # noqa: E402
-from optc.runtime.timing import device_info, device_probe  # noqa: E402
+from optc.runtime.timing import device_probe  # noqa: E402
 from decode_profile import kernel_table  # noqa: E402
+from harness import envelope, write_result  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -90,15 +90,14 @@ def main():
     target = targets.get("auto")
     entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
     prompt = example[0][:, :16].contiguous()
-    result = dict(model=args.model, **device_info(target.device), probe=device_probe(target.device),
+    env = envelope(target.device)
+    result = dict(model=args.model, probe=device_probe(target.device),
                   tokens=args.tokens, caches_disabled=os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1",
                   partial=True, arms={})
 
     def write():
         if args.out:
-            tmp = Path(args.out + ".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(args.out)
+            write_result(args.out, result, env)
 
     decoders = []
     for label, sets, inductor in arms:

@@ -21,16 +21,14 @@ tokens differ, that the optc token is within a small margin of the reference arg
 Any failed check or stage makes the exit status 1; the table is printed last and the
 JSON goes to $OUT/decode_smoke.json (or --out).
 
-    python benchmarks/decode_smoke.py            # H100: the full run, < 8 minutes
-    python benchmarks/decode_smoke.py --tiny     # CPU or GPU: a tiny Llama, same code path
+    python benchmarks/experiments/decode_smoke.py            # H100: the full run, < 8 minutes
+    python benchmarks/experiments/decode_smoke.py --tiny     # CPU or GPU: a tiny Llama, same code path
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -41,7 +39,12 @@ from pathlib import Path
 import torch
 import torch._inductor.config
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness.py
+
+from harness import envelope, write_result  # noqa: E402
+from optc.compiler.capture import export_lm_programs  # noqa: E402
+from optc.runtime import baselines, decode as decode_mod, timing  # noqa: E402
+
 T0 = time.perf_counter()
 
 
@@ -49,27 +52,6 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _import_runtime():
-    """optc.runtime, installed or straight from this checkout (no pip install needed)."""
-    try:
-        import optc.runtime.decode  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        import optc  # the checkout's optc/ folder
-
-        spec = importlib.util.spec_from_file_location(
-            "optc.runtime", ROOT / "runtime" / "__init__.py", submodule_search_locations=[str(ROOT / "runtime")]
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["optc.runtime"] = mod
-        spec.loader.exec_module(mod)
-        optc.runtime = mod
-    from optc.runtime import baselines, decode, timing
-
-    return baselines, decode, timing
-
-
-baselines, decode_mod, timing = _import_runtime()
 StaticCacheDecoder = decode_mod.StaticCacheDecoder
 
 
@@ -167,7 +149,7 @@ def main() -> int:
     N = args.new_tokens or (16 if args.tiny else 128)
     K = min(args.check_tokens, N)
     out_path = Path(args.out or os.path.join(os.environ.get("OUT") or tempfile.gettempdir(), "decode_smoke.json"))
-    info = timing.device_info(device)
+    info = envelope(device)
     log(f"device {info['device']}, torch {info['torch']}, triton {info['triton']}, "
         f"transformers {info['transformers']}, cuda {info['cuda']}")
 
@@ -184,7 +166,7 @@ def main() -> int:
     L = T + N
 
     t = time.perf_counter()
-    prefill, decode = decode_mod.export_lm_programs(model, batch_size=1, prompt_len=T, max_cache_len=L)
+    prefill, decode = export_lm_programs(model, batch_size=1, prompt_len=T, max_cache_len=L)
     export_s = time.perf_counter() - t
     log(f"exported prefill [1,{T}] + decode [1,1] programs, max_cache_len {L}: {export_s:.1f}s")
 
@@ -275,7 +257,6 @@ def main() -> int:
     base_ms = base.median_ms if base is not None else None
     rows = [results[n].as_row(n, base_ms) for n in all_rows if n in results]
     doc = {
-        "device_info": info,
         "model": "tiny-llama" if args.tiny else "llama-3.2-1b-shape",
         "dtype": str(dtype).replace("torch.", ""),
         "batch": 1,
@@ -293,8 +274,7 @@ def main() -> int:
         "skipped": skipped,
         "wall_s": time.perf_counter() - T0,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=2, default=str))
+    write_result(out_path, doc, info)
     log(f"wrote {out_path}")
 
     print(f"\ndecode, batch 1, prompt {T}, {N} new tokens, {doc['dtype']}, {info['device']}")

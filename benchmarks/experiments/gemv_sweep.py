@@ -10,7 +10,7 @@ graph over distinct weight copies spanning 2x L2, do_bench median). Prints the b
 of each kernel per shape (timed at sparsity 0.5, the split-K sum included as an eager
 torch kernel, which Inductor fuses away in a compiled graph) and a table; JSON to --out.
 
-    python benchmarks/gemv_sweep.py --out $OUT/gemv_sweep.json [--budget-s 240] [--kinds masked,gemv,dot]
+    python benchmarks/experiments/gemv_sweep.py --out $OUT/gemv_sweep.json [--budget-s 240] [--kinds masked,gemv,dot]
         [--kernel-time]   # kernels' own device time too: a fair comparison with cuBLAS inside a graph
         [--rank-by-kernel]  # also time every candidate tile by its own kernel's device time, and
                             # pick the best by it (in a decode step the split-K sum is fused away)
@@ -25,10 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness.py and the scripts reused here
 
 import torch  # noqa: E402
 
+from harness import envelope, write_result  # noqa: E402
 from kernels_sparse_linear import Setup, Timer, rel_err, row_dense, threshold_for  # noqa: E402
 from optc.compiler.codegen import ops  # noqa: E402
 from optc.compiler.codegen.kernels.configs import GemvConfig, LaunchConfig  # noqa: E402
@@ -153,10 +154,8 @@ def main():
                                  kernels_us=kernel_timer.last_kernels))
         del Ws, WTs
         torch.cuda.empty_cache()
-    result = dict(device=su.name, torch=torch.__version__, triton=__import__("triton").__version__,
-                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), best=best, rows=rows)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_result(args.out, dict(best=best, rows=rows), envelope(su.device))
     print(f"{'kind':<11} {'K':>5} {'N':>5} {'s':>4} {'us':>8} {'dense':>8} {'x':>6} {'GB/s':>7} {'err':>8} config")
     for r in rows:
         if r["kind"] in ("default", "ideal", "masked_best", "gemv_best", "dot_best"):

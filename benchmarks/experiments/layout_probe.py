@@ -9,25 +9,25 @@ order. This script times the masked kernel on both layouts (same kernel, other s
 against cuBLAS dense and cuBLAS on only the active rows ("ideal"), at one token, on the
 Llama-1B MLP shapes, and checks every result against the fp32 reference.
 
-    python benchmarks/layout_probe.py --out $OUT/layout_probe.json [--budget-s 150]
-    TRITON_INTERPRET=1 python benchmarks/layout_probe.py --smoke     # CPU: correctness only
+    python benchmarks/experiments/layout_probe.py --out $OUT/layout_probe.json [--budget-s 150]
+    TRITON_INTERPRET=1 python benchmarks/experiments/layout_probe.py --smoke     # CPU: correctness only
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness.py and the scripts reused here
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
 from gemv_sweep import row_ideal  # noqa: E402
+from harness import envelope, write_result  # noqa: E402
 from kernels_sparse_linear import Setup, Timer, rel_err, row_dense, threshold_for  # noqa: E402
 from optc.compiler.codegen import ops  # noqa: E402
 from optc.compiler.codegen.kernels.sparse_linear import prepare_weight, sparse_linear_kernel  # noqa: E402
@@ -100,10 +100,8 @@ def main():
             if kind != "tiled":
                 del ws_
         del Ws, WTs
-    result = dict(device=su.name, torch=torch.__version__, triton=triton.__version__,
-                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=rows)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_result(args.out, dict(rows=rows), envelope(su.device))
     bad = [r for r in rows if "rel_err" in r and r["rel_err"] is not None and not r["rel_err"] < 1e-2]
     print(f"{'kind':<8} {'K':>5} {'N':>5} {'us':>8} {'dense':>8} {'ideal':>8} {'x dense':>8} {'GB/s':>6}  config")
     for K, N in shapes:

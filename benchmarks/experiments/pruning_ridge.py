@@ -2,7 +2,7 @@
 configuration is planned on the first N calibration windows and scored on calibration
 windows 64..79, which no plan here reads (the held-out split stays for reporting).
 
-    python benchmarks/pruning_ridge.py MODEL '{"prune_heads.ratio":0.33,"prune_heads.repair":"lstsq",
+    python benchmarks/experiments/pruning_ridge.py MODEL '{"prune_heads.ratio":0.33,"prune_heads.repair":"lstsq",
         "prune_heads.calibration_samples":32,"_ridges":[0.03,0.1,0.3,1.0]}' [...]
 
 Prints one JSON line per configuration (validation perplexity, calibration losses).

@@ -10,15 +10,18 @@ report holds `rows_read`) and writes one result file:
       optc compile smollm2-135m --target cpu --set sparsify_activations.method=$m \\
           --set sparsify_activations.sparsity=0.5 --eval --no-verify --json > rr_$m.json
     done
-    python benchmarks/sparsify_rows_read.py rr_*.json --out benchmarks/results/smollm2_rows_read_cpu.json
+    python benchmarks/experiments/sparsify_rows_read.py rr_*.json --out benchmarks/results/smollm2_rows_read_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness.py and the scripts reused here
+from harness import write_result  # noqa: E402
 
 
 def independent(units: dict, params: dict, m: int) -> float:
@@ -51,8 +54,7 @@ def main():
     args = ap.parse_args()
     rows = [row(json.loads(Path(p).read_text())) for p in args.runs]
     result = {
-        "model": "smollm2-135m", "device": "cpu",
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "model": "smollm2-135m",  # the runs read here were on the cpu target (their commands)
         "eval": "optc compile --eval defaults: 16 held-out sequences x 128 tokens of the evaluation half "
                 "of pydoc_data.topics; thresholds calibrated on the other half",
         "definitions": {
@@ -66,7 +68,7 @@ def main():
         },
         "rows": rows,
     }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result, device="cpu")
     for r in rows:
         print(r["method"], r["sparsity"], r["rows_read"], r["rows_read_if_independent"])
 

@@ -261,8 +261,8 @@ def test_op_cpu_kernel_and_fake():
 @pytest.mark.parametrize("block_m", [1, 16])
 def test_tiled_weight_layout_reads_the_same_weights(block_m):
     """The kernel addresses weight columns through (tile stride, row stride): the [K, N]
-    layout and the tiled [N/BLOCK_N, K, BLOCK_N] one (benchmarks/layout_probe.py) give the
-    same result."""
+    layout and the tiled [N/BLOCK_N, K, BLOCK_N] one
+    (benchmarks/experiments/layout_probe.py) give the same result."""
     import triton
 
     from optc.compiler.codegen.kernels.sparse_linear import sparse_linear_kernel
