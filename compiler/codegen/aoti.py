@@ -13,6 +13,8 @@ How a program becomes a package:
     hands the package those tensors (`load_constants(user_managed=True)`), so the file
     does not hold the model a third and fourth time and prefill and decode keep sharing
     one copy on the device.
+  * Activation thresholds are trailing inputs too, read from the program on every call
+    (baked into the code, they could not be set for the verification's regimes).
   * The package is compiled with the Inductor options a load would lower with
     (`load_lowering`) and checked against the uncompiled program like any lowering.
 
@@ -141,8 +143,14 @@ def _dynamic_dims(ep: ExportedProgram) -> list[dict]:
 
 def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict]):
     """(ExportedProgram taking the state as inputs, the state's attribute names)."""
+    from optc.compiler.codegen.lowering import threshold_buffer_names
+
     gm = graph_module(ep)
     state = mutated_attr_names(gm)
+    # Activation thresholds come in as inputs too: AOTInductor bakes them into the code
+    # (they are not among the package's constants), so a threshold set in place, as the
+    # verification's all-kept / all-dropped regimes do, would never reach the package.
+    state += [name for name in threshold_buffer_names(gm) if name not in state]
     flat, in_spec = _flat_inputs(ep, inputs)
     example = [*flat, *(attr_value(gm, n).detach().clone() for n in state)]
     dims = _dynamic_dims(ep)

@@ -157,8 +157,12 @@ def verify(ep: ExportedProgram, compiled, reference: torch.nn.Module, inputs: tu
 
 def threshold_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
     """The activation-threshold buffers of a program (sparsify_activations' naming)."""
-    return [buf for name, buf in module.named_buffers()
-            if name.rsplit(".", 1)[-1].startswith(THRESHOLD_BUFFER_PREFIX)]
+    names = set(threshold_buffer_names(module))
+    return [buf for name, buf in module.named_buffers() if name in names]
+
+
+def threshold_buffer_names(module: torch.nn.Module) -> list[str]:
+    return [name for name, _ in module.named_buffers() if name.rsplit(".", 1)[-1].startswith(THRESHOLD_BUFFER_PREFIX)]
 
 
 def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials) -> dict:

@@ -75,6 +75,22 @@ def test_lm_generate_through_packages_matches_portable(lm, no_inductor):
     assert torch.equal(out, art.generate(prompt, 6))  # the decoder (and its tied cache) is reused
 
 
+def test_thresholded_program_is_packaged_and_reads_its_thresholds(monkeypatch):
+    # AOTInductor bakes the threshold buffers into the code; as inputs they are read on
+    # every call, so the check's all-kept / all-dropped regimes reach the package too.
+    entry = zoo.get("tiny-llama")
+    art = optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", entry=entry,
+                       passes={"sparsify_activations.sparsity": 0.5}, verify=True, package="aoti", **QUIET)
+    rec = art.manifest["packages"]["programs"]["decode"]
+    assert rec["verification"]["ok"], rec  # verified at both threshold extremes
+    assert any(lowering.THRESHOLD_BUFFER_PREFIX in s for s in rec["state"])
+    monkeypatch.setattr(lowering, "lower", lambda *a, **k: pytest.fail("lowered although its package fits"))
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    out = art.generate(prompt, 6)
+    assert isinstance(art.decoder().decode_fn, aoti.PackagedProgram)
+    assert torch.equal(out, art.generate(prompt, 6, compiled=False))
+
+
 def test_encoder_forward_through_package_matches_portable(encoder, no_inductor):
     path, inputs = encoder
     art = optc.load(path)
