@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""An .optc artifact in a fresh process: how long `optc.load` takes, how long the first
+generated token takes after it (the decoder is built: AOTInductor packages loaded, or the
+portable programs lowered by Inductor, then the decode step captured as a CUDA graph and
+the prompt prefilled), and the decode speed of that same decoder. Says whether the
+packages ran, and every warning the load gave. Run it twice, in two processes, for the
+spread between processes.
+
+    python benchmarks/load_to_first_token.py x.optc --out $OUT/load.json [--tokens 64] [--device cuda]
+
+The CUDA context is created before the clock starts (every process pays it, optc or not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+import torch
+
+from harness import envelope, write_result
+
+
+def prompt_for(art, device: str) -> torch.Tensor:
+    """Token ids of the shape the artifact's prefill program was exported for."""
+    from optc.compiler.codegen.lowering import vocab_size
+
+    program = art.programs["prefill"]
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name == "input_ids":
+            # A prefill exported with a dynamic length takes any prompt: 16 tokens, as `optc bench`.
+            shape = tuple(d if isinstance(d, int) else 16 for d in node.meta["val"].shape)
+            break
+    else:
+        raise SystemExit("the artifact's prefill program has no input_ids input")
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size(program) or 256, shape, generator=gen).to(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.device.startswith("cuda"):
+        torch.cuda.init()
+        torch.empty(1, device=args.device)
+
+    import optc
+    from optc.compiler.codegen.aoti import PackagedProgram
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        art = optc.load(args.artifact)
+        t_load = time.perf_counter() - t0
+        prompt = prompt_for(art, args.device)
+        t1 = time.perf_counter()
+        first = art.generate(prompt, 1)
+        first.cpu()  # the token is on the host: the request is answered
+        t_first = time.perf_counter() - t1
+    dec = art.decoder(device=args.device)
+    packaged = {"prefill": isinstance(dec.prefill_fn, PackagedProgram),
+                "decode": isinstance(dec.decode_fn, PackagedProgram)}
+    timing = dec.measure_decode(prompt, args.tokens)
+    again = art.generate(prompt, 2)  # the decoder is reused: no second build
+    result = dict(
+        artifact=args.artifact,
+        load_s=round(t_load, 3),
+        first_token_s=round(t_first, 3),
+        load_to_first_token_s=round(t_load + t_first, 3),
+        packaged=packaged,
+        decoder_reused=art.decoder(device=args.device) is dec,
+        same_first_token=bool(torch.equal(again[:, : first.shape[1]], first)),
+        decode_ms_per_token=timing.median_ms,
+        decode=timing.as_row("optc artifact", None),
+        warnings=sorted({str(w.message)[:300] for w in caught}),
+        manifest_lowering=art.manifest.get("lowering"),
+    )
+    print(f"load {t_load:.2f} s, first token {t_first:.2f} s (load to first token {t_load + t_first:.2f} s); "
+          f"packages {packaged}; decode {timing.median_ms:.3f} ms/token", file=sys.stderr)
+    for w in result["warnings"]:
+        print(f"  warning: {w}", file=sys.stderr)
+    if args.out:
+        write_result(args.out, result, envelope(args.device))
+
+
+if __name__ == "__main__":
+    main()
