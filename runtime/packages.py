@@ -62,6 +62,11 @@ def package_for(manifest: dict, extra_files: dict, name: str, target) -> tuple[b
     if differ:
         return None, None, "its packages were compiled in another environment: " + "; ".join(differ)
     check_hashes({"packages": {"programs": {name: rec}}}, extra_files)  # again: the bytes may be in-memory edits
+    from optc.compiler.codegen.aoti_probe import load_failure
+
+    failure = load_failure(target)  # loading a package where they crash would end the process
+    if failure is not None:
+        return None, None, f"AOTInductor packages do not load here: {failure}"
     return extra_files[rec["member"]], rec, None
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from optc.compiler.capture import graph_module
+from optc.compiler.codegen.aoti_probe import load_failure
 from optc.compiler.rewrite import attr_value, mutated_attr_names
 from optc.compiler.targets import Target, available
 from optc.compiler.torch_private import (aoti_compile_and_package, aoti_load_package, graph_module_in_spec,
@@ -227,6 +228,11 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
     if not available(target):
         reason = f"no {target.name} device here: the code is compiled on the target"
         record["programs"] = {name: {"skipped": reason} for name in programs}
+        return files, record
+    failure = load_failure(target, log)
+    if failure is not None:
+        record["programs"] = {name: {"skipped": failure} for name in programs}
+        log(f"[optc] not packaging: {failure}")
         return files, record
     for name, ep in programs.items():
         log(f"[optc] packaging {name} with AOTInductor for {target.name} ...")

@@ -1,0 +1,104 @@
+"""Whether AOTInductor packages load in this environment, asked of a child process.
+
+On the H200 machines optc is measured on (torch 2.11, CUDA), `aoti_load_package`
+ends the process with a segmentation fault for every CUDA package, a one-linear model
+included (benchmarks/experiments/aoti_cuda_probe.py, benchmarks/NOTES.md). A crash
+cannot be caught, so before optc builds or loads a CUDA package it compiles and loads
+a tiny one in a child process: a child that crashes or fails says packages do not work
+here, and optc ships (or runs) the portable programs instead, with that reason, rather
+than dying mid-compile. The answer is kept per environment (codegen/aoti.py:
+`environment`) in the optc cache directory, so the probe's cost (a small AOTInductor
+compile, about a minute on a GPU machine) is paid once.
+
+Run as a module it is that child: `python -m optc.compiler.codegen.aoti_probe DEVICE`
+exits 0 when a package compiled here loads, runs and matches eager.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from optc.compiler.targets import Target
+
+PROBE_TIMEOUT_S = 600
+
+
+def load_failure(target: Target, log=lambda m: None) -> str | None:
+    """None when AOTInductor packages for `target` load and run here; otherwise why not.
+    Only CUDA targets are probed: CPU packages are exercised by the test suite."""
+    if target.device != "cuda":
+        return None
+    from optc.compiler.codegen.aoti import environment
+    from optc.compiler.search.device_db import cache_dir
+
+    env = environment(target)
+    digest = hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "aoti_probe" / f"{target.name}-{digest}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())["failure"]
+        except (ValueError, KeyError):
+            pass  # a damaged record: probe again
+    log(f"[optc] checking that AOTInductor packages load on {target.name} here (once per environment) ...")
+    failure = _probe(target.device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"environment": env, "failure": failure}, indent=1))
+    tmp.replace(path)
+    return failure
+
+
+def _probe(device: str, command: list[str] | None = None) -> str | None:
+    """Run the child (or `command`, for tests); None when it exits 0, else why not."""
+    command = command or [sys.executable, "-m", "optc.compiler.codegen.aoti_probe", device]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"a minimal AOTInductor package did not compile and load within {PROBE_TIMEOUT_S} s"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        try:
+            how = f"killed by {signal.Signals(-proc.returncode).name}"
+        except ValueError:
+            how = f"killed by signal {-proc.returncode}"
+    else:
+        errors = [line.strip() for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
+        how = f"exit {proc.returncode}" + (f": {errors[-1][:200]}" if errors else "")
+    return f"a minimal AOTInductor package failed to load and run here ({how}; torch {torch.__version__})"
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.lin(x).relu()
+
+
+def _child(device: str) -> int:
+    from optc.compiler.torch_private import aoti_compile_and_package, aoti_load_package
+
+    torch.manual_seed(0)
+    model = _Tiny().to(device)
+    x = torch.randn(2, 64, device=device)
+    ep = torch.export.export(model, (x,), strict=False)
+    with tempfile.TemporaryDirectory(prefix="optc-aoti-probe-") as tmp:
+        path = aoti_compile_and_package(ep, package_path=os.path.join(tmp, "probe.pt2"))
+        runner = aoti_load_package(path)
+        with torch.no_grad():
+            ok = torch.allclose(runner(x), model(x), rtol=1e-3, atol=1e-3)
+    return 0 if ok else 3
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1] if len(sys.argv) > 1 else "cuda"))
