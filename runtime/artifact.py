@@ -25,10 +25,10 @@ import re
 import warnings
 import zipfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
+from optc.compiler.codegen.aoti_probe import triton_version
 from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
@@ -58,17 +58,6 @@ def _optc_version() -> str:
     from optc.version import __version__
 
     return __version__
-
-
-def _triton_version() -> str | None:
-    # Read the installed distribution's metadata instead of importing triton: the
-    # import is slow and initialises drivers, and the manifest only needs the string.
-    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm", "triton-windows"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def _release(version: str) -> tuple[int, ...] | None:
@@ -129,7 +118,7 @@ def write_artifact(path, programs: dict, manifest: dict, extra_files: dict | Non
         format_version=FORMAT_VERSION,
         optc_version=_optc_version(),
         torch_version=torch.__version__,
-        triton_version=_triton_version(),
+        triton_version=triton_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     try:  # fail before touching the disk if the caller's manifest cannot be stored

@@ -25,22 +25,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import tempfile
 import time
 import warnings
-from importlib import metadata
 
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from optc.compiler.capture import graph_module
-from optc.compiler.codegen.aoti_probe import load_failure
+from optc.compiler.codegen.aoti_probe import environment, load_failure  # noqa: F401 (environment re-exported)
 from optc.compiler.rewrite import attr_value, mutated_attr_names
 from optc.compiler.targets import Target, available
 from optc.compiler.torch_private import (aoti_compile_and_package, aoti_load_package, graph_module_in_spec,
-                                         pick_vec_isa, set_tensor_attr, tree_flatten, tree_flatten_spec,
+                                         set_tensor_attr, tree_flatten, tree_flatten_spec,
                                          tree_unflatten)
 
 FORMAT = "aoti"
@@ -52,32 +50,6 @@ WRAPPED = "gm."
 
 def member(name: str) -> str:
     return f"{MEMBER_DIR}{name}.pt2"
-
-
-def _triton_version() -> str | None:
-    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def environment(target: Target) -> dict:
-    """What compiled code depends on beyond the target's name: the exact torch build
-    (a +cpu and a +cu128 wheel of one release differ), triton (GPU kernels), and the
-    instruction set the code was generated for (CPU vector ISA, GPU model). A package
-    runs only where all of these are equal."""
-    env = {"target": target.name, "torch": torch.__version__, "machine": platform.machine()}
-    if target.device == "cuda":
-        env["triton"] = _triton_version()
-        env["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name()
-            env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    else:
-        env["cpu_isa"] = str(pick_vec_isa()) or "none"
-    return env
 
 
 class StateAsInputs(nn.Module):

@@ -1,4 +1,5 @@
-"""Whether AOTInductor packages load in this environment, asked of a child process.
+"""The environment a package is compiled for, and whether AOTInductor packages load
+in it, asked of a child process.
 
 On the H200 machines optc is measured on (torch 2.11, CUDA), `aoti_load_package`
 ends the process with a segmentation fault for every CUDA package, a one-linear model
@@ -6,8 +7,7 @@ included (benchmarks/experiments/aoti_cuda_probe.py, benchmarks/NOTES.md). A cra
 cannot be caught, so before optc builds or loads a CUDA package it compiles and loads
 a tiny one in a child process: a child that crashes or fails says packages do not work
 here, and optc ships (or runs) the portable programs instead, with that reason, rather
-than dying mid-compile. The answer is kept per environment (codegen/aoti.py:
-`environment`) in the optc cache directory, so the probe's cost (a small AOTInductor
+than dying mid-compile. The answer is kept per environment (`environment`) in the optc cache directory, so the probe's cost (a small AOTInductor
 compile, about a minute on a GPU machine) is paid once.
 
 Run as a module it is that child: `python -m optc.compiler.codegen.aoti_probe DEVICE`
@@ -19,16 +19,47 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 
 import torch
 
 from optc.compiler.targets import Target
+from optc.compiler.torch_private import pick_vec_isa
 
 PROBE_TIMEOUT_S = 600
+
+
+def triton_version() -> str | None:
+    """The installed triton's version, from its distribution's metadata: importing triton
+    is slow and initialises drivers, and only the string is needed."""
+    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm", "triton-windows"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def environment(target: Target) -> dict:
+    """What compiled code depends on beyond the target's name: the exact torch build
+    (a +cpu and a +cu128 wheel of one release differ), triton (GPU kernels), and the
+    instruction set the code was generated for (CPU vector ISA, GPU model). A package
+    runs only where all of these are equal."""
+    env = {"target": target.name, "torch": torch.__version__, "machine": platform.machine()}
+    if target.device == "cuda":
+        env["triton"] = triton_version()
+        env["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name()
+            env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    else:
+        env["cpu_isa"] = str(pick_vec_isa()) or "none"
+    return env
 
 
 def load_failure(target: Target, log=lambda m: None) -> str | None:
@@ -36,7 +67,6 @@ def load_failure(target: Target, log=lambda m: None) -> str | None:
     Only CUDA targets are probed: CPU packages are exercised by the test suite."""
     if target.device != "cuda":
         return None
-    from optc.compiler.codegen.aoti import environment
     from optc.compiler.search.device_db import cache_dir
 
     env = environment(target)
