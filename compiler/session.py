@@ -25,6 +25,7 @@ from optc.compiler.codegen import lowering
 from optc.compiler.config import config_hash, flat_to_nested
 from optc.compiler.heldout import HeldOut
 from optc.errors import UsageError
+from optc.progress import working
 
 # Held-out windows of 128 tokens for an LM's --eval and a search's full measurement
 # (the split holds about 880 of them); a search scores candidates on the first
@@ -128,7 +129,8 @@ class CompileSession:
             start = time.perf_counter()
             for name, ep in programs.items():
                 self.log(f"[optc] lowering {name} through Inductor for {self.target.name} and verifying ...")
-                verification[name] = lowering.lower_and_verify(ep, self.captured.example_inputs[name], self.target)
+                with working(f"lowering {name}"):
+                    verification[name] = lowering.lower_and_verify(ep, self.captured.example_inputs[name], self.target)
             timings["lowering"] = time.perf_counter() - start
         elif verify:
             verification = {"skipped": f"no {self.target.name} device here; the artifact is lowered when loaded there"}

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, TypeVar
+import threading
+from contextlib import contextmanager
+from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 FEW = 4  # loops of at most this many items never get a bar
 DELAY = 2.0  # seconds a loop runs before its bar appears
+TICK = 1.0  # seconds between two updates of a step's clock (`working`)
 
 
 def enabled(total: int | None) -> bool:
@@ -45,3 +48,33 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
 
     return tqdm(items, desc=f"[optc] {desc}", total=total, unit=unit, file=sys.stderr, leave=False,
                 delay=DELAY, dynamic_ncols=True)
+
+
+@contextmanager
+def working(desc: str) -> Iterator[None]:
+    """A clock on stderr for one long step that cannot report progress from inside
+    (Inductor lowering a program, AOTInductor compiling a package): the seconds it has
+    run, updated every TICK, shown under the same rules as the bars (after DELAY, only
+    where someone watches) and cleared when the step ends."""
+    if not enabled(None):
+        yield
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"[optc] {desc}", total=None, unit="s", file=sys.stderr, leave=False, delay=DELAY,
+               bar_format="{desc}: {elapsed}", dynamic_ncols=True)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(TICK):
+            bar.update(0)
+            bar.refresh()
+
+    clock = threading.Thread(target=tick, daemon=True)
+    clock.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        clock.join()
+        bar.close()

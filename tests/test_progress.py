@@ -85,3 +85,29 @@ def test_long_loops_use_the_helper():
               for p in (ROOT / top).rglob("*.py")
               if re.search(r"^\s*(from|import) tqdm", p.read_text(), re.M) and p.name != "progress.py"]
     assert not direct, f"import tqdm through optc.progress instead: {direct}"
+
+
+def test_a_long_step_shows_its_clock_and_clears_it(tty, monkeypatch):
+    """`working` (lowering, packaging): the seconds run, on stderr, only while the step
+    runs; nothing where no one watches."""
+    import time
+
+    monkeypatch.setattr(P, "TICK", 0.02)
+    err_cm, out_cm = tty()
+    with err_cm as err, out_cm as out:
+        with P.working("lowering decode"):
+            time.sleep(0.2)
+    shown = err.getvalue()
+    assert "[optc] lowering decode: 00:00" in shown
+    assert shown.split("\r")[-2].strip() == ""  # the last write blanks the line (leave=False)
+    assert out.getvalue() == ""
+    with redirect_stderr(io.StringIO()) as quiet:
+        with P.working("lowering decode"):
+            time.sleep(0.05)
+    assert quiet.getvalue() == ""
+
+
+def test_lowering_and_packaging_show_their_clock():
+    for rel, step in (("compiler/session.py", 'working(f"lowering {name}")'),
+                      ("compiler/codegen/aoti.py", 'working(f"packaging {name}")')):
+        assert step in (ROOT / rel).read_text(), rel

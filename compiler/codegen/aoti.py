@@ -40,6 +40,7 @@ from optc.compiler.targets import Target, available
 from optc.compiler.torch_private import (aoti_compile_and_package, aoti_load_package, graph_module_in_spec,
                                          set_tensor_attr, tree_flatten, tree_flatten_spec,
                                          tree_unflatten)
+from optc.progress import working
 
 FORMAT = "aoti"
 MEMBER_DIR = "packages/"
@@ -209,9 +210,10 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
     for name, ep in programs.items():
         log(f"[optc] packaging {name} with AOTInductor for {target.name} ...")
         try:
-            data, rec = build_package(ep, example_inputs[name], target, name)
-            if verify:
-                rec["verification"] = _verify(ep, data, rec, example_inputs[name], target)
+            with working(f"packaging {name}"):
+                data, rec = build_package(ep, example_inputs[name], target, name)
+                if verify:
+                    rec["verification"] = _verify(ep, data, rec, example_inputs[name], target)
         except Exception as exc:  # noqa: BLE001 - any failure: ship the portable program
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             record["programs"][name] = {"skipped": f"AOTInductor failed: {type(exc).__name__}: {first}",

@@ -30,6 +30,7 @@ import torch
 
 from optc.compiler.targets import Target
 from optc.compiler.torch_private import pick_vec_isa
+from optc.progress import working
 
 PROBE_TIMEOUT_S = 600
 
@@ -78,7 +79,8 @@ def load_failure(target: Target, log=lambda m: None) -> str | None:
         except (ValueError, KeyError):
             pass  # a damaged record: probe again
     log(f"[optc] checking that AOTInductor packages load on {target.name} here (once per environment) ...")
-    failure = _probe(target.device)
+    with working("checking AOTInductor packages"):
+        failure = _probe(target.device)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"environment": env, "failure": failure}, indent=1))
