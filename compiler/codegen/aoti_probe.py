@@ -7,8 +7,9 @@ included (benchmarks/experiments/aoti_cuda_probe.py, benchmarks/NOTES.md). A cra
 cannot be caught, so before optc builds or loads a CUDA package it compiles and loads
 a tiny one in a child process: a child that crashes or fails says packages do not work
 here, and optc ships (or runs) the portable programs instead, with that reason, rather
-than dying mid-compile. The answer is kept per environment (`environment`) in the optc cache directory, so the probe's cost (a small AOTInductor
-compile, about a minute on a GPU machine) is paid once.
+than dying mid-compile. The answer is kept per environment (`environment`) under
+aoti_probe/ in the optc cache directory (delete a file there to ask again), so the
+probe's cost (a small AOTInductor compile, about 90 s on the H200) is paid once.
 
 Run as a module it is that child: `python -m optc.compiler.codegen.aoti_probe DEVICE`
 exits 0 when a package compiled here loads, runs and matches eager.
