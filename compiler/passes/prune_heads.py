@@ -11,7 +11,10 @@ heads from every group (the cache stays). Which go (`plan`, on calibration data)
   puts the mean back (FLAP's fluctuation, exact per unit), else 0.
 - score="weight": ||W_o[:, unit]||^2 * ||W_v[unit's KV rows]||^2; no data needed.
 - allocation="uniform" keeps the same count in every layer; "global" ranks all units
-  together by their score standardised per layer (FLAP).
+  together by their score standardised per layer (FLAP); "loss" prunes each layer alone
+  at a few counts, measures the calibration loss each costs, and picks the counts that
+  remove the same number of heads as uniform at the least summed cost (a knapsack over
+  layers): fewer heads go where removing them hurts most.
 Kept widths (heads x head_dim) are multiples of `align`, at least one KV group a layer.
 repair="bias" (FLAP) folds the removed heads' mean contribution into o's bias;
 "lstsq" also refits o's kept columns to o's full output on the calibration activations
@@ -41,7 +44,7 @@ from optc.compiler.rewrite import add_to_linear_output, attr_value, get_attr_nod
 from optc.errors import CompileError
 
 SCORES = ("activation", "weight")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "loss")
 REPAIRS = ("bias", "none", "lstsq")
 GRANULARITIES = ("group", "head")
 REFITS = ("layer", "sequential")
@@ -59,7 +62,8 @@ class PruneHeadsConfig(PassConfig):
     score: str = knob("activation", choices=SCORES,
                       doc="head importance: activation (o's output energy on calibration data) | weight (norms only)")
     allocation: str = knob("uniform", choices=ALLOCATIONS, search=Choice(ALLOCATIONS, when=("ratio", ">", 0)),
-                           doc="uniform: same ratio per layer | global: rank all layers' heads together")
+                           doc="uniform: same ratio per layer | global: rank all layers' heads together | "
+                               "loss: per-layer counts by measured calibration loss (one forward per layer and count)")
     # Not searched: the repairs cost the same latency, and the default falls back to the
     # cheaper repair whenever it loses on calibration loss.
     repair: str = knob("lstsq", choices=REPAIRS,
@@ -78,6 +82,8 @@ class PruneHeadsConfig(PassConfig):
                       doc="kept heads x head_dim is a multiple of this; 0: the target's (64 on GPUs, 1 on cpu)")
     # The o_proj refit needs many more tokens than kept columns (passes/README.md).
     calibration_samples: int = knob(32, low=1, high=256, doc="calibration sequences (or batches)")
+    sensitivity_samples: int = knob(8, low=1, high=256,
+                                    doc="allocation=loss: calibration sequences each layer's cost is measured on")
 
     def active(self) -> bool:
         return self.enabled and self.ratio > 0
@@ -156,7 +162,7 @@ def _unit_scores(gm, layer: _Layer, x: torch.Tensor | None, score: str, centred:
 def _kept_counts(layers: list[_Layer], scores: dict, cfg: PruneHeadsConfig) -> dict:
     """Kept count per layer (groups, or query heads per group), aligned."""
     per_count = {ly.index: scores[ly.index].numel() // ly.count for ly in layers}  # units in one count
-    if cfg.allocation == "uniform":
+    if cfg.allocation in ("uniform", "loss"):  # loss: uniform's counts are its budget and a candidate
         raw = {ly.index: ly.count * (1 - cfg.ratio) for ly in layers}
     else:
         z = {i: (s - s.mean()) / s.std().clamp_min(1e-12) if s.numel() > 1 else s * 0 for i, s in scores.items()}
@@ -170,6 +176,77 @@ def _kept_counts(layers: list[_Layer], scores: dict, cfg: PruneHeadsConfig) -> d
         k = int(round(raw[ly.index] / m)) * m
         out[ly.index] = max(min(m, ly.count), min(ly.count, k))
     return out
+
+
+def _loss_counts(ctx, gm, layers: list[_Layer], scores: dict, xs: dict, uniform: dict,
+                 cfg: PruneHeadsConfig) -> tuple[dict, dict]:
+    """allocation="loss": kept counts per layer, and what was measured to choose them.
+
+    Each layer is pruned alone (with the configured repair, refit on its own dense
+    inputs) at every aligned kept count from full width down to twice its share of the
+    ratio, and the calibration loss of that model is measured on `sensitivity_samples`
+    sequences. Taking the per-layer increases as additive, dynamic programming over the
+    layers finds the counts that remove `ratio` of all heads (or the reachable number
+    nearest to it) at the least summed increase. Where uniform's counts remove that many,
+    they are among the candidates, so the choice's summed increase is never above
+    uniform's; the whole model's loss still can be (the increases are not exactly
+    additive), which the plan's calibration losses show."""
+    n = cfg.sensitivity_samples
+    base = ctx.calibration_loss(lambda g: g, n=n)
+    heads_per = {ly.index: ly.att.num_heads // ly.count for ly in layers}  # heads in one step of the count
+    cost: dict[int, dict[int, float]] = {}
+    for ly in layers:
+        m = ly.step(cfg.align)
+        share = max(math.ceil(cfg.ratio * ly.count), m)
+        lowest = max(min(m, ly.count), ly.count - 2 * share)
+        candidates = sorted({ly.count, uniform[ly.index]} | {c for c in range(lowest, ly.count) if c % m == 0})
+        cost[ly.index] = {}
+        for c in candidates:
+            if c == ly.count:
+                cost[ly.index][c] = 0.0
+                continue
+            kv, heads = _kept_heads(ly, scores[ly.index], c)
+            trial = _single_layer_plan(gm, ly, kv, heads, xs.get(ly.index), cfg.repair)
+            loss = ctx.calibration_loss(lambda g, t=trial, ly=ly: _pruned_copy(g, {ly.index: ly.coupling}, t), n=n)
+            cost[ly.index][c] = loss - base
+    # best[r] = (summed increase, counts) over the layers so far, removing r heads.
+    best: dict[int, tuple[float, dict]] = {0: (0.0, {})}
+    for ly in layers:
+        step: dict[int, tuple[float, dict]] = {}
+        for removed, (total, counts) in best.items():
+            for c, inc in cost[ly.index].items():
+                r = removed + (ly.count - c) * heads_per[ly.index]
+                if r not in step or total + inc < step[r][0]:
+                    step[r] = (total + inc, {**counts, ly.index: c})
+        best = step
+    target = round(cfg.ratio * sum(ly.att.num_heads for ly in layers))
+    removed = min(best, key=lambda r: (abs(r - target), best[r][0]))
+    total, counts = best[removed]
+    uniform_removed = sum((ly.count - uniform[ly.index]) * heads_per[ly.index] for ly in layers)
+    record = {"used": "loss", "dense_calibration_loss": round(base, 5), "samples": n,
+              "heads_removed": removed, "summed_increase": round(total, 5),
+              "uniform": {"heads_removed": uniform_removed,
+                          "summed_increase": round(sum(cost[ly.index][uniform[ly.index]] for ly in layers), 5)},
+              "increase_by_kept_count": {str(i): {str(c): round(v, 5) for c, v in per.items()}
+                                         for i, per in cost.items()}}
+    return counts, record
+
+
+def _single_layer_plan(gm, ly: _Layer, kv: list[int], heads: list[int], x: torch.Tensor | None, repair_: str) -> dict:
+    """A plan that prunes only `ly` to the given heads, repaired as configured."""
+    att = ly.att
+    entry = {"heads": att.num_heads, "kv_heads": att.num_kv_heads, "head_dim": att.head_dim,
+             "kept_kv": kv, "kept_heads": heads, "compensation": None}
+    plan = {"blocks": {str(ly.index): entry}, "repair": repair_}
+    if repair_ != "none" and x is not None:
+        w = _o_weight(gm, ly).to(x.device)
+        wk, c = repair(x, w, ly.columns(heads).to(x.device), repair_ == "lstsq", RIDGE)
+        entry["compensation"] = c.tolist()
+        if repair_ == "lstsq":
+            plan["refit"] = plan_tensors({str(ly.index): wk})
+    elif repair_ == "lstsq":
+        plan["repair"] = "none"
+    return plan
 
 
 def _kept_heads(layer: _Layer, scores: torch.Tensor, count: int) -> tuple[list[int], list[int]]:
@@ -211,6 +288,9 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
         xs = {ly.index: torch.cat([v[k].float().flatten(0, -2) for v in values]) for k, ly in enumerate(layers)}
     scores = {ly.index: _unit_scores(gm, ly, xs.get(ly.index), cfg.score, cfg.repair != "none") for ly in layers}
     counts = _kept_counts(layers, scores, cfg)
+    allocation = None
+    if cfg.allocation == "loss":
+        counts, allocation = _loss_counts(ctx, gm, layers, scores, xs, counts, cfg)
     # Each repair is measured with those before it, so the plan shows what each step buys.
     ladder = {"none": ("none",), "bias": ("none", "bias"), "lstsq": ("none", "bias", "lstsq")}[cfg.repair]
     blocks, errs, removed = {}, {k: [] for k in ladder}, 0
@@ -256,6 +336,8 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
         "params_removed": int(removed),
         "why": f"{cfg.score} scores, {cfg.allocation} allocation, widths multiples of {cfg.align}",
     }
+    if allocation is not None:
+        plan["allocation"] = allocation
     if cfg.repair == "lstsq":
         plan["refit"] = plan_tensors(refit)
     if xs:

@@ -343,3 +343,29 @@ def test_sequential_refit_lowers_the_calibration_error(llama_captured):
     assert torch.allclose(plans["layer"]["refit"].tensors["0"], plans["sequential"]["refit"].tensors["0"], atol=1e-5)
     assert not torch.allclose(plans["layer"]["refit"].tensors["3"], plans["sequential"]["refit"].tensors["3"])
     assert errors["sequential"] < errors["layer"], errors
+
+
+def test_loss_allocation_picks_the_least_measured_cost(llama_captured, decode_after_prefill):
+    """allocation=loss: every layer pruned alone at each candidate count is measured; the
+    chosen counts remove `ratio` of the heads (where uniform rounds to none) and their
+    summed measured increase is the least of every combination of candidates that does."""
+    import itertools
+
+    _, captured = llama_captured
+    gms, entry = _run(captured, {"ratio": 0.25, "align": 1, "allocation": "loss", "sensitivity_samples": 2},
+                      calib=_lm_calib())
+    plan = entry["plan"]
+    alloc = plan["allocation"]
+    kept = plan["kept_heads"]
+    assert alloc["uniform"]["heads_removed"] == 0  # 2 KV groups a layer: uniform at 0.25 rounds to none
+    assert alloc["heads_removed"] == 4 and sum(kept.values()) == 12  # 2 of the 8 groups of 2 heads
+    costs = {int(i): {int(c): v for c, v in per.items()} for i, per in alloc["increase_by_kept_count"].items()}
+    assert all(set(per) == {1, 2} for per in costs.values())
+    best = min(sum(costs[i][c] for i, c in zip(costs, combo))
+               for combo in itertools.product(*[sorted(p) for p in costs.values()])
+               if sum((2 - c) * 2 for c in combo) == 4)
+    chosen = sum(costs[int(i)][h // 2] for i, h in kept.items())
+    assert chosen == pytest.approx(best, abs=1e-5) and chosen == pytest.approx(alloc["summed_increase"], abs=1e-4)
+    assert [h for h, _ in _heads(gms["decode"])] == list(kept.values())
+    step, full = decode_after_prefill(gms, torch.randint(0, 256, (1, 10)))
+    assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
