@@ -11,8 +11,9 @@ run: $(STAMP)
 
 # The full suite (CI, the README's test command). tests/gpu skips here: without CUDA,
 # and with CUDA too, as tests/compiler/codegen sets TRITON_INTERPRET=1 in this process.
+# The 25 slowest tests are listed at the end: the suite's budget is 15 minutes on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 # Unit tests for daily work (under 3 minutes on 2 cores): without the tests marked slow
 # (real models, the CLI in subprocesses, Inductor compiles; tests/conftest.py lists them).

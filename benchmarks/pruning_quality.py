@@ -2,6 +2,7 @@
 default settings against the same pass with no repair:
 
     python benchmarks/pruning_quality.py OUT.json [--model smollm2-135m] [--case prune_mlp=0.25 ...]
+        [--set prune_heads.allocation=loss ...]
 
 Each case compiles `optc compile MODEL --target cpu --set PASS.ratio=R --eval --json`
 twice, with the defaults and with `--set PASS.repair=none`, from a scratch directory
@@ -9,7 +10,9 @@ twice, with the defaults and with `--set PASS.repair=none`, from a scratch direc
 parameters before and after, the kept widths (and whether each is a multiple of the
 target's alignment), the plan's calibration losses and the compile time. The bar: the
 quality loss of the defaults (perplexity increase; 1 - cosine for encoders) is at most
-half that of repair=none on the same held-out windows.
+half that of repair=none on the same held-out windows. `--set` adds settings to the
+first compile only (optc's method against the same plain baseline: activation scores,
+uniform allocation, no repair); the row records them.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--case", action="append", help="PASS=RATIO (default: prune_mlp=0.25 and prune_heads=0.33)")
+    ap.add_argument("--set", action="append", default=[], dest="sets",
+                    help="PASS.KEY=V for the first compile of the cases of that pass (repeatable)")
     args = ap.parse_args()
     cases = args.case or ["prune_mlp=0.25", "prune_heads=0.33"]
     rows: list = []
@@ -83,14 +88,15 @@ def main() -> None:
     for case in cases:
         name, _, ratio = case.partition("=")
         runs = {}
-        for label, extra in (("default", []), ("repair_none", [f"{name}.repair=none"])):
+        settings = [x for x in args.sets if x.startswith(f"{name}.")]
+        for label, extra in (("default", settings), ("repair_none", [f"{name}.repair=none"])):
             result, argv, wall = compile_json(args.model, [f"{name}.ratio={ratio}", *extra])
             runs[label] = summary(result, name, argv, wall)
             print(f"{args.model} {case} {label}: {runs[label]['metric']} {runs[label]['quality_before']:.4g} -> "
                   f"{runs[label]['quality_after']:.4g} ({runs[label]['repair_used']}), "
                   f"{runs[label]['compile_seconds']} s", flush=True)
         d, n = runs["default"]["quality_loss"], runs["repair_none"]["quality_loss"]
-        rows.append({"pass": name, "ratio": float(ratio), **runs,
+        rows.append({"pass": name, "ratio": float(ratio), "settings": settings, **runs,
                      "bar": {"default_loss": d, "none_loss": n, "ratio_of_losses": d / n if n else None,
                              "met": d <= 0.5 * n}})
         # A run cut short keeps the cases it finished.

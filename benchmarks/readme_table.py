@@ -339,7 +339,8 @@ def quality_table() -> str:
         d = json.loads(path.read_text())  # a partial file holds the cases it finished
         for row in d["rows"]:
             ours, none = row["default"], row["repair_none"]
-            note = (f"repair {ours['repair_used']}; without repair {none['quality_after']:.4g}; "
+            extra = "".join(f"{x.split('.', 1)[1]}; " for x in row.get("settings") or [])
+            note = (f"{extra}repair {ours['repair_used']}; without repair {none['quality_after']:.4g}; "
                     f"loss {100 * row['bar']['ratio_of_losses']:.0f}% of the unrepaired")
             out.append(f"| {d['model']} | {row['pass']} | ratio {row['ratio']} | {ours['metric']} | "
                        f"{ours['quality_before']:.4g} | {ours['quality_after']:.4g} | {note} | `{path.name}` |")
