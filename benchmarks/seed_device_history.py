@@ -41,8 +41,8 @@ def main() -> None:
     ap.add_argument("record", help="the device's calibration record (device_db JSON)")
     ap.add_argument("journals", nargs="+")
     args = ap.parse_args()
-    record_path = Path(args.record)
-    path = record_path.with_suffix(".samples.jsonl")
+    record = json.loads(Path(args.record).read_text())
+    path = device_db.history_file(record["key"])  # where the search reads this device's history
     seen = set()
     if path.exists():
         seen = {(s.get("model"), json.dumps(s["features"], sort_keys=True), s["ms"])

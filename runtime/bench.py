@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from optc.errors import CompileError, UsageError
+from optc.fileio import atomic_open
 from optc.runtime.measure import Workload, agreement, decode_timer, measure  # noqa: F401 (decode_timer: benchmarks/ import it from here)
 
 DEFAULT_BASELINES = ("eager", "hf-static", "inductor", "inductor-max")
@@ -125,9 +126,8 @@ def bench(
         if out:  # atomic: a reader never sees half a file
             path = Path(out)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=2, default=str))
-            tmp.replace(path)
+            with atomic_open(path, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(result, indent=2, default=str))
 
     def run_variant(label, time_it):
         try:
