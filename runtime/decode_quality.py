@@ -58,9 +58,17 @@ def decode_quality(art, batches: list, *, reference, rewritten, lowered: bool, d
         "metric": "perplexity", "before": ppl["original"], "after": ppl["decode"],
         "prefill_graph_after": ppl["prefill_graph"], "loss": ppl["decode"] / ppl["original"] - 1.0,
         "vs_prefill_graph": ppl["decode"] / ppl["prefill_graph"] - 1.0,
-        "programs": "lowered" if lowered else "uncompiled", "device": device,
+        "programs": _programs(dec) if lowered else "uncompiled", "device": device,
         "windows": len(usable), "window_tokens": W, "prefill_tokens": P, "tokens": n,
     }
+
+
+def _programs(dec) -> str:
+    """How the decoder's programs run: as the artifact's AOTInductor packages, or lowered
+    by Inductor here."""
+    from optc.compiler.codegen.aoti import PackagedProgram
+
+    return "packages" if isinstance(dec.decode_fn, PackagedProgram) else "lowered"
 
 
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> float:

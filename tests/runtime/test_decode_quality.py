@@ -49,3 +49,14 @@ def test_lowered_decode_program_when_the_compile_lowered(monkeypatch):
     assert len(lowered) == 4
     _check(art.manifest["quality"]["decode"], "lowered")
     assert art._decoders[("cpu", True)].compiled
+
+
+def test_the_record_says_when_the_decode_loop_ran_packages():
+    from types import SimpleNamespace
+
+    from optc.compiler.codegen.aoti import PackagedProgram
+    from optc.runtime.decode_quality import _programs
+
+    gm = torch.fx.symbolic_trace(torch.nn.Identity())
+    assert _programs(SimpleNamespace(decode_fn=PackagedProgram(lambda *a: None, gm, []))) == "packages"
+    assert _programs(SimpleNamespace(decode_fn=gm)) == "lowered"
