@@ -8,6 +8,7 @@ in one paragraph and what to try (CaptureError, exit 2).
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -15,6 +16,18 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from optc.errors import CaptureError, UsageError
+
+# A decoder's state as its captured programs name it: the static KV cache's buffers
+# (key_cache_i, value_cache_i, cumulative_length_i), which both programs write in place,
+# under whatever prefix a wrapper adds. The one definition the compiler (lowering checks
+# reset it) and the runtime (the decode loop ties and resets it) share.
+STATE_BUFFER = re.compile(r"(^|\.)(key_cache|value_cache|cumulative_length)_\d+$")
+KEY_CACHE_BUFFER = re.compile(r"(^|\.)key_cache_\d+$")
+
+
+def is_state_buffer(name: str) -> bool:
+    """Whether a buffer name is a decoder's state (see STATE_BUFFER)."""
+    return STATE_BUFFER.search(name) is not None
 
 PREFILL, DECODE, FORWARD = "prefill", "decode", "forward"
 

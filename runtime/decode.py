@@ -25,7 +25,8 @@ from torch import nn
 from optc.errors import UsageError
 from optc.runtime.timing import Timing, summarise
 
-from optc.runtime.cache import (_CACHE_NAME, _KEY_NAME, _check_shared, _storage_key, cache_buffer_names,
+from optc.compiler.capture import KEY_CACHE_BUFFER, STATE_BUFFER
+from optc.runtime.cache import (_check_shared, _storage_key, cache_buffer_names,
                                 tensor_attributes, tie_buffers)
 
 __all__ = ["StaticCacheDecoder"]
@@ -90,7 +91,7 @@ class StaticCacheDecoder:
             # of one model keeps; tie_buffers rebinds their aliases (lifted constants,
             # whose numbering can differ between programs) by storage.
             names = sorted(
-                n for n in set(cache_buffer_names(decode)) & set(cache_buffer_names(prefill)) if _CACHE_NAME.search(n)
+                n for n in set(cache_buffer_names(decode)) & set(cache_buffer_names(prefill)) if STATE_BUFFER.search(n)
             )
             if not names:
                 raise UsageError("prefill and decode programs hold no common KV-cache tensors to tie")
@@ -111,7 +112,7 @@ class StaticCacheDecoder:
                 if k is not None and k not in seen:
                     seen.add(k)
                     self._cache.append(t)
-                if _KEY_NAME.search(n):
+                if KEY_CACHE_BUFFER.search(n):
                     keys.append(t)
         if len(devices) > 1:
             # nn.Module.to() moves buffers but not GraphModule constants, and the exported

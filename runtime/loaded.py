@@ -126,7 +126,7 @@ class Artifact:
         are shared (their names are the model's, the same in every program); lifted
         constants (numbered per program) and the state the programs mutate (KV caches)
         are left to move_to_device_pass and the decoder, which ties the caches itself."""
-        from optc.compiler.codegen.lowering import is_state_buffer
+        from optc.compiler.capture import is_state_buffer
 
         placed = self._placed.setdefault(str(torch.device(device)), {})  # name -> tensor on the device
         mutated = set(ep.graph_signature.buffers_to_mutate.values())

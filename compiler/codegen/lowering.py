@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from optc.compiler.capture import graph_module
+from optc.compiler.capture import graph_module, is_state_buffer
 from optc.compiler.rewrite import attr_value
 from optc.compiler.targets import Target
 from optc.errors import CompileError
@@ -276,11 +276,6 @@ def _named_tensors(module):
         if key not in seen:  # a weight held twice must be flipped once, not flipped back
             seen.add(key)
             yield name, t.data
-
-
-def is_state_buffer(name: str) -> bool:
-    """A decoder's state (KV cache, cache position), which its programs mutate."""
-    return "cache" in name or "cumulative_length" in name
 
 
 # The compile-time check lowers without autotuning (minutes on a GPU, and its choices
