@@ -13,8 +13,8 @@ heads from every group (the cache stays). Which go (`plan`, on calibration data)
 - allocation="uniform" keeps the same count in every layer; "global" ranks all units
   together by their score standardised per layer (FLAP); "loss" prunes each layer alone
   at a few counts, measures the calibration loss each costs, and picks the counts that
-  remove the same number of heads as uniform at the least summed cost (a knapsack over
-  layers): fewer heads go where removing them hurts most.
+  remove `ratio` of all heads at the least summed cost (a knapsack over layers): fewer
+  heads go where removing them hurts most.
 Kept widths (heads x head_dim) are multiples of `align`, at least one KV group a layer.
 repair="bias" (FLAP) folds the removed heads' mean contribution into o's bias;
 "lstsq" also refits o's kept columns to o's full output on the calibration activations
