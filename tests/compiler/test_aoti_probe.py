@@ -1,6 +1,7 @@
 """The AOTInductor probe: a child that crashes is a reason not to package (never a crash
 of the compile), the answer is kept per environment, and both the compile and a load act
-on it (CPU: the probe itself is faked, as it only runs for CUDA targets)."""
+on it (CPU: the probe itself is faked, as it only runs for CUDA targets). The load side:
+tests/runtime/test_packages.py::test_a_load_where_packages_crash_runs_the_portable_programs."""
 
 import sys
 
@@ -9,7 +10,7 @@ import torch
 
 import optc
 from optc.compiler import targets
-from optc.compiler.codegen import aoti, aoti_probe, lowering
+from optc.compiler.codegen import aoti, aoti_probe
 from optc.models import zoo
 
 
@@ -49,20 +50,3 @@ def test_compile_skips_packages_with_the_reason(monkeypatch):
     programs = art.manifest["packages"]["programs"]
     assert set(programs) == {"prefill", "decode"}
     assert all(p["skipped"] == "killed by SIGSEGV" for p in programs.values())
-
-
-def test_a_load_where_packages_crash_runs_the_portable_programs(tmp_path, monkeypatch):
-    entry = zoo.get("tiny-llama")
-    art = optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", pipeline_name="none",
-                       max_cache_len=32, verify=False, package="aoti", log=lambda m: None)
-    path = art.save(tmp_path / "lm.optc")
-    monkeypatch.setattr(aoti_probe, "load_failure", lambda target, log=None: "killed by SIGSEGV")
-    monkeypatch.setattr(aoti, "load_package", lambda *a, **k: pytest.fail("loaded a package where they crash"))
-    lowered = []
-    monkeypatch.setattr(lowering, "lower", lambda gm, target, **o: lowered.append(o) or torch.compile(
-        gm, backend="eager", fullgraph=True, dynamic=False))
-    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
-    with pytest.warns(UserWarning, match="AOTInductor packages do not load here: killed by SIGSEGV"):
-        out = optc.load(path).generate(prompt, 3)
-    assert len(lowered) == 2
-    assert torch.equal(out, art.generate(prompt, 3, compiled=False))

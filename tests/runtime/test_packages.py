@@ -111,6 +111,22 @@ def test_other_environment_falls_back_with_a_warning(lm, monkeypatch):
     assert torch.equal(out, art.generate(prompt, 4, compiled=False))
 
 
+def test_a_load_where_packages_crash_runs_the_portable_programs(lm, monkeypatch):
+    """Where the probe says packages crash on load (compiler/codegen/aoti_probe.py), none
+    is loaded: the portable programs are lowered, with a warning giving the reason."""
+    from optc.compiler.codegen import aoti_probe
+
+    calls = _eager_lower(monkeypatch)
+    monkeypatch.setattr(aoti_probe, "load_failure", lambda target, log=None: "killed by SIGSEGV")
+    monkeypatch.setattr(aoti, "load_package", lambda *a, **k: pytest.fail("loaded a package where they crash"))
+    art = optc.load(lm)
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="AOTInductor packages do not load here: killed by SIGSEGV"):
+        out = art.generate(prompt, 3)
+    assert len(calls) == 2
+    assert torch.equal(out, art.generate(prompt, 3, compiled=False))
+
+
 def test_load_without_packages_lowers(lm, monkeypatch):
     calls = _eager_lower(monkeypatch)
     optc.load(lm, packages=False).generate(torch.zeros(1, 8, dtype=torch.long), 2)
