@@ -22,10 +22,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from optc.compiler.capture import KEY_CACHE_BUFFER, STATE_BUFFER
 from optc.errors import UsageError
 from optc.runtime.timing import Timing, summarise
 
-from optc.compiler.capture import KEY_CACHE_BUFFER, STATE_BUFFER
 from optc.runtime.cache import (_check_shared, _storage_key, cache_buffer_names,
                                 tensor_attributes, tie_buffers)
 
