@@ -36,8 +36,9 @@ import torch.fx as fx
 
 from optc.compiler.anatomy import Anatomy
 from optc.compiler.config import Choice, Float, PassConfig, knob
-from optc.compiler.head_coupling import HeadCoupling, Uncoupled, couple
+from optc.compiler.head_coupling import Uncoupled, couple
 from optc.compiler.head_narrow import Kept, narrow
+from optc.compiler.head_units import HeadLayer, choose_heads, head_layers, o_weight, params_removed, unit_scores
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.refit import rel_err, repair
 from optc.compiler.rewrite import add_to_linear_output, attr_value, get_attr_nodes, plan_tensors, rebuild, set_param
@@ -89,77 +90,7 @@ class PruneHeadsConfig(PassConfig):
         return self.enabled and self.ratio > 0
 
 
-@dataclass
-class _Layer:
-    """One attention as the plan sees it: its units (KV groups, or query heads) and what
-    one step of its kept count is worth."""
-
-    index: int
-    coupling: HeadCoupling
-    by_group: bool  # units are KV groups; else query heads, counted per group
-    count: int  # kept count at full width: groups, or query heads per group
-
-    @property
-    def att(self):
-        return self.coupling.attention
-
-    def unit_heads(self, u: int) -> list[int]:
-        g = self.att.num_heads // self.att.num_kv_heads
-        return list(range(u * g, (u + 1) * g)) if self.by_group else [u]
-
-    def columns(self, heads: list[int]) -> torch.Tensor:
-        d = self.att.head_dim
-        return torch.tensor([h * d + j for h in heads for j in range(d)], dtype=torch.long)
-
-    def step(self, align: int) -> int:
-        """The kept count moves in steps that keep the width a multiple of `align`."""
-        per = self.att.head_dim * (self.att.num_heads // self.att.num_kv_heads if self.by_group
-                                   else self.att.num_kv_heads)
-        align = align or 1  # 0 unresolved (a pipeline run without a target): no step
-        return align // math.gcd(align, per)
-
-
-def _layers(gm, anatomy: Anatomy, granularity: str) -> list[_Layer]:
-    out = []
-    for b in anatomy.blocks:
-        att = b.attention
-        if att is None:  # skip_layers removed this attention
-            continue
-        group = att.num_heads // att.num_kv_heads
-        by_group = granularity == "group" or group == 1  # one query head a group: the same thing
-        out.append(_Layer(b.index, couple(gm, att), by_group, att.num_kv_heads if by_group else group))
-    return out
-
-
-def _o_weight(gm, layer: _Layer) -> torch.Tensor:
-    return attr_value(gm, layer.att.o.weight).float()
-
-
-def _v_rows(gm, layer: _Layer, kv: int) -> torch.Tensor:
-    att, d = layer.att, layer.att.head_dim
-    w = attr_value(gm, att.v.weight).float()
-    offset = (att.num_heads + att.num_kv_heads) * d if att.fused_qkv else 0
-    return w[offset + kv * d: offset + (kv + 1) * d]
-
-
-def _unit_scores(gm, layer: _Layer, x: torch.Tensor | None, score: str, centred: bool) -> torch.Tensor:
-    wo = _o_weight(gm, layer)
-    n_units = layer.att.num_kv_heads if layer.by_group else layer.att.num_heads
-    group = layer.att.num_heads // layer.att.num_kv_heads
-    out = []
-    for u in range(n_units):
-        cols = layer.columns(layer.unit_heads(u))
-        if score == "activation":
-            xu = x[:, cols.to(x.device)]
-            xu = xu - xu.mean(0) if centred else xu
-            out.append((xu @ wo[:, cols].T.to(x.device)).pow(2).sum(1).mean().item())
-        else:
-            kv = u if layer.by_group else u // group
-            out.append(wo[:, cols].pow(2).sum().item() * _v_rows(gm, layer, kv).pow(2).sum().item())
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def _kept_counts(layers: list[_Layer], scores: dict, cfg: PruneHeadsConfig) -> dict:
+def _kept_counts(layers: list[HeadLayer], scores: dict, cfg: PruneHeadsConfig) -> dict:
     """Kept count per layer (groups, or query heads per group), aligned."""
     per_count = {ly.index: scores[ly.index].numel() // ly.count for ly in layers}  # units in one count
     if cfg.allocation in ("uniform", "loss"):  # loss: uniform's counts are its budget and a candidate
@@ -178,7 +109,7 @@ def _kept_counts(layers: list[_Layer], scores: dict, cfg: PruneHeadsConfig) -> d
     return out
 
 
-def _loss_counts(ctx, gm, layers: list[_Layer], scores: dict, xs: dict, uniform: dict,
+def _loss_counts(ctx, gm, layers: list[HeadLayer], scores: dict, xs: dict, uniform: dict,
                  cfg: PruneHeadsConfig) -> tuple[dict, dict]:
     """allocation="loss": kept counts per layer, and what was measured to choose them.
 
@@ -205,7 +136,7 @@ def _loss_counts(ctx, gm, layers: list[_Layer], scores: dict, xs: dict, uniform:
             if c == ly.count:
                 cost[ly.index][c] = 0.0
                 continue
-            kv, heads = _kept_heads(ly, scores[ly.index], c)
+            kv, heads = choose_heads(ly, scores[ly.index], c)
             trial = _single_layer_plan(gm, ly, kv, heads, xs.get(ly.index), cfg.repair)
             loss = ctx.calibration_loss(lambda g, t=trial, ly=ly: _pruned_copy(g, {ly.index: ly.coupling}, t), n=n)
             cost[ly.index][c] = loss - base
@@ -232,14 +163,14 @@ def _loss_counts(ctx, gm, layers: list[_Layer], scores: dict, xs: dict, uniform:
     return counts, record
 
 
-def _single_layer_plan(gm, ly: _Layer, kv: list[int], heads: list[int], x: torch.Tensor | None, repair_: str) -> dict:
+def _single_layer_plan(gm, ly: HeadLayer, kv: list[int], heads: list[int], x: torch.Tensor | None, repair_: str) -> dict:
     """A plan that prunes only `ly` to the given heads, repaired as configured."""
     att = ly.att
     entry = {"heads": att.num_heads, "kv_heads": att.num_kv_heads, "head_dim": att.head_dim,
              "kept_kv": kv, "kept_heads": heads, "compensation": None}
     plan = {"blocks": {str(ly.index): entry}, "repair": repair_}
     if repair_ != "none" and x is not None:
-        w = _o_weight(gm, ly).to(x.device)
+        w = o_weight(gm, ly).to(x.device)
         wk, c = repair(x, w, ly.columns(heads).to(x.device), repair_ == "lstsq", RIDGE)
         entry["compensation"] = c.tolist()
         if repair_ == "lstsq":
@@ -247,26 +178,6 @@ def _single_layer_plan(gm, ly: _Layer, kv: list[int], heads: list[int], x: torch
     elif repair_ == "lstsq":
         plan["repair"] = "none"
     return plan
-
-
-def _kept_heads(layer: _Layer, scores: torch.Tensor, count: int) -> tuple[list[int], list[int]]:
-    """(kept KV heads, kept query heads)."""
-    att = layer.att
-    if layer.by_group:
-        groups = sorted(scores.topk(count).indices.tolist())
-        return groups, [h for u in groups for h in layer.unit_heads(u)]
-    group = att.num_heads // att.num_kv_heads
-    heads = [kv * group + h for kv in range(att.num_kv_heads)
-             for h in scores[kv * group:(kv + 1) * group].topk(count).indices.tolist()]
-    return list(range(att.num_kv_heads)), sorted(heads)
-
-
-def _params_removed(layer: _Layer, kv: list[int], heads: list[int]) -> int:
-    att, d = layer.att, layer.att.head_dim
-    q_in = att.q.in_features + (att.q.bias is not None)
-    kv_in = att.k.in_features + (att.k.bias is not None)
-    return ((att.num_heads - len(heads)) * d * (q_in + att.o.out_features)
-            + 2 * (att.num_kv_heads - len(kv)) * d * kv_in)
 
 
 def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
@@ -277,7 +188,7 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
         return {"blocks": {}, "reason": "no attention left (skip_layers removed every attention half)"}
     gm = attentions[0].o.node.graph.owning_module
     try:
-        layers = _layers(gm, anatomy, cfg.granularity)
+        layers = head_layers(gm, anatomy, cfg.granularity)
     except Uncoupled as exc:
         return {"blocks": {}, "reason": f"cannot prove what carries the head count ({exc}): every tensor of a "
                                         "head is cut or none, so prune_heads leaves this model whole"}
@@ -286,7 +197,7 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
     if needs_data:  # a weight-scored plan without repair needs no calibration data at all
         values = ctx.stream_values([ly.att.o.node.args[0] for ly in layers], n=cfg.calibration_samples)
         xs = {ly.index: torch.cat([v[k].float().flatten(0, -2) for v in values]) for k, ly in enumerate(layers)}
-    scores = {ly.index: _unit_scores(gm, ly, xs.get(ly.index), cfg.score, cfg.repair != "none") for ly in layers}
+    scores = {ly.index: unit_scores(gm, ly, xs.get(ly.index), cfg.score, cfg.repair != "none") for ly in layers}
     counts = _kept_counts(layers, scores, cfg)
     allocation = None
     if cfg.allocation == "loss":
@@ -298,14 +209,14 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
     for ly in layers:
         if counts[ly.index] >= ly.count:
             continue
-        kv, heads = _kept_heads(ly, scores[ly.index], counts[ly.index])
+        kv, heads = choose_heads(ly, scores[ly.index], counts[ly.index])
         att = ly.att
         blocks[str(ly.index)] = {"heads": att.num_heads, "kv_heads": att.num_kv_heads, "head_dim": att.head_dim,
                                  "kept_kv": kv, "kept_heads": heads}
-        removed += _params_removed(ly, kv, heads)
+        removed += params_removed(ly, kv, heads)
         if ly.index not in xs:
             continue
-        x, w = xs[ly.index], _o_weight(gm, ly).to(xs[ly.index].device)
+        x, w = xs[ly.index], o_weight(gm, ly).to(xs[ly.index].device)
         cols = ly.columns(heads).to(x.device)
         errs["none"].append(rel_err(x, w, cols))
         for name in ladder[1:]:
@@ -346,7 +257,7 @@ def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:
     return plan
 
 
-def _sequential_refit(ctx, gm, layers: list[_Layer], blocks: dict, xs: dict, comps: dict, refit: dict,
+def _sequential_refit(ctx, gm, layers: list[HeadLayer], blocks: dict, xs: dict, comps: dict, refit: dict,
                       cfg: PruneHeadsConfig) -> list[float]:
     """Refit each pruned o_proj, bottom up, on the inputs it gets in the model already
     pruned and repaired below it, to the dense model's output there (SparseGPT's and
@@ -361,7 +272,7 @@ def _sequential_refit(ctx, gm, layers: list[_Layer], blocks: dict, xs: dict, com
     def fit(node, values):
         ly = by_node[node]
         x = torch.cat([v.float().flatten(0, -2) for v in values])
-        w = _o_weight(gm, ly).to(x.device)
+        w = o_weight(gm, ly).to(x.device)
         cols = ly.columns(blocks[str(ly.index)]["kept_heads"]).to(x.device)
         y = xs[ly.index].to(x.device) @ w.T  # the dense model's o_proj output, before its bias
         wk, c = repair(x, w, cols, True, RIDGE, y=y)
