@@ -43,7 +43,7 @@ def package_for(manifest: dict, extra_files: dict, name: str, target) -> tuple[b
     """(bytes, record, None) when the package of program `name` can run for `target`
     here; (None, None, reason) when the portable program must be lowered instead
     (reason None: the artifact carries no packages, nothing to say)."""
-    from optc.compiler.codegen.aoti import environment
+    from optc.compiler.codegen.aoti_probe import environment
 
     packages = manifest.get("packages")
     if not packages or packages.get("format") != "aoti":

@@ -34,7 +34,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from optc.compiler.capture import graph_module
-from optc.compiler.codegen.aoti_probe import environment, load_failure  # noqa: F401 (environment re-exported)
+from optc.compiler.codegen.aoti_probe import environment, load_failure
 from optc.compiler.rewrite import attr_value, mutated_attr_names
 from optc.compiler.targets import Target, available
 from optc.compiler.torch_private import (aoti_compile_and_package, aoti_load_package, graph_module_in_spec,

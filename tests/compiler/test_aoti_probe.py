@@ -34,7 +34,7 @@ def test_the_answer_is_kept_per_environment(tmp_path, monkeypatch):
     assert aoti_probe.load_failure(h200) == "it crashed"
     assert aoti_probe.load_failure(h200) == "it crashed"
     assert calls == ["cuda"]  # the second answer came from the cache
-    real = aoti.environment
+    real = aoti_probe.environment
     monkeypatch.setattr(aoti_probe, "environment", lambda t: {**real(t), "torch": "9.9.9"})
     aoti_probe.load_failure(h200)
     assert len(calls) == 2  # another environment is probed again

@@ -235,7 +235,7 @@ def test_compile_fx():
 def test_pick_vec_isa():
     isa = tp.pick_vec_isa()
     assert isinstance(str(isa), str)  # falsy (empty) when the CPU has none Inductor knows
-    from optc.compiler.codegen.aoti import environment
+    from optc.compiler.codegen.aoti_probe import environment
     from optc.compiler.targets import get
 
     assert environment(get("cpu"))["cpu_isa"] == (str(isa) or "none")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import optc
-from optc.compiler.codegen import aoti, lowering
+from optc.compiler.codegen import aoti, aoti_probe, lowering
 from optc.errors import ArtifactError
 from optc.models import zoo
 from optc.runtime.artifact import MANIFEST_NAME
@@ -58,7 +58,7 @@ def _eager_lower(monkeypatch) -> list:
 
 def test_manifest_records_the_packages(lm):
     rec = optc.load(lm).manifest["packages"]
-    assert rec["format"] == "aoti" and rec["environment"] == aoti.environment(optc.compiler.targets.get("cpu"))
+    assert rec["format"] == "aoti" and rec["environment"] == aoti_probe.environment(optc.compiler.targets.get("cpu"))
     for name in ("prefill", "decode"):
         p = rec["programs"][name]
         assert p["member"] == f"packages/{name}.pt2" and len(p["sha256"]) == 64 and p["custom_ops"] == []
@@ -101,8 +101,8 @@ def test_encoder_forward_through_package_matches_portable(encoder, no_inductor):
 
 def test_other_environment_falls_back_with_a_warning(lm, monkeypatch):
     calls = _eager_lower(monkeypatch)
-    real = aoti.environment
-    monkeypatch.setattr(aoti, "environment", lambda target: {**real(target), "torch": "2.99.0+other"})
+    real = aoti_probe.environment
+    monkeypatch.setattr(aoti_probe, "environment", lambda target: {**real(target), "torch": "2.99.0+other"})
     art = optc.load(lm)
     prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     with pytest.warns(UserWarning, match=r"another environment: torch '.*' there, '2.99.0\+other' here"):
@@ -114,8 +114,6 @@ def test_other_environment_falls_back_with_a_warning(lm, monkeypatch):
 def test_a_load_where_packages_crash_runs_the_portable_programs(lm, monkeypatch):
     """Where the probe says packages crash on load (compiler/codegen/aoti_probe.py), none
     is loaded: the portable programs are lowered, with a warning giving the reason."""
-    from optc.compiler.codegen import aoti_probe
-
     calls = _eager_lower(monkeypatch)
     monkeypatch.setattr(aoti_probe, "load_failure", lambda target, log=None: "killed by SIGSEGV")
     monkeypatch.setattr(aoti, "load_package", lambda *a, **k: pytest.fail("loaded a package where they crash"))
