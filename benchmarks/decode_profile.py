@@ -9,11 +9,16 @@ by Inductor either way), so ms/token here is a diagnosis, not the benchmark (tha
 
     python benchmarks/decode_profile.py --model smollm2-135m --inductor-max --out $OUT/p.json \\
         --variant "" --variant "sparsify_activations.method=cats sparsify_activations.sparsity=0.5"
+
+A variant's `target.FIELD=VALUE` words change the target's lowering fields for that
+variant (`target.realize_gemv_inputs=false` profiles the step without
+codegen/gemv_inputs' rewrite).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -27,6 +32,17 @@ from optc.compiler.codegen.lowering import lower
 from optc.compiler.config import parse_sets
 from optc.models.user import resolve
 from optc.runtime.bench import decode_timer
+
+
+def split_target_fields(words: list[str], target):
+    """(the pass settings among `words`, `target` with its `target.FIELD=VALUE` words applied)."""
+    fields = {}
+    for w in [w for w in words if w.startswith("target.")]:
+        key, _, value = w[len("target."):].partition("=")
+        if not hasattr(target, key):
+            raise SystemExit(f"decode_profile: the target has no field {key!r}")
+        fields[key] = value.lower() in ("1", "true", "yes") if isinstance(getattr(target, key), bool) else value
+    return parse_sets([w for w in words if not w.startswith("target.")]), dataclasses.replace(target, **fields)
 
 
 def profile_variant(model, entry, prompt, target, settings: dict, steps: int, autotune: bool = False) -> dict:
@@ -117,7 +133,8 @@ def main():
     result = dict(model=args.model, optc_autotune=args.autotune, variants={})
     for text in args.variant or [""]:
         t0 = time.time()
-        r = profile_variant(model, entry, prompt, target, parse_sets(text.split()), args.steps, args.autotune)
+        settings, variant_target = split_target_fields(text.split(), target)
+        r = profile_variant(model, entry, prompt, variant_target, settings, args.steps, args.autotune)
         result["variants"][text or "dense"] = r
         report(text or "dense", r, result, args.out, env, time.time() - t0)
     if args.inductor_max:

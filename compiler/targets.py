@@ -25,20 +25,23 @@ class Target:
     # Channel counts that structured pruning keeps are multiples of this: GPU GEMM tiles
     # (tensor cores) run partial tiles at the cost of a full one; a CPU has no such step.
     align: int = 1
+    # Decode GEMVs read their input from a buffer instead of recomputing it per row
+    # block (codegen/gemv_inputs): where Inductor lowers one-row matmuls as reductions.
+    realize_gemv_inputs: bool = False
 
 
 TARGETS = {
     "cpu": Target("cpu", "cpu", torch.float32),
     "h100": Target(
         "h100", "cuda", torch.bfloat16, copy_tbs=2.94, bf16_tflops=769.0, gpu_names=("H100",),
-        inductor={"coordinate_descent_tuning": True}, align=64,
+        inductor={"coordinate_descent_tuning": True}, align=64, realize_gemv_inputs=True,
     ),
     "h200": Target(
         "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
-        inductor={"coordinate_descent_tuning": True}, align=64,
+        inductor={"coordinate_descent_tuning": True}, align=64, realize_gemv_inputs=True,
     ),
     "a100": Target("a100", "cuda", torch.bfloat16, gpu_names=("A100",), inductor={"coordinate_descent_tuning": True},
-                   align=64),
+                   align=64, realize_gemv_inputs=True),
 }
 
 

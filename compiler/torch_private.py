@@ -33,6 +33,7 @@ __all__ = [
     "graph_codegen", "set_graph_codegen", "codegen_without_out_spec", "flat_graph_inputs",
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
     "compile_fx", "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
+    "inductor_realize_op",
     "dynamo_counters",
     "cuda_driver_api_version",
 ]
@@ -200,6 +201,18 @@ def aoti_load_package(path: str, **kwargs):
     import torch._inductor
 
     return torch._inductor.aoti_load_package(path, **kwargs)
+
+
+def inductor_realize_op():
+    """An identity op that Inductor lowers by writing its input to a buffer of its own
+    (`ExternKernel.require_stride_order` realizes a computed value), and that runs as
+    the identity (or a copy into that stride) outside Inductor: codegen/gemv_inputs
+    puts it before a decode GEMV so Inductor does not recompute the GEMV's input in
+    every block of output rows. `torch.ops.prims.inductor_force_stride_order`,
+    registered by `torch._inductor.inductor_prims`, torch 2.11-2.13."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
+
+    return torch.ops.prims.inductor_force_stride_order.default
 
 
 # --------------------------------------------------------------------------- Dynamo (lazy)

@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one more optc row, its settings separated by spaces (repeatable; --set/--config "
                         "settings are the first such row)")
     b.add_argument("--no-autotune", action="store_true",
-                   help="lower optc's programs without Inductor's max-autotune (minutes faster; "
-                        "the baselines keep their own modes)")
+                   help="lower optc's forward programs without Inductor's max-autotune (minutes faster; "
+                        "the decode step never autotunes; the baselines keep their own modes)")
     b.add_argument("--rounds", type=int, default=3,
                    help="LMs: after all optc rows are compiled, time them round-robin this many times in all "
                         "and pool the runs (keeps every row's compiled program in memory; 1: time each once)")

@@ -115,7 +115,8 @@ def bench(
             **info,
             "probe": probe,
             "seq": None if is_lm else (int(example_inputs[0].shape[1]) if example_inputs[0].dim() == 2 else None),
-            "optc_lowering": "inductor max-autotune" if autotune and device == "cuda" else "inductor",
+            # As a load lowers: max-autotune for forward programs on a GPU, never for the decode step.
+            "optc_lowering": "inductor max-autotune" if autotune and device == "cuda" and not is_lm else "inductor",
             "rows": rows,
             "failed": failed,
         }
@@ -159,7 +160,7 @@ def bench(
             if is_lm:
                 art = optc.compile(eager, (prompt,), target=tgt.name, pipeline_name=pipe, passes=passes,
                                    entry=entry, calibration=calib, max_cache_len=max_cache_len, verify=False, log=_log)
-                m = measure(art, tgt, workload, inputs=prompt, autotune=autotune, log=_log)
+                m = measure(art, tgt, workload, inputs=prompt, autotune=None if autotune else False, log=_log)
                 return m.timing, {**_lm_notes(art, m, eager, prompt), "work": _work(art, workload)}, m.remeasure
             art = optc.compile(eager, example_inputs, target=tgt.name, pipeline_name=pipe, passes=passes,
                                entry=entry, calibration=calib, dynamic=dynamic, verify=False, log=_log)

@@ -8,6 +8,7 @@ import torch
 from torch.export import ExportedProgram
 
 from optc.compiler.capture import graph_module, is_state_buffer
+from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
 from optc.compiler.rewrite import attr_value
 from optc.compiler.targets import Target
 from optc.errors import CompileError
@@ -42,6 +43,8 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
     leave it off where optc's decode loop captures the whole step. `shape_tuning=False`
     drops the target's per-kernel tuning (coordinate descent) too: see load_lowering."""
     options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning)
+    if target.realize_gemv_inputs and isinstance(gm, torch.fx.GraphModule):
+        gm, _ = realize_gemv_inputs(gm)
     return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
 
 
@@ -61,7 +64,7 @@ def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool
 
 def load_lowering(target: Target, program: str, graph: torch.fx.Graph | None = None) -> dict:
     """How a loaded artifact lowers `program` for `target` (Artifact.module / .decoder):
-    autotuned on a GPU; Inductor's own CUDA graphs for forward programs only, because
+    autotuned on a GPU, except the decode program; Inductor's own CUDA graphs for forward programs only, because
     the decode loop captures the whole decode step itself. On the CPU, tuning C++
     templates costs minutes for nothing.
 
@@ -71,7 +74,10 @@ def load_lowering(target: Target, program: str, graph: torch.fx.Graph | None = N
     lower it instead."""
     on_gpu = target.device == "cuda"
     tuned = not (graph is not None and per_layer_shapes(graph))
-    record = {"autotune": on_gpu and tuned, "cudagraphs": on_gpu and program == "forward"}
+    # The decode program is all one-row GEMVs, which coordinate descent tunes as
+    # reductions; max-autotune on top made llama-1b's step slower on the H200
+    # (benchmarks/NOTES.md), so only the other programs autotune.
+    record = {"autotune": on_gpu and tuned and program != "decode", "cudagraphs": on_gpu and program == "forward"}
     if not tuned:
         record["shape_tuning"] = False
     return record
@@ -91,7 +97,8 @@ def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool 
     """A lowering as the manifest records it: the switches and the exact options."""
     record = {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
               "inductor_options": inductor_options(target, autotune=autotune, cudagraphs=cudagraphs,
-                                                   shape_tuning=shape_tuning)}
+                                                   shape_tuning=shape_tuning),
+              "realize_gemv_inputs": target.realize_gemv_inputs}
     if not shape_tuning:
         record["shape_tuning"] = False
     return record

@@ -232,6 +232,17 @@ def test_compile_fx():
     torch.testing.assert_close(out, torch.relu(x) + 1)
 
 
+def test_inductor_realize_op():
+    op = tp.inductor_realize_op()
+    x = torch.randn(4, 6)
+    assert torch.equal(op(x, list(x.stride())), x)  # the identity
+    y = op(x.t(), [4, 1])  # a copy into the stride asked for
+    assert y.stride() == (4, 1) and torch.equal(y, x.t())
+    gm = fx.symbolic_trace(lambda a: op(torch.sigmoid(a) * a, [6, 1]).sum(-1))
+    out = torch.compile(gm, backend="inductor", fullgraph=True)(x)
+    torch.testing.assert_close(out, (torch.sigmoid(x) * x).sum(-1))
+
+
 def test_pick_vec_isa():
     isa = tp.pick_vec_isa()
     assert isinstance(str(isa), str)  # falsy (empty) when the CPU has none Inductor knows

@@ -1,0 +1,90 @@
+"""Decode GEMVs read their input from a buffer (codegen/gemv_inputs): the rewrite finds
+the down projections of a decode program, and only those, and changes nothing eagerly."""
+
+import dataclasses
+
+import torch
+
+import optc
+from optc.compiler import targets
+from optc.compiler.codegen.gemv_inputs import gemv_inputs, realize_gemv_inputs
+from optc.compiler.codegen.lowering import lower
+from optc.compiler.torch_private import inductor_realize_op
+from optc.models import zoo
+
+
+def _programs():
+    entry = zoo.get("tiny-llama")
+    art = optc.compile(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda msg: None,
+                       verify=False)
+    return art, entry
+
+
+def test_the_decode_programs_down_projections_read_a_stored_vector_and_compute_the_same():
+    art, entry = _programs()
+    layers = entry.load().config.num_hidden_layers
+    decode = art.module("decode", compiled=False)
+    found = gemv_inputs(decode.graph)
+    # One per layer: the down projection, fed by silu(gate) * up. The q/k/v, o and
+    # gate/up projections read a normalised or attention vector and stay as they were.
+    assert len(found) == layers
+    rewritten, n = realize_gemv_inputs(decode)
+    assert n == layers and rewritten is not decode
+    realize = inductor_realize_op()
+    assert sum(node.target == realize for node in rewritten.graph.nodes) == layers
+    assert not any(node.target == realize for node in decode.graph.nodes)  # the original is untouched
+    # The same parameters and caches, not copies.
+    assert rewritten.get_parameter(next(iter(dict(decode.named_parameters())))).data_ptr() == \
+        next(iter(decode.parameters())).data_ptr()
+    prompt = entry.example_inputs()[0][:, :8]
+    art.decoder(compiled=False).reset()
+    expected = art.generate(prompt, 6, compiled=False)
+
+    from optc.runtime.decode import StaticCacheDecoder
+
+    prefill = art.module("prefill", compiled=False)
+    dec = StaticCacheDecoder(prefill, decode, compile=lambda m: realize_gemv_inputs(m)[0] if m is decode else m,
+                             device="cpu")
+    assert torch.equal(dec.generate(prompt, 6), expected)
+
+
+def test_prefill_rows_are_not_gemvs():
+    art, _ = _programs()
+    assert gemv_inputs(art.module("prefill", compiled=False).graph) == []
+
+
+def test_lower_applies_it_only_for_targets_that_ask():
+    gm = torch.fx.symbolic_trace(lambda x, w: torch.nn.functional.linear(torch.nn.functional.silu(x) * x, w))
+    cpu = targets.get("cpu")
+    assert not cpu.realize_gemv_inputs and targets.get("h200").realize_gemv_inputs
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    asks = dataclasses.replace(cpu, realize_gemv_inputs=True)
+    for target in (cpu, asks):
+        torch.testing.assert_close(lower(gm, target)(x, w), torch.nn.functional.linear(torch.nn.functional.silu(x) * x, w))
+
+
+def _graph(rows: int) -> torch.fx.GraphModule:
+    """silu(x) -> linear with a bias, in the aten form capture produces, with shapes."""
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x, w, b = g.placeholder("x"), g.placeholder("w"), g.placeholder("b")
+    act = g.call_function(aten.silu.default, (x,))
+    g.output(g.call_function(aten.linear.default, (act, w, b)))
+    for node, shape in zip(g.nodes, [(1, rows, 8), (4, 8), (4,), (1, rows, 8), (1, rows, 4)]):
+        node.meta["val"] = torch.empty(shape, device="meta")
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_a_one_row_linear_with_a_bias_adds_it_apart_and_reads_a_stored_input():
+    gm = _graph(rows=1)
+    rewritten, n = realize_gemv_inputs(gm)
+    linears = [m for m in rewritten.graph.nodes if m.target == torch.ops.aten.linear.default]
+    assert n == 2 and len(linears) == 1 and len(linears[0].args) == 2
+    assert linears[0].args[0].target == inductor_realize_op()
+    x, w, b = torch.randn(1, 1, 8), torch.randn(4, 8), torch.randn(4)
+    torch.testing.assert_close(rewritten(x, w, b), gm(x, w, b))
+
+
+def test_several_rows_are_left_alone():
+    gm = _graph(rows=3)
+    assert realize_gemv_inputs(gm) == (gm, 0)
