@@ -17,7 +17,8 @@ def optc(*args, cwd=None):
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     path = tmp_path_factory.mktemp("art") / "x.optc"
-    rc, out, err = optc("compile", "tiny-llama", "--target", "cpu", "-o", str(path), "--json",
+    # --package none: packaging has its own tests (tests/runtime/test_packages.py).
+    rc, out, err = optc("compile", "tiny-llama", "--target", "cpu", "-o", str(path), "--json", "--package", "none",
                         "--set", "skip_layers.layers=[1]", "--set", "skip_layers.granularity=mlp")
     assert rc == 0, err
     return path, json.loads(out)
@@ -116,8 +117,8 @@ def test_search_refuses_bad_arguments_before_loading(tmp_path):
 
 
 def test_compile_reports_held_out_sparsity(tmp_path):
-    rc, out, err = optc("compile", "tiny-llama", "--target", "cpu", "--no-verify", "--eval", "--json",
-                        "-o", str(tmp_path / "s.optc"), "--set", "sparsify_activations.method=cats",
+    rc, out, err = optc("compile", "tiny-llama", "--target", "cpu", "--no-verify", "--eval", "--json", "--package",
+                        "none", "-o", str(tmp_path / "s.optc"), "--set", "sparsify_activations.method=cats",
                         "--set", "sparsify_activations.sparsity=0.5")
     assert rc == 0, err
     q = json.loads(out)["quality"]

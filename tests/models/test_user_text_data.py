@@ -65,7 +65,7 @@ def test_cli_sparsifies_a_user_directory_and_reports_held_out_quality(tmp_path, 
     folder = _llama_dir(tmp_path / "m", len(tok), tok)
     rc, out, err = optc("compile", str(folder), "--target", "cpu", "--set", "sparsify_activations.method=cats",
                         "--set", "sparsify_activations.sparsity=0.5", "--eval", "--no-verify", "--json",
-                        "-o", str(tmp_path / "m.optc"))
+                        "--package", "none", "-o", str(tmp_path / "m.optc"))
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["quality"]["metric"] == "perplexity" and doc["quality"]["split"] == "evaluation"
