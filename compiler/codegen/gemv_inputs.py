@@ -83,9 +83,9 @@ def _split_bias(graph: fx.Graph, lin: fx.Node) -> None:
 
 def realize_gemv_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its parameters) in which each such GEMV reads its input
-    through the realizing op and adds its bias apart; and how many rewrites it
-    made (inputs realized plus biases split). `gm` itself is left as it was: lowering checks compare the compiled copy
-    against it."""
+    through the realizing op and adds its bias apart, and how many rewrites it made
+    (inputs realized plus biases split). `gm` itself is left as it was: lowering checks
+    compare the compiled copy against it."""
     graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
     biased = biased_gemvs(graph)
     for lin in biased:

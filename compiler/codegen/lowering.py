@@ -64,9 +64,9 @@ def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool
 
 def load_lowering(target: Target, program: str, graph: torch.fx.Graph | None = None) -> dict:
     """How a loaded artifact lowers `program` for `target` (Artifact.module / .decoder):
-    autotuned on a GPU, except the decode program; Inductor's own CUDA graphs for forward programs only, because
-    the decode loop captures the whole decode step itself. On the CPU, tuning C++
-    templates costs minutes for nothing.
+    autotuned on a GPU, except the decode program; Inductor's own CUDA graphs for
+    forward programs only, because the decode loop captures the whole decode step
+    itself. On the CPU, tuning C++ templates costs minutes for nothing.
 
     A program whose layers each have their own token count (merge_tokens) is not tuned:
     tuning is per shape, so it would cost about one dense model's tuning per layer

@@ -3,25 +3,27 @@ the down projections of a decode program, and only those, and changes nothing ea
 
 import dataclasses
 
+import pytest
 import torch
 
 import optc
 from optc.compiler import targets
+from optc.compiler.codegen import lowering
 from optc.compiler.codegen.gemv_inputs import gemv_inputs, realize_gemv_inputs
-from optc.compiler.codegen.lowering import lower
 from optc.compiler.torch_private import inductor_realize_op
 from optc.models import zoo
 
 
-def _programs():
+@pytest.fixture(scope="module")
+def programs():
     entry = zoo.get("tiny-llama")
     art = optc.compile(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda msg: None,
                        verify=False)
     return art, entry
 
 
-def test_the_decode_programs_down_projections_read_a_stored_vector_and_compute_the_same():
-    art, entry = _programs()
+def test_the_decode_programs_down_projections_read_a_stored_vector_and_compute_the_same(programs):
+    art, entry = programs
     layers = entry.load().config.num_hidden_layers
     decode = art.module("decode", compiled=False)
     found = gemv_inputs(decode.graph)
@@ -33,9 +35,8 @@ def test_the_decode_programs_down_projections_read_a_stored_vector_and_compute_t
     realize = inductor_realize_op()
     assert sum(node.target == realize for node in rewritten.graph.nodes) == layers
     assert not any(node.target == realize for node in decode.graph.nodes)  # the original is untouched
-    # The same parameters and caches, not copies.
-    assert rewritten.get_parameter(next(iter(dict(decode.named_parameters())))).data_ptr() == \
-        next(iter(decode.parameters())).data_ptr()
+    name, weight = next(iter(decode.named_parameters()))
+    assert rewritten.get_parameter(name) is weight  # the same parameters (and caches), not copies
     prompt = entry.example_inputs()[0][:, :8]
     art.decoder(compiled=False).reset()
     expected = art.generate(prompt, 6, compiled=False)
@@ -48,19 +49,9 @@ def test_the_decode_programs_down_projections_read_a_stored_vector_and_compute_t
     assert torch.equal(dec.generate(prompt, 6), expected)
 
 
-def test_prefill_rows_are_not_gemvs():
-    art, _ = _programs()
+def test_prefill_rows_are_not_gemvs(programs):
+    art, _ = programs
     assert gemv_inputs(art.module("prefill", compiled=False).graph) == []
-
-
-def test_lower_applies_it_only_for_targets_that_ask():
-    gm = torch.fx.symbolic_trace(lambda x, w: torch.nn.functional.linear(torch.nn.functional.silu(x) * x, w))
-    cpu = targets.get("cpu")
-    assert not cpu.realize_gemv_inputs and targets.get("h200").realize_gemv_inputs
-    x, w = torch.randn(1, 8), torch.randn(4, 8)
-    asks = dataclasses.replace(cpu, realize_gemv_inputs=True)
-    for target in (cpu, asks):
-        torch.testing.assert_close(lower(gm, target)(x, w), torch.nn.functional.linear(torch.nn.functional.silu(x) * x, w))
 
 
 def _graph(rows: int) -> torch.fx.GraphModule:
@@ -88,3 +79,17 @@ def test_a_one_row_linear_with_a_bias_adds_it_apart_and_reads_a_stored_input():
 def test_several_rows_are_left_alone():
     gm = _graph(rows=3)
     assert realize_gemv_inputs(gm) == (gm, 0)
+
+
+def test_lower_applies_it_only_for_targets_that_ask(monkeypatch):
+    rewritten = []
+    realize = lowering.realize_gemv_inputs
+    monkeypatch.setattr(lowering, "realize_gemv_inputs", lambda gm: rewritten.append(gm) or realize(gm))
+    cpu = targets.get("cpu")
+    assert not cpu.realize_gemv_inputs and targets.get("h200").realize_gemv_inputs
+    asks = dataclasses.replace(cpu, realize_gemv_inputs=True)
+    gm = _graph(rows=1)
+    x, w, b = torch.randn(1, 1, 8), torch.randn(4, 8), torch.randn(4)
+    for target in (cpu, asks):
+        torch.testing.assert_close(lowering.lower(gm, target)(x, w, b), gm(x, w, b))
+    assert rewritten == [gm]  # once: for the target that asks
