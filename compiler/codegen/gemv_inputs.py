@@ -30,7 +30,6 @@ aten = torch.ops.aten
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
           aten.squeeze.dim, aten.squeeze.default, aten.flatten.using_ints}
-_LINEARS = {aten.linear.default, aten.mm.default, aten.matmul.default}
 
 
 def _computed_activation(node) -> bool:
@@ -55,7 +54,7 @@ def gemv_inputs(graph: fx.Graph) -> list[fx.Node]:
     """The linears of `graph` that multiply one row by a weight and take that row
     straight from an activation expression."""
     return [n for n in graph.nodes
-            if n.op == "call_function" and n.target in _LINEARS
+            if n.op == "call_function" and n.target == aten.linear.default  # capture's form of every linear
             and isinstance(n.args[0], fx.Node) and _one_row(n.args[0]) and _computed_activation(n.args[0])]
 
 
@@ -86,13 +85,13 @@ def realize_gemv_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     through the realizing op and adds its bias apart, and how many rewrites it made
     (inputs realized plus biases split). `gm` itself is left as it was: lowering checks
     compare the compiled copy against it."""
+    if not gemv_inputs(gm.graph) and not biased_gemvs(gm.graph):
+        return gm, 0  # most programs (prefill, forward): no copy
     graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
     biased = biased_gemvs(graph)
     for lin in biased:
         _split_bias(graph, lin)
     found = gemv_inputs(graph)
-    if not found and not biased:
-        return gm, 0
     realize = inductor_realize_op()
     for lin in found:
         x = lin.args[0]
