@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from optc.compiler.capture import STATE_BUFFER
+from optc.compiler.capture import is_state_buffer
 from optc.compiler.rewrite import mutated_attr_names, tensor_attributes
 from optc.compiler.torch_private import set_tensor_attr
 from optc.errors import CompileError, UsageError
@@ -50,7 +50,7 @@ def cache_buffer_names(module: nn.Module) -> list[str]:
     `key_cache_i` / `value_cache_i` / `cumulative_length_i`, whatever a GraphModule
     writes in place, and any attribute aliasing the storage of those."""
     tensors = tensor_attributes(module)
-    seeds = {n for n in tensors if STATE_BUFFER.search(n)}
+    seeds = {n for n in tensors if is_state_buffer(n)}
     seeds |= {n for n in mutated_attr_names(module) if n in tensors}
     storages = {_storage_key(tensors[n]) for n in seeds} - {None}
     names = set(seeds)
@@ -110,7 +110,7 @@ def _check_shared(a: nn.Module, b: nn.Module) -> None:
     a_s = {_storage_key(t) for t in a_t.values()} - {None}
     b_s = {_storage_key(t) for t in b_t.values()} - {None}
     for mod, tensors, other, label in ((a, a_t, b_s, "prefill"), (b, b_t, a_s, "decode")):
-        written = set(mutated_attr_names(mod)) | {n for n in tensors if STATE_BUFFER.search(n)}
+        written = set(mutated_attr_names(mod)) | {n for n in tensors if is_state_buffer(n)}
         missing = [n for n in sorted(written) if n in tensors and _storage_key(tensors[n]) not in other and _storage_key(tensors[n]) is not None]
         if missing:
             raise CompileError(

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from optc.compiler.capture import KEY_CACHE_BUFFER, STATE_BUFFER
+from optc.compiler.capture import KEY_CACHE_BUFFER, is_state_buffer
 from optc.errors import UsageError
 from optc.runtime.timing import Timing, summarise
 
@@ -91,7 +91,7 @@ class StaticCacheDecoder:
             # of one model keeps; tie_buffers rebinds their aliases (lifted constants,
             # whose numbering can differ between programs) by storage.
             names = sorted(
-                n for n in set(cache_buffer_names(decode)) & set(cache_buffer_names(prefill)) if STATE_BUFFER.search(n)
+                n for n in set(cache_buffer_names(decode)) & set(cache_buffer_names(prefill)) if is_state_buffer(n)
             )
             if not names:
                 raise UsageError("prefill and decode programs hold no common KV-cache tensors to tie")
