@@ -3,7 +3,8 @@
 generated token takes after it (the decoder is built: AOTInductor packages loaded, or the
 portable programs lowered by Inductor, then the decode step captured as a CUDA graph and
 the prompt prefilled), and the decode speed of that same decoder. Says whether the
-packages ran, and every warning the load gave. Run it twice, in two processes, for the
+packages ran, whether the artifact's kernel cache was used (and how many of the
+lowerings hit it), and every warning the load gave. Run it twice, in two processes, for the
 spread between processes.
 
     python benchmarks/load_to_first_token.py x.optc --out $OUT/load.json [--tokens 64] [--device cuda]
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-kernel-cache", action="store_true",
+                    help="lower the portable programs here instead of reading the artifact's kernel cache")
     args = ap.parse_args()
     if args.device.startswith("cuda"):
         torch.cuda.init()
@@ -56,7 +59,7 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        art = optc.load(args.artifact)
+        art = optc.load(args.artifact, kernel_cache=not args.no_kernel_cache)
         t_load = time.perf_counter() - t0
         prompt = prompt_for(art, args.device)
         t1 = time.perf_counter()
@@ -80,9 +83,11 @@ def main() -> None:
         decode=timing.as_row("optc artifact", None),
         warnings=sorted({str(w.message)[:300] for w in caught}),
         manifest_lowering=art.manifest.get("lowering"),
+        kernel_cache={**(art.kernel_cache_status or {}), "fx_graph_cache": art.kernel_cache_hits()},
     )
     print(f"load {t_load:.2f} s, first token {t_first:.2f} s (load to first token {t_load + t_first:.2f} s); "
-          f"packages {packaged}; decode {timing.median_ms:.3f} ms/token", file=sys.stderr)
+          f"packages {packaged}; kernel cache {result['kernel_cache']}; decode {timing.median_ms:.3f} ms/token",
+          file=sys.stderr)
     for w in result["warnings"]:
         print(f"  warning: {w}", file=sys.stderr)
     if args.out:

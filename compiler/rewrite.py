@@ -198,3 +198,30 @@ def tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
                 out.setdefault(prefix + k, v)
     return out
+
+
+def unify_aliases(module: torch.nn.Module) -> int:
+    """Make tensor attributes that are the same view of the same storage one tensor
+    object (the first by name); returns how many were rebound.
+
+    A program exported from a model holds its KV cache twice, as a buffer and as a
+    lifted constant, and the two are one object; read back from a file they are two
+    objects over one storage. Dynamo lifts one graph input per object, so the two forms
+    lower to different graphs with different Inductor cache keys, and a load would miss
+    the kernel cache the compile recorded (codegen/kernel_cache.py). Rebinding a view to
+    an equal view of the same memory changes nothing the program computes."""
+    from optc.compiler.torch_private import set_tensor_attr
+
+    first: dict = {}
+    rebound = 0
+    for name, t in tensor_attributes(module).items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr == 0:  # zero-size tensors share pointer 0 without sharing anything
+            continue
+        key = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        keep = first.setdefault(key, t)
+        if keep is not t:
+            owner_name, _, leaf = name.rpartition(".")
+            set_tensor_attr(module.get_submodule(owner_name) if owner_name else module, leaf, keep)
+            rebound += 1
+    return rebound

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,7 +21,7 @@ from optc.compiler import capture as cap
 from optc.compiler import pipeline, targets
 from optc.compiler.anatomy import analyze
 from optc.compiler.calibration import CalibrationContext
-from optc.compiler.codegen import lowering
+from optc.compiler.codegen import kernel_cache, lowering
 from optc.compiler.config import config_hash, flat_to_nested
 from optc.compiler.heldout import HeldOut
 from optc.errors import UsageError
@@ -48,6 +48,7 @@ class Compiled:
     programs: dict
     manifest: dict
     primary_gm: torch.fx.GraphModule
+    extra_files: dict = field(default_factory=dict)  # member -> bytes (the kernel cache)
 
 
 class CompileSession:
@@ -124,13 +125,18 @@ class CompileSession:
             for name, gm in gms.items()
         }
         timings["passes_and_reexport"] = time.perf_counter() - start
-        verification = {}
+        verification, files, cache_record = {}, {}, None
         if verify and targets.available(self.target):
             start = time.perf_counter()
-            for name, ep in programs.items():
-                self.log(f"[optc] lowering {name} through Inductor for {self.target.name} and verifying ...")
-                with working(f"lowering {name}"):
-                    verification[name] = lowering.lower_and_verify(ep, self.captured.example_inputs[name], self.target)
+            # The check lowers as a load does, with the FX graph cache on, and what
+            # Inductor compiled and tuned for it ships as the artifact's kernel cache.
+            with kernel_cache.recording() as recorded:
+                for name, ep in programs.items():
+                    self.log(f"[optc] lowering {name} through Inductor for {self.target.name} and verifying ...")
+                    with working(f"lowering {name}"):
+                        verification[name] = lowering.lower_and_verify(
+                            ep, self.captured.example_inputs[name], self.target, name, kernel_cache=True)
+            files, cache_record = kernel_cache.package(recorded, self.target, list(programs))
             timings["lowering"] = time.perf_counter() - start
         elif verify:
             verification = {"skipped": f"no {self.target.name} device here; the artifact is lowered when loaded there"}
@@ -149,22 +155,22 @@ class CompileSession:
             "params": {"before": self.params_before, "after": pipeline.count(gms[self.primary])["params"]},
             "anatomy": self.anatomy.summary(),
             "verification": verification,
-            "lowering": self._lowering_record(programs, checked=bool(verification) and "skipped" not in verification),
+            "lowering": self._lowering_record(programs, checked=bool(verification) and "skipped" not in verification,
+                                              cached="member" in (cache_record or {})),
+            "kernel_cache": cache_record,
             "example_inputs": {name: _describe(inputs) for name, inputs in self.captured.example_inputs.items()},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
-        return Compiled(programs, manifest, gms[self.primary])
+        return Compiled(programs, manifest, gms[self.primary], files)
 
-    def _lowering_record(self, programs: dict, *, checked: bool) -> dict:
-        """What the compile-time check lowered with (None: it did not lower) and what a
-        load on the target lowers with, per program: on a GPU the check does not
-        autotune and the load does, so the kernels checked are not the ones that run."""
-        return {
-            "target": self.target.name,
-            "check": lowering.lowering_record(self.target, **lowering.CHECK_LOWERING) if checked else None,
-            "load": {name: lowering.lowering_record(self.target, **lowering.load_lowering(self.target, name, ep.graph))
-                     for name, ep in programs.items()},
-        }
+    def _lowering_record(self, programs: dict, *, checked: bool, cached: bool) -> dict:
+        """How a load on the target lowers each program and (None: it did not lower)
+        how the compile-time check did: the same, so the kernels checked are the ones
+        that run. With a kernel cache both read Inductor's FX graph cache."""
+        load = {name: lowering.lowering_record(self.target, **lowering.load_lowering(self.target, name, ep.graph),
+                                               kernel_cache=cached)
+                for name, ep in programs.items()}
+        return {"target": self.target.name, "check": dict(load) if checked else None, "load": load}
 
     # -- data --------------------------------------------------------------------------
 

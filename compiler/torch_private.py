@@ -33,7 +33,7 @@ __all__ = [
     "graph_codegen", "set_graph_codegen", "codegen_without_out_spec", "flat_graph_inputs",
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
     "compile_fx", "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
-    "inductor_realize_op",
+    "inductor_realize_op", "fresh_cache_artifacts",
     "dynamo_counters",
     "cuda_driver_api_version",
 ]
@@ -213,6 +213,18 @@ def inductor_realize_op():
     import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
 
     return torch.ops.prims.inductor_force_stride_order.default
+
+
+def fresh_cache_artifacts():
+    """A context inside which Inductor's record of cache artifacts (what the public
+    `torch.compiler.save_cache_artifacts()` serialises: FX graph, AOTAutograd and
+    autotune cache entries, written or read) starts empty, and after which the
+    process's own record is restored: codegen/kernel_cache records one compile's
+    lowering and nothing else. `torch.compiler._cache.CacheArtifactManager
+    .with_fresh_cache`, torch 2.11-2.13."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    return CacheArtifactManager.with_fresh_cache()
 
 
 # --------------------------------------------------------------------------- Dynamo (lazy)

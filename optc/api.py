@@ -59,7 +59,7 @@ def compile(
                              evaluation=evaluation, max_cache_len=max_cache_len, dynamic=dynamic, log=log)
     config = session.resolve(passes, pipeline_name)
     compiled = session.run(config, verify=verify, evaluate=evaluate)
-    art = Artifact(compiled.programs, compiled.manifest)
+    art = Artifact(compiled.programs, compiled.manifest, compiled.extra_files)
     _package(art, session, package, verify, log)
     if evaluate and session.is_lm:
         _decode_quality(art, session, compiled, log)
@@ -115,14 +115,20 @@ def read_calibration(path: str | Path | None, model: torch.nn.Module, example_in
                 vocab_size=getattr(getattr(model, "config", None), "vocab_size", None))
 
 
-def load(path: str | Path, *, check_versions: bool = True, packages: bool = True) -> Artifact:
+def load(path: str | Path, *, check_versions: bool = True, packages: bool = True,
+         kernel_cache: bool = True) -> Artifact:
     """Load a `.optc` artifact; refuses truncated, tampered or mismatched files (exit 2).
     packages: run the AOTInductor packages the artifact carries where they fit this
-    target and environment (else, with a warning, the portable programs lowered here)."""
+    target and environment (else, with a warning, the portable programs lowered here).
+    kernel_cache: lower the portable programs from the kernel cache the compile
+    recorded where it fits (the verified kernels, no tuning; else, with a warning,
+    Inductor compiles and tunes them here)."""
+    from optc.compiler.codegen import kernel_cache as kcache
     from optc.runtime.artifact import read_artifact
-
     from optc.runtime.packages import check_hashes
 
     loaded = read_artifact(path, check_versions=check_versions)
     check_hashes(loaded.manifest, loaded.extra_files)
-    return Artifact(loaded.programs, loaded.manifest, loaded.extra_files, packages=packages)
+    kcache.check_hash(loaded.manifest, loaded.extra_files)
+    return Artifact(loaded.programs, loaded.manifest, loaded.extra_files, packages=packages,
+                    kernel_cache=kernel_cache)

@@ -98,6 +98,7 @@ def cmd_compile(args):
         "params": man["params"],
         "verification": man["verification"],
         "lowering": man.get("lowering"),
+        "kernel_cache": man.get("kernel_cache"),
         "packages": man.get("packages"),
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -128,6 +129,7 @@ def _report_compile(r: dict) -> None:
         else:
             _log(f"  lowering: {v}")
     _report_lowering(r.get("lowering"))
+    _report_kernel_cache(r.get("kernel_cache"))
     _report_packages(r.get("packages"))
     q = r.get("quality")
     if q:
@@ -146,17 +148,30 @@ def _report_compile(r: dict) -> None:
 def _report_lowering(rec: dict | None) -> None:
     if not rec or not rec.get("check"):
         return
-    differ = sorted({name for name, load in rec["load"].items() if load != rec["check"]})
-    if differ:  # on a GPU: the check does not autotune, a load does
-        _log(f"  note: the check lowered with autotune {'on' if rec['check']['autotune'] else 'off'}; a load on "
-             f"{rec['target']} lowers {', '.join(differ)} otherwise (manifest 'lowering'), so its kernels were not "
-             "the ones checked")
+    differ = sorted(name for name, load in rec["load"].items() if load != rec["check"].get(name))
+    if differ:  # the check lowers as a load does: this says the manifest was written otherwise
+        _log(f"  note: a load on {rec['target']} lowers {', '.join(differ)} otherwise than the check did (manifest "
+             "'lowering'), so its kernels were not the ones checked")
+
+
+def _report_kernel_cache(rec: dict | None) -> None:
+    """What the artifact's kernel cache holds, or why it has none (also `optc inspect`)."""
+    if not rec:
+        return
+    if "skipped" in rec:
+        _log(f"  kernel cache: none ({rec['skipped']})")
+        return
+    env, n = rec.get("environment", {}), rec.get("entries", {})
+    _log(f"  kernel cache: {rec['bytes'] / 1e6:.1f} MB, {n.get('inductor', 0)} compiled graphs and "
+         f"{n.get('autotune', 0)} tuned kernel configs for {env.get('target')} (torch {env.get('torch')}"
+         + (f", triton {env['triton']}" if env.get("triton") else "") + (f", {env['gpu']}" if env.get("gpu") else "")
+         + "); a load there runs these kernels without compiling or tuning them again")
 
 
 def _report_packages(rec: dict | None) -> None:
     """One line per program: packaged (size, seconds) or why not (also `optc inspect`)."""
     if not rec or rec.get("format") != "aoti":
-        _log("  packages: none (the portable programs are lowered by Inductor at every load)")
+        _log("  packages: none (the portable programs are lowered by Inductor at load)")
         return
     env = rec.get("environment", {})
     _log(f"  AOTInductor packages for {env.get('target')} (torch {env.get('torch')}"
@@ -188,10 +203,12 @@ def cmd_inspect(args):
     from optc.runtime.artifact import read_artifact, verify_versions
     from optc.errors import ArtifactError
 
+    from optc.compiler.codegen import kernel_cache
     from optc.runtime.packages import check_hashes
 
     loaded = read_artifact(args.artifact, check_versions=False)  # checksums are always checked
     check_hashes(loaded.manifest, loaded.extra_files)
+    kernel_cache.check_hash(loaded.manifest, loaded.extra_files)
     man = loaded.manifest
     try:
         verify_versions(man, args.artifact)
@@ -213,6 +230,7 @@ def cmd_inspect(args):
     if man.get("quality"):
         q = man["quality"]
         _log(f"  quality {q['metric']}: {q['before']:.4g} -> {q['after']:.4g} ({q['split']} split)")
+    _report_kernel_cache(man.get("kernel_cache"))
     _report_packages(man.get("packages"))
     return {"artifact": args.artifact, "compatible": compatible, "programs": sorted(loaded.programs), **man}
 

@@ -19,6 +19,16 @@ def _held_elsewhere(ep: ExportedProgram, device) -> bool:
     return any(isinstance(t, torch.Tensor) and t.device != device for t in tensors)
 
 
+def indexed(device) -> str:
+    """`device` with its index ("cuda" -> "cuda:0", the current device): the programs'
+    device arguments are rewritten to this (move_to_device_pass), and Dynamo refuses a
+    graph that asserts "cuda" of a tensor on "cuda:0"."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a is b:
         return True
@@ -34,15 +44,18 @@ class Artifact:
     this target and environment (runtime/packages.py; `packages=False` never uses them);
     otherwise it is lowered through Inductor on first use, for the target the manifest
     names (target_for) with the options load_lowering gives (`compiled=False` runs the
-    exported graph as it is, for checks).
+    exported graph as it is, for checks), from the artifact's kernel cache where it fits
+    (codegen/kernel_cache.py; `kernel_cache=False` never uses it).
     """
 
     def __init__(self, programs: dict[str, ExportedProgram], manifest: dict, extra_files: dict | None = None,
-                 *, packages: bool = True):
+                 *, packages: bool = True, kernel_cache: bool = True):
         self.programs = programs
         self.manifest = manifest
         self.extra_files = extra_files or {}
         self.use_packages = packages
+        self.use_kernel_cache = kernel_cache
+        self.kernel_cache_status: dict | None = None  # set on the first lowering (see _kernel_cache)
         self._modules: dict = {}
         self._placed: dict = {}  # device -> weights already placed there (see _place_weights)
         self._decoders: dict = {}  # (device, compiled) -> StaticCacheDecoder (see decoder)
@@ -60,6 +73,7 @@ class Artifact:
     def module(self, name: str, *, device: str = "cpu", compiled: bool = True, autotune: bool | None = None):
         """The program `name` as a callable module on `device`. `autotune=False` lowers it
         without max-autotune (a quicker benchmark of a program that is not what ships)."""
+        device = indexed(device)
         key = (name, device, compiled, autotune)
         if key not in self._modules:
             if name not in self.programs:
@@ -83,7 +97,9 @@ class Artifact:
                 if autotune is not None:
                     options["autotune"] = autotune
                 packaged = self._packaged(name, target, gm, device) if autotune is not False else None
-                gm = packaged or lower(gm, target, **options)
+                # The kernel cache holds the load lowering's kernels; another lowering would miss it.
+                cached = autotune is None and self._kernel_cache(target)
+                gm = packaged or lower(gm, target, **options, kernel_cache=cached)
             self._modules[key] = gm
         return self._modules[key]
 
@@ -94,6 +110,36 @@ class Artifact:
         from optc.runtime.packages import packaged_module
 
         return packaged_module(self.manifest, self.extra_files, name, target, gm, device, self._warned)
+
+    def _kernel_cache(self, target) -> bool:
+        """Install the artifact's kernel cache into this process's Inductor caches (once)
+        when it was built for `target` in this environment; whether lowerings read it.
+        Where it does not fit, warns once why and the programs are compiled here."""
+        if self.kernel_cache_status is None:
+            from optc.compiler.codegen import kernel_cache
+
+            data, reason = kernel_cache.usable(self.manifest, self.extra_files, target)
+            if not self.use_kernel_cache:
+                data, reason = None, None
+            self.kernel_cache_status = {"used": data is not None, "reason": reason}
+            if data is not None:
+                self.kernel_cache_status.update(installed=kernel_cache.install(data),
+                                                counts_before=kernel_cache.hit_counts())
+            elif reason is not None:
+                warnings.warn(f"{reason}; Inductor compiles and tunes the portable programs here (slower to load, "
+                              "and not the kernels the compile verified)", stacklevel=4)
+        return self.kernel_cache_status["used"]
+
+    def kernel_cache_hits(self) -> dict | None:
+        """FX graph cache hits and misses since the kernel cache was installed (None: it
+        was not): every lowering of a load should hit."""
+        status = self.kernel_cache_status or {}
+        if not status.get("used"):
+            return None
+        from optc.compiler.codegen import kernel_cache
+
+        now, before = kernel_cache.hit_counts(), status["counts_before"]
+        return {k: now[k] - before[k] for k in now}
 
     def target_for(self, device):
         """The target whose Inductor options lower the programs on `device`: the one the
@@ -162,7 +208,8 @@ class Artifact:
         the same cache tensors, so a second one would not be independent anyway."""
         if self.task != "causal-lm":
             raise UsageError("only decoder-LM artifacts have a decode loop")
-        key = (str(torch.device(device)), compiled)
+        device = indexed(device)
+        key = (device, compiled)
         if key not in self._decoders:
             self._decoders[key] = self._new_decoder(device, compiled)
         return self._decoders[key]
@@ -184,7 +231,9 @@ class Artifact:
             if all(p is not None for p in pair):
                 prefill, decode = pair
             else:
-                compile_fn = lambda m: lower(m, target, **load_lowering(target, "decode", m.graph))  # noqa: E731
+                cached = self._kernel_cache(target)
+                compile_fn = lambda m: lower(m, target, **load_lowering(target, "decode", m.graph),  # noqa: E731
+                                             kernel_cache=cached)
         meta = self.manifest["model"]
         return StaticCacheDecoder(prefill, decode, compile=compile_fn, device=device,
                                   max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])

@@ -34,8 +34,12 @@ def test_compile_json_contract(artifact):
     assert doc["params"]["after"] < doc["params"]["before"]
     assert all(v["ok"] for v in doc["verification"].values())
     # The lowering the check used, as the manifest records it (on the CPU: as a load lowers).
-    assert doc["lowering"]["check"] == doc["lowering"]["load"]["decode"]
-    assert doc["lowering"]["check"]["autotune"] is False
+    assert doc["lowering"]["check"] == doc["lowering"]["load"]
+    assert doc["lowering"]["check"]["decode"]["autotune"] is False
+    # What Inductor compiled for the check ships, hashed, for this environment.
+    kc = doc["kernel_cache"]
+    assert kc["programs"] == ["decode", "prefill"] and kc["entries"]["inductor"] >= 2
+    assert kc["environment"]["target"] == "cpu" and len(kc["sha256"]) == 64
 
 
 def test_load_and_run_matches_program(artifact):

@@ -9,7 +9,7 @@ from torch.export import ExportedProgram
 
 from optc.compiler.capture import graph_module, is_state_buffer
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
-from optc.compiler.rewrite import attr_value
+from optc.compiler.rewrite import attr_value, unify_aliases
 from optc.compiler.targets import Target
 from optc.errors import CompileError
 
@@ -32,29 +32,37 @@ THRESHOLD_BUFFER_PREFIX = "sparsify_t_"
 # decoded slower than a cold compile of the same graph: llama-1b dense 1.395 vs 1.347
 # ms/token, TEAL 0.5 graph 1.414 vs 1.308, CATS 1.342 vs 1.301, CHESS 1.422 vs 1.349
 # (benchmarks/NOTES.md). optc compiles cold whenever it tunes: tens of seconds more at
-# load, a faster decode step.
+# load, a faster decode step. The exception is an artifact's kernel cache
+# (codegen/kernel_cache.py): the compile records the entries of the very lowering it
+# verified, configurations included, and a load that installs them must hit them.
 
 
 def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagraphs: bool = False,
-          shape_tuning: bool = True):
+          shape_tuning: bool = True, kernel_cache: bool = False):
     """torch.compile with Inductor and the target's options (applied per call, never
     to the global Inductor config). `autotune` benchmarks GEMM and kernel configs on
     the device (max-autotune); `cudagraphs` lets Inductor capture CUDA graphs itself:
     leave it off where optc's decode loop captures the whole step. `shape_tuning=False`
-    drops the target's per-kernel tuning (coordinate descent) too: see load_lowering."""
-    options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning)
+    drops the target's per-kernel tuning (coordinate descent) too: see load_lowering.
+    `kernel_cache` turns Inductor's FX graph cache on whatever the tuning: the compile
+    records an artifact's kernel cache with it, and a load that installed one reads it."""
+    options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning,
+                               kernel_cache=kernel_cache)
     if target.realize_gemv_inputs and isinstance(gm, torch.fx.GraphModule):
         gm, _ = realize_gemv_inputs(gm)
+    unify_aliases(gm)  # a program read from a file lowers to the graph it lowered to at compile
     return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
 
 
 def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool = False,
-                     shape_tuning: bool = True) -> dict:
+                     shape_tuning: bool = True, kernel_cache: bool = False) -> dict:
     """The options `lower` hands torch.compile (the manifest records them)."""
     options = dict(target.inductor)
     if not shape_tuning:
         options.pop("coordinate_descent_tuning", None)
-    if options.get("coordinate_descent_tuning") or autotune:
+    if kernel_cache:
+        options["fx_graph_cache"] = True
+    elif options.get("coordinate_descent_tuning") or autotune:
         options.setdefault("fx_graph_cache", False)  # compile cold: see the note above lower()
     if autotune:
         options["max_autotune"] = True
@@ -63,10 +71,11 @@ def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool
 
 
 def load_lowering(target: Target, program: str, graph: torch.fx.Graph | None = None) -> dict:
-    """How a loaded artifact lowers `program` for `target` (Artifact.module / .decoder):
-    autotuned on a GPU, except the decode program; Inductor's own CUDA graphs for
-    forward programs only, because the decode loop captures the whole decode step
-    itself. On the CPU, tuning C++ templates costs minutes for nothing.
+    """How a loaded artifact lowers `program` for `target` (Artifact.module / .decoder),
+    and so how the compile-time check lowers it: a forward program autotuned on a GPU,
+    with Inductor's own CUDA graphs; a decoder's prefill and decode programs neither,
+    because the decode loop captures the whole decode step itself. On the CPU, tuning
+    C++ templates costs minutes for nothing.
 
     A program whose layers each have their own token count (merge_tokens) is not tuned:
     tuning is per shape, so it would cost about one dense model's tuning per layer
@@ -76,11 +85,17 @@ def load_lowering(target: Target, program: str, graph: torch.fx.Graph | None = N
     tuned = not (graph is not None and per_layer_shapes(graph))
     # The decode program is all one-row GEMVs, which coordinate descent tunes as
     # reductions; max-autotune on top made llama-1b's step slower on the H200
-    # (benchmarks/NOTES.md), so only the other programs autotune.
-    record = {"autotune": on_gpu and tuned and program != "decode", "cudagraphs": on_gpu and program == "forward"}
+    # (benchmarks/NOTES.md). The decoder lowers its prefill program with the same
+    # options (one lowering per decoder), so only forward programs autotune.
+    forward = program not in DECODER_PROGRAMS
+    record = {"autotune": on_gpu and tuned and forward, "cudagraphs": on_gpu and forward}
     if not tuned:
         record["shape_tuning"] = False
     return record
+
+
+# The programs of a decoder LM (runtime/decode.StaticCacheDecoder); others are forward programs.
+DECODER_PROGRAMS = ("prefill", "decode")
 
 
 def per_layer_shapes(graph: torch.fx.Graph) -> bool:
@@ -93,12 +108,14 @@ TOKEN_MERGE_OP = "optc.token_merge"
 
 
 def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool = False,
-                    shape_tuning: bool = True) -> dict:
+                    shape_tuning: bool = True, kernel_cache: bool = False) -> dict:
     """A lowering as the manifest records it: the switches and the exact options."""
     record = {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
               "inductor_options": inductor_options(target, autotune=autotune, cudagraphs=cudagraphs,
-                                                   shape_tuning=shape_tuning),
+                                                   shape_tuning=shape_tuning, kernel_cache=kernel_cache),
               "realize_gemv_inputs": target.realize_gemv_inputs}
+    if kernel_cache:
+        record["kernel_cache"] = True
     if not shape_tuning:
         record["shape_tuning"] = False
     return record
@@ -285,12 +302,10 @@ def _named_tensors(module):
             yield name, t.data
 
 
-# The compile-time check lowers without autotuning (minutes on a GPU, and its choices
-# vary from one process to the next); the manifest records this beside load_lowering.
-CHECK_LOWERING = {"autotune": False, "cudagraphs": False}
-
-
-def lower_and_verify(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target) -> dict:
+def lower_and_verify(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target, program: str, *,
+                     kernel_cache: bool = False) -> dict:
+    """Lower `program` as a load lowers it (load_lowering), so the kernels checked are
+    the ones that run, and verify it against the uncompiled program."""
     gm = graph_module(ep)
-    compiled = lower(gm, target, **CHECK_LOWERING)
+    compiled = lower(gm, target, **load_lowering(target, program, gm.graph), kernel_cache=kernel_cache)
     return verify(ep, compiled, gm, inputs)

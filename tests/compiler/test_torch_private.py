@@ -243,6 +243,21 @@ def test_inductor_realize_op():
     torch.testing.assert_close(out, (torch.sigmoid(x) * x).sum(-1))
 
 
+def test_fresh_cache_artifacts(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    gm = fx.symbolic_trace(lambda a: torch.sigmoid(a) * 3 + a)
+    with tp.fresh_cache_artifacts():
+        torch.compile(gm, backend="inductor", fullgraph=True, options={"fx_graph_cache": True})(torch.randn(8))
+        saved = torch.compiler.save_cache_artifacts()
+    assert saved is not None
+    data, info = saved
+    assert isinstance(data, bytes) and len(info.inductor_artifacts) >= 1  # the compiled graph was recorded
+    with tp.fresh_cache_artifacts():
+        assert torch.compiler.save_cache_artifacts() is None  # a fresh record holds nothing
+    torch._dynamo.reset()
+
+
 def test_pick_vec_isa():
     isa = tp.pick_vec_isa()
     assert isinstance(str(isa), str)  # falsy (empty) when the CPU has none Inductor knows

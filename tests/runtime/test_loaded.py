@@ -44,8 +44,9 @@ def _recording_lower(monkeypatch) -> list:
     recording what each call asked for."""
     calls = []
 
-    def lower(gm, target, *, autotune=False, cudagraphs=False):
-        calls.append({"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs})
+    def lower(gm, target, *, autotune=False, cudagraphs=False, kernel_cache=False):
+        calls.append({"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
+                      "kernel_cache": kernel_cache})
         return torch.compile(gm, backend="eager", fullgraph=True, dynamic=False)
 
     monkeypatch.setattr(lowering, "lower", lower)
@@ -64,21 +65,30 @@ def test_manifest_records_the_lowering_the_check_used(monkeypatch, tmp_path):
     cpu = optc.compiler.targets.get("cpu")
     assert len(calls) == 2 and all(c == calls[0] for c in calls)  # prefill and decode, alike
     used = calls[0]
+    assert used["kernel_cache"] is True  # the check reads and writes Inductor's cache: what it compiles ships
     rec = optc.load(art.save(tmp_path / "a.optc")).manifest["lowering"]  # survives the file
     assert rec["target"] == "cpu"
-    assert rec["check"] == lowering.lowering_record(cpu, autotune=used["autotune"], cudagraphs=used["cudagraphs"])
-    assert rec["check"] == {"target": "cpu", "autotune": False, "cudagraphs": False,
-                            "inductor_options": {"triton.cudagraphs": False}, "realize_gemv_inputs": False}
-    assert rec["load"]["decode"] == rec["check"]  # on the CPU the load lowers as the check did
+    # Eager dynamo compiles nothing Inductor caches, so this artifact has no kernel cache
+    # and its load lowers without one.
+    assert art.manifest["kernel_cache"]["skipped"]
+    for name in ("prefill", "decode"):
+        assert rec["check"][name] == lowering.lowering_record(cpu, autotune=used["autotune"],
+                                                              cudagraphs=used["cudagraphs"])
+        assert rec["load"][name] == rec["check"][name]  # the check lowers as a load does
+    assert rec["check"]["decode"] == {"target": "cpu", "autotune": False, "cudagraphs": False,
+                                      "inductor_options": {"triton.cudagraphs": False}, "realize_gemv_inputs": False}
     assert _tiny("cpu", verify=False).manifest["lowering"]["check"] is None  # nothing was lowered
 
-    # For a GPU target (no such device here: not checked) the load autotunes the prefill
-    # program and not the decode step (benchmarks/NOTES.md), whose GEMVs read stored inputs.
+    # For a GPU target (no such device here: not checked) neither the prefill nor the
+    # decode program autotunes (benchmarks/NOTES.md: the decode GEMVs read stored
+    # inputs; the decoder lowers both alike).
     rec = _tiny("h200", verify=True).manifest["lowering"]
-    assert rec["check"] is None and rec["load"]["prefill"]["autotune"] is True
+    assert rec["check"] is None and rec["load"]["prefill"] == rec["load"]["decode"]
     assert rec["load"]["decode"]["autotune"] is False and rec["load"]["decode"]["realize_gemv_inputs"] is True
     assert rec["load"]["decode"]["inductor_options"] == {
         "coordinate_descent_tuning": True, "fx_graph_cache": False, "triton.cudagraphs": False}
+    assert lowering.load_lowering(optc.compiler.targets.get("h200"), "forward") == {"autotune": True,
+                                                                                     "cudagraphs": True}
 
 
 def test_loading_lowers_for_the_manifest_target_not_a_detected_one(saved, monkeypatch):

@@ -1,0 +1,134 @@
+"""The compiled code of the lowering a compile verified, carried in the artifact, so that
+a load on the same target and environment runs those kernels instead of compiling and
+tuning its own.
+
+What it holds: `torch.compiler.save_cache_artifacts()` taken right after the
+compile-time check lowered and ran every program with the options a load uses
+(lowering.load_lowering) and the FX graph cache on: Inductor's FX graph cache entries
+(the generated code, with the compiled Triton kernels bundled in), AOTAutograd's
+entries, and the kernel configurations that coordinate descent chose while the check
+ran (the autotune cache). `torch.compiler.load_cache_artifacts` writes them into this
+machine's Inductor caches; the lowering then finds each program there, so it runs the
+verified kernels with the configurations chosen at compile time, without generating
+code or tuning again (issue: a decode step whose tuning differs from one process to
+the next decodes at a different speed).
+
+When a load uses it: the manifest's record names the environment it was built in
+(aoti_probe.environment: the target, torch and triton builds, CUDA, the GPU model or
+the CPU's vector ISA), and a load anywhere else lowers the portable programs as before,
+with a warning saying why. Bytes that do not hash to the recorded sha256 are refused
+(ArtifactError, exit 2), as for packages: the file was changed after it was written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from optc.compiler.targets import Target
+from optc.errors import ArtifactError
+
+MEMBER = "kernels/inductor_cache.bin"
+FORMAT = "inductor-cache-artifacts"
+_RECOMPILE = "recompile the model with `optc compile`"
+
+
+@dataclass
+class Recording:
+    """What `recording()` collected: the serialised entries (None: nothing was
+    cacheable) and how many of each kind."""
+
+    data: bytes | None = None
+    counts: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the cache entries of every lowering compiled or run inside (and nothing
+    the process compiled before)."""
+    from optc.compiler.torch_private import fresh_cache_artifacts
+
+    rec = Recording()
+    with fresh_cache_artifacts():
+        yield rec
+        saved = torch.compiler.save_cache_artifacts()
+    if saved is not None:
+        rec.data, info = saved
+        rec.counts = _counts(info)
+
+
+def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, dict]:
+    """({member: bytes}, the manifest's "kernel_cache" record) for a recording."""
+    from optc.compiler.codegen.aoti_probe import environment
+
+    if rec.data is None:
+        return {}, {"format": FORMAT, "skipped": "Inductor recorded no cache entries for these programs"}
+    return {MEMBER: rec.data}, {
+        "format": FORMAT, "member": MEMBER, "sha256": hashlib.sha256(rec.data).hexdigest(),
+        "bytes": len(rec.data), "entries": rec.counts, "programs": sorted(programs),
+        "environment": environment(target),
+    }
+
+
+def check_hash(manifest: dict, extra_files: dict) -> None:
+    """Refuse (ArtifactError, exit 2) a kernel cache whose bytes are missing or do not
+    hash to what the manifest recorded: checked at load, before anything could run."""
+    rec = manifest.get("kernel_cache") or {}
+    if "member" not in rec:
+        return
+    data = extra_files.get(rec["member"])
+    if data is None:
+        raise ArtifactError(f"the artifact's manifest lists the kernel cache {rec['member']!r} but the file lacks "
+                            f"it; {_RECOMPILE}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != rec.get("sha256"):
+        raise ArtifactError(f"the kernel cache {rec['member']!r} does not match its manifest hash (sha256 "
+                            f"{digest[:16]}..., recorded {str(rec.get('sha256'))[:16]}...): the file was modified "
+                            f"after it was written; {_RECOMPILE}")
+
+
+def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | None, str | None]:
+    """(bytes, None) when the artifact's kernel cache was built for `target` in this
+    environment; (None, reason) when the portable programs must be lowered here
+    instead (reason None: the artifact carries none, nothing to say)."""
+    from optc.compiler.codegen.aoti_probe import environment
+
+    rec = manifest.get("kernel_cache") or {}
+    if "member" not in rec:
+        return None, None
+    built, here = rec.get("environment") or {}, environment(target)
+    if built.get("target") != target.name:
+        return None, f"its kernel cache was built for {built.get('target')}, this is {target.name}"
+    differ = [f"{k} {built.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(built) | set(here))
+              if k != "target" and built.get(k) != here.get(k)]
+    if differ:
+        return None, "its kernel cache was built in another environment: " + "; ".join(differ)
+    check_hash({"kernel_cache": rec}, extra_files)  # again: the bytes may be in-memory edits
+    return extra_files[rec["member"]], None
+
+
+def install(data: bytes) -> dict:
+    """Write the entries into this machine's Inductor caches; how many of each kind."""
+    info = torch.compiler.load_cache_artifacts(data)
+    if info is None:
+        raise ArtifactError(f"the artifact's kernel cache could not be read by torch {torch.__version__}; "
+                            f"{_RECOMPILE}")
+    return _counts(info)
+
+
+def _counts(info) -> dict:
+    """Entries per kind ("inductor": compiled graphs, "autotune": tuned kernel configs,
+    "aot_autograd", ...) of a torch.compiler CacheInfo."""
+    return {kind: len(keys) for kind, keys in sorted(info.artifacts.items())}
+
+
+def hit_counts() -> dict:
+    """Inductor's FX graph cache hits and misses in this process so far (a load reports
+    the difference: a hit runs the kernels the compile verified)."""
+    from optc.compiler.torch_private import dynamo_counters
+
+    c = dynamo_counters()["inductor"]
+    return {"hits": int(c["fxgraph_cache_hit"]), "misses": int(c["fxgraph_cache_miss"])}

@@ -1,0 +1,137 @@
+"""The artifact's kernel cache (CPU): what Inductor compiled for the compile-time check
+ships, a fresh process with empty Inductor caches runs exactly those graphs (cache hits,
+no misses), a tampered cache is refused (exit 2), and another environment compiles the
+portable programs with a warning that says why."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+import optc
+from optc.compiler.codegen import aoti_probe, kernel_cache, lowering
+from optc.compiler.targets import get as get_target
+from optc.errors import ArtifactError
+from optc.models import zoo
+from optc.runtime.artifact import MANIFEST_NAME
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    entry = zoo.get("tiny-llama")
+    art = optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", pipeline_name="none",
+                       max_cache_len=32, verify=True, log=lambda m: None)
+    return art.save(tmp_path_factory.mktemp("kc") / "lm.optc")
+
+
+def _prompt_len(path) -> int:
+    """The prompt length the check lowered the prefill program for."""
+    with zipfile.ZipFile(path) as zf:
+        man = json.loads(zf.read(MANIFEST_NAME))
+    return man["example_inputs"]["prefill"]["kwargs"]["input_ids"]["shape"][1]
+
+
+def test_manifest_records_the_kernel_cache(lm):
+    art = optc.load(lm)
+    rec = art.manifest["kernel_cache"]
+    data = art.extra_files[rec["member"]]
+    assert rec["sha256"] == hashlib.sha256(data).hexdigest() and rec["bytes"] == len(data)
+    assert rec["programs"] == ["decode", "prefill"] and rec["entries"]["inductor"] >= 2
+    assert rec["environment"] == aoti_probe.environment(get_target("cpu"))
+    for name in ("prefill", "decode"):
+        assert art.manifest["lowering"]["load"][name]["kernel_cache"] is True
+
+
+_FRESH_LOAD = """
+import json, sys, torch, optc
+art = optc.load(sys.argv[1])
+prompt = torch.randint(0, 256, (1, int(sys.argv[2])), generator=torch.Generator().manual_seed(0))
+out = art.generate(prompt, 4)
+hits = art.kernel_cache_hits()
+same = torch.equal(out, art.generate(prompt, 4, compiled=False))
+print(json.dumps({"hits": hits, "used": art.kernel_cache_status["used"], "same": same}))
+"""
+
+
+def test_a_fresh_process_runs_the_recorded_kernels(lm, tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty-inductor-cache")}
+    proc = subprocess.run([sys.executable, "-c", _FRESH_LOAD, str(lm), str(_prompt_len(lm))], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["used"] and result["same"]
+    # Both programs came from the artifact's entries: the graphs the check verified.
+    assert result["hits"]["hits"] == 2 and result["hits"]["misses"] == 0
+
+
+def _eager_lower(monkeypatch) -> list:
+    calls = []
+
+    def lower(gm, target, **options):
+        calls.append(options)
+        return torch.compile(gm, backend="eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(lowering, "lower", lower)
+    return calls
+
+
+def test_another_environment_compiles_here_with_a_warning(lm, monkeypatch):
+    calls = _eager_lower(monkeypatch)
+    real = aoti_probe.environment
+    monkeypatch.setattr(aoti_probe, "environment", lambda target: {**real(target), "torch": "2.99.0+other"})
+    monkeypatch.setattr(kernel_cache, "install", lambda data: pytest.fail("installed a foreign kernel cache"))
+    art = optc.load(lm)
+    with pytest.warns(UserWarning, match=r"kernel cache was built in another environment: torch '.*' there, "
+                                         r"'2.99.0\+other' here"):
+        art.generate(torch.zeros(1, 8, dtype=torch.long), 2)
+    assert len(calls) == 2 and not any(c["kernel_cache"] for c in calls)
+    assert art.kernel_cache_status == {"used": False, "reason": art.kernel_cache_status["reason"]}
+
+
+def test_load_without_the_kernel_cache(lm, monkeypatch):
+    calls = _eager_lower(monkeypatch)
+    monkeypatch.setattr(kernel_cache, "install", lambda data: pytest.fail("installed the kernel cache"))
+    art = optc.load(lm, kernel_cache=False)
+    art.generate(torch.zeros(1, 8, dtype=torch.long), 2)
+    assert len(calls) == 2 and not any(c["kernel_cache"] for c in calls)
+    assert art.kernel_cache_hits() is None
+
+
+def _tampered(src, dst, *, fix_file_hash: bool):
+    """The artifact with one byte of its kernel cache flipped; with fix_file_hash the
+    file's own member list is updated (only the kernel cache record then tells)."""
+    with zipfile.ZipFile(src) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    man = json.loads(members[MANIFEST_NAME])
+    member = man["kernel_cache"]["member"]
+    data = bytearray(members[member])
+    data[len(data) // 2] ^= 0xFF
+    members[member] = bytes(data)
+    if fix_file_hash:
+        man["files"][member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    members[MANIFEST_NAME] = json.dumps(man).encode()
+    with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, payload in members.items():
+            zf.writestr(name, payload)
+    return dst
+
+
+@pytest.mark.parametrize("fix_file_hash", [True, False])
+def test_tampered_kernel_cache_is_refused(lm, tmp_path, fix_file_hash):
+    bad = _tampered(lm, tmp_path / "bad.optc", fix_file_hash=fix_file_hash)
+    with pytest.raises(ArtifactError, match="modified"):
+        optc.load(bad)
+    proc = subprocess.run([sys.executable, "-m", "optc.cli", "inspect", str(bad)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "modified" in proc.stderr
+
+
+def test_inspect_shows_the_kernel_cache(lm):
+    proc = subprocess.run([sys.executable, "-m", "optc.cli", "inspect", str(lm)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "kernel cache: " in proc.stderr and "compiled graphs" in proc.stderr
