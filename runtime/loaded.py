@@ -89,7 +89,10 @@ class Artifact:
                 # GraphModule.to() would leave the KV-cache constants behind.
                 from torch.export.passes import move_to_device_pass
 
-                ep = move_to_device_pass(ep, device)
+                # A device object, not a string: the pass writes it into every device
+                # argument, and the graph must read as at compile time (the kernel cache
+                # is keyed by its code), where those are device objects.
+                ep = move_to_device_pass(ep, torch.device(device))
             gm = graph_module(ep)
             if compiled:
                 target = self.target_for(device)

@@ -49,6 +49,9 @@ def test_manifest_records_the_kernel_cache(lm):
 
 _FRESH_LOAD = """
 import json, sys, torch, optc
+import optc.runtime.loaded as loaded
+if sys.argv[3] == "moved":  # as on a GPU, where the read programs are moved to the device
+    loaded._held_elsewhere = lambda ep, device: True
 art = optc.load(sys.argv[1])
 prompt = torch.randint(0, 256, (1, int(sys.argv[2])), generator=torch.Generator().manual_seed(0))
 out = art.generate(prompt, 4)
@@ -58,9 +61,10 @@ print(json.dumps({"hits": hits, "used": art.kernel_cache_status["used"], "same":
 """
 
 
-def test_a_fresh_process_runs_the_recorded_kernels(lm, tmp_path):
+@pytest.mark.parametrize("placement", ["as_read", "moved"])
+def test_a_fresh_process_runs_the_recorded_kernels(lm, tmp_path, placement):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty-inductor-cache")}
-    proc = subprocess.run([sys.executable, "-c", _FRESH_LOAD, str(lm), str(_prompt_len(lm))], env=env,
+    proc = subprocess.run([sys.executable, "-c", _FRESH_LOAD, str(lm), str(_prompt_len(lm)), placement], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
