@@ -29,6 +29,30 @@ def indexed(device) -> str:
     return str(dev)
 
 
+def _move_shared(ep: ExportedProgram, device: torch.device) -> None:
+    """Move the program's state and constants to `device`, one copy per tensor view: a
+    KV cache is held as a buffer and as a lifted constant over one storage, which the
+    program writes through one name and the decoder ties through the other, so the two
+    must stay one tensor (move_to_device_pass alone copies each entry on its own; it
+    then finds them on the device and leaves them)."""
+    moved: dict = {}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in moved:
+            out = t.to(device)
+            moved[key] = torch.nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+                else out
+        return moved[key]
+
+    for table in (ep.state_dict, ep.constants):
+        for name, t in list(table.items()):
+            if isinstance(t, torch.Tensor):
+                table[name] = move(t)
+
+
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a is b:
         return True
@@ -89,6 +113,7 @@ class Artifact:
                 # GraphModule.to() would leave the KV-cache constants behind.
                 from torch.export.passes import move_to_device_pass
 
+                _move_shared(ep, torch.device(device))
                 # A device object, not a string: the pass writes it into every device
                 # argument, and the graph must read as at compile time (the kernel cache
                 # is keyed by its code), where those are device objects.

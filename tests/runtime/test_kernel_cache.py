@@ -139,3 +139,24 @@ def test_inspect_shows_the_kernel_cache(lm):
     proc = subprocess.run([sys.executable, "-m", "optc.cli", "inspect", str(lm)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "kernel cache: " in proc.stderr and "compiled graphs" in proc.stderr
+
+
+def test_moving_a_read_program_keeps_its_cache_views_one_tensor(lm):
+    """A program read from a file holds each KV cache as a buffer and a lifted constant
+    over one storage; moved to a device (here "meta", which needs no GPU) each must stay
+    one tensor, or the program would write one copy and the decoder tie the other."""
+    from optc.runtime.loaded import _move_shared
+
+    ep = optc.load(lm).programs["decode"]
+    entries = {**{("s", k): v for k, v in ep.state_dict.items()}, **{("c", k): v for k, v in ep.constants.items()}}
+    groups: dict = {}
+    for key, t in entries.items():
+        groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(key)
+    shared = [keys for keys in groups.values() if len(keys) > 1]
+    assert shared  # the caches (and their cumulative lengths) are held twice
+    _move_shared(ep, torch.device("meta"))
+    table = lambda kind: ep.state_dict if kind == "s" else ep.constants  # noqa: E731
+    assert all(table(k)[n].device.type == "meta" for k, n in entries)
+    for keys in shared:
+        first = table(keys[0][0])[keys[0][1]]
+        assert all(table(k)[n] is first for k, n in keys[1:]), keys
