@@ -146,9 +146,8 @@ class Artifact:
         if self.kernel_cache_status is None:
             from optc.compiler.codegen import kernel_cache
 
-            data, reason = kernel_cache.usable(self.manifest, self.extra_files, target)
-            if not self.use_kernel_cache:
-                data, reason = None, None
+            data, reason = (kernel_cache.usable(self.manifest, self.extra_files, target) if self.use_kernel_cache
+                            else (None, None))
             self.kernel_cache_status = {"used": data is not None, "reason": reason}
             if data is not None:
                 self.kernel_cache_status.update(installed=kernel_cache.install(data),
