@@ -165,7 +165,7 @@ def _report_kernel_cache(rec: dict | None) -> None:
     _log(f"  kernel cache: {rec['bytes'] / 1e6:.1f} MB, {n.get('inductor', 0)} compiled graphs and "
          f"{n.get('autotune', 0)} tuned kernel configs for {env.get('target')} (torch {env.get('torch')}"
          + (f", triton {env['triton']}" if env.get("triton") else "") + (f", {env['gpu']}" if env.get("gpu") else "")
-         + "); a load there runs these kernels without compiling or tuning them again")
+         + "); a load in that environment lowers from them: no code generation, no tuning")
 
 
 def _report_packages(rec: dict | None) -> None:
