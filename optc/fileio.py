@@ -1,14 +1,17 @@
-"""Writing files so that a reader never sees half of one: shared by every layer (the
-compiler's MLIR emission, the runtime's artifacts, the search's results), like errors.py."""
+"""Writing files so that a reader never sees half of one, and checking a member read back
+against the hash recorded for it: shared by every layer (the compiler's MLIR emission
+and kernel cache, the runtime's artifacts and packages, the search's results), like
+errors.py."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-from optc.errors import UsageError
+from optc.errors import ArtifactError, UsageError
 
 
 @contextlib.contextmanager
@@ -48,3 +51,16 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def check_member_hash(extra_files: dict, member: str, recorded: str | None, what: str, remedy: str) -> None:
+    """Refuse (ArtifactError, exit 2) an artifact member that is missing or whose bytes do
+    not hash to `recorded`: the file was changed after it was written, so nothing in it
+    is trusted. `what` names the member for the message ("the package 'x'")."""
+    data = extra_files.get(member)
+    if data is None:
+        raise ArtifactError(f"the artifact's manifest lists {what} but the file lacks it; {remedy}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != recorded:
+        raise ArtifactError(f"{what} does not match its manifest hash (sha256 {digest[:16]}..., recorded "
+                            f"{str(recorded)[:16]}...): the file was modified after it was written; {remedy}")

@@ -11,12 +11,11 @@ replaced: the file was modified after it was written, so nothing in it is truste
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 
 import torch
 
-from optc.errors import ArtifactError
+from optc.fileio import check_member_hash
 
 _RECOMPILE = "recompile the model with `optc compile`"
 
@@ -26,17 +25,9 @@ def check_hashes(manifest: dict, extra_files: dict) -> None:
     manifest's "packages" record says: checked at load, before anything could run."""
     packages = manifest.get("packages") or {}
     for name, rec in (packages.get("programs") or {}).items():
-        if "skipped" in rec:
-            continue
-        data = extra_files.get(rec.get("member"))
-        if data is None:
-            raise ArtifactError(f"the artifact's manifest lists the package {rec.get('member')!r} of {name} but the "
-                                f"file lacks it; {_RECOMPILE}")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != rec.get("sha256"):
-            raise ArtifactError(f"the package {rec['member']!r} does not match its manifest hash (sha256 "
-                                f"{digest[:16]}..., recorded {str(rec.get('sha256'))[:16]}...): the file was "
-                                f"modified after it was written; {_RECOMPILE}")
+        if "skipped" not in rec:
+            check_member_hash(extra_files, rec.get("member"), rec.get("sha256"), f"the package {rec.get('member')!r}",
+                              _RECOMPILE)
 
 
 def package_for(manifest: dict, extra_files: dict, name: str, target) -> tuple[bytes | None, dict | None, str | None]:

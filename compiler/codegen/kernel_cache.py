@@ -30,6 +30,7 @@ import torch
 
 from optc.compiler.targets import Target
 from optc.errors import ArtifactError
+from optc.fileio import check_member_hash
 
 MEMBER = "kernels/inductor_cache.bin"
 FORMAT = "inductor-cache-artifacts"
@@ -77,17 +78,9 @@ def check_hash(manifest: dict, extra_files: dict) -> None:
     """Refuse (ArtifactError, exit 2) a kernel cache whose bytes are missing or do not
     hash to what the manifest recorded: checked at load, before anything could run."""
     rec = manifest.get("kernel_cache") or {}
-    if "member" not in rec:
-        return
-    data = extra_files.get(rec["member"])
-    if data is None:
-        raise ArtifactError(f"the artifact's manifest lists the kernel cache {rec['member']!r} but the file lacks "
-                            f"it; {_RECOMPILE}")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != rec.get("sha256"):
-        raise ArtifactError(f"the kernel cache {rec['member']!r} does not match its manifest hash (sha256 "
-                            f"{digest[:16]}..., recorded {str(rec.get('sha256'))[:16]}...): the file was modified "
-                            f"after it was written; {_RECOMPILE}")
+    if "member" in rec:
+        check_member_hash(extra_files, rec["member"], rec.get("sha256"), f"the kernel cache {rec['member']!r}",
+                          _RECOMPILE)
 
 
 def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | None, str | None]:
