@@ -104,6 +104,7 @@ class Artifact:
                 raise UsageError(f"the artifact has no program '{name}'; it has {sorted(self.programs)}")
             from optc.compiler.capture import graph_module
             from optc.compiler.codegen.lowering import load_lowering, lower
+            from optc.compiler.rewrite import unify_aliases
 
             ep = self.programs[name]
             elsewhere = _held_elsewhere(ep, device)
@@ -119,6 +120,9 @@ class Artifact:
                 # is keyed by its code), where those are device objects.
                 ep = move_to_device_pass(ep, torch.device(device))
             gm = graph_module(ep)
+            # Read from a file, a KV cache is two objects over one storage; as one object
+            # the program lowers to the graph the compile checked (the kernel cache's keys).
+            unify_aliases(gm)
             if compiled:
                 target = self.target_for(device)
                 options = load_lowering(target, name, gm.graph)

@@ -9,7 +9,7 @@ from torch.export import ExportedProgram
 
 from optc.compiler.capture import graph_module, is_state_buffer
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
-from optc.compiler.rewrite import attr_value, unify_aliases
+from optc.compiler.rewrite import attr_value
 from optc.compiler.targets import Target
 from optc.errors import CompileError
 
@@ -50,7 +50,6 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
                                kernel_cache=kernel_cache)
     if target.realize_gemv_inputs and isinstance(gm, torch.fx.GraphModule):
         gm, _ = realize_gemv_inputs(gm)
-    unify_aliases(gm)  # a program read from a file lowers to the graph it lowered to at compile
     return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
 
 
