@@ -128,6 +128,22 @@ def decode_after_prefill():
 
 
 @pytest.fixture
+def eager_lower(monkeypatch) -> list:
+    """lowering.lower replaced by dynamo without Inductor (a load's fallback path in
+    seconds); the list collects the options of every call."""
+    from optc.compiler.codegen import lowering
+
+    calls = []
+
+    def lower(gm, target, **options):
+        calls.append(options)
+        return torch.compile(gm, backend="eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(lowering, "lower", lower)
+    return calls
+
+
+@pytest.fixture
 def make_tiny_llama():
     """tiny_llama itself, for tests that build a fresh model (conftest modules of
     subfolders shadow `import conftest`)."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import optc
-from optc.compiler.codegen import aoti_probe, kernel_cache, lowering
+from optc.compiler.codegen import aoti_probe, kernel_cache
 from optc.compiler.targets import get as get_target
 from optc.errors import ArtifactError
 from optc.models import zoo
@@ -73,19 +73,8 @@ def test_a_fresh_process_runs_the_recorded_kernels(lm, tmp_path, placement):
     assert result["hits"]["hits"] == 2 and result["hits"]["misses"] == 0
 
 
-def _eager_lower(monkeypatch) -> list:
-    calls = []
-
-    def lower(gm, target, **options):
-        calls.append(options)
-        return torch.compile(gm, backend="eager", fullgraph=True, dynamic=False)
-
-    monkeypatch.setattr(lowering, "lower", lower)
-    return calls
-
-
-def test_another_environment_compiles_here_with_a_warning(lm, monkeypatch):
-    calls = _eager_lower(monkeypatch)
+def test_another_environment_compiles_here_with_a_warning(lm, monkeypatch, eager_lower):
+    calls = eager_lower
     real = aoti_probe.environment
     monkeypatch.setattr(aoti_probe, "environment", lambda target: {**real(target), "torch": "2.99.0+other"})
     monkeypatch.setattr(kernel_cache, "install", lambda data: pytest.fail("installed a foreign kernel cache"))
@@ -97,8 +86,8 @@ def test_another_environment_compiles_here_with_a_warning(lm, monkeypatch):
     assert art.kernel_cache_status == {"used": False, "reason": art.kernel_cache_status["reason"]}
 
 
-def test_load_without_the_kernel_cache(lm, monkeypatch):
-    calls = _eager_lower(monkeypatch)
+def test_load_without_the_kernel_cache(lm, monkeypatch, eager_lower):
+    calls = eager_lower
     monkeypatch.setattr(kernel_cache, "install", lambda data: pytest.fail("installed the kernel cache"))
     art = optc.load(lm, kernel_cache=False)
     art.generate(torch.zeros(1, 8, dtype=torch.long), 2)

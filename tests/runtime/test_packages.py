@@ -44,18 +44,6 @@ def no_inductor(monkeypatch):
     monkeypatch.setattr(lowering, "lower", lower)
 
 
-def _eager_lower(monkeypatch) -> list:
-    """lowering.lower as dynamo without Inductor (the fallback path in seconds)."""
-    calls = []
-
-    def lower(gm, target, **options):
-        calls.append(options)
-        return torch.compile(gm, backend="eager", fullgraph=True, dynamic=False)
-
-    monkeypatch.setattr(lowering, "lower", lower)
-    return calls
-
-
 def test_manifest_records_the_packages(lm):
     rec = optc.load(lm).manifest["packages"]
     assert rec["format"] == "aoti" and rec["environment"] == aoti_probe.environment(optc.compiler.targets.get("cpu"))
@@ -99,8 +87,8 @@ def test_encoder_forward_through_package_matches_portable(encoder, no_inductor):
     torch.testing.assert_close(art(*inputs), art(*inputs, compiled=False), rtol=1e-4, atol=1e-5)
 
 
-def test_other_environment_falls_back_with_a_warning(lm, monkeypatch):
-    calls = _eager_lower(monkeypatch)
+def test_other_environment_falls_back_with_a_warning(lm, monkeypatch, eager_lower):
+    calls = eager_lower
     real = aoti_probe.environment
     monkeypatch.setattr(aoti_probe, "environment", lambda target: {**real(target), "torch": "2.99.0+other"})
     art = optc.load(lm)
@@ -111,10 +99,10 @@ def test_other_environment_falls_back_with_a_warning(lm, monkeypatch):
     assert torch.equal(out, art.generate(prompt, 4, compiled=False))
 
 
-def test_a_load_where_packages_crash_runs_the_portable_programs(lm, monkeypatch):
+def test_a_load_where_packages_crash_runs_the_portable_programs(lm, monkeypatch, eager_lower):
     """Where the probe says packages crash on load (compiler/codegen/aoti_probe.py), none
     is loaded: the portable programs are lowered, with a warning giving the reason."""
-    calls = _eager_lower(monkeypatch)
+    calls = eager_lower
     monkeypatch.setattr(aoti_probe, "load_failure", lambda target, log=None: "killed by SIGSEGV")
     monkeypatch.setattr(aoti, "load_package", lambda *a, **k: pytest.fail("loaded a package where they crash"))
     art = optc.load(lm)
@@ -125,8 +113,8 @@ def test_a_load_where_packages_crash_runs_the_portable_programs(lm, monkeypatch)
     assert torch.equal(out, art.generate(prompt, 3, compiled=False))
 
 
-def test_load_without_packages_lowers(lm, monkeypatch):
-    calls = _eager_lower(monkeypatch)
+def test_load_without_packages_lowers(lm, eager_lower):
+    calls = eager_lower
     optc.load(lm, packages=False).generate(torch.zeros(1, 8, dtype=torch.long), 2)
     assert len(calls) == 2
 
