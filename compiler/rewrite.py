@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from optc.compiler.torch_private import (OpOverload, buffer_slots, codegen_without_out_spec, graph_codegen,
-                                         op_schema, set_graph_codegen)
+                                         op_schema, set_graph_codegen, set_tensor_attr)
 
 
 def rebuild(gm: fx.GraphModule, extra_outputs: list[fx.Node] | None = None):
@@ -210,8 +210,6 @@ def unify_aliases(module: torch.nn.Module) -> int:
     lower to different graphs with different Inductor cache keys, and a load would miss
     the kernel cache the compile recorded (codegen/kernel_cache.py). Rebinding a view to
     an equal view of the same memory changes nothing the program computes."""
-    from optc.compiler.torch_private import set_tensor_attr
-
     first: dict = {}
     rebound = 0
     for name, t in tensor_attributes(module).items():
@@ -221,7 +219,13 @@ def unify_aliases(module: torch.nn.Module) -> int:
         key = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         keep = first.setdefault(key, t)
         if keep is not t:
-            owner_name, _, leaf = name.rpartition(".")
-            set_tensor_attr(module.get_submodule(owner_name) if owner_name else module, leaf, keep)
+            set_tensor_attribute(module, name, keep)
             rebound += 1
     return rebound
+
+
+def set_tensor_attribute(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Rebind the tensor attribute `name` (dotted) of `module`: a buffer keeps its slot, a
+    GraphModule constant is a plain attribute; nn.Module's checks are bypassed."""
+    owner_name, _, leaf = name.rpartition(".")
+    set_tensor_attr(module.get_submodule(owner_name) if owner_name else module, leaf, value)

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from optc.compiler.capture import is_state_buffer
-from optc.compiler.rewrite import mutated_attr_names, tensor_attributes
-from optc.compiler.torch_private import set_tensor_attr
+from optc.compiler.rewrite import mutated_attr_names, set_tensor_attribute, tensor_attributes
 from optc.errors import CompileError, UsageError
 
 
@@ -36,13 +35,6 @@ def _storage_key(t: torch.Tensor):
     ptr = t.untyped_storage().data_ptr()
     # Zero-size tensors have no storage worth tracking (and all share pointer 0).
     return None if ptr == 0 else (t.device, ptr)
-
-
-def _set_tensor_attr(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    # A buffer keeps its slot; a GraphModule constant is a plain attribute; nn.Module's checks are bypassed.
-    set_tensor_attr(owner, leaf, value)
 
 
 def cache_buffer_names(module: nn.Module) -> list[str]:
@@ -93,7 +85,7 @@ def tie_buffers(src_module: nn.Module, dst_module: nn.Module, names: Iterable[st
                 and t.storage_offset() == d.storage_offset()
             )
             if same:
-                _set_tensor_attr(dst_module, other, s)
+                set_tensor_attribute(dst_module, other, s)
                 dst_t[other] = s
                 rebound.append(other)
             elif key is not None and _storage_key(t) == key:
