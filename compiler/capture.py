@@ -23,6 +23,8 @@ from optc.errors import CaptureError, UsageError
 # reset it) and the runtime (the decode loop ties and resets it) share.
 STATE_BUFFER = re.compile(r"(^|\.)(key_cache|value_cache|cumulative_length)_\d+$")
 KEY_CACHE_BUFFER = re.compile(r"(^|\.)key_cache_\d+$")
+# Where a static-cache layer writes next (transformers' StaticLayer.update).
+LENGTH_BUFFER = re.compile(r"(^|\.)cumulative_length_\d+$")
 
 
 def is_state_buffer(name: str) -> bool:

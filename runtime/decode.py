@@ -6,6 +6,15 @@ program (T = prompt length) and a decode program (T = 1). Both are called as
 `fn(input_ids=[B, T] long, cache_position=[T] long) -> logits [B, T, V]` and mutate the
 static KV cache in place.
 
+A prompt of any length goes through a prefill program of one length P (`prefill_len`:
+the length an artifact's programs were checked and their kernels cached for), so a new
+prompt length never compiles again: P-token chunks, the last one overlapping the one
+before it (its positions are written again with the same values), or one chunk padded
+on the right when the prompt is shorter than P. Transformers' static cache writes where
+its `cumulative_length` counters say, so they are set before each chunk and to the
+prompt's length after it; the padded positions' entries are masked (each query sees
+positions up to its own) and overwritten by the decode steps that reach them.
+
 How the programs' cache tensors are found and tied to one cache: runtime/cache.py.
 
 The decode step on CUDA is captured once as a CUDA graph that, per replay, runs the
@@ -22,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from optc.compiler.capture import KEY_CACHE_BUFFER, is_state_buffer
+from optc.compiler.capture import KEY_CACHE_BUFFER, LENGTH_BUFFER, is_state_buffer
 from optc.errors import UsageError
 from optc.runtime.timing import Timing, summarise
 
@@ -45,6 +54,16 @@ def _static_input_shape(module, name: str):
     return None
 
 
+def prefill_starts(T: int, P: int) -> list[int]:
+    """Where each call of a P-token prefill program starts for a T-token prompt: every P
+    tokens, and the last call ending at T (overlapping the call before it) when P does
+    not divide T; one padded call when T < P."""
+    starts = list(range(0, max(T - P, 0) + 1, P))
+    if T > P and starts[-1] + P < T:
+        starts.append(T - P)
+    return starts
+
+
 # --- StaticCacheDecoder ---------------------------------------------------------------
 
 
@@ -62,6 +81,9 @@ class StaticCacheDecoder:
     cuda_graph: capture the decode step as one CUDA graph (default: on when the cache
         lives on a CUDA device). On CPU the same step runs in a Python loop.
     max_cache_len / batch_size: taken from the `key_cache_*` tensors when not given.
+    prefill_len: run the prefill program on chunks of this many tokens, whatever the
+        prompt's length (module docstring); default: the length the program's input is
+        fixed to, if it is, else every prompt goes in whole.
 
     ms/token (time_decode, and the same definition in optc.runtime.baselines): the time
     from the moment the first new token (the prefill's) is on the device to the moment
@@ -81,6 +103,7 @@ class StaticCacheDecoder:
         batch_size: int | None = None,
         device: str | torch.device | None = None,
         graph_warmup: int = 3,
+        prefill_len: int | None = None,
     ) -> None:
         if decode is None:
             raise UsageError("StaticCacheDecoder needs a decode program")
@@ -102,6 +125,7 @@ class StaticCacheDecoder:
         self._cache: list[torch.Tensor] = []
         seen = set()
         keys: list[torch.Tensor] = []
+        self._lengths: list[torch.Tensor] = []  # the cache's cumulative_length counters
         devices: set[torch.device] = set()
         for mod in modules:
             tensors = tensor_attributes(mod)
@@ -112,6 +136,8 @@ class StaticCacheDecoder:
                 if k is not None and k not in seen:
                     seen.add(k)
                     self._cache.append(t)
+                    if LENGTH_BUFFER.search(n):
+                        self._lengths.append(t)
                 if KEY_CACHE_BUFFER.search(n):
                     keys.append(t)
         if len(devices) > 1:
@@ -140,7 +166,13 @@ class StaticCacheDecoder:
         self.use_cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.use_cuda_graph and self.device.type != "cuda":
             raise UsageError("cuda_graph=True needs the cache on a CUDA device")
-        self._prefill_shape = _static_input_shape(prefill, "input_ids")
+        shape = _static_input_shape(prefill, "input_ids")
+        self.prefill_len = int(prefill_len) if prefill_len else (shape[1] if shape else None)
+        if self.prefill_len is not None and not 1 <= self.prefill_len <= self.max_cache_len:
+            raise UsageError(f"prefill_len={self.prefill_len} must be between 1 and max_cache_len={self.max_cache_len}")
+        # A sliding-window layer's cache is shorter than max_cache_len and rolls as its
+        # counter grows, so a chunk written twice or a padded one would corrupt it.
+        self._sliding = any(int(k.shape[-2]) != self.max_cache_len for k in keys)
         self._prefill_raw, self._decode_raw = prefill, decode
 
         t0 = time.perf_counter()
@@ -244,29 +276,47 @@ class StaticCacheDecoder:
             raise UsageError(f"batch {B} does not match the programs' batch {self.batch_size}")
         if T < 1:
             raise UsageError("the prompt needs at least one token")
-        if self._prefill_shape is not None and self._prefill_raw is not self._decode_raw:
-            if tuple(prompt_ids.shape) != self._prefill_shape:
-                raise UsageError(
-                    f"the prefill program was exported for input_ids of shape {list(self._prefill_shape)}, "
-                    f"got {list(prompt_ids.shape)}"
-                )
+        if self._sliding and self.prefill_len is not None and T != self.prefill_len and self.prefill_fn is not None:
+            raise UsageError(
+                f"this model's sliding-window cache takes prompts of exactly {self.prefill_len} tokens through "
+                f"its prefill program, got {T}: pad or cut the prompt to {self.prefill_len} tokens"
+            )
         if T + n_positions_after > self.max_cache_len:
             raise UsageError(
                 f"prompt of {T} tokens + {n_positions_after} new tokens = {T + n_positions_after} "
                 f"exceeds max_cache_len={self.max_cache_len}"
             )
 
-    def _run_prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """Fill the cache with the prompt; returns the first new token [B, 1]."""
+    def _set_length(self, n: int) -> None:
+        for t in self._lengths:
+            t.fill_(n)
+
+    def _prefill_logits(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Fill the cache with the prompt; returns the next-token logits [B, V] at its
+        last position."""
         T = prompt_ids.shape[1]
-        if self.prefill_fn is not None:
-            pos = torch.arange(T, dtype=torch.long, device=self.device)
-            logits = self.prefill_fn(input_ids=prompt_ids, cache_position=pos)
-        else:
+        if self.prefill_fn is None:
             for i in range(T):
                 pos = torch.tensor([i], dtype=torch.long, device=self.device)
                 logits = self.decode_fn(input_ids=prompt_ids[:, i : i + 1], cache_position=pos)
-        return logits[:, -1, :].argmax(dim=-1, keepdim=True)
+            return logits[:, -1, :]
+        P = self.prefill_len or T
+        for start in prefill_starts(T, P):
+            # A fresh [B, P] tensor: a slice keeps the prompt's strides, which would compile
+            # the program again (Dynamo guards on strides, even of a size-1 batch).
+            chunk = prompt_ids.new_empty(prompt_ids.shape[0], P)
+            part = prompt_ids[:, start : start + P]
+            chunk[:, : part.shape[1]] = part
+            chunk[:, part.shape[1] :] = part[:, -1:]  # a prompt shorter than P: padded with its last token
+            self._set_length(start)
+            pos = torch.arange(start, start + P, dtype=torch.long, device=self.device)
+            logits = self.prefill_fn(input_ids=chunk, cache_position=pos)
+        self._set_length(T)
+        return logits[:, T - 1 - start, :]
+
+    def _run_prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Fill the cache with the prompt; returns the first new token [B, 1]."""
+        return self._prefill_logits(prompt_ids).argmax(dim=-1, keepdim=True)
 
     def _start(self, prompt_ids: torch.Tensor) -> None:
         """Prefill and load the static buffers for the first decode step."""
@@ -358,14 +408,7 @@ class StaticCacheDecoder:
         self._check_request(ids[:, :prompt_len], S - prompt_len)
         ids = ids.to(self.device)
         self.reset()
-        if self.prefill_fn is not None:
-            pos = torch.arange(prompt_len, dtype=torch.long, device=self.device)
-            logits = self.prefill_fn(input_ids=ids[:, :prompt_len], cache_position=pos)
-        else:
-            for i in range(prompt_len):
-                pos = torch.tensor([i], dtype=torch.long, device=self.device)
-                logits = self.decode_fn(input_ids=ids[:, i : i + 1], cache_position=pos)
-        rows = [logits[:, -1, :].clone()]
+        rows = [self._prefill_logits(ids[:, :prompt_len]).clone()]
         for j in range(prompt_len, S):
             pos = torch.tensor([j], dtype=torch.long, device=self.device)
             logits = self.decode_fn(input_ids=ids[:, j : j + 1], cache_position=pos)

@@ -266,7 +266,10 @@ class Artifact:
                 compile_fn = lambda m: lower(m, target, **load_lowering(target, "decode", m.graph),  # noqa: E731
                                              kernel_cache=cached)
         meta = self.manifest["model"]
-        return StaticCacheDecoder(prefill, decode, compile=compile_fn, device=device,
+        # Every prompt runs through the prefill program at the length it was checked (and
+        # its kernels cached) for, in chunks: no new prompt length compiles again.
+        checked = self.manifest["example_inputs"]["prefill"]["kwargs"]["input_ids"]["shape"][1]
+        return StaticCacheDecoder(prefill, decode, compile=compile_fn, device=device, prefill_len=checked,
                                   max_cache_len=meta["max_cache_len"], batch_size=meta["batch_size"])
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, *, compiled: bool = True) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from optc.errors import CompileError, UsageError
 from optc.compiler.capture import export_lm_programs
 from optc.runtime.cache import _check_shared, cache_buffer_names, mutated_attr_names, tie_buffers
-from optc.runtime.decode import StaticCacheDecoder
+from optc.runtime.decode import StaticCacheDecoder, prefill_starts
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -183,6 +183,33 @@ def test_over_long_and_malformed_requests_raise_usage_error(lm):
     assert dec.generate(prompt[:, :3], 2).shape == (prompt.shape[0], 5)
     with pytest.raises(UsageError):
         dec.generate(prompt.float(), 2)
+
+
+def test_prefill_starts_cover_the_prompt_with_fixed_length_calls():
+    assert prefill_starts(6, 6) == [0]
+    assert prefill_starts(3, 6) == [0]  # one padded call
+    assert prefill_starts(12, 6) == [0, 6]
+    assert prefill_starts(13, 6) == [0, 6, 7]  # the last call ends at the prompt's end
+    for T in range(1, 40):
+        starts = prefill_starts(T, 6)
+        covered = set().union(*(range(s, s + 6) for s in starts))
+        assert set(range(T)) <= covered and max(starts) + 6 == max(T, 6)
+
+
+@pytest.mark.parametrize("T_prompt", [1, 4, T, 13, 18])
+def test_any_prompt_length_through_a_fixed_length_prefill(lm, T_prompt):
+    """Chunked (and, below T, padded) prefill at the exported length gives the tokens a
+    full recompute gives, and the cache counters end at the prompt's length."""
+    model, prefill, decode, _ = lm
+    dec = StaticCacheDecoder(prefill, decode, prefill_len=T)
+    prompt = torch.randint(0, 256, (B, T_prompt), generator=torch.Generator().manual_seed(T_prompt))
+    assert torch.equal(dec.generate(prompt, N), greedy_full_recompute(model, prompt, N))
+    assert int(decode.cumulative_length_0) == T_prompt + N - 1
+    ids = torch.cat([prompt, prompt[:, :4]], 1)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits[:, T_prompt - 1:]
+    got = dec.forced_logits(ids, T_prompt)
+    assert torch.allclose(got, want, atol=1e-4)
 
 
 def test_prefill_none_feeds_prompt_through_decode(lm, ref):

@@ -39,6 +39,29 @@ def test_second_generate_reuses_the_decoder(saved, monkeypatch):
     assert art.decoder(compiled=False) is not art.decoder()  # the uncompiled one is its own
 
 
+def test_generate_takes_any_prompt_length_without_compiling_again(saved, monkeypatch):
+    """The artifact's prefill program runs at the length it was checked for, in chunks:
+    prompts shorter, longer and a multiple of it give the model's own greedy tokens, and
+    no new prompt length is traced again (Dynamo stops at 8 shapes with fullgraph)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(lowering, "lower", lambda gm, target, **o: torch.compile(gm, backend="eager",
+                                                                                 fullgraph=True, dynamic=False))
+    model = zoo.get("tiny-llama").load()
+    art = optc.load(saved)
+    checked = art.manifest["example_inputs"]["prefill"]["kwargs"]["input_ids"]["shape"][1]
+    graphs = None
+    for T in (checked, 1, 3, checked + 5, 2 * checked - 5, checked + 1, 7, 11, 2):
+        prompt = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(T))
+        out = art.generate(prompt, 3)
+        with torch.no_grad():
+            want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
+                                  min_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, want), T
+        graphs = counters["stats"]["unique_graphs"] if graphs is None else graphs
+        assert counters["stats"]["unique_graphs"] == graphs, T  # nothing traced after the first prompt
+
+
 def _recording_lower(monkeypatch) -> list:
     """lowering.lower replaced by dynamo without Inductor (seconds, not minutes on a CPU),
     recording what each call asked for."""
