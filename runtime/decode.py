@@ -11,8 +11,10 @@ the length an artifact's programs were checked and their kernels cached for), so
 prompt length never compiles again: P-token chunks, the last one overlapping the one
 before it (its positions are written again with the same values), or one chunk padded
 on the right when the prompt is shorter than P. Transformers' static cache writes where
-its `cumulative_length` counters say, so they are set before each chunk and to the
-prompt's length after it; the padded positions' entries are masked (each query sees
+its `cumulative_length` counters say; the export wrapper sets them from `cache_position`
+at each call (transformers 5.23), and the decoder sets them too, before each chunk and to
+the prompt's length after it, so the writes follow the positions it passes whichever
+wrapper built the programs. The padded positions' entries are masked (each query sees
 positions up to its own) and overwritten by the decode steps that reach them.
 
 How the programs' cache tensors are found and tied to one cache: runtime/cache.py.
