@@ -116,7 +116,7 @@ def _loss_counts(ctx, gm, layers: list[HeadLayer], scores: dict, xs: dict, unifo
     Each layer is pruned alone (with the configured repair, refit on its own dense
     inputs) at every aligned kept count from full width down to twice its share of the
     ratio, and the calibration loss of that model is measured on `sensitivity_samples`
-    sequences. Taking the per-layer increases as additive, dynamic programming over the
+    sequences (from that layer's o_proj on: `CalibrationContext.losses_from`). Taking the per-layer increases as additive, dynamic programming over the
     layers finds the counts that remove `ratio` of all heads (or the reachable number
     nearest to it) at the least summed increase. Where uniform's counts remove that many,
     they are among the candidates, so the choice's summed increase is never above
@@ -130,16 +130,13 @@ def _loss_counts(ctx, gm, layers: list[HeadLayer], scores: dict, xs: dict, unifo
         m = ly.step(cfg.align)
         share = max(math.ceil(cfg.ratio * ly.count), m)
         lowest = max(min(m, ly.count), ly.count - 2 * share)
-        candidates = sorted({ly.count, uniform[ly.index]} | {c for c in range(lowest, ly.count) if c % m == 0})
-        cost[ly.index] = {}
-        for c in candidates:
-            if c == ly.count:
-                cost[ly.index][c] = 0.0
-                continue
-            kv, heads = choose_heads(ly, scores[ly.index], c)
-            trial = _single_layer_plan(gm, ly, kv, heads, xs.get(ly.index), cfg.repair)
-            loss = ctx.calibration_loss(lambda g, t=trial, ly=ly: _pruned_copy(g, {ly.index: ly.coupling}, t), n=n)
-            cost[ly.index][c] = loss - base
+        candidates = sorted(({uniform[ly.index]} | {c for c in range(lowest, ly.count) if c % m == 0}) - {ly.count})
+        # Heads do not interact (head_coupling refuses models where they do), so pruning
+        # one layer changes only its o_proj's output: measured from that node on.
+        outputs = [_o_output(gm, ly, _single_layer_plan(gm, ly, *choose_heads(ly, scores[ly.index], c),
+                                                        xs.get(ly.index), cfg.repair)) for c in candidates]
+        losses = ctx.losses_from(ly.att.o.node, outputs, n=n)
+        cost[ly.index] = {ly.count: 0.0, **{c: loss - base for c, loss in zip(candidates, losses)}}
     # best[r] = (summed increase, counts) over the layers so far, removing r heads.
     best: dict[int, tuple[float, dict]] = {0: (0.0, {})}
     for ly in layers:
@@ -178,6 +175,23 @@ def _single_layer_plan(gm, ly: HeadLayer, kv: list[int], heads: list[int], x: to
     elif repair_ == "lstsq":
         plan["repair"] = "none"
     return plan
+
+
+def _o_output(gm, ly: HeadLayer, plan: dict):
+    """What `ly`'s o_proj computes from its dense input once `plan` prunes and repairs
+    it: the kept columns (refit or not), its bias and the compensation."""
+    entry = plan["blocks"][str(ly.index)]
+    cols = ly.columns(entry["kept_heads"])
+    refit = plan.get("refit")
+    wk = refit.tensors[str(ly.index)] if refit is not None else o_weight(gm, ly)[:, cols]
+    bias = attr_value(gm, ly.att.o.bias) if ly.att.o.bias else None
+    c = torch.as_tensor(entry["compensation"]) if entry["compensation"] is not None else None
+
+    def output(v: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(v[..., cols.to(v.device)], wk.to(v.device, v.dtype), bias)
+        return y if c is None else y + c.to(v.device, v.dtype)
+
+    return output
 
 
 def plan_prune_heads(ctx, anatomy: Anatomy, cfg: PruneHeadsConfig) -> dict:

@@ -345,6 +345,38 @@ def test_sequential_refit_lowers_the_calibration_error(llama_captured):
     assert errors["sequential"] < errors["layer"], errors
 
 
+@pytest.mark.parametrize("repair", ["none", "bias", "lstsq"])
+def test_loss_allocation_measures_the_model_pruned_at_one_layer(llama_captured, monkeypatch, repair):
+    """Each candidate's loss, measured from its layer's o_proj on (what the layer's pruned
+    and repaired o_proj computes from the dense input), is the calibration loss of the
+    whole program with that one layer pruned by the pass's own rewrite."""
+    from optc.compiler.passes import prune_heads as ph
+
+    plans, checked = [], []
+    real_output, real_losses = ph._o_output, CalibrationContext.losses_from
+
+    def record(gm, ly, plan):
+        plans.append((ly, plan))
+        return real_output(gm, ly, plan)
+
+    def compare(ctx, node, outputs, n=None):
+        got = real_losses(ctx, node, outputs, n)
+        for (ly, plan), loss in zip(plans, got):
+            full = ctx.calibration_loss(lambda g: ph._pruned_copy(g, {ly.index: ly.coupling}, plan), n=n)
+            checked.append((loss, full))
+        plans.clear()
+        return got
+
+    monkeypatch.setattr(ph, "_o_output", record)
+    monkeypatch.setattr(CalibrationContext, "losses_from", compare)
+    _, captured = llama_captured
+    _run(captured, {"ratio": 0.25, "align": 1, "allocation": "loss", "sensitivity_samples": 2, "repair": repair},
+         calib=_lm_calib(n=4, t=24))
+    assert len(checked) == 4  # one candidate count (one of two KV groups) in each of the four layers
+    for loss, full in checked:
+        assert loss == pytest.approx(full, abs=1e-5)
+
+
 def test_loss_allocation_picks_the_least_measured_cost(llama_captured, decode_after_prefill):
     """allocation=loss: every layer pruned alone at each candidate count is measured; the
     chosen counts remove `ratio` of the heads (where uniform rounds to none) and their
