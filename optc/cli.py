@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="time optc against eager and torch.compile baselines")
-    b.add_argument("model", help="zoo name, Hugging Face directory, file.py:factory, or an .optc artifact")
+    b.add_argument("model", help="zoo name, Hugging Face directory, or file.py:factory")
     _add_pass_options(b)
     b.add_argument("--baselines", default="eager,hf-static,inductor,inductor-max",
                    help="comma list of eager, hf-static (LMs), inductor, inductor-max")
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=3,
                    help="LMs: after all optc rows are compiled, time them round-robin this many times in all "
                         "and pool the runs (keeps every row's compiled program in memory; 1: time each once)")
+    b.add_argument("--artifact", action="append", default=[], metavar="FILE.optc",
+                   help="also time a saved artifact of MODEL as optc.load runs it (its kernel cache and "
+                        "lowering; the row records load time and cache hits); repeatable")
     b.add_argument("--out", help="also write the JSON result to this file (rewritten after every row, marked "
                    "\"partial\" until the run is complete)")
     b.add_argument("--json", action="store_true")

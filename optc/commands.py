@@ -252,6 +252,7 @@ def cmd_bench(args):
         max_cache_len=args.max_cache_len,
         dynamic=dynamic_dims(args),
         calibration=args.calibration,
+        artifacts=args.artifact,
     )
 
 

@@ -43,12 +43,15 @@ def bench(
     max_cache_len: int = 256,
     dynamic: tuple[str, ...] = (),
     calibration: str | Path | None = None,
+    artifacts: Sequence[str | Path] = (),
 ) -> dict:
     """Time `model` (a zoo name, HF directory or file.py:factory) under each baseline and
     each optc variant, (label, pipeline name, pass settings as optc.compile takes them),
     and return the result JSON (also written to `out` after every row). `batch` applies
     to LMs (default 1); `rounds` > 1 times the compiled LM rows again round-robin.
-    `calibration`: a file for the lossy rows' passes (models/calibration_file.py)."""
+    `calibration`: a file for the lossy rows' passes (models/calibration_file.py).
+    `artifacts`: saved .optc files of `model`, each a row timed as a load runs it
+    (`_time_artifact`), after the compiled rows."""
     import optc
     from optc.compiler import targets
     from optc.compiler.capture import is_causal_lm
@@ -57,13 +60,14 @@ def bench(
     from optc.runtime import baselines as torch_baselines
     from optc.runtime.timing import device_probe, result_envelope
 
-    if model.endswith(".optc"):
-        raise UsageError("bench takes a model (zoo name, HF directory or file.py:factory); "
-                         "an artifact is benchmarked through the model it was compiled from")
+    if str(model).endswith(".optc"):
+        raise UsageError("bench takes a model (zoo name, HF directory or file.py:factory); time a saved artifact "
+                         f"beside it with --artifact: optc bench MODEL --artifact {model}")
+    manifests = {str(a): _artifact_manifest(a) for a in artifacts}  # a bad file fails before minutes of timing
     tgt = targets.get(target)
     if not targets.available(tgt):
         raise UsageError(f"target {tgt.name} is not present on this machine; run bench where it is, or use --target cpu")
-    labels = [v[0] for v in variants]
+    labels = [v[0] for v in variants] + [Path(a).name for a in artifacts]
     if len(set(labels)) != len(labels):
         raise UsageError(f"two optc rows have the same label: {labels}")
     if rounds < 1:
@@ -74,6 +78,8 @@ def bench(
     entry, eager, example_inputs = resolve(model, device=device, dtype=dtype)
     names = list(baselines)
     is_lm = is_causal_lm(eager)
+    for path, man in manifests.items():
+        _check_artifact_fits(path, man, eager, is_lm, batch)
     if seq is not None and is_lm:
         raise UsageError("--seq is for encoders; a causal LM decodes after a fixed prompt (--tokens sets how many)")
     calib = None if calibration is None else read_calibration(
@@ -170,6 +176,10 @@ def bench(
                               "work": _work(art, workload)}, None
 
         run_variant(label, time_it)
+    for path in manifests:
+        _log(f"{Path(path).name}: loading the artifact ...")
+        run_variant(Path(path).name, lambda path=path: _time_artifact(
+            path, eager, tgt, workload, prompt if is_lm else example_inputs))
     if is_lm:
         _more_rounds(timings, again, rounds, failed)
     result = summary()
@@ -183,6 +193,55 @@ def bench(
         err.result = result  # the CLI still prints the rows that were measured
         raise err
     return result
+
+
+def _artifact_manifest(path) -> dict:
+    from optc.runtime.artifact import read_manifest
+
+    if not str(path).endswith(".optc") or not Path(path).is_file():
+        raise UsageError(f"--artifact {path}: not an .optc file here")
+    return read_manifest(path)
+
+
+def _check_artifact_fits(path: str, man: dict, eager, is_lm: bool, batch: int | None) -> None:
+    """An artifact row is timed on the bench's workload and checked against its model:
+    refuse one compiled from another model, or for another task or batch."""
+    rec = man.get("model", {})
+    params = sum(p.numel() for p in eager.parameters())
+    before = man.get("params", {}).get("before")
+    if rec.get("class") != type(eager).__name__ or before != params:
+        raise UsageError(f"--artifact {path} was compiled from a {rec.get('class')} of {before} parameters, not "
+                         f"this {type(eager).__name__} of {params}: bench it with the model it came from")
+    if (rec.get("task") == "causal-lm") != is_lm:
+        raise UsageError(f"--artifact {path} is a {rec.get('task')} artifact; this model is "
+                         f"{'a causal LM' if is_lm else 'not a causal LM'}")
+    if is_lm and rec.get("batch_size") != (batch or 1):
+        raise UsageError(f"--artifact {path} decodes at batch {rec.get('batch_size')}; pass --batch "
+                         f"{rec.get('batch_size')} to time it")
+
+
+def _time_artifact(path: str, eager, tgt, workload, inputs) -> tuple:
+    """A saved artifact timed as a user's load runs it: `optc.load`, then its decoder (or
+    forward program) lowered as the artifact lowers them, from its kernel cache where
+    that applies. Its notes say how long the load and the first call took and whether
+    the kernel cache was used (hits and misses)."""
+    import optc
+
+    start = time.perf_counter()
+    art = optc.load(path)
+    load_s = time.perf_counter() - start
+    m = measure(art, tgt, workload, inputs=inputs, loaded=True, log=_log)
+    status = art.kernel_cache_status or {}
+    notes = {"artifact": str(path), "load_s": round(load_s, 2), "setup_s": round(m.setup_s, 1),
+             "load_to_ready_s": round(load_s + m.setup_s, 1),
+             "kernel_cache": {"used": status.get("used", False), "reason": status.get("reason"),
+                              "hits": art.kernel_cache_hits()},
+             "params": art.manifest["params"], "config": art.manifest["config"], "work": _work(art, workload)}
+    if workload.kind == "decode":
+        lossy = any(p.get("lossy") and p.get("applied") for p in art.manifest["passes"])
+        notes["agreement"] = agreement(m.program, art, inputs, None if lossy else eager)
+        return m.timing, notes, m.remeasure
+    return m.timing, notes, None
 
 
 def _encoder_inputs(entry, example_inputs, batch, seq, device) -> tuple:

@@ -85,13 +85,17 @@ class Measurement:
         return {"workload": self.workload.to_dict(), "setup_s": round(self.setup_s, 3), **self.timing.to_dict()}
 
 
-def measure(art, target, workload: Workload, *, inputs, autotune: bool | None = None, log=_log) -> Measurement:
+def measure(art, target, workload: Workload, *, inputs, autotune: bool | None = None, loaded: bool = False,
+            log=_log) -> Measurement:
     """Lower `art` for `target` (a name or a Target), warm up, and time `workload`.
 
     inputs: decode, the prompt [batch, prompt_len] (torch.long, on the target's device);
     forward, the example input tuple of the model, batch first.
     autotune: Inductor max-autotune on the GPU (minutes more). None: as the artifact
     loads, which autotunes forward programs and not the decode step.
+    loaded: run what `art.generate` / `art(...)` run (an artifact read with optc.load: its
+    decoder, prefill compiled too, from its kernel cache where that applies) instead of
+    lowering the decode step alone; `autotune` is then the load's.
     """
     from optc.compiler import targets
 
@@ -101,7 +105,7 @@ def measure(art, target, workload: Workload, *, inputs, autotune: bool | None = 
     if not isinstance(workload, Workload):
         raise UsageError(f"workload must be an optc.runtime.measure.Workload, got {type(workload).__name__}")
     timed = _measure_decode if workload.kind == "decode" else _measure_forward
-    return timed(art, tgt, workload, inputs, autotune, log)
+    return timed(art, tgt, workload, inputs, None if loaded else autotune, loaded, log)
 
 
 def _device_of(x, tgt) -> str:
@@ -112,7 +116,7 @@ def _device_of(x, tgt) -> str:
     return str(x.device)
 
 
-def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool | None, log) -> Measurement:
+def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool | None, loaded: bool, log) -> Measurement:
     from optc.compiler.codegen.lowering import lower
 
     if art.task != "causal-lm":
@@ -130,8 +134,10 @@ def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool | None,
     if P + n > meta["max_cache_len"]:
         raise UsageError(f"a {P}-token prompt + {n} decode steps exceed the artifact's "
                          f"max_cache_len={meta['max_cache_len']}")
-    # Tuning Inductor's configs on the CPU benchmarks C++ templates for minutes, to no gain.
-    dec = decode_timer(art, lambda m: lower(m, tgt, autotune=bool(autotune) and tgt.device == "cuda"), device)
+    if loaded:
+        dec = art.decoder(device=device)
+    else:  # tuning Inductor's configs on the CPU benchmarks C++ templates for minutes, to no gain
+        dec = decode_timer(art, lambda m: lower(m, tgt, autotune=bool(autotune) and tgt.device == "cuda"), device)
     start = time.perf_counter()
     dec.warm_up(prompt)
     setup = time.perf_counter() - start
@@ -140,7 +146,7 @@ def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool | None,
     return Measurement(timing, setup, workload, dec, lambda: dec.measure_decode(prompt, n))
 
 
-def _measure_forward(art, tgt, workload: Workload, inputs, autotune: bool | None, log) -> Measurement:
+def _measure_forward(art, tgt, workload: Workload, inputs, autotune: bool | None, loaded: bool, log) -> Measurement:
     if "forward" not in art.programs:
         raise UsageError(f"a forward workload needs an encoder or ViT artifact; this one ({art.task}) has "
                          f"programs {sorted(art.programs)}: time it with Workload('decode')")

@@ -83,3 +83,35 @@ def test_baselines_compile_cold():
     with _cold_inductor():
         assert inductor_config.fx_graph_cache is False
     assert inductor_config.fx_graph_cache == before
+
+
+def test_a_saved_artifact_is_timed_beside_the_model_as_a_load_runs_it(tmp_path, eager_lower, capsys):
+    """--artifact: the file's row is timed through optc.load and the artifact's own decoder
+    (prefill compiled too), checked against the eager model, with its load time; an
+    artifact of another model, or a file given as MODEL, is refused (exit 2)."""
+    from optc import compile as compile_model
+    from optc.models import zoo
+    from optc.runtime.bench import bench
+
+    entry = zoo.get("tiny-llama")
+    # The settings bench's dense row compiles with (default pipeline, zoo calibration source).
+    path = compile_model(entry.load(), entry.example_inputs(seq_len=8), target="cpu", entry=entry,
+                         verify=False, log=lambda m: None).save(tmp_path / "tiny.optc")
+    doc = bench("tiny-llama", target="cpu", baselines=["eager"], tokens=4, rounds=1, artifacts=[str(path)])
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert list(rows) == ["eager", "optc", "tiny.optc"] and doc["failed"] == {}
+    loaded = rows["tiny.optc"]
+    assert loaded["median_ms"] > 0 and loaded["artifact"] == str(path)
+    assert loaded["load_to_ready_s"] >= loaded["load_s"] > 0
+    assert loaded["agreement"]["argmax_match_vs_eager"] == 1.0
+    assert loaded["kernel_cache"] == {"used": False, "reason": None, "hits": None}  # compiled without the check
+    # Both of the artifact's programs were lowered for its decoder, as a load lowers them.
+    assert sum(1 for c in eager_lower if c.get("kernel_cache") is not None) >= 2
+    assert loaded["config"]["hash"] == rows["optc"]["config"]["hash"]  # the same configuration, compiled here
+
+    rc, _, err = optc("bench", "tiny-bert", "--target", "cpu", "--artifact", str(path))
+    assert rc == 2 and "was compiled from a LlamaForCausalLM" in err
+    rc, _, err = optc("bench", str(path), "--target", "cpu")
+    assert rc == 2 and "--artifact" in err
+    rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--artifact", str(tmp_path / "missing.optc"))
+    assert rc == 2 and "missing.optc" in err
