@@ -79,8 +79,8 @@ class CalibrationContext:
             for i, (args, kwargs) in enumerate(progress(inputs, "calibration: loss from a layer")):
                 interp = _OwnState(gm, mutated)
                 interp.args_iter = iter(flat_graph_inputs(gm, args, kwargs))
-                for nd in mutated:  # every state tensor copied now, so the snapshot holds all
-                    interp.get_attr(nd, (), {})
+                for target in mutated:  # every state tensor copied now, so the snapshot holds all
+                    interp.get_attr(target, (), {})
                 env = interp.env
                 for nd in nodes[:cut]:
                     env[nd] = interp.run_node(nd)

@@ -116,9 +116,10 @@ def _loss_counts(ctx, gm, layers: list[HeadLayer], scores: dict, xs: dict, unifo
     Each layer is pruned alone (with the configured repair, refit on its own dense
     inputs) at every aligned kept count from full width down to twice its share of the
     ratio, and the calibration loss of that model is measured on `sensitivity_samples`
-    sequences (from that layer's o_proj on: `CalibrationContext.losses_from`). Taking the per-layer increases as additive, dynamic programming over the
-    layers finds the counts that remove `ratio` of all heads (or the reachable number
-    nearest to it) at the least summed increase. Where uniform's counts remove that many,
+    sequences (run from that layer's o_proj on: `CalibrationContext.losses_from`).
+    Taking the per-layer increases as additive, dynamic programming over the layers
+    finds the counts that remove `ratio` of all heads (or the reachable number nearest
+    to it) at the least summed increase. Where uniform's counts remove that many,
     they are among the candidates, so the choice's summed increase is never above
     uniform's; the whole model's loss still can be (the increases are not exactly
     additive), which the plan's calibration losses show."""
