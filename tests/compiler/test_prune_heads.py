@@ -14,7 +14,7 @@ from optc.compiler import capture, pipeline
 from optc.compiler.calibration import CalibrationContext
 from optc.compiler.anatomy import analyze
 from optc.compiler.passes.prune_heads import PruneHeadsConfig, prune
-from optc.errors import CompileError
+from optc.errors import CompileError, UsageError
 from pass_helpers import eager_logits, lm_calib, mask_input, run_pass
 
 SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -228,11 +228,15 @@ def test_global_allocation_leaves_some_layers_whole(llama_captured, decode_after
 def test_alignment_and_weight_score_without_data(llama_captured):
     _, captured = llama_captured
     # Kept widths (heads x 16) are multiples of 32: a whole KV group.
-    gms, entry = _run(captured, {"ratio": 0.3, "align": 32, "score": "weight", "repair": "none"})
+    weights_only = {"score": "weight", "repair": "none", "allocation": "uniform"}
+    gms, entry = _run(captured, {"ratio": 0.3, "align": 32, **weights_only})
     assert entry["applied"] and "calibration_loss" not in entry["plan"]
     assert all(h * 16 % 32 == 0 for h, _ in _heads(gms["decode"]))
-    _, entry = _run(captured, {"ratio": 0.3, "align": 128, "score": "weight", "repair": "none"})
+    _, entry = _run(captured, {"ratio": 0.3, "align": 128, **weights_only})
     assert not entry["applied"] and "rounds to no head" in entry["reason"]
+    # The default allocation measures calibration loss: without data it says so.
+    with pytest.raises(UsageError, match="allocation=uniform"):
+        _run(captured, {"ratio": 0.3, "align": 32, "score": "weight", "repair": "none"})
 
 
 def test_refuses_heads_coupled_through_a_norm():

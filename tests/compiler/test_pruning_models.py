@@ -105,7 +105,9 @@ def test_pruned_widths_heads_and_numerics(model, decode_after_prefill):
     name, family, captured, calib = model
     primary = "prefill" if family == "llama" else "forward"
     dense_blocks = analyze(capture.graph_module(captured.programs[primary])).blocks
-    gms, entry = _run(captured, family, calib, {"ratio": 0.25, "repair": "lstsq"}, {"ratio": 0.33, "repair": "lstsq"})
+    # Uniform allocation: every layer loses heads, so every layer's widths are checked.
+    gms, entry = _run(captured, family, calib, {"ratio": 0.25, "repair": "lstsq"},
+                      {"ratio": 0.33, "repair": "lstsq", "allocation": "uniform"})
     assert entry["applied"], entry["reason"]
     for gm in gms.values():
         blocks = analyze(gm).blocks
@@ -131,6 +133,27 @@ def test_pruned_widths_heads_and_numerics(model, decode_after_prefill):
         kv = analyze(gms["decode"]).blocks[0].attention.num_kv_heads
         caches = {t.shape[1] for n, t in gms["decode"].named_buffers() if "key_cache" in n}
         assert caches == {kv}
+
+
+def test_the_default_loss_allocation_prunes_every_layout(model, decode_after_prefill):
+    """prune_heads' default allocation (measured calibration loss per layer and count)
+    on each layout: the heads it reports removed are gone, widths stay aligned, and a
+    decoder's decode continues its prefill."""
+    name, family, captured, calib = model
+    primary = "prefill" if family == "llama" else "forward"
+    dense = sum(b.attention.num_heads for b in analyze(capture.graph_module(captured.programs[primary])).blocks)
+    gms, entry = _run(captured, family, calib, {"ratio": 0.0}, {"ratio": 0.5, "repair": "bias"})
+    assert entry["applied"], entry["reason"]
+    alloc = entry["plan"]["allocation"]
+    assert alloc["used"] == "loss" and alloc["heads_removed"] > 0
+    for gm in gms.values():
+        atts = [b.attention for b in analyze(gm).blocks]
+        assert sum(a.num_heads for a in atts) == dense - alloc["heads_removed"]
+        assert all(a.num_heads * a.head_dim % ALIGN == 0 for a in atts)
+    if family == "llama":
+        ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+        step, full = decode_after_prefill(gms, ids)
+        assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
 
 
 def test_gpt2_heads_match_eager_with_heads_zeroed():
