@@ -10,9 +10,9 @@ twice, with the defaults and with `--set PASS.repair=none`, from a scratch direc
 parameters before and after, the kept widths (and whether each is a multiple of the
 target's alignment), the plan's calibration losses and the compile time. The bar: the
 quality loss of the defaults (perplexity increase; 1 - cosine for encoders) is at most
-half that of repair=none on the same held-out windows. `--set` adds settings to the
-first compile only (optc's method against the same plain baseline: activation scores,
-uniform allocation, no repair); the row records them.
+half that of the plain baseline (activation scores, uniform allocation, no repair;
+`repair_none` in the rows) on the same held-out windows. `--set` adds settings to the
+first compile only (optc's method against the same plain baseline); the row records them.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def main() -> None:
         name, _, ratio = case.partition("=")
         runs = {}
         settings = [x for x in args.sets if x.startswith(f"{name}.")]
-        for label, extra in (("default", settings), ("repair_none", [f"{name}.repair=none"])):
+        # The plain baseline whatever the defaults: activation scores, uniform allocation, no repair.
+        plain = [f"{name}.repair=none", f"{name}.allocation=uniform"]
+        for label, extra in (("default", settings), ("repair_none", plain)):
             result, argv, wall = compile_json(args.model, [f"{name}.ratio={ratio}", *extra])
             runs[label] = summary(result, name, argv, wall)
             print(f"{args.model} {case} {label}: {runs[label]['metric']} {runs[label]['quality_before']:.4g} -> "
