@@ -30,7 +30,7 @@ from optc.errors import UsageError
 from optc.version import __version__
 
 __all__ = ["Timing", "measure", "summarise", "device_info", "device_probe", "call_with", "as_device",
-           "git_commit", "result_envelope"]
+           "git_commit", "git_dirty", "result_envelope"]
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,17 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from that commit (the run's code is not exactly the
+    commit's), or None where git_commit is None."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def result_envelope(device: str | torch.device | None = None) -> dict:
     """The keys every result JSON opens with (optc bench, optc search, benchmarks/), so
     that each number can be traced to the command, code and machine that produced it:
@@ -236,7 +247,9 @@ def result_envelope(device: str | torch.device | None = None) -> dict:
     once more as one dict."""
     info = device_info(device)
     versions = {k: info[k] for k in ("torch", "triton", "transformers", "cuda", "python")}
-    return {"argv": list(sys.argv), "git_commit": git_commit(), **info, "versions": {**versions, "optc": __version__}}
+    commit = git_commit()
+    return {"argv": list(sys.argv), "git_commit": commit, "git_dirty": git_dirty() if commit else None, **info,
+            "versions": {**versions, "optc": __version__}}
 
 
 _SMI_FIELDS = ("clocks.sm", "clocks.mem", "clocks.max.sm", "power.limit", "temperature.gpu", "pstate",

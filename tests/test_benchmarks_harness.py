@@ -11,6 +11,7 @@ import datetime
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,8 +101,11 @@ def test_envelope_keys_and_values():
     assert env["argv"] == sys.argv
     if (ROOT / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}", env["git_commit"]), env["git_commit"]
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.strip()
+        assert env["git_dirty"] is bool(changed)
     else:  # an exported tree or an installed wheel: no commit to name, and no guess either
-        assert env["git_commit"] is None
+        assert env["git_commit"] is None and env["git_dirty"] is None
     date = datetime.datetime.fromisoformat(env["date"])
     assert date.tzinfo is not None
     assert abs((datetime.datetime.now(datetime.timezone.utc) - date).total_seconds()) < 600
