@@ -104,8 +104,10 @@ def measure(art, target, workload: Workload, *, inputs, autotune: bool | None = 
         raise UsageError(f"target {tgt.name} is not present on this machine; measure where it is, or use cpu")
     if not isinstance(workload, Workload):
         raise UsageError(f"workload must be an optc.runtime.measure.Workload, got {type(workload).__name__}")
-    timed = _measure_decode if workload.kind == "decode" else _measure_forward
-    return timed(art, tgt, workload, inputs, None if loaded else autotune, loaded, log)
+    if workload.kind == "decode":
+        return _measure_decode(art, tgt, workload, inputs, autotune, loaded, log)
+    # A forward program lowers as a load lowers it whenever autotune is None.
+    return _measure_forward(art, tgt, workload, inputs, None if loaded else autotune, log)
 
 
 def _device_of(x, tgt) -> str:
@@ -146,7 +148,7 @@ def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool | None,
     return Measurement(timing, setup, workload, dec, lambda: dec.measure_decode(prompt, n))
 
 
-def _measure_forward(art, tgt, workload: Workload, inputs, autotune: bool | None, loaded: bool, log) -> Measurement:
+def _measure_forward(art, tgt, workload: Workload, inputs, autotune: bool | None, log) -> Measurement:
     if "forward" not in art.programs:
         raise UsageError(f"a forward workload needs an encoder or ViT artifact; this one ({art.task}) has "
                          f"programs {sorted(art.programs)}: time it with Workload('decode')")
