@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from optc.errors import UsageError
+
 
 def optc(*args):
     proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=900)
@@ -111,7 +115,9 @@ def test_a_saved_artifact_is_timed_beside_the_model_as_a_load_runs_it(tmp_path, 
 
     rc, _, err = optc("bench", "tiny-bert", "--target", "cpu", "--artifact", str(path))
     assert rc == 2 and "was compiled from a LlamaForCausalLM" in err
-    rc, _, err = optc("bench", str(path), "--target", "cpu")
-    assert rc == 2 and "--artifact" in err
-    rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--artifact", str(tmp_path / "missing.optc"))
-    assert rc == 2 and "missing.optc" in err
+    with pytest.raises(UsageError, match="--artifact"):
+        bench(str(path), target="cpu")
+    with pytest.raises(UsageError, match="missing.optc"):
+        bench("tiny-llama", target="cpu", artifacts=[str(tmp_path / "missing.optc")])
+    with pytest.raises(UsageError, match="batch 1; pass --batch 1"):
+        bench("tiny-llama", target="cpu", batch=2, artifacts=[str(path)])
