@@ -91,7 +91,7 @@ def _decode_quality(art: Artifact, session: CompileSession, compiled, log) -> No
     """The held-out figure through the decode loop, beside the prefill graph's (see
     optc.runtime.decode_quality): through the lowered programs when the compile lowered
     and verified them here, else the uncompiled ones."""
-    from optc.runtime.decode_quality import WINDOW_TOKENS, WINDOWS, decode_quality
+    from optc.runtime.decode_quality import WINDOW_TOKENS, WINDOWS, check, decode_quality
 
     checked = compiled.manifest["verification"]
     lowered = bool(checked) and "skipped" not in checked
@@ -100,6 +100,7 @@ def _decode_quality(art: Artifact, session: CompileSession, compiled, log) -> No
     quality = compiled.manifest["quality"]
     quality["decode"] = decode_quality(art, session.heldout().batches, reference=session.original,
                                        rewritten=compiled.primary_gm, lowered=lowered, device=str(session.device))
+    check(quality["decode"])  # before anything is written: a failed compile leaves no artifact
 
 
 def read_calibration(path: str | Path | None, model: torch.nn.Module, example_inputs: tuple, *,

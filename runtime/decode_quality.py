@@ -26,6 +26,12 @@ from optc.models.quality import output_tensor
 
 WINDOWS = 2  # held-out windows scored through the decode loop
 WINDOW_TOKENS = 64  # tokens of each: the first half prefilled, the rest decoded one by one
+# How far the decode loop's perplexity may be from the prefill graph's on the same tokens
+# (relative) before the compile fails. Lossless programs agree to rounding; calibrated
+# thresholds that decide near-ties differently after reordered arithmetic move it by a few
+# percent (benchmarks/NOTES.md, "Quality through the decode program"); a decode path that
+# computes something else (a cache it does not read, a wrong kernel) is off by far more.
+TOLERANCE = 0.10
 
 
 def decode_quality(art, batches: list, *, reference, rewritten, lowered: bool, device: str,
@@ -61,6 +67,23 @@ def decode_quality(art, batches: list, *, reference, rewritten, lowered: bool, d
         "programs": _programs(dec) if lowered else "uncompiled", "device": device,
         "windows": len(usable), "window_tokens": W, "prefill_tokens": P, "tokens": n,
     }
+
+
+def check(d: dict) -> None:
+    """Refuse (CompileError) a decode loop whose held-out perplexity is further than
+    TOLERANCE from the prefill graph's on the same tokens: generation would not compute
+    what --eval measured."""
+    from optc.errors import CompileError
+
+    if "vs_prefill_graph" not in d or abs(d["vs_prefill_graph"]) <= TOLERANCE:
+        return
+    how = "lowered" if d["programs"] != "uncompiled" else "uncompiled"
+    raise CompileError(
+        f"the {how} decode program's held-out perplexity ({d['after']:.4g}) is {100 * d['vs_prefill_graph']:+.1f}% "
+        f"off the prefill graph's on the same tokens ({d['prefill_graph_after']:.4g}; tolerance "
+        f"{100 * TOLERANCE:.0f}%): what generation runs does not compute what --eval measured. Compile without "
+        "the pass that rewrites the decode program (the report names each program's rewrites), or with --no-verify "
+        "to see the uncompiled programs' figure")
 
 
 def _programs(dec) -> str:

@@ -60,3 +60,21 @@ def test_the_record_says_when_the_decode_loop_ran_packages():
     gm = torch.fx.symbolic_trace(torch.nn.Identity())
     assert _programs(SimpleNamespace(decode_fn=PackagedProgram(lambda *a: None, gm, []))) == "packages"
     assert _programs(SimpleNamespace(decode_fn=gm)) == "lowered"
+
+
+def test_a_decode_loop_that_computes_something_else_fails_the_compile(monkeypatch):
+    """The decode figure is a gate: logits through the decode loop that differ from the
+    prefill graph's beyond the tolerance fail the compile, naming both figures."""
+    from optc.errors import CompileError
+    from optc.runtime.decode import StaticCacheDecoder
+
+    real = StaticCacheDecoder.forced_logits
+
+    def confidently_wrong(self, ids, prompt_len):  # a decode loop that always predicts token 0
+        out = real(self, ids, prompt_len)
+        return torch.full_like(out, -30.0).index_fill_(-1, torch.tensor([0]), 30.0)
+
+    monkeypatch.setattr(StaticCacheDecoder, "forced_logits", confidently_wrong)
+    with pytest.raises(CompileError, match=r"decode program's held-out perplexity .* off the prefill graph's"):
+        _compile(verify=False)
+
