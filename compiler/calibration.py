@@ -64,49 +64,49 @@ class CalibrationContext:
         """The calibration loss of the program with `node`'s output replaced, for each of
         `replacements` (functions of the value of the node's first argument), on the
         first `n` inputs: what `calibration_loss` gives for each rewritten program,
-        without rewriting it. Per input, the nodes above `node` run once and each
-        replacement runs the rest, so a layer-by-layer sensitivity costs about half the
-        forwards and no rebuilt graphs. The state the program writes in place (KV cache,
-        its write counters) is each input's own copy, put back to what it was at `node`
-        before each replacement runs on."""
+        without rewriting it (see `losses_at`)."""
+        return self.losses_at([(node, replacements)], n)[0]
+
+    def losses_at(self, cuts: list[tuple[fx.Node, list]], n: int | None = None) -> list[list[float]]:
+        """`losses_from` for several nodes at once: [[loss of each replacement] per
+        (node, replacements) of `cuts`]. Per input the program runs once, in graph order;
+        at each cut node every replacement runs the rest of the program from there, then
+        the run goes on with the node's own value. So a layer-by-layer sensitivity costs
+        one forward per input plus, per candidate, the layers above its own, and no
+        rebuilt graph. The state the program writes in place (KV cache, its write
+        counters) is each input's own copy, put back to what it was at the node before
+        each replacement runs and before the run goes on."""
         gm = self.calibration_program
         mutated = set(mutated_attr_names(gm))
         nodes = list(gm.graph.nodes)
-        cut = nodes.index(node)
-        totals = [0.0] * len(replacements)
+        order = sorted(range(len(cuts)), key=lambda k: nodes.index(cuts[k][0]))
+        totals = [[0.0] * len(fns) for _, fns in cuts]
         inputs = self.inputs[:n]
         with torch.no_grad():
-            for i, (args, kwargs) in enumerate(progress(inputs, "calibration: loss from a layer")):
+            for i, (args, kwargs) in enumerate(progress(inputs, "calibration: loss from each layer")):
                 interp = _OwnState(gm, mutated)
                 interp.args_iter = iter(flat_graph_inputs(gm, args, kwargs))
-                for target in mutated:  # every state tensor copied now, so the snapshot holds all
+                for target in mutated:  # every state tensor copied now, so a snapshot holds all
                     interp.get_attr(target, (), {})
-                env = interp.env
-                for nd in nodes[:cut]:
-                    env[nd] = interp.run_node(nd)
-                    for dead in interp.user_to_last_uses.get(nd, []):
-                        del env[dead]
-                at_cut = dict(env)
-                state = {k: v.clone() for k, v in interp.own.items()}
-                x = env[node.args[0]]
-                for j, replace in enumerate(replacements):
-                    for k, v in interp.own.items():
-                        v.copy_(state[k])
-                    interp.env = env = dict(at_cut)
-                    env[node] = replace(x)
-                    for dead in interp.user_to_last_uses.get(node, []):
-                        del env[dead]
-                    for nd in nodes[cut + 1:]:
-                        if nd.op == "output":
-                            out = interp.run_node(nd)
-                            break
-                        env[nd] = interp.run_node(nd)
-                        for dead in interp.user_to_last_uses.get(nd, []):
-                            del env[dead]
-                    while isinstance(out, (tuple, list)):
-                        out = out[0]
-                    totals[j] += self._loss(out, i, kwargs)
-        return [t / len(inputs) for t in totals]
+                main, done = interp.env, 0
+                for k in order:
+                    node, fns = cuts[k]
+                    at = nodes.index(node)
+                    interp.env = main
+                    _run_nodes(interp, nodes[done:at])
+                    state = {t: v.clone() for t, v in interp.own.items()}
+                    x = main[node.args[0]]
+                    for j, replace in enumerate(fns):
+                        interp.env = dict(main)
+                        interp.env[node] = replace(x)
+                        _free(interp, node)
+                        totals[k][j] += self._loss(_run_nodes(interp, nodes[at + 1:]), i, kwargs)
+                        for t, v in interp.own.items():
+                            v.copy_(state[t])
+                    interp.env = main
+                    _run_nodes(interp, [node])
+                    done = at + 1
+        return [[t / len(inputs) for t in per] for per in totals]
 
     def stream_values(self, nodes: list[fx.Node], n: int | None = None) -> list[list[torch.Tensor]]:
         """The values of `nodes` (of the calibration program) on the first `n` inputs."""
@@ -211,3 +211,23 @@ class _OwnState(fx.Interpreter):
         if target not in self.own:
             self.own[target] = value.clone()
         return self.own[target]
+
+
+def _free(interp: fx.Interpreter, node: fx.Node) -> None:
+    for dead in interp.user_to_last_uses.get(node, []):
+        del interp.env[dead]
+
+
+def _run_nodes(interp: fx.Interpreter, nodes: list[fx.Node]):
+    """Run `nodes` in `interp.env`, freeing values after their last use; returns the
+    program's main output if the output node is among them."""
+    for node in nodes:
+        if node.op == "output":
+            out = interp.run_node(node)
+            while isinstance(out, (tuple, list)):
+                out = out[0]
+            return out
+        interp.env[node] = interp.run_node(node)
+        _free(interp, node)
+    return None
+

@@ -120,7 +120,7 @@ def _loss_counts(ctx, gm, layers: list[HeadLayer], scores: dict, xs: dict, unifo
     Each layer is pruned alone (with the configured repair, refit on its own dense
     inputs) at every aligned kept count from full width down to twice its share of the
     ratio, and the calibration loss of that model is measured on `sensitivity_samples`
-    sequences (run from that layer's o_proj on: `CalibrationContext.losses_from`).
+    sequences (run from that layer's o_proj on: `CalibrationContext.losses_at`).
     Taking the per-layer increases as additive, dynamic programming over the layers
     finds the counts that remove `ratio` of all heads (or the reachable number nearest
     to it) at the least summed increase. Where uniform's counts remove that many,
@@ -131,18 +131,21 @@ def _loss_counts(ctx, gm, layers: list[HeadLayer], scores: dict, xs: dict, unifo
     n = cfg.sensitivity_samples
     base = ctx.calibration_loss(lambda g: g, n=n)
     heads_per = {ly.index: ly.att.num_heads // ly.count for ly in layers}  # heads in one step of the count
-    cost: dict[int, dict[int, float]] = {}
+    candidates, cuts = {}, []
     for ly in layers:
         m = ly.step(cfg.align)
         share = max(math.ceil(cfg.ratio * ly.count), m)
         lowest = max(min(m, ly.count), ly.count - 2 * share)
-        candidates = sorted(({uniform[ly.index]} | {c for c in range(lowest, ly.count) if c % m == 0}) - {ly.count})
+        candidates[ly.index] = sorted(({uniform[ly.index]} | {c for c in range(lowest, ly.count) if c % m == 0})
+                                      - {ly.count})
         # Heads do not interact (head_coupling refuses models where they do), so pruning
         # one layer changes only its o_proj's output: measured from that node on.
-        outputs = [_o_output(gm, ly, _single_layer_plan(gm, ly, *choose_heads(ly, scores[ly.index], c),
-                                                        xs.get(ly.index), cfg.repair)) for c in candidates]
-        losses = ctx.losses_from(ly.att.o.node, outputs, n=n)
-        cost[ly.index] = {ly.count: 0.0, **{c: loss - base for c, loss in zip(candidates, losses)}}
+        plans = [_single_layer_plan(gm, ly, *choose_heads(ly, scores[ly.index], c), xs.get(ly.index), cfg.repair)
+                 for c in candidates[ly.index]]
+        cuts.append((ly.att.o.node, [_o_output(gm, ly, plan) for plan in plans]))
+    cost: dict[int, dict[int, float]] = {
+        ly.index: {ly.count: 0.0, **{c: loss - base for c, loss in zip(candidates[ly.index], losses)}}
+        for ly, losses in zip(layers, ctx.losses_at(cuts, n=n))}
     # best[r] = (summed increase, counts) over the layers so far, removing r heads.
     best: dict[int, tuple[float, dict]] = {0: (0.0, {})}
     for ly in layers:

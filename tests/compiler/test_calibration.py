@@ -68,3 +68,18 @@ def test_losses_from_an_encoder_layer_equal_the_rewritten_programs(bert_captured
     got = ctx.losses_from(node, fns)
     assert got[0] == pytest.approx(0.0, abs=1e-6) and got[1] > 1e-4
     assert got == pytest.approx([ctx.calibration_loss(_replaced(node.name, f)) for f in fns], abs=1e-6)
+
+
+def test_losses_at_several_layers_in_one_pass_equal_each_layer_alone(llama_captured):
+    _, captured = llama_captured
+    gm = capture.graph_module(captured.programs["prefill"])
+    ctx = CalibrationContext("causal-lm", gm, lm_calib(n=2, t=16))
+    cuts = []
+    for block in (2, 0, 1):  # not in graph order: the answer keeps the order asked for
+        node, scaled = _o_linear(gm, block)
+        cuts.append((node, [scaled(0.5), scaled(-1.0)]))
+    together = ctx.losses_at(cuts)
+    alone = [ctx.losses_from(node, fns) for node, fns in cuts]
+    assert [v for per in together for v in per] == pytest.approx([v for per in alone for v in per], abs=1e-6)
+    assert len({round(v, 4) for per in together for v in per}) == 6
+

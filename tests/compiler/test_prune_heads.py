@@ -357,22 +357,21 @@ def test_loss_allocation_measures_the_model_pruned_at_one_layer(llama_captured, 
     from optc.compiler.passes import prune_heads as ph
 
     plans, checked = [], []
-    real_output, real_losses = ph._o_output, CalibrationContext.losses_from
+    real_output, real_losses = ph._o_output, CalibrationContext.losses_at
 
     def record(gm, ly, plan):
         plans.append((ly, plan))
         return real_output(gm, ly, plan)
 
-    def compare(ctx, node, outputs, n=None):
-        got = real_losses(ctx, node, outputs, n)
-        for (ly, plan), loss in zip(plans, got):
+    def compare(ctx, cuts, n=None):
+        got = real_losses(ctx, cuts, n)
+        for (ly, plan), loss in zip(plans, [loss for per in got for loss in per], strict=True):
             full = ctx.calibration_loss(lambda g: ph._pruned_copy(g, {ly.index: ly.coupling}, plan), n=n)
             checked.append((loss, full))
-        plans.clear()
         return got
 
     monkeypatch.setattr(ph, "_o_output", record)
-    monkeypatch.setattr(CalibrationContext, "losses_from", compare)
+    monkeypatch.setattr(CalibrationContext, "losses_at", compare)
     _, captured = llama_captured
     _run(captured, {"ratio": 0.25, "align": 1, "allocation": "loss", "sensitivity_samples": 2, "repair": repair},
          calib=_lm_calib(n=4, t=24))
