@@ -121,3 +121,22 @@ def test_a_saved_artifact_is_timed_beside_the_model_as_a_load_runs_it(tmp_path, 
         bench("tiny-llama", target="cpu", artifacts=[str(tmp_path / "missing.optc")])
     with pytest.raises(UsageError, match="batch 1; pass --batch 1"):
         bench("tiny-llama", target="cpu", batch=2, artifacts=[str(path)])
+
+
+def test_a_saved_encoder_artifact_is_timed_per_forward(tmp_path, eager_lower):
+    from optc import compile as compile_model
+    from optc.models import zoo
+    from optc.runtime.bench import bench
+
+    entry = zoo.get("tiny-bert")
+    path = compile_model(entry.load(), entry.example_inputs(), target="cpu", entry=entry, verify=False,
+                         log=lambda m: None).save(tmp_path / "bert.optc")
+    doc = bench("tiny-bert", target="cpu", baselines=["eager"], artifacts=[str(path)])
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert list(rows) == ["eager", "optc", "bert.optc"] and doc["failed"] == {}
+    assert rows["bert.optc"]["median_ms"] > 0 and rows["bert.optc"]["load_to_ready_s"] > 0
+    assert rows["bert.optc"]["work"] == rows["optc"]["work"]  # the same program, loaded
+    # One lowering for the row compiled here, one for the artifact's own load (no kernel
+    # cache: it was compiled without the check); on the CPU neither autotunes.
+    assert eager_lower == [{"autotune": False, "cudagraphs": False, "kernel_cache": False}] * 2
+
