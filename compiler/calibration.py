@@ -159,8 +159,7 @@ class CalibrationContext:
                 env[node] = yield node, env[node.args[0]]
             else:
                 env[node] = interp.run_node(node)
-            for dead in interp.user_to_last_uses.get(node, []):
-                del env[dead]
+            _free(interp, node)
         yield None
 
     def stream_cosines(self, anatomy, units, n: int | None = None) -> dict:

@@ -82,8 +82,8 @@ def check(d: dict) -> None:
         f"the {how} decode program's held-out perplexity ({d['after']:.4g}) is {100 * d['vs_prefill_graph']:+.1f}% "
         f"off the prefill graph's on the same tokens ({d['prefill_graph_after']:.4g}; tolerance "
         f"{100 * TOLERANCE:.0f}%): what generation runs does not compute what --eval measured. Compile without "
-        "the pass that rewrites the decode program (the report names each program's rewrites), or with --no-verify "
-        "to see the uncompiled programs' figure")
+        "the pass that rewrites the decode program (`optc compile --json` names each program's rewrites), and "
+        "report this with the model and settings")
 
 
 def _programs(dec) -> str:
