@@ -63,8 +63,8 @@ class PruneHeadsConfig(PassConfig):
     # "Weight scores"): norms miss the heads that carry massive activations.
     score: str = knob("activation", choices=SCORES,
                       doc="head importance: activation (o's output energy on calibration data) | weight (norms only)")
-    # Default loss: on SmolLM2 and MiniLM at 0.33 uniform keeps 67% and 42% of the
-    # unrepaired loss, loss 26% and 26% (compiler/passes/README.md, prune_heads).
+    # Default loss: uniform misses the held-out quality bar on SmolLM2 and MiniLM where
+    # loss meets it (benchmarks/results/pruning_quality_*_heads_*_cpu.json).
     allocation: str = knob("loss", choices=ALLOCATIONS, search=Choice(ALLOCATIONS, when=("ratio", ">", 0)),
                            doc="loss: per-layer counts by measured calibration loss (each layer and count run "
                                "from that layer on) | uniform: same ratio per layer | global: rank all layers' "
