@@ -67,44 +67,52 @@ class CalibrationContext:
         without rewriting it (see `losses_at`)."""
         return self.losses_at([(node, replacements)], n)[0]
 
-    def losses_at(self, cuts: list[tuple[fx.Node, list]], n: int | None = None) -> list[list[float]]:
-        """`losses_from` for several nodes at once: [[loss of each replacement] per
-        (node, replacements) of `cuts`]. Per input the program runs once, in graph order;
-        at each cut node every replacement runs the rest of the program from there, then
-        the run goes on with the node's own value. So a layer-by-layer sensitivity costs
-        one forward per input plus, per candidate, the layers above its own, and no
-        rebuilt graph. The state the program writes in place (KV cache, its write
-        counters) is each input's own copy, put back to what it was at the node before
-        each replacement runs and before the run goes on."""
+    def losses_at(self, cuts: list[tuple], n: int | None = None, fixed: dict | None = None) -> list[list[float]]:
+        """`losses_from` for several nodes at once: [[loss of each replacement] per cut].
+        A cut is (node, replacements) or (node, replacements, source): each replacement
+        computes the node's output from the value of `source` (default: the node's first
+        argument). `fixed` {node: (function, source)} replaces nodes in every run, the
+        cuts' included (units already removed, say).
+
+        Per input the program runs once, in graph order; at each cut node every
+        replacement runs the rest of the program from there, then the run goes on with
+        the node's own value. So a layer-by-layer sensitivity costs one forward per input
+        plus, per candidate, the layers above its own, and no rebuilt graph. The state the
+        program writes in place (KV cache, its write counters) is each input's own copy,
+        put back to what it was at the node before each replacement runs and before the
+        run goes on."""
         gm = self.calibration_program
         mutated = set(mutated_attr_names(gm))
         nodes = list(gm.graph.nodes)
+        cuts = [(c[0], c[1], c[2] if len(c) > 2 else c[0].args[0]) for c in cuts]
+        fixed = fixed or {}
+        keep = {source for _, _, source in cuts} | {source for _, source in fixed.values()}
         order = sorted(range(len(cuts)), key=lambda k: nodes.index(cuts[k][0]))
-        totals = [[0.0] * len(fns) for _, fns in cuts]
+        totals = [[0.0] * len(fns) for _, fns, _ in cuts]
         inputs = self.inputs[:n]
         with torch.no_grad():
             for i, (args, kwargs) in enumerate(progress(inputs, "calibration: loss from each layer")):
-                interp = _OwnState(gm, mutated)
+                interp = _OwnState(gm, mutated, fixed, keep)
                 interp.args_iter = iter(flat_graph_inputs(gm, args, kwargs))
                 for target in mutated:  # every state tensor copied now, so a snapshot holds all
                     interp.get_attr(target, (), {})
                 main, done = interp.env, 0
                 for k in order:
-                    node, fns = cuts[k]
+                    node, fns, source = cuts[k]
                     at = nodes.index(node)
                     interp.env = main
-                    _run_nodes(interp, nodes[done:at])
+                    interp.run_nodes(nodes[done:at])
                     state = {t: v.clone() for t, v in interp.own.items()}
-                    x = main[node.args[0]]
+                    x = main[source]
                     for j, replace in enumerate(fns):
                         interp.env = dict(main)
                         interp.env[node] = replace(x)
-                        _free(interp, node)
-                        totals[k][j] += self._loss(_run_nodes(interp, nodes[at + 1:]), i, kwargs)
+                        interp.free(node)
+                        totals[k][j] += self._loss(interp.run_nodes(nodes[at + 1:]), i, kwargs)
                         for t, v in interp.own.items():
                             v.copy_(state[t])
                     interp.env = main
-                    _run_nodes(interp, [node])
+                    interp.run_nodes([node])
                     done = at + 1
         return [[t / len(inputs) for t in per] for per in totals]
 
@@ -159,7 +167,7 @@ class CalibrationContext:
                 env[node] = yield node, env[node.args[0]]
             else:
                 env[node] = interp.run_node(node)
-            _free(interp, node)
+            interp.free(node)
         yield None
 
     def stream_cosines(self, anatomy, units, n: int | None = None) -> dict:
@@ -196,11 +204,13 @@ class CalibrationContext:
 class _OwnState(fx.Interpreter):
     """An interpreter that reads the attributes in `mutated` (state the program writes in
     place) from copies of its own, made on first read, so runs on different inputs (or
-    from one snapshot) do not meet in the program's buffers."""
+    from one snapshot) do not meet in the program's buffers. The nodes of `fixed`
+    {node: (function, source)} take function(value of source) instead of their own
+    value; values in `keep` stay alive to the end of a run."""
 
-    def __init__(self, gm: fx.GraphModule, mutated: set):
+    def __init__(self, gm: fx.GraphModule, mutated: set, fixed: dict | None = None, keep: set = frozenset()):
         super().__init__(gm)
-        self.mutated = mutated
+        self.mutated, self.fixed, self.keep = mutated, fixed or {}, keep
         self.own: dict = {}
 
     def get_attr(self, target, args, kwargs):
@@ -211,22 +221,24 @@ class _OwnState(fx.Interpreter):
             self.own[target] = value.clone()
         return self.own[target]
 
+    def free(self, node: fx.Node) -> None:
+        for dead in self.user_to_last_uses.get(node, []):
+            if dead not in self.keep:
+                del self.env[dead]
 
-def _free(interp: fx.Interpreter, node: fx.Node) -> None:
-    for dead in interp.user_to_last_uses.get(node, []):
-        del interp.env[dead]
-
-
-def _run_nodes(interp: fx.Interpreter, nodes: list[fx.Node]):
-    """Run `nodes` in `interp.env`, freeing values after their last use; returns the
-    program's main output if the output node is among them."""
-    for node in nodes:
-        if node.op == "output":
-            out = interp.run_node(node)
-            while isinstance(out, (tuple, list)):
-                out = out[0]
-            return out
-        interp.env[node] = interp.run_node(node)
-        _free(interp, node)
-    return None
-
+    def run_nodes(self, nodes: list[fx.Node]):
+        """Run `nodes` in `self.env`, freeing values after their last use; returns the
+        program's main output if the output node is among them."""
+        for node in nodes:
+            if node.op == "output":
+                out = self.run_node(node)
+                while isinstance(out, (tuple, list)):
+                    out = out[0]
+                return out
+            if node in self.fixed:
+                fn, source = self.fixed[node]
+                self.env[node] = fn(self.env[source])
+            else:
+                self.env[node] = self.run_node(node)
+            self.free(node)
+        return None

@@ -28,7 +28,7 @@ import torch.fx as fx
 from optc.compiler.anatomy import Anatomy
 from optc.compiler.config import Choice, Int, PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
-from optc.compiler.rewrite import drop_unused_attributes, eliminate_dead_code, rebuild
+from optc.compiler.rewrite import drop_unused_attributes, eliminate_dead_code
 from optc.errors import UsageError
 
 PARTS = ("block", "attention", "mlp")
@@ -147,11 +147,13 @@ def _by_loss(ctx, anatomy, candidates, params, budget, cfg, cosine, biases):
 
 
 def _greedy_round(ctx, anatomy, greedy, params, cfg, biases) -> None:
-    chosen, n = greedy["chosen"], cfg.calibration_samples
-    costs = {}
-    for unit in greedy["pool"]:
-        loss = ctx.calibration_loss(lambda gm, u=unit: _rewritten(gm, anatomy, chosen + [u], biases), n=n)
-        costs[unit] = (loss - greedy["base"]) / params[unit]
+    chosen, pool = greedy["chosen"], greedy["pool"]
+    # Each candidate removed on top of the units chosen so far, measured from its own
+    # block on in one pass per input (CalibrationContext.losses_at), not by a rebuilt copy.
+    fixed = dict(_removed(anatomy, u, biases) for u in chosen)
+    cuts = [(end, [fn], start) for end, (fn, start) in (_removed(anatomy, u, biases) for u in pool)]
+    losses = ctx.losses_at(cuts, n=cfg.calibration_samples, fixed=fixed)
+    costs = {u: (loss - greedy["base"]) / params[u] for u, (loss,) in zip(pool, losses)}
     ranked = sorted(costs, key=costs.__getitem__)
     best = ranked[0]
     chosen.append(best)
@@ -161,27 +163,28 @@ def _greedy_round(ctx, anatomy, greedy, params, cfg, biases) -> None:
     greedy["pool"] = rest[: cfg.rescore_top]
 
 
-def _rewritten(gm: fx.GraphModule, anatomy: Anatomy, units, biases) -> fx.GraphModule:
-    """A copy of `gm`'s graph with `units` removed; parameters are shared, not copied."""
-    copy, mapping = rebuild(gm)
-    remove_units(copy, _remap(anatomy, mapping), units, biases)
-    return copy
+def _removed(anatomy: Anatomy, unit, biases: dict) -> tuple:
+    """What `remove_units` makes of the residual stream when it removes `unit`, computed
+    instead of rewritten: (end, (function, start)), the end node's value becoming
+    function(start's value). Several units of one block compose to remove_units' single
+    reroute: the start of a block's MLP half is its mid, already replaced when its
+    attention half is removed too."""
+    block = anatomy.blocks[unit[0]]
+    if unit[1] == "block" or set(block.halves) == {unit[1]}:
+        end, start = block.output, block.input
+    elif unit[1] == "attention":
+        end, start = block.mid, block.input
+    else:
+        end, start = block.output, block.mid
+    dtype = end.meta["val"].dtype
+    bias = biases.get(unit)
+    bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
 
+    def value(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype)
+        return x if bias is None else x + bias.to(x.device, dtype)
 
-def _remap(anatomy: Anatomy, mapping: dict) -> Anatomy:
-    """The anatomy with node references moved to a copied graph."""
-    import copy as _copy
-
-    moved = _copy.copy(anatomy)
-    moved.blocks = []
-    for b in anatomy.blocks:
-        nb = _copy.copy(b)
-        nb.input, nb.mid, nb.output = mapping[b.input], mapping[b.mid], mapping[b.output]
-        if b.attention is not None:
-            nb.attention = _copy.copy(b.attention)
-            nb.attention.cache_writes = [mapping[n] for n in b.attention.cache_writes]
-        moved.blocks.append(nb)
-    return moved
+    return end, (value, start)
 
 
 def remove_units(gm: fx.GraphModule, anatomy: Anatomy, units, biases: dict | None = None) -> None:

@@ -183,3 +183,45 @@ def test_anatomy_reads_blocks_left_with_one_half(llama_captured, part):
     assert sparse["applied"], sparse["reason"]
     units = {u["key"] for u in sparse["plan"]["units"]}
     assert ("1.qkv" in units) == (part == "mlp") and ("1.down" in units) == (part == "attention")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_greedy_losses_equal_the_programs_remove_units_builds(llama_captured, bert_captured, family):
+    """A greedy round measures each candidate on top of the units chosen so far from its
+    own block on (losses_at with the chosen units fixed): the loss equals that of the
+    program remove_units rewrites with them all, compensation included, for units of the
+    same block (both halves: one reroute) and of others."""
+    from optc.compiler.anatomy import analyze
+    from optc.compiler.passes.skip_layers import _removed, remove_units
+
+    _, captured = llama_captured if family == "llama" else bert_captured
+    name = "prefill" if family == "llama" else "forward"
+    gm = capture.graph_module(captured.programs[name])
+    if family == "llama":
+        calib, task = _lm_calib(n=2, t=16), "causal-lm"
+    else:
+        g = torch.Generator().manual_seed(2)
+        calib = [((torch.randint(0, 256, (2, 12), generator=g), torch.ones(2, 12, dtype=torch.long)), {})
+                 for _ in range(2)]
+        task = "forward"
+    ctx = CalibrationContext(task, gm, calib)
+    anatomy = analyze(gm)
+    width = anatomy.blocks[0].output.meta["val"].shape[-1]
+    biases = {(i, p): torch.full((width,), 0.01 * (i + 1)) for i in range(len(anatomy.blocks))
+              for p in ("attention", "mlp")}
+    chosen = [(1, "attention")]
+    pool = [(1, "mlp"), (0, "attention"), (2, "mlp"), (0, "mlp")]
+    fixed = dict(_removed(anatomy, u, biases) for u in chosen)
+    cuts = [(end, [fn], start) for end, (fn, start) in (_removed(anatomy, u, biases) for u in pool)]
+    got = [loss for (loss,) in ctx.losses_at(cuts, fixed=fixed)]
+
+    def rewritten(units):
+        def transform(g):
+            copy = capture.graph_module(captured.programs[name])
+            remove_units(copy, analyze(copy), units, biases)
+            return copy
+        return transform
+
+    want = [ctx.calibration_loss(rewritten(chosen + [u])) for u in pool]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-8)
+    assert len({f"{v:.4g}" for v in got}) == len(pool)  # four different programs
