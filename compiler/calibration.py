@@ -60,19 +60,14 @@ class CalibrationContext:
         ref = self.reference_outputs()[i]
         return 1.0 - F.cosine_similarity(out.flatten(0, -2), ref.flatten(0, -2), dim=-1).mean().item()
 
-    def losses_from(self, node: fx.Node, replacements: list, n: int | None = None) -> list[float]:
-        """The calibration loss of the program with `node`'s output replaced, for each of
-        `replacements` (functions of the value of the node's first argument), on the
-        first `n` inputs: what `calibration_loss` gives for each rewritten program,
-        without rewriting it (see `losses_at`)."""
-        return self.losses_at([(node, replacements)], n)[0]
-
     def losses_at(self, cuts: list[tuple], n: int | None = None, fixed: dict | None = None) -> list[list[float]]:
-        """`losses_from` for several nodes at once: [[loss of each replacement] per cut].
-        A cut is (node, replacements) or (node, replacements, source): each replacement
-        computes the node's output from the value of `source` (default: the node's first
-        argument). `fixed` {node: (function, source)} replaces nodes in every run, the
-        cuts' included (units already removed, say).
+        """The calibration loss of the program with a node's output replaced, on the
+        first `n` inputs, for each replacement of each cut: what `calibration_loss` gives
+        for each rewritten program, without rewriting it; [[loss of each replacement]
+        per cut]. A cut is (node, replacements) or (node, replacements, source): each
+        replacement computes the node's output from the value of `source` (default: the
+        node's first argument). `fixed` {node: (function, source)} replaces nodes in
+        every run, the cuts' included (units already removed, say).
 
         Per input the program runs once, in graph order; at each cut node every
         replacement runs the rest of the program from there, then the run goes on with

@@ -1,4 +1,4 @@
-"""CalibrationContext.losses_from: the loss of a program with one node's output replaced,
+"""CalibrationContext.losses_at: the loss of a program with one node's output replaced,
 run from that node on, equals the loss of the program rewritten that way."""
 
 import pytest
@@ -41,14 +41,14 @@ def _state(gm):
 
 
 @pytest.mark.parametrize("block", [0, 1])
-def test_losses_from_a_decoder_layer_equal_the_rewritten_programs(llama_captured, block):
+def test_losses_at_a_decoder_layer_equal_the_rewritten_programs(llama_captured, block):
     _, captured = llama_captured
     gm = capture.graph_module(captured.programs["prefill"])
     ctx = CalibrationContext("causal-lm", gm, lm_calib(n=3, t=20))
     node, scaled = _o_linear(gm, block)
     fns = [scaled(1.0), scaled(0.0), scaled(-2.0), lambda x: torch.zeros(*x.shape[:-1], node.meta["val"].shape[-1])]
     before = _state(gm)
-    got = ctx.losses_from(node, fns)
+    got = ctx.losses_at([(node, fns)])[0]
     # The program's own state (the KV cache and its counters) is left as it was.
     assert all(torch.equal(t, before[n]) for n, t in _state(gm).items())
     want = [ctx.calibration_loss(_replaced(node.name, f)) for f in fns]
@@ -57,7 +57,7 @@ def test_losses_from_a_decoder_layer_equal_the_rewritten_programs(llama_captured
     assert len(set(round(v, 4) for v in got)) == 3  # scale 0 and zeros agree; the rest differ
 
 
-def test_losses_from_an_encoder_layer_equal_the_rewritten_programs(bert_captured):
+def test_losses_at_an_encoder_layer_equal_the_rewritten_programs(bert_captured):
     _, captured = bert_captured
     gm = capture.graph_module(captured.programs["forward"])
     g = torch.Generator().manual_seed(3)
@@ -65,7 +65,7 @@ def test_losses_from_an_encoder_layer_equal_the_rewritten_programs(bert_captured
     ctx = CalibrationContext("forward", gm, calib)
     node, scaled = _o_linear(gm, 1)
     fns = [scaled(1.0), scaled(0.3)]
-    got = ctx.losses_from(node, fns)
+    got = ctx.losses_at([(node, fns)])[0]
     assert got[0] == pytest.approx(0.0, abs=1e-6) and got[1] > 1e-4
     assert got == pytest.approx([ctx.calibration_loss(_replaced(node.name, f)) for f in fns], abs=1e-6)
 
@@ -79,7 +79,7 @@ def test_losses_at_several_layers_in_one_pass_equal_each_layer_alone(llama_captu
         node, scaled = _o_linear(gm, block)
         cuts.append((node, [scaled(0.5), scaled(-1.0)]))
     together = ctx.losses_at(cuts)
-    alone = [ctx.losses_from(node, fns) for node, fns in cuts]
+    alone = [ctx.losses_at([cut])[0] for cut in cuts]
     assert [v for per in together for v in per] == pytest.approx([v for per in alone for v in per], abs=1e-6)
     assert len({round(v, 4) for per in together for v in per}) == 6
 
