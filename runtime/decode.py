@@ -6,16 +6,8 @@ program (T = prompt length) and a decode program (T = 1). Both are called as
 `fn(input_ids=[B, T] long, cache_position=[T] long) -> logits [B, T, V]` and mutate the
 static KV cache in place.
 
-A prompt of any length goes through a prefill program of one length P (`prefill_len`:
-the length an artifact's programs were checked and their kernels cached for), so a new
-prompt length never compiles again: P-token chunks, the last one overlapping the one
-before it (its positions are written again with the same values), or one chunk padded
-on the right when the prompt is shorter than P. Transformers' static cache writes where
-its `cumulative_length` counters say; the export wrapper sets them from `cache_position`
-at each call (transformers 5.23), and the decoder sets them too, before each chunk and to
-the prompt's length after it, so the writes follow the positions it passes whichever
-wrapper built the programs. The padded positions' entries are masked (each query sees
-positions up to its own) and overwritten by the decode steps that reach them.
+A prompt of any length goes through the prefill program at one length, `prefill_len`
+(runtime/prefill.py), so a new prompt length never compiles again.
 
 How the programs' cache tensors are found and tied to one cache: runtime/cache.py.
 
@@ -35,6 +27,7 @@ from torch import nn
 
 from optc.compiler.capture import KEY_CACHE_BUFFER, LENGTH_BUFFER, is_state_buffer
 from optc.errors import UsageError
+from optc.runtime.prefill import run_chunks
 from optc.runtime.timing import Timing, summarise
 
 from optc.runtime.cache import (_check_shared, _storage_key, cache_buffer_names,
@@ -56,16 +49,6 @@ def _static_input_shape(module, name: str):
     return None
 
 
-def prefill_starts(T: int, P: int) -> list[int]:
-    """Where each call of a P-token prefill program starts for a T-token prompt: every P
-    tokens, and the last call ending at T (overlapping the call before it) when P does
-    not divide T; one padded call when T < P."""
-    starts = list(range(0, max(T - P, 0) + 1, P))
-    if T > P and starts[-1] + P < T:
-        starts.append(T - P)
-    return starts
-
-
 # --- StaticCacheDecoder ---------------------------------------------------------------
 
 
@@ -84,7 +67,7 @@ class StaticCacheDecoder:
         lives on a CUDA device). On CPU the same step runs in a Python loop.
     max_cache_len / batch_size: taken from the `key_cache_*` tensors when not given.
     prefill_len: run the prefill program on chunks of this many tokens, whatever the
-        prompt's length (module docstring); default: the length the program's input is
+        prompt's length (runtime/prefill.py); default: the length the program's input is
         fixed to, if it is, else every prompt goes in whole.
 
     ms/token (time_decode, and the same definition in optc.runtime.baselines): the time
@@ -302,19 +285,7 @@ class StaticCacheDecoder:
                 pos = torch.tensor([i], dtype=torch.long, device=self.device)
                 logits = self.decode_fn(input_ids=prompt_ids[:, i : i + 1], cache_position=pos)
             return logits[:, -1, :]
-        P = self.prefill_len or T
-        for start in prefill_starts(T, P):
-            # A fresh [B, P] tensor: a slice keeps the prompt's strides, which would compile
-            # the program again (Dynamo guards on strides, even of a size-1 batch).
-            chunk = prompt_ids.new_empty(prompt_ids.shape[0], P)
-            part = prompt_ids[:, start : start + P]
-            chunk[:, : part.shape[1]] = part
-            chunk[:, part.shape[1] :] = part[:, -1:]  # a prompt shorter than P: padded with its last token
-            self._set_length(start)
-            pos = torch.arange(start, start + P, dtype=torch.long, device=self.device)
-            logits = self.prefill_fn(input_ids=chunk, cache_position=pos)
-        self._set_length(T)
-        return logits[:, T - 1 - start, :]
+        return run_chunks(self.prefill_fn, prompt_ids, self.prefill_len or T, self._set_length)
 
     def _run_prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Fill the cache with the prompt; returns the first new token [B, 1]."""

@@ -6,7 +6,8 @@ import torch
 from optc.errors import CompileError, UsageError
 from optc.compiler.capture import export_lm_programs
 from optc.runtime.cache import _check_shared, cache_buffer_names, mutated_attr_names, tie_buffers
-from optc.runtime.decode import StaticCacheDecoder, prefill_starts
+from optc.runtime.decode import StaticCacheDecoder
+from optc.runtime.prefill import prefill_starts
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
