@@ -232,16 +232,14 @@ def _time_artifact(path: str, eager, tgt, workload, inputs) -> tuple:
     load_s = time.perf_counter() - start
     m = measure(art, tgt, workload, inputs=inputs, loaded=True, log=_log)
     status = art.kernel_cache_status or {}
-    notes = {"artifact": str(path), "load_s": round(load_s, 2), "setup_s": round(m.setup_s, 1),
-             "load_to_ready_s": round(load_s + m.setup_s, 1),
-             "kernel_cache": {"used": status.get("used", False), "reason": status.get("reason"),
-                              "hits": art.kernel_cache_hits()},
-             "params": art.manifest["params"], "config": art.manifest["config"], "work": _work(art, workload)}
-    if workload.kind == "decode":
-        lossy = any(p.get("lossy") and p.get("applied") for p in art.manifest["passes"])
-        notes["agreement"] = agreement(m.program, art, inputs, None if lossy else eager)
-        return m.timing, notes, m.remeasure
-    return m.timing, notes, None
+    # The notes a compiled row of the same kind gets (agreement included for LMs), and the load's.
+    notes = (_lm_notes(art, m, eager, inputs) if workload.kind == "decode"
+             else {"params": art.manifest["params"], "config": art.manifest["config"]})
+    notes.update(artifact=str(path), load_s=round(load_s, 2), setup_s=round(m.setup_s, 1),
+                 load_to_ready_s=round(load_s + m.setup_s, 1), work=_work(art, workload),
+                 kernel_cache={"used": status.get("used", False), "reason": status.get("reason"),
+                               "hits": art.kernel_cache_hits()})
+    return m.timing, notes, m.remeasure if workload.kind == "decode" else None
 
 
 def _encoder_inputs(entry, example_inputs, batch, seq, device) -> tuple:
