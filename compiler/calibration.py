@@ -82,7 +82,8 @@ class CalibrationContext:
         cuts = [(c[0], c[1], c[2] if len(c) > 2 else c[0].args[0]) for c in cuts]
         fixed = fixed or {}
         keep = {source for _, _, source in cuts} | {source for _, source in fixed.values()}
-        order = sorted(range(len(cuts)), key=lambda k: nodes.index(cuts[k][0]))
+        at = {node: i for i, node in enumerate(nodes)}
+        order = sorted(range(len(cuts)), key=lambda k: at[cuts[k][0]])
         totals = [[0.0] * len(fns) for _, fns, _ in cuts]
         inputs = self.inputs[:n]
         with torch.no_grad():
@@ -94,21 +95,20 @@ class CalibrationContext:
                 main, done = interp.env, 0
                 for k in order:
                     node, fns, source = cuts[k]
-                    at = nodes.index(node)
                     interp.env = main
-                    interp.run_nodes(nodes[done:at])
+                    interp.run_nodes(nodes[done:at[node]])
                     state = {t: v.clone() for t, v in interp.own.items()}
                     x = main[source]
                     for j, replace in enumerate(fns):
                         interp.env = dict(main)
                         interp.env[node] = replace(x)
                         interp.free(node)
-                        totals[k][j] += self._loss(interp.run_nodes(nodes[at + 1:]), i, kwargs)
+                        totals[k][j] += self._loss(interp.run_nodes(nodes[at[node] + 1:]), i, kwargs)
                         for t, v in interp.own.items():
                             v.copy_(state[t])
                     interp.env = main
                     interp.run_nodes([node])
-                    done = at + 1
+                    done = at[node] + 1
         return [[t / len(inputs) for t in per] for per in totals]
 
     def stream_values(self, nodes: list[fx.Node], n: int | None = None) -> list[list[torch.Tensor]]:
