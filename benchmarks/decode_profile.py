@@ -12,7 +12,8 @@ by Inductor either way), so ms/token here is a diagnosis, not the benchmark (tha
 
 A variant's `target.FIELD=VALUE` words change the target's lowering fields for that
 variant (`target.realize_gemv_inputs=false` profiles the step without
-codegen/gemv_inputs' rewrite).
+codegen/gemv_inputs' rewrite; `target.decode_attention=true` with optc's decode
+attention kernel, codegen/decode_sdpa).
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ class Target:
     # Decode GEMVs read their input from a buffer instead of recomputing it per row
     # block (codegen/gemv_inputs): where Inductor lowers one-row matmuls as reductions.
     realize_gemv_inputs: bool = False
+    # Decode-step attention (a few query rows over the KV cache) runs optc's one-launch
+    # Triton kernel instead of Inductor's SDPA (codegen/decode_sdpa). Off until measured.
+    decode_attention: bool = False
 
 
 TARGETS = {

@@ -8,6 +8,7 @@ import torch
 from torch.export import ExportedProgram
 
 from optc.compiler.capture import graph_module, is_state_buffer
+from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
 from optc.compiler.rewrite import attr_value
 from optc.compiler.targets import Target
@@ -50,6 +51,8 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
                                kernel_cache=kernel_cache)
     if target.realize_gemv_inputs and isinstance(gm, torch.fx.GraphModule):
         gm, _ = realize_gemv_inputs(gm)
+    if target.decode_attention and isinstance(gm, torch.fx.GraphModule):
+        gm, _ = use_decode_attention(gm)
     return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
 
 
@@ -112,7 +115,7 @@ def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool 
     record = {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
               "inductor_options": inductor_options(target, autotune=autotune, cudagraphs=cudagraphs,
                                                    shape_tuning=shape_tuning, kernel_cache=kernel_cache),
-              "realize_gemv_inputs": target.realize_gemv_inputs}
+              "realize_gemv_inputs": target.realize_gemv_inputs, "decode_attention": target.decode_attention}
     if kernel_cache:
         record["kernel_cache"] = True
     if not shape_tuning:

@@ -14,7 +14,7 @@ assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from optc.compiler.codegen.kernels import cats_mlp, configs, sparse_gemv, sparse_linear  # noqa: E402
+from optc.compiler.codegen.kernels import cats_mlp, configs, decode_attention, sparse_gemv, sparse_linear  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -33,6 +33,11 @@ GEMV_SIG = {
 CATS_SIG = {
     "x_ptr": "*bf16", "wg_ptr": "*bf16", "wu_ptr": "*bf16", "thr_ptr": "*fp32", "h_ptr": "*bf16",
     **_ints("M", "I", "H", "stride_xm", "stride_xk", "stride_wg", "stride_wu", "stride_t", "stride_hm")}
+ATTENTION_SIG = {
+    "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "m_ptr": "*i1", "o_ptr": "*bf16",
+    "pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", **_ints("H", "S", "L", "D", "L_PER_SPLIT"), "scale": "fp32",
+    **_ints("sqb", "sqh", "sqs", "sqd", "skb", "skh", "skl", "skd", "svb", "svh", "svl", "svd",
+            "smb", "smh", "sms", "sml", "sob", "soh", "sos", "sod")}
 
 
 def cases():
@@ -51,6 +56,12 @@ def cases():
     for _, cfg in configs.cats_target("h100").buckets:
         yield (f"cats_gate_up-m{cfg.block_m}", cats_mlp.cats_gate_up_kernel, CATS_SIG,
                dict(FP32_DOT=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg.num_warps)
+
+    # Llama-1B's decode step after share_kv_heads (4 rows of 64 over 256 keys), whole or split.
+    for split in (1, 4):
+        cfg = decode_attention.plan(4, 256, 64, split=split)
+        yield (f"decode_attention-split{split}", decode_attention.decode_attention_kernel, ATTENTION_SIG,
+               dict(HAS_MASK=True, PARTIAL=cfg.split > 1, BLOCK_S=4, BLOCK_L=cfg.block_l, BLOCK_D=64), cfg.num_warps)
 
 
 def compile_one(kernel, signature, constexprs, num_warps) -> str:

@@ -1,0 +1,95 @@
+"""Decode-step attention runs optc's one-launch kernel instead of Inductor's SDPA.
+
+Inductor lowers aten SDPA to a library kernel (cuDNN on Hopper) with a mask conversion
+and a workspace memset around it, per layer. In a decode step each of those launches
+moves a few hundred kilobytes, so the step pays their fixed costs and the gaps between
+them rather than bytes (benchmarks/NOTES.md, "Where the 1.13 ms go now").
+`optc::decode_attention` (codegen/attention_ops.py) computes the same function in one
+Triton kernel that reads the boolean mask as the graph computed it.
+
+Rewritten only where the function is exactly SDPA's: at most MAX_ROWS query rows per
+(batch, head), keys and values with the query's batch, heads and width, a boolean mask
+or none, no dropout, no causal flag, no GQA flag. Like gemv_inputs, the rewrite works
+on a copy used for lowering; the lowering check compares it with the program itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+from optc.compiler.rewrite import node_shape
+
+aten = torch.ops.aten
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _rows_limit() -> int:
+    from optc.compiler.codegen.kernels.decode_attention import MAX_ROWS
+    return MAX_ROWS
+
+
+def _dtype(node):
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return getattr(val, "dtype", None)
+
+
+def _call(node: fx.Node) -> tuple | None:
+    """(q, k, v, mask, scale) if `node` is an SDPA the kernel computes exactly, else None."""
+    if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
+        return None
+    norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if norm is None:
+        return None
+    a = norm.kwargs
+    if a.get("dropout_p", 0.0) != 0.0 or a.get("is_causal", False) or a.get("enable_gqa", False):
+        return None
+    q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    qs, ks, vs = node_shape(q), node_shape(k), node_shape(v)
+    if qs is None or ks is None or vs is None or not (len(qs) == len(ks) == len(vs) == 4):
+        return None
+    B, H, S, D = qs
+    if S > _rows_limit() or tuple(ks) != (B, H, ks[2], D) or tuple(vs) != tuple(ks):
+        return None
+    if not (_dtype(q) == _dtype(k) == _dtype(v) and _dtype(q) in _DTYPES):
+        return None
+    if mask is not None:
+        ms = node_shape(mask)
+        if _dtype(mask) != torch.bool or ms is None or len(ms) > 4:
+            return None
+        full = (B, H, S, ks[2])[4 - len(ms):]
+        if any(m not in (1, f) for m, f in zip(ms, full)):
+            return None
+    scale = a.get("scale")
+    return q, k, v, mask, float(scale) if scale is not None else 1.0 / math.sqrt(D)
+
+
+def decode_sdpa_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The SDPA nodes of `graph` that optc::decode_attention computes exactly."""
+    return [n for n in graph.nodes if _call(n) is not None]
+
+
+def use_decode_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (sharing its parameters) whose decode-step SDPAs call
+    optc::decode_attention, and how many it rewrote; `gm` itself when there are none."""
+    if not decode_sdpa_nodes(gm.graph):
+        return gm, 0
+    from optc.compiler.codegen import attention_ops  # noqa: F401  (registers optc::decode_attention)
+
+    graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
+    found = decode_sdpa_nodes(graph)
+    for node in found:
+        q, k, v, mask, scale = _call(node)
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.optc.decode_attention.default, (q, k, v, mask, scale))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    rewritten = fx.GraphModule(gm, graph)
+    rewritten.meta.update(gm.meta)
+    return rewritten, len(found)

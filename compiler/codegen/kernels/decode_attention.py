@@ -1,0 +1,180 @@
+"""Attention for a few query rows over a static KV cache, in one Triton kernel.
+
+Why: a decode step's attention is a handful of query rows (one token, or a KV group's
+G query heads after share_kv_heads) against a cache of a few hundred positions: well
+under a megabyte per layer. Inductor hands SDPA to cuDNN there, which costs a mask
+conversion kernel, a workspace memset and the attention kernel per layer, with idle
+gaps between them (benchmarks/NOTES.md, "Where the 1.13 ms go now"). This kernel
+takes the boolean mask as the graph computed it (once per step, shared by every
+layer), skips the cache rows no query may see, and does the rest in one launch.
+
+Index math, for program (pid_bh, pid_split) of the grid (B * H, SPLIT):
+
+    b, h = pid_bh // H, pid_bh % H
+    rows   s in [0, S)                       (BLOCK_S >= S, masked)
+    keys   l in [pid_split * L_PER_SPLIT, +L_PER_SPLIT), walked BLOCK_L at a time (masked l < L)
+    q[b, h, s, d]  at q_ptr + b*sqb + h*sqh + s*sqs + d*sqd      (likewise k, v, out)
+    mask[b, h, s, l] at m_ptr + b*smb + h*smh + s*sms + l*sml   (stride 0 where it broadcasts)
+
+Online softmax in fp32 (running max m, running sum l, accumulator acc over the keys
+seen). A key no row may see is not loaded (a predicated-off load moves no bytes), so
+the rows of the cache past the current position cost nothing. A row that may see no
+key gives 0, as torch's SDPA does (its math path uses a safe softmax).
+
+SPLIT > 1 writes each slice's (m, l, acc) to fp32 partials, combined with torch ops
+by the host wrapper; inside Inductor that combination is traced and fused into the
+consumer or one small reduction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+__all__ = ["AttentionConfig", "decode_attention", "plan", "MAX_ROWS"]
+
+# More query rows than this per (batch, head) are not a decode step: prefill's
+# attention is compute-bound and belongs to flash kernels.
+MAX_ROWS = 16
+# Elements of the [BLOCK_S, BLOCK_L, BLOCK_D] products a program holds at once (fp32
+# registers: 16K over 4 warps is 128 per thread).
+_TILE_ELEMENTS = 16384
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_l: int  # keys per loop trip (a power of two)
+    split: int  # programs per (batch, head) along the keys
+    num_warps: int
+
+
+@triton.jit
+def decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, pm_ptr, pl_ptr, pa_ptr,
+    H, S, L, D, L_PER_SPLIT, scale,
+    sqb, sqh, sqs, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    smb, smh, sms, sml,
+    sob, soh, sos, sod,
+    HAS_MASK: tl.constexpr,
+    PARTIAL: tl.constexpr,  # write (m, l, acc) partials instead of the output
+    BLOCK_S: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_in = offs_s < S
+    d_in = offs_d < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_s[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=s_in[:, None] & d_in[None, :], other=0.0).to(tl.float32) * scale
+
+    m_i = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    first = pid_split * L_PER_SPLIT
+    last = tl.minimum(first + L_PER_SPLIT, L)
+    for start in range(first, last, BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        allowed = s_in[:, None] & (offs_l < last)[None, :]
+        if HAS_MASK:
+            seen = tl.load(m_ptr + b * smb + h * smh + offs_s[:, None] * sms + offs_l[None, :] * sml,
+                           mask=allowed, other=0)
+            allowed = allowed & (seen != 0)
+        needed = tl.max(allowed.to(tl.int32), axis=0) > 0  # keys some row may see
+        kv_mask = needed[:, None] & d_in[None, :]
+        k = tl.load(k_ptr + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0).to(tl.float32)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # A row that has seen no key keeps m = -inf: subtract 0 there so exp gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+
+    if PARTIAL:
+        row = (pid_bh * tl.num_programs(1) + pid_split) * BLOCK_S + offs_s
+        tl.store(pm_ptr + row, m_i)
+        tl.store(pl_ptr + row, l_i)
+        tl.store(pa_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + b * sob + h * soh + offs_s[:, None] * sos + offs_d[None, :] * sod,
+                 out.to(o_ptr.dtype.element_ty), mask=s_in[:, None] & d_in[None, :])
+
+
+def plan(S: int, L: int, D: int, split: int | None = None, block_l: int | None = None) -> AttentionConfig:
+    """The launch for S query rows over L keys of width D. One program per (batch, head)
+    walking the keys unless `split` says otherwise; the tile fills _TILE_ELEMENTS."""
+    block_s, block_d = triton.next_power_of_2(S), triton.next_power_of_2(D)
+    if block_l is None:
+        block_l = max(16, min(triton.next_power_of_2(L), _TILE_ELEMENTS // (block_s * block_d)))
+    return AttentionConfig(block_l=block_l, split=max(1, min(split or 1, triton.cdiv(L, block_l))), num_warps=4)
+
+
+def _interpreted(kernel) -> bool:
+    # Under TRITON_INTERPRET=1 the kernel is an InterpretedFunction, which torch 2.11's
+    # wrap_triton rejects; it only runs eagerly on CPU tensors, so it is launched directly.
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for q [B, H, S, D] and k, v [B, H, L, D]; `mask`
+    is boolean (True: may attend), broadcastable to [B, H, S, L], or None."""
+    B, H, S, D = q.shape
+    L = k.shape[2]
+    assert k.shape == (B, H, L, D) and v.shape == (B, H, L, D), f"k, v must be [{B}, {H}, L, {D}]"
+    assert S <= MAX_ROWS, f"{S} query rows: decode_attention takes at most {MAX_ROWS}"
+    assert mask is None or mask.dtype == torch.bool, "the mask must be boolean"
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cfg = config or plan(S, L, D)
+    block_s, block_d = triton.next_power_of_2(S), triton.next_power_of_2(D)
+    out = torch.empty((B, H, S, D), device=q.device, dtype=q.dtype)
+    m = mask.expand(B, H, S, L) if mask is not None else q  # never read without a mask
+    l_per_split = triton.cdiv(triton.cdiv(L, cfg.split), cfg.block_l) * cfg.block_l
+    split = triton.cdiv(L, l_per_split)
+    partial = split > 1
+    shape = (B, H, split, block_s)
+    pm = torch.empty(shape, device=q.device, dtype=torch.float32) if partial else out
+    pl = torch.empty(shape, device=q.device, dtype=torch.float32) if partial else out
+    pa = torch.empty((*shape, block_d), device=q.device, dtype=torch.float32) if partial else out
+    kernel = decode_attention_kernel if _interpreted(decode_attention_kernel) else wrap_triton(decode_attention_kernel)
+    kernel[(B * H, split)](
+        q, k, v, m, out, pm, pl, pa,
+        H, S, L, D, l_per_split, scale,
+        *q.stride(), *k.stride(), *v.stride(), *(m.stride() if mask is not None else (0, 0, 0, 0)), *out.stride(),
+        HAS_MASK=mask is not None, PARTIAL=partial,
+        BLOCK_S=block_s, BLOCK_L=cfg.block_l, BLOCK_D=block_d, num_warps=cfg.num_warps,
+    )
+    if partial:
+        out = _combine(pm, pl, pa, S, D).to(q.dtype)
+    return out
+
+
+def _combine(pm, pl, pa, S: int, D: int) -> torch.Tensor:
+    """Merge the slices' online-softmax states [B, H, split, BLOCK_S(, BLOCK_D)] into
+    the output [B, H, S, D]."""
+    top = pm.amax(dim=2, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    w = torch.exp(pm - top)
+    total = (pl * w).sum(dim=2)
+    acc = (pa * w.unsqueeze(-1)).sum(dim=2)
+    out = acc / torch.where(total == 0, torch.ones_like(total), total).unsqueeze(-1)
+    return out[:, :, :S, :D]
