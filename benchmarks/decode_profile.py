@@ -13,13 +13,15 @@ by Inductor either way), so ms/token here is a diagnosis, not the benchmark (tha
 A variant's `target.FIELD=VALUE` words change the target's lowering fields for that
 variant (`target.realize_gemv_inputs=false` profiles the step without
 codegen/gemv_inputs' rewrite; `target.decode_attention=true` with optc's decode
-attention kernel, codegen/decode_sdpa).
+attention kernel, codegen/decode_sdpa); `target.inductor.OPTION=VALUE` sets an
+Inductor option of the target's lowering (`target.inductor.combo_kernels=true`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 
@@ -36,14 +38,19 @@ from optc.runtime.bench import decode_timer
 
 
 def split_target_fields(words: list[str], target):
-    """(the pass settings among `words`, `target` with its `target.FIELD=VALUE` words applied)."""
-    fields = {}
+    """(the pass settings among `words`, `target` with its `target.FIELD=VALUE` and
+    `target.inductor.OPTION=VALUE` words applied)."""
+    fields, inductor = {}, dict(target.inductor)
     for w in [w for w in words if w.startswith("target.")]:
         key, _, value = w[len("target."):].partition("=")
+        if key.startswith("inductor."):
+            inductor[key[len("inductor."):]] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+            continue
         if not hasattr(target, key):
             raise SystemExit(f"decode_profile: the target has no field {key!r}")
         fields[key] = value.lower() in ("1", "true", "yes") if isinstance(getattr(target, key), bool) else value
-    return parse_sets([w for w in words if not w.startswith("target.")]), dataclasses.replace(target, **fields)
+    return parse_sets([w for w in words if not w.startswith("target.")]), dataclasses.replace(
+        target, inductor=inductor, **fields)
 
 
 def profile_variant(model, entry, prompt, target, settings: dict, steps: int, autotune: bool = False) -> dict:

@@ -1,0 +1,40 @@
+"""benchmarks/decode_profile.split_target_fields: a variant's words are pass settings,
+target fields and Inductor options of the target's lowering (the profile itself needs
+a GPU; reading the variant does not)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from optc.compiler import targets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def split_target_fields():
+    spec = importlib.util.spec_from_file_location("decode_profile", ROOT / "benchmarks" / "decode_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return mod.split_target_fields
+
+
+def test_a_variant_sets_passes_target_fields_and_inductor_options(split_target_fields):
+    h200 = targets.get("h200")
+    words = "prune_mlp.ratio=0.25 target.decode_attention=true target.inductor.combo_kernels=true".split()
+    settings, target = split_target_fields(words, h200)
+    assert settings == {"prune_mlp": {"ratio": 0.25}}
+    assert target.decode_attention and not h200.decode_attention
+    assert target.inductor == {**h200.inductor, "combo_kernels": True}
+    assert "combo_kernels" not in h200.inductor  # the profile's target is not changed
+
+
+def test_an_unknown_target_field_is_refused(split_target_fields):
+    with pytest.raises(SystemExit, match="no field 'fast'"):
+        split_target_fields(["target.fast=true"], targets.get("h200"))
