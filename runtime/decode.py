@@ -27,6 +27,7 @@ from torch import nn
 
 from optc.compiler.capture import KEY_CACHE_BUFFER, LENGTH_BUFFER, is_state_buffer
 from optc.errors import UsageError
+from optc.runtime.greedy import greedy_token
 from optc.runtime.prefill import run_chunks
 from optc.runtime.timing import Timing, summarise
 
@@ -207,7 +208,7 @@ class StaticCacheDecoder:
         # One token: model -> argmax -> token buffer and output row -> position + 1.
         # Only tensor ops on static buffers, so it can be captured and replayed.
         logits = self.decode_fn(input_ids=self._tok, cache_position=self._pos)
-        nxt = logits[:, -1, :].argmax(dim=-1, keepdim=True)
+        nxt = greedy_token(logits[:, -1, :])
         self._out.index_copy_(1, self._pos + 1, nxt)
         self._tok.copy_(nxt)
         self._pos.add_(1)
