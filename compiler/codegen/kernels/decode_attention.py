@@ -6,20 +6,24 @@ under a megabyte per layer. Inductor hands SDPA to cuDNN there, which costs a ma
 conversion kernel, a workspace memset and the attention kernel per layer, with idle
 gaps between them (benchmarks/NOTES.md, "Where the 1.13 ms go now"). This kernel
 takes the boolean mask as the graph computed it (once per step, shared by every
-layer), skips the cache rows no query may see, and does the rest in one launch.
+layer) and does the rest in one launch.
 
 Index math, for program (pid_bh, pid_split) of the grid (B * H, SPLIT):
 
     b, h = pid_bh // H, pid_bh % H
-    rows   s in [0, S)                       (BLOCK_S >= S, masked)
+    rows   s in [0, S)                       (BLOCK_S >= max(S, 16), masked: tl.dot needs 16)
     keys   l in [pid_split * L_PER_SPLIT, +L_PER_SPLIT), walked BLOCK_L at a time (masked l < L)
     q[b, h, s, d]  at q_ptr + b*sqb + h*sqh + s*sqs + d*sqd      (likewise k, v, out)
     mask[b, h, s, l] at m_ptr + b*smb + h*smh + s*sms + l*sml   (stride 0 where it broadcasts)
 
-Online softmax in fp32 (running max m, running sum l, accumulator acc over the keys
-seen). A key no row may see is not loaded (a predicated-off load moves no bytes), so
-the rows of the cache past the current position cost nothing. A row that may see no
-key gives 0, as torch's SDPA does (its math path uses a safe softmax).
+First the program scans its keys' mask, SCAN at a time, for the last key any row may
+see; the loop then stops there, so the cache past the current position is neither read
+nor computed on. Inside the loop the K and V loads depend on nothing loaded in the
+same trip (only on that bound), so they are in flight together with the trip's mask
+load: one memory round trip per trip. Scores and the weighted sum are tensor-core dots
+(tl.dot, query rows padded to 16; fp32 operands ask for exact fp32); online softmax in
+fp32 (running max m, running sum l, accumulator acc). A row that may see no key gives
+0, as torch's SDPA does (its math path uses a safe softmax).
 
 SPLIT > 1 writes each slice's (m, l, acc) to fp32 partials, combined with torch ops
 by the host wrapper; inside Inductor that combination is traced and fused into the
@@ -41,8 +45,7 @@ __all__ = ["AttentionConfig", "decode_attention", "plan", "MAX_ROWS"]
 # More query rows than this per (batch, head) are not a decode step: prefill's
 # attention is compute-bound and belongs to flash kernels.
 MAX_ROWS = 16
-# Elements of the [BLOCK_S, BLOCK_L, BLOCK_D] products a program holds at once (fp32
-# registers: 16K over 4 warps is 128 per thread).
+# Mask entries a program holds at once while it scans (16K over 4 warps: 128 per thread).
 _TILE_ELEMENTS = 16384
 
 
@@ -64,9 +67,11 @@ def decode_attention_kernel(
     sob, soh, sos, sod,
     HAS_MASK: tl.constexpr,
     PARTIAL: tl.constexpr,  # write (m, l, acc) partials instead of the output
+    FP32_DOT: tl.constexpr,  # fp32 operands: ask tl.dot for exact fp32, not tf32
     BLOCK_S: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SCAN: tl.constexpr,  # mask entries per row read per trip of the scan
 ):
     pid_bh = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -77,35 +82,49 @@ def decode_attention_kernel(
     s_in = offs_s < S
     d_in = offs_d < D
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_s[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=s_in[:, None] & d_in[None, :], other=0.0).to(tl.float32) * scale
+                mask=s_in[:, None] & d_in[None, :], other=0.0)
+    m_base = m_ptr + b * smb + h * smh + offs_s[:, None] * sms
+    first = pid_split * L_PER_SPLIT
+    last = tl.minimum(first + L_PER_SPLIT, L)
 
+    # 1. The end of the keys any row may see.
+    hi = last
+    if HAS_MASK:
+        hi = first
+        for start in range(first, last, SCAN):
+            offs = start + tl.arange(0, SCAN)
+            seen = tl.load(m_base + offs[None, :] * sml, mask=s_in[:, None] & (offs < last)[None, :], other=0)
+            any_row = tl.max((seen != 0).to(tl.int32), axis=0)
+            hi = tl.maximum(hi, tl.max(tl.where(any_row > 0, offs + 1, 0), axis=0))
+
+    # 2. Online softmax over the keys up to there.
     m_i = tl.full([BLOCK_S], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_S], tl.float32)
     acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-    first = pid_split * L_PER_SPLIT
-    last = tl.minimum(first + L_PER_SPLIT, L)
-    for start in range(first, last, BLOCK_L):
+    for start in range(first, hi, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
-        allowed = s_in[:, None] & (offs_l < last)[None, :]
+        l_in = offs_l < hi
+        kv_mask = l_in[:, None] & d_in[None, :]
+        k = tl.load(k_ptr + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        allowed = s_in[:, None] & l_in[None, :]
         if HAS_MASK:
-            seen = tl.load(m_ptr + b * smb + h * smh + offs_s[:, None] * sms + offs_l[None, :] * sml,
-                           mask=allowed, other=0)
-            allowed = allowed & (seen != 0)
-        needed = tl.max(allowed.to(tl.int32), axis=0) > 0  # keys some row may see
-        kv_mask = needed[:, None] & d_in[None, :]
-        k = tl.load(k_ptr + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_l[:, None] * svl + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
-        scores = tl.where(allowed, scores, float("-inf"))
+            allowed = allowed & (tl.load(m_base + offs_l[None, :] * sml, mask=allowed, other=0) != 0)
+        if FP32_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(allowed, scores * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         # A row that has seen no key keeps m = -inf: subtract 0 there so exp gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if FP32_DOT:
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
     if PARTIAL:
@@ -119,13 +138,23 @@ def decode_attention_kernel(
                  out.to(o_ptr.dtype.element_ty), mask=s_in[:, None] & d_in[None, :])
 
 
+def _blocks(S: int, D: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_D): powers of two, at least 16 (tl.dot's smallest operand)."""
+    return max(16, triton.next_power_of_2(S)), max(16, triton.next_power_of_2(D))
+
+
 def plan(S: int, L: int, D: int, split: int | None = None, block_l: int | None = None) -> AttentionConfig:
-    """The launch for S query rows over L keys of width D. One program per (batch, head)
-    walking the keys unless `split` says otherwise; the tile fills _TILE_ELEMENTS."""
-    block_s, block_d = triton.next_power_of_2(S), triton.next_power_of_2(D)
+    """The launch for S query rows over L keys of width D: one program per (batch, head)
+    walking the keys 64 at a time unless `split` and `block_l` say otherwise."""
     if block_l is None:
-        block_l = max(16, min(triton.next_power_of_2(L), _TILE_ELEMENTS // (block_s * block_d)))
+        block_l = max(16, min(64, triton.next_power_of_2(L)))
     return AttentionConfig(block_l=block_l, split=max(1, min(split or 1, triton.cdiv(L, block_l))), num_warps=4)
+
+
+def _scan(block_s: int, keys: int) -> int:
+    """Mask entries per row read per trip of the scan: a program's keys in one trip where
+    the [BLOCK_S, SCAN] tile stays within _TILE_ELEMENTS."""
+    return max(16, min(triton.next_power_of_2(keys), _TILE_ELEMENTS // block_s))
 
 
 def _interpreted(kernel) -> bool:
@@ -145,7 +174,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     assert mask is None or mask.dtype == torch.bool, "the mask must be boolean"
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     cfg = config or plan(S, L, D)
-    block_s, block_d = triton.next_power_of_2(S), triton.next_power_of_2(D)
+    block_s, block_d = _blocks(S, D)
     out = torch.empty((B, H, S, D), device=q.device, dtype=q.dtype)
     m = mask.expand(B, H, S, L) if mask is not None else q  # never read without a mask
     l_per_split = triton.cdiv(triton.cdiv(L, cfg.split), cfg.block_l) * cfg.block_l
@@ -160,8 +189,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q, k, v, m, out, pm, pl, pa,
         H, S, L, D, l_per_split, scale,
         *q.stride(), *k.stride(), *v.stride(), *(m.stride() if mask is not None else (0, 0, 0, 0)), *out.stride(),
-        HAS_MASK=mask is not None, PARTIAL=partial,
-        BLOCK_S=block_s, BLOCK_L=cfg.block_l, BLOCK_D=block_d, num_warps=cfg.num_warps,
+        HAS_MASK=mask is not None, PARTIAL=partial, FP32_DOT=q.dtype == torch.float32,
+        BLOCK_S=block_s, BLOCK_L=cfg.block_l, BLOCK_D=block_d, SCAN=_scan(block_s, l_per_split),
+        num_warps=cfg.num_warps,
     )
     if partial:
         out = _combine(pm, pl, pa, S, D).to(q.dtype)

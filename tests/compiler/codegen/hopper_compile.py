@@ -61,7 +61,8 @@ def cases():
     for split in (1, 4):
         cfg = decode_attention.plan(4, 256, 64, split=split)
         yield (f"decode_attention-split{split}", decode_attention.decode_attention_kernel, ATTENTION_SIG,
-               dict(HAS_MASK=True, PARTIAL=cfg.split > 1, BLOCK_S=4, BLOCK_L=cfg.block_l, BLOCK_D=64), cfg.num_warps)
+               dict(HAS_MASK=True, PARTIAL=cfg.split > 1, FP32_DOT=False, BLOCK_S=16, BLOCK_L=cfg.block_l, BLOCK_D=64,
+                    SCAN=decode_attention._scan(16, 256 // cfg.split)), cfg.num_warps)
 
 
 def compile_one(kernel, signature, constexprs, num_warps) -> str:

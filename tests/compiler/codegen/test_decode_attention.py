@@ -31,7 +31,7 @@ def _cache_mask(B, L, positions):
     (1, 8, 4, 256, 64, 1, None),  # Llama-1B's decode step after share_kv_heads
     (2, 3, 1, 37, 24, 1, 16),     # one row, keys and width not tile multiples
     (2, 3, 5, 37, 24, 3, 16),     # split over the keys, partials combined
-    (1, 2, 16, 64, 32, 2, None),  # the most rows the kernel takes
+    (1, 2, 16, 64, 32, 2, 32),    # the most rows the kernel takes
 ])
 def test_the_kernel_computes_sdpa_with_a_cache_mask(dtype, B, H, S, L, D, split, block_l, poison_empty):
     q, k, v = _inputs(B, H, S, L, D, dtype)
@@ -67,7 +67,7 @@ def test_strided_inputs_are_read_through_their_strides():
     torch.testing.assert_close(decode_attention(q_t, k_t, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-def test_cache_rows_no_query_may_see_are_not_loaded(record_loads):
+def test_cache_rows_past_the_last_visible_key_are_not_loaded(record_loads):
     B, H, S, L, D = 1, 1, 2, 64, 8
     q, k, v = _inputs(B, H, S, L, D)
     decode_attention(q, k, v, _cache_mask(B, L, [9]), None, plan(S, L, D, block_l=16))
