@@ -40,7 +40,7 @@ def test_the_kernel_computes_sdpa_with_a_cache_mask(dtype, B, H, S, L, D, split,
     assert cfg.split == split
     out = decode_attention(q, k, v, mask, 0.3, cfg)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.3)
-    assert out.dtype == dtype and out.shape == (B, H, S, D)
+    assert out.dtype == dtype and out.shape == (B, H, S, D) and out.is_contiguous()  # as the op's fake says
     torch.testing.assert_close(out.float(), ref, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
 
 
