@@ -194,7 +194,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         num_warps=cfg.num_warps,
     )
     if partial:
-        out = _combine(pm, pl, pa, S, D).to(q.dtype, memory_format=torch.contiguous_format)
+        out = _combine(pm, pl, pa, S, D).to(q.dtype).contiguous()
     return out
 
 
