@@ -30,6 +30,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _rows_limit() -> int:
+    # Imported here, not at the top: importing the kernels fixes Triton's interpreter
+    # mode for the process, and the lowering module is imported long before any kernel runs.
     from optc.compiler.codegen.kernels.decode_attention import MAX_ROWS
     return MAX_ROWS
 
@@ -53,6 +55,8 @@ def _call(node: fx.Node) -> tuple | None:
     qs, ks, vs = node_shape(q), node_shape(k), node_shape(v)
     if qs is None or ks is None or vs is None or not (len(qs) == len(ks) == len(vs) == 4):
         return None
+    if not all(isinstance(d, int) for d in (*qs, *ks, *vs)):
+        return None  # a dynamic length (a prefill program): its row count is not known here
     B, H, S, D = qs
     if S > _rows_limit() or tuple(ks) != (B, H, ks[2], D) or tuple(vs) != tuple(ks):
         return None
