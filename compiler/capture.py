@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -180,15 +181,47 @@ def _summarise(exc: Exception, what: str) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     head = lines[0] if lines else type(exc).__name__
     detail = next((ln for ln in lines[1:6] if not ln.startswith(("File ", "Traceback"))), "")
-    hint = _hint(str(exc))
+    origin = _model_frame(exc)
     return (
         f"torch.export could not capture {what}: {type(exc).__name__}: {head[:300]}"
         + (f" ({detail[:200]})" if detail else "")
-        + f". {hint}"
+        + (f"; raised at {origin}" if origin else "")
+        + f". {_hint(str(exc), origin)}"
     )
 
 
-def _hint(message: str) -> str:
+def _model_frame(exc: BaseException) -> str | None:
+    """Where in the model's own code the capture failed, as path:line (from
+    `transformers/` on for the library's files): the innermost place outside torch among
+    the frames the traceback has below this module's export call and those torch.export
+    names in its message ("The following call raised this error: File ...", where it
+    cuts the traceback short)."""
+    import traceback
+
+    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)]
+    ours = [i for i, (filename, _) in enumerate(frames) if Path(filename).resolve() == Path(__file__).resolve()]
+    below = frames[ours[-1] + 1:] if ours else frames
+    named = [(f, int(n)) for f, n in re.findall(r'File "([^"]+)", line (\d+)', str(exc))]
+    torch_dir = Path(torch.__file__).parent
+    for filename, line in reversed(below + named):
+        path = Path(filename).resolve()
+        if filename.startswith("<") or path.is_relative_to(torch_dir):
+            continue
+        parts = path.parts
+        shown = "/".join(parts[parts.index("transformers"):]) if "transformers" in parts else str(path)
+        return f"{shown}:{line}"
+    return None
+
+
+def _hint(message: str, origin: str | None = None) -> str:
+    if origin and origin.startswith("transformers/"):
+        import transformers
+
+        return (
+            f"That line is in the Hugging Face model's own code (transformers {transformers.__version__}), "
+            "which optc does not change: this architecture cannot be captured with a static KV cache by "
+            "this transformers version. The README lists the architectures optc reads."
+        )
     if "data-dependent" in message or "GuardOnDataDependent" in message:
         return (
             "The model branches on tensor values; rewrite that branch with torch.cond or "

@@ -1,0 +1,39 @@
+"""A capture that fails says where in the model's code it failed, and what to do: a
+user's own model gets the line in their file; a Hugging Face architecture that
+transformers' static-cache export cannot take (OPT in transformers 5.x) is named as
+such, since a user cannot rewrite the library's code."""
+
+import pytest
+import torch
+
+from optc.compiler.capture import capture_causal_lm, capture_forward
+from optc.errors import CaptureError
+
+
+class BranchesOnValues(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # a branch on a tensor's value: torch.export cannot trace it
+            return x * 2
+        return x
+
+
+def test_a_users_model_gets_the_line_that_failed_and_the_data_dependent_hint():
+    with pytest.raises(CaptureError) as err:
+        capture_forward(BranchesOnValues(), (torch.randn(2, 3),))
+    message = str(err.value)
+    line = BranchesOnValues.forward.__code__.co_firstlineno + 1
+    assert f"test_capture_errors.py:{line}" in message
+    assert "torch.cond" in message
+
+
+def test_an_architecture_transformers_cannot_export_is_named_as_such():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+                       max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation="sdpa")
+    model = OPTForCausalLM(config).eval()
+    with pytest.raises(CaptureError) as err:
+        capture_causal_lm(model, max_cache_len=32, prompt_len=8)
+    message = str(err.value)
+    assert "raised at transformers/models/opt/modeling_opt.py:" in message
+    assert "the Hugging Face model's own code" in message and "torch.cond" not in message
