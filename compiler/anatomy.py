@@ -107,8 +107,9 @@ def _analyze(gm: fx.GraphModule) -> Anatomy:
             attention = _attention(_child_of(block_path, module_path(sdpa)), sdpa, block_linears, graph, dag)
         rest = [lin for lin in block_linears if attention is None or not lin.path.startswith(attention.path + ".")]
         mlp = _mlp(block_path, rest, dag) if rest else None
-        inp, mid, out = _residual_points(block_path, attention, mlp, dag, graph)
-        blocks.append(Block(i, block_path, attention, mlp, inp, mid, out))
+        parallel = _parallel(attention, mlp, dag)
+        inp, mid, out = _residual_points(block_path, attention, mlp, dag, graph, parallel)
+        blocks.append(Block(i, block_path, attention, mlp, inp, mid, out, parallel=parallel))
     anatomy.blocks = blocks
     last = blocks[-1].output
     after = [lin for lin in linears if not any(lin.path.startswith(b.path + ".") for b in blocks)]
@@ -322,10 +323,17 @@ def _activation_after(start: fx.Node, stop: fx.Node):
     return None
 
 
+def _parallel(attention: Attention | None, mlp: MLP | None, dag: nx.DiGraph) -> bool:
+    """Attention and MLP side by side on the block's input (GPT-NeoX, Phi-2, GPT-J):
+    the MLP does not read the attention's output."""
+    return attention is not None and mlp is not None and not nx.has_path(dag, attention.o.node, mlp.linears[0].node)
+
+
 def _residual_points(block: str, attention: Attention | None, mlp: MLP | None, dag: nx.DiGraph,
-                     graph: fx.Graph):
+                     graph: fx.Graph, parallel: bool = False):
     """The residual stream at the block's input, between its sub-blocks and at its output
-    (a block left with one half has mid == output, or input == mid).
+    (a block left with one half has mid == output, or input == mid; a parallel block's
+    halves both end at its output, so mid == output).
 
     After a sub-block's last projection, every path to the graph output passes through
     a chain of dominators (the residual add, a post-norm, dtype casts). The stream
@@ -333,14 +341,16 @@ def _residual_points(block: str, attention: Attention | None, mlp: MLP | None, d
     next; found with networkx's dominator analysis rather than by matching op names.
     """
     sink = next(iter(graph.find_nodes(op="output")))
-    if attention is not None and mlp is not None and not nx.has_path(dag, attention.o.node, mlp.linears[0].node):
-        raise _Unreadable(f"block {block}: its MLP does not read the attention's output (attention and MLP in "
-                          "parallel, as in GPT-NeoX and Falcon); such blocks are not recognised")
     mid = out = None
-    if attention is not None:
+    if attention is not None and not parallel:
         mid = _stream_point(block, attention.o.node, sink, dag, feeds=mlp.linears[0].node if mlp else None)
     if mlp is not None:
         out = _stream_point(block, mlp.down.node, sink, dag, feeds=None)
+    if parallel:
+        if not nx.has_path(dag, attention.o.node, out):
+            raise _Unreadable(f"block {block}: attention and MLP side by side, but the attention's output does "
+                              "not reach the block's output")
+        mid = out
     first_in = (attention.q if attention is not None else mlp.linears[0]).node.args[0]
     ref = mid if mid is not None else out
     candidates = [

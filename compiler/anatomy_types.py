@@ -75,7 +75,11 @@ class Block:
     attention sub-block and `output` after the MLP sub-block: skipping a sub-block
     means routing the stream around it (uses of its end replaced by its start).
     After skip_layers removed one half, the other remains: `attention` or `mlp` is
-    None, and mid == output (no MLP) or input == mid (no attention)."""
+    None, and mid == output (no MLP) or input == mid (no attention).
+
+    A parallel block (GPT-NeoX, Phi-2, GPT-J) computes attention and MLP side by side
+    from its input and adds both to the stream: its halves are not separable points of
+    the stream, so mid == output and the block is removed or kept whole."""
 
     index: int
     path: str
@@ -84,6 +88,7 @@ class Block:
     input: fx.Node
     mid: fx.Node
     output: fx.Node
+    parallel: bool = False
 
     @property
     def halves(self) -> list[str]:
@@ -122,6 +127,7 @@ class Anatomy:
             {
                 "index": b.index,
                 "path": b.path,
+                "parallel": b.parallel,
                 "attention": None if b.attention is None else {
                     "path": b.attention.path,
                     "q": b.attention.q.path,

@@ -201,6 +201,9 @@ def _view(node, r, c) -> tuple:
             if pos >= len(stream) or isinstance(stream[pos], tuple):
                 raise Uncoupled(f"{node.name} regroups the heads in a way prune_heads does not follow")
             f = stream[pos]
+            if f == QKV:
+                raise Uncoupled(f"{node.name} reshapes a fused q/k/v output whole (q, k and v interleaved per "
+                                "head, as in GPT-NeoX); prune_heads follows fused projections split into q, k, v")
             v = factor_size(f, c.sizes)
             if n % v == 0:
                 taken.append(f)

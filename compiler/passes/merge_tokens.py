@@ -92,6 +92,8 @@ def _refusal(blocks) -> str | None:
             continue
         if att.causal:
             return "token merging is for encoders: this attention is causal or writes a KV cache"
+        if b.parallel:
+            return f"block {b.path} computes attention and MLP side by side: there is no point between them to merge at"
         q, mid = node_shape(att.sdpa.args[0]), node_shape(b.mid)
         if q is None or mid is None or len(mid) != 3 or any(isinstance(s, torch.SymInt) for s in q + mid) \
                 or mid[1] != q[2]:

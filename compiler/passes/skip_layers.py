@@ -63,10 +63,19 @@ def _units(anatomy: Anatomy, cfg: SkipLayersConfig) -> list[tuple[int, str]]:
         missing = [i for i in cfg.layers if part != "block" and part not in anatomy.blocks[i].halves]
         if missing:
             raise UsageError(f"skip_layers.layers={list(cfg.layers)}: blocks {missing} have no {part} half left")
+        parallel = [i for i in cfg.layers if part != "block" and anatomy.blocks[i].parallel]
+        if parallel:
+            raise UsageError(f"skip_layers.layers={list(cfg.layers)}: blocks {parallel} compute attention and MLP "
+                             "side by side, so only whole blocks are removed there; use skip_layers.granularity=block")
         return [(i, part) for i in cfg.layers]
     parts = ("attention", "mlp") if cfg.granularity == "sublayer" else (cfg.granularity,)
-    return [(i, part) for i in range(n) for part in parts
-            if part == "block" or part in anatomy.blocks[i].halves]
+    units = []
+    for i, block in enumerate(anatomy.blocks):
+        if block.parallel:  # its halves are no points of the stream: the whole block is the unit
+            units += [(i, "block")] if cfg.granularity in ("block", "sublayer") else []
+            continue
+        units += [(i, part) for part in parts if part == "block" or part in block.halves]
+    return units
 
 
 def _unit_params(gm: fx.GraphModule, anatomy: Anatomy, unit) -> int:
