@@ -124,15 +124,6 @@ def test_fused_model_skips_keep_the_fused_projection(tok):
     assert art.manifest["params"]["before"] - art.manifest["params"]["after"] == attention
 
 
-def test_parallel_attention_and_mlp_are_refused_with_the_reason():
-    torch.manual_seed(0)
-    config = transformers.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=512)
-    captured = capture.capture(transformers.GPTNeoXForCausalLM(config).eval(), (torch.zeros(1, 16, dtype=torch.long),))
-    anatomy = analyze(capture.graph_module(captured.programs["decode"]))
-    assert anatomy.empty and "in parallel" in anatomy.reason
-
-
 def test_only_a_gate_up_pattern_is_split():
     """A linear chunked along another dim, or whose halves are not act(half 0) * half 1,
     is left as it is."""

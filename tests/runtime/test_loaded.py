@@ -99,7 +99,8 @@ def test_manifest_records_the_lowering_the_check_used(monkeypatch, tmp_path):
                                                               cudagraphs=used["cudagraphs"])
         assert rec["load"][name] == rec["check"][name]  # the check lowers as a load does
     assert rec["check"]["decode"] == {"target": "cpu", "autotune": False, "cudagraphs": False,
-                                      "inductor_options": {"triton.cudagraphs": False}, "realize_gemv_inputs": False}
+                                      "inductor_options": {"triton.cudagraphs": False}, "realize_gemv_inputs": False,
+                                      "decode_attention": False}
     assert _tiny("cpu", verify=False).manifest["lowering"]["check"] is None  # nothing was lowered
 
     # For a GPU target (no such device here: not checked) neither the prefill nor the
