@@ -20,8 +20,6 @@ Inductor option of the target's lowering (`target.inductor.combo_kernels=true`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 import time
 
@@ -39,18 +37,9 @@ from optc.runtime.bench import decode_timer
 
 def split_target_fields(words: list[str], target):
     """(the pass settings among `words`, `target` with its `target.FIELD=VALUE` and
-    `target.inductor.OPTION=VALUE` words applied)."""
-    fields, inductor = {}, dict(target.inductor)
-    for w in [w for w in words if w.startswith("target.")]:
-        key, _, value = w[len("target."):].partition("=")
-        if key.startswith("inductor."):
-            inductor[key[len("inductor."):]] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
-            continue
-        if not hasattr(target, key):
-            raise SystemExit(f"decode_profile: the target has no field {key!r}")
-        fields[key] = value.lower() in ("1", "true", "yes") if isinstance(getattr(target, key), bool) else value
-    return parse_sets([w for w in words if not w.startswith("target.")]), dataclasses.replace(
-        target, inductor=inductor, **fields)
+    `target.inductor.OPTION=VALUE` words applied: compiler/targets.with_overrides)."""
+    lowering = [w[len("target."):] for w in words if w.startswith("target.")]
+    return parse_sets([w for w in words if not w.startswith("target.")]), targets.with_overrides(target, lowering)
 
 
 def profile_variant(model, entry, prompt, target, settings: dict, steps: int, autotune: bool = False) -> dict:

@@ -239,7 +239,15 @@ def graph_module(ep: ExportedProgram) -> torch.fx.GraphModule:
     """The program as a GraphModule with parameters as attributes and node.meta kept."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ep.module()
+        try:
+            return ep.module()
+        except AttributeError as exc:
+            if "is not a buffer" not in str(exc):
+                raise
+            # Seen with Falcon (transformers 5.x): export gave two of its constants one
+            # name, and torch cannot rebuild a module from the program.
+            raise CaptureError(f"torch.export's program of this model cannot be turned back into a module ({exc}: "
+                               "two of its constants share a name); optc cannot compile this model") from None
 
 
 def reexport(gm: torch.fx.GraphModule, inputs: tuple[tuple, dict], dynamic_shapes, *, what: str) -> ExportedProgram:

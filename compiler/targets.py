@@ -6,6 +6,8 @@ device-to-device copy counting bytes read plus written, and a large bf16 GEMM.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +48,36 @@ TARGETS = {
     "a100": Target("a100", "cuda", torch.bfloat16, gpu_names=("A100",), inductor={"coordinate_descent_tuning": True},
                    align=64, realize_gemv_inputs=True),
 }
+
+
+# The fields of a profile that only change how programs are lowered (not what the passes
+# do): a measurement may change them for one row (`with_overrides`).
+LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention")
+
+
+def with_overrides(target: Target, words) -> Target:
+    """`target` with lowering settings changed, for measuring one variant: `FIELD=true|false`
+    for a field of LOWERING_FIELDS, `inductor.OPTION=VALUE` for one of the Inductor options
+    of its lowering (VALUE read as JSON: true, 4, "name"; a bare word is a string). Anything
+    else is a usage error naming what is known."""
+    fields, inductor = {}, dict(target.inductor)
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"target setting {word!r}: expected FIELD=VALUE")
+        if key.startswith("inductor.") and len(key) > len("inductor."):
+            try:
+                inductor[key[len("inductor."):]] = json.loads(value)
+            except json.JSONDecodeError:
+                inductor[key[len("inductor."):]] = value
+        elif key in LOWERING_FIELDS:
+            if value.lower() not in ("true", "false"):
+                raise UsageError(f"target.{key}={value}: expected true or false")
+            fields[key] = value.lower() == "true"
+        else:
+            raise UsageError(f"target.{key}: not a lowering setting of a target; known: "
+                             f"{', '.join(LOWERING_FIELDS)}, inductor.OPTION")
+    return dataclasses.replace(target, inductor=inductor, **fields)
 
 
 def detect() -> str:

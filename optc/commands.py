@@ -256,31 +256,37 @@ def cmd_bench(args):
     )
 
 
-def _bench_variants(args) -> list[tuple[str, str, dict]]:
-    """(label, pipeline, settings) of each optc row: the pipeline with its defaults
-    first (lossless passes only: the dense row), then --set/--config, then each --variant."""
+def _bench_variants(args) -> list[tuple[str, str, dict, tuple]]:
+    """(label, pipeline, settings, lowering overrides) of each optc row: the pipeline with
+    its defaults first (lossless passes only: the dense row), then --set/--config, then
+    each --variant, whose `target.FIELD=VALUE` words change how that row is lowered."""
     import shlex
 
+    from optc.compiler import targets
     from optc.compiler.config import parse_sets
     from optc.compiler.pipeline import resolve as resolve_pipeline
 
-    all_sets = [pass_settings(args)]
+    rows = [(pass_settings(args), ())]
     for text in args.variant or []:
         try:
             items = shlex.split(text)  # quote a value with spaces: "skip_layers.layers='[1, 2]'"
         except ValueError as exc:
             raise UsageError(f"--variant {text!r}: {exc}") from None
+        lowering = tuple(w[len("target."):] for w in items if w.startswith("target."))
+        settings = [w for w in items if not w.startswith("target.")]
         if not items:
-            raise UsageError("--variant needs at least one PASS.KEY=VALUE setting")
-        all_sets.append(parse_sets(items))
-    variants = [("optc", args.pipeline, {})]
-    for sets in all_sets:
-        if sets:
+            raise UsageError("--variant needs at least one PASS.KEY=VALUE or target.FIELD=VALUE setting")
+        targets.with_overrides(targets.get("cpu"), lowering)  # an unknown field or value: exit 2 now
+        rows.append((parse_sets(settings) if settings else {}, lowering))
+    variants = [("optc", args.pipeline, {}, ())]
+    for sets, lowering in rows:
+        if sets or lowering:
             resolve_pipeline(args.pipeline, sets)  # unknown pass, key or value: exit 2 now
-            label = "optc " + " ".join(f"{p}.{k}={json.dumps(v)}" for p, vals in sets.items() for k, v in vals.items())
+            words = [f"{p}.{k}={json.dumps(v)}" for p, vals in sets.items() for k, v in vals.items()]
+            label = "optc " + " ".join(words + [f"target.{w}" for w in lowering])
             if any(label == v[0] for v in variants):
                 raise UsageError(f"two optc rows have the same settings: {label}")
-            variants.append((label, args.pipeline, sets))
+            variants.append((label, args.pipeline, sets, lowering))
     return variants
 
 

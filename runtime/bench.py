@@ -36,7 +36,7 @@ def bench(
     tokens: int = 64,
     batch: int | None = None,
     seq: int | None = None,
-    variants: Sequence[tuple[str, str, dict]] = (("optc", "default", {}),),
+    variants: Sequence[tuple] = (("optc", "default", {}),),
     autotune: bool = True,
     rounds: int = 1,
     out: str | Path | None = None,
@@ -46,8 +46,8 @@ def bench(
     artifacts: Sequence[str | Path] = (),
 ) -> dict:
     """Time `model` (a zoo name, HF directory or file.py:factory) under each baseline and
-    each optc variant, (label, pipeline name, pass settings as optc.compile takes them),
-    and return the result JSON (also written to `out` after every row). `batch` applies
+    each optc variant, (label, pipeline name, pass settings as optc.compile takes them[,
+    lowering overrides as targets.with_overrides takes them]), and return the result JSON (also written to `out` after every row). `batch` applies
     to LMs (default 1); `rounds` > 1 times the compiled LM rows again round-robin.
     `calibration`: a file for the lossy rows' passes (models/calibration_file.py).
     `artifacts`: saved .optc files of `model`, each a row timed as a load runs it
@@ -159,21 +159,26 @@ def bench(
             timings[name] = table[name](eager, prompt, tokens) if is_lm else table[name](eager, example_inputs)
         _log(f"baseline {name}: {timings[name].median_ms:.3f} {workload.unit}")
         write(summary())
-    for label, pipe, passes in variants:
+    for label, pipe, passes, *more in variants:
         _log(f"{label}: compiling ...")
+        lowering = tuple(more[0]) if more else ()
+        # The row's lowering: the target's, with the variant's target.FIELD=VALUE words.
+        row_tgt = targets.with_overrides(tgt, lowering)
+        extra = {"lowering_overrides": list(lowering)} if lowering else {}
 
-        def time_it(pipe=pipe, passes=passes):
+        def time_it(pipe=pipe, passes=passes, row_tgt=row_tgt, extra=extra):
             if is_lm:
                 art = optc.compile(eager, (prompt,), target=tgt.name, pipeline_name=pipe, passes=passes,
                                    entry=entry, calibration=calib, max_cache_len=max_cache_len, verify=False, log=_log)
-                m = measure(art, tgt, workload, inputs=prompt, autotune=None if autotune else False, log=_log)
-                return m.timing, {**_lm_notes(art, m, eager, prompt), "work": _work(art, workload)}, m.remeasure
+                m = measure(art, row_tgt, workload, inputs=prompt, autotune=None if autotune else False, log=_log)
+                row_notes = {**_lm_notes(art, m, eager, prompt), "work": _work(art, workload), **extra}
+                return m.timing, row_notes, m.remeasure
             art = optc.compile(eager, example_inputs, target=tgt.name, pipeline_name=pipe, passes=passes,
                                entry=entry, calibration=calib, dynamic=dynamic, verify=False, log=_log)
-            m = measure(art, tgt, workload, inputs=example_inputs, autotune=None if autotune else False, log=_log)
+            m = measure(art, row_tgt, workload, inputs=example_inputs, autotune=None if autotune else False, log=_log)
             # Forward rows are timed once: the round-robin rounds are for decode.
             return m.timing, {"params": art.manifest["params"], "config": art.manifest["config"],
-                              "work": _work(art, workload)}, None
+                              "work": _work(art, workload), **extra}, None
 
         run_variant(label, time_it)
     for path in manifests:

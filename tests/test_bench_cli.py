@@ -22,12 +22,13 @@ def test_bench_rows_for_each_variant(tmp_path):
                            "--no-autotune", "--set", "skip_layers.layers=[1]", "--set", "skip_layers.granularity=block",
                            "--set", "merge_projections.ops=all",
                            "--variant", "sparsify_activations.method=cats sparsify_activations.sparsity=0.5",
+                           "--variant", "target.decode_attention=true",
                            "--rounds", "2", "--json", "--out", str(out))
     assert rc == 0, err
     doc = json.loads(stdout)
     assert doc == json.loads(out.read_text()) and "partial" not in doc
     names = [r["name"] for r in doc["rows"]]
-    assert names[:2] == ["eager", "optc"] and len(names) == 4
+    assert names[:2] == ["eager", "optc"] and len(names) == 5
     assert names[2].startswith("optc skip_layers.layers=[1]") and 'method="cats"' in names[3]
     assert doc["baseline"] == "eager" and doc["failed"] == {} and doc["optc_lowering"] == "inductor"
     assert doc["probe"] is None  # the GPU probe (copy and GEMV speed) runs on CUDA only
@@ -41,6 +42,10 @@ def test_bench_rows_for_each_variant(tmp_path):
     assert "rel_err_vs_program" in cats["agreement"] and "rel_err_vs_eager" not in cats["agreement"]
     assert cats["decode_program"]["sparsify_activations"]["rewritten"]
     assert rows[names[2]]["removed"] == [[1, "block"]]
+    # A row lowered otherwise (the dense model, its decode attention through optc's op).
+    lowered = rows["optc target.decode_attention=true"]
+    assert lowered["lowering_overrides"] == ["decode_attention=true"] and "lowering_overrides" not in rows["optc"]
+    assert lowered["agreement"]["argmax_match_vs_eager"] == 1.0 and lowered["config"] == rows["optc"]["config"]
     # merge_projections merges sparse siblings only by default (the dense row has none);
     # with ops=all it merged q/k/v and gate/up of the 3 blocks left.
     assert "merge_projections" not in rows["optc"].get("decode_program", {})
@@ -76,6 +81,11 @@ def test_bad_variants_are_refused_up_front():
     assert rc == 2 and "same settings" in err
     rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--rounds", "0")
     assert rc == 2 and "--rounds" in err and "loading" not in err
+    # target.FIELD=VALUE words change a row's lowering only: a setting that would change
+    # what the passes do (align) or a value of the wrong kind is refused before loading.
+    for word in ("target.align=128", "target.decode_attention=yes"):
+        rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--variant", word)
+        assert rc == 2 and "target." in err and "loading" not in err
 
 
 def test_baselines_compile_cold():

@@ -37,3 +37,14 @@ def test_an_architecture_transformers_cannot_export_is_named_as_such():
     message = str(err.value)
     assert "raised at transformers/models/opt/modeling_opt.py:" in message
     assert "the Hugging Face model's own code" in message and "torch.cond" not in message
+
+
+def test_a_program_torch_cannot_rebuild_a_module_from_is_a_capture_error():
+    class Program:  # what torch.export gave for Falcon in transformers 5.x
+        def module(self):
+            raise AttributeError("`lifted_tensor_2` is not a buffer")
+
+    from optc.compiler.capture import graph_module
+
+    with pytest.raises(CaptureError, match="cannot be turned back into a module"):
+        graph_module(Program())
