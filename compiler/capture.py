@@ -33,6 +33,10 @@ def is_state_buffer(name: str) -> bool:
     return STATE_BUFFER.search(name) is not None
 
 PREFILL, DECODE, FORWARD = "prefill", "decode", "forward"
+# Tokens a decoder's prefill program is traced, checked and lowered at; a loaded decoder
+# runs every prompt through it in chunks of this length (runtime/prefill.py). Longer
+# chunks fill the GPU better on long prompts and waste more on short ones.
+PREFILL_LEN = 16
 
 
 @dataclass
@@ -67,10 +71,12 @@ def capture(
     *,
     max_cache_len: int = 256,
     dynamic: tuple[str, ...] = (),
+    prefill_len: int = PREFILL_LEN,
 ) -> Captured:
     """Export `module`. Causal LMs get prefill+decode programs over a static cache of
-    `max_cache_len` positions; `dynamic` may name "batch" (forward programs only) and
-    "seq" (a dynamic sequence length; the LM prefill program always has one)."""
+    `max_cache_len` positions, the prefill traced (and later checked and lowered) at
+    `prefill_len` tokens; `dynamic` may name "batch" (forward programs only) and "seq"
+    (a dynamic sequence length; the LM prefill program always has one)."""
     unknown = set(dynamic) - {"batch", "seq"}
     if unknown:
         raise UsageError(f"unknown dynamic dimension(s) {sorted(unknown)}; use 'batch' and/or 'seq'")
@@ -79,7 +85,8 @@ def capture(
         input_ids = example_inputs[0]
         if "batch" in dynamic:
             raise UsageError("a decoder LM's batch size is fixed by its static KV cache; drop 'batch' from --dynamic")
-        return capture_causal_lm(module, batch_size=input_ids.shape[0], max_cache_len=max_cache_len)
+        return capture_causal_lm(module, batch_size=input_ids.shape[0], max_cache_len=max_cache_len,
+                                 prompt_len=prefill_len)
     return capture_forward(module, example_inputs, dynamic=dynamic)
 
 
@@ -124,10 +131,12 @@ def _dynamic_forward_shapes(args, dynamic):
     return (tuple(specs),)  # one entry: the wrapper's *args
 
 
-def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256, prompt_len: int = 16) -> Captured:
+def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256, prompt_len: int = PREFILL_LEN) -> Captured:
     from transformers import GenerationConfig
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
+    if prompt_len < 2:
+        raise UsageError(f"prefill length {prompt_len} is too small; it must be at least 2")
     if max_cache_len < prompt_len + 2:
         raise UsageError(f"max_cache_len={max_cache_len} is too small; it must exceed the prompt length {prompt_len} + 1")
     model.generation_config = GenerationConfig(

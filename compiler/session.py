@@ -54,17 +54,18 @@ class Compiled:
 class CompileSession:
     def __init__(self, model: torch.nn.Module, example_inputs: tuple, *, target: str = "auto", entry=None,
                  calibration: list | None = None, evaluation: list | None = None, max_cache_len: int = 256,
-                 dynamic: tuple[str, ...] = (), log=_log):
+                 dynamic: tuple[str, ...] = (), prefill_len: int = cap.PREFILL_LEN, log=_log):
         self.target = targets.get(target)
         self.model_name = getattr(entry, "name", None) or type(model).__name__
         self.model_class = type(model).__name__
         self.entry, self.log = entry, log
-        self.max_cache_len, self.dynamic = max_cache_len, tuple(dynamic)
+        self.max_cache_len, self.dynamic, self.prefill_len = max_cache_len, tuple(dynamic), int(prefill_len)
         self._calibration, self._evaluation = calibration, evaluation
         self.device = _device_of(model)
         start = time.perf_counter()
         log(f"[optc] capturing {type(model).__name__} with torch.export ...")
-        self.captured = cap.capture(model, example_inputs, max_cache_len=max_cache_len, dynamic=dynamic)
+        self.captured = cap.capture(model, example_inputs, max_cache_len=max_cache_len, dynamic=dynamic,
+                                    prefill_len=self.prefill_len)
         self.capture_s = time.perf_counter() - start
         self.task = self.captured.task
         self.is_lm = self.task == "causal-lm"
@@ -89,6 +90,7 @@ class CompileSession:
         config["compile"] = {
             "target": self.target.name,
             "max_cache_len": self.max_cache_len if self.is_lm else None,
+            "prefill_len": self.prefill_len if self.is_lm else None,
             "dynamic": list(self.dynamic),
             "calibration": self.calibration_source(),
         }

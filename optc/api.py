@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from optc.compiler import targets
+from optc.compiler.capture import PREFILL_LEN
 from optc.compiler.session import CompileSession
 from optc.errors import UsageError
 from optc.runtime.loaded import Artifact
@@ -34,6 +35,7 @@ def compile(
     entry=None,
     max_cache_len: int = 256,
     dynamic: tuple[str, ...] = (),
+    prefill_len: int = PREFILL_LEN,
     verify: bool = True,
     evaluate: bool = False,
     package: str = "none",
@@ -50,13 +52,16 @@ def compile(
         (verified like the lowering when `verify`), which the artifact carries so that a
         load on the same target and versions runs it without Inductor; "none" (the API's
         default: in-process callers lower anyway) ships the portable programs only.
+    prefill_len: a decoder's prefill program is checked and lowered at this many tokens,
+        and a loaded artifact runs prompts through it in chunks of that length.
     A search compiles many configurations of one model: use `CompileSession` directly.
     """
     targets.get(target)  # an unknown target is refused before the capture
     if package not in PACKAGE_FORMATS:
         raise UsageError(f"package={package!r}: expected one of {', '.join(PACKAGE_FORMATS)}")
     session = CompileSession(model, example_inputs, target=target, entry=entry, calibration=calibration,
-                             evaluation=evaluation, max_cache_len=max_cache_len, dynamic=dynamic, log=log)
+                             evaluation=evaluation, max_cache_len=max_cache_len, dynamic=dynamic,
+                             prefill_len=prefill_len, log=log)
     config = session.resolve(passes, pipeline_name)
     compiled = session.run(config, verify=verify, evaluate=evaluate)
     art = Artifact(compiled.programs, compiled.manifest, compiled.extra_files)

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="artifact path (default: <model>-<config hash>.optc)")
     c.add_argument("--eval", action="store_true", help="measure quality before/after on the held-out split")
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the lowering")
+    c.add_argument("--prefill-len", type=int, default=None,
+                   help="decoder LMs: tokens per prefill chunk (default 16), the length the prefill program is "
+                        "checked and lowered at (longer: faster on long prompts, more padding on short ones)")
     c.add_argument("--package", default="aoti", choices=["aoti", "none"],
                    help="aoti (default): carry each program compiled by AOTInductor for the target, so that a "
                         "load on the same target and versions runs it without Inductor (the target's device must "

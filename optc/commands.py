@@ -59,6 +59,7 @@ def _load_model(spec: str, target):
 def compile_model(args, *, evaluate: bool, verify: bool | None = None):
     import optc
     from optc.compiler import targets
+    from optc.compiler.capture import PREFILL_LEN
 
     target = targets.get(args.target)
     entry, module, example_inputs = _load_model(args.model, target)
@@ -72,6 +73,7 @@ def compile_model(args, *, evaluate: bool, verify: bool | None = None):
         calibration=optc.read_calibration(args.calibration, module, example_inputs, entry=entry),
         max_cache_len=args.max_cache_len,
         dynamic=dynamic_dims(args),
+        prefill_len=getattr(args, "prefill_len", None) or PREFILL_LEN,
         verify=(not getattr(args, "no_verify", False)) if verify is None else verify,
         evaluate=evaluate,
         package=getattr(args, "package", "none"),

@@ -148,3 +148,39 @@ def test_module_autotune_overrides_the_load_lowering(saved, monkeypatch):
     assert [c["autotune"] for c in calls] == [False, True, False]  # the CPU target loads without autotune
     assert len({id(default), id(tuned), id(plain)}) == 3
     assert art.module("prefill", autotune=True) is tuned and len(calls) == 3
+
+
+def test_a_prefill_length_chosen_at_compile_is_what_a_load_chunks_by(tmp_path, monkeypatch):
+    """`optc compile --prefill-len N`: the prefill program is traced at N tokens, the
+    config (and its hash) records N, and the loaded decoder runs prompts of any length
+    through it in chunks of N, giving the model's own greedy tokens."""
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=600)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    out = tmp_path / "p6.optc"
+    rc, stdout, err = cli("compile", "tiny-llama", "--target", "cpu", "--prefill-len", "6", "--max-cache-len", "32",
+                          "--package", "none", "--no-verify", "-o", str(out), "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["config"]["compile"]["prefill_len"] == 6
+    six, default = (_tiny("cpu", verify=False, **kw).manifest["config"] for kw in ({"prefill_len": 6}, {}))
+    assert default["compile"]["prefill_len"] == 16 and six["hash"] != default["hash"]
+    assert {**six["compile"], "prefill_len": 16} == default["compile"]  # the one difference
+    rc, _, err = cli("compile", "tiny-llama", "--target", "cpu", "--prefill-len", "1", "--no-verify")
+    assert rc == 2 and "prefill length" in err
+
+    monkeypatch.setattr(lowering, "lower", lambda gm, target, **o: torch.compile(gm, backend="eager",
+                                                                                 fullgraph=True, dynamic=False))
+    art = optc.load(out)
+    assert art.manifest["example_inputs"]["prefill"]["kwargs"]["input_ids"]["shape"][1] == 6
+    model = zoo.get("tiny-llama").load()
+    for T in (6, 2, 13):
+        prompt = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
+                                  min_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(art.generate(prompt, 3), want), T
