@@ -156,7 +156,18 @@ def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256, p
     seq = Dim("seq", min=2, max=max_cache_len - 1)
     prefill_shapes = {"input_ids": {1: seq}, "cache_position": {0: seq}}
     decode_kwargs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([prompt_len], device=device)}
-    prefill = export_program(step, (), prefill_kwargs, prefill_shapes, what="the prefill step")
+    try:
+        prefill = export_program(step, (), prefill_kwargs, prefill_shapes, what="the prefill step")
+    except CaptureError as first:
+        if "raised at transformers/" not in str(first):
+            raise
+        # The model derives its positions from the cache's length in Python (OPT), which
+        # the wrapper leaves it to do; given them explicitly it exports.
+        step = _ExplicitPositions(step, max_cache_len)
+        try:
+            prefill = export_program(step, (), prefill_kwargs, prefill_shapes, what="the prefill step")
+        except CaptureError:
+            raise first from None
     decode = export_program(step, (), decode_kwargs, None, what="the decode step")
     return Captured(
         "causal-lm",
@@ -165,6 +176,31 @@ def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256, p
         {PREFILL: prefill_shapes, DECODE: None},
         meta={"batch_size": batch_size, "max_cache_len": max_cache_len},
     )
+
+
+class _ExplicitPositions(torch.nn.Module):
+    """transformers' static-cache step (TorchExportableModuleWithStaticCache), calling the
+    model with its positions, `cache_position` and a full attention mask given. The
+    wrapper leaves positions to the model, and some architectures (OPT in transformers
+    5.x) compute them from the cache's length tensor in Python, which torch.export cannot
+    trace. Used only where the wrapper's own forward fails to export: the mask makes
+    every attention read one (SDPA as before, with a mask argument). Its buffers keep
+    their names under `step.` (STATE_BUFFER takes any prefix)."""
+
+    def __init__(self, step: torch.nn.Module, max_cache_len: int):
+        super().__init__()
+        self.step = step
+        self.max_cache_len = int(max_cache_len)
+
+    def forward(self, input_ids, cache_position):
+        for layer in self.step.static_cache.layers:  # as the wrapper does: writes start at the position
+            layer.cumulative_length.copy_(cache_position[0])
+        batch = input_ids.shape[0]
+        mask = torch.ones(batch, self.max_cache_len, dtype=torch.long, device=input_ids.device)
+        out = self.step.model(input_ids=input_ids, attention_mask=mask, cache_position=cache_position,
+                              position_ids=cache_position.unsqueeze(0).expand(batch, -1),
+                              past_key_values=self.step.static_cache, use_cache=True)
+        return out.logits
 
 
 def export_program(module, args: tuple, kwargs: dict, dynamic_shapes, *, what: str) -> ExportedProgram:

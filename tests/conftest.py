@@ -115,9 +115,10 @@ def _decode_step_and_full(gms, ids):
     prefill, decode = gms["prefill"], gms["decode"]
     n = ids.shape[1] - 1
     prefill(input_ids=ids[:, :n], cache_position=torch.arange(n))
+    decode_buffers = dict(decode.named_buffers())  # names may be dotted (a wrapper's prefix)
     for bname, buf in prefill.named_buffers():
-        if "cache" in bname and hasattr(decode, bname):
-            decode.get_buffer(bname).copy_(buf)
+        if "cache" in bname and bname in decode_buffers:
+            decode_buffers[bname].copy_(buf)
     step = decode(input_ids=ids[:, n:], cache_position=torch.tensor([n]))
     return step, prefill(input_ids=ids, cache_position=torch.arange(n + 1))
 
