@@ -324,7 +324,7 @@ def _activation_after(start: fx.Node, stop: fx.Node):
 
 
 def _parallel(attention: Attention | None, mlp: MLP | None, dag: nx.DiGraph) -> bool:
-    """Attention and MLP side by side on the block's input (GPT-NeoX, Phi-2, GPT-J):
+    """Attention and MLP side by side on the block's input (GPT-NeoX, Phi-2):
     the MLP does not read the attention's output."""
     return attention is not None and mlp is not None and not nx.has_path(dag, attention.o.node, mlp.linears[0].node)
 

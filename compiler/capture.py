@@ -131,7 +131,8 @@ def _dynamic_forward_shapes(args, dynamic):
     return (tuple(specs),)  # one entry: the wrapper's *args
 
 
-def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256, prompt_len: int = PREFILL_LEN) -> Captured:
+def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256,
+                      prompt_len: int = PREFILL_LEN) -> Captured:
     from transformers import GenerationConfig
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 

@@ -6,9 +6,8 @@ device-to-device copy counting bytes read plus written, and a large bf16 GEMM.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -77,7 +76,7 @@ def with_overrides(target: Target, words) -> Target:
         else:
             raise UsageError(f"target.{key}: not a lowering setting of a target; known: "
                              f"{', '.join(LOWERING_FIELDS)}, inductor.OPTION")
-    return dataclasses.replace(target, inductor=inductor, **fields)
+    return replace(target, inductor=inductor, **fields)
 
 
 def detect() -> str:
