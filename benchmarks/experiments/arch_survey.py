@@ -4,9 +4,10 @@ a process of its own (benchmarks/NOTES.md, "Models users bring").
 
 Driver:  python benchmarks/experiments/arch_survey.py OUT_DIR [--jobs 2] [--timeout 240]
              [--only ARCH,...] [--cases c1,c2]
-Worker:  ... --worker ARCH CASE OUT.json   (one (arch, case) in this process)
-Results: OUT_DIR/results/ARCH__CASE.json per case, the table in OUT_DIR/results.md, and
-all of it under the result envelope in OUT_DIR/arch_survey_cpu.json (../harness.py).
+Worker:  ... --worker ARCH CASE   (one (arch, case) in this process; its result is the
+         stdout line starting with MARK)
+Results: each case's log in OUT_DIR/results/, the table in OUT_DIR/results.md, and every
+case under the result envelope in OUT_DIR/arch_survey_cpu.json (../harness.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 REPO = str(Path(__file__).resolve().parents[2])
 PY = sys.executable
 HERE = Path(".")  # OUT_DIR, set by main()
+MARK = "ARCH_SURVEY_RESULT "
 RESULTS = HERE / "results"
 
 DECODERS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
@@ -160,7 +162,7 @@ def _describe_exc(exc: BaseException) -> list[dict]:
     return chain
 
 
-def worker(arch: str, case: str, out: str) -> None:
+def worker(arch: str, case: str) -> None:
     import torch
     import transformers
 
@@ -197,35 +199,31 @@ def worker(arch: str, case: str, out: str) -> None:
     finally:
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["log_tail"] = logs[-12:]
-        Path(out).write_text(json.dumps(result, indent=1, default=str))
+        print(MARK + json.dumps(result, default=str), flush=True)  # the driver reads this line
 
 
 # ----------------------------------------------------------------------------- driver
 
 def run_one(arch: str, case: str, timeout: int) -> dict:
-    out = RESULTS / f"{arch}__{case}.json"
-    errf = RESULTS / f"{arch}__{case}.stderr"
+    log = RESULTS / f"{arch}__{case}.log"
     env = dict(os.environ, OPTC_CACHE_DIR=str(HERE / "optc-cache"), TORCHINDUCTOR_CACHE_DIR=str(HERE / "inductor-cache"),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
-    with open(errf, "w") as fh:
-        proc = subprocess.Popen([PY, str(Path(__file__).resolve()), "--worker", arch, case, str(out)], cwd=str(HERE),
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([PY, str(Path(__file__).resolve()), "--worker", arch, case], cwd=str(HERE),
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)  # the worker's own process group only
             proc.wait()
-            res = {"arch": arch, "case": case, "status": "timeout", "seconds": timeout}
-            out.write_text(json.dumps(res))
-            return res
-    if out.exists() and rc == 0:
-        return json.loads(out.read_text())
-    tail = errf.read_text()[-1500:]
-    res = {"arch": arch, "case": case, "status": "crash", "rc": rc, "tail": tail,
-           "seconds": round(time.perf_counter() - start, 1)}
-    out.write_text(json.dumps(res))
-    return res
+            return {"arch": arch, "case": case, "status": "timeout", "seconds": timeout}
+    text = log.read_text()
+    found = [line[len(MARK):] for line in text.splitlines() if line.startswith(MARK)]
+    if found and rc == 0:
+        return json.loads(found[-1])
+    return {"arch": arch, "case": case, "status": "crash", "rc": rc, "tail": text[-1500:],
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def cell(r: dict) -> str:
@@ -247,8 +245,8 @@ def cell(r: dict) -> str:
 def main() -> None:
     global HERE, RESULTS
     ap = argparse.ArgumentParser()
-    ap.add_argument("out", nargs="?", help="folder for the results (the driver's; a worker is given its file)")
-    ap.add_argument("--worker", nargs=3)
+    ap.add_argument("out", nargs="?", help="folder for the results (the driver only)")
+    ap.add_argument("--worker", nargs=2)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=240)
     ap.add_argument("--only", default="")
@@ -274,11 +272,7 @@ def main() -> None:
 
     with ThreadPoolExecutor(a.jobs) as pool:
         results = list(pool.map(go, todo))
-    # The summary table over every result on disk (earlier partial runs included).
-    allr = {}
-    for f in sorted(RESULTS.glob("*.json")):
-        r = json.loads(f.read_text())
-        allr[(r["arch"], r["case"])] = r
+    allr = {(r["arch"], r["case"]): r for r in results}
     lines = ["| arch | " + " | ".join(ENC_CASES) + " |", "|---" * (len(ENC_CASES) + 1) + "|"]
     for arch in DECODERS + ENCODERS:
         row = [cell(allr[(arch, c)]) if (arch, c) in allr else "-" for c in ENC_CASES]
