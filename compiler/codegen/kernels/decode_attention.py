@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .sparse_linear import _interpreted
+
 __all__ = ["AttentionConfig", "decode_attention", "plan", "MAX_ROWS"]
 
 # More query rows than this per (batch, head) are not a decode step: prefill's
@@ -155,12 +157,6 @@ def _scan(block_s: int, keys: int) -> int:
     """Mask entries per row read per trip of the scan: a program's keys in one trip where
     the [BLOCK_S, SCAN] tile stays within _TILE_ELEMENTS."""
     return max(16, min(triton.next_power_of_2(keys), _TILE_ELEMENTS // block_s))
-
-
-def _interpreted(kernel) -> bool:
-    # Under TRITON_INTERPRET=1 the kernel is an InterpretedFunction, which torch 2.11's
-    # wrap_triton rejects; it only runs eagerly on CPU tensors, so it is launched directly.
-    return type(kernel).__name__ == "InterpretedFunction"
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
