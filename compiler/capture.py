@@ -149,7 +149,7 @@ def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256,
     try:
         step = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len).model
     except Exception as exc:  # the wrapper validates the model's config
-        raise CaptureError(_summarise(exc, "the static-cache wrapper of the decoder")) from None
+        raise CaptureError(_summarise(exc, "the static-cache wrapper of the decoder", _model_frame(exc))) from None
     step.requires_grad_(False)
     device = next(model.parameters()).device
     ids = torch.zeros(batch_size, prompt_len, dtype=torch.long, device=device)
@@ -160,7 +160,7 @@ def capture_causal_lm(model, *, batch_size: int = 1, max_cache_len: int = 256,
     try:
         prefill = export_program(step, (), prefill_kwargs, prefill_shapes, what="the prefill step")
     except CaptureError as first:
-        if "raised at transformers/" not in str(first):
+        if not (getattr(first, "origin", None) or "").startswith("transformers/"):
             raise
         # The model derives its positions from the cache's length in Python (OPT), which
         # the wrapper leaves it to do; given them explicitly it exports.
@@ -220,14 +220,18 @@ def export_program(module, args: tuple, kwargs: dict, dynamic_shapes, *, what: s
                 return ep
             return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
-        raise CaptureError(_summarise(exc, what)) from None
+        origin = _model_frame(exc)
+        error = CaptureError(_summarise(exc, what, origin))
+        error.origin = origin  # where in the model's code: capture_causal_lm retries on it
+        raise error from None
 
 
-def _summarise(exc: Exception, what: str) -> str:
+def _summarise(exc: Exception, what: str, origin: str | None) -> str:
+    """One paragraph: what failed, torch's first words on why, where in the model's
+    code (`origin`, from _model_frame), and what to do."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     head = lines[0] if lines else type(exc).__name__
     detail = next((ln for ln in lines[1:6] if not ln.startswith(("File ", "Traceback"))), "")
-    origin = _model_frame(exc)
     return (
         f"torch.export could not capture {what}: {type(exc).__name__}: {head[:300]}"
         + (f" ({detail[:200]})" if detail else "")

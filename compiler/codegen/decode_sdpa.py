@@ -75,7 +75,11 @@ def _call(node: fx.Node) -> tuple | None:
 
 def decode_sdpa_nodes(graph: fx.Graph) -> list[fx.Node]:
     """The SDPA nodes of `graph` that optc::decode_attention computes exactly."""
-    return [n for n in graph.nodes if _call(n) is not None]
+    return [node for node, _ in _calls(graph)]
+
+
+def _calls(graph: fx.Graph) -> list[tuple[fx.Node, tuple]]:
+    return [(node, call) for node in graph.nodes if (call := _call(node)) is not None]
 
 
 def use_decode_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
@@ -86,9 +90,8 @@ def use_decode_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     from optc.compiler.codegen import attention_ops  # noqa: F401  (registers optc::decode_attention)
 
     graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
-    found = decode_sdpa_nodes(graph)
-    for node in found:
-        q, k, v, mask, scale = _call(node)
+    found = _calls(graph)
+    for node, (q, k, v, mask, scale) in found:
         with graph.inserting_before(node):
             new = graph.call_function(torch.ops.optc.decode_attention.default, (q, k, v, mask, scale))
         new.meta = dict(node.meta)
