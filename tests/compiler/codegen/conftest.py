@@ -86,3 +86,34 @@ def record_loads(monkeypatch):
 
     monkeypatch.setattr(builder, "create_masked_load", create_masked_load)
     return recorder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_art():
+    """tiny-llama compiled for the CPU (unverified) and its zoo entry: the decode program
+    the lowering's rewrites are tested on (codegen/gemv_inputs, codegen/decode_sdpa)."""
+    import optc
+    from optc.models import zoo
+
+    entry = zoo.get("tiny-llama")
+    art = optc.compile(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda msg: None,
+                       verify=False)
+    return art, entry
+
+
+@pytest.fixture
+def decode_with(tiny_llama_art):
+    """decode_with(rewrite) -> (tokens of a decoder whose decode program runs as
+    rewrite(program), the uncompiled artifact's tokens for the same prompt)."""
+    from optc.runtime.decode import StaticCacheDecoder
+
+    def run(rewrite):
+        art, entry = tiny_llama_art
+        prompt = entry.example_inputs()[0][:, :8]
+        art.decoder(compiled=False).reset()
+        expected = art.generate(prompt, 6, compiled=False)
+        prefill, decode = art.module("prefill", compiled=False), art.module("decode", compiled=False)
+        dec = StaticCacheDecoder(prefill, decode, compile=lambda m: rewrite(m) if m is decode else m, device="cpu")
+        return dec.generate(prompt, 6), expected
+
+    return run

@@ -7,12 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import optc
 from optc.compiler import targets
 from optc.compiler.codegen import lowering
 from optc.compiler.codegen.decode_sdpa import decode_sdpa_nodes, use_decode_attention
 from optc.compiler.codegen.kernels.decode_attention import decode_attention, plan
-from optc.models import zoo
 
 
 def _inputs(B, H, S, L, D, dtype=torch.float32, seed=0):
@@ -78,16 +76,8 @@ def test_cache_rows_past_the_last_visible_key_are_not_loaded(record_loads):
 # ------------------------------------------------------------------ the rewrite
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    entry = zoo.get("tiny-llama")
-    art = optc.compile(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda msg: None,
-                       verify=False)
-    return art, entry
-
-
-def test_the_decode_programs_attention_is_rewritten_and_decodes_the_same_tokens(tiny_llama):
-    art, entry = tiny_llama
+def test_the_decode_programs_attention_is_rewritten_and_decodes_the_same_tokens(tiny_llama_art, decode_with):
+    art, entry = tiny_llama_art
     layers = entry.load().config.num_hidden_layers
     decode = art.module("decode", compiled=False)
     rewritten, n = use_decode_attention(decode)
@@ -97,16 +87,8 @@ def test_the_decode_programs_attention_is_rewritten_and_decodes_the_same_tokens(
     assert not decode_sdpa_nodes(rewritten.graph) and not any(node.target == op for node in decode.graph.nodes)
     # The prefill program's length is dynamic: its row count is unknown, so it keeps SDPA.
     assert decode_sdpa_nodes(art.module("prefill", compiled=False).graph) == []
-
-    from optc.runtime.decode import StaticCacheDecoder
-
-    prompt = entry.example_inputs()[0][:, :8]
-    art.decoder(compiled=False).reset()
-    expected = art.generate(prompt, 6, compiled=False)
-    prefill = art.module("prefill", compiled=False)
-    dec = StaticCacheDecoder(prefill, decode, compile=lambda m: use_decode_attention(m)[0] if m is decode else m,
-                             device="cpu")
-    assert torch.equal(dec.generate(prompt, 6), expected)
+    got, expected = decode_with(lambda m: use_decode_attention(m)[0])
+    assert torch.equal(got, expected)
 
 
 def _sdpa_graph(**kwargs) -> torch.fx.GraphModule:

@@ -6,24 +6,14 @@ import dataclasses
 import pytest
 import torch
 
-import optc
 from optc.compiler import targets
 from optc.compiler.codegen import lowering
 from optc.compiler.codegen.gemv_inputs import gemv_inputs, realize_gemv_inputs
 from optc.compiler.torch_private import inductor_realize_op
-from optc.models import zoo
 
 
-@pytest.fixture(scope="module")
-def programs():
-    entry = zoo.get("tiny-llama")
-    art = optc.compile(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda msg: None,
-                       verify=False)
-    return art, entry
-
-
-def test_the_decode_programs_down_projections_read_a_stored_vector_and_compute_the_same(programs):
-    art, entry = programs
+def test_the_decode_programs_down_projections_read_a_stored_vector_and_compute_the_same(tiny_llama_art, decode_with):
+    art, entry = tiny_llama_art
     layers = entry.load().config.num_hidden_layers
     decode = art.module("decode", compiled=False)
     found = gemv_inputs(decode.graph)
@@ -37,20 +27,12 @@ def test_the_decode_programs_down_projections_read_a_stored_vector_and_compute_t
     assert not any(node.target == realize for node in decode.graph.nodes)  # the original is untouched
     name, weight = next(iter(decode.named_parameters()))
     assert rewritten.get_parameter(name) is weight  # the same parameters (and caches), not copies
-    prompt = entry.example_inputs()[0][:, :8]
-    art.decoder(compiled=False).reset()
-    expected = art.generate(prompt, 6, compiled=False)
-
-    from optc.runtime.decode import StaticCacheDecoder
-
-    prefill = art.module("prefill", compiled=False)
-    dec = StaticCacheDecoder(prefill, decode, compile=lambda m: realize_gemv_inputs(m)[0] if m is decode else m,
-                             device="cpu")
-    assert torch.equal(dec.generate(prompt, 6), expected)
+    got, expected = decode_with(lambda m: realize_gemv_inputs(m)[0])
+    assert torch.equal(got, expected)
 
 
-def test_prefill_rows_are_not_gemvs(programs):
-    art, _ = programs
+def test_prefill_rows_are_not_gemvs(tiny_llama_art):
+    art, _ = tiny_llama_art
     assert gemv_inputs(art.module("prefill", compiled=False).graph) == []
 
 
