@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import datetime
-import importlib.util
 import json
 import re
 import subprocess
@@ -16,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import benchmark_scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -28,10 +29,7 @@ NOT_RESULTS = {
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("harness", BENCH / "harness.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_scripts.load("harness")
 
 
 def _is_json_dumps(node: ast.AST) -> bool:

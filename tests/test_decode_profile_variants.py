@@ -2,28 +2,17 @@
 target fields and Inductor options of the target's lowering (the profile itself needs
 a GPU; reading the variant does not)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+import benchmark_scripts
 
 from optc.compiler import targets
 from optc.errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def split_target_fields():
-    spec = importlib.util.spec_from_file_location("decode_profile", ROOT / "benchmarks" / "decode_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return mod.split_target_fields
+    return benchmark_scripts.load("decode_profile").split_target_fields
 
 
 def test_a_variant_sets_passes_target_fields_and_inductor_options(split_target_fields):

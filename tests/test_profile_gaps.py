@@ -1,25 +1,14 @@
 """benchmarks/kernels_sparse_linear.idle_before: where a decode step's device idle time
 goes, from kernel spans (the profiler itself needs a GPU; the attribution does not)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def idle_before():
-    spec = importlib.util.spec_from_file_location("kernels_sparse_linear", ROOT / "benchmarks" / "kernels_sparse_linear.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: benchmarks/harness.py importable
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return mod.idle_before
+    return benchmark_scripts.load("kernels_sparse_linear").idle_before
 
 
 def test_idle_time_goes_to_the_kernel_after_it(idle_before):

@@ -2,18 +2,16 @@
 benchmarks/readme_table.py makes of the JSON files in benchmarks/results/ (so no number
 there is typed by hand)."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+import benchmark_scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "benchmarks" / "readme_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_scripts.load("readme_table")
 
 
 def test_results_history_is_generated_from_results():

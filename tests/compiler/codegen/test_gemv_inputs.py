@@ -3,7 +3,6 @@ the down projections of a decode program, and only those, and changes nothing ea
 
 import dataclasses
 
-import pytest
 import torch
 
 from optc.compiler import targets
