@@ -171,15 +171,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     cfg = config or plan(S, L, D)
     block_s, block_d = _blocks(S, D)
-    out = torch.empty((B, H, S, D), device=q.device, dtype=q.dtype)
     m = mask.expand(B, H, S, L) if mask is not None else q  # never read without a mask
     l_per_split = triton.cdiv(triton.cdiv(L, cfg.split), cfg.block_l) * cfg.block_l
     split = triton.cdiv(L, l_per_split)
     partial = split > 1
-    shape = (B, H, split, block_s)
-    pm = torch.empty(shape, device=q.device, dtype=torch.float32) if partial else out
-    pl = torch.empty(shape, device=q.device, dtype=torch.float32) if partial else out
-    pa = torch.empty((*shape, block_d), device=q.device, dtype=torch.float32) if partial else out
+    # Either the output or the slices' partials: the kernel writes one of them, the other
+    # arguments are never read (the output of a split launch is _combine's).
+    if partial:
+        shape = (B, H, split, block_s)
+        pm, pl = (torch.empty(shape, device=q.device, dtype=torch.float32) for _ in range(2))
+        pa = torch.empty((*shape, block_d), device=q.device, dtype=torch.float32)
+        out = pm
+    else:
+        out = torch.empty((B, H, S, D), device=q.device, dtype=q.dtype)
+        pm = pl = pa = out
     kernel = decode_attention_kernel if _interpreted(decode_attention_kernel) else wrap_triton(decode_attention_kernel)
     kernel[(B * H, split)](
         q, k, v, m, out, pm, pl, pa,
