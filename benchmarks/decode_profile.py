@@ -104,10 +104,12 @@ def profile_inductor_max(model, prompt, steps: int) -> dict:
         return dict(ms_per_token=ms, **profiled_steps(lambda: run(steps, T + 4), steps))
 
 
-def report(label: str, r: dict, result: dict, out: str | None, env: dict, seconds: float | None = None) -> None:
+def report(label: str, r: dict, result: dict, out: str | None, env: dict, seconds: float | None = None,
+           unit: str = "token") -> None:
+    """Prints a variant's row (`unit`: what one step is, "token" or "forward") and writes the result."""
     took = f" ({seconds:.0f} s)" if seconds is not None else ""
-    print(f"== {label}: {r['ms_per_token']:.3f} ms/token, kernels {r['kernel_us_per_step']} us/step, "
-          f"{r['kernels_per_step']} launches/step{took}", file=sys.stderr, flush=True)
+    print(f"== {label}: {r['ms_per_' + unit]:.3f} ms/{unit}, kernels {r['kernel_us_per_step']} us/{unit}, "
+          f"{r['kernels_per_step']} launches/{unit}{took}", file=sys.stderr, flush=True)
     for row in r["top"][:14]:
         print(f"   {row['us_per_step']:>8.1f} us {row['calls_per_step']:>6.1f}x  {row['name']}", file=sys.stderr)
     if out:

@@ -29,3 +29,14 @@ def test_a_setting_that_is_not_a_lowering_one_is_refused(split_target_fields):
     for word in ("target.fast=true", "target.align=128", "target.decode_attention=maybe", "target.decode_attention"):
         with pytest.raises(UsageError):
             split_target_fields([word], targets.get("h200"))
+
+
+def test_the_forward_profile_names_the_attention_backend_from_kernel_names():
+    backends = benchmark_scripts.load("forward_profile").attention_backends
+    rows = [dict(name="fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>)",
+                 us_per_step=30.0),
+            dict(name="void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", us_per_step=5.0),
+            dict(name="triton_poi_fused_add_0", us_per_step=2.0),
+            dict(name="fmha_cutlassF_bf16_aligned_64x64_rf_sm80(other)", us_per_step=10.0)]
+    assert backends(rows) == {"mem_efficient": 40.0, "flash": 5.0}
+    assert backends(rows[2:3]) == {}
