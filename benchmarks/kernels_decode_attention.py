@@ -12,6 +12,7 @@ the error against SDPA in fp64).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from harness import envelope, write_result
 from kernels_sparse_linear import Timer
+from optc.compiler.codegen import attention_ops
 from optc.compiler.codegen.kernels import decode_attention as k
 
 LAYERS = 16
@@ -65,13 +67,17 @@ def main():
     scale = D ** -0.5
     timer = Timer(dev, rep_ms=200, profile_kernels=True)
     env = envelope("cuda")
-    variants = {"inductor-sdpa": lambda q, k_, v, m, s: F.scaled_dot_product_attention(q, k_, v, attn_mask=m, scale=s)}
+    sdpa = lambda q, k_, v, m, s: F.scaled_dot_product_attention(q, k_, v, attn_mask=m, scale=s)  # noqa: E731
+    variants = {"inductor-sdpa": (sdpa, None)}
     for cfg in configs(S, L, D):
         variants[f"optc split={cfg.split} block_l={cfg.block_l} warps={cfg.num_warps}"] = (
-            lambda q, k_, v, m, s, cfg=cfg: k.decode_attention(q, k_, v, m, s, cfg))
+            torch.ops.optc.decode_attention, cfg)
+    # Each configuration compiles anew: the op's body reads the launch it is given here.
+    torch._inductor.config.fx_graph_cache = False
     rows = []
-    for name, attend in variants.items():
+    for name, (attend, cfg) in variants.items():
         torch._dynamo.reset()
+        attention_ops._decode_attention_triton = functools.partial(k.decode_attention, config=cfg)
         step = torch.compile(step_fn(attend, L, scale), fullgraph=True, dynamic=False)
         for position in args.position or [40, 200]:
             pos = torch.tensor([position], device=dev)

@@ -116,7 +116,8 @@ def decode_attention_kernel(
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(allowed, scores * scale, float("-inf"))
+        # Inductor passes a Python float as fp64: keep the softmax in fp32 all the same.
+        scores = tl.where(allowed, (scores * scale).to(tl.float32), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         # A row that has seen no key keeps m = -inf: subtract 0 there so exp gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -35,7 +35,8 @@ CATS_SIG = {
     **_ints("M", "I", "H", "stride_xm", "stride_xk", "stride_wg", "stride_wu", "stride_t", "stride_hm")}
 ATTENTION_SIG = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "m_ptr": "*i1", "o_ptr": "*bf16",
-    "pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", **_ints("H", "S", "L", "D", "L_PER_SPLIT"), "scale": "fp32",
+    "pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", **_ints("H", "S", "L", "D", "L_PER_SPLIT"),
+    "scale": "fp64",  # what Inductor's launch of a user-defined kernel passes a Python float as
     **_ints("sqb", "sqh", "sqs", "sqd", "skb", "skh", "skl", "skd", "svb", "svh", "svl", "svd",
             "smb", "smh", "sms", "sml", "sob", "soh", "sos", "sod")}
 
