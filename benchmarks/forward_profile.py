@@ -21,7 +21,7 @@ import torch
 
 import optc
 from decode_profile import profiled_steps, report, split_target_fields
-from harness import envelope
+from harness import envelope, write_result
 from optc.compiler import targets
 from optc.models.user import resolve
 from optc.runtime.bench import _encoder_inputs
@@ -71,7 +71,9 @@ def main():
         settings, variant_target = split_target_fields(text.split(), target)
         r = profile_variant(model, entry, inputs, variant_target, settings, args.calls)
         result["variants"][text or "dense"] = r
-        report(text or "dense", r, result, args.out, env, time.time() - t0, unit="forward")
+        report(text or "dense", r, result, None, env, time.time() - t0, unit="forward")
+        if args.out:
+            write_result(args.out, result, env)
         print(f"   attention kernels (us per forward): {r['attention'] or 'none recognised'}")
 
 

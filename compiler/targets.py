@@ -30,7 +30,8 @@ class Target:
     # block (codegen/gemv_inputs): where Inductor lowers one-row matmuls as reductions.
     realize_gemv_inputs: bool = False
     # Decode-step attention (a few query rows over the KV cache) runs optc's one-launch
-    # Triton kernel instead of Inductor's SDPA (codegen/decode_sdpa). Off until measured.
+    # Triton kernel instead of Inductor's SDPA (codegen/decode_sdpa): on where measured
+    # faster (benchmarks/NOTES.md, "Decode attention on the H200").
     decode_attention: bool = False
 
 
@@ -40,9 +41,12 @@ TARGETS = {
         "h100", "cuda", torch.bfloat16, copy_tbs=2.94, bf16_tflops=769.0, gpu_names=("H100",),
         inductor={"coordinate_descent_tuning": True}, align=64, realize_gemv_inputs=True,
     ),
+    # Programmatic dependent launch (triton.enable_pdl) lets a kernel's launch overlap the
+    # tail of the one before: measured with decode_attention on Llama-1B's decode step.
     "h200": Target(
         "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
-        inductor={"coordinate_descent_tuning": True}, align=64, realize_gemv_inputs=True,
+        inductor={"coordinate_descent_tuning": True, "triton.enable_pdl": True}, align=64,
+        realize_gemv_inputs=True, decode_attention=True,
     ),
     "a100": Target("a100", "cuda", torch.bfloat16, gpu_names=("A100",), inductor={"coordinate_descent_tuning": True},
                    align=64, realize_gemv_inputs=True),

@@ -17,10 +17,10 @@ def split_target_fields():
 
 def test_a_variant_sets_passes_target_fields_and_inductor_options(split_target_fields):
     h200 = targets.get("h200")
-    words = "prune_mlp.ratio=0.25 target.decode_attention=true target.inductor.combo_kernels=true".split()
+    words = "prune_mlp.ratio=0.25 target.decode_attention=false target.inductor.combo_kernels=true".split()
     settings, target = split_target_fields(words, h200)
     assert settings == {"prune_mlp": {"ratio": 0.25}}
-    assert target.decode_attention and not h200.decode_attention
+    assert h200.decode_attention and not target.decode_attention
     assert target.inductor == {**h200.inductor, "combo_kernels": True}
     assert "combo_kernels" not in h200.inductor  # the profile's target is not changed
 

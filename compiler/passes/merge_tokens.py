@@ -51,8 +51,10 @@ class MergeTokensConfig(PassConfig):
     outputs: str = knob("unmerge", choices=("unmerge", "merged"),
                         doc="token-level outputs: back at every original position, or at the merged length")
     proportional_attention: bool = knob(True, doc="add log(size) to the attention scores")
-    kernels: str = knob("triton", choices=("triton", "torch"), search=Choice(("triton", "torch"), when=("r", ">", 0)),
-                        doc="on CUDA: optc's Triton kernels, or torch ops that Inductor compiles")
+    # torch by default: on the H200 optc's merge kernel cost more than the ops Inductor
+    # emits for the same merge (benchmarks/NOTES.md, "Merged BERT, kernel by kernel").
+    kernels: str = knob("torch", choices=("triton", "torch"), search=Choice(("triton", "torch"), when=("r", ">", 0)),
+                        doc="on CUDA: torch ops that Inductor compiles, or optc's Triton kernels")
 
     def active(self) -> bool:
         return self.enabled and (self.r > 0 or any(self.schedule))

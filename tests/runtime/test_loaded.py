@@ -109,8 +109,10 @@ def test_manifest_records_the_lowering_the_check_used(monkeypatch, tmp_path):
     rec = _tiny("h200", verify=True).manifest["lowering"]
     assert rec["check"] is None and rec["load"]["prefill"] == rec["load"]["decode"]
     assert rec["load"]["decode"]["autotune"] is False and rec["load"]["decode"]["realize_gemv_inputs"] is True
+    assert rec["load"]["decode"]["decode_attention"] is True
     assert rec["load"]["decode"]["inductor_options"] == {
-        "coordinate_descent_tuning": True, "fx_graph_cache": False, "triton.cudagraphs": False}
+        "coordinate_descent_tuning": True, "triton.enable_pdl": True, "fx_graph_cache": False,
+        "triton.cudagraphs": False}
     assert lowering.load_lowering(optc.compiler.targets.get("h200"), "forward") == {"autotune": True,
                                                                                      "cudagraphs": True}
 
