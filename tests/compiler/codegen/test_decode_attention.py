@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from optc.compiler import targets
-from optc.compiler.codegen import lowering
+from optc.compiler.codegen import decode_sdpa, lowering
 from optc.compiler.codegen.decode_sdpa import decode_sdpa_nodes, use_decode_attention
 from optc.compiler.codegen.kernels.decode_attention import decode_attention, plan
 
@@ -91,12 +91,12 @@ def test_the_decode_programs_attention_is_rewritten_and_decodes_the_same_tokens(
     assert torch.equal(got, expected)
 
 
-def _sdpa_graph(**kwargs) -> torch.fx.GraphModule:
+def _sdpa_graph(rows: int = 1, keys: int = 16, **kwargs) -> torch.fx.GraphModule:
     aten = torch.ops.aten
     g = torch.fx.Graph()
     q, k, v, m = (g.placeholder(n) for n in "qkvm")
     g.output(g.call_function(aten.scaled_dot_product_attention.default, (q, k, v, m), kwargs))
-    shapes = [(1, 2, 1, 8), (1, 2, 16, 8), (1, 2, 16, 8), (1, 1, 1, 16)]
+    shapes = [(1, 2, rows, 8), (1, 2, keys, 8), (1, 2, keys, 8), (1, 1, 1, keys)]
     for node, shape, dtype in zip(g.nodes, shapes, [torch.float32] * 3 + [torch.bool]):
         node.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
     return torch.fx.GraphModule(torch.nn.Module(), g)
@@ -111,6 +111,12 @@ def test_only_what_the_kernel_computes_exactly_is_rewritten():
     float_mask = _sdpa_graph()
     next(n for n in float_mask.graph.nodes if n.name == "m").meta["val"] = torch.empty(1, 1, 1, 16, device="meta")
     assert decode_sdpa_nodes(float_mask.graph) == []  # additive masks stay with SDPA
+
+
+def test_only_decode_attention_over_a_measured_cache_length_is_rewritten():
+    assert len(decode_sdpa_nodes(_sdpa_graph(rows=16, keys=decode_sdpa.MAX_KEYS).graph)) == 1
+    assert decode_sdpa_nodes(_sdpa_graph(keys=decode_sdpa.MAX_KEYS + 1).graph) == []  # not timed
+    assert decode_sdpa_nodes(_sdpa_graph(rows=16, keys=16).graph) == []  # an encoder's self-attention
 
 
 def test_lower_applies_it_only_for_targets_that_ask(monkeypatch):
