@@ -21,8 +21,8 @@ Score rules (one owner: the torch reference in ops.py follows them exactly):
     and its zero weight leaves its destination unchanged); a_i real, b_j padding: -inf
     (a real token never moves into a padding slot). Ties keep the smallest j.
 
-token_merge_kernel, grid (B * N_OUT, cdiv(C, BLOCK_C)), N_OUT = N - R: output token o of
-batch b, channels [pid_c*BLOCK_C, +BLOCK_C):
+token_merge_kernel, grid (B, cdiv(N_OUT, BLOCK_O), cdiv(C, BLOCK_C)), N_OUT = N - R: output
+tokens [pid_o*BLOCK_O, +BLOCK_O) of batch b, channels [pid_c*BLOCK_C, +BLOCK_C), each o:
 
     o < P:            copy of token o
     o < P + NA - R:   copy of a_{unm[b, o - P]}
@@ -33,9 +33,12 @@ batch b, channels [pid_c*BLOCK_C, +BLOCK_C):
     x[b, n, c]  at x_ptr + b*stride_xb + n*stride_xn + c   (channels contiguous)
     y[b, o, c]  at y_ptr + (b*N_OUT + o)*C + c;   size_out[b, o] at so_ptr + b*N_OUT + o
 
-Each destination reads the R (src, dst) pairs of its batch BLOCK_R at a time and loads
-the rows of only the sources that merge into it (masked loads of the others issue no
-memory traffic), so the reduction is deterministic: no atomics.
+A block holding destinations reads its batch's R (src, dst) pairs and source rows
+BLOCK_R at a time and adds them with one dot of a [BLOCK_O, BLOCK_R] matrix (a source's
+size where it merges into that row) by the source rows: deterministic, no atomics. Copies
+(protected and unmerged tokens) are stored as loaded. The first version ran one program
+per output token, a chain of dependent loads each: 75-99 us a layer on BERT-base at
+batch 32 x 128 on the H200 (benchmarks/NOTES.md, "Merged BERT-base ... kernel by kernel").
 """
 
 from __future__ import annotations
@@ -101,40 +104,44 @@ def token_merge_kernel(
     x_ptr, s_ptr, unm_ptr, src_ptr, dst_ptr, y_ptr, so_ptr,
     N_OUT, C, NA, R, P,
     stride_xb, stride_xn, stride_sb, stride_sn,
-    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = pid // N_OUT
-    o = pid % N_OUT
+    b = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    pid_c = tl.program_id(2)
     n_unm = NA - R
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    is_unm = (o >= P) & (o < P + n_unm)
-    is_dst = o >= P + n_unm
-    j = tl.where(is_dst, o - P - n_unm, -1)
-    # The input row this output starts from: itself, an unmerged a_i, or b_j.
-    unm_i = tl.load(unm_ptr + b * n_unm + (o - P), mask=is_unm, other=0)
-    row = tl.where(is_unm, P + 2 * unm_i, tl.where(is_dst, P + 2 * j + 1, o))
+    o_in = offs_o < N_OUT
+    io = o_in[:, None] & (offs_c < C)[None, :]
+    is_unm = (offs_o >= P) & (offs_o < P + n_unm)
+    is_dst = (offs_o >= P + n_unm) & o_in
+    j = tl.where(is_dst, offs_o - P - n_unm, -1)
+    # The input row each output starts from: itself, an unmerged a_i, or b_j.
+    unm_i = tl.load(unm_ptr + b * n_unm + (offs_o - P), mask=is_unm, other=0)
+    row = tl.where(is_unm, P + 2 * unm_i, tl.where(is_dst, P + 2 * j + 1, offs_o))
     x_base = x_ptr + b * stride_xb
-    x_row = tl.load(x_base + row * stride_xn + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    s_row = tl.load(s_ptr + b * stride_sb + row * stride_sn)
-    acc = x_row * s_row
-    den = s_row
-    for k0 in range(0, R, BLOCK_R):
-        offs_k = k0 + tl.arange(0, BLOCK_R)
-        dst = tl.load(dst_ptr + b * R + offs_k, mask=offs_k < R, other=-1)
-        hit = (dst == j) & (offs_k < R)
-        src = tl.load(src_ptr + b * R + offs_k, mask=hit, other=0)
-        rows = P + 2 * src
-        s_src = tl.load(s_ptr + b * stride_sb + rows * stride_sn, mask=hit, other=0.0)
-        x_src = tl.load(x_base + rows[:, None] * stride_xn + offs_c[None, :],
-                        mask=hit[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(x_src * s_src[:, None], axis=0)
-        den += tl.sum(s_src, axis=0)
-    y = tl.where(den > 0.0, acc / tl.where(den > 0.0, den, 1.0), x_row)
-    tl.store(y_ptr + pid * C + offs_c, y.to(y_ptr.dtype.element_ty), mask=c_mask)
-    tl.store(so_ptr + pid, den, mask=pid_c == 0)
+    x_rows = tl.load(x_base + row[:, None] * stride_xn + offs_c[None, :], mask=io, other=0.0).to(tl.float32)
+    s_rows = tl.load(s_ptr + b * stride_sb + row * stride_sn, mask=o_in, other=0.0)
+    acc = x_rows * s_rows[:, None]
+    den = s_rows
+    if pid_o * BLOCK_O + BLOCK_O > P + n_unm:  # the block holds destinations
+        for k0 in range(0, R, BLOCK_R):
+            offs_k = k0 + tl.arange(0, BLOCK_R)
+            k_in = offs_k < R
+            dst = tl.load(dst_ptr + b * R + offs_k, mask=k_in, other=-2)
+            rows_src = P + 2 * tl.load(src_ptr + b * R + offs_k, mask=k_in, other=0)
+            s_src = tl.load(s_ptr + b * stride_sb + rows_src * stride_sn, mask=k_in, other=0.0)
+            x_src = tl.load(x_base + rows_src[:, None] * stride_xn + offs_c[None, :],
+                            mask=k_in[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+            # [BLOCK_O, BLOCK_R]: a source's size where it merges into the row's b_j.
+            w = tl.where(dst[None, :] == j[:, None], s_src[None, :], 0.0)
+            acc += tl.dot(w, x_src, input_precision="ieee")
+            den += tl.sum(w, axis=1)
+    merged = is_dst[:, None] & (den[:, None] > 0.0)
+    y = tl.where(merged, acc / tl.where(merged, den[:, None], 1.0), x_rows)  # copies stay exact
+    tl.store(y_ptr + (b * N_OUT + offs_o[:, None]) * C + offs_c[None, :], y.to(y_ptr.dtype.element_ty), mask=io)
+    tl.store(so_ptr + b * N_OUT + offs_o, den, mask=o_in & (pid_c == 0))
 
 
 def _launcher(kernel):
@@ -188,11 +195,11 @@ def token_merge(x, size, unm, src, dst, protected: int):
     unm, src, dst = unm.contiguous(), src.contiguous(), dst.contiguous()
     y = torch.empty((bsz, n_out, c), dtype=x.dtype, device=x.device)
     size_out = torch.empty((bsz, n_out), dtype=torch.float32, device=x.device)
-    block_c = min(_pow2(c), 256)
-    grid = (bsz * n_out, triton.cdiv(c, block_c))
+    block_o, block_c = 16, min(_pow2(c), 128)
+    grid = (bsz, triton.cdiv(n_out, block_o), triton.cdiv(c, block_c))
     _launcher(token_merge_kernel)[grid](
         x, size, unm, src, dst, y, size_out, n_out, c, na, r, protected,
         x.stride(0), x.stride(1), size.stride(0), size.stride(1),
-        BLOCK_C=block_c, BLOCK_R=_pow2(min(r, 64), 16),
+        BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_R=_pow2(min(r, 32), 16),
     )
     return y, size_out

@@ -29,7 +29,9 @@ def cases():
     for block_a, block_b in ((16, 16), (64, 32)):
         yield (f"token_match-a{block_a}-b{block_b}", token_merge.token_match_kernel, MATCH_SIG,
                dict(PAD=token_merge.PAD_SCORE, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=64), 4)
-    yield ("token_merge-c256-r16", token_merge.token_merge_kernel, MERGE_SIG, dict(BLOCK_C=256, BLOCK_R=16), 4)
+    for block_r in (16, 32):
+        yield (f"token_merge-o16-c128-r{block_r}", token_merge.token_merge_kernel, MERGE_SIG,
+               dict(BLOCK_O=16, BLOCK_C=128, BLOCK_R=block_r), 4)
 
 
 if __name__ == "__main__":
