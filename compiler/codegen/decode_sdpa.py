@@ -11,8 +11,8 @@ Rewritten only where the function is exactly SDPA's: at most MAX_ROWS query rows
 (batch, head), keys and values with the query's batch, heads and width, a boolean mask
 or none, no dropout, no causal flag, no GQA flag; and only where it was measured faster:
 fewer query rows than keys (a decode step, not an encoder's self-attention) over at most
-MAX_KEYS keys. Like gemv_inputs, the rewrite works
-on a copy used for lowering; the lowering check compares it with the program itself.
+MAX_KEYS keys. Like gemv_inputs, the rewrite works on a copy used for lowering; the
+lowering check compares it with the program itself.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ A block holding destinations reads its batch's R (src, dst) pairs and source row
 BLOCK_R at a time and adds them with one dot of a [BLOCK_O, BLOCK_R] matrix (a source's
 size where it merges into that row) by the source rows: deterministic, no atomics. Copies
 (protected and unmerged tokens) are stored as loaded. The first version ran one program
-per output token, a chain of dependent loads each: 75-99 us a layer on BERT-base at
-batch 32 x 128 on the H200 (benchmarks/NOTES.md, "Merged BERT-base ... kernel by kernel").
+per output token, each a chain of dependent loads, and was slow on the H200 for a copy
+(benchmarks/NOTES.md, "Merged BERT-base, batch 32 x 128, kernel by kernel").
 """
 
 from __future__ import annotations
