@@ -7,6 +7,7 @@ Prints a table; `--out` keeps the rows (us per layer, the kernels' own device ti
 the error against SDPA in fp64).
 
     python benchmarks/kernels_decode_attention.py --out $OUT/decode_attention_h200.json
+    python benchmarks/kernels_decode_attention.py --cache 2048 --position 40 --position 1500 --out ...
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ def parse_args(argv=None):
 
 
 def configs(S: int, L: int, D: int) -> list:
-    """The default plan first, then splits x key blocks x warps (each one compile)."""
+    """The default plan first, then splits x key blocks x warps (each one compile); a
+    cache longer than KEYS_PER_PROGRAM also tries the default split and twice it."""
     found = [k.plan(S, L, D)]
-    for split in (1, 2, 4):
+    longer = (k.plan(S, L, D).split, 2 * k.plan(S, L, D).split) if L > k.KEYS_PER_PROGRAM else ()
+    for split in (1, 2, 4, *longer):
         for block_l in (32, 64, 128):
             for warps in (4, 8):
                 cfg = k.AttentionConfig(block_l=block_l, split=k.plan(S, L, D, split, block_l).split, num_warps=warps)

@@ -49,6 +49,9 @@ __all__ = ["AttentionConfig", "decode_attention", "plan", "MAX_ROWS"]
 MAX_ROWS = 16
 # Mask entries a program holds at once while it scans (16K over 4 warps: 128 per thread).
 _TILE_ELEMENTS = 16384
+# Keys one program walks by default: one program per head, a few on a GPU of 132 SMs,
+# must not walk a long cache alone (codegen/decode_sdpa keeps SDPA past the lengths timed).
+KEYS_PER_PROGRAM = 256
 
 
 @dataclass(frozen=True)
@@ -147,11 +150,13 @@ def _blocks(S: int, D: int) -> tuple[int, int]:
 
 
 def plan(S: int, L: int, D: int, split: int | None = None, block_l: int | None = None) -> AttentionConfig:
-    """The launch for S query rows over L keys of width D: one program per (batch, head)
-    walking the keys 64 at a time unless `split` and `block_l` say otherwise."""
+    """The launch for S query rows over L keys of width D: a program per (batch, head)
+    and KEYS_PER_PROGRAM keys, walking them 64 at a time, unless `split` and `block_l`
+    say otherwise."""
     if block_l is None:
         block_l = max(16, min(64, triton.next_power_of_2(L)))
-    return AttentionConfig(block_l=block_l, split=max(1, min(split or 1, triton.cdiv(L, block_l))), num_warps=4)
+    split = split or triton.cdiv(L, KEYS_PER_PROGRAM)
+    return AttentionConfig(block_l=block_l, split=max(1, min(split, triton.cdiv(L, block_l))), num_warps=4)
 
 
 def _scan(block_s: int, keys: int) -> int:
