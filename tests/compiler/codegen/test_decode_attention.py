@@ -131,3 +131,11 @@ def test_lower_applies_it_only_for_targets_that_ask(monkeypatch):
     for target in (cpu, asks):
         torch.testing.assert_close(lowering.lower(gm, target)(q, k, v, mask), gm(q, k, v, mask))
     assert rewritten == [gm]
+
+
+def test_the_default_launch_gives_a_program_a_bounded_share_of_a_long_cache():
+    from optc.compiler.codegen.kernels.decode_attention import KEYS_PER_PROGRAM
+
+    assert plan(4, KEYS_PER_PROGRAM, 64).split == 1  # the launch timed at Llama-1B's cache
+    assert plan(4, 8 * KEYS_PER_PROGRAM, 64).split == 8
+    assert plan(4, 8 * KEYS_PER_PROGRAM, 64, split=2).split == 2  # asked for
