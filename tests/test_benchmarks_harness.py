@@ -89,6 +89,12 @@ def test_every_not_result_script_exists():
     assert set(NOT_RESULTS) <= {p.name for p in SCRIPTS}, "NOT_RESULTS names a script that is gone"
 
 
+def test_the_benchmarks_readme_lists_every_script():
+    listed = (BENCH / "README.md").read_text()
+    scripts = [p.name for p in (*SCRIPTS, *BENCH.glob("*.sh")) if p.name != "harness.py"]
+    assert [name for name in scripts if f"`{name}`" not in listed] == []
+
+
 def test_cli_results_use_the_same_envelope():
     for name in ("runtime/bench.py", "optc/search.py"):
         assert "result_envelope(" in (ROOT / name).read_text(), f"{name} no longer writes result_envelope"
