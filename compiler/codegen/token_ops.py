@@ -80,17 +80,22 @@ def token_merge_reference(x: Tensor, size: Tensor, unm: Tensor, src: Tensor, dst
 
 def dest_reference(unm: Tensor, src: Tensor, dst: Tensor, n: int, protected: int) -> Tensor:
     bsz, r = src.shape
-    na, nb = _sets(n, protected)
+    na, _ = _sets(n, protected)
     n_unm = na - r
     dev = unm.device
-    a_dest = torch.zeros((bsz, na), dtype=torch.int64, device=dev)
-    a_dest = a_dest.scatter(1, unm, (protected + torch.arange(n_unm, device=dev)).expand(bsz, -1).contiguous())
-    a_dest = a_dest.scatter(1, src, protected + n_unm + dst)
-    b_dest = (protected + n_unm + torch.arange(nb, device=dev)).expand(bsz, -1)
-    dest = torch.arange(n, device=dev).expand(bsz, -1).contiguous()
-    dest = dest.scatter(1, (protected + 2 * torch.arange(na, device=dev)).expand(bsz, -1).contiguous(), a_dest)
-    return dest.scatter(1, (protected + 1 + 2 * torch.arange(nb, device=dev)).expand(bsz, -1).contiguous(),
-                        b_dest.contiguous())
+    # Each a-token's output position (unm and src together list every a-token once):
+    # the unmerged in order after the protected tokens, the merged onto their b partner.
+    # int32: Inductor scatters int64 values through ATen's kernel on a GPU (no 64-bit
+    # atomics), a launch of its own that nothing fuses with.
+    pos = torch.arange(n, device=dev, dtype=torch.int32)
+    a_dest = torch.zeros((bsz, na), dtype=torch.int32, device=dev).scatter(
+        1, torch.cat([unm, src], 1),
+        torch.cat([(protected + pos[:n_unm]).expand(bsz, -1), (protected + n_unm + dst).to(torch.int32)], 1))
+    # Then every input position at once: a gather and selects that fuse into one kernel.
+    rel = (pos - protected).clamp(min=0)
+    from_a = a_dest.gather(1, (rel // 2).clamp(max=na - 1).to(torch.int64).expand(bsz, -1))
+    from_b = protected + n_unm + (rel - 1).clamp(min=0) // 2
+    return torch.where(pos < protected, pos, torch.where(rel % 2 == 0, from_a, from_b)).to(torch.int64)
 
 
 def unmerge_reference(x: Tensor, source: Tensor) -> Tensor:

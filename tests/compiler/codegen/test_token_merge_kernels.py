@@ -87,6 +87,24 @@ def test_padding_only_merge_keeps_destination():
     assert (size_out[:, 1:] == 0).all()
 
 
+@pytest.mark.parametrize("n", [40, 41])  # an odd and an even number of unprotected tokens
+def test_the_dest_map_sends_every_token_to_its_output_position(n):
+    metric, _, size = _case()
+    metric, size = metric[:, :n], size[:, :n]
+    unm, src, dst = ops.token_match_reference(metric, size, 7, 1)
+    na = (n - 1 + 1) // 2
+    expected = torch.empty(2, n, dtype=torch.long)
+    for b in range(2):
+        expected[b, 0] = 0
+        for u, i in enumerate(unm[b].tolist()):
+            expected[b, 1 + 2 * i] = 1 + u
+        for i, j in zip(src[b].tolist(), dst[b].tolist()):
+            expected[b, 1 + 2 * i] = 1 + (na - 7) + j
+        for j in range((n - 1) // 2):
+            expected[b, 2 + 2 * j] = 1 + (na - 7) + j
+    assert torch.equal(torch.ops.optc.token_merge_dest(unm, src, dst, n, 1), expected)
+
+
 def test_dest_map_and_unmerge():
     metric, x, size = _case()
     unm, src, dst = ops.token_match_reference(metric, size, 9, 1)
