@@ -49,8 +49,9 @@ __all__ = ["AttentionConfig", "decode_attention", "plan", "MAX_ROWS"]
 MAX_ROWS = 16
 # Mask entries a program holds at once while it scans (16K over 4 warps: 128 per thread).
 _TILE_ELEMENTS = 16384
-# Keys one program walks by default: one program per head, a few on a GPU of 132 SMs,
-# must not walk a long cache alone (codegen/decode_sdpa keeps SDPA past the lengths timed).
+# Keys one program walks by default. A decode step has few (batch, head) programs for a
+# GPU's many SMs, so a long cache is split among more (codegen/decode_sdpa keeps SDPA
+# past the cache lengths timed).
 KEYS_PER_PROGRAM = 256
 
 
