@@ -83,6 +83,16 @@ def with_overrides(target: Target, words) -> Target:
     return replace(target, inductor=inductor, **fields)
 
 
+def lowering_words(target: Target) -> str:
+    """How `target` lowers programs, in with_overrides' words ("decode_attention=true
+    inductor.triton.enable_pdl=true ..."): what a latency measured under it depends on
+    beyond the device, so the device's history keeps measurements of one lowering apart
+    from another's."""
+    words = [f"{f}={json.dumps(getattr(target, f))}" for f in LOWERING_FIELDS]
+    words += [f"inductor.{k}={json.dumps(v)}" for k, v in sorted(target.inductor.items())]
+    return " ".join(words)
+
+
 def detect() -> str:
     """The target of the device present: a known GPU, else cpu."""
     if torch.cuda.is_available():

@@ -57,6 +57,8 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         raise UsageError("--trials must be >= 0 and --workers >= 1")
     if not 0 <= req.max_quality_loss:
         raise UsageError(f"--max-quality-loss must be >= 0, got {req.max_quality_loss}")
+    if req.lowering not in ("target", "plain"):
+        raise UsageError(f"--lowering {req.lowering!r}: expected target or plain")
     target = targets.get(req.target)
     if not targets.available(target):
         raise UsageError(f"target {target.name} is not present on this machine: a search measures latency, "
@@ -68,19 +70,18 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     session, entry, prompt = _session(req, target, log)
     space = SearchSpace(session.anatomy, req.pipeline, req.fixed)
     workload = _workload(session, req, prompt)
+    measured_on, lowering = trial_lowering(req.lowering, target)
     signature = {"model": session.model_name, "target": target.name, "workload": workload.to_dict(),
-                 "lowering": req.lowering,
+                 "lowering": lowering,
                  "space": space.signature(), "calibration": session.calibration_source()}
     store, where = st.open_storage(req.storage, out_dir / f"{study_name}.journal")
     study = st.open_study(store, study_name, signature, sy.make_sampler(req.seed))
     sy.enqueue_seeds(study, space)
-    cost = _cost_model(target, study, workload, req.lowering)
+    cost = _cost_model(target, study, workload, lowering)
     log(f"search: study '{study_name}' in {where}; {len(space.params)} searched settings: "
         f"{', '.join(space.params)}; cost model {cost.source}, {len(cost.history)} samples of the device's history")
-    if req.lowering not in ("target", "plain"):
-        raise UsageError(f"--lowering {req.lowering!r}: expected target or plain")
     plain = req.lowering == "plain"
-    measure = _measurer(replace(target, inductor={}) if plain else target, workload, prompt, log, autotune=not plain)
+    measure = _measurer(measured_on, workload, prompt, log, autotune=not plain)
 
     def features(compiled):
         program = compiled.programs["decode" if session.is_lm else "forward"]
@@ -94,7 +95,7 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
                             **_liveness_from_env())
     start = time.perf_counter()
     sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log,
-                  remember=_remember(target, workload, req.lowering, session.model_name))
+                  remember=_remember(target, workload, lowering, session.model_name))
     if worker_only:
         return {"study": study_name, "worker_trials": req.trials}
     return _finish(req, study, study_name, where, target, session, time.perf_counter() - start, log)
@@ -117,6 +118,17 @@ def _subsample(session) -> int:
     from optc.compiler.session import SUBSAMPLE
 
     return SUBSAMPLE["causal-lm" if session.is_lm else "other"]
+
+
+def trial_lowering(kind: str, target):
+    """(the target trials are lowered for, the study's and the device history's label of
+    that lowering). "plain" trials drop the target's Inductor options. The label names the
+    lowering in full, so that trials measured before a target's lowering changed (a kernel
+    turned on) join neither a study nor a cost model after it."""
+    from optc.compiler import targets
+
+    measured_on = replace(target, inductor={}) if kind == "plain" else target
+    return measured_on, f"{kind}: {targets.lowering_words(measured_on)}"
 
 
 def _session(req, target, log):

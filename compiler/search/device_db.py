@@ -145,7 +145,8 @@ def append_sample(device: str | torch.device, sample: dict) -> None:
 
 def history(device: str | torch.device, *, kind: str, lowering: str) -> list[dict]:
     """The device's measured samples for one workload kind (decode, forward) and
-    lowering (target, plain): the cost model is only comparable within one."""
+    lowering (the search's label: target or plain, and the lowering's settings): the cost
+    model is only comparable within one."""
     path = history_file(device_key(device))
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

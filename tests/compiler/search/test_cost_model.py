@@ -294,3 +294,17 @@ def test_the_cost_model_imports_neither_runtime_nor_cli():
             "bad = [k for k in sys.modules if k.startswith(('optc.runtime', 'optc.cli', 'triton'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_studys_lowering_label_changes_with_the_targets_lowering():
+    from optc.compiler import targets
+    from optc.search import trial_lowering
+
+    h200 = targets.get("h200")
+    measured_on, label = trial_lowering("target", h200)
+    assert measured_on is h200 and label.startswith("target: ")
+    assert "decode_attention=true" in label and "inductor.triton.enable_pdl=true" in label
+    without = targets.with_overrides(h200, ["decode_attention=false"])
+    assert trial_lowering("target", without)[1] != label  # its trials are another study's
+    plain_on, plain = trial_lowering("plain", h200)
+    assert plain_on.inductor == {} and "inductor." not in plain and plain != label
