@@ -6,6 +6,7 @@ lowers it, so ms/forward here is a diagnosis, not the benchmark (that is `optc b
 
     python benchmarks/forward_profile.py --model bert-base --batch 32 --seq 128 --out $OUT/p.json \\
         --variant "" --variant "merge_tokens.r=8" --variant "merge_tokens.r=8 merge_tokens.kernels=torch"
+    python benchmarks/forward_profile.py --model bert-base --batch 1 --variant "" --inductor-max
 
 Variants take pass settings and `target.FIELD=VALUE` words as in decode_profile.py. Each
 row also says which attention kernels ran (`attention`: flash, cuDNN, memory-efficient
@@ -26,6 +27,7 @@ from optc.compiler import targets
 from optc.models.user import resolve
 from optc.runtime.bench import _encoder_inputs
 from optc.runtime.measure import Workload, measure
+from optc.runtime.timing import measure as time_calls
 
 # Substrings of SDPA backends' kernel names (torch 2.11 on sm_90).
 ATTENTION_KERNELS = {"flash": ("flash_fwd", "flash::"), "cudnn": ("cudnn", "sm90_xmma_fprop_attn", "fmha_sm90"),
@@ -56,6 +58,23 @@ def profile_variant(model, entry, inputs, target, settings: dict, calls: int) ->
                 passes={p["name"]: p.get("plan") for p in art.manifest["passes"] if p.get("applied")}, **table)
 
 
+def profile_inductor_max(model, inputs, calls: int) -> dict:
+    """torch.compile(mode="max-autotune") of the model (optc bench's inductor-max
+    baseline), its kernels per forward."""
+    compiled = torch.compile(model, mode="max-autotune")
+
+    def forward(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # Inductor's CUDA graphs reuse outputs
+        return compiled(*args)
+
+    with torch.no_grad():
+        ms = time_calls(forward, [inputs]).median_ms  # compiles and autotunes in its warm-up
+        run = lambda: [forward(*inputs) for _ in range(calls)]  # noqa: E731
+        profiled_steps(run, calls)
+        table = profiled_steps(run, calls, top=40)
+    return dict(ms_per_forward=ms, attention=attention_backends(table["top"]), **table)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="bert-base")
@@ -64,6 +83,7 @@ def main():
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--calls", type=int, default=8)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--inductor-max", action="store_true", help="also profile torch.compile max-autotune's forward")
     args = ap.parse_args()
     target = targets.get("auto")
     entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
@@ -79,6 +99,11 @@ def main():
         if args.out:
             write_result(args.out, result, env)
         print(f"   attention kernels (us per forward): {r['attention'] or 'none recognised'}")
+    if args.inductor_max:
+        r = result["inductor-max"] = profile_inductor_max(model, inputs, args.calls)
+        report("inductor-max", r, result, None, env, unit="forward")
+        if args.out:
+            write_result(args.out, result, env)
 
 
 if __name__ == "__main__":
