@@ -38,8 +38,8 @@ from optc.runtime.bench import decode_timer
 def split_target_fields(words: list[str], target):
     """(the pass settings among `words`, `target` with its `target.FIELD=VALUE` and
     `target.inductor.OPTION=VALUE` words applied: compiler/targets.with_overrides)."""
-    lowering = [w[len("target."):] for w in words if w.startswith("target.")]
-    return parse_sets([w for w in words if not w.startswith("target.")]), targets.with_overrides(target, lowering)
+    settings, lowering = targets.split_words(words)
+    return parse_sets(settings), targets.with_overrides(target, lowering)
 
 
 def profile_variant(model, entry, prompt, target, settings: dict, steps: int, autotune: bool = False) -> dict:

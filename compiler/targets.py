@@ -83,6 +83,14 @@ def with_overrides(target: Target, words) -> Target:
     return replace(target, inductor=inductor, **fields)
 
 
+def split_words(words) -> tuple[list[str], list[str]]:
+    """(the pass settings, the lowering words) of a variant's words: `target.FIELD=VALUE`
+    words are lowering words (without their `target.` prefix, as with_overrides takes
+    them), the others PASS.KEY=VALUE settings."""
+    prefix = "target."
+    return [w for w in words if not w.startswith(prefix)], [w[len(prefix):] for w in words if w.startswith(prefix)]
+
+
 def lowering_words(target: Target) -> str:
     """How `target` lowers programs, in with_overrides' words ("decode_attention=true
     inductor.triton.enable_pdl=true ..."): what a latency measured under it depends on

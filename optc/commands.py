@@ -274,12 +274,11 @@ def _bench_variants(args) -> list[tuple[str, str, dict, tuple]]:
             items = shlex.split(text)  # quote a value with spaces: "skip_layers.layers='[1, 2]'"
         except ValueError as exc:
             raise UsageError(f"--variant {text!r}: {exc}") from None
-        lowering = tuple(w[len("target."):] for w in items if w.startswith("target."))
-        settings = [w for w in items if not w.startswith("target.")]
+        settings, lowering = targets.split_words(items)
         if not items:
             raise UsageError("--variant needs at least one PASS.KEY=VALUE or target.FIELD=VALUE setting")
         targets.with_overrides(targets.get("cpu"), lowering)  # an unknown field or value: exit 2 now
-        rows.append((parse_sets(settings) if settings else {}, lowering))
+        rows.append((parse_sets(settings) if settings else {}, tuple(lowering)))
     variants = [("optc", args.pipeline, {}, ())]
     for sets, lowering in rows:
         if sets or lowering:

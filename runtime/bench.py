@@ -36,7 +36,7 @@ def bench(
     tokens: int = 64,
     batch: int | None = None,
     seq: int | None = None,
-    variants: Sequence[tuple] = (("optc", "default", {}),),
+    variants: Sequence[tuple[str, str, dict, tuple]] = (("optc", "default", {}, ()),),
     autotune: bool = True,
     rounds: int = 1,
     out: str | Path | None = None,
@@ -46,8 +46,9 @@ def bench(
     artifacts: Sequence[str | Path] = (),
 ) -> dict:
     """Time `model` (a zoo name, HF directory or file.py:factory) under each baseline and
-    each optc variant, (label, pipeline name, pass settings as optc.compile takes them[,
-    lowering overrides as targets.with_overrides takes them]), and return the result JSON (also written to `out` after every row). `batch` applies
+    each optc variant, (label, pipeline name, pass settings as optc.compile takes them,
+    lowering words as targets.with_overrides takes them), and return the result JSON (also
+    written to `out` after every row). `batch` applies
     to LMs (default 1); `rounds` > 1 times the compiled LM rows again round-robin.
     `calibration`: a file for the lossy rows' passes (models/calibration_file.py).
     `artifacts`: saved .optc files of `model`, each a row timed as a load runs it
@@ -159,9 +160,8 @@ def bench(
             timings[name] = table[name](eager, prompt, tokens) if is_lm else table[name](eager, example_inputs)
         _log(f"baseline {name}: {timings[name].median_ms:.3f} {workload.unit}")
         write(summary())
-    for label, pipe, passes, *more in variants:
+    for label, pipe, passes, lowering in variants:
         _log(f"{label}: compiling ...")
-        lowering = tuple(more[0]) if more else ()
         # The row's lowering: the target's, with the variant's target.FIELD=VALUE words.
         row_tgt = targets.with_overrides(tgt, lowering)
         extra = {"lowering_overrides": list(lowering)} if lowering else {}

@@ -113,7 +113,8 @@ def token_merge_kernel(
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     o_in = offs_o < N_OUT
-    io = o_in[:, None] & (offs_c < C)[None, :]
+    c_in = offs_c < C
+    io = o_in[:, None] & c_in[None, :]
     is_unm = (offs_o >= P) & (offs_o < P + n_unm)
     is_dst = (offs_o >= P + n_unm) & o_in
     j = tl.where(is_dst, offs_o - P - n_unm, -1)
@@ -133,7 +134,7 @@ def token_merge_kernel(
             rows_src = P + 2 * tl.load(src_ptr + b * R + offs_k, mask=k_in, other=0)
             s_src = tl.load(s_ptr + b * stride_sb + rows_src * stride_sn, mask=k_in, other=0.0)
             x_src = tl.load(x_base + rows_src[:, None] * stride_xn + offs_c[None, :],
-                            mask=k_in[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+                            mask=k_in[:, None] & c_in[None, :], other=0.0).to(tl.float32)
             # [BLOCK_O, BLOCK_R]: a source's size where it merges into the row's b_j.
             w = tl.where(dst[None, :] == j[:, None], s_src[None, :], 0.0)
             acc += tl.dot(w, x_src, input_precision="ieee")
