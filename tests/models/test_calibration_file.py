@@ -2,8 +2,6 @@
 zoo has no data for, and a file that does not fit the model is refused by name."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,8 @@ import torch
 import optc
 from optc.errors import UsageError
 from optc.models import zoo
+
+from cli_process import optc_cli
 
 FACTORY = '''
 import torch
@@ -26,7 +26,7 @@ def make():
 
 
 def _cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=600)
+    proc = optc_cli(*args)
     return proc.returncode, proc.stdout, proc.stderr
 
 

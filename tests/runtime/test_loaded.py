@@ -157,11 +157,11 @@ def test_a_prefill_length_chosen_at_compile_is_what_a_load_chunks_by(tmp_path, m
     config (and its hash) records N, and the loaded decoder runs prompts of any length
     through it in chunks of N, giving the model's own greedy tokens."""
     import json
-    import subprocess
-    import sys
+
+    from cli_process import optc_cli
 
     def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=600)
+        proc = optc_cli(*args)
         return proc.returncode, proc.stdout, proc.stderr
 
     out = tmp_path / "p6.optc"
