@@ -15,8 +15,9 @@ How a program becomes a package:
     one copy on the device.
   * Activation thresholds are trailing inputs too, read from the program on every call
     (baked into the code, they could not be set for the verification's regimes).
-  * The package is compiled with the Inductor options a load would lower with
-    (`load_lowering`) and checked against the uncompiled program like any lowering.
+  * The package is compiled from the graph the target lowers (`lowering.target_graph`:
+    its decode rewrites included), with the Inductor options a load would lower with
+    (`load_lowering`), and checked against the uncompiled program like any lowering.
 
 Nothing here touches the global Inductor config; options go through `inductor_configs`.
 """
@@ -115,11 +116,12 @@ def _dynamic_dims(ep: ExportedProgram) -> list[dict]:
     return dims
 
 
-def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict]):
-    """(ExportedProgram taking the state as inputs, the state's attribute names)."""
-    from optc.compiler.codegen.lowering import threshold_buffer_names
+def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target):
+    """(ExportedProgram taking the state as inputs, the state's attribute names), of the
+    graph `target` lowers (lowering.target_graph: its decode rewrites included)."""
+    from optc.compiler.codegen.lowering import target_graph, threshold_buffer_names
 
-    gm = graph_module(ep)
+    gm = target_graph(graph_module(ep), target)
     state = mutated_attr_names(gm)
     # Activation thresholds come in as inputs too: AOTInductor bakes them into the code
     # (they are not among the package's constants), so a threshold set in place, as the
@@ -178,7 +180,7 @@ def custom_ops(ep: ExportedProgram) -> list[str]:
 def build_package(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target, program: str) -> tuple[bytes, dict]:
     """Compile one program into an AOTInductor package; returns (bytes, record)."""
     start = time.perf_counter()
-    wrapped, state = export_with_state_inputs(ep, inputs)
+    wrapped, state = export_with_state_inputs(ep, inputs, target)
     options = package_options(target, program, ep.graph)
     with tempfile.TemporaryDirectory(prefix="optc-aoti-") as tmp:
         path = aoti_compile_and_package(
@@ -186,7 +188,7 @@ def build_package(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Targe
         with open(path, "rb") as fh:
             data = fh.read()
     record = {"member": member(program), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-              "state": state, "inductor_options": options, "custom_ops": custom_ops(ep),
+              "state": state, "inductor_options": options, "custom_ops": custom_ops(wrapped),
               "seconds": round(time.perf_counter() - start, 2)}
     return data, record
 

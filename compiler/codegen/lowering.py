@@ -49,11 +49,22 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
     records an artifact's kernel cache with it, and a load that installed one reads it."""
     options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning,
                                kernel_cache=kernel_cache)
-    if target.realize_gemv_inputs and isinstance(gm, torch.fx.GraphModule):
+    return torch.compile(target_graph(gm, target), backend="inductor", options=options, fullgraph=True,
+                         dynamic=False)
+
+
+def target_graph(gm: torch.nn.Module, target: Target) -> torch.nn.Module:
+    """The graph `target` compiles: `gm` with the target's decode rewrites (GEMV inputs
+    realised, decode-step attention on optc's kernel), as a copy sharing its parameters,
+    or `gm` itself where none applies. `lower` and the AOTInductor packages
+    (codegen/aoti.py) both compile this, so a package runs what a lowering runs."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        return gm
+    if target.realize_gemv_inputs:
         gm, _ = realize_gemv_inputs(gm)
-    if target.decode_attention and isinstance(gm, torch.fx.GraphModule):
+    if target.decode_attention:
         gm, _ = use_decode_attention(gm)
-    return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
+    return gm
 
 
 def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool = False,

@@ -2,6 +2,7 @@
 gives what the portable programs give; a tampered package is refused (exit 2); another
 environment falls back to the portable programs with a warning that says why."""
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 import optc
+from optc.compiler import targets
 from optc.compiler.codegen import aoti, aoti_probe, lowering
+from optc.compiler.session import CompileSession
 from optc.errors import ArtifactError
 from optc.models import zoo
 from optc.runtime.artifact import MANIFEST_NAME
@@ -77,6 +80,28 @@ def test_thresholded_program_is_packaged_and_reads_its_thresholds(monkeypatch):
     out = art.generate(prompt, 6)
     assert isinstance(art.decoder().decode_fn, aoti.PackagedProgram)
     assert torch.equal(out, art.generate(prompt, 6, compiled=False))
+
+
+def test_a_package_runs_the_graph_its_target_lowers():
+    """A target's decode rewrites (lowering.target_graph) are in its packages, as in its
+    lowering: on this CPU target with both switched on, the decode package calls optc's
+    attention op and reads its GEMV inputs through the realizing op, and still matches
+    the uncompiled program. The prefill program has neither to rewrite."""
+    entry = zoo.get("tiny-llama")
+    session = CompileSession(entry.load(), entry.example_inputs(seq_len=8), target="cpu", entry=entry,
+                             max_cache_len=32, **QUIET)
+    programs = session.run(session.resolve(None, "none"), verify=False).programs
+    rewriting = dataclasses.replace(targets.get("cpu"), realize_gemv_inputs=True, decode_attention=True)
+    decode = {"decode": programs["decode"]}
+    _, record = aoti.package_programs(decode, session.captured.example_inputs, rewriting, **QUIET)
+    rec = record["programs"]["decode"]
+    assert rec["verification"]["ok"] and rec["custom_ops"] == ["optc.decode_attention.default"], rec
+    wrapped, _ = aoti.export_with_state_inputs(programs["decode"], session.captured.example_inputs["decode"],
+                                               rewriting)
+    assert "prims.inductor_force_stride_order.default" in {str(n.target) for n in wrapped.graph.nodes}
+    plain, _ = aoti.export_with_state_inputs(programs["decode"], session.captured.example_inputs["decode"],
+                                             targets.get("cpu"))
+    assert not aoti.custom_ops(plain)
 
 
 def test_encoder_forward_through_package_matches_portable(encoder, no_inductor):
