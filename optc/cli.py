@@ -20,6 +20,25 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _int_at_least(low: int):
+    """argparse type: an integer of at least `low`, so a count or size of 0 (or less) is
+    refused before any model loads rather than read as "the default"."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optc", description="Ahead-of-time inference compiler for PyTorch models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -30,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="artifact path (default: <model>-<config hash>.optc)")
     c.add_argument("--eval", action="store_true", help="measure quality before/after on the held-out split")
     c.add_argument("--no-verify", action="store_true", help="skip the numerical check of the lowering")
-    c.add_argument("--prefill-len", type=int, default=None,
+    c.add_argument("--prefill-len", type=_positive_int, default=None,
                    help="decoder LMs: tokens per prefill chunk (default 16), the length the prefill program is "
                         "checked and lowered at (longer: faster on long prompts, more padding on short ones)")
     c.add_argument("--package", default="aoti", choices=["aoti", "none"],
@@ -49,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pass_options(b)
     b.add_argument("--baselines", default="eager,hf-static,inductor,inductor-max",
                    help="comma list of eager, hf-static (LMs), inductor, inductor-max")
-    b.add_argument("--tokens", type=int, default=64, help="decode steps timed per run (LMs)")
-    b.add_argument("--batch", type=int, default=None,
+    b.add_argument("--tokens", type=_positive_int, default=64, help="decode steps timed per run (LMs)")
+    b.add_argument("--batch", type=_positive_int, default=None,
                    help="batch size: LMs decode at it (default 1), encoders run forwards of it (default: the "
                         "model's example batch)")
-    b.add_argument("--seq", type=int, default=None, help="text encoders: sequence length (default: the model's)")
+    b.add_argument("--seq", type=_positive_int, default=None, help="text encoders: sequence length (default: the model's)")
     b.add_argument("--variant", action="append", default=[], metavar="'PASS.KEY=V [PASS.KEY=V ...]'",
                    help="one more optc row, its settings separated by spaces (repeatable; --set/--config "
                         "settings are the first such row); target.FIELD=V words change how that row is "
@@ -61,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-autotune", action="store_true",
                    help="lower optc's forward programs without Inductor's max-autotune (minutes faster; "
                         "the decode step never autotunes; the baselines keep their own modes)")
-    b.add_argument("--rounds", type=int, default=3,
+    b.add_argument("--rounds", type=_positive_int, default=3,
                    help="LMs: after all optc rows are compiled, time them round-robin this many times in all "
                         "and pool the runs (keeps every row's compiled program in memory; 1: time each once)")
     b.add_argument("--artifact", action="append", default=[], metavar="FILE.optc",
@@ -74,19 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search pass settings against measured latency under a quality limit")
     s.add_argument("model", help="zoo name, Hugging Face directory, or file.py:factory")
     s.add_argument("--target", default="auto", help="cpu, h100, h200, a100 or auto (the device present)")
-    s.add_argument("--trials", type=int, default=20, help="trials to run now (added to a resumed study)")
+    s.add_argument("--trials", type=_int_at_least(0), default=20, help="trials to run now (added to a resumed study)")
     s.add_argument("--max-quality-loss", type=float, default=0.05,
                    help="LMs: relative perplexity increase; encoders: 1 - cosine; classifiers: top-1 disagreement")
     s.add_argument("--storage", help="journal file path (default: OUT/STUDY.journal), postgresql://... or sqlite:///...")
     s.add_argument("--study", help="study name (default: MODEL-TARGET); workers and hosts share a study by name")
-    s.add_argument("--workers", type=int, default=1, help="worker processes on this host, one per visible GPU")
+    s.add_argument("--workers", type=_positive_int, default=1, help="worker processes on this host, one per visible GPU")
     s.add_argument("--pipeline", default="default", help="named pipeline whose passes are searched")
     s.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE",
                    help="fix a setting (it is then not searched)")
     s.add_argument("--config", help="JSON file of fixed pass settings")
     s.add_argument("-o", "--output", default="optc-search", help="folder for the journal, JSON, plot and artifact")
-    s.add_argument("--tokens", type=int, default=32, help="decode steps timed per measurement (LMs)")
-    s.add_argument("--batch", type=int, default=None, help="batch size measured (default 1)")
+    s.add_argument("--tokens", type=_positive_int, default=32, help="decode steps timed per measurement (LMs)")
+    s.add_argument("--batch", type=_positive_int, default=None, help="batch size measured (default 1)")
     s.add_argument("--measure-all", action="store_true", help="measure every trial (no cost-model estimates)")
     s.add_argument("--no-artifact", action="store_true", help="do not compile the best configuration at the end")
     s.add_argument("--seed", type=int, default=None, help="sampler seed")
@@ -117,7 +136,7 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", default="default", help="named pipeline: none, default")
     p.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="a pass setting (repeatable)")
     p.add_argument("--config", help="JSON file of pass settings: {\"skip_layers\": {\"count\": 4}} or flat keys")
-    p.add_argument("--max-cache-len", type=int, default=256, help="static KV cache length of decoder LMs")
+    p.add_argument("--max-cache-len", type=_positive_int, default=256, help="static KV cache length of decoder LMs")
     p.add_argument("--dynamic", default="", help="comma list of dynamic dimensions: batch, seq")
     _add_calibration_option(p)
 

@@ -73,6 +73,9 @@ def bench(
         raise UsageError(f"two optc rows have the same label: {labels}")
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {rounds}")
+    for name, value in (("batch", batch), ("seq", seq)):
+        if value is not None and value < 1:  # None: the model's own; 0 is not "unset"
+            raise UsageError(f"--{name} must be at least 1, got {value}")
     device = tgt.device
     dtype = None if device == "cpu" else tgt.dtype
     _log(f"loading {model} on {device} ...")

@@ -66,7 +66,7 @@ class Workload:
 
 def workload_for(task: str, batch: int | None = None, tokens: int = 64) -> Workload:
     """Decode for causal LMs (the task optc.compile records), one forward otherwise."""
-    return Workload("decode" if task == "causal-lm" else "forward", batch=batch or 1, tokens=tokens)
+    return Workload("decode" if task == "causal-lm" else "forward", batch=1 if batch is None else batch, tokens=tokens)
 
 
 @dataclass(frozen=True)

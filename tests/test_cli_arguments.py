@@ -1,0 +1,31 @@
+"""Counts and sizes on the command line are checked by the parser, before a model
+loads: 0 is never read as "the default" (it once was for --batch)."""
+
+import pytest
+
+from optc.cli import build_parser
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "tiny-llama", "--batch", "0"],
+    ["bench", "tiny-bert", "--seq", "0"],
+    ["bench", "tiny-llama", "--tokens", "-3"],
+    ["bench", "tiny-llama", "--rounds", "0"],
+    ["search", "tiny-llama", "--workers", "0"],
+    ["search", "tiny-llama", "--batch", "x"],
+    ["search", "tiny-llama", "--trials", "-1"],
+    ["compile", "tiny-llama", "--max-cache-len", "0"],
+    ["compile", "tiny-llama", "--prefill-len", "0"],
+])
+def test_a_count_below_its_minimum_is_refused_with_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    flag = next(a for a in argv if a.startswith("--"))
+    assert f"argument {flag}: expected an integer of at least" in capsys.readouterr().err
+
+
+def test_counts_at_their_minimum_are_taken():
+    args = build_parser().parse_args(["search", "tiny-llama", "--trials", "0", "--workers", "1", "--batch", "1"])
+    assert (args.trials, args.workers, args.batch) == (0, 1, 1)
+    assert build_parser().parse_args(["bench", "tiny-llama"]).batch is None  # unset: the workload's default
