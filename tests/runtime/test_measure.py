@@ -70,6 +70,8 @@ def test_workload_for_and_to_dict():
     assert w.to_dict() == {"kind": "decode", "batch": 1, "tokens": 8, "prompt_len": 16,
                            "unit": "ms/token (decode, prefill excluded)"}
     assert workload_for("text-embedding", batch=4) == Workload("forward", batch=4)
+    with pytest.raises(UsageError, match="batch must be a positive integer, got 0"):
+        workload_for("causal-lm", batch=0)  # not read as "unset"
 
 
 @pytest.mark.parametrize("kwargs, words", [
