@@ -61,14 +61,18 @@ def compile_model(args, *, evaluate: bool, verify: bool | None = None):
     from optc.compiler import targets
     from optc.compiler.capture import PREFILL_LEN
 
+    from optc.compiler.pipeline import resolve as resolve_pipeline
+
     target = targets.get(args.target)
+    settings = pass_settings(args)
+    resolve_pipeline(args.pipeline, settings)  # unknown pass, key or value: exit 2 before the model loads
     entry, module, example_inputs = _load_model(args.model, target)
     art = optc.compile(
         module,
         example_inputs,
         target=target.name,
         pipeline_name=args.pipeline,
-        passes=pass_settings(args),
+        passes=settings,
         entry=entry,
         calibration=optc.read_calibration(args.calibration, module, example_inputs, entry=entry),
         max_cache_len=args.max_cache_len,

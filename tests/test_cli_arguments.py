@@ -29,3 +29,21 @@ def test_counts_at_their_minimum_are_taken():
     args = build_parser().parse_args(["search", "tiny-llama", "--trials", "0", "--workers", "1", "--batch", "1"])
     assert (args.trials, args.workers, args.batch) == (0, 1, 1)
     assert build_parser().parse_args(["bench", "tiny-llama"]).batch is None  # unset: the workload's default
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["compile", "tiny-llama", "--target", "cpu", "--set", "prune_mlp.ratoi=0.2"], "unknown key 'prune_mlp.ratoi'"),
+    (["export", "tiny-llama", "--format", "mlir-torch", "-o", "x.mlir", "--set", "nope.x=1"], "unknown pass 'nope'"),
+    (["search", "tiny-llama", "--target", "cpu", "--set", "skip_layers.count=-2"], "skip_layers.count=-2"),
+    (["search", "tiny-llama", "--target", "cpu", "--storage", "ftp://nowhere"], "--storage ftp://nowhere"),
+])
+def test_bad_settings_and_storage_are_refused_before_the_model_loads(argv, words, capsys, monkeypatch, tmp_path):
+    from optc import commands
+    from optc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(commands, "_load_model", lambda *a: pytest.fail("loaded the model before refusing"))
+    import optc.search
+    monkeypatch.setattr(optc.search, "_session", lambda *a: pytest.fail("loaded the model before refusing"))
+    assert main(argv) == 2
+    assert words in capsys.readouterr().err

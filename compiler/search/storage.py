@@ -25,16 +25,21 @@ HEARTBEAT_S = 10.0
 GRACE_S = 60.0  # a trial whose heartbeat is older than this is taken for dead
 
 
+def check_url(url: str | None) -> None:
+    """Refuse a --storage URL of a kind optc does not open (cheap: before a model loads)."""
+    if url is not None and "://" in url and not url.startswith(("postgresql", "sqlite", "mysql")):
+        raise UsageError(f"--storage {url}: expected a journal file path, postgresql://..., or sqlite:///...")
+
+
 def open_storage(url: str | None, default_path: Path):
     """An Optuna storage for `url`: None or a file path -> a journal file."""
+    check_url(url)
     if url is None or "://" not in url:
         path = Path(url) if url else default_path
         path.parent.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(str(path))), str(path)
-    if not url.startswith(("postgresql", "sqlite", "mysql")):
-        raise UsageError(f"--storage {url}: expected a journal file path, postgresql://..., or sqlite:///...")
     try:
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except Exception as exc:  # a bad URL, no server, no driver: say which
