@@ -328,7 +328,10 @@ def newest_bench_runs() -> list[tuple[Path, dict]]:
 def speed_table() -> str:
     """README: every optc row of the newest complete bench run per model and workload on
     the README's GPU, against dense optc and the fastest baseline of the same process,
-    beside the work the row removed (bytes per decode step; FLOPs per forward)."""
+    beside the work the row removed (bytes per decode step; FLOPs per forward) and the
+    share of that work's ideal saving the row realised (runtime/bench.realised_share)."""
+    from optc.runtime.bench import realised_share
+
     out = ["| model | workload | variant | ms | vs dense optc | vs baseline | work removed | result |",
            "|---|---|---|---|---|---|---|---|"]
     for path, d in newest_bench_runs():
@@ -343,6 +346,9 @@ def speed_table() -> str:
             removed = "-"
             if dense and r is not dense and r.get("work") and dense.get("work"):
                 removed = f"{100 * (1 - r['work'][key] / dense['work'][key]):.1f}% of {key}"
+                share = realised_share(dense["median_ms"], r["median_ms"], dense["work"][key], r["work"][key])
+                if share is not None:  # the time saved against what that work would save
+                    removed += f", {100 * share:.0f}% realised" if share >= 0 else ", slower than dense"
             vs_dense = f"{dense['median_ms'] / r['median_ms']:.2f}x" if dense and r is not dense else "-"
             vs_base = f"{r['ratio_vs_baseline']:.2f}x vs {d['baseline']}" if r.get("ratio_vs_baseline") else "-"
             out.append(f"| {d['model']} | {workload} | {r['name']} | {r['median_ms']:.3f} | {vs_dense} | {vs_base} "

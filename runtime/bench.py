@@ -73,9 +73,7 @@ def bench(
         raise UsageError(f"two optc rows have the same label: {labels}")
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {rounds}")
-    for name, value in (("batch", batch), ("seq", seq)):
-        if value is not None and value < 1:  # None: the model's own; 0 is not "unset"
-            raise UsageError(f"--{name} must be at least 1, got {value}")
+    _check_sizes(batch, seq)
     device = tgt.device
     dtype = None if device == "cpu" else tgt.dtype
     _log(f"loading {model} on {device} ...")
@@ -115,6 +113,7 @@ def bench(
             row["compile_s"] = timings[row["name"]].compile_s
             row.update({k: v for k, v in timings[row["name"]].info.items() if k in ("rounds", "round_medians_ms")})
             row.update(notes.get(row["name"], {}))
+        against_ideal(rows, "bytes" if is_lm else "flops")
         result = {
             "model": model,
             "target": tgt.name,
@@ -203,6 +202,36 @@ def bench(
     return result
 
 
+# A lossy pass pays on a target when its row saves at least this share of the time its
+# removed work would save at the dense row's rate (issue: "at least 85% of its
+# byte-reduction ideal"); below it, the row says that it does not pay there.
+PAYS_SHARE = 0.85
+
+
+def realised_share(dense_ms: float, row_ms: float, dense_work: float, row_work: float) -> float | None:
+    """The share of the ideal saving a row realised: (1 - row_ms / dense_ms) over
+    (1 - row_work / dense_work), where work is bytes per decode step or FLOPs per
+    forward. None where the row removed no work (a lowering variant)."""
+    removed = 1 - row_work / dense_work
+    if removed <= 0:
+        return None
+    return (1 - row_ms / dense_ms) / removed
+
+
+def against_ideal(rows: list[dict], key: str) -> None:
+    """Each optc row that removed work (`key`: bytes or flops) against the dense optc row
+    of the same run: `ideal_speedup` (the work ratio), `realised` (realised_share) and
+    `pays` (realised >= PAYS_SHARE). Rows are changed in place."""
+    dense = next((r for r in rows if r["name"] == "optc" and r.get("work")), None)
+    for r in rows:
+        if dense is None or r is dense or not r["name"].startswith("optc") or not r.get("work"):
+            continue
+        share = realised_share(dense["median_ms"], r["median_ms"], dense["work"][key], r["work"][key])
+        if share is not None:
+            r.update(ideal_speedup=round(dense["work"][key] / r["work"][key], 4), realised=round(share, 4),
+                     pays=share >= PAYS_SHARE)
+
+
 def _artifact_manifest(path) -> dict:
     from optc.runtime.artifact import read_manifest
 
@@ -250,11 +279,17 @@ def _time_artifact(path: str, eager, tgt, workload, inputs) -> tuple:
     return m.timing, notes, m.remeasure if workload.kind == "decode" else None
 
 
+def _check_sizes(batch: int | None, seq: int | None) -> None:
+    """None is the model's own size; 0 or less is refused, not read as unset."""
+    for name, value in (("batch", batch), ("seq", seq)):
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+
+
 def _encoder_inputs(entry, example_inputs, batch, seq, device) -> tuple:
     """An encoder's inputs at another batch (and, for text, sequence length): built by
     the zoo entry when there is one; a user's model has its example rows repeated."""
-    if batch is not None and batch < 1 or seq is not None and seq < 1:
-        raise UsageError(f"--batch and --seq must be positive, got batch={batch} seq={seq}")
+    _check_sizes(batch, seq)
     if entry is not None:
         if seq is not None and entry.family == "vit":
             raise UsageError(f"--seq: {entry.name} takes images (its token count is set by the image size)")
@@ -338,7 +373,10 @@ def _more_rounds(timings: dict, again: dict, rounds: int, failed: dict) -> None:
 
 def _print_table(result: dict) -> None:
     _log(f"{result['model']} on {result['device']} ({result['unit']}); ratio vs the fastest baseline, {result['baseline']}")
-    print(f"{'name':<44} {'median':>9} {'p20':>9} {'p80':>9} {'ratio':>7}", file=sys.stderr)
+    print(f"{'name':<44} {'median':>9} {'p20':>9} {'p80':>9} {'ratio':>7}  of ideal", file=sys.stderr)
     for r in result["rows"]:
         ratio = f"{r['ratio_vs_baseline']:.2f}x" if r["ratio_vs_baseline"] else "-"
-        print(f"{r['name'][:44]:<44} {r['median_ms']:>9.3f} {r['p20_ms']:>9.3f} {r['p80_ms']:>9.3f} {ratio:>7}", file=sys.stderr)
+        ideal = "" if "realised" not in r else (
+            f"  {100 * r['realised']:.0f}% of {r['ideal_speedup']:.2f}x" + ("" if r["pays"] else ": does not pay here"))
+        print(f"{r['name'][:44]:<44} {r['median_ms']:>9.3f} {r['p20_ms']:>9.3f} {r['p80_ms']:>9.3f} {ratio:>7}{ideal}",
+              file=sys.stderr)

@@ -1,0 +1,32 @@
+"""A bench row that removed work is set against the ideal saving of that work
+(runtime/bench.against_ideal): the share realised, and whether the pass pays."""
+
+import pytest
+
+from optc.runtime.bench import PAYS_SHARE, against_ideal, realised_share
+
+
+def _row(name, ms, nbytes):
+    return {"name": name, "median_ms": ms, "work": {"bytes": nbytes, "flops": 0}}
+
+
+def test_rows_are_set_against_the_dense_rows_ideal():
+    rows = [{"name": "inductor-max", "median_ms": 1.4},
+            _row("optc", 1.0, 1000), _row("optc skip", 0.82, 800), _row("optc prune", 0.97, 840),
+            _row("optc slower", 1.1, 900), _row("optc target.x=true", 0.9, 1000)]
+    against_ideal(rows, "bytes")
+    by = {r["name"]: r for r in rows}
+    assert by["optc skip"]["ideal_speedup"] == 1.25 and by["optc skip"]["realised"] == pytest.approx(0.9)
+    assert by["optc skip"]["pays"] is True
+    assert by["optc prune"]["realised"] == pytest.approx(0.03 / 0.16, rel=1e-3) and by["optc prune"]["pays"] is False
+    assert by["optc slower"]["realised"] == pytest.approx(-1.0) and by["optc slower"]["pays"] is False
+    for name in ("optc", "optc target.x=true", "inductor-max"):  # dense, no work removed, a baseline
+        assert "realised" not in by[name]
+
+
+def test_the_share_at_the_threshold_and_without_a_dense_row():
+    assert realised_share(1.0, 1 - 0.2 * PAYS_SHARE, 100, 80) == pytest.approx(PAYS_SHARE)
+    assert realised_share(1.0, 0.9, 100, 100) is None
+    rows = [_row("optc skip", 0.8, 800)]
+    against_ideal(rows, "bytes")
+    assert "realised" not in rows[0]
