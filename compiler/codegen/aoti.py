@@ -180,9 +180,12 @@ def custom_ops(ep: ExportedProgram) -> list[str]:
 def build_package(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target, program: str) -> tuple[bytes, dict]:
     """Compile one program into an AOTInductor package; returns (bytes, record)."""
     start = time.perf_counter()
-    wrapped, state = export_with_state_inputs(ep, inputs, target)
-    options = package_options(target, program, ep.graph)
-    with tempfile.TemporaryDirectory(prefix="optc-aoti-") as tmp:
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="optc-aoti-") as tmp:
+        # Copying the program's input spec trips a torch FutureWarning (pytree's LeafSpec)
+        # that says nothing to a user, once per program.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        wrapped, state = export_with_state_inputs(ep, inputs, target)
+        options = package_options(target, program, ep.graph)
         path = aoti_compile_and_package(
             wrapped, package_path=os.path.join(tmp, f"{program}.pt2"), inductor_configs=options)
         with open(path, "rb") as fh:
