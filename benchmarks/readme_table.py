@@ -329,8 +329,8 @@ def speed_table() -> str:
     """README: every optc row of the newest complete bench run per model and workload on
     the README's GPU, against dense optc and the fastest baseline of the same process,
     beside the work the row removed (bytes per decode step; FLOPs per forward) and the
-    share of that work's ideal saving the row realised (runtime/bench.realised_share)."""
-    from optc.runtime.bench import realised_share
+    share of that work's ideal saving the row realised (compiler/search/cost_model.realised_share)."""
+    from optc.compiler.search.cost_model import realised_share
 
     out = ["| model | workload | variant | ms | vs dense optc | vs baseline | work removed | result |",
            "|---|---|---|---|---|---|---|---|"]

@@ -303,6 +303,10 @@ def _print(result: dict, log) -> None:
     for row in result["pareto"]:
         conf = " ".join(f"{p}.{k}={v}" for p, vals in row["config"].items() for k, v in vals.items()) or "dense"
         log(f"  {row['latency_ms']:>10.4g} {row['quality_loss']:>12.4f}  {conf}")
+    for row in result.get("not_paying", []):
+        conf = " ".join(f"{p}.{k}={v}" for p, vals in row["config"].items() for k, v in vals.items())
+        log(f"  does not pay here: {conf} ({row['latency_ms']:.4g} ms) saved {100 * row['realised']:.0f}% of what "
+            f"its removed work would save")
     acc = result["cost_model"]
     if acc.get("spearman") is not None:
         log(f"  cost model on {acc['n']} later-measured trials: Spearman {acc['spearman']:.3f}, "

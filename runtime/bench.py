@@ -202,26 +202,11 @@ def bench(
     return result
 
 
-# A lossy pass pays on a target when its row saves at least this share of the time its
-# removed work would save at the dense row's rate (issue: "at least 85% of its
-# byte-reduction ideal"); below it, the row says that it does not pay there.
-PAYS_SHARE = 0.85
-
-
-def realised_share(dense_ms: float, row_ms: float, dense_work: float, row_work: float) -> float | None:
-    """The share of the ideal saving a row realised: (1 - row_ms / dense_ms) over
-    (1 - row_work / dense_work), where work is bytes per decode step or FLOPs per
-    forward. None where the row removed no work (a lowering variant)."""
-    removed = 1 - row_work / dense_work
-    if removed <= 0:
-        return None
-    return (1 - row_ms / dense_ms) / removed
-
-
 def against_ideal(rows: list[dict], key: str) -> None:
     """Each optc row that removed work (`key`: bytes or flops) against the dense optc row
     of the same run: `ideal_speedup` (the work ratio), `realised` (realised_share) and
     `pays` (realised >= PAYS_SHARE). Rows are changed in place."""
+    from optc.compiler.search.cost_model import PAYS_SHARE, realised_share
     dense = next((r for r in rows if r["name"] == "optc" and r.get("work")), None)
     for r in rows:
         if dense is None or r is dense or not r["name"].startswith("optc") or not r.get("work"):

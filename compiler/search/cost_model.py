@@ -36,6 +36,23 @@ PRIOR = (1.0, 1.0, 0.0)  # roofline and launch terms as calibrated, no constant
 HISTORY_WEIGHT = 0.3
 
 
+# A configuration pays on a target when it saves at least this share of the time its
+# removed work (bytes at decode, FLOPs in a forward) would save at the dense model's rate;
+# below it, `optc bench` and the search say that it does not pay there. The roofline
+# above credits every removed byte: this is where a measurement says otherwise.
+PAYS_SHARE = 0.85
+
+
+def realised_share(dense_ms: float, row_ms: float, dense_work: float, row_work: float) -> float | None:
+    """The share of the ideal saving a row realised: (1 - row_ms / dense_ms) over
+    (1 - row_work / dense_work), where work is bytes per decode step or FLOPs per
+    forward. None where the row removed no work (a lowering variant)."""
+    removed = 1 - row_work / dense_work
+    if removed <= 0:
+        return None
+    return (1 - row_ms / dense_ms) / removed
+
+
 @dataclass
 class CostModel:
     """ms = a * roofline + b * launches * launch_us + c, with (a, b, c) = (1, 1, 0)
@@ -212,4 +229,5 @@ def accuracy(predicted: list[float], measured: list[float]) -> dict:
             "n": n}
 
 
-__all__ = ["program_features", "CostModel", "accuracy", "holdout_accuracy", "leave_one_out", "calibrate_device"]
+__all__ = ["program_features", "CostModel", "accuracy", "holdout_accuracy", "leave_one_out", "calibrate_device",
+           "realised_share", "PAYS_SHARE"]

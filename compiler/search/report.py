@@ -1,6 +1,7 @@
 """What a study found: the Pareto front of (latency, quality loss), the single-pass
-fronts beside it, the best configuration under the quality limit, the cost model's
-accuracy on configurations it was not fitted on, and a plot.
+fronts beside it, the best configuration under the quality limit, the measured
+configurations that saved less than PAYS_SHARE of what their removed work would save,
+the cost model's accuracy on configurations it was not fitted on, and a plot.
 
 Only measured latencies define the front and the best configuration: an estimate
 ranks candidates, a measurement decides.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from optuna.trial import TrialState
 
-from optc.compiler.search.cost_model import accuracy
+from optc.compiler.search.cost_model import PAYS_SHARE, accuracy, realised_share
 
 
 def _rows(study) -> list[dict]:
@@ -24,8 +25,24 @@ def _rows(study) -> list[dict]:
             "quality_loss": t.values[1], "latency_source": t.user_attrs.get("latency_source"),
             "estimate_ms": t.user_attrs.get("estimate_ms"), "passes": t.user_attrs.get("active_passes", []),
             "quality": t.user_attrs.get("quality"),
+            "work": {k: v for k, v in (t.user_attrs.get("features") or {}).items() if k in ("bytes", "flops")},
         })
     return rows
+
+
+def against_dense(measured: list[dict], dense: dict | None, key: str) -> list[dict]:
+    """Each measured configuration that removed work (`key`: bytes for decode, FLOPs for a
+    forward) against the measured dense model: `realised` (cost_model.realised_share) and
+    `pays` (realised >= PAYS_SHARE), set on the rows. Returns those that do not pay."""
+    if dense is None or not dense["work"].get(key):
+        return []
+    for r in measured:
+        if r is dense or not r["work"].get(key):
+            continue
+        share = realised_share(dense["latency_ms"], r["latency_ms"], dense["work"][key], r["work"][key])
+        if share is not None:
+            r.update(realised=round(share, 4), pays=share >= PAYS_SHARE)
+    return [r for r in measured if r.get("pays") is False]
 
 
 def pareto(rows: list[dict]) -> list[dict]:
@@ -41,6 +58,8 @@ def summarise(study, max_quality_loss: float) -> dict:
     measured = [r for r in rows if r["latency_source"] == "measured"]
     feasible = [r for r in measured if r["quality_loss"] <= max_quality_loss]
     dense = next((r for r in measured if not r["passes"]), None)
+    kind = (study.user_attrs.get("optc") or {}).get("workload", {}).get("kind")
+    not_paying = against_dense(measured, dense, "bytes" if kind == "decode" else "flops")
     single = {}
     for name in sorted({p for r in measured for p in r["passes"]}):
         single[name] = pareto([r for r in measured if r["passes"] in ([name], [])])
@@ -56,6 +75,7 @@ def summarise(study, max_quality_loss: float) -> dict:
         "single_pass_fronts": single,
         "dense": dense,
         "best": min(feasible, key=lambda r: r["latency_ms"], default=None),
+        "not_paying": [{k: r[k] for k in ("trial", "config", "latency_ms", "realised")} for r in not_paying],
         "cost_model": cost_model_accuracy(study),
         "inapplicable": [{"trial": t.number, "config": t.user_attrs.get("settings"),
                           "reason": t.user_attrs["inapplicable"]}

@@ -3,7 +3,8 @@
 
 import pytest
 
-from optc.runtime.bench import PAYS_SHARE, against_ideal, realised_share
+from optc.compiler.search.cost_model import PAYS_SHARE, realised_share
+from optc.runtime.bench import against_ideal
 
 
 def _row(name, ms, nbytes):

@@ -162,6 +162,27 @@ def test_worker_measures_the_first_then_estimates_and_keeps_the_limit_as_a_const
                        for r in summary["pareto"])
 
 
+def test_configurations_that_save_less_than_their_removed_work_would_are_reported():
+    """toy_pass.strength removes bytes (the features) but no time (this measure): those
+    configurations do not pay; level removes both in proportion and pays."""
+    space, study = SearchSpace(ANATOMY, "toy"), _study()
+    study.set_user_attr("optc", {"workload": {"kind": "decode"}})
+    sy.enqueue_seeds(study, space)
+    opts = sy.WorkerOptions(n_trials=10, max_quality_loss=0.5, subsample=4, measure_all=True)
+    sy.run_worker(study, space, FakeSession(), measure=lambda c: (1000 - 100 * c.toy["level"]) / 90,
+                  features=_features, cost=FakeCost(), opts=opts, log=lambda m: None)
+    summary = report.summarise(study, 0.5)
+    not_paying = {r["trial"] for r in summary["not_paying"]}
+    measured = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs.get("copy_of") is None]
+    strength_only = [t.number for t in measured if t.params.get("toy_pass.strength", 0) > 0
+                     and t.params.get("toy_pass.level", 0) == 0]
+    level_only = [t.number for t in measured if t.params.get("toy_pass.level", 0) > 1
+                  and t.params.get("toy_pass.strength", 0) == 0]
+    assert strength_only and level_only, "the seeds time each knob alone"
+    assert set(strength_only) <= not_paying and not not_paying & set(level_only)
+    assert all(r["realised"] < 0.85 for r in summary["not_paying"])
+
+
 def test_a_finished_configuration_is_not_run_again_and_inapplicable_ones_are_recorded():
     space, study = SearchSpace(ANATOMY, "toy"), _study()
     for level in (2, 2, 3, 3):
