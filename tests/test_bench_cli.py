@@ -3,16 +3,16 @@ row (dense, --set, each --variant), timed in rounds, JSON written; bad variants
 refused before the model is loaded."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from optc.errors import UsageError
 
+from cli_process import optc_cli
+
 
 def optc(*args):
-    proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=900)
+    proc = optc_cli(*args, timeout=900)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -1,16 +1,16 @@
 """The CLI contract on the tiny models: JSON on stdout only, exit codes, artifacts."""
 
 import json
-import subprocess
-import sys
 import zipfile
 
 import pytest
 import torch
 
+from cli_process import optc_cli
 
-def optc(*args, cwd=None):
-    proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+
+def optc(*args):
+    proc = optc_cli(*args, timeout=900)
     return proc.returncode, proc.stdout, proc.stderr
 
 

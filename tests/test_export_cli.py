@@ -3,16 +3,15 @@ every format: the KV cache the programs write in place becomes arguments and res
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from cli_process import optc_cli
 
 
 def optc(*args):
-    proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=300)
+    proc = optc_cli(*args, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
 pytest.importorskip("torch_mlir.fx", reason="torch-mlir not installed (CPU-only, optional)")

@@ -13,19 +13,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from cli_process import optc_cli
+
 pytestmark = pytest.mark.slow
-
-
-def _optc(*argv, env=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "optc.cli", *argv], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_search_resumes_the_same_study_and_reports_a_front(tmp_path):
     args = ["search", "tiny-llama", "--target", "cpu", "--trials", "2", "-o", str(tmp_path), "--json", "--seed", "1"]
-    first = _optc(*args, "--no-artifact")
+    first = optc_cli(*args, "--no-artifact", timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _optc(*args)
+    second = optc_cli(*args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     out = json.loads(second.stdout)
     assert out["n_trials"] == 4 and out["study"] == "tiny-llama-cpu"
@@ -40,13 +37,14 @@ def test_search_resumes_the_same_study_and_reports_a_front(tmp_path):
 
 def test_a_study_for_another_space_is_refused_and_no_feasible_result_exits_3(tmp_path):
     base = ["search", "tiny-llama", "--target", "cpu", "-o", str(tmp_path), "--json"]
-    empty = _optc(*base, "--trials", "0")
+    empty = optc_cli(*base, "--trials", "0", timeout=900)
     assert empty.returncode == 3, empty.stderr[-2000:]
     assert "no measured configuration meets" in empty.stderr
-    other = _optc(*base, "--trials", "1", "--set", "skip_layers.granularity=block")
+    other = optc_cli(*base, "--trials", "1", "--set", "skip_layers.granularity=block", timeout=900)
     assert other.returncode == 2, other.stderr[-2000:]
     assert "was created for another space" in other.stderr
-    bad = _optc("search", "tiny-llama", "--target", "cpu", "--storage", "ftp://nowhere", "--trials", "1")
+    bad = optc_cli("search", "tiny-llama", "--target", "cpu", "--storage", "ftp://nowhere", "--trials", "1",
+                   timeout=900)
     assert bad.returncode == 2 and "--storage ftp://nowhere" in bad.stderr
 
 
@@ -66,8 +64,8 @@ def test_workers_on_postgres_lose_no_trial_when_one_is_killed(tmp_path, postgres
     for w in workers[1:]:
         assert w.wait(timeout=900) == 0
     time.sleep(7)  # past the grace period: the killed worker's trial is stale now
-    again = _optc("search", "tiny-llama", "--target", "cpu", "--storage", postgres_db_url, "--study", "shared",
-                  "-o", str(tmp_path), "--trials", "1", "--no-artifact", "--json", env=env)
+    again = optc_cli("search", "tiny-llama", "--target", "cpu", "--storage", postgres_db_url, "--study", "shared",
+                     "-o", str(tmp_path), "--trials", "1", "--no-artifact", "--json", env=env, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     trials = {t.number: t for t in study.get_trials()}
     assert before <= {n for n, t in trials.items() if t.state == TrialState.COMPLETE}  # nothing completed was lost
@@ -105,8 +103,8 @@ def _wait_running(study, worker_suffix, timeout=600):
 
 
 def test_workers_split_the_trials_and_share_one_journal(tmp_path):
-    out = _optc("search", "tiny-llama", "--target", "cpu", "--workers", "2", "--trials", "2", "-o", str(tmp_path),
-                "--no-artifact", "--json")
+    out = optc_cli("search", "tiny-llama", "--target", "cpu", "--workers", "2", "--trials", "2", "-o", str(tmp_path),
+                   "--no-artifact", "--json", timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert result["n_trials"] == 2 and result["storage"].endswith("tiny-llama-cpu.journal")

@@ -2,8 +2,6 @@
 data, so lossy passes and --eval work on it from the command line."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,8 @@ from tokenizers import ByteLevelBPETokenizer
 
 from optc.errors import UsageError
 from optc.models import data, user
+
+from cli_process import optc_cli
 
 
 def _tokenizer(vocab_size: int):
@@ -57,7 +57,7 @@ def test_a_tokenizer_beyond_the_vocabulary_is_refused(tmp_path, tok):
 
 
 def optc(*args):
-    proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=900)
+    proc = optc_cli(*args, timeout=900)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -20,6 +20,8 @@ from optc.errors import ArtifactError
 from optc.models import zoo
 from optc.runtime.artifact import MANIFEST_NAME
 
+from cli_process import optc_cli
+
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
@@ -119,14 +121,12 @@ def test_tampered_kernel_cache_is_refused(lm, tmp_path, fix_file_hash):
     bad = _tampered(lm, tmp_path / "bad.optc", fix_file_hash=fix_file_hash)
     with pytest.raises(ArtifactError, match="modified"):
         optc.load(bad)
-    proc = subprocess.run([sys.executable, "-m", "optc.cli", "inspect", str(bad)], capture_output=True, text=True,
-                          timeout=300)
+    proc = optc_cli("inspect", str(bad), timeout=300)
     assert proc.returncode == 2 and "modified" in proc.stderr
 
 
 def test_inspect_shows_the_kernel_cache(lm):
-    proc = subprocess.run([sys.executable, "-m", "optc.cli", "inspect", str(lm)], capture_output=True, text=True,
-                          timeout=300)
+    proc = optc_cli("inspect", str(lm), timeout=300)
     assert proc.returncode == 0 and "kernel cache: " in proc.stderr and "compiled graphs" in proc.stderr
 
 

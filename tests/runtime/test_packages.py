@@ -5,8 +5,6 @@ environment falls back to the portable programs with a warning that says why."""
 import dataclasses
 import hashlib
 import json
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -19,6 +17,8 @@ from optc.compiler.session import CompileSession
 from optc.errors import ArtifactError
 from optc.models import zoo
 from optc.runtime.artifact import MANIFEST_NAME
+
+from cli_process import optc_cli
 
 QUIET = {"log": lambda m: None}
 
@@ -168,7 +168,7 @@ def _flip(data: bytes) -> bytes:
 
 
 def _cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "optc.cli", *args], capture_output=True, text=True, timeout=300)
+    proc = optc_cli(*args, timeout=300)
     return proc.returncode, proc.stderr
 
 
