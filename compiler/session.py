@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,28 @@ class Compiled:
     manifest: dict
     primary_gm: torch.fx.GraphModule
     extra_files: dict = field(default_factory=dict)  # member -> bytes (the kernel cache)
+
+
+class ExportOnUse(Mapping):
+    """A configuration's programs, each re-exported from its rewritten graph when first
+    read. A search trial that is only estimated reads its decode program (the cost model's
+    features) and never pays for exporting its prefill program. Exporting later changes
+    nothing: the state the programs write in place (a decoder's KV cache) is the captured
+    program's tensors, which every run's graphs and programs share, not a copy."""
+
+    def __init__(self, gms: dict, export):
+        self._gms, self._export, self._done = gms, export, {}
+
+    def __getitem__(self, name: str):
+        if name not in self._done:
+            self._done[name] = self._export(name, self._gms[name])
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(self._gms)
+
+    def __len__(self) -> int:
+        return len(self._gms)
 
 
 class CompileSession:
@@ -109,8 +132,11 @@ class CompileSession:
 
     # -- running -----------------------------------------------------------------------
 
-    def run(self, config: dict, *, verify: bool = False, evaluate: bool = False) -> Compiled:
-        """Compile `config` (from `resolve`) on fresh copies of the captured programs."""
+    def run(self, config: dict, *, verify: bool = False, evaluate: bool = False,
+            export_on_use: bool = False) -> Compiled:
+        """Compile `config` (from `resolve`) on fresh copies of the captured programs.
+        `export_on_use`: re-export each program when it is first read (ExportOnUse), for a
+        search trial that may need only its decode program."""
         timings = {"capture": self.capture_s}
         gms = {name: cap.graph_module(ep) for name, ep in self.captured.programs.items()}
         samples = _calibration_samples(config)
@@ -121,12 +147,14 @@ class CompileSession:
         start = time.perf_counter()
         report = pipeline.run(gms, self.primary, config, make_context, log=self.log,
                               check_inputs=self.captured.example_inputs, cache=self.cache)
-        programs = {
-            name: cap.reexport(gm, self.captured.example_inputs[name], self.captured.dynamic_shapes[name],
-                               what=f"the rewritten {name} program")
-            for name, gm in gms.items()
-        }
-        timings["passes_and_reexport"] = time.perf_counter() - start
+        programs = ExportOnUse(gms, lambda name, gm: cap.reexport(
+            gm, self.captured.example_inputs[name], self.captured.dynamic_shapes[name],
+            what=f"the rewritten {name} program"))
+        if export_on_use:
+            timings["passes"] = time.perf_counter() - start
+        else:
+            programs = dict(programs.items())
+            timings["passes_and_reexport"] = time.perf_counter() - start
         verification, files, cache_record = {}, {}, None
         if verify and targets.available(self.target):
             start = time.perf_counter()
@@ -157,7 +185,7 @@ class CompileSession:
             "params": {"before": self.params_before, "after": pipeline.count(gms[self.primary])["params"]},
             "anatomy": self.anatomy.summary(),
             "verification": verification,
-            "lowering": self._lowering_record(programs, checked=bool(verification) and "skipped" not in verification,
+            "lowering": self._lowering_record(gms, checked=bool(verification) and "skipped" not in verification,
                                               cached="member" in (cache_record or {})),
             "kernel_cache": cache_record,
             "example_inputs": {name: _describe(inputs) for name, inputs in self.captured.example_inputs.items()},
@@ -165,13 +193,14 @@ class CompileSession:
         }
         return Compiled(programs, manifest, gms[self.primary], files)
 
-    def _lowering_record(self, programs: dict, *, checked: bool, cached: bool) -> dict:
+    def _lowering_record(self, gms: dict, *, checked: bool, cached: bool) -> dict:
         """How a load on the target lowers each program and (None: it did not lower)
         how the compile-time check did: the same, so the kernels checked are the ones
-        that run. With a kernel cache both read Inductor's FX graph cache."""
-        load = {name: lowering.lowering_record(self.target, **lowering.load_lowering(self.target, name, ep.graph),
+        that run. With a kernel cache both read Inductor's FX graph cache. (Read from the
+        rewritten graphs, which the re-exported programs hold node for node.)"""
+        load = {name: lowering.lowering_record(self.target, **lowering.load_lowering(self.target, name, gm.graph),
                                                kernel_cache=cached)
-                for name, ep in programs.items()}
+                for name, gm in gms.items()}
         return {"target": self.target.name, "check": dict(load) if checked else None, "load": load}
 
     # -- data --------------------------------------------------------------------------

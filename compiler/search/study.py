@@ -147,7 +147,7 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log,
         _copy_result(study, trial, earlier, log)
         return
     start = time.perf_counter()
-    compiled = session.run(config)
+    compiled = session.run(config, export_on_use=True)  # an estimated trial exports its timed program only
     trial.set_user_attr("compile_s", round(time.perf_counter() - start, 2))
     programs = program_hash(compiled, config)
     trial.set_user_attr("program_hash", programs)

@@ -59,6 +59,25 @@ def test_held_out_quality_reports_halves(session):
     assert q["loss"] != 0.0 and len(q["halves"]) == 2 and q["spread"] == abs(q["halves"][0] - q["halves"][1])
 
 
+def test_programs_exported_on_use_are_those_a_run_exports(session):
+    """A search trial's programs are re-exported when first read, after a quality run on
+    the rewritten graph (which writes the KV cache): the same graphs, weights and state
+    as a run that exports at once."""
+    config = session.resolve({"skip_layers": {"count": 1, "granularity": "block"}})
+    eager = session.run(config)
+    lazy = session.run(config, export_on_use=True)
+    assert not lazy.programs._done and "passes" in lazy.manifest["timings_s"]
+    session.quality(lazy.primary_gm, n=2)
+    assert list(lazy.programs) == list(eager.programs) == ["prefill", "decode"]
+    for name in eager.programs:
+        want, got = eager.programs[name], lazy.programs[name]
+        assert str(got.graph) == str(want.graph)
+        for table in ("state_dict", "constants"):
+            a, b = getattr(want, table), getattr(got, table)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lazy.manifest["lowering"] == eager.manifest["lowering"]
+
+
 def test_structured_widths_follow_the_targets_alignment(session):
     entry = zoo.get("tiny-llama")
     gpu = CompileSession(entry.load(), entry.example_inputs(), target="h200", entry=entry, log=lambda m: None)

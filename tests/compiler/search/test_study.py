@@ -56,7 +56,7 @@ class FakeSession:
         config["hash"] = config_hash(config)
         return config
 
-    def run(self, config):
+    def run(self, config, export_on_use=False):
         self.runs += 1
         toy = config["passes"]["toy_pass"]
         if self.fail_on is not None and toy["level"] == self.fail_on:
