@@ -14,7 +14,6 @@ A graph it cannot read yields an empty Anatomy with the reason, never an excepti
 
 from __future__ import annotations
 
-import heapq
 
 import re
 
@@ -24,6 +23,7 @@ import torch.fx as fx
 
 from optc.compiler.anatomy_types import MLP, Anatomy, Attention, Block, Linear
 from optc.compiler.gqa import GROUPED_QUERY, kv_sources
+from optc.compiler.residual_walk import Walk
 from optc.compiler.rewrite import node_shape
 
 __all__ = ["analyze", "module_path", "Anatomy", "Attention", "Block", "Linear", "MLP"]
@@ -101,7 +101,7 @@ def _analyze(gm: fx.GraphModule) -> Anatomy:
         )
         return anatomy
     dag = _dag(graph)
-    walk = _Walk(graph, dag)
+    walk = Walk(graph, dag)
     blocks = []
     for i, (block_path, sdpa) in enumerate(_block_paths(graph, sdpas, linears)):
         block_linears = [lin for lin in linears if lin.path.startswith(block_path + ".")]
@@ -332,35 +332,7 @@ def _parallel(attention: Attention | None, mlp: MLP | None, dag: nx.DiGraph) -> 
     return attention is not None and mlp is not None and not nx.has_path(dag, attention.o.node, mlp.linears[0].node)
 
 
-class _Walk:
-    """What the residual-point search reads, computed once per graph: the DAG, each
-    node's position, and the post-dominator tree (for every node, the nearest node that
-    every path from it to the output passes through). One dominator analysis per graph
-    instead of one per block keeps a 30-block program at a fraction of a second."""
-
-    def __init__(self, graph: fx.Graph, dag: nx.DiGraph):
-        self.dag = dag
-        self.sink = next(iter(graph.find_nodes(op="output")))
-        self.order = {n: i for i, n in enumerate(graph.nodes)}
-        self.post_dominator = nx.immediate_dominators(dag.reverse(copy=False), self.sink)
-
-    def latest_ancestor(self, node: fx.Node, accept) -> fx.Node | None:
-        """The latest node in graph order among `node` and its ancestors that `accept`s.
-        Walks back from `node`, latest first: every node not yet reached comes earlier
-        than the one taken, so the first accepted is the latest."""
-        heap, seen = [(-self.order[node], node)], {node}
-        while heap:
-            _, n = heapq.heappop(heap)
-            if accept(n):
-                return n
-            for p in self.dag.predecessors(n):
-                if p not in seen:
-                    seen.add(p)
-                    heapq.heappush(heap, (-self.order[p], p))
-        return None
-
-
-def _residual_points(block: str, attention: Attention | None, mlp: MLP | None, walk: _Walk,
+def _residual_points(block: str, attention: Attention | None, mlp: MLP | None, walk: Walk,
                      parallel: bool = False):
     """The residual stream at the block's input, between its sub-blocks and at its output
     (a block left with one half has mid == output, or input == mid; a parallel block's
@@ -390,7 +362,7 @@ def _residual_points(block: str, attention: Attention | None, mlp: MLP | None, w
     return inp, mid if mid is not None else inp, out if out is not None else mid
 
 
-def _stream_point(block, start, walk: _Walk, feeds):
+def _stream_point(block, start, walk: Walk, feeds):
     if start not in walk.post_dominator:  # e.g. a block whose output a pass routed around
         raise _Unreadable(f"block {block}: {start.name} does not reach the program's output")
     chain, node = [], start  # the nodes every path from start to the output passes, in order
