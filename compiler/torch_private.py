@@ -22,6 +22,8 @@ the compiler, the runtime, the models and the CLI can all use it (tests/test_lay
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -33,7 +35,7 @@ __all__ = [
     "graph_codegen", "set_graph_codegen", "codegen_without_out_spec", "flat_graph_inputs",
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
     "compile_fx", "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
-    "inductor_realize_op", "fresh_cache_artifacts",
+    "inductor_realize_op", "fresh_cache_artifacts", "export_load_type_hints_cached",
     "dynamo_counters",
     "cuda_driver_api_version",
 ]
@@ -225,6 +227,46 @@ def fresh_cache_artifacts():
     from torch.compiler._cache import CacheArtifactManager
 
     return CacheArtifactManager.with_fresh_cache()
+
+
+@contextlib.contextmanager
+def export_load_type_hints_cached():
+    """A context in which torch.export.load resolves each schema class's type hints once,
+    not once per object it reads (pytorch/pytorch#196452: tens of thousands of
+    `typing.get_type_hints` calls over a few dozen classes, most of an artifact's load).
+    Replaces the `typing` that `torch._export.serde.serialize` calls for the duration:
+    the same module with a cached get_type_hints. torch 2.11-2.13."""
+    import typing
+
+    from torch._export.serde import serialize
+
+    real = getattr(serialize, "typing", None)
+    if real is not typing:  # another torch: load as it does
+        yield
+        return
+    cache: dict = {}
+
+    def get_type_hints(obj, globalns=None, localns=None, include_extras=False):
+        key = (obj, id(globalns), id(localns), include_extras)
+        if key not in cache:
+            cache[key] = typing.get_type_hints(obj, globalns=globalns, localns=localns, include_extras=include_extras)
+        return cache[key]
+
+    serialize.typing = _ModuleWith(real, get_type_hints=get_type_hints)
+    try:
+        yield
+    finally:
+        serialize.typing = real
+
+
+class _ModuleWith:
+    """A module with some attributes replaced (export_load_type_hints_cached)."""
+
+    def __init__(self, module, **replaced):
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name):
+        return self._replaced[name] if name in self._replaced else getattr(self._module, name)
 
 
 # --------------------------------------------------------------------------- Dynamo (lazy)

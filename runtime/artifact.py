@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 from optc.compiler.codegen.aoti_probe import triton_version
 from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
+from optc.compiler.torch_private import export_load_type_hints_cached
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
 
@@ -288,7 +289,7 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
         if member.startswith(PROGRAM_DIR) and member.endswith(PROGRAM_SUFFIX):
             name = member[len(PROGRAM_DIR):-len(PROGRAM_SUFFIX)]
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), export_load_type_hints_cached():
                     # torch 2.11 builds weights with torch.frombuffer over the archive's
                     # private bytes and warns they are not writable; nothing else holds
                     # those bytes, so in-place updates (KV caches) are safe.
