@@ -176,6 +176,9 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log,
     else:
         latency, source = estimate, "estimated"
     trial.set_user_attr("latency_source", source)
+    exported = getattr(getattr(compiled, "programs", None), "seconds", None)  # session.ExportOnUse
+    if exported is not None:
+        trial.set_user_attr("export_s", round(exported, 2))  # the re-exports this trial read
     trial.set_user_attr("quality", {k: v for k, v in quality.items() if k != "split"})
     trial.set_constraint("quality", quality["loss"] - opts.max_quality_loss)
     study.tell(trial, [latency, quality["loss"]])
