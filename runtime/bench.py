@@ -203,18 +203,11 @@ def bench(
 
 
 def against_ideal(rows: list[dict], key: str) -> None:
-    """Each optc row that removed work (`key`: bytes or flops) against the dense optc row
-    of the same run: `ideal_speedup` (the work ratio), `realised` (realised_share) and
-    `pays` (realised >= PAYS_SHARE). Rows are changed in place."""
-    from optc.compiler.search.cost_model import PAYS_SHARE, realised_share
-    dense = next((r for r in rows if r["name"] == "optc" and r.get("work")), None)
-    for r in rows:
-        if dense is None or r is dense or not r["name"].startswith("optc") or not r.get("work"):
-            continue
-        share = realised_share(dense["median_ms"], r["median_ms"], dense["work"][key], r["work"][key])
-        if share is not None:
-            r.update(ideal_speedup=round(dense["work"][key] / r["work"][key], 4), realised=round(share, 4),
-                     pays=share >= PAYS_SHARE)
+    """Each row that removed work (`key`: bytes or flops) against the dense optc row of
+    the same run (cost_model.mark_against_dense); baseline rows carry no work."""
+    from optc.compiler.search.cost_model import mark_against_dense
+
+    mark_against_dense(rows, next((r for r in rows if r["name"] == "optc"), None), key, "median_ms")
 
 
 def _artifact_manifest(path) -> dict:

@@ -24,6 +24,7 @@ BENCH = ROOT / "benchmarks"
 NOT_RESULTS = {
     "harness.py": "the library itself",
     "readme_table.py": "reads results, writes the markdown tables",
+    "results_history.py": "the tables readme_table.py writes into docs/results.md",
     "seed_device_history.py": "appends measured trials to a device's history (a cost-model input, not a result)",
 }
 

@@ -53,6 +53,24 @@ def realised_share(dense_ms: float, row_ms: float, dense_work: float, row_work: 
     return (1 - row_ms / dense_ms) / removed
 
 
+def mark_against_dense(rows: list[dict], dense: dict | None, key: str, ms: str) -> list[dict]:
+    """Each row that removed work (row["work"][key]: bytes or flops) set against `dense`
+    (a row of the same measurement): `ideal_speedup` (the work ratio), `realised`
+    (realised_share, from row[ms]) and `pays` (realised >= PAYS_SHARE), in place.
+    Returns the rows that do not pay."""
+    if dense is None or not (dense.get("work") or {}).get(key):
+        return []
+    for r in rows:
+        work = (r.get("work") or {}).get(key)
+        if r is dense or not work:
+            continue
+        share = realised_share(dense[ms], r[ms], dense["work"][key], work)
+        if share is not None:
+            r.update(ideal_speedup=round(dense["work"][key] / work, 4), realised=round(share, 4),
+                     pays=share >= PAYS_SHARE)
+    return [r for r in rows if r.get("pays") is False]
+
+
 @dataclass
 class CostModel:
     """ms = a * roofline + b * launches * launch_us + c, with (a, b, c) = (1, 1, 0)
@@ -230,4 +248,4 @@ def accuracy(predicted: list[float], measured: list[float]) -> dict:
 
 
 __all__ = ["program_features", "CostModel", "accuracy", "holdout_accuracy", "leave_one_out", "calibrate_device",
-           "realised_share", "PAYS_SHARE"]
+           "realised_share", "mark_against_dense", "PAYS_SHARE"]

@@ -1,6 +1,6 @@
 """What a study found: the Pareto front of (latency, quality loss), the single-pass
 fronts beside it, the best configuration under the quality limit, the measured
-configurations that saved less than PAYS_SHARE of what their removed work would save,
+configurations that saved less than cost_model.PAYS_SHARE of what their removed work would save,
 the cost model's accuracy on configurations it was not fitted on, and a plot.
 
 Only measured latencies define the front and the best configuration: an estimate
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from optuna.trial import TrialState
 
-from optc.compiler.search.cost_model import PAYS_SHARE, accuracy, realised_share
+from optc.compiler.search.cost_model import accuracy, mark_against_dense
 
 
 def _rows(study) -> list[dict]:
@@ -30,21 +30,6 @@ def _rows(study) -> list[dict]:
     return rows
 
 
-def against_dense(measured: list[dict], dense: dict | None, key: str) -> list[dict]:
-    """Each measured configuration that removed work (`key`: bytes for decode, FLOPs for a
-    forward) against the measured dense model: `realised` (cost_model.realised_share) and
-    `pays` (realised >= PAYS_SHARE), set on the rows. Returns those that do not pay."""
-    if dense is None or not dense["work"].get(key):
-        return []
-    for r in measured:
-        if r is dense or not r["work"].get(key):
-            continue
-        share = realised_share(dense["latency_ms"], r["latency_ms"], dense["work"][key], r["work"][key])
-        if share is not None:
-            r.update(realised=round(share, 4), pays=share >= PAYS_SHARE)
-    return [r for r in measured if r.get("pays") is False]
-
-
 def pareto(rows: list[dict]) -> list[dict]:
     """The rows no other row beats on both latency and quality loss, fastest first."""
     front = [r for r in rows if not any(
@@ -59,7 +44,7 @@ def summarise(study, max_quality_loss: float) -> dict:
     feasible = [r for r in measured if r["quality_loss"] <= max_quality_loss]
     dense = next((r for r in measured if not r["passes"]), None)
     kind = (study.user_attrs.get("optc") or {}).get("workload", {}).get("kind")
-    not_paying = against_dense(measured, dense, "bytes" if kind == "decode" else "flops")
+    not_paying = mark_against_dense(measured, dense, "bytes" if kind == "decode" else "flops", "latency_ms")
     single = {}
     for name in sorted({p for r in measured for p in r["passes"]}):
         single[name] = pareto([r for r in measured if r["passes"] in ([name], [])])

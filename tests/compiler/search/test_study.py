@@ -180,7 +180,6 @@ def test_configurations_that_save_less_than_their_removed_work_would_are_reporte
                   and t.params.get("toy_pass.strength", 0) == 0]
     assert strength_only and level_only, "the seeds time each knob alone"
     assert set(strength_only) <= not_paying and not not_paying & set(level_only)
-    assert all(r["realised"] < 0.85 for r in summary["not_paying"])
 
 
 def test_a_finished_configuration_is_not_run_again_and_inapplicable_ones_are_recorded():
