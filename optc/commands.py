@@ -21,8 +21,10 @@ def _log(msg: str) -> None:
 # Parsed arguments -> settings. They live with the handlers that use them, not in
 # cli.py: cli.py imports this module, and importing it back would be a cycle.
 def pass_settings(args) -> dict:
-    """--config then --set (which wins), as {"pass": {"key": value}}."""
+    """--config then --set (which wins), as {"pass": {"key": value}}, checked against
+    --pipeline here: an unknown pass, key or value is exit 2 before any model loads."""
     from optc.compiler.config import flat_to_nested, parse_sets
+    from optc.compiler.pipeline import resolve as resolve_pipeline
 
     settings: dict = {}
     if args.config:
@@ -41,6 +43,7 @@ def pass_settings(args) -> dict:
             settings.setdefault(name, {}).update(values)
     for name, values in parse_sets(args.set).items():
         settings.setdefault(name, {}).update(values)
+    resolve_pipeline(args.pipeline, settings)
     return settings
 
 
@@ -61,11 +64,8 @@ def compile_model(args, *, evaluate: bool, verify: bool | None = None):
     from optc.compiler import targets
     from optc.compiler.capture import PREFILL_LEN
 
-    from optc.compiler.pipeline import resolve as resolve_pipeline
-
     target = targets.get(args.target)
     settings = pass_settings(args)
-    resolve_pipeline(args.pipeline, settings)  # unknown pass, key or value: exit 2 before the model loads
     entry, module, example_inputs = _load_model(args.model, target)
     art = optc.compile(
         module,
@@ -315,6 +315,9 @@ def cmd_export(args):
     if args.model.endswith(".optc"):
         import optc
 
+        if args.set or args.config:
+            raise UsageError(f"--set and --config compile a model; {args.model} is compiled already: export it "
+                             "as it is, or export the model with the settings")
         art = optc.load(args.model)
     else:
         # What is emitted is the rewritten program, not Inductor's lowering of it: checking

@@ -50,8 +50,7 @@ class SearchRequest:
 def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     """Run the search (this process's worker, or one worker per GPU) and report."""
     from optc.compiler import targets
-    from optc.compiler.pipeline import resolve as resolve_pipeline
-    from optc.compiler.search import report, storage as st, study as sy
+    from optc.compiler.search import storage as st, study as sy
     from optc.compiler.search.space import SearchSpace
 
     if req.trials < 0 or req.workers < 1:
@@ -64,9 +63,7 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     if not targets.available(target):
         raise UsageError(f"target {target.name} is not present on this machine: a search measures latency, "
                          "so run it where the target is (or use --target cpu)")
-    # Refused before the model loads and is captured (minutes for a large model).
-    st.check_url(req.storage)
-    resolve_pipeline(req.pipeline, req.fixed)
+    st.check_url(req.storage)  # before the model loads and is captured (minutes for a large one)
     out_dir = Path(req.out_dir)
     study_name = req.study or f"{Path(req.model.split(':')[0]).name}-{target.name}"
     if req.workers > 1 and not worker_only:

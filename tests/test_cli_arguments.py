@@ -36,6 +36,8 @@ def test_counts_at_their_minimum_are_taken():
     (["export", "tiny-llama", "--format", "mlir-torch", "-o", "x.mlir", "--set", "nope.x=1"], "unknown pass 'nope'"),
     (["search", "tiny-llama", "--target", "cpu", "--set", "skip_layers.count=-2"], "skip_layers.count=-2"),
     (["search", "tiny-llama", "--target", "cpu", "--storage", "ftp://nowhere"], "--storage ftp://nowhere"),
+    (["export", "x.optc", "--format", "mlir-torch", "-o", "y.mlir", "--set", "prune_mlp.ratio=0.1"],
+     "x.optc is compiled already"),
 ])
 def test_bad_settings_and_storage_are_refused_before_the_model_loads(argv, words, capsys, monkeypatch, tmp_path):
     from optc import commands

@@ -37,7 +37,7 @@ class SearchSpace:
     def __init__(self, anatomy, pipeline_name: str = "default", fixed: dict | None = None):
         self.pipeline_name = pipeline_name
         self.fixed = {name: dict(values) for name, values in (fixed or {}).items()}
-        pipeline.resolve(pipeline_name, self.fixed)  # unknown passes or keys: exit 2 now
+        pipeline.resolve(pipeline_name, self.fixed)  # unknown passes or keys: refused (exit 2)
         registry = passes.load_all()
         self.params: dict[str, tuple[str, str, Space]] = {}  # "pass.key" -> (pass, key, space)
         for step in pipeline.PIPELINES[pipeline_name]:
