@@ -236,6 +236,7 @@ def export_load_type_hints_cached():
     `typing.get_type_hints` calls over a few dozen classes, most of an artifact's load).
     Replaces the `typing` that `torch._export.serde.serialize` calls for the duration:
     the same module with a cached get_type_hints. torch 2.11-2.13."""
+    import types
     import typing
 
     from torch._export.serde import serialize
@@ -252,21 +253,14 @@ def export_load_type_hints_cached():
             cache[key] = typing.get_type_hints(obj, globalns=globalns, localns=localns, include_extras=include_extras)
         return cache[key]
 
-    serialize.typing = _ModuleWith(real, get_type_hints=get_type_hints)
+    cached = types.ModuleType("typing")  # a copy: attribute reads stay plain module lookups
+    cached.__dict__.update(vars(typing))
+    cached.get_type_hints = get_type_hints
+    serialize.typing = cached
     try:
         yield
     finally:
         serialize.typing = real
-
-
-class _ModuleWith:
-    """A module with some attributes replaced (export_load_type_hints_cached)."""
-
-    def __init__(self, module, **replaced):
-        self._module, self._replaced = module, replaced
-
-    def __getattr__(self, name):
-        return self._replaced[name] if name in self._replaced else getattr(self._module, name)
 
 
 # --------------------------------------------------------------------------- Dynamo (lazy)

@@ -266,8 +266,6 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
     `check_versions=False`), every member's sha256 matches the manifest; then loads
     each program with torch.export.load.
     """
-    import torch
-
     path = Path(path)
     with _open_zip(path) as zf:
         man = _read_manifest_from(zf, path)
@@ -285,22 +283,29 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
             contents[member] = data
 
     programs, extra = {}, {}
-    for member, data in contents.items():
-        if member.startswith(PROGRAM_DIR) and member.endswith(PROGRAM_SUFFIX):
-            name = member[len(PROGRAM_DIR):-len(PROGRAM_SUFFIX)]
-            try:
-                with warnings.catch_warnings(), export_load_type_hints_cached():
-                    # torch 2.11 builds weights with torch.frombuffer over the archive's
-                    # private bytes and warns they are not writable; nothing else holds
-                    # those bytes, so in-place updates (KV caches) are safe.
-                    warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
-                    programs[name] = torch.export.load(io.BytesIO(data))
-            except Exception as e:  # noqa: BLE001 - any failure here means "cannot load"
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise ArtifactError(
-                    f"artifact {path}: program {name!r} cannot be loaded by torch "
-                    f"{torch.__version__} ({type(e).__name__}: {first}); it was built with "
-                    f"torch {man.get('torch_version')}: {_RECOMPILE}") from e
-        else:
-            extra[member] = data
+    with export_load_type_hints_cached():  # one cache for every program
+        for member, data in contents.items():
+            if member.startswith(PROGRAM_DIR) and member.endswith(PROGRAM_SUFFIX):
+                name = member[len(PROGRAM_DIR):-len(PROGRAM_SUFFIX)]
+                programs[name] = _load_program(path, name, data, man)
+            else:
+                extra[member] = data
     return LoadedArtifact(programs, man, extra)
+
+
+def _load_program(path, name: str, data: bytes, man: dict):
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            # torch 2.11 builds weights with torch.frombuffer over the archive's private
+            # bytes and warns they are not writable; nothing else holds those bytes, so
+            # in-place updates (KV caches) are safe.
+            warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
+            return torch.export.load(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot load"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ArtifactError(
+            f"artifact {path}: program {name!r} cannot be loaded by torch "
+            f"{torch.__version__} ({type(e).__name__}: {first}); it was built with "
+            f"torch {man.get('torch_version')}: {_RECOMPILE}") from e
