@@ -14,7 +14,6 @@ A graph it cannot read yields an empty Anatomy with the reason, never an excepti
 
 from __future__ import annotations
 
-
 import re
 
 import networkx as nx
@@ -100,8 +99,8 @@ def _analyze(gm: fx.GraphModule) -> Anatomy:
             "through SDPA (Hugging Face models: attn_implementation='sdpa')"
         )
         return anatomy
-    dag = _dag(graph)
-    walk = Walk(graph, dag)
+    walk = Walk(graph)
+    dag = walk.dag
     blocks = []
     for i, (block_path, sdpa) in enumerate(_block_paths(graph, sdpas, linears)):
         block_linears = [lin for lin in linears if lin.path.startswith(block_path + ".")]
@@ -118,29 +117,32 @@ def _analyze(gm: fx.GraphModule) -> Anatomy:
     after = [lin for lin in linears if not any(lin.path.startswith(b.path + ".") for b in blocks)]
     after = [lin for lin in after if nx.has_path(dag, last, lin.node)]
     anatomy.head = after[-1] if after else None
-    anatomy.prefix_tokens = _prefix_tokens(blocks[0].input, dag)
+    anatomy.prefix_tokens = _prefix_tokens(blocks[0].input, walk)
     return anatomy
 
 
-def _prefix_tokens(stream: fx.Node, dag: nx.DiGraph) -> int:
+def _prefix_tokens(stream: fx.Node, walk: Walk) -> int:
     """How many tokens computed from parameters alone (class, distillation, register
     tokens) the latest concatenation along the token dimension before the first block
     puts in front of the data's tokens; 0 when there is none (text encoders)."""
-    order = {n: i for i, n in enumerate(stream.graph.nodes)}
-    cats = [n for n in nx.ancestors(dag, stream) | {stream} if n.target == aten.cat.default]
-    for cat in sorted(cats, key=order.__getitem__, reverse=True):
-        parts = cat.args[0]
-        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-        shape = node_shape(cat)
-        if shape is None or len(shape) != 3 or dim not in (1, -2):
-            continue
-        count = 0
-        for part in parts:
-            if any(a.op == "placeholder" for a in nx.ancestors(dag, part)) or node_shape(part) is None:
-                break
-            count += int(node_shape(part)[1])
-        return count
-    return 0
+    cat = walk.latest_ancestor(stream, _token_concatenation)
+    if cat is None:
+        return 0
+    count = 0
+    for part in cat.args[0]:
+        if any(a.op == "placeholder" for a in nx.ancestors(walk.dag, part)) or node_shape(part) is None:
+            break
+        count += int(node_shape(part)[1])
+    return count
+
+
+def _token_concatenation(node: fx.Node) -> bool:
+    """A concatenation of [batch, tokens, hidden] parts along the token dimension."""
+    if node.target != aten.cat.default:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    shape = node_shape(node)
+    return shape is not None and len(shape) == 3 and dim in (1, -2)
 
 
 def _block_paths(graph: fx.Graph, sdpas: list, linears: list[Linear]) -> list[tuple[str, fx.Node | None]]:
@@ -192,15 +194,6 @@ def _linear(node: fx.Node) -> Linear | None:
         in_features=shape[1],
         out_features=shape[0],
     )
-
-
-def _dag(graph: fx.Graph) -> nx.DiGraph:
-    dag = nx.DiGraph()
-    for node in graph.nodes:
-        dag.add_node(node)
-        for user in node.users:
-            dag.add_edge(node, user)
-    return dag
 
 
 def _block_path(node: fx.Node) -> str | None:

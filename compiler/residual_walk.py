@@ -10,17 +10,20 @@ import torch.fx as fx
 
 
 class Walk:
-    """What the residual-point search reads, computed once per graph: the DAG, each
+    """What the anatomy's searches read, computed once per graph: the DAG, each
     node's position, and the post-dominator tree (for every node, the nearest node that
     every path from it to the output passes through). One dominator analysis per graph
     instead of one per block: a search reads each program's anatomy several times a
     trial (benchmarks/NOTES.md)."""
 
-    def __init__(self, graph: fx.Graph, dag: nx.DiGraph):
-        self.dag = dag
+    def __init__(self, graph: fx.Graph):
+        self.dag = nx.DiGraph()  # node -> its users
+        for node in graph.nodes:
+            self.dag.add_node(node)
+            self.dag.add_edges_from((node, user) for user in node.users)
         self.sink = next(iter(graph.find_nodes(op="output")))
         self.order = {n: i for i, n in enumerate(graph.nodes)}
-        self.post_dominator = nx.immediate_dominators(dag.reverse(copy=False), self.sink)
+        self.post_dominator = nx.immediate_dominators(self.dag.reverse(copy=False), self.sink)
 
     def latest_ancestor(self, node: fx.Node, accept) -> fx.Node | None:
         """The latest node in graph order among `node` and its ancestors that `accept`s.

@@ -3,7 +3,6 @@ whose answers are known: the post-dominator chain, and the latest accepted ances
 
 import torch.fx as fx
 
-from optc.compiler.anatomy import _dag
 from optc.compiler.residual_walk import Walk
 
 
@@ -21,7 +20,7 @@ def _graph():
 
 def test_post_dominators_and_the_latest_accepted_ancestor():
     graph = _graph()
-    walk = Walk(graph, _dag(graph))
+    walk = Walk(graph)
     node = {n.name: n for n in graph.nodes}
     chain, n = [], node["add"]
     while n is not walk.sink:
