@@ -171,9 +171,9 @@ def bind_constants(runner, gm: torch.nn.Module) -> None:
     runner.load_constants(consts, check_full_update=True, user_managed=True)
 
 
-def custom_ops(ep: ExportedProgram) -> list[str]:
-    """optc's own ops in the program (Triton kernels on a GPU)."""
-    return sorted({str(n.target) for n in ep.graph.nodes
+def custom_ops(program) -> list[str]:
+    """optc's own ops in a program or graph module (Triton kernels on a GPU)."""
+    return sorted({str(n.target) for n in program.graph.nodes
                    if n.op == "call_function" and str(n.target).startswith("optc.")})
 
 
@@ -201,6 +201,8 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
     """Packages for every program that compiles (and, with `verify`, matches its
     uncompiled program): ({member: bytes}, the manifest's "packages" record). A program
     that cannot be packaged is skipped with the reason; the portable program then runs."""
+    from optc.compiler.codegen.lowering import target_graph
+
     record = {"format": FORMAT, "environment": environment(target), "programs": {}}
     files: dict[str, bytes] = {}
     if not available(target):
@@ -222,7 +224,7 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
         except Exception as exc:  # noqa: BLE001 - any failure: ship the portable program
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             record["programs"][name] = {"skipped": f"AOTInductor failed: {type(exc).__name__}: {first}",
-                                        "custom_ops": custom_ops(ep)}
+                                        "custom_ops": custom_ops(target_graph(graph_module(ep), target))}
             log(f"[optc] {name} not packaged: {record['programs'][name]['skipped']}")
             continue
         files[rec["member"]] = data
