@@ -3,8 +3,8 @@
 Underscored torch modules and attributes change between releases without a
 deprecation. optc's code reaches them only through this module, so a torch upgrade
 that moves or changes one fails here first: tests/compiler/test_torch_private.py
-runs one cheap smoke test per name below, and fails when package code (optc/,
-compiler/, runtime/, models/) uses a private torch API anywhere else. `torch._check`
+runs one cheap smoke test per name below, and test_torch_private_rule.py fails when
+package code (optc/, compiler/, runtime/, models/) uses a private torch API anywhere else. `torch._check`
 (documented for export) and `torch.__version__` are public and not listed.
 
 Each name says why optc needs it and the torch releases it was checked on: 2.13
