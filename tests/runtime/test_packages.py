@@ -86,11 +86,11 @@ def test_a_package_runs_the_graph_its_target_lowers():
     """A target's decode rewrites (lowering.target_graph) are in its packages, as in its
     lowering: on this CPU target with both switched on, the decode package calls optc's
     attention op and reads its GEMV inputs through the realizing op, and still matches
-    the uncompiled program. The prefill program has neither to rewrite."""
+    the uncompiled program."""
     entry = zoo.get("tiny-llama")
     session = CompileSession(entry.load(), entry.example_inputs(seq_len=8), target="cpu", entry=entry,
                              max_cache_len=32, **QUIET)
-    programs = session.run(session.resolve(None, "none"), verify=False).programs
+    programs = session.run(session.resolve(None, "none"), export_on_use=True).programs  # decode only
     rewriting = dataclasses.replace(targets.get("cpu"), realize_gemv_inputs=True, decode_attention=True)
     decode = {"decode": programs["decode"]}
     _, record = aoti.package_programs(decode, session.captured.example_inputs, rewriting, **QUIET)
@@ -99,9 +99,7 @@ def test_a_package_runs_the_graph_its_target_lowers():
     wrapped, _ = aoti.export_with_state_inputs(programs["decode"], session.captured.example_inputs["decode"],
                                                rewriting)
     assert "prims.inductor_force_stride_order.default" in {str(n.target) for n in wrapped.graph.nodes}
-    plain, _ = aoti.export_with_state_inputs(programs["decode"], session.captured.example_inputs["decode"],
-                                             targets.get("cpu"))
-    assert not aoti.custom_ops(plain)
+    # (the plain CPU target's packages hold no optc op: test_manifest_records_the_packages)
 
 
 def test_encoder_forward_through_package_matches_portable(encoder, no_inductor):
