@@ -297,13 +297,13 @@ def _print(result: dict, log) -> None:
     log(f"\noptc search: study {result['study']} ({result['storage']}): {result['n_trials']} trials, "
         f"{result['n_measured']} measured, {result['n_estimated']} estimated, {result['seconds']} s")
     log(f"  {'latency ms':>10} {'quality loss':>12}  configuration")
+    from optc.compiler.search.study import describe
+
     for row in result["pareto"]:
-        conf = " ".join(f"{p}.{k}={v}" for p, vals in row["config"].items() for k, v in vals.items()) or "dense"
-        log(f"  {row['latency_ms']:>10.4g} {row['quality_loss']:>12.4f}  {conf}")
+        log(f"  {row['latency_ms']:>10.4g} {row['quality_loss']:>12.4f}  {describe(row['config'])}")
     for row in result.get("not_paying", []):
-        conf = " ".join(f"{p}.{k}={v}" for p, vals in row["config"].items() for k, v in vals.items())
-        log(f"  does not pay here: {conf} ({row['latency_ms']:.4g} ms) saved {100 * row['realised']:.0f}% of what "
-            f"its removed work would save")
+        log(f"  does not pay here: {describe(row['config'])} ({row['latency_ms']:.4g} ms) saved "
+            f"{100 * row['realised']:.0f}% of what its removed work would save")
     acc = result["cost_model"]
     if acc.get("spearman") is not None:
         log(f"  cost model on {acc['n']} later-measured trials: Spearman {acc['spearman']:.3f}, "

@@ -182,7 +182,7 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log,
     trial.set_user_attr("quality", {k: v for k, v in quality.items() if k != "split"})
     trial.set_constraint("quality", quality["loss"] - opts.max_quality_loss)
     study.tell(trial, [latency, quality["loss"]])
-    log(f"[optc] trial {trial.number}: {_describe(settings)}: {latency:.4g} ms ({source}; estimate "
+    log(f"[optc] trial {trial.number}: {describe(settings)}: {latency:.4g} ms ({source}; estimate "
         f"{estimate:.4g}), quality loss {quality['loss']:.4f} on {quality['windows']}/{quality['of']} batches")
 
 
@@ -263,7 +263,8 @@ def _promising(estimate: float, loss: float, measured: list, limit: float) -> bo
     return not any(t.values[0] <= estimate and t.values[1] <= loss for t in measured)
 
 
-def _describe(settings: dict) -> str:
+def describe(settings: dict) -> str:
+    """{"skip_layers": {"count": 3}} as "skip_layers.count=3" ("dense" when empty)."""
     parts = [f"{p}.{k}={v}" for p, values in settings.items() for k, v in values.items()]
     return " ".join(parts) or "dense"
 
