@@ -304,6 +304,21 @@ def eager_forward(
     return t.with_extra(compile_s=first_s, baseline="eager")
 
 
+def compiled_forward(model: nn.Module, mode: str, device: torch.device):
+    """torch.compile(model, mode) as a callable that marks each call a new CUDA-graph step
+    where Inductor captures graphs (max-autotune, reduce-overhead on CUDA): the graphs
+    reuse their output buffers, and a call must say the last outputs are no longer read."""
+    compiled = torch.compile(model, mode=mode)
+    graphs = mode in ("max-autotune", "reduce-overhead") and device.type == "cuda"
+
+    def fn(*args, **kwargs):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return fn
+
+
 def inductor_forward(
     model: nn.Module,
     inputs: Any,
@@ -319,14 +334,7 @@ def inductor_forward(
 
     dev = as_device(device) if device is not None else _device_of(model)
     inputs_list = _as_inputs_list(inputs)
-    compiled = torch.compile(model, mode=mode)
-    graphs = mode in ("max-autotune", "reduce-overhead") and dev.type == "cuda"
-
-    def fn(*args, **kwargs):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        return compiled(*args, **kwargs)
-
+    fn = compiled_forward(model, mode, dev)
     skips_before = counters["inductor"]["cudagraph_skips"]
     t0 = time.perf_counter()
     with torch.no_grad():
