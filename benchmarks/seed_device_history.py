@@ -26,11 +26,11 @@ def study_samples(journal: str) -> list[dict]:
     for name in optuna.get_all_study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage)
         sig = study.user_attrs.get("optc", {})
-        if "workload" not in sig:
-            continue
+        if "workload" not in sig or "lowering" not in sig:
+            continue  # a study that does not say how its trials were lowered matches no search's
         for t in study.get_trials(states=(TrialState.COMPLETE,)):
             if t.user_attrs.get("latency_source") == "measured" and t.user_attrs.get("copy_of") is None:
-                out.append({"workload": sig["workload"], "lowering": sig.get("lowering", "target"),
+                out.append({"workload": sig["workload"], "lowering": sig["lowering"],
                             "features": t.user_attrs["features"], "ms": t.values[0], "model": sig.get("model"),
                             "study": name})
     return out

@@ -31,8 +31,8 @@ aten = torch.ops.aten
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The longest cache the kernel was timed over (benchmarks/NOTES.md, "Decode attention on
-# the H200"). Its default launch walks a head's keys in one program, so a longer cache
-# keeps SDPA until a launch for it is measured.
+# the H200"). A longer cache keeps SDPA until the kernel's split launch for it
+# (kernels.decode_attention.KEYS_PER_PROGRAM) is timed against SDPA.
 MAX_KEYS = 256
 
 

@@ -11,7 +11,7 @@ from optc.compiler.capture import graph_module, is_state_buffer
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
 from optc.compiler.rewrite import attr_value
-from optc.compiler.targets import Target
+from optc.compiler.targets import LOWERING_FIELDS, Target
 from optc.errors import CompileError
 
 # Tolerances of ||out - ref|| / ||ref||: fp32 reorderings land far below 1e-4;
@@ -126,7 +126,7 @@ def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool 
     record = {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
               "inductor_options": inductor_options(target, autotune=autotune, cudagraphs=cudagraphs,
                                                    shape_tuning=shape_tuning, kernel_cache=kernel_cache),
-              "realize_gemv_inputs": target.realize_gemv_inputs, "decode_attention": target.decode_attention}
+              **{field: getattr(target, field) for field in LOWERING_FIELDS}}
     if kernel_cache:
         record["kernel_cache"] = True
     if not shape_tuning:
