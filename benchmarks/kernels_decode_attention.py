@@ -39,11 +39,11 @@ def parse_args(argv=None):
 
 
 def configs(S: int, L: int, D: int) -> list:
-    """The default plan first, then splits x key blocks x warps (each one compile); a
-    cache longer than KEYS_PER_PROGRAM also tries the default split and twice it."""
+    """The default plan first, then splits x key blocks x warps (each one compile),
+    including the default split and twice it (a long cache's default is past 4)."""
     found = [k.plan(S, L, D)]
-    longer = (k.plan(S, L, D).split, 2 * k.plan(S, L, D).split) if L > k.KEYS_PER_PROGRAM else ()
-    for split in (1, 2, 4, *longer):
+    default = found[0].split
+    for split in dict.fromkeys((1, 2, 4, default, 2 * default)):
         for block_l in (32, 64, 128):
             for warps in (4, 8):
                 cfg = k.AttentionConfig(block_l=block_l, split=k.plan(S, L, D, split, block_l).split, num_warps=warps)

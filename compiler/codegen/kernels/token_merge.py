@@ -36,9 +36,10 @@ tokens [pid_o*BLOCK_O, +BLOCK_O) of batch b, channels [pid_c*BLOCK_C, +BLOCK_C),
 A block holding destinations reads its batch's R (src, dst) pairs and source rows
 BLOCK_R at a time and adds them with one dot of a [BLOCK_O, BLOCK_R] matrix (a source's
 size where it merges into that row) by the source rows: deterministic, no atomics. Copies
-(protected and unmerged tokens) are stored as loaded. The first version ran one program
-per output token, each a chain of dependent loads, and was slow on the H200 for a copy
-(benchmarks/NOTES.md, "Merged BERT-base, batch 32 x 128, kernel by kernel").
+(protected and unmerged tokens) are stored as loaded. A block of outputs per program,
+not one output token: each program then streams its sources instead of chasing one
+chain of dependent loads (benchmarks/NOTES.md, "Merged BERT-base, batch 32 x 128,
+kernel by kernel").
 """
 
 from __future__ import annotations
