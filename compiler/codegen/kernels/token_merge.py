@@ -47,9 +47,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["token_match_kernel", "token_merge_kernel", "PAD_SCORE"]
+__all__ = ["token_match_kernel", "token_merge_kernel", "PAD_SCORE", "SOURCES_PER_DOT"]
 
 PAD_SCORE = 2.0  # above any cosine
+SOURCES_PER_DOT = 32  # the most (src, dst) pairs one dot of token_merge_kernel adds
 
 
 @triton.jit
@@ -202,6 +203,6 @@ def token_merge(x, size, unm, src, dst, protected: int):
     _launcher(token_merge_kernel)[grid](
         x, size, unm, src, dst, y, size_out, n_out, c, na, r, protected,
         x.stride(0), x.stride(1), size.stride(0), size.stride(1),
-        BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_R=_pow2(min(r, 32), 16),
+        BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_R=_pow2(min(r, SOURCES_PER_DOT), 16),
     )
     return y, size_out

@@ -61,8 +61,9 @@ def test_merge_equals_reference(dtype, r, poison_empty):
 
 
 def test_merge_many_sources_into_one_destination():
-    # Every a-token's best match is b_0: all r sources merge into it, in two chunks of BLOCK_R (32).
+    # Every a-token's best match is b_0: all r sources merge into it, over two dots.
     bsz, n, c, r = 1, 81, 8, 36
+    assert k.SOURCES_PER_DOT < r <= 2 * k.SOURCES_PER_DOT
     x = torch.randn(bsz, n, c)
     size = torch.ones(bsz, n)
     src = torch.arange(r)[None]
