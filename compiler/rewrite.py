@@ -200,26 +200,44 @@ def tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def view_key(t: torch.Tensor) -> tuple | None:
+    """What makes two tensors the same view of the same memory; None for a zero-size
+    tensor (they all share storage pointer 0 without sharing anything)."""
+    ptr = t.untyped_storage().data_ptr()
+    if ptr == 0:
+        return None
+    return (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def unify_aliases(module: torch.nn.Module) -> int:
-    """Make tensor attributes that are the same view of the same storage one tensor
-    object (the first by name); returns how many were rebound.
+    """Make tensors that are the same view of the same storage one object (the first by
+    name), parameters among themselves and the other tensor attributes among
+    themselves; returns how many were rebound.
 
     A program exported from a model holds its KV cache twice, as a buffer and as a
-    lifted constant, and the two are one object; read back from a file they are two
-    objects over one storage. Dynamo lifts one graph input per object, so the two forms
-    lower to different graphs with different Inductor cache keys, and a load would miss
-    the kernel cache the compile recorded (codegen/kernel_cache.py). Rebinding a view to
-    an equal view of the same memory changes nothing the program computes."""
-    first: dict = {}
+    lifted constant, and the two are one object; tied weights (an LM head that is the
+    embedding) are one parameter under two names. Read back from a file, or moved by
+    torch.export's move_to_device_pass, each is two objects over one storage. Dynamo
+    lifts one graph input per object, and of aliased parameters it keeps the last name,
+    not the first, so these forms lower to other graphs with other Inductor cache keys,
+    and a load would miss the kernel cache the compile recorded
+    (codegen/kernel_cache.py). Rebinding a view to an equal view of the same memory
+    changes nothing the program computes."""
     rebound = 0
+    first: dict = {}
     for name, t in tensor_attributes(module).items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr == 0:  # zero-size tensors share pointer 0 without sharing anything
-            continue
-        key = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        keep = first.setdefault(key, t)
+        key = view_key(t)
+        keep = first.setdefault(key, t) if key is not None else t
         if keep is not t:
             set_tensor_attribute(module, name, keep)
+            rebound += 1
+    first = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        key = view_key(p)
+        keep = first.setdefault(key, p) if key is not None else p
+        if keep is not p:
+            owner_name, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner_name) if owner_name else module, leaf, keep)
             rebound += 1
     return rebound
 

@@ -204,23 +204,32 @@ class Artifact:
         constants (numbered per program) and the state the programs mutate (KV caches)
         are left to move_to_device_pass and the decoder, which ties the caches itself."""
         from optc.compiler.capture import is_state_buffer
+        from optc.compiler.rewrite import view_key
 
         placed = self._placed.setdefault(str(torch.device(device)), {})  # name -> tensor on the device
+        # A view as read -> its tensor on the device: tied weights (an LM head that is the
+        # embedding), read from a file as two tensors over one storage, move once, or the
+        # device would hold two copies and the program two weights (rewrite.unify_aliases).
+        tied: dict = {}
         mutated = set(ep.graph_signature.buffers_to_mutate.values())
         for name, tensor in list(ep.state_dict.items()):
             if name in mutated or is_state_buffer(name):
+                continue
+            key = view_key(tensor)
+            if key in tied:
+                ep.state_dict[name] = placed[name] = tied[key]
                 continue
             # Compared on the device, one tensor at a time: keeping the copies as read
             # for the comparison would hold the whole model in host memory.
             on_device = tensor.to(device)
             hit = placed.get(name)
             if hit is not None and _same_values(hit, on_device):
-                ep.state_dict[name] = hit
-                continue
-            if isinstance(tensor, torch.nn.Parameter) and not isinstance(on_device, torch.nn.Parameter):
+                on_device = hit
+            elif isinstance(tensor, torch.nn.Parameter) and not isinstance(on_device, torch.nn.Parameter):
                 on_device = torch.nn.Parameter(on_device, requires_grad=tensor.requires_grad)
-            placed[name] = on_device
-            ep.state_dict[name] = on_device
+            ep.state_dict[name] = placed[name] = on_device
+            if key is not None:
+                tied[key] = on_device
         return ep
 
     def __call__(self, *args, compiled: bool = True):

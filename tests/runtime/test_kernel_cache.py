@@ -26,7 +26,11 @@ from cli_process import optc_cli
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     entry = zoo.get("tiny-llama")
-    art = optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", pipeline_name="none",
+    model = entry.load()
+    # Tied as in SmolLM2 and Llama-3.2: read from a file, the two names are two objects over
+    # one storage, and Dynamo then lifts the weight at another position than at compile time.
+    model.lm_head.weight = model.model.embed_tokens.weight
+    art = optc.compile(model, entry.example_inputs(seq_len=8), target="cpu", pipeline_name="none",
                        max_cache_len=32, verify=True, log=lambda m: None)
     return art.save(tmp_path_factory.mktemp("kc") / "lm.optc")
 
@@ -47,6 +51,16 @@ def test_manifest_records_the_kernel_cache(lm):
     assert rec["environment"] == aoti_probe.environment(get_target("cpu"))
     for name in ("prefill", "decode"):
         assert art.manifest["lowering"]["load"][name]["kernel_cache"] is True
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_tied_weights_read_from_the_file_are_one_parameter_again(lm, monkeypatch, moved):
+    import optc.runtime.loaded as loaded
+
+    monkeypatch.setattr(loaded, "_held_elsewhere", lambda ep, device: moved)
+    gm = optc.load(lm).module("prefill", compiled=False)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    assert params["model.lm_head.weight"] is params["model.model.embed_tokens.weight"]
 
 
 _FRESH_LOAD = """
