@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """An .optc artifact in a fresh process: how long `optc.load` takes, how long the first
-generated token takes after it (the decoder is built: AOTInductor packages loaded, or the
-portable programs lowered by Inductor, then the decode step captured as a CUDA graph and
-the prompt prefilled), and the decode speed of that same decoder. Says whether the
+generated token takes after it (the decoder built, then the prefill program's first call:
+its AOTInductor package loaded, or the portable program lowered by Inductor or read from
+the kernel cache), the second token (the decode program's the same way, its step captured
+as a CUDA graph), and the decode speed of that same decoder. Says whether the
 packages ran, whether the artifact's kernel cache was used (and how many of the
 lowerings hit it), and every warning the load gave. Run it twice, in two processes, for the
 spread between processes.
@@ -63,21 +64,29 @@ def main() -> None:
         t_load = time.perf_counter() - t0
         prompt = prompt_for(art, args.device)
         t1 = time.perf_counter()
-        first = art.generate(prompt, 1)
+        dec = art.decoder(device=args.device)  # programs placed and unlifted; nothing lowered yet
+        t_build = time.perf_counter() - t1
+        first = art.generate(prompt, 1)  # the prefill program is lowered on its first call
         first.cpu()  # the token is on the host: the request is answered
         t_first = time.perf_counter() - t1
-    dec = art.decoder(device=args.device)
+        t2 = time.perf_counter()
+        again = art.generate(prompt, 2)  # the decode program is lowered (and captured) on its first step
+        again.cpu()
+        t_second = time.perf_counter() - t2
     packaged = {"prefill": isinstance(dec.prefill_fn, PackagedProgram),
                 "decode": isinstance(dec.decode_fn, PackagedProgram)}
     timing = dec.measure_decode(prompt, args.tokens)
-    again = art.generate(prompt, 2)  # the decoder is reused: no second build
     result = dict(
         artifact=args.artifact,
         load_s=round(t_load, 3),
         first_token_s=round(t_first, 3),
         load_to_first_token_s=round(t_load + t_first, 3),
+        # Where the first token's time goes: the decoder built, then the prefill's first call
+        # (Dynamo's trace and Inductor's lowering, or the kernel cache's hit); the second
+        # token adds the decode program's lowering.
+        first_token_parts_s={"decoder": round(t_build, 3), "prefill_first_call": round(t_first - t_build, 3)},
+        second_token_s=round(t_second, 3),
         packaged=packaged,
-        decoder_reused=art.decoder(device=args.device) is dec,
         same_first_token=bool(torch.equal(again[:, : first.shape[1]], first)),
         decode_ms_per_token=timing.median_ms,
         decode=timing.as_row("optc artifact", None),
@@ -85,7 +94,8 @@ def main() -> None:
         manifest_lowering=art.manifest.get("lowering"),
         kernel_cache={**(art.kernel_cache_status or {}), "fx_graph_cache": art.kernel_cache_hits()},
     )
-    print(f"load {t_load:.2f} s, first token {t_first:.2f} s (load to first token {t_load + t_first:.2f} s); "
+    print(f"load {t_load:.2f} s, first token {t_first:.2f} s (decoder {t_build:.2f} s, prefill's first call "
+          f"{t_first - t_build:.2f} s; load to first token {t_load + t_first:.2f} s), second token {t_second:.2f} s; "
           f"packages {packaged}; kernel cache {result['kernel_cache']}; decode {timing.median_ms:.3f} ms/token",
           file=sys.stderr)
     for w in result["warnings"]:
