@@ -157,8 +157,7 @@ def get_attr_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
 def set_param(gm: fx.GraphModule, getattrs: dict, name: str, value: torch.Tensor) -> None:
     """Replace (or add) the parameter `name` of `gm` by `value`; a new tensor, so other
     programs holding the old one are left as they are."""
-    owner, _, attr = name.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
+    module, attr = _owner(gm, name)
     module.register_parameter(attr, torch.nn.Parameter(value.contiguous(), requires_grad=False))
     # Shape metadata like every get_attr of the program: later passes' anatomy reads it.
     for node in getattrs.get(name, []):
@@ -201,8 +200,8 @@ def tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def view_key(t: torch.Tensor) -> tuple | None:
-    """What makes two tensors the same view of the same memory; None for a zero-size
-    tensor (they all share storage pointer 0 without sharing anything)."""
+    """What makes two tensors the same view of the same memory; None where there is no
+    memory to share (zero-size and meta tensors all have storage pointer 0)."""
     ptr = t.untyped_storage().data_ptr()
     if ptr == 0:
         return None
@@ -216,34 +215,41 @@ def unify_aliases(module: torch.nn.Module) -> int:
 
     A program exported from a model holds its KV cache twice, as a buffer and as a
     lifted constant, and the two are one object; tied weights (an LM head that is the
-    embedding) are one parameter under two names. Read back from a file, or moved by
-    torch.export's move_to_device_pass, each is two objects over one storage. Dynamo
+    embedding) are one parameter under two names. Read back from a file each is two
+    objects over one storage, and so are tied weights after torch.export's
+    move_to_device_pass, which wraps each parameter anew (the KV cache's two forms share
+    a storage on the device only because loaded._move_shared moves them first). Dynamo
     lifts one graph input per object, and of aliased parameters it keeps the last name,
     not the first, so these forms lower to other graphs with other Inductor cache keys,
     and a load would miss the kernel cache the compile recorded
     (codegen/kernel_cache.py). Rebinding a view to an equal view of the same memory
     changes nothing the program computes."""
-    rebound = 0
-    first: dict = {}
-    for name, t in tensor_attributes(module).items():
-        key = view_key(t)
-        keep = first.setdefault(key, t) if key is not None else t
-        if keep is not t:
-            set_tensor_attribute(module, name, keep)
-            rebound += 1
-    first = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        key = view_key(p)
-        keep = first.setdefault(key, p) if key is not None else p
-        if keep is not p:
-            owner_name, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(owner_name) if owner_name else module, leaf, keep)
-            rebound += 1
-    return rebound
+    def unify(named, rebind) -> int:
+        first: dict = {}
+        rebound = 0
+        for name, t in named:
+            key = view_key(t)
+            keep = first.setdefault(key, t) if key is not None else t
+            if keep is not t:
+                rebind(name, keep)
+                rebound += 1
+        return rebound
+
+    def set_parameter(name: str, value: torch.nn.Parameter) -> None:
+        owner, leaf = _owner(module, name)
+        setattr(owner, leaf, value)
+
+    return (unify(tensor_attributes(module).items(), lambda n, t: set_tensor_attribute(module, n, t))
+            + unify(module.named_parameters(remove_duplicate=False), set_parameter))
+
+
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """(the submodule holding the dotted attribute `name`, the attribute's own name)."""
+    owner_name, _, leaf = name.rpartition(".")
+    return (module.get_submodule(owner_name) if owner_name else module), leaf
 
 
 def set_tensor_attribute(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     """Rebind the tensor attribute `name` (dotted) of `module`: a buffer keeps its slot, a
     GraphModule constant is a plain attribute; nn.Module's checks are bypassed."""
-    owner_name, _, leaf = name.rpartition(".")
-    set_tensor_attr(module.get_submodule(owner_name) if owner_name else module, leaf, value)
+    set_tensor_attr(*_owner(module, name), value)

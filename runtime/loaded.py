@@ -35,16 +35,17 @@ def _move_shared(ep: ExportedProgram, device: torch.device) -> None:
     program writes through one name and the decoder ties through the other, so the two
     must stay one tensor (move_to_device_pass alone copies each entry on its own; it
     then finds them on the device and leaves them)."""
+    from optc.compiler.rewrite import view_key
+
     moved: dict = {}
 
     def move(t: torch.Tensor) -> torch.Tensor:
         if t.device == device:
             return t
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if key not in moved:
+        key = (view_key(t), isinstance(t, torch.nn.Parameter))
+        if key[0] is None or key not in moved:
             out = t.to(device)
-            moved[key] = torch.nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) \
-                else out
+            moved[key] = torch.nn.Parameter(out, requires_grad=t.requires_grad) if key[1] else out
         return moved[key]
 
     for table in (ep.state_dict, ep.constants):
@@ -216,6 +217,7 @@ class Artifact:
             if name in mutated or is_state_buffer(name):
                 continue
             key = view_key(tensor)
+            key = None if key is None else (key, isinstance(tensor, torch.nn.Parameter))
             if key in tied:
                 ep.state_dict[name] = placed[name] = tied[key]
                 continue
