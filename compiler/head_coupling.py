@@ -27,7 +27,7 @@ import torch.fx as fx
 from optc.compiler.anatomy_types import Attention
 from optc.compiler.head_ops import (G, KV, QKV, Uncoupled, flat_nodes, head_factors_of, norm_dim, out_factors,
                                     shape_of, source_factors)
-from optc.compiler.rewrite import attr_value, tensor_attributes
+from optc.compiler.rewrite import attr_value, tensor_attributes, view_key
 
 aten = torch.ops.aten
 _INPLACE_WRITES = {aten.index_copy_.default, aten.index_copy.default, aten.index_put_.default,
@@ -84,12 +84,13 @@ def couple(gm: fx.GraphModule, att: Attention) -> HeadCoupling:
 def _same_storage(gm: fx.GraphModule, found: dict) -> dict:
     """Every get_attr holding the same view of a found cache tensor (the named buffer
     `key_cache_i` and the lifted constant the graph writes alias each other)."""
-    keys = {_view_key(attr_value(gm, node.target)): r for node, r in found.items()}
+    keys = {view_key(attr_value(gm, node.target)): r for node, r in found.items()}
+    keys.pop(None, None)  # a cache without memory (zero-size) shares it with nothing
     out = dict(found)
     for node in gm.graph.nodes:
         t = attr_value(gm, node.target) if node.op == "get_attr" else None
-        if isinstance(t, torch.Tensor) and _view_key(t) in keys:
-            out[node] = keys[_view_key(t)]
+        if isinstance(t, torch.Tensor) and view_key(t) in keys:
+            out[node] = keys[view_key(t)]
     return out
 
 
@@ -101,20 +102,16 @@ def cache_aliases(gm: fx.GraphModule, caches: list) -> dict:
     by_storage = {}
     for node in caches:
         t = attr_value(gm, node.target)
-        by_storage.setdefault(t.untyped_storage().data_ptr(), (_view_key(t), node))
+        by_storage.setdefault(t.untyped_storage().data_ptr(), (view_key(t), node))
     out = {}
     for name, t in tensor_attributes(gm).items():
         hit = by_storage.get(t.untyped_storage().data_ptr()) if t.untyped_storage().data_ptr() else None
         if hit is None:
             continue
-        if _view_key(t) != hit[0]:
+        if view_key(t) != hit[0]:
             raise Uncoupled(f"{name} is another view of the KV-cache tensor {hit[1].target}")
         out[name] = hit[1]
     return out
-
-
-def _view_key(t: torch.Tensor) -> tuple:
-    return t.untyped_storage().data_ptr(), tuple(t.shape), t.stride(), t.storage_offset(), t.dtype
 
 
 def _walk(gm: fx.GraphModule, c: HeadCoupling, seeds: dict) -> dict:
