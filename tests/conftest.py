@@ -1,10 +1,34 @@
 """Shared fixtures: tiny Hugging Face models (random weights, fixed seeds) and their
 captured programs, built once per test session."""
 
+import os
 import warnings
 
-import pytest
-import torch
+
+def _share_the_cores() -> int | None:
+    """Under pytest-xdist each worker gets its share of the cores: torch's intra-op
+    threads and Inductor's compile workers sized for the whole machine in every worker
+    (and in the CLI processes the tests start, which inherit this environment) would
+    oversubscribe it, and threads waiting on each other slow every worker down. Set
+    before torch is imported; a value already in the environment is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers < 2:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = str(max(1, cores // workers))
+    for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
+        os.environ.setdefault(name, share)
+    value = os.environ["OMP_NUM_THREADS"]
+    return int(value) if value.isdigit() else None
+
+
+_THREADS = _share_the_cores()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _THREADS is not None:
+    torch.set_num_threads(_THREADS)  # also where a plugin imported torch before this file
 
 warnings.filterwarnings("ignore", message=".*not properly registered as a parameter.*")
 
