@@ -24,11 +24,19 @@ QUIET = {"log": lambda m: None}
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
+def thresholded(tmp_path_factory):
+    """tiny-llama with its activations sparsified (threshold buffers in both programs),
+    verified and packaged, in memory and saved: packaging both programs is most of this
+    file's time, so the LM tests share this one artifact (its file is only read)."""
     entry = zoo.get("tiny-llama")
-    art = optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", pipeline_name="none",
-                       max_cache_len=32, verify=False, package="aoti", **QUIET)
-    return art.save(tmp_path_factory.mktemp("pk") / "lm.optc")
+    art = optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", entry=entry,
+                       passes={"sparsify_activations.sparsity": 0.5}, verify=True, package="aoti", **QUIET)
+    return art, art.save(tmp_path_factory.mktemp("pk") / "lm.optc")
+
+
+@pytest.fixture(scope="module")
+def lm(thresholded):
+    return thresholded[1]
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +74,10 @@ def test_lm_generate_through_packages_matches_portable(lm, no_inductor):
     assert torch.equal(out, art.generate(prompt, 6))  # the decoder (and its tied cache) is reused
 
 
-def test_thresholded_program_is_packaged_and_reads_its_thresholds(monkeypatch):
+def test_thresholded_program_is_packaged_and_reads_its_thresholds(thresholded, monkeypatch):
     # AOTInductor bakes the threshold buffers into the code; as inputs they are read on
     # every call, so the check's all-kept / all-dropped regimes reach the package too.
-    entry = zoo.get("tiny-llama")
-    art = optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", entry=entry,
-                       passes={"sparsify_activations.sparsity": 0.5}, verify=True, package="aoti", **QUIET)
+    art, _ = thresholded
     rec = art.manifest["packages"]["programs"]["decode"]
     assert rec["verification"]["ok"], rec  # verified at both threshold extremes
     assert any(lowering.THRESHOLD_BUFFER_PREFIX in s for s in rec["state"])
