@@ -10,11 +10,14 @@ from optc.models import zoo
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    entry = zoo.get("tiny-llama")
-    art = optc.compile(entry.load(), entry.example_inputs(seq_len=8), target="cpu", pipeline_name="none",
-                       max_cache_len=32, verify=False, log=lambda m: None)
-    return art.save(tmp_path_factory.mktemp("art") / "tiny.optc")
+def unverified():
+    """`_tiny("cpu", verify=False)`, compiled once for the tests that read it or its file."""
+    return _tiny("cpu", verify=False)
+
+
+@pytest.fixture(scope="module")
+def saved(unverified, tmp_path_factory):
+    return unverified.save(tmp_path_factory.mktemp("art") / "tiny.optc")
 
 
 def test_second_generate_reuses_the_decoder(saved, monkeypatch):
@@ -82,7 +85,7 @@ def _tiny(target, **kwargs):
                         max_cache_len=32, log=lambda m: None, **kwargs)
 
 
-def test_manifest_records_the_lowering_the_check_used(monkeypatch, tmp_path):
+def test_manifest_records_the_lowering_the_check_used(unverified, monkeypatch, tmp_path):
     calls = _recording_lower(monkeypatch)
     art = _tiny("cpu", verify=True)
     cpu = optc.compiler.targets.get("cpu")
@@ -101,7 +104,7 @@ def test_manifest_records_the_lowering_the_check_used(monkeypatch, tmp_path):
     assert rec["check"]["decode"] == {"target": "cpu", "autotune": False, "cudagraphs": False,
                                       "inductor_options": {"triton.cudagraphs": False}, "realize_gemv_inputs": False,
                                       "decode_attention": False}
-    assert _tiny("cpu", verify=False).manifest["lowering"]["check"] is None  # nothing was lowered
+    assert unverified.manifest["lowering"]["check"] is None  # nothing was lowered
 
     # For a GPU target (no such device here: not checked) neither the prefill nor the
     # decode program autotunes (benchmarks/NOTES.md: the decode GEMVs read stored
@@ -152,7 +155,7 @@ def test_module_autotune_overrides_the_load_lowering(saved, monkeypatch):
     assert art.module("prefill", autotune=True) is tuned and len(calls) == 3
 
 
-def test_a_prefill_length_chosen_at_compile_is_what_a_load_chunks_by(tmp_path, monkeypatch):
+def test_a_prefill_length_chosen_at_compile_is_what_a_load_chunks_by(unverified, tmp_path, monkeypatch):
     """`optc compile --prefill-len N`: the prefill program is traced at N tokens, the
     config (and its hash) records N, and the loaded decoder runs prompts of any length
     through it in chunks of N, giving the model's own greedy tokens."""
@@ -169,7 +172,7 @@ def test_a_prefill_length_chosen_at_compile_is_what_a_load_chunks_by(tmp_path, m
                           "--package", "none", "--no-verify", "-o", str(out), "--json")
     assert rc == 0, err
     assert json.loads(stdout)["config"]["compile"]["prefill_len"] == 6
-    six, default = (_tiny("cpu", verify=False, **kw).manifest["config"] for kw in ({"prefill_len": 6}, {}))
+    six, default = _tiny("cpu", verify=False, prefill_len=6).manifest["config"], unverified.manifest["config"]
     assert default["compile"]["prefill_len"] == 16 and six["hash"] != default["hash"]
     assert {**six["compile"], "prefill_len": 16} == default["compile"]  # the one difference
     rc, _, err = cli("compile", "tiny-llama", "--target", "cpu", "--prefill-len", "1", "--no-verify")
