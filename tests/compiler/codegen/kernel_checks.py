@@ -15,5 +15,9 @@ def assert_matches(out, ref, dtype):
     (everything thresholded away) must give exact zeros."""
     if ref.norm() == 0:
         assert torch.equal(out, torch.zeros_like(out))
-    else:
-        assert rel_err(out, ref) < TOL[dtype]
+        return
+    # An output in the dtype's subnormal range is rounded to a step of fixed size (fp16:
+    # 2**-24), which no relative tolerance covers when every output is that small.
+    step = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    err = (out.double() - ref.double()).norm().item()
+    assert err < TOL[dtype] * ref.double().norm().item() + step * out.numel() ** 0.5, rel_err(out, ref)
