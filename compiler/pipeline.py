@@ -19,7 +19,7 @@ from optc.compiler import passes
 from optc.compiler.anatomy import analyze
 from optc.compiler.config import config_hash
 from optc.compiler.rewrite import rebuild
-from optc.errors import CompileError, OptcError, UsageError
+from optc.errors import CompileError, InternalError, OptcError, UsageError
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
         except OptcError:
             raise
         except Exception as exc:
-            raise CompileError(
+            raise InternalError(
                 f"pass {step.name} failed after [{', '.join(history)}]: {type(exc).__name__}: {exc}"
             ) from exc
         applied = [r.applied for r in results.values()]

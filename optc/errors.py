@@ -32,6 +32,11 @@ class CompileError(OptcError):
     exit_code = 1
 
 
+class InternalError(CompileError):
+    """A pass raised an exception it did not mean to: a bug in optc, not a property of
+    the model or the settings. Exit code 1; the message names the pass and the error."""
+
+
 class NoConfigError(OptcError):
     """No configuration meets the user's constraints. Exit code 3."""
 

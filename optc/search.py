@@ -211,18 +211,42 @@ def _finish(req, study, study_name, where, target, session, seconds, log) -> dic
     result = {"study": study_name, "storage": where, "model": session.model_name, "target": target.name,
               "max_quality_loss": req.max_quality_loss, "seconds": round(seconds, 1), "plot": str(png),
               **{k: v for k, v in summary.items() if k != "limit"}, **result_envelope(target.device)}
+    result.pop("candidates")
     best = summary["best"]
+    failure = None
     if best is not None and req.compile_best:
-        result["best"] = {**best, **_compile_best(session, best, out_dir, study_name, log)}
+        result["best"], result["not_shipped"], failure = _ship_fastest(session, summary["candidates"], out_dir,
+                                                                       study_name, log)
     _print(result, log)
     with atomic_open(out_dir / f"{study_name}.json", "w", encoding="utf-8") as fh:
         fh.write(json.dumps(result, indent=2, default=str))
+    if failure is not None:
+        raise failure
     if best is None:
         err = NoConfigError(f"no measured configuration meets --max-quality-loss {req.max_quality_loss} "
                                f"(of {summary['n_trials']} trials); raise the limit or run more trials")
         err.result = result
         raise err
     return result
+
+
+def _ship_fastest(session, candidates: list[dict], out_dir: Path, study_name: str, log):
+    """Compile the fastest configuration under the limit; if its lowering fails the
+    check that every artifact passes (trials are timed without it), the next fastest,
+    and so on. Returns (the shipped row with its artifact or None, the rows that failed
+    with why, the error to raise when none compiled)."""
+    from optc.errors import CompileError
+
+    not_shipped = []
+    for row in candidates:
+        try:
+            return {**row, **_compile_best(session, row, out_dir, study_name, log)}, not_shipped, None
+        except CompileError as exc:
+            not_shipped.append({**row, "error": str(exc)})
+            log(f"search: trial {row['trial']}'s configuration cannot ship: {exc}; trying the next fastest")
+    return None, not_shipped, CompileError(
+        f"none of the {len(candidates)} configurations under the limit compiled; the last: "
+        f"{not_shipped[-1]['error']}")
 
 
 def _compile_best(session, best, out_dir: Path, study_name: str, log) -> dict:
@@ -308,6 +332,10 @@ def _print(result: dict, log) -> None:
     if acc.get("spearman") is not None:
         log(f"  cost model on {acc['n']} later-measured trials: Spearman {acc['spearman']:.3f}, "
             f"MAPE {100 * acc['mape']:.1f}%, {100 * acc['within_10pct']:.0f}% within 10%")
+    for row in result.get("failed", []):
+        log(f"  failed (a bug; its traceback is in the study): trial {row['trial']}: {row['error']}")
+    for row in result.get("not_shipped", []):
+        log(f"  failed its lowering check, not shipped: {describe(row['config'])} ({row['latency_ms']:.4g} ms)")
     best = result.get("best")
     log(f"  best under loss {result['max_quality_loss']}: " + (
         f"{best['latency_ms']:.4g} ms, loss {best['quality_loss']:.4f}" + (

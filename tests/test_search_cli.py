@@ -132,3 +132,23 @@ def test_one_worker_per_visible_gpu(monkeypatch):
     argv = search._worker_argv(req, "s", 3)
     assert argv[argv.index("--trials") + 1] == "3" and "--worker" in argv
     assert argv[argv.index("--set") + 1] == 'skip_layers.granularity="block"'
+
+
+def test_the_fastest_configuration_that_fails_its_lowering_check_is_not_shipped(monkeypatch, tmp_path):
+    """Trials are timed without the lowering check every artifact passes; when the
+    fastest candidate fails it, the next fastest ships, and the failure is reported."""
+    import optc.search as search_mod
+    from optc.errors import CompileError
+
+    def compile_best(session, row, out_dir, study_name, log):
+        if row["trial"] == 2:
+            raise CompileError("lowering changed the function")
+        return {"artifact": str(out_dir / f"trial{row['trial']}.optc")}
+
+    monkeypatch.setattr(search_mod, "_compile_best", compile_best)
+    rows = [{"trial": 2, "latency_ms": 0.7}, {"trial": 4, "latency_ms": 0.8}, {"trial": 0, "latency_ms": 0.9}]
+    shipped, not_shipped, failure = search_mod._ship_fastest(None, rows, tmp_path, "s", log=lambda m: None)
+    assert shipped["trial"] == 4 and shipped["artifact"].endswith("trial4.optc") and failure is None
+    assert [r["trial"] for r in not_shipped] == [2] and "lowering changed" in not_shipped[0]["error"]
+    shipped, not_shipped, failure = search_mod._ship_fastest(None, rows[:1], tmp_path, "s", log=lambda m: None)
+    assert shipped is None and isinstance(failure, CompileError) and "none of the 1" in str(failure)

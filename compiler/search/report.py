@@ -60,11 +60,16 @@ def summarise(study, max_quality_loss: float) -> dict:
         "single_pass_fronts": single,
         "dense": dense,
         "best": min(feasible, key=lambda r: r["latency_ms"], default=None),
+        # what the search may ship, fastest first: the next one is compiled when one fails its checks
+        "candidates": sorted(feasible, key=lambda r: r["latency_ms"]),
         "not_paying": [{k: r[k] for k in ("trial", "config", "latency_ms", "realised")} for r in not_paying],
         "cost_model": cost_model_accuracy(study),
         "inapplicable": [{"trial": t.number, "config": t.user_attrs.get("settings"),
                           "reason": t.user_attrs["inapplicable"]}
                          for t in trials if "inapplicable" in t.user_attrs],
+        "failed": [{"trial": t.number, "config": t.user_attrs.get("settings"),
+                    "error": t.user_attrs["error"].strip().splitlines()[-1]}
+                   for t in trials if "error" in t.user_attrs],
     }
 
 

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from optc.compiler.config import config_hash
 from optc.compiler.search import storage as st
 from optc.compiler.search.space import SearchSpace, active_passes
-from optc.errors import CompileError, OptcError, UsageError
+from optc.errors import CompileError, InternalError, OptcError, UsageError
 
 # Quality is measured in full for candidates whose subsample loss is within this
 # factor of the limit; latency is measured for candidates the cost model puts within
@@ -91,19 +91,21 @@ def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Cal
             beat.stop()
             study.tell(trial, state=TrialState.FAIL)
             raise
-        except OptcError as exc:  # the configuration cannot apply here: recorded, never retried
-            trial.set_user_attr("inapplicable", str(exc)[:2000])
-            study.tell(trial, state=TrialState.FAIL)
-            log(f"[optc] trial {trial.number}: cannot apply: {exc}")
-        except Exception as exc:  # a bug: recorded with its traceback; the search goes on unless it repeats
-            trial.set_user_attr("error", traceback.format_exc()[-4000:])
-            study.tell(trial, state=TrialState.FAIL)
-            log(f"[optc] trial {trial.number}: failed: {type(exc).__name__}: {exc}")
-            errors_in_a_row += 1
-            if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
-                raise CompileError(f"{errors_in_a_row} trials in a row failed; the last: "
-                                   f"{type(exc).__name__}: {exc} (tracebacks are in the trials' 'error' attribute)"
-                                   ) from exc
+        except Exception as exc:
+            if isinstance(exc, OptcError) and not isinstance(exc, InternalError):
+                # the configuration cannot apply here: recorded, never retried
+                trial.set_user_attr("inapplicable", str(exc)[:2000])
+                study.tell(trial, state=TrialState.FAIL)
+                log(f"[optc] trial {trial.number}: cannot apply: {exc}")
+            else:  # a bug: recorded with its traceback; the search goes on unless it repeats
+                trial.set_user_attr("error", traceback.format_exc()[-4000:])
+                study.tell(trial, state=TrialState.FAIL)
+                log(f"[optc] trial {trial.number}: failed: {type(exc).__name__}: {exc}")
+                errors_in_a_row += 1
+                if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                    raise CompileError(f"{errors_in_a_row} trials in a row failed; the last: "
+                                       f"{type(exc).__name__}: {exc} (tracebacks are in the trials' 'error' "
+                                       "attribute)") from exc
         else:
             errors_in_a_row = 0
         finally:

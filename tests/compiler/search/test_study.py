@@ -13,7 +13,7 @@ from optc.compiler import passes, pipeline
 from optc.compiler.config import Choice, Float, Int, PassConfig, config_hash, knob
 from optc.compiler.search import report, storage as st, study as sy
 from optc.compiler.search.space import SearchSpace
-from optc.errors import UsageError
+from optc.errors import InternalError, UsageError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -48,8 +48,8 @@ class FakeSession:
     """What the worker needs of a CompileSession: resolve, run, quality. Latency and
     loss are functions of the settings, so the study's figures can be checked."""
 
-    def __init__(self, fail_on=None):
-        self.runs, self.fail_on = 0, fail_on
+    def __init__(self, fail_on=None, error=UsageError):
+        self.runs, self.fail_on, self.error = 0, fail_on, error
 
     def resolve(self, settings, pipeline_name="toy"):
         config = pipeline.resolve(pipeline_name, settings)
@@ -60,7 +60,7 @@ class FakeSession:
         self.runs += 1
         toy = config["passes"]["toy_pass"]
         if self.fail_on is not None and toy["level"] == self.fail_on:
-            raise UsageError(f"level {toy['level']} cannot apply to this model")
+            raise self.error(f"level {toy['level']} cannot apply to this model")
         # level 1 alone rounds to nothing: the pass does not apply and the programs are dense
         applied = toy["level"] > 1 or toy["strength"] > 0
         manifest = {"passes": [{"name": "toy_pass", "applied": applied, "plan": {}}]}
@@ -195,6 +195,23 @@ def test_a_finished_configuration_is_not_run_again_and_inapplicable_ones_are_rec
     assert t1.user_attrs["copy_of"] == 0 and t1.values == t0.values
     assert t2.state == TrialState.FAIL and "cannot apply" in t2.user_attrs["inapplicable"]
     assert t3.state == TrialState.FAIL and "as in trial 2" in t3.user_attrs["inapplicable"]
+
+
+def test_a_pass_that_crashes_is_recorded_as_a_failure_with_its_traceback_not_as_inapplicable():
+    """The pipeline wraps an exception a pass did not mean to raise in InternalError: a
+    bug, which the report lists apart from configurations that cannot apply."""
+    space, study = SearchSpace(ANATOMY, "toy"), _study()
+    for level in (2, 3):
+        study.enqueue_trial({"toy_pass.level": level, "toy_pass.strength": 0.0})
+    opts = sy.WorkerOptions(n_trials=2, max_quality_loss=0.05, min_measured=5)
+    sy.run_worker(study, space, FakeSession(fail_on=3, error=InternalError), measure=_measure,
+                  features=_features, cost=FakeCost(), opts=opts, log=lambda m: None)
+    crashed = study.get_trials()[1]
+    assert crashed.state == TrialState.FAIL and "inapplicable" not in crashed.user_attrs
+    assert "InternalError" in crashed.user_attrs["error"]
+    summary = report.summarise(study, 0.05)
+    assert summary["inapplicable"] == []
+    assert [r["trial"] for r in summary["failed"]] == [1] and "cannot apply" in summary["failed"][0]["error"]
 
 
 def test_settings_that_change_nothing_reuse_the_dense_measurement():
