@@ -175,4 +175,17 @@ def _refresh_meta(gm: fx.GraphModule, c: HeadCoupling, new_caches: dict) -> None
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
         with mode:
-            node.meta["val"] = node.target(*args, **kwargs)
+            node.meta["val"] = _fake_linear(*args, **kwargs) if node.target is aten.linear.default \
+                else node.target(*args, **kwargs)
+
+
+def _fake_linear(x, weight, bias=None):
+    """aten.linear on fake tensors, as the matrix product of the input folded to 2-D.
+    A prefill program's sequence length is symbolic, and torch 2.11's C++ linear (its
+    matmul) asks such a tensor for its numel, which raises: torch.export avoids that
+    with its python dispatcher, this plain fake mode does not. Folding, mm and reshape
+    read sizes symbolically, and give linear's shape and (contiguous) strides."""
+    y = aten.mm(aten.reshape(x, [-1, x.shape[-1]]), aten.t(weight))
+    if bias is not None:
+        y = aten.add(y, bias)
+    return aten.reshape(y, [*x.shape[:-1], weight.shape[0]])
