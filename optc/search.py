@@ -41,6 +41,7 @@ class SearchRequest:
     batch: int | None = None
     measure_all: bool = False
     compile_best: bool = True
+    confirm_rounds: int = 3  # the shipped configuration and dense timed again, alternating
     seed: int | None = None
     time_limit_s: float | None = None
     lowering: str = "target"  # "plain": Inductor defaults for trials (faster), not the target's tuning
@@ -99,7 +100,8 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
                   remember=_remember(target, workload, lowering, session.model_name))
     if worker_only:
         return {"study": study_name, "worker_trials": req.trials}
-    return _finish(req, study, study_name, where, target, session, time.perf_counter() - start, log)
+    confirm = _confirmer(measured_on, workload, prompt, log, autotune=not plain, rounds=req.confirm_rounds)
+    return _finish(req, study, study_name, where, target, session, time.perf_counter() - start, log, confirm)
 
 
 def _liveness_from_env() -> dict:
@@ -197,7 +199,46 @@ def _measurer(target, workload, inputs, log, autotune: bool):
     return run
 
 
-def _finish(req, study, study_name, where, target, session, seconds, log) -> dict:
+def _confirmer(target, workload, inputs, log, autotune: bool, rounds: int):
+    """Times compiled programs side by side: each lowered once, then timed again in
+    `rounds` alternating rounds, so that drift over the minutes between a search's
+    trials does not enter the ratio. Returns each one's round medians (ms)."""
+    from optc.runtime.loaded import Artifact
+    from optc.runtime.measure import measure
+
+    def run(compiled_list) -> list[list[float]]:
+        timings = [measure(Artifact(c.programs, c.manifest), target, workload, inputs=inputs,
+                           autotune=None if autotune else False, log=log) for c in compiled_list]
+        medians = [[] for _ in timings]
+        for _ in range(rounds):
+            for i, m in enumerate(timings):
+                medians[i].append(m.remeasure().median_ms)
+        return medians
+
+    return run if rounds > 0 else None
+
+
+def confirm_against_dense(session, shipped: dict, dense: dict | None, confirm, log) -> dict | None:
+    """The shipped configuration and dense, timed again in one process (see _confirmer):
+    the speed-up a user can expect, free of drift between trials."""
+    if confirm is None or not shipped.get("passes"):
+        return None  # nothing to confirm: it is the dense model
+    log("search: timing the shipped configuration and dense again, side by side ...")
+    dense_run = session.run(session.resolve(dense["config"] if dense else {}), export_on_use=True)
+    best_run = session.run(session.resolve(shipped["config"]), export_on_use=True)
+    best_rounds, dense_rounds = confirm([best_run, dense_run])
+    best_ms, dense_ms = _median(best_rounds), _median(dense_rounds)
+    return {"best_ms": best_ms, "dense_ms": dense_ms, "speedup_vs_dense": dense_ms / best_ms,
+            "round_medians_ms": {"best": best_rounds, "dense": dense_rounds}}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _finish(req, study, study_name, where, target, session, seconds, log, confirm=None) -> dict:
     from optc.compiler.search import report
 
     summary = report.summarise(study, req.max_quality_loss)
@@ -217,6 +258,8 @@ def _finish(req, study, study_name, where, target, session, seconds, log) -> dic
     if best is not None and req.compile_best:
         result["best"], result["not_shipped"], failure = _ship_fastest(session, summary["candidates"], out_dir,
                                                                        study_name, log)
+    if result.get("best") is not None and result["best"].get("artifact"):
+        result["confirmed"] = confirm_against_dense(session, result["best"], result.get("dense"), confirm, log)
     _print(result, log)
     with atomic_open(out_dir / f"{study_name}.json", "w", encoding="utf-8") as fh:
         fh.write(json.dumps(result, indent=2, default=str))
@@ -340,4 +383,8 @@ def _print(result: dict, log) -> None:
     log(f"  best under loss {result['max_quality_loss']}: " + (
         f"{best['latency_ms']:.4g} ms, loss {best['quality_loss']:.4f}" + (
             f", artifact {best['artifact']}" if "artifact" in best else "") if best else "none"))
+    confirmed = result.get("confirmed")
+    if confirmed:
+        log(f"  timed again side by side: {confirmed['best_ms']:.4g} ms against dense {confirmed['dense_ms']:.4g} ms, "
+            f"{confirmed['speedup_vs_dense']:.3f}x")
     log(f"  plot: {result['plot']}")
