@@ -10,7 +10,8 @@ from torch.export import ExportedProgram
 from optc.compiler.capture import graph_module, is_state_buffer
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
-from optc.compiler.rewrite import attr_value
+from optc.compiler.rewrite import attr_value, rebuild
+from optc.compiler.torch_private import op_schema
 from optc.compiler.targets import LOWERING_FIELDS, Target
 from optc.errors import CompileError
 
@@ -18,7 +19,7 @@ from optc.errors import CompileError
 # bf16 operands between 1e-3 and 1e-2 per op. A deep half-precision program compounds its
 # ops' rounding (Llama-1B in bf16 on the H100: 0.025 between eager and Inductor, Llama-8B
 # 0.048), so for bf16/fp16 outputs the tolerance is the larger of this floor and the
-# program's own rounding noise (see rounding_noise).
+# program's own rounding noise (see rounding_noise: weights and activations moved by one ulp).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -243,7 +244,7 @@ def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None,
     not measured."""
     worst, noise = 0.0, 0.0
     dtype = torch.float32
-    flippable = None  # found once, on the first half-precision output
+    flippable = twin = None  # built once, on the first half-precision output
     for trial in range(trials):
         args, kwargs = random_like_inputs(inputs, vocab, seed=1234 + trial)
         with torch.no_grad():
@@ -254,8 +255,8 @@ def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None,
             dtype = ref.dtype
             if judged and dtype in _HALF:
                 if flippable is None:
-                    flippable = flippable_weights(reference)
-                noise = max(noise, rounding_noise(reference, flippable, ref, args, kwargs))
+                    flippable, twin = flippable_weights(reference), noisy_twin(reference)
+                noise = max(noise, rounding_noise(reference, flippable, ref, args, kwargs, twin))
         worst = max(worst, _rel_err(out, ref))
     floor = TOLERANCE.get(dtype, 1e-2)
     tol = max(floor, noise)
@@ -282,26 +283,99 @@ def flippable_weights(reference) -> list[torch.Tensor]:
 
 
 def rounding_noise(reference: torch.nn.Module, weights: list[torch.Tensor], ref_out: torch.Tensor,
-                   args, kwargs) -> float:
-    """How far the reference's output moves when every half-precision weight moves by
-    one unit in the last place: the lowest mantissa bit of each of `weights`
-    (flippable_weights) is flipped in place (XOR, so flipping again restores it bit for
-    bit) and the reference runs again. A correct lowering only rounds differently
-    (fused kernels keep fp32 intermediates, reductions reorder); its difference from the
-    reference stays of this order however deep the program, while a wrong lowering
-    lands far above it."""
-    if not weights:
+                   args, kwargs, twin: torch.nn.Module | None = None) -> float:
+    """How far the reference's output moves when every half-precision value it holds or
+    computes moves by one unit in the last place: the lowest mantissa bit of each of
+    `weights` (flippable_weights) is flipped in place (XOR, so flipping again restores it
+    bit for bit) and `twin` (noisy_twin: the reference with each op's rounded result
+    moved too; the reference itself if None) runs. A correct lowering only rounds
+    differently (fused kernels keep fp32 intermediates, reductions reorder); its
+    difference from the reference stays of this order however deep the program, while a
+    wrong lowering lands far above it. Weights alone are not enough: an input whose
+    output hinges on one activation's rounding (a token driving an outlier channel)
+    barely moves when the weights move, yet any other rounding of that activation moves
+    it as far as a lowering does."""
+    if not weights and twin is None:
         return 0.0
     try:
         for t in weights:
             t.view(torch.int16).bitwise_xor_(1)
         reset_state(reference)
-        flipped = reference(*args, **kwargs)
+        flipped = (reference if twin is None else twin)(*args, **kwargs)
     finally:
         for t in weights:
             t.view(torch.int16).bitwise_xor_(1)
         reset_state(reference)
     return _rel_err(flipped, ref_out)
+
+
+def noisy_twin(reference) -> torch.nn.Module | None:
+    """A copy of a GraphModule `reference` (sharing its tensors) whose every rounding op
+    moves its half-precision result by one ulp (one_ulp) before any other op reads it;
+    None for other modules, whose noise is their weights'. Views and in-place writes are
+    left alone (their results are other tensors' memory, the KV cache included), and so
+    are ops that do not round (copies, selections, sign changes): moving a copy would
+    undo the move of what it copies."""
+    if not isinstance(reference, torch.fx.GraphModule):
+        return None
+    twin, _ = rebuild(reference)
+    for node in list(twin.graph.nodes):
+        if node.op != "call_function":
+            continue
+        cast = _casts(node)
+        if not (cast or _rounds(node)):
+            continue
+        with twin.graph.inserting_after(node):
+            moved = twin.graph.call_function(one_ulp, (node, node.args[0]) if cast else (node,))
+        node.replace_all_uses_with(moved, delete_user_cb=lambda user: user is not moved)
+    twin.recompile()
+    return twin
+
+
+# Ops tagged pointwise or reduction whose result is one of their inputs' values, exactly.
+_EXACT_OPS = {"abs", "alias", "amax", "amin", "clamp", "clamp_max", "clamp_min", "clone", "copy", "detach",
+              "fill", "hardtanh", "lift_fresh_copy", "masked_fill", "max", "maximum", "min", "minimum",
+              "neg", "positive", "relu", "sign", "where"}
+# Untagged ops that round their result: products, normalisations, softmax, attention.
+_ROUNDING_OPS = {"addmm", "addmv", "baddbmm", "bmm", "conv1d", "conv2d", "conv3d", "convolution", "dot",
+                 "einsum", "group_norm", "layer_norm", "linear", "log_softmax", "matmul", "mm", "mv",
+                 "native_group_norm", "native_layer_norm", "rms_norm", "softmax", "_fused_rms_norm",
+                 "_log_softmax", "_softmax", "scaled_dot_product_attention", "_scaled_dot_product_attention_math",
+                 "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"}
+
+
+def _rounds(node: torch.fx.Node) -> bool:
+    schema = op_schema(node.target)
+    if schema is None or any(r.alias_info is not None for r in schema.returns):
+        return False  # a Python function, a view, or an in-place write
+    namespace, _, name = schema.name.partition("::")
+    if namespace != "aten":
+        return True  # optc's kernels and other custom ops compute their results
+    if name in _EXACT_OPS:
+        return False
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.pointwise in tags or torch.Tag.reduction in tags or name in _ROUNDING_OPS
+
+
+def _casts(node: torch.fx.Node) -> bool:
+    """A dtype conversion; one_ulp checks at run time that it changed the dtype."""
+    schema = op_schema(node.target)
+    return getattr(schema, "name", "") in ("aten::to", "aten::_to_copy") and isinstance(node.args[0], torch.fx.Node)
+
+
+def one_ulp(value, source=None):
+    """`value` with each finite half-precision element's lowest mantissa bit flipped (a
+    new tensor, same strides); with `source`, only where `value` was converted from
+    another dtype. Non-finite elements stay: a flipped inf is a NaN."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(one_ulp(v) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dtype not in _HALF or value.numel() == 0:
+        return value
+    if source is not None and (not isinstance(source, torch.Tensor) or source.dtype == value.dtype):
+        return value
+    moved = value.view(torch.int16).bitwise_xor(1).view(value.dtype)
+    return torch.where(torch.isfinite(value), moved, value)
 
 
 def _named_tensors(module):

@@ -127,3 +127,68 @@ def test_inductor_lowering_of_a_bf16_llama_passes_within_its_noise():
     result = lowering.compare(gm, torch.compile(gm, backend="inductor", fullgraph=True), ((ids,), {}), 512)
     assert result["ok"], result
     assert 0 < result["max_rel_err"] < result["rounding_noise_rel_err"]
+
+
+class Outlier(torch.nn.Module):
+    """An outlier added to the activations and taken off again (a caricature of a
+    massive-activation channel that a later layer cancels): in bf16 the sum rounds to
+    the outlier's step, so the result hinges on that activation's rounding, while moving
+    the outlier itself by one ulp moves both ends alike and changes nothing (the sum
+    stays within one binade, whose steps are uniform)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter((torch.randn(d, d, generator=g) / d**0.5).to(torch.bfloat16), requires_grad=False)
+        self.outlier = torch.nn.Parameter(torch.full((d,), 384.0, dtype=torch.bfloat16), requires_grad=False)
+
+    def forward(self, x):
+        return torch.nn.functional.linear((x + self.outlier) - self.outlier, self.w)
+
+
+def fused_outlier(model):
+    """The lowering a fusing compiler emits: the add and the subtraction in one fp32
+    kernel, rounded once (so exactly `x`), then the same matmul."""
+
+    def run(x):
+        h = ((x.float() + model.outlier.float()) - model.outlier.float()).to(x.dtype)
+        return torch.nn.functional.linear(h, model.w)
+
+    return run
+
+
+def _exported(model, x):
+    from optc.compiler.capture import graph_module
+
+    return graph_module(torch.export.export(model, (x,)))
+
+
+def test_the_noise_moves_every_rounded_activation_of_a_graph():
+    """The lowering differs from eager by one rounding of one activation, far above what
+    moving the weights does; the noise of the graph moves that activation too."""
+    model = Outlier()
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    gm = _exported(model, x)
+    weights_only = lowering.rounding_noise(gm, lowering.flippable_weights(gm), gm(x), (x,), {})
+    result = lowering.compare(gm, fused_outlier(model), ((x,), {}), None)
+    assert result["max_rel_err"] > 10 * max(weights_only, lowering.TOLERANCE[torch.bfloat16])
+    assert result["ok"], result
+    for p in gm.parameters():  # the twin shares them, and they come back bit for bit
+        assert torch.equal(p.view(torch.int16), getattr(model, "w" if p.dim() == 2 else "outlier").view(torch.int16))
+
+
+def test_a_graphs_noise_stays_of_the_order_of_its_weights_and_a_wrong_lowering_is_caught():
+    model = Deep().to(torch.bfloat16)
+    x = INPUTS[0][0]
+    gm = _exported(model, x)
+    weights_only = lowering.rounding_noise(gm, lowering.flippable_weights(gm), gm(x), (x,), {})
+    twin = lowering.noisy_twin(gm)
+    assert sum(n.target is lowering.one_ulp for n in twin.graph.nodes) >= 24 * 3  # linear, gelu, add per layer
+    noise = lowering.rounding_noise(gm, lowering.flippable_weights(gm), gm(x), (x,), {}, twin)
+    assert weights_only / 4 < noise < 4 * weights_only
+    assert lowering.compare(gm, fp32_lowering(model), INPUTS, None)["ok"]
+
+    def drops_the_last_layer(x):
+        return gm(x) - torch.nn.functional.gelu(torch.nn.functional.linear(x, model.ws[-1]))
+
+    assert not lowering.compare(gm, drops_the_last_layer, INPUTS, None)["ok"]
