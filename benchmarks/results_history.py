@@ -286,6 +286,11 @@ def table(real_weights: bool = True) -> str:
             speed = f"{dense / r['latency_ms']:.2f}x" if dense else "-"
             mark = " (best under the limit)" if d.get("best") and r["trial"] == d["best"]["trial"] else ""
             out.append(f"| {r['latency_ms']:.3f} | {speed} | {r['quality_loss']:.4f} | {_config(r['config'])}{mark} |")
+        confirmed = d.get("confirmed")
+        if confirmed:
+            out.append(f"\nShipped, `{Path(d['best']['artifact']).name}`, timed again beside dense in alternating "
+                       f"rounds: {confirmed['best_ms']:.3f} ms against {confirmed['dense_ms']:.3f}, "
+                       f"{confirmed['speedup_vs_dense']:.3f}x.")
         out.append("")
     return "\n".join(out)
 

@@ -44,3 +44,24 @@ def test_readme_speed_and_quality_tables_are_generated_from_results():
         between = readme.split(begin, 1)[1].split(end, 1)[0]
         assert between == f"\n{make()}\n", "README is stale: run python benchmarks/readme_table.py --write"
         assert between.count("\n| ") >= 3  # a header and at least one measured row
+
+
+def test_a_search_that_timed_its_shipped_configuration_again_shows_that_timing(tmp_path, monkeypatch):
+    history = benchmark_scripts.load("results_history")
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    row = {"trial": 2, "config": {"prune_mlp": {"ratio": 0.1}}, "latency_ms": 0.73, "quality_loss": 0.03}
+    result = {"model": "smollm2-135m", "max_quality_loss": 0.05, "date": "2026-12-05T12:00:00", "device": "GPU",
+              "n_trials": 3, "n_measured": 3, "seconds": 10.0, "torch": "2.x", "cost_model": {},
+              "dense": {"latency_ms": 0.8}, "pareto": [row],
+              "best": {**row, "artifact": "/out/s-best-abc.optc"},
+              "confirmed": {"best_ms": 0.76, "dense_ms": 0.771, "speedup_vs_dense": 0.771 / 0.76}}
+    (results / "search_smollm2_x.json").write_text(json.dumps(result))
+    monkeypatch.setattr(history, "RESULTS", results)
+    monkeypatch.setattr(history, "ROOT", tmp_path)
+    text = history.table()
+    assert "| 0.730 | 1.10x | 0.0300 | prune_mlp.ratio=0.1 (best under the limit) |" in text
+    assert "`s-best-abc.optc`" in text and "0.760 ms against 0.771, 1.014x" in text
+    del result["confirmed"]
+    (results / "search_smollm2_x.json").write_text(json.dumps(result))
+    assert "timed again" not in history.table()
