@@ -169,12 +169,24 @@ def test_the_noise_moves_every_rounded_activation_of_a_graph():
     model = Outlier()
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     gm = _exported(model, x)
+    before = [p.detach().clone() for p in gm.parameters()]
     weights_only = lowering.rounding_noise(gm, lowering.flippable_weights(gm), gm(x), (x,), {})
     result = lowering.compare(gm, fused_outlier(model), ((x,), {}), None)
     assert result["max_rel_err"] > 10 * max(weights_only, lowering.TOLERANCE[torch.bfloat16])
     assert result["ok"], result
-    for p in gm.parameters():  # the twin shares them, and they come back bit for bit
-        assert torch.equal(p.view(torch.int16), getattr(model, "w" if p.dim() == 2 else "outlier").view(torch.int16))
+    for p, saved in zip(gm.parameters(), before):  # the twin shares them, and they come back bit for bit
+        assert torch.equal(p.view(torch.int16), saved.view(torch.int16))
+
+
+def test_a_lowering_that_returns_zeros_fails_however_sensitive_the_program():
+    """The outlier program's noise is larger than its output; the tolerance is capped, so
+    an output of zeros (relative error 1) is still refused."""
+    model = Outlier()
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    gm = _exported(model, x)
+    result = lowering.compare(gm, lambda x: torch.zeros_like(gm(x)), ((x,), {}), None)
+    assert result["rounding_noise_rel_err"] > 1 and result["tolerance"] == lowering.NOISE_TOLERANCE_CAP
+    assert not result["ok"]
 
 
 def test_a_graphs_noise_stays_of_the_order_of_its_weights_and_a_wrong_lowering_is_caught():
