@@ -284,7 +284,10 @@ def table(real_weights: bool = True) -> str:
         out.append("| latency ms | vs dense | quality loss | configuration |\n|---|---|---|---|")
         for r in d["pareto"]:
             speed = f"{dense / r['latency_ms']:.2f}x" if dense else "-"
-            mark = " (best under the limit)" if d.get("best") and r["trial"] == d["best"]["trial"] else ""
+            mark = ""
+            if d.get("best") and r["trial"] == d["best"]["trial"]:
+                mark = " (best under the limit)" if d["best"].get("artifact") else \
+                    " (best under the limit; not compiled in this run)"
             out.append(f"| {r['latency_ms']:.3f} | {speed} | {r['quality_loss']:.4f} | {_config(r['config'])}{mark} |")
         confirmed = d.get("confirmed")
         if confirmed:

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from optc.errors import OptcError
+from optc.errors import InternalError, OptcError
 
 
 def _log(msg: str) -> None:
@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         partial = getattr(exc, "result", None)  # e.g. bench rows measured before a variant failed
         if getattr(args, "json", False) and partial is not None:
             print(json.dumps(partial, indent=2, default=str))
-        _log(f"optc {args.command}: error: {exc}")
+        if os.environ.get("OPTC_DEBUG"):
+            traceback.print_exc()
+        _log(f"optc {args.command}: error: {exc}" + (" (a bug in optc; set OPTC_DEBUG=1 for the traceback)"
+                                                    if isinstance(exc, InternalError) else ""))
         return exc.exit_code
     except KeyboardInterrupt:
         _log("optc: interrupted")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from optc.errors import NoConfigError, UsageError
 from optc.fileio import atomic_open
+from optc.search_ship import confirm_against_dense, ship_fastest, side_by_side
 
 
 def _log(msg: str) -> None:
@@ -100,7 +101,7 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
                   remember=_remember(target, workload, lowering, session.model_name))
     if worker_only:
         return {"study": study_name, "worker_trials": req.trials}
-    confirm = _confirmer(measured_on, workload, prompt, log, autotune=not plain, rounds=req.confirm_rounds)
+    confirm = side_by_side(measured_on, workload, prompt, log, autotune=not plain, rounds=req.confirm_rounds)
     return _finish(req, study, study_name, where, target, session, time.perf_counter() - start, log, confirm)
 
 
@@ -199,45 +200,6 @@ def _measurer(target, workload, inputs, log, autotune: bool):
     return run
 
 
-def _confirmer(target, workload, inputs, log, autotune: bool, rounds: int):
-    """Times compiled programs side by side: each lowered once, then timed again in
-    `rounds` alternating rounds, so that drift over the minutes between a search's
-    trials does not enter the ratio. Returns each one's round medians (ms)."""
-    from optc.runtime.loaded import Artifact
-    from optc.runtime.measure import measure
-
-    def run(compiled_list) -> list[list[float]]:
-        timings = [measure(Artifact(c.programs, c.manifest), target, workload, inputs=inputs,
-                           autotune=None if autotune else False, log=log) for c in compiled_list]
-        medians = [[] for _ in timings]
-        for _ in range(rounds):
-            for i, m in enumerate(timings):
-                medians[i].append(m.remeasure().median_ms)
-        return medians
-
-    return run if rounds > 0 else None
-
-
-def confirm_against_dense(session, shipped: dict, dense: dict | None, confirm, log) -> dict | None:
-    """The shipped configuration and dense, timed again in one process (see _confirmer):
-    the speed-up a user can expect, free of drift between trials."""
-    if confirm is None or not shipped.get("passes"):
-        return None  # nothing to confirm: it is the dense model
-    log("search: timing the shipped configuration and dense again, side by side ...")
-    dense_run = session.run(session.resolve(dense["config"] if dense else {}), export_on_use=True)
-    best_run = session.run(session.resolve(shipped["config"]), export_on_use=True)
-    best_rounds, dense_rounds = confirm([best_run, dense_run])
-    best_ms, dense_ms = _median(best_rounds), _median(dense_rounds)
-    return {"best_ms": best_ms, "dense_ms": dense_ms, "speedup_vs_dense": dense_ms / best_ms,
-            "round_medians_ms": {"best": best_rounds, "dense": dense_rounds}}
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def _finish(req, study, study_name, where, target, session, seconds, log, confirm=None) -> dict:
     from optc.compiler.search import report
 
@@ -255,15 +217,19 @@ def _finish(req, study, study_name, where, target, session, seconds, log, confir
     result.pop("candidates")
     best = summary["best"]
     failure = None
-    if best is not None and req.compile_best:
-        result["best"], result["not_shipped"], failure = _ship_fastest(session, summary["candidates"], out_dir,
-                                                                       study_name, log)
-    if result.get("best") is not None and result["best"].get("artifact"):
-        result["confirmed"] = confirm_against_dense(session, result["best"], result.get("dense"), confirm, log)
-    _print(result, log)
-    with atomic_open(out_dir / f"{study_name}.json", "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(result, indent=2, default=str))
+    result.update(not_shipped=[], confirmed=None)  # with --no-artifact, best is neither compiled nor checked
+    try:
+        if best is not None and req.compile_best:
+            result["best"], result["not_shipped"], failure = ship_fastest(session, summary["candidates"], out_dir,
+                                                                          study_name, log)
+            result["confirmed"] = None if result["best"] is None else confirm_against_dense(
+                session, result["best"], result.get("dense"), confirm, log)
+    finally:  # whatever failed while shipping, the study's report is written
+        _print(result, log)
+        with atomic_open(out_dir / f"{study_name}.json", "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(result, indent=2, default=str))
     if failure is not None:
+        failure.result = result  # --json still prints the report
         raise failure
     if best is None:
         err = NoConfigError(f"no measured configuration meets --max-quality-loss {req.max_quality_loss} "
@@ -271,37 +237,6 @@ def _finish(req, study, study_name, where, target, session, seconds, log, confir
         err.result = result
         raise err
     return result
-
-
-def _ship_fastest(session, candidates: list[dict], out_dir: Path, study_name: str, log):
-    """Compile the fastest configuration under the limit; if its lowering fails the
-    check that every artifact passes (trials are timed without it), the next fastest,
-    and so on. Returns (the shipped row with its artifact or None, the rows that failed
-    with why, the error to raise when none compiled)."""
-    from optc.errors import CompileError
-
-    not_shipped = []
-    for row in candidates:
-        try:
-            return {**row, **_compile_best(session, row, out_dir, study_name, log)}, not_shipped, None
-        except CompileError as exc:
-            not_shipped.append({**row, "error": str(exc)})
-            log(f"search: trial {row['trial']}'s configuration cannot ship: {exc}; trying the next fastest")
-    return None, not_shipped, CompileError(
-        f"none of the {len(candidates)} configurations under the limit compiled; the last: "
-        f"{not_shipped[-1]['error']}")
-
-
-def _compile_best(session, best, out_dir: Path, study_name: str, log) -> dict:
-    """The chosen configuration compiled, verified and evaluated in full, saved."""
-    from optc.runtime.loaded import Artifact
-
-    config = session.resolve(best["config"])
-    compiled = session.run(config, verify=True, evaluate=True)
-    path = out_dir / f"{study_name}-best-{config['hash']}.optc"
-    Artifact(compiled.programs, compiled.manifest).save(path)
-    log(f"search: best configuration compiled to {path}")
-    return {"artifact": str(path), "config_hash": config["hash"], "quality_full": compiled.manifest["quality"]}
 
 
 def _run_workers(req, target, study_name, log) -> dict:
@@ -378,13 +313,15 @@ def _print(result: dict, log) -> None:
     for row in result.get("failed", []):
         log(f"  failed (a bug; its traceback is in the study): trial {row['trial']}: {row['error']}")
     for row in result.get("not_shipped", []):
-        log(f"  failed its lowering check, not shipped: {describe(row['config'])} ({row['latency_ms']:.4g} ms)")
+        log(f"  not shipped: {describe(row['config'])} ({row['latency_ms']:.4g} ms): {row['error'][:300]}")
     best = result.get("best")
     log(f"  best under loss {result['max_quality_loss']}: " + (
         f"{best['latency_ms']:.4g} ms, loss {best['quality_loss']:.4f}" + (
             f", artifact {best['artifact']}" if "artifact" in best else "") if best else "none"))
     confirmed = result.get("confirmed")
-    if confirmed:
+    if confirmed and "error" in confirmed:
+        log(f"  timing it again beside dense failed: {confirmed['error'][:300]}")
+    elif confirmed:
         log(f"  timed again side by side: {confirmed['best_ms']:.4g} ms against dense {confirmed['dense_ms']:.4g} ms, "
             f"{confirmed['speedup_vs_dense']:.3f}x")
     log(f"  plot: {result['plot']}")

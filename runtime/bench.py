@@ -324,7 +324,7 @@ def _more_rounds(timings: dict, again: dict, rounds: int, failed: dict) -> None:
     all rounds. The same program measured minutes apart on a lent GPU has differed by
     more than the effects compared here; interleaving spreads such drift over every
     row (it shows as p20-p80 spread) instead of between rows."""
-    from optc.runtime.timing import summarise
+    from optc.runtime.timing import pooled
 
     if rounds < 2 or not again:
         return
@@ -343,10 +343,7 @@ def _more_rounds(timings: dict, again: dict, rounds: int, failed: dict) -> None:
         if label in failed:
             timings.pop(label, None)
             continue
-        pooled = summarise([ms for t in ts for ms in t.info["samples_ms"]])
-        timings[label] = pooled.with_extra(compile_s=ts[0].compile_s, **{
-            k: v for k, v in ts[0].info.items() if k != "samples_ms"},
-            rounds=len(ts), round_medians_ms=[round(t.median_ms, 4) for t in ts])
+        timings[label] = pooled(ts)
 
 
 def _print_table(result: dict) -> None:

@@ -99,6 +99,15 @@ def _percentile(sorted_vals: Sequence[float], q: float) -> float:
     return float(sorted_vals[lo] * (1.0 - frac) + sorted_vals[hi] * frac)
 
 
+def pooled(rounds: Sequence[Timing]) -> Timing:
+    """One program timed in several rounds as one timing: every call of every round
+    pooled, with each round's median and the first round's setup and details."""
+    first = rounds[0]
+    return summarise([ms for t in rounds for ms in t.info["samples_ms"]]).with_extra(
+        compile_s=first.compile_s, **{k: v for k, v in first.info.items() if k != "samples_ms"},
+        rounds=len(rounds), round_medians_ms=[round(t.median_ms, 4) for t in rounds])
+
+
 def summarise(samples: Sequence[float]) -> Timing:
     """Median and 20th/80th percentiles of per-call times in milliseconds."""
     vals = [float(s) for s in samples]

@@ -41,10 +41,11 @@ def test_search_resumes_the_same_study_and_reports_a_front(tmp_path):
     if out["best"]["passes"]:  # timed again beside dense, alternating, in this process
         confirmed = out["confirmed"]
         assert len(confirmed["round_medians_ms"]["best"]) == len(confirmed["round_medians_ms"]["dense"]) == 3
-        assert confirmed["speedup_vs_dense"] == pytest.approx(confirmed["dense_ms"] / confirmed["best_ms"])
+        assert confirmed["best_ms"] > 0 and confirmed["dense_ms"] > 0
         assert "timed again side by side" in second.stderr
     else:
         assert out["confirmed"] is None
+    assert out["not_shipped"] == []
 
 
 def test_a_study_for_another_space_is_refused_and_no_feasible_result_exits_3(tmp_path):

@@ -60,7 +60,8 @@ class FakeSession:
         self.runs += 1
         toy = config["passes"]["toy_pass"]
         if self.fail_on is not None and toy["level"] == self.fail_on:
-            raise self.error(f"level {toy['level']} cannot apply to this model")
+            raise self.error(f"level {toy['level']} " + ("crashed" if self.error is InternalError else
+                                                           "cannot apply to this model"))
         # level 1 alone rounds to nothing: the pass does not apply and the programs are dense
         applied = toy["level"] > 1 or toy["strength"] > 0
         manifest = {"passes": [{"name": "toy_pass", "applied": applied, "plan": {}}]}
@@ -211,7 +212,7 @@ def test_a_pass_that_crashes_is_recorded_as_a_failure_with_its_traceback_not_as_
     assert "InternalError" in crashed.user_attrs["error"]
     summary = report.summarise(study, 0.05)
     assert summary["inapplicable"] == []
-    assert [r["trial"] for r in summary["failed"]] == [1] and "cannot apply" in summary["failed"][0]["error"]
+    assert [r["trial"] for r in summary["failed"]] == [1] and "level 3 crashed" in summary["failed"][0]["error"]
 
 
 def test_settings_that_change_nothing_reuse_the_dense_measurement():
