@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from optc.errors import NoConfigError, UsageError
+from optc.errors import CompileError, NoConfigError, UsageError
 from optc.fileio import atomic_open
 from optc.search_ship import confirm_against_dense, ship_fastest, side_by_side
 
@@ -97,8 +97,17 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
                             time_limit_s=req.time_limit_s, min_measured=1 if cost.coef else 4,
                             **_liveness_from_env())
     start = time.perf_counter()
-    sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log,
-                  remember=_remember(target, workload, lowering, session.model_name))
+    try:
+        sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log,
+                      remember=_remember(target, workload, lowering, session.model_name))
+    except CompileError:  # trials kept crashing: report what the study holds (nothing compiled), then fail
+        if not worker_only:
+            try:
+                _finish(replace(req, compile_best=False), study, study_name, where, target, session,
+                        time.perf_counter() - start, log)
+            except NoConfigError:
+                pass
+        raise
     if worker_only:
         return {"study": study_name, "worker_trials": req.trials}
     confirm = side_by_side(measured_on, workload, prompt, log, autotune=not plain, rounds=req.confirm_rounds)

@@ -91,6 +91,10 @@ def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Cal
             beat.stop()
             study.tell(trial, state=TrialState.FAIL)
             raise
+        except CrashedBefore as exc:
+            trial.set_user_attr("error", f"as in trial {exc.args[0]}")
+            study.tell(trial, state=TrialState.FAIL)
+            log(f"[optc] trial {trial.number}: not run: a pass crashed on the same configuration in trial {exc.args[0]}")
         except Exception as exc:
             if isinstance(exc, OptcError) and not isinstance(exc, InternalError):
                 # the configuration cannot apply here: recorded, never retried
@@ -144,6 +148,9 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log,
     refused = _refused_twin(study, config["hash"], trial.number)
     if refused is not None:  # known not to apply: say so again without compiling
         raise UsageError(f"as in trial {refused.number}: {refused.user_attrs['inapplicable']}")
+    crashed = _refused_twin(study, config["hash"], trial.number, mark="error")
+    if crashed is not None:  # a pass crashed on it before: not run again, and not a new crash
+        raise CrashedBefore(crashed.number)
     earlier = _claim(study, trial, config["hash"], log, grace_s=opts.grace_s)
     if earlier is not None:  # another worker was already running it: its result, not a second measurement
         _copy_result(study, trial, earlier, log)
@@ -232,11 +239,17 @@ def _claim(study, trial, config_hash: str, log, poll_s: float = 2.0, grace_s: fl
             return done
 
 
-def _refused_twin(study, config_hash: str, number: int):
+def _refused_twin(study, config_hash: str, number: int, mark: str = "inapplicable"):
+    """A failed trial of the same configuration carrying `mark`: inapplicable (a pass
+    refused it) or error (a pass crashed on it)."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        if t.number != number and t.user_attrs.get("config_hash") == config_hash and "inapplicable" in t.user_attrs:
+        if t.number != number and t.user_attrs.get("config_hash") == config_hash and mark in t.user_attrs:
             return t
     return None
+
+
+class CrashedBefore(Exception):
+    """The configuration crashed a pass in an earlier trial (its number)."""
 
 
 def _copy_result(study, trial, earlier, log) -> None:

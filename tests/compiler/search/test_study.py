@@ -202,17 +202,22 @@ def test_a_pass_that_crashes_is_recorded_as_a_failure_with_its_traceback_not_as_
     """The pipeline wraps an exception a pass did not mean to raise in InternalError: a
     bug, which the report lists apart from configurations that cannot apply."""
     space, study = SearchSpace(ANATOMY, "toy"), _study()
-    for level in (2, 3):
+    for level in (2, 3, 3, 3, 3):
         study.enqueue_trial({"toy_pass.level": level, "toy_pass.strength": 0.0})
-    opts = sy.WorkerOptions(n_trials=2, max_quality_loss=0.05, min_measured=5)
-    sy.run_worker(study, space, FakeSession(fail_on=3, error=InternalError), measure=_measure,
-                  features=_features, cost=FakeCost(), opts=opts, log=lambda m: None)
+    session = FakeSession(fail_on=3, error=InternalError)
+    opts = sy.WorkerOptions(n_trials=5, max_quality_loss=0.05, min_measured=5)
+    sy.run_worker(study, space, session, measure=_measure, features=_features, cost=FakeCost(), opts=opts,
+                  log=lambda m: None)
     crashed = study.get_trials()[1]
     assert crashed.state == TrialState.FAIL and "inapplicable" not in crashed.user_attrs
     assert "InternalError" in crashed.user_attrs["error"]
+    # the same configuration again is not run again, and does not count as a new crash
+    # (three crashes in a row would end the search)
+    assert session.runs == 2
+    assert [t.user_attrs["error"] for t in study.get_trials()[2:]] == ["as in trial 1"] * 3
     summary = report.summarise(study, 0.05)
     assert summary["inapplicable"] == []
-    assert [r["trial"] for r in summary["failed"]] == [1] and "level 3 crashed" in summary["failed"][0]["error"]
+    assert [r["trial"] for r in summary["failed"]][0] == 1 and "level 3 crashed" in summary["failed"][0]["error"]
 
 
 def test_settings_that_change_nothing_reuse_the_dense_measurement():
