@@ -94,7 +94,8 @@ def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Cal
         except CrashedBefore as exc:
             trial.set_user_attr("error", f"as in trial {exc.args[0]}")
             study.tell(trial, state=TrialState.FAIL)
-            log(f"[optc] trial {trial.number}: not run: a pass crashed on the same configuration in trial {exc.args[0]}")
+            log(f"[optc] trial {trial.number}: not run: a pass crashed on this configuration in trial "
+                f"{exc.args[0]}")
         except Exception as exc:
             if isinstance(exc, OptcError) and not isinstance(exc, InternalError):
                 # the configuration cannot apply here: recorded, never retried
