@@ -2,6 +2,7 @@
 ships when the fastest fails, and the side-by-side timing of the shipped configuration
 against dense."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -97,3 +98,30 @@ def test_side_by_side_lowers_each_program_once_then_times_them_round_robin(monke
     assert calls == [("lower", "a"), ("lower", "b")] + [("time", "a"), ("time", "b")] * 2
     assert a.info["round_medians_ms"] == [1.0, 2.0, 3.0] and a.n == 6 and a.median_ms == 2.0
     assert ship.side_by_side("cpu", None, None, log=None, autotune=False, rounds=0) is None
+
+
+def test_a_search_stopped_by_crashing_trials_writes_its_report_first(monkeypatch, tmp_path):
+    """Three trials in a row that crash end the search (exit 1); what the study holds is
+    reported first. Everything but the study, its storage and the report is a fake."""
+    import optc.compiler.search.space as space_mod
+    import optc.compiler.search.study as study_mod
+    import optc.search as search_mod
+
+    session = SimpleNamespace(anatomy=None, model_name="fake", is_lm=True, task="causal-lm",
+                              calibration_source=lambda: "none")
+    monkeypatch.setattr(search_mod, "_session", lambda req, target, log: (session, None, None))
+    monkeypatch.setattr(space_mod, "SearchSpace", lambda *a: SimpleNamespace(
+        params={}, signature=lambda: {"fake": True}))
+    monkeypatch.setattr(search_mod, "_workload", lambda *a: SimpleNamespace(to_dict=lambda: {"kind": "decode"}))
+    monkeypatch.setattr(study_mod, "enqueue_seeds", lambda study, space: None)
+    monkeypatch.setattr(search_mod, "_cost_model", lambda *a: SimpleNamespace(source="fake", history=[], coef=None))
+
+    def crashing_worker(*a, **k):
+        raise CompileError("3 trials in a row failed; the last: RuntimeError: boom")
+
+    monkeypatch.setattr(study_mod, "run_worker", crashing_worker)
+    req = search_mod.SearchRequest(model="fake", target="cpu", trials=3, out_dir=str(tmp_path))
+    with pytest.raises(CompileError, match="3 trials in a row failed"):
+        search_mod.search(req, log=lambda m: None)
+    report = json.loads((tmp_path / "fake-cpu.json").read_text())
+    assert report["n_trials"] == 0 and report["best"] is None and report["confirmed"] is None
