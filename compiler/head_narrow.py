@@ -19,7 +19,7 @@ import torch.fx as fx
 from optc.compiler.head_coupling import HeadCoupling
 from optc.compiler.head_ops import G, KV, QKV, factor_size, fused_parts, norm_dim, source_factors, split_bounds
 from optc.compiler.rewrite import attr_value, get_attr_nodes, set_param
-from optc.compiler.torch_private import detect_fake_mode, set_tensor_attr
+from optc.compiler.torch_private import detect_fake_mode, python_dispatcher, set_tensor_attr
 
 aten = torch.ops.aten
 _SLICE_END = 2**63 - 1
@@ -174,18 +174,6 @@ def _refresh_meta(gm: fx.GraphModule, c: HeadCoupling, new_caches: dict) -> None
         if node.op != "call_function" or node not in c.roles:
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
-        with mode:
-            node.meta["val"] = _fake_linear(*args, **kwargs) if node.target is aten.linear.default \
-                else node.target(*args, **kwargs)
+        with mode, python_dispatcher():  # a prefill program's sequence length is symbolic
+            node.meta["val"] = node.target(*args, **kwargs)
 
-
-def _fake_linear(x, weight, bias=None):
-    """aten.linear on fake tensors, as the matrix product of the input folded to 2-D.
-    A prefill program's sequence length is symbolic, and torch 2.11's C++ linear (its
-    matmul) asks such a tensor for its numel, which raises: torch.export avoids that
-    with its python dispatcher, this plain fake mode does not. Folding, mm and reshape
-    read sizes symbolically, and give linear's shape and (contiguous) strides."""
-    y = aten.mm(aten.reshape(x, [-1, x.shape[-1]]), aten.t(weight))
-    if bias is not None:
-        y = aten.add(y, bias)
-    return aten.reshape(y, [*x.shape[:-1], weight.shape[0]])

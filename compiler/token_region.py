@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from optc.compiler.torch_private import detect_fake_mode
+from optc.compiler.torch_private import detect_fake_mode, python_dispatcher
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
@@ -71,7 +71,7 @@ class Region:
     def _refresh(self, node: fx.Node) -> None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
         try:
-            with self.mode:
+            with self.mode, python_dispatcher():  # as head_narrow: sizes may be symbolic
                 node.meta["val"] = node.target(*args, **kwargs)
         except Exception as exc:
             raise Refused(f"{node.name} ({_name(node.target)}) cannot take the merged tokens: "

@@ -36,7 +36,7 @@ __all__ = [
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
     "compile_fx", "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
     "inductor_realize_op", "fresh_cache_artifacts", "export_load_type_hints_cached",
-    "dynamo_counters",
+    "dynamo_counters", "python_dispatcher",
     "cuda_driver_api_version",
 ]
 
@@ -264,6 +264,18 @@ def export_load_type_hints_cached():
 
 
 # --------------------------------------------------------------------------- Dynamo (lazy)
+
+
+@contextlib.contextmanager
+def python_dispatcher():
+    """torch's Python dispatcher, under which torch.export (and fx's ShapeProp) run ops on
+    fake tensors: with it, ops such as linear and matmul decompose in Python and read a
+    symbolic size symbolically. Without it torch 2.11's C++ matmul asks a tensor with a
+    symbolic size for its numel and raises. Checked on 2.13; the failure it avoids is 2.11's."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    with enable_python_dispatcher():
+        yield
 
 
 def dynamo_counters():

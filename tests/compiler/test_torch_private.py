@@ -62,6 +62,24 @@ def test_detect_fake_mode(exported):
     assert tp.detect_fake_mode([torch.zeros(2)]) is None  # real tensors: no mode
 
 
+def test_python_dispatcher():
+    """Under it, matmul runs its Python decomposition (what reads a symbolic size
+    symbolically) instead of its C++ kernel: a C++ kernel that fails is not reached."""
+    import warnings
+
+    def failing(x, w):
+        raise RuntimeError("the C++ matmul ran")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.library._scoped_library("aten", "IMPL") as lib:
+            lib.impl("matmul", failing, "CompositeImplicitAutograd")
+            with pytest.raises(RuntimeError, match="the C.. matmul ran"):
+                torch.matmul(torch.ones(2, 3), torch.ones(3, 4))
+            with tp.python_dispatcher():
+                assert torch.equal(torch.matmul(torch.ones(2, 3), torch.ones(3, 4)), torch.full((2, 4), 3.0))
+
+
 def test_FakeTensor(exported):
     ep, _, _ = exported
     vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "call_function" and "val" in n.meta]
