@@ -3,8 +3,9 @@ metadata of the narrowed attention is recomputed on the graph's fake tensors, wh
 sequence dimension is symbolic. torch 2.11's C++ `linear` (through `matmul`) asks such a
 tensor for its numel and raises ("Cannot call numel() on tensor with symbolic
 sizes/strides"; a search on an H200 hit it in prune_heads' planning); later versions
-read it symbolically. The test puts a `linear` that raises the same way in place while
-the pass runs, so it fails on any version if the pass hands `linear` a symbolic tensor."""
+read it symbolically. The test puts a C++ `matmul` that raises the same way in place
+while the pass runs, so it fails on any version if the pass runs the C++ matmul on a
+symbolic tensor instead of the Python dispatcher's decomposition, as torch.export does."""
 
 import warnings
 
