@@ -7,13 +7,11 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from optc.compiler.capture import graph_module
+from optc.compiler.capture import graph_module, is_state_buffer
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
-from optc.compiler.codegen.rounding_noise import (  # noqa: F401  (THRESHOLD_BUFFER_PREFIX, reset_state: read here)
-    _HALF, THRESHOLD_BUFFER_PREFIX, flippable_weights, noisy_twin, one_ulp, rel_err as _rel_err, reset_state,
-    rounding_noise)
-from optc.compiler.rewrite import attr_value
+from optc.compiler.codegen.noisy_twin import HALF as _HALF, noisy_twin
+from optc.compiler.rewrite import attr_value, view_key
 from optc.compiler.targets import LOWERING_FIELDS, Target
 from optc.errors import CompileError
 
@@ -27,6 +25,11 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # no longer tell rounding from a wrong lowering (one that returns zeros has error 1), so an
 # input that sensitive fails the check rather than passing anything.
 NOISE_TOLERANCE_CAP = 0.5
+
+# Buffers holding activation thresholds carry this prefix (sparsify_activations names
+# them), so that verify() can find them in a thresholded program.
+THRESHOLD_BUFFER_PREFIX = "sparsify_t_"
+
 
 # Inductor's on-disk FX graph cache returns a compiled graph without the kernel configs
 # that runtime tuning (coordinate descent) chose for it when that choice was not one of
@@ -165,6 +168,14 @@ def vocab_size(program) -> int | None:
     return None
 
 
+def reset_state(module: torch.nn.Module) -> None:
+    """Zero a decoder's KV cache (buffers the program mutates), so two runs of a
+    stateful program start from the same state."""
+    for name, buf in module.named_buffers():
+        if is_state_buffer(name):
+            buf.zero_()
+
+
 def verify(ep: ExportedProgram, compiled, reference: torch.nn.Module, inputs: tuple[tuple, dict], *, trials: int = 2) -> dict:
     """Compare `compiled` with the uncompiled `reference` on fresh random inputs (for a
     thresholded program: at both ends of its thresholds, see below)."""
@@ -206,13 +217,13 @@ def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials
     after (the buffers may share storage with the exported program). The error at the
     calibrated thresholds is reported, not judged."""
     saved = [t.detach().clone() for t in thresholds]
-    regimes = {}
+    regimes, noise_fn = {}, noise_of(reference)  # its weights and twin are the same in both regimes
     try:
         for regime, value in (("all_kept", -1.0), ("all_dropped", float("inf"))):
             with torch.no_grad():
                 for t in thresholds:
                     t.fill_(value)
-            regimes[regime] = compare(reference, candidate, inputs, vocab, trials=trials)
+            regimes[regime] = compare(reference, candidate, inputs, vocab, trials=trials, noise_fn=noise_fn)
     finally:
         with torch.no_grad():
             for t, s in zip(thresholds, saved):
@@ -228,15 +239,15 @@ def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials
 
 
 def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None, *, trials: int = 2,
-            judged: bool = True) -> dict:
+            judged: bool = True, noise_fn=None) -> dict:
     """Worst ||candidate - reference|| / ||reference|| over fresh random inputs shaped
     like `inputs`, and whether it is within the tolerance of the output dtype (for a
     bf16/fp16 output: or within the reference's own rounding noise, if larger). With
     `judged=False` only the error is wanted: the noise (a forward more per trial) is
-    not measured."""
+    not measured. `noise_fn`: noise_of(reference), shared by calls on one reference."""
     worst, noise = 0.0, 0.0
     dtype = torch.float32
-    flippable = twin = None  # built once, on the first half-precision output
+    noise_fn = noise_fn or noise_of(reference)
     for trial in range(trials):
         args, kwargs = random_like_inputs(inputs, vocab, seed=1234 + trial)
         with torch.no_grad():
@@ -246,9 +257,7 @@ def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None,
             out = candidate(*args, **kwargs)
             dtype = ref.dtype
             if judged and dtype in _HALF:
-                if flippable is None:
-                    flippable, twin = flippable_weights(reference), noisy_twin(reference)
-                noise = max(noise, rounding_noise(reference, flippable, ref, args, kwargs, twin))
+                noise = max(noise, noise_fn(ref, args, kwargs))
         worst = max(worst, _rel_err(out, ref))
     floor = TOLERANCE.get(dtype, 1e-2)
     tol = max(floor, min(noise, NOISE_TOLERANCE_CAP))
@@ -256,6 +265,74 @@ def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None,
     if dtype in _HALF:
         result.update(rounding_noise_rel_err=noise, tolerance_floor=floor)
     return result
+
+
+def noise_of(reference):
+    """rounding_noise of `reference` as a function of (its output, args, kwargs). The
+    weights to move and the noisy twin are found on the first call (a half-precision
+    output) and kept for the next ones."""
+    found = {}
+
+    def noise(ref_out, args, kwargs) -> float:
+        if not found:
+            found.update(weights=flippable_weights(reference), twin=noisy_twin(reference))
+        return rounding_noise(reference, found["weights"], ref_out, args, kwargs, found["twin"])
+
+    return noise
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+    return float("inf") if err != err else err  # NaN never passes
+
+
+def flippable_weights(reference) -> list[torch.Tensor]:
+    """The bf16/fp16 parameters and buffers rounding_noise may move by one ulp. Left
+    alone: threshold buffers and any tensor holding an inf or NaN (a flipped inf is a
+    NaN: a mask filled with -inf), and state buffers (the KV cache: reset_state zeroes
+    it)."""
+    return [t for name, t in _named_tensors(reference)
+            if t.dtype in _HALF and t.numel() > 0 and not is_state_buffer(name)
+            and not name.rsplit(".", 1)[-1].startswith(THRESHOLD_BUFFER_PREFIX)
+            and bool(torch.isfinite(t).all())]
+
+
+def rounding_noise(reference: torch.nn.Module, weights: list[torch.Tensor], ref_out: torch.Tensor,
+                   args, kwargs, twin: torch.nn.Module | None = None) -> float:
+    """How far the reference's output moves when every half-precision value it holds or
+    computes moves by one unit in the last place: the lowest mantissa bit of each of
+    `weights` (flippable_weights) is flipped in place (XOR, so flipping again restores it
+    bit for bit) and `twin` (noisy_twin: the reference with each op's rounded result
+    moved too; the reference itself if None) runs. A correct lowering only rounds
+    differently (fused kernels keep fp32 intermediates, reductions reorder); its
+    difference from the reference stays of this order however deep the program, while a
+    wrong lowering lands far above it. Weights alone are not enough: an input whose
+    output hinges on one activation's rounding (a token driving an outlier channel)
+    barely moves when the weights move, yet any other rounding of that activation moves
+    it as far as a lowering does."""
+    if not weights and twin is None:
+        return 0.0
+    try:
+        for t in weights:
+            t.view(torch.int16).bitwise_xor_(1)
+        reset_state(reference)
+        flipped = (reference if twin is None else twin)(*args, **kwargs)
+    finally:
+        for t in weights:
+            t.view(torch.int16).bitwise_xor_(1)
+        reset_state(reference)
+    return _rel_err(flipped, ref_out)
+
+
+def _named_tensors(module):
+    if not isinstance(module, torch.nn.Module):
+        return
+    seen = set()
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        key = view_key(t)
+        if key is None or key not in seen:  # a weight held twice must be flipped once, not flipped back
+            seen.add(key)
+            yield name, t.data
 
 
 def lower_and_verify(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target, program: str, *,

@@ -4,7 +4,7 @@ back bit for bit, and a wrong lowering is still caught."""
 
 import torch
 
-from optc.compiler.codegen import lowering
+from optc.compiler.codegen import lowering, noisy_twin
 
 
 class Deep(torch.nn.Module):
@@ -194,8 +194,8 @@ def test_a_graphs_noise_stays_of_the_order_of_its_weights_and_a_wrong_lowering_i
     x = INPUTS[0][0]
     gm = _exported(model, x)
     weights_only = lowering.rounding_noise(gm, lowering.flippable_weights(gm), gm(x), (x,), {})
-    twin = lowering.noisy_twin(gm)
-    assert sum(n.target is lowering.one_ulp for n in twin.graph.nodes) >= 24 * 3  # linear, gelu, add per layer
+    twin = noisy_twin.noisy_twin(gm)
+    assert sum(n.target is noisy_twin.one_ulp for n in twin.graph.nodes) >= 24 * 3  # linear, gelu, add per layer
     noise = lowering.rounding_noise(gm, lowering.flippable_weights(gm), gm(x), (x,), {}, twin)
     assert weights_only / 4 < noise < 4 * weights_only
     assert lowering.compare(gm, fp32_lowering(model), INPUTS, None)["ok"]
@@ -208,14 +208,14 @@ def test_a_graphs_noise_stays_of_the_order_of_its_weights_and_a_wrong_lowering_i
 
 def test_one_ulp_moves_finite_half_values_only_and_casts_only_when_the_dtype_changed():
     x = torch.tensor([1.0, -2.0, float("inf"), float("nan"), 0.0], dtype=torch.bfloat16)
-    moved = lowering.one_ulp(x)
+    moved = noisy_twin.one_ulp(x)
     assert torch.equal((moved.view(torch.int16) ^ x.view(torch.int16))[:2], torch.ones(2, dtype=torch.int16))
     assert moved[2] == float("inf") and torch.isnan(moved[3])
     assert x[0] == 1.0 and x[1] == -2.0  # a new tensor: the input is untouched
     f32 = torch.tensor([1.0])
-    assert lowering.one_ulp(f32) is f32  # fp32 is not moved
-    assert lowering.one_ulp(x, source=x.clone()) is x  # a bf16 -> bf16 "cast" rounds nothing
-    assert not torch.equal(lowering.one_ulp(x[:2], source=x[:2].float()), x[:2])
+    assert noisy_twin.one_ulp(f32) is f32  # fp32 is not moved
+    assert noisy_twin.one_ulp(x, source=x.clone()) is x  # a bf16 -> bf16 "cast" rounds nothing
+    assert not torch.equal(noisy_twin.one_ulp(x[:2], source=x[:2].float()), x[:2])
 
 
 class Stateful(torch.nn.Module):
@@ -237,10 +237,10 @@ def test_the_twin_moves_no_state_write_and_the_state_comes_back():
     from optc.compiler.capture import graph_module
 
     gm = graph_module(torch.export.export(model, (x, pos)))
-    twin = lowering.noisy_twin(gm)
-    assert any(n.target is lowering.one_ulp for n in twin.graph.nodes)  # the linear's result is moved
+    twin = noisy_twin.noisy_twin(gm)
+    assert any(n.target is noisy_twin.one_ulp for n in twin.graph.nodes)  # the linear's result is moved
     for node in twin.graph.nodes:  # what one_ulp moves is never a state write's result
-        if node.op == "call_function" and node.target is lowering.one_ulp:
+        if node.op == "call_function" and node.target is noisy_twin.one_ulp:
             assert "index_copy" not in str(node.args[0].target)
     lowering.rounding_noise(gm, lowering.flippable_weights(gm), gm(x, pos), (x, pos), {}, twin)
     assert all(torch.count_nonzero(b) == 0 for n, b in gm.named_buffers() if "key_cache" in n)
