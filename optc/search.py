@@ -83,8 +83,10 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     cost = _cost_model(target, study, workload, lowering)
     log(f"search: study '{study_name}' in {where}; {len(space.params)} searched settings: "
         f"{', '.join(space.params)}; cost model {cost.source}, {len(cost.history)} samples of the device's history")
-    plain = req.lowering == "plain"
-    measure = _measurer(measured_on, workload, prompt, log, autotune=not plain)
+    measure_one = _measurer(measured_on, workload, prompt, log, autotune=req.lowering != "plain")
+
+    def measure(compiled) -> float:
+        return measure_one(compiled).timing.median_ms
 
     def features(compiled):
         program = compiled.programs["decode" if session.is_lm else "forward"]
@@ -110,7 +112,7 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         raise
     if worker_only:
         return {"study": study_name, "worker_trials": req.trials}
-    confirm = side_by_side(measured_on, workload, prompt, log, autotune=not plain, rounds=req.confirm_rounds)
+    confirm = side_by_side(measure_one, rounds=req.confirm_rounds)
     return _finish(req, study, study_name, where, target, session, time.perf_counter() - start, log, confirm)
 
 
@@ -195,16 +197,16 @@ def _features(program, manifest, workload):
 
 
 def _measurer(target, workload, inputs, log, autotune: bool):
-    """Times a trial's program. `autotune=False` ("plain" trials) also lowers encoders'
+    """Lowers and times a compiled configuration's program (runtime.measure.Measurement,
+    which can time it again). `autotune=False` ("plain" trials) also lowers encoders'
     forward programs without max-autotune: a merged encoder has other shapes in every
     layer, and tuning each costs minutes on the GPU."""
     from optc.runtime.loaded import Artifact
     from optc.runtime.measure import measure
 
-    def run(compiled) -> float:
-        art = Artifact(compiled.programs, compiled.manifest)
-        return measure(art, target, workload, inputs=inputs, autotune=None if autotune else False,
-                       log=log).timing.median_ms
+    def run(compiled):
+        return measure(Artifact(compiled.programs, compiled.manifest), target, workload, inputs=inputs,
+                       autotune=None if autotune else False, log=log)
 
     return run
 
@@ -229,10 +231,11 @@ def _finish(req, study, study_name, where, target, session, seconds, log, confir
     result.update(not_shipped=[], confirmed=None)  # with --no-artifact, best is neither compiled nor checked
     try:
         if best is not None and req.compile_best:
-            result["best"], result["not_shipped"], failure = ship_fastest(session, summary["candidates"], out_dir,
-                                                                          study_name, log)
-            result["confirmed"] = None if result["best"] is None else confirm_against_dense(
-                session, result["best"], result.get("dense"), confirm, log)
+            shipped = ship_fastest(session, summary["candidates"], out_dir, study_name, log)
+            result.update(best=shipped.row, not_shipped=shipped.not_shipped)
+            failure = shipped.failure
+            if shipped.row is not None:
+                result["confirmed"] = confirm_against_dense(session, shipped, result.get("dense"), confirm, log)
     finally:  # whatever failed while shipping, the study's report is written
         _print(result, log)
         with atomic_open(out_dir / f"{study_name}.json", "w", encoding="utf-8") as fh:

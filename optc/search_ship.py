@@ -5,30 +5,39 @@ dense in one process."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 
-def ship_fastest(session, candidates: list[dict], out_dir: Path, study_name: str, log):
+class Shipped(NamedTuple):
+    row: dict | None  # the configuration that shipped, with its artifact; None if none did
+    compiled: Any  # its compiled programs (what the side-by-side timing lowers)
+    not_shipped: list  # the faster ones that failed, with why
+    failure: Exception | None  # to raise when none compiled
+
+
+def ship_fastest(session, candidates: list[dict], out_dir: Path, study_name: str, log) -> Shipped:
     """Compile the fastest configuration under the limit; if it fails (its lowering
     check, which trials are timed without, or anything else), the next fastest, and so
-    on. Returns (the shipped row with its artifact or None, the rows that failed with
-    why, the error to raise when none compiled)."""
+    on."""
     from optc.errors import CompileError
 
     not_shipped = []
     for row in candidates:
         try:
-            return {**row, **compile_best(session, row, out_dir, study_name, log)}, not_shipped, None
+            saved, compiled = compile_best(session, row, out_dir, study_name, log)
+            return Shipped({**row, **saved}, compiled, not_shipped, None)
         except Exception as exc:
             not_shipped.append({**row, "error": f"{type(exc).__name__}: {exc}"})
             log(f"search: trial {row['trial']}'s configuration cannot ship: {type(exc).__name__}: {exc}; "
                 "trying the next fastest")
-    return None, not_shipped, CompileError(
+    return Shipped(None, None, not_shipped, CompileError(
         f"none of the {len(candidates)} configurations under the limit compiled; the last: "
-        f"{not_shipped[-1]['error'] if not_shipped else 'none'}")
+        f"{not_shipped[-1]['error'] if not_shipped else 'none'}"))
 
 
-def compile_best(session, best, out_dir: Path, study_name: str, log) -> dict:
-    """The chosen configuration compiled, verified and evaluated in full, saved."""
+def compile_best(session, best, out_dir: Path, study_name: str, log) -> tuple[dict, Any]:
+    """The chosen configuration compiled, verified and evaluated in full, saved: what the
+    report records of it, and the compiled programs."""
     from optc.runtime.loaded import Artifact
 
     config = session.resolve(best["config"])
@@ -36,21 +45,19 @@ def compile_best(session, best, out_dir: Path, study_name: str, log) -> dict:
     path = out_dir / f"{study_name}-best-{config['hash']}.optc"
     Artifact(compiled.programs, compiled.manifest).save(path)
     log(f"search: best configuration compiled to {path}")
-    return {"artifact": str(path), "config_hash": config["hash"], "quality_full": compiled.manifest["quality"]}
+    return {"artifact": str(path), "config_hash": config["hash"], "quality_full": compiled.manifest["quality"]}, compiled
 
 
-def side_by_side(target, workload, inputs, log, autotune: bool, rounds: int):
+def side_by_side(measure_one, rounds: int):
     """A function timing compiled programs as `optc bench --rounds` does: each lowered and
-    timed once, then timed again round-robin until each has `rounds` timings, every
-    call pooled (runtime.timing.pooled). Drift over the minutes between a search's trials
-    then spreads over both instead of landing between them. None when rounds is 0."""
-    from optc.runtime.loaded import Artifact
-    from optc.runtime.measure import measure
+    timed once (`measure_one`, the trials' own), then timed again round-robin until each
+    has `rounds` timings, every call pooled (runtime.timing.pooled). Drift over the
+    minutes between a search's trials then spreads over both instead of landing between
+    them. None when rounds is 0."""
     from optc.runtime.timing import pooled
 
     def run(compiled_list) -> list:
-        measured = [measure(Artifact(c.programs, c.manifest), target, workload, inputs=inputs,
-                            autotune=None if autotune else False, log=log) for c in compiled_list]
+        measured = [measure_one(c) for c in compiled_list]
         runs = [[m.timing] for m in measured]
         for _ in range(rounds - 1):
             for timings, m in zip(runs, measured):
@@ -60,18 +67,17 @@ def side_by_side(target, workload, inputs, log, autotune: bool, rounds: int):
     return run if rounds > 0 else None
 
 
-def confirm_against_dense(session, shipped: dict, dense: dict | None, confirm, log) -> dict | None:
+def confirm_against_dense(session, shipped: Shipped, dense: dict | None, confirm, log) -> dict | None:
     """The shipped configuration and dense, timed again side by side (side_by_side) with
     the lowering the trials had: the speed-up over dense free of drift between trials.
     None when there is nothing to compare (the dense model shipped, or rounds 0); a
     failure is recorded, not raised: the artifact is saved by then."""
-    if confirm is None or not shipped.get("passes"):
+    if confirm is None or not shipped.row.get("passes"):
         return None
     log("search: timing the shipped configuration and dense again, side by side ...")
     try:
         dense_run = session.run(session.resolve(dense["config"] if dense else {}), export_on_use=True)
-        best_run = session.run(session.resolve(shipped["config"]), export_on_use=True)
-        best, dense_t = confirm([best_run, dense_run])
+        best, dense_t = confirm([shipped.compiled, dense_run])
     except Exception as exc:
         log(f"search: timing it again failed: {type(exc).__name__}: {exc}")
         return {"error": f"{type(exc).__name__}: {exc}"}

@@ -140,4 +140,3 @@ def test_one_worker_per_visible_gpu(monkeypatch):
     argv = search._worker_argv(req, "s", 3)
     assert argv[argv.index("--trials") + 1] == "3" and "--worker" in argv
     assert argv[argv.index("--set") + 1] == 'skip_layers.granularity="block"'
-

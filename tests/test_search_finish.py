@@ -22,16 +22,17 @@ def test_the_fastest_configuration_that_fails_to_compile_is_not_shipped(monkeypa
             raise CompileError("lowering changed the function")
         if row["trial"] == 4:
             raise CaptureError("the prefill program did not export")
-        return {"artifact": str(out_dir / f"trial{row['trial']}.optc")}
+        return {"artifact": str(out_dir / f"trial{row['trial']}.optc")}, f"programs of trial {row['trial']}"
 
     monkeypatch.setattr(ship, "compile_best", compile_best)
     rows = [{"trial": 2, "latency_ms": 0.7}, {"trial": 4, "latency_ms": 0.75}, {"trial": 0, "latency_ms": 0.9}]
-    shipped, not_shipped, failure = ship.ship_fastest(None, rows, tmp_path, "s", log=lambda m: None)
+    shipped, compiled, not_shipped, failure = ship.ship_fastest(None, rows, tmp_path, "s", log=lambda m: None)
     assert shipped["trial"] == 0 and shipped["artifact"].endswith("trial0.optc") and failure is None
+    assert compiled == "programs of trial 0"  # kept for the side-by-side timing, not compiled again
     assert [r["trial"] for r in not_shipped] == [2, 4]
     assert not_shipped[0]["error"] == "CompileError: lowering changed the function"
     assert not_shipped[1]["error"].startswith("CaptureError")
-    shipped, not_shipped, failure = ship.ship_fastest(None, rows[:1], tmp_path, "s", log=lambda m: None)
+    shipped, _, not_shipped, failure = ship.ship_fastest(None, rows[:1], tmp_path, "s", log=lambda m: None)
     assert shipped is None and isinstance(failure, CompileError) and "none of the 1" in str(failure)
 
 
@@ -60,14 +61,17 @@ def test_the_shipped_configuration_is_timed_again_beside_dense():
         order.extend(c.settings for c in compiled)
         return [_timing(0.75, [0.8, 0.7, 0.75]), _timing(1.0, [1.0, 0.9, 1.1])]
 
-    shipped = {"config": {"prune_mlp": {"ratio": 0.1}}, "passes": ["prune_mlp"]}
+    row = {"config": {"prune_mlp": {"ratio": 0.1}}, "passes": ["prune_mlp"]}
+    shipped = ship.Shipped(row, SimpleNamespace(settings=row["config"]), [], None)
     dense = {"config": {"prune_mlp": {"ratio": 0.0}}, "passes": []}
     out = ship.confirm_against_dense(session, shipped, dense, confirm, log=lambda m: None)
-    assert order == [shipped["config"], dense["config"]]
+    assert order == [row["config"], dense["config"]]
+    assert session.ran == [dense["config"]]  # the shipped programs are timed as compiled, not compiled again
     assert out["best_ms"] == 0.75 and out["dense_ms"] == 1.0 and out["speedup_vs_dense"] == pytest.approx(4 / 3)
     assert out["round_medians_ms"] == {"best": [0.8, 0.7, 0.75], "dense": [1.0, 0.9, 1.1]}
     # nothing to compare for the dense model itself, or with --confirm-rounds 0
-    assert ship.confirm_against_dense(session, dense, dense, confirm, log=lambda m: None) is None
+    dense_shipped = ship.Shipped(dense, None, [], None)
+    assert ship.confirm_against_dense(session, dense_shipped, dense, confirm, log=lambda m: None) is None
     assert ship.confirm_against_dense(session, shipped, dense, None, log=lambda m: None) is None
     # a failure is recorded, not raised: the artifact is saved by then
     failed = ship.confirm_against_dense(RecordingSession(fail=True), shipped, dense, confirm, log=lambda m: None)
@@ -92,12 +96,14 @@ def test_side_by_side_lowers_each_program_once_then_times_them_round_robin(monke
         return SimpleNamespace(timing=Timing(1.0, 1.0, 1.0, 2, info={"samples_ms": [1.0, 1.0]}), remeasure=remeasure)
 
     monkeypatch.setattr(measure_mod, "measure", fake_measure)
-    run = ship.side_by_side("cpu", None, None, log=None, autotune=False, rounds=3)
+    import optc.search as search_mod
+
+    run = ship.side_by_side(search_mod._measurer("cpu", None, None, log=None, autotune=False), rounds=3)
     compiled = [SimpleNamespace(programs={}, manifest={"name": n}) for n in ("a", "b")]
     a, b = run(compiled)
     assert calls == [("lower", "a"), ("lower", "b")] + [("time", "a"), ("time", "b")] * 2
     assert a.info["round_medians_ms"] == [1.0, 2.0, 3.0] and a.n == 6 and a.median_ms == 2.0
-    assert ship.side_by_side("cpu", None, None, log=None, autotune=False, rounds=0) is None
+    assert ship.side_by_side(None, rounds=0) is None
 
 
 def test_a_search_stopped_by_crashing_trials_writes_its_report_first(monkeypatch, tmp_path):

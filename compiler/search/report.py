@@ -41,7 +41,8 @@ def pareto(rows: list[dict]) -> list[dict]:
 def summarise(study, max_quality_loss: float) -> dict:
     rows = _rows(study)
     measured = [r for r in rows if r["latency_source"] == "measured"]
-    feasible = [r for r in measured if r["quality_loss"] <= max_quality_loss]
+    # what the search may ship, fastest first: the next one is compiled when one fails its checks
+    candidates = sorted((r for r in measured if r["quality_loss"] <= max_quality_loss), key=lambda r: r["latency_ms"])
     dense = next((r for r in measured if not r["passes"]), None)
     kind = (study.user_attrs.get("optc") or {}).get("workload", {}).get("kind")
     not_paying = mark_against_dense(measured, dense, "bytes" if kind == "decode" else "flops", "latency_ms")
@@ -59,9 +60,8 @@ def summarise(study, max_quality_loss: float) -> dict:
         "measured": [[r["latency_ms"], r["quality_loss"]] for r in measured],
         "single_pass_fronts": single,
         "dense": dense,
-        "best": min(feasible, key=lambda r: r["latency_ms"], default=None),
-        # what the search may ship, fastest first: the next one is compiled when one fails its checks
-        "candidates": sorted(feasible, key=lambda r: r["latency_ms"]),
+        "best": candidates[0] if candidates else None,
+        "candidates": candidates,
         "not_paying": [{k: r[k] for k in ("trial", "config", "latency_ms", "realised")} for r in not_paying],
         "cost_model": cost_model_accuracy(study),
         "inapplicable": [{"trial": t.number, "config": t.user_attrs.get("settings"),

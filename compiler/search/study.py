@@ -146,10 +146,10 @@ def _one_trial(study, trial, space, session, measure, features, cost, opts, log,
     if earlier is not None:  # another worker (or an earlier run) finished this configuration
         _copy_result(study, trial, earlier, log)
         return
-    refused = _refused_twin(study, config["hash"], trial.number)
+    refused = _failed_twin(study, config["hash"], trial.number)
     if refused is not None:  # known not to apply: say so again without compiling
         raise UsageError(f"as in trial {refused.number}: {refused.user_attrs['inapplicable']}")
-    crashed = _refused_twin(study, config["hash"], trial.number, mark="error")
+    crashed = _failed_twin(study, config["hash"], trial.number, mark="error")
     if crashed is not None:  # a pass crashed on it before: not run again, and not a new crash
         raise CrashedBefore(crashed.number)
     earlier = _claim(study, trial, config["hash"], log, grace_s=opts.grace_s)
@@ -240,7 +240,7 @@ def _claim(study, trial, config_hash: str, log, poll_s: float = 2.0, grace_s: fl
             return done
 
 
-def _refused_twin(study, config_hash: str, number: int, mark: str = "inapplicable"):
+def _failed_twin(study, config_hash: str, number: int, mark: str = "inapplicable"):
     """A failed trial of the same configuration carrying `mark`: inapplicable (a pass
     refused it) or error (a pass crashed on it)."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
