@@ -290,7 +290,9 @@ def table(real_weights: bool = True) -> str:
                     " (best under the limit; not compiled in this run)"
             out.append(f"| {r['latency_ms']:.3f} | {speed} | {r['quality_loss']:.4f} | {_config(r['config'])}{mark} |")
         confirmed = d.get("confirmed")
-        if confirmed:
+        if confirmed and "error" in confirmed:
+            out.append(f"\nTiming the shipped configuration again beside dense failed: {confirmed['error'][:200]}")
+        elif confirmed:
             out.append(f"\nShipped, `{Path(d['best']['artifact']).name}`, timed again beside dense in alternating "
                        f"rounds: {confirmed['best_ms']:.3f} ms against {confirmed['dense_ms']:.3f}, "
                        f"{confirmed['speedup_vs_dense']:.3f}x.")

@@ -62,6 +62,9 @@ def test_a_search_that_timed_its_shipped_configuration_again_shows_that_timing(t
     text = history.table()
     assert "| 0.730 | 1.10x | 0.0300 | prune_mlp.ratio=0.1 (best under the limit) |" in text
     assert "`s-best-abc.optc`" in text and "0.760 ms against 0.771, 1.014x" in text
+    result["confirmed"] = {"error": "RuntimeError: out of memory"}
+    (results / "search_smollm2_x.json").write_text(json.dumps(result))
+    assert "again beside dense failed: RuntimeError: out of memory" in history.table()
     del result["confirmed"], result["best"]["artifact"]
     (results / "search_smollm2_x.json").write_text(json.dumps(result))
     text = history.table()
