@@ -168,22 +168,49 @@ def vocab_size(program) -> int | None:
     return None
 
 
-def reset_state(module: torch.nn.Module) -> None:
-    """Zero a decoder's KV cache (buffers the program mutates), so two runs of a
-    stateful program start from the same state."""
+def reset_state(module: torch.nn.Module, state: dict | None = None) -> None:
+    """Zero a decoder's state (KV cache and its lengths: buffers the program mutates), or
+    set the buffers `state` names to its tensors, so two runs of a stateful program start
+    from the same state."""
     for name, buf in module.named_buffers():
         if is_state_buffer(name):
-            buf.zero_()
+            if state is not None and name in state:
+                buf.copy_(state[name])
+            else:
+                buf.zero_()
 
 
-def verify(ep: ExportedProgram, compiled, reference: torch.nn.Module, inputs: tuple[tuple, dict], *, trials: int = 2) -> dict:
+def prefilled_state(prefill: torch.nn.Module, prefill_inputs: tuple[tuple, dict], vocab: int | None):
+    """A function of a seed giving the decoder state `prefill` leaves after a random prompt
+    shaped like its example (state buffer name -> tensor): where a decode step starts in
+    use. From a zeroed cache a lone token attends to nothing but itself, and a model such
+    as SmolLM2 then turns that token's output on rounding (its one-ulp noise up to twice
+    the output's norm, so the check could tell nothing); from a prefilled cache the noise is
+    that of the prefill, and the check also reads the cache, which a zeroed one never tests."""
+
+    def state(seed: int) -> dict:
+        args, kwargs = random_like_inputs(prefill_inputs, vocab, seed)
+        with torch.no_grad():
+            reset_state(prefill)
+            prefill(*args, **kwargs)
+            out = {name: buf.clone() for name, buf in prefill.named_buffers() if is_state_buffer(name)}
+            reset_state(prefill)
+        return out
+
+    return state
+
+
+def verify(ep: ExportedProgram, compiled, reference: torch.nn.Module, inputs: tuple[tuple, dict], *, trials: int = 2,
+           start_state=None) -> dict:
     """Compare `compiled` with the uncompiled `reference` on fresh random inputs (for a
-    thresholded program: at both ends of its thresholds, see below)."""
+    thresholded program: at both ends of its thresholds, see below). `start_state`: a
+    function of a seed giving the decoder state each run starts from (prefilled_state);
+    None: a zeroed state."""
     thresholds = threshold_buffers(reference)
     if thresholds:
-        result = _compare_thresholded(reference, compiled, inputs, vocab_size(ep), thresholds, trials)
+        result = _compare_thresholded(reference, compiled, inputs, vocab_size(ep), thresholds, trials, start_state)
     else:
-        result = compare(reference, compiled, inputs, vocab_size(ep), trials=trials)
+        result = compare(reference, compiled, inputs, vocab_size(ep), trials=trials, start_state=start_state)
     if not result["ok"]:
         noise = result.get("rounding_noise_rel_err")
         raise CompileError(
@@ -206,7 +233,7 @@ def threshold_buffer_names(module: torch.nn.Module) -> list[str]:
     return [name for name, _ in module.named_buffers() if name.rsplit(".", 1)[-1].startswith(THRESHOLD_BUFFER_PREFIX)]
 
 
-def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials) -> dict:
+def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials, start_state=None) -> dict:
     """A thresholded program is discontinuous: a value within rounding of its threshold
     is kept by one program and dropped by the other, and in bf16 the difference cascades
     through the layers (a correct lowering of Llama-1B with TEAL differed by 0.14-0.70
@@ -223,12 +250,13 @@ def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials
             with torch.no_grad():
                 for t in thresholds:
                     t.fill_(value)
-            regimes[regime] = compare(reference, candidate, inputs, vocab, trials=trials, noise_fn=noise_fn)
+            regimes[regime] = compare(reference, candidate, inputs, vocab, trials=trials, noise_fn=noise_fn,
+                                      start_state=start_state)
     finally:
         with torch.no_grad():
             for t, s in zip(thresholds, saved):
                 t.copy_(s)
-    calibrated = compare(reference, candidate, inputs, vocab, trials=1, judged=False)
+    calibrated = compare(reference, candidate, inputs, vocab, trials=1, judged=False, start_state=start_state)
     # Each regime is judged by its own tolerance (a half-precision one scales with that
     # regime's rounding noise); the headline numbers are the regime closest to failing.
     closest = max(regimes.values(), key=lambda r: r["max_rel_err"] / r["tolerance"])
@@ -239,29 +267,33 @@ def _compare_thresholded(reference, candidate, inputs, vocab, thresholds, trials
 
 
 def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None, *, trials: int = 2,
-            judged: bool = True, noise_fn=None) -> dict:
+            judged: bool = True, noise_fn=None, start_state=None) -> dict:
     """Worst ||candidate - reference|| / ||reference|| over fresh random inputs shaped
     like `inputs`, and whether it is within the tolerance of the output dtype (for a
     bf16/fp16 output: or within the reference's own rounding noise, if larger). With
     `judged=False` only the error is wanted: the noise (a forward more per trial) is
-    not measured. `noise_fn`: noise_of(reference), shared by calls on one reference."""
+    not measured. `noise_fn`: noise_of(reference), shared by calls on one reference.
+    `start_state`: see verify; the candidate shares the reference's state buffers."""
     worst, noise = 0.0, 0.0
     dtype = torch.float32
     noise_fn = noise_fn or noise_of(reference)
     for trial in range(trials):
         args, kwargs = random_like_inputs(inputs, vocab, seed=1234 + trial)
+        state = start_state(4321 + trial) if start_state is not None else None
         with torch.no_grad():
-            reset_state(reference)
+            reset_state(reference, state)
             ref = reference(*args, **kwargs)
-            reset_state(reference)
+            reset_state(reference, state)
             out = candidate(*args, **kwargs)
             dtype = ref.dtype
             if judged and dtype in _HALF:
-                noise = max(noise, noise_fn(ref, args, kwargs))
+                noise = max(noise, noise_fn(ref, args, kwargs, state))
+            reset_state(reference)
         worst = max(worst, _rel_err(out, ref))
     floor = TOLERANCE.get(dtype, 1e-2)
     tol = max(floor, min(noise, NOISE_TOLERANCE_CAP))
-    result = {"max_rel_err": worst, "tolerance": tol, "trials": trials, "ok": worst <= tol}
+    result = {"max_rel_err": worst, "tolerance": tol, "trials": trials, "ok": worst <= tol,
+              "start_state": "zeroed" if start_state is None else "prefilled"}
     if dtype in _HALF:
         result.update(rounding_noise_rel_err=noise, tolerance_floor=floor)
     return result
@@ -273,10 +305,10 @@ def noise_of(reference):
     output) and kept for the next ones."""
     found = {}
 
-    def noise(ref_out, args, kwargs) -> float:
+    def noise(ref_out, args, kwargs, state: dict | None = None) -> float:
         if not found:
             found.update(weights=flippable_weights(reference), twin=noisy_twin(reference))
-        return rounding_noise(reference, found["weights"], ref_out, args, kwargs, found["twin"])
+        return rounding_noise(reference, found["weights"], ref_out, args, kwargs, found["twin"], state)
 
     return noise
 
@@ -298,7 +330,7 @@ def flippable_weights(reference) -> list[torch.Tensor]:
 
 
 def rounding_noise(reference: torch.nn.Module, weights: list[torch.Tensor], ref_out: torch.Tensor,
-                   args, kwargs, twin: torch.nn.Module | None = None) -> float:
+                   args, kwargs, twin: torch.nn.Module | None = None, state: dict | None = None) -> float:
     """How far the reference's output moves when every half-precision value it holds or
     computes moves by one unit in the last place: the lowest mantissa bit of each of
     `weights` (flippable_weights) is flipped in place (XOR, so flipping again restores it
@@ -315,7 +347,7 @@ def rounding_noise(reference: torch.nn.Module, weights: list[torch.Tensor], ref_
     try:
         for t in weights:
             t.view(torch.int16).bitwise_xor_(1)
-        reset_state(reference)
+        reset_state(reference, state)  # the state the reference's run started from
         flipped = (reference if twin is None else twin)(*args, **kwargs)
     finally:
         for t in weights:
@@ -336,9 +368,10 @@ def _named_tensors(module):
 
 
 def lower_and_verify(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target, program: str, *,
-                     kernel_cache: bool = False) -> dict:
+                     kernel_cache: bool = False, start_state=None) -> dict:
     """Lower `program` as a load lowers it (load_lowering), so the kernels checked are
-    the ones that run, and verify it against the uncompiled program."""
+    the ones that run, and verify it against the uncompiled program (from `start_state`,
+    see verify)."""
     gm = graph_module(ep)
     compiled = lower(gm, target, **load_lowering(target, program, gm.graph), kernel_cache=kernel_cache)
-    return verify(ep, compiled, gm, inputs)
+    return verify(ep, compiled, gm, inputs, start_state=start_state)

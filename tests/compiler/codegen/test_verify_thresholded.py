@@ -60,3 +60,6 @@ def test_optc_compile_verifies_a_thresholded_model_at_both_ends(tmp_path):
         v = art.manifest["verification"][name]
         assert v["ok"] and set(v["regimes"]) == {"all_kept", "all_dropped"}
         assert v["at_calibrated_thresholds_rel_err"] >= 0
+    # the decode step is checked from the cache its prefill leaves, as it runs in use
+    assert art.manifest["verification"]["decode"]["start_state"] == "prefilled"
+    assert art.manifest["verification"]["prefill"]["start_state"] == "zeroed"
