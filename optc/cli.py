@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in one process (0: do not)")
     s.add_argument("--seed", type=int, default=None, help="sampler seed")
     s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="start no new trial after this long (each worker)")
+                   help="start no new trial after this long (each worker); the best configuration's artifact "
+                        "and the side-by-side timing come after it")
     s.add_argument("--lowering", default="target", choices=["target", "plain"],
                    help="how trials are lowered for measurement: the target's Inductor options (what ships), "
                         "or plain Inductor without coordinate-descent tuning or max-autotune (faster trials)")
