@@ -93,11 +93,10 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         return _plain(_features(program, compiled.manifest, workload))
 
     n_sub = _subsample(session)
-    # With a device history the correction is fitted from the start: one measured trial
-    # (the dense seed) anchors the study before estimates are trusted.
+    # One measured trial (the dense seed) anchors the cost model to this device and
+    # lowering (a device history fits it further) before estimates are trusted.
     opts = sy.WorkerOptions(req.trials, req.max_quality_loss, subsample=n_sub, measure_all=req.measure_all,
-                            time_limit_s=req.time_limit_s, min_measured=1 if cost.coef else 4,
-                            **_liveness_from_env())
+                            time_limit_s=req.time_limit_s, min_measured=1, **_liveness_from_env())
     start = time.perf_counter()
     try:
         sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log,

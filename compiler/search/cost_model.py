@@ -23,7 +23,7 @@ DEFAULTS = {
     "cuda": {"bandwidth_gbs": 1500.0, "tflops": 150.0, "launch_us": 4.0},
     "cpu": {"bandwidth_gbs": 20.0, "tflops": 0.2, "launch_us": 5.0},
 }
-MIN_FIT = 3  # fewer measured trials than the correction's coefficients: keep the roofline
+MIN_FIT = 3  # fewer measured trials than the correction's coefficients: scale the roofline (fit)
 # The data term sums squared relative errors (measurement noise is a few percent), the
 # prior term squared deviations of the coefficients from the prior (plausibly tens of
 # percent): a small weight decides only where the trials cannot (few of them, or terms
@@ -74,7 +74,7 @@ def mark_against_dense(rows: list[dict], dense: dict | None, key: str, ms: str) 
 @dataclass
 class CostModel:
     """ms = a * roofline + b * launches * launch_us + c, with (a, b, c) = (1, 1, 0)
-    until `fit` has enough measured trials. launch_us is what a kernel costs beyond its
+    until `fit` has a measured trial. launch_us is what a kernel costs beyond its
     bytes and FLOPs (launch, ramp-up, tail); one constant for every kind of kernel, the
     fitted b absorbs the mix.
 
@@ -139,13 +139,16 @@ class CostModel:
     def fit(self, samples: list) -> "CostModel":
         """Fit the correction on (features, measured ms) pairs: non-negative least squares
         of relative error, pulled toward (1, 1, 0) by PRIOR_WEIGHT so that a handful of
-        trials cannot swing it. Returns self."""
+        trials cannot swing it. Fewer than MIN_FIT samples scale the prior instead: one
+        measurement (a study's dense seed) cannot fit three coefficients, but it says how far
+        this device and lowering sit from the calibrated roofline, and a small model's
+        launch-bound step can be half of it. Returns self."""
         samples = [(f, ms) for f, ms in samples if ms is not None and math.isfinite(ms) and ms > 0]
         self.n_fit = len(samples)
         weights = [1.0] * len(samples) + [HISTORY_WEIGHT] * len(self.history)
         samples = samples + list(self.history)
         if len(samples) < MIN_FIT:
-            self.coef = None
+            self.coef = self._scaled_prior(samples, weights)
             return self
         y = np.array([ms for _, ms in samples], dtype=float)
         w = np.sqrt(np.array(weights))
@@ -155,6 +158,17 @@ class CostModel:
         rhs = np.concatenate([w, math.sqrt(PRIOR_WEIGHT) * scale * np.array(PRIOR)])
         self.coef = tuple(float(v) for v in _nonneg_lstsq(a, rhs))
         return self
+
+    def _scaled_prior(self, samples: list, weights: list) -> tuple[float, float, float] | None:
+        """PRIOR times the weighted geometric mean of measured / prior estimate; None
+        without samples."""
+        if not samples:
+            return None
+        a, b, c = PRIOR
+        logs = [w * math.log(ms / (a * roof + b * launch + c))
+                for w, (f, ms) in zip(weights, samples) for roof, launch in [self.terms(f)]]
+        scale = math.exp(sum(logs) / sum(weights))
+        return (a * scale, b * scale, c * scale)
 
     def unfitted(self) -> "CostModel":
         return CostModel(self.bandwidth_gbs, self.tflops, self.launch_us, self.source)

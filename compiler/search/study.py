@@ -41,7 +41,7 @@ class WorkerOptions:
     n_trials: int
     max_quality_loss: float
     subsample: int | None = None  # held-out batches scored first (None: all)
-    min_measured: int = 4  # measure at least this many before trusting the cost model (1 with a device history)
+    min_measured: int = 1  # measure at least this many before trusting the cost model (the dense seed anchors it)
     heartbeat_s: float = st.HEARTBEAT_S
     grace_s: float = st.GRACE_S
     measure_all: bool = False

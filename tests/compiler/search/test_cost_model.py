@@ -185,14 +185,21 @@ def test_a_device_history_starts_the_fit_and_the_studys_own_trials_take_over():
     assert fitted.to_dict()["n_history"] == 30 and fitted.n_fit == 12
 
 
-def test_few_samples_keep_the_roofline():
+def test_no_sample_keeps_the_roofline_and_a_few_scale_it():
     model = cm.CostModel.prior("h200")
-    samples = _synthetic(2, 3, model, (2.0, 2.0, 1.0))
-    fitted = model.unfitted().fit(samples)
-    assert fitted.coef is None and fitted.n_fit == 2
-    f = samples[0][0]
+    f = _synthetic(1, 3, model, (1.0, 1.0, 0.0))[0][0]
     roof, launch = model.terms(f)
-    assert fitted.estimate_ms(f) == pytest.approx(roof + launch)
+    assert model.unfitted().fit([]).coef is None
+    assert model.unfitted().fit([]).estimate_ms(f) == pytest.approx(roof + launch)
+    # One measurement at half the roofline (a launch-bound step on a fast device): every
+    # estimate is scaled by it, so another configuration of the same shape lands on its time.
+    halved = _synthetic(2, 4, model, (0.5, 0.5, 0.0))
+    anchored = model.unfitted().fit(halved[:1])
+    assert anchored.n_fit == 1 and anchored.coef == pytest.approx((0.5, 0.5, 0.0))
+    assert anchored.estimate_ms(halved[1][0]) == pytest.approx(halved[1][1])
+    # Two disagreeing ones: their geometric mean.
+    mixed = [(f, 2.0 * (roof + launch)), (f, 0.5 * (roof + launch))]
+    assert model.unfitted().fit(mixed).coef == pytest.approx((1.0, 1.0, 0.0))
 
 
 def test_fit_never_goes_negative():
