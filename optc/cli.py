@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from optc.errors import InternalError, OptcError
@@ -151,7 +154,30 @@ def _add_calibration_option(p: argparse.ArgumentParser) -> None:
                         "or a .pt list of input tuples (any model); default: the zoo's or the directory's data")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a job scheduler's or `timeout`'s stop) unwinds as Ctrl-C does, so that what
+    is written on the way out (a search's report) is written; the previous handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from optc import commands
 

@@ -101,8 +101,11 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     try:
         sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log,
                       remember=_remember(target, workload, lowering, session.model_name))
-    except CompileError:  # trials kept crashing: report what the study holds (nothing compiled), then fail
+    except (CompileError, KeyboardInterrupt):  # trials kept crashing, or the search was stopped (Ctrl-C,
+        # SIGTERM): report what the study holds (nothing compiled), then stop; the same command resumes
         if not worker_only:
+            log("search: stopped before its trials ended; reporting what the study holds "
+                "(the same command resumes it)")
             try:
                 _finish(replace(req, compile_best=False), study, study_name, where, target, session,
                         time.perf_counter() - start, log)

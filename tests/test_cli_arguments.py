@@ -49,3 +49,24 @@ def test_bad_settings_and_storage_are_refused_before_the_model_loads(argv, words
     monkeypatch.setattr(optc.search, "_session", lambda *a: pytest.fail("loaded the model before refusing"))
     assert main(argv) == 2
     assert words in capsys.readouterr().err
+
+
+def test_sigterm_interrupts_a_command_like_ctrl_c_and_the_handler_comes_back(monkeypatch, capsys):
+    """A scheduler's SIGTERM unwinds the command (what it writes on the way out is written)
+    and exits 1; the process's own SIGTERM handler is restored after."""
+    import os
+    import signal
+    import time
+
+    from optc import cli, commands
+
+    def stopped(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not interrupt the command")
+
+    monkeypatch.setattr(commands, "cmd_models", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["models"]) == 1
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -131,3 +131,32 @@ def test_a_search_stopped_by_crashing_trials_writes_its_report_first(monkeypatch
         search_mod.search(req, log=lambda m: None)
     report = json.loads((tmp_path / "fake-cpu.json").read_text())
     assert report["n_trials"] == 0 and report["best"] is None and report["confirmed"] is None
+
+
+def test_a_stopped_search_reports_what_its_study_holds(monkeypatch, tmp_path):
+    """Ctrl-C or SIGTERM during the trials: the report is written (nothing compiled), then
+    the interrupt goes on up (the CLI exits 1)."""
+    import optc.compiler.search.space as space_mod
+    import optc.compiler.search.study as study_mod
+    import optc.search as search_mod
+
+    session = SimpleNamespace(anatomy=None, model_name="fake", is_lm=True, task="causal-lm",
+                              calibration_source=lambda: "none")
+    monkeypatch.setattr(search_mod, "_session", lambda req, target, log: (session, None, None))
+    monkeypatch.setattr(space_mod, "SearchSpace", lambda *a: SimpleNamespace(
+        params={}, signature=lambda: {"fake": True}))
+    monkeypatch.setattr(search_mod, "_workload", lambda *a: SimpleNamespace(to_dict=lambda: {"kind": "decode"}))
+    monkeypatch.setattr(study_mod, "enqueue_seeds", lambda study, space: None)
+    monkeypatch.setattr(search_mod, "_cost_model", lambda *a: SimpleNamespace(source="fake", history=[], coef=None))
+
+    def stopped_worker(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_mod, "run_worker", stopped_worker)
+    said = []
+    req = search_mod.SearchRequest(model="fake", target="cpu", trials=3, out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        search_mod.search(req, log=said.append)
+    report = json.loads((tmp_path / "fake-cpu.json").read_text())
+    assert report["n_trials"] == 0 and report["best"] is None
+    assert any("the same command resumes" in m for m in said)
