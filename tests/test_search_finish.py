@@ -109,18 +109,7 @@ def test_side_by_side_lowers_each_program_once_then_times_them_round_robin(monke
 def test_a_search_stopped_by_crashing_trials_writes_its_report_first(monkeypatch, tmp_path):
     """Three trials in a row that crash end the search (exit 1); what the study holds is
     reported first. Everything but the study, its storage and the report is a fake."""
-    import optc.compiler.search.space as space_mod
-    import optc.compiler.search.study as study_mod
-    import optc.search as search_mod
-
-    session = SimpleNamespace(anatomy=None, model_name="fake", is_lm=True, task="causal-lm",
-                              calibration_source=lambda: "none")
-    monkeypatch.setattr(search_mod, "_session", lambda req, target, log: (session, None, None))
-    monkeypatch.setattr(space_mod, "SearchSpace", lambda *a: SimpleNamespace(
-        params={}, signature=lambda: {"fake": True}))
-    monkeypatch.setattr(search_mod, "_workload", lambda *a: SimpleNamespace(to_dict=lambda: {"kind": "decode"}))
-    monkeypatch.setattr(study_mod, "enqueue_seeds", lambda study, space: None)
-    monkeypatch.setattr(search_mod, "_cost_model", lambda *a: SimpleNamespace(source="fake", history=[], coef=None))
+    search_mod, study_mod = _fake_search(monkeypatch)
 
     def crashing_worker(*a, **k):
         raise CompileError("3 trials in a row failed; the last: RuntimeError: boom")
@@ -136,18 +125,7 @@ def test_a_search_stopped_by_crashing_trials_writes_its_report_first(monkeypatch
 def test_a_stopped_search_reports_what_its_study_holds(monkeypatch, tmp_path):
     """Ctrl-C or SIGTERM during the trials: the report is written (nothing compiled), then
     the interrupt goes on up (the CLI exits 1)."""
-    import optc.compiler.search.space as space_mod
-    import optc.compiler.search.study as study_mod
-    import optc.search as search_mod
-
-    session = SimpleNamespace(anatomy=None, model_name="fake", is_lm=True, task="causal-lm",
-                              calibration_source=lambda: "none")
-    monkeypatch.setattr(search_mod, "_session", lambda req, target, log: (session, None, None))
-    monkeypatch.setattr(space_mod, "SearchSpace", lambda *a: SimpleNamespace(
-        params={}, signature=lambda: {"fake": True}))
-    monkeypatch.setattr(search_mod, "_workload", lambda *a: SimpleNamespace(to_dict=lambda: {"kind": "decode"}))
-    monkeypatch.setattr(study_mod, "enqueue_seeds", lambda study, space: None)
-    monkeypatch.setattr(search_mod, "_cost_model", lambda *a: SimpleNamespace(source="fake", history=[], coef=None))
+    search_mod, study_mod = _fake_search(monkeypatch)
 
     def stopped_worker(*a, **k):
         raise KeyboardInterrupt
@@ -160,3 +138,21 @@ def test_a_stopped_search_reports_what_its_study_holds(monkeypatch, tmp_path):
     report = json.loads((tmp_path / "fake-cpu.json").read_text())
     assert report["n_trials"] == 0 and report["best"] is None
     assert any("the same command resumes" in m for m in said)
+
+
+def _fake_search(monkeypatch):
+    """optc.search with everything but the study, its storage and the report faked (no
+    model, space or cost model); returns (optc.search, its study module) to fake more."""
+    import optc.compiler.search.space as space_mod
+    import optc.compiler.search.study as study_mod
+    import optc.search as search_mod
+
+    session = SimpleNamespace(anatomy=None, model_name="fake", is_lm=True, task="causal-lm",
+                              calibration_source=lambda: "none")
+    monkeypatch.setattr(search_mod, "_session", lambda req, target, log: (session, None, None))
+    monkeypatch.setattr(space_mod, "SearchSpace", lambda *a: SimpleNamespace(
+        params={}, signature=lambda: {"fake": True}))
+    monkeypatch.setattr(search_mod, "_workload", lambda *a: SimpleNamespace(to_dict=lambda: {"kind": "decode"}))
+    monkeypatch.setattr(study_mod, "enqueue_seeds", lambda study, space: None)
+    monkeypatch.setattr(search_mod, "_cost_model", lambda *a: SimpleNamespace(source="fake", history=[], coef=None))
+    return search_mod, study_mod
