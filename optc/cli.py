@@ -8,8 +8,8 @@ configuration meets the constraints.
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
+import json
 import os
 import signal
 import sys

@@ -93,19 +93,18 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         return _plain(_features(program, compiled.manifest, workload))
 
     n_sub = _subsample(session)
-    # One measured trial (the dense seed) anchors the cost model to this device and
-    # lowering (a device history fits it further) before estimates are trusted.
     opts = sy.WorkerOptions(req.trials, req.max_quality_loss, subsample=n_sub, measure_all=req.measure_all,
-                            time_limit_s=req.time_limit_s, min_measured=1, **_liveness_from_env())
+                            time_limit_s=req.time_limit_s, **_liveness_from_env())
     start = time.perf_counter()
     try:
         sy.run_worker(study, space, session, measure=measure, features=features, cost=cost, opts=opts, log=log,
                       remember=_remember(target, workload, lowering, session.model_name))
-    except (CompileError, KeyboardInterrupt):  # trials kept crashing, or the search was stopped (Ctrl-C,
-        # SIGTERM): report what the study holds (nothing compiled), then stop; the same command resumes
+    except (CompileError, KeyboardInterrupt) as exc:  # trials kept crashing, or the search was stopped
+        # (Ctrl-C, SIGTERM): report what the study holds (nothing compiled), then stop
         if not worker_only:
-            log("search: stopped before its trials ended; reporting what the study holds "
-                "(the same command resumes it)")
+            if isinstance(exc, KeyboardInterrupt):
+                log("search: stopped before its trials ended; reporting what the study holds "
+                    "(the same command resumes it)")
             try:
                 _finish(replace(req, compile_best=False), study, study_name, where, target, session,
                         time.perf_counter() - start, log)
