@@ -198,7 +198,8 @@ def _report_decode_quality(d: dict | None) -> None:
     if "skipped" in d:
         _log(f"  quality through the decode program: not measured ({d['skipped']})")
         return
-    how = "lowered as the artifact loads them" if d["programs"] == "lowered" else "uncompiled"
+    how = {"lowered": "lowered as the artifact loads them", "packages": "the artifact's AOTInductor packages"}.get(
+        d["programs"], "uncompiled")
     _log(f"  quality through the decode program ({how}, {d['device']}; {d['windows']} held-out windows of "
          f"{d['window_tokens']} tokens, {d['prefill_tokens']} prefilled then decoded one at a time, "
          f"n={d['tokens']}): {d['metric']} {d['before']:.4g} -> {d['after']:.4g}; the prefill graph on the "

@@ -135,3 +135,15 @@ def test_compile_reports_held_out_sparsity(tmp_path):
     # --no-verify lowered nothing: the decode loop's figure comes from the uncompiled programs.
     assert q["decode"]["programs"] == "uncompiled" and abs(q["decode"]["vs_prefill_graph"]) < 1e-3, q["decode"]
     assert "quality through the decode program (uncompiled, cpu; 2 held-out windows of 64 tokens" in err
+
+
+@pytest.mark.parametrize("programs, said", [("uncompiled", "uncompiled"),
+                                            ("lowered", "lowered as the artifact loads them"),
+                                            ("packages", "the artifact's AOTInductor packages")])
+def test_the_decode_quality_line_names_what_ran(programs, said, capsys):
+    from optc import commands
+
+    commands._report_decode_quality({"programs": programs, "device": "cpu", "windows": 2, "window_tokens": 64,
+                                     "prefill_tokens": 32, "tokens": 64, "metric": "perplexity", "before": 33.4,
+                                     "after": 34.5, "prefill_graph_after": 35.4, "vs_prefill_graph": -0.024})
+    assert f"quality through the decode program ({said}, cpu;" in capsys.readouterr().err
