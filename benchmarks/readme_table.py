@@ -107,7 +107,8 @@ def quality_table() -> str:
     out = ["| model | pass | setting | metric | before | after | note | result |", "|---|---|---|---|---|---|---|---|"]
     for path, d, row in _newest_pruning_rows():
         ours, none = row["default"], row["repair_none"]
-        extra = "".join(f"{x.split('.', 1)[1]}; " for x in row.get("settings") or [])
+        extra = "".join(f"{x.split('.', 1)[1]}; " for x in row.get("settings") or []
+                        if not x.split(".", 1)[1].startswith("repair="))  # the repair used is said next
         note = (f"{extra}repair {ours['repair_used']}; plain method {none['quality_after']:.4g}; "
                 f"loss {100 * row['bar']['ratio_of_losses']:.0f}% of the plain method's")
         out.append(f"| {d['model']} | {row['pass']} | ratio {row['ratio']} | {ours['metric']} | "
