@@ -257,17 +257,18 @@ def _real_weights(model: str) -> bool:
 
 
 def table(real_weights: bool = True) -> str:
-    """Each model's latest search: the README shows models with real weights (their
-    quality losses mean something), docs/results.md the shape-only ones."""
+    """Each model's latest search on each device: the README shows models with real
+    weights (their quality losses mean something), docs/results.md the shape-only ones."""
     out = []
-    latest: dict = {}  # model -> (date, path, result)
+    latest: dict = {}  # (model, device) -> (date, path, result)
     for path in sorted(RESULTS.glob("search_*.json")):
         d = json.loads(path.read_text())
         if d["max_quality_loss"] > 1 or _real_weights(d["model"]) != real_weights:
             continue  # (a study run to label the cost model, not to choose: cost_model_lines() reports it)
-        if d["model"] not in latest or d["date"] > latest[d["model"]][0]:
-            latest[d["model"]] = (d["date"], path, d)
-    for _, path, d in sorted(latest.values(), key=lambda v: v[2]["model"]):
+        key = (d["model"], d["device"])
+        if key not in latest or d["date"] > latest[key][0]:
+            latest[key] = (d["date"], path, d)
+    for _, path, d in sorted(latest.values(), key=lambda v: (v[2]["model"], v[2]["device"])):
         acc = d.get("cost_model", {})
         acc_text = (f"cost model, each trial estimated before it was measured (fitted on earlier trials only), "
                     f"{acc['n']} trials: Spearman {acc['spearman']:.2f}, "

@@ -138,15 +138,6 @@ class CompileSession:
 
     # -- running -----------------------------------------------------------------------
 
-    def _decode_start(self, programs):
-        """The decode check starts where decoding does: from the state the same config's
-        prefill leaves after a random prompt (lowering.prefilled_state)."""
-        if cap.PREFILL not in programs:
-            return None
-        prefill = programs[cap.PREFILL]
-        return lowering.prefilled_state(cap.graph_module(prefill), self.captured.example_inputs[cap.PREFILL],
-                                        lowering.vocab_size(prefill))
-
     def run(self, config: dict, *, verify: bool = False, evaluate: bool = False,
             export_on_use: bool = False) -> Compiled:
         """Compile `config` (from `resolve`) on fresh copies of the captured programs.
@@ -181,7 +172,9 @@ class CompileSession:
                     with working(f"lowering {name}"):
                         verification[name] = lowering.lower_and_verify(
                             ep, self.captured.example_inputs[name], self.target, name, kernel_cache=True,
-                            start_state=self._decode_start(programs) if name == cap.DECODE else None)
+                            # decode starts where decoding does: from the cache its prefill fills
+                            start_state=lowering.decode_start(programs, self.captured.example_inputs)
+                            if name == cap.DECODE else None)
             files, cache_record = kernel_cache.package(recorded, self.target, list(programs))
             timings["lowering"] = time.perf_counter() - start
         elif verify:

@@ -110,6 +110,8 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
                         time.perf_counter() - start, log)
             except NoConfigError:
                 pass
+            except Exception as failure:  # noqa: BLE001 - what ended the trials is the error to raise
+                log(f"search: the report could not be written: {type(failure).__name__}: {failure}")
         raise
     if worker_only:
         return {"study": study_name, "worker_trials": req.trials}
@@ -269,10 +271,23 @@ def _run_workers(req, target, study_name, log) -> dict:
         argv = _worker_argv(req, study_name, share[i])
         log(f"search: worker {i} ({'GPU ' + gpus[i] if gpus[i] is not None else 'cpu'}): {share[i]} trials")
         procs.append(subprocess.Popen(argv, env=env))
-    codes = [p.wait() for p in procs]
+    report = SearchRequest(**{**req.__dict__, "trials": 0, "workers": 1, "study": study_name})
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # stopped: stop the workers (each fails its running trial for a retry), report
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        log("search: stopped; reporting what the study holds (the same command resumes it)")
+        try:
+            search(replace(report, compile_best=False, confirm_rounds=0), log=log)
+        except NoConfigError:
+            pass  # the report is written; nothing under the limit yet
+        raise
     if any(codes):
         log(f"search: worker exit codes {codes}; reporting what the study holds")
-    return search(SearchRequest(**{**req.__dict__, "trials": 0, "workers": 1, "study": study_name}), log=log)
+    return search(report, log=log)
 
 
 def _visible_gpus() -> list[str]:

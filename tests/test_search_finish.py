@@ -154,5 +154,5 @@ def _fake_search(monkeypatch):
         params={}, signature=lambda: {"fake": True}))
     monkeypatch.setattr(search_mod, "_workload", lambda *a: SimpleNamespace(to_dict=lambda: {"kind": "decode"}))
     monkeypatch.setattr(study_mod, "enqueue_seeds", lambda study, space: None)
-    monkeypatch.setattr(search_mod, "_cost_model", lambda *a: SimpleNamespace(source="fake", history=[], coef=None))
+    monkeypatch.setattr(search_mod, "_cost_model", lambda *a: SimpleNamespace(source="fake", history=[]))
     return search_mod, study_mod

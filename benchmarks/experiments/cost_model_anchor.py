@@ -62,6 +62,9 @@ def main() -> None:
     studies = {}
     for journal in args.journals:
         studies[Path(journal).name] = r = replay(measured(journal))
+        if not r["rows"]:
+            print(f"{Path(journal).name}: fewer than two measured trials, nothing to replay")
+            continue
         print(f"{Path(journal).name}: {r['measured_trials']} measured; the first at {r['first_over_estimate']:.2f} of "
               f"its estimate; the next {len(r['rows'])} off by {r['unscaled']['mape']:.1%} unscaled, "
               f"{r['scaled']['mape']:.1%} scaled")

@@ -38,9 +38,9 @@ def main() -> None:
     entry, model, example = resolve(args.model, device="cpu", dtype=dtype)
     session = CompileSession(model, example, target="cpu", entry=entry, log=lambda m: None)
     programs = session.run(session.resolve()).programs  # the default pipeline, unlowered
-    prefill, decode = programs[cap.PREFILL], programs[cap.DECODE]
+    decode = programs[cap.DECODE]
     gm, inputs, vocab = cap.graph_module(decode), session.captured.example_inputs[cap.DECODE], lowering.vocab_size(decode)
-    start = lowering.prefilled_state(cap.graph_module(prefill), session.captured.example_inputs[cap.PREFILL], vocab)
+    start = lowering.decode_start(programs, session.captured.example_inputs)
     noise = lowering.noise_of(gm)
     rows = []
     for seed in range(args.seeds):

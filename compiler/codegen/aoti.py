@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from optc.compiler.capture import graph_module
+from optc.compiler.capture import DECODE, graph_module
+from optc.compiler.codegen.check_inputs import decode_start
 from optc.compiler.codegen.aoti_probe import environment, load_failure
 from optc.compiler.rewrite import attr_value, mutated_attr_names
 from optc.compiler.targets import Target, available
@@ -220,7 +221,8 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
             with working(f"packaging {name}"):
                 data, rec = build_package(ep, example_inputs[name], target, name)
                 if verify:
-                    rec["verification"] = _verify(ep, data, rec, example_inputs[name], target)
+                    rec["verification"] = _verify(ep, data, rec, example_inputs[name], target,
+                                                  decode_start(programs, example_inputs) if name == DECODE else None)
         except Exception as exc:  # noqa: BLE001 - any failure: ship the portable program
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             record["programs"][name] = {"skipped": f"AOTInductor failed: {type(exc).__name__}: {first}",
@@ -232,12 +234,13 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
     return files, record
 
 
-def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target) -> dict:
-    """The package against the uncompiled program, with lowering.verify's tolerances
-    (raises CompileError when it changed the function)."""
+def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target, start_state=None) -> dict:
+    """The package against the uncompiled program, with lowering.verify's tolerances, from
+    `start_state` (a decode program: lowering.decode_start) (raises CompileError when it
+    changed the function)."""
     from optc.compiler.codegen.lowering import verify
 
     gm = graph_module(ep)
     runner = load_package(data)
     bind_constants(runner, gm)
-    return verify(ep, PackagedProgram(runner, gm, rec["state"]), gm, inputs)
+    return verify(ep, PackagedProgram(runner, gm, rec["state"]), gm, inputs, start_state=start_state)

@@ -8,10 +8,12 @@ import torch
 from torch.export import ExportedProgram
 
 from optc.compiler.capture import graph_module, is_state_buffer
+from optc.compiler.codegen.check_inputs import (  # noqa: F401  (part of this module's API)
+    decode_start, prefilled_state, random_like_inputs, reset_state, vocab_size)
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
 from optc.compiler.codegen.noisy_twin import HALF as _HALF, noisy_twin
-from optc.compiler.rewrite import attr_value, view_key
+from optc.compiler.rewrite import view_key
 from optc.compiler.targets import LOWERING_FIELDS, Target
 from optc.errors import CompileError
 
@@ -138,68 +140,6 @@ def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool 
     return record
 
 
-def random_like_inputs(inputs: tuple[tuple, dict], vocab: int | None, seed: int) -> tuple[tuple, dict]:
-    """Fresh inputs shaped like the examples: token ids drawn below the vocabulary,
-    floats from a normal distribution; positions and masks are kept as they are."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def fresh(name, t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        if t.is_floating_point():
-            return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
-        if vocab and name in ("input_ids", "arg0"):
-            return torch.randint(0, vocab, t.shape, generator=gen, dtype=t.dtype).to(t.device)
-        return t
-
-    args, kwargs = inputs
-    return tuple(fresh(f"arg{i}", a) for i, a in enumerate(args)), {k: fresh(k, v) for k, v in kwargs.items()}
-
-
-def vocab_size(program) -> int | None:
-    """Rows of the token embedding of an ExportedProgram or an unlifted GraphModule."""
-    for node in program.graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.aten.embedding.default:
-            table = node.args[0]
-            if "val" in table.meta:
-                return int(table.meta["val"].shape[0])
-            if table.op == "get_attr":
-                return int(attr_value(program, table.target).shape[0])
-    return None
-
-
-def reset_state(module: torch.nn.Module, state: dict | None = None) -> None:
-    """Zero a decoder's state (KV cache and its lengths: buffers the program mutates), or
-    set the buffers `state` names to its tensors, so two runs of a stateful program start
-    from the same state."""
-    for name, buf in module.named_buffers():
-        if is_state_buffer(name):
-            if state is not None and name in state:
-                buf.copy_(state[name])
-            else:
-                buf.zero_()
-
-
-def prefilled_state(prefill: torch.nn.Module, prefill_inputs: tuple[tuple, dict], vocab: int | None):
-    """A function of a seed giving the decoder state `prefill` leaves after a random prompt
-    shaped like its example (state buffer name -> tensor): where a decode step starts in
-    use. From a zeroed cache a lone token attends to nothing but itself, and a model such
-    as SmolLM2 then turns that token's output on rounding (its one-ulp noise up to twice
-    the output's norm, so the check could tell nothing); from a prefilled cache the noise is
-    that of the prefill, and the check also reads the cache, which a zeroed one never tests."""
-
-    def state(seed: int) -> dict:
-        args, kwargs = random_like_inputs(prefill_inputs, vocab, seed)
-        with torch.no_grad():
-            reset_state(prefill)
-            prefill(*args, **kwargs)
-            out = {name: buf.clone() for name, buf in prefill.named_buffers() if is_state_buffer(name)}
-            reset_state(prefill)
-        return out
-
-    return state
-
-
 def verify(ep: ExportedProgram, compiled, reference: torch.nn.Module, inputs: tuple[tuple, dict], *, trials: int = 2,
            start_state=None) -> dict:
     """Compare `compiled` with the uncompiled `reference` on fresh random inputs (for a
@@ -280,14 +220,16 @@ def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None,
     for trial in range(trials):
         args, kwargs = random_like_inputs(inputs, vocab, seed=1234 + trial)
         state = start_state(4321 + trial) if start_state is not None else None
-        with torch.no_grad():
-            reset_state(reference, state)
-            ref = reference(*args, **kwargs)
-            reset_state(reference, state)
-            out = candidate(*args, **kwargs)
-            dtype = ref.dtype
-            if judged and dtype in _HALF:
-                noise = max(noise, noise_fn(ref, args, kwargs, state))
+        try:
+            with torch.no_grad():
+                reset_state(reference, state)
+                ref = reference(*args, **kwargs)
+                reset_state(reference, state)
+                out = candidate(*args, **kwargs)
+                dtype = ref.dtype
+                if judged and dtype in _HALF:
+                    noise = max(noise, noise_fn(ref, args, kwargs, state))
+        finally:  # the program's cache (shared with what is saved) is left as it was found: zeroed
             reset_state(reference)
         worst = max(worst, _rel_err(out, ref))
     floor = TOLERANCE.get(dtype, 1e-2)
@@ -321,8 +263,8 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def flippable_weights(reference) -> list[torch.Tensor]:
     """The bf16/fp16 parameters and buffers rounding_noise may move by one ulp. Left
     alone: threshold buffers and any tensor holding an inf or NaN (a flipped inf is a
-    NaN: a mask filled with -inf), and state buffers (the KV cache: reset_state zeroes
-    it)."""
+    NaN: a mask filled with -inf), and state buffers (the KV cache: reset_state sets
+    it before each run)."""
     return [t for name, t in _named_tensors(reference)
             if t.dtype in _HALF and t.numel() > 0 and not is_state_buffer(name)
             and not name.rsplit(".", 1)[-1].startswith(THRESHOLD_BUFFER_PREFIX)

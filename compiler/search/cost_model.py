@@ -74,9 +74,9 @@ def mark_against_dense(rows: list[dict], dense: dict | None, key: str, ms: str) 
 @dataclass
 class CostModel:
     """ms = a * roofline + b * launches * launch_us + c, with (a, b, c) = (1, 1, 0)
-    until `fit` has a measured trial. launch_us is what a kernel costs beyond its
-    bytes and FLOPs (launch, ramp-up, tail); one constant for every kind of kernel, the
-    fitted b absorbs the mix.
+    until `fit` has a measured sample (the study's or the device history's). launch_us
+    is what a kernel costs beyond its bytes and FLOPs (launch, ramp-up, tail); one
+    constant for every kind of kernel, the fitted b absorbs the mix.
 
     The roofline is summed per kernel, sum(max(bytes/BW, flops/peak)), rather than
     max(total bytes/BW, total flops/peak): a prefill or encoder program mixes
@@ -160,14 +160,18 @@ class CostModel:
         return self
 
     def _scaled_prior(self, samples: list, weights: list) -> tuple[float, float, float] | None:
-        """PRIOR times the weighted geometric mean of measured / prior estimate; None
-        without samples."""
-        if not samples:
-            return None
+        """PRIOR times the weighted geometric mean of measured / prior estimate, over the
+        samples whose estimate is finite and positive; None without such samples."""
         a, b, c = PRIOR
-        logs = [w * math.log(ms / (a * roof + b * launch + c))
-                for w, (f, ms) in zip(weights, samples) for roof, launch in [self.terms(f)]]
-        scale = math.exp(sum(logs) / sum(weights))
+        ratios = []
+        for w, (f, ms) in zip(weights, samples):
+            roof, launch = self.terms(f)
+            estimate = a * roof + b * launch + c
+            if math.isfinite(estimate) and estimate > 0:
+                ratios.append((w, ms / estimate))
+        if not ratios:
+            return None
+        scale = math.exp(sum(w * math.log(r) for w, r in ratios) / sum(w for w, _ in ratios))
         return (a * scale, b * scale, c * scale)
 
     def unfitted(self) -> "CostModel":

@@ -100,12 +100,23 @@ def reap_stale(study: optuna.Study, grace: float = GRACE_S, log=print) -> int:
             beat = trial.datetime_start.timestamp()
         if beat is None or now - beat <= grace:
             continue
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "failed", "its worker stopped (stale heartbeat)")
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
+        if not fail_and_requeue(study, trial, "its worker stopped (stale heartbeat)"):
             continue  # another worker reaped it, or it finished just now
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         log(f"[optc] trial {trial.number}: its worker stopped; failed it and queued its configuration again")
         reaped += 1
     return reaped
+
+
+def fail_and_requeue(study: optuna.Study, trial, why: str) -> bool:
+    """Fail a running trial (a Trial or FrozenTrial) and enqueue its configuration again
+    (`retry_of`): its suggested settings and those it was enqueued with, so an interrupted
+    seed (the dense model) runs again. False when it was finished by someone else first."""
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, "failed", why)
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    frozen = study._storage.get_trial(trial._trial_id)
+    params = {**frozen.system_attrs.get("fixed_params", {}), **frozen.params}
+    study.enqueue_trial(params, user_attrs={"retry_of": frozen.number})
+    return True

@@ -87,9 +87,9 @@ def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Cal
         beat = st.Heartbeat(study, trial._trial_id, opts.heartbeat_s)
         try:
             _one_trial(study, trial, space, session, measure, features, cost, opts, log, remember)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the next run of the search runs it again
             beat.stop()
-            study.tell(trial, state=TrialState.FAIL)
+            st.fail_and_requeue(study, trial, "its worker was stopped")
             raise
         except CrashedBefore as exc:
             trial.set_user_attr("error", f"as in trial {exc.args[0]}")

@@ -8,7 +8,7 @@ import torch
 from optc.compiler import capture as cap
 from optc.compiler.codegen import lowering
 from optc.compiler.session import CompileSession
-from optc.errors import CompileError
+from optc.errors import CompileError, InternalError
 from optc.models import zoo
 
 
@@ -17,9 +17,8 @@ def decoder():
     entry = zoo.get("tiny-llama")
     session = CompileSession(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda m: None)
     programs = session.run(session.resolve()).programs
-    prefill, decode = programs[cap.PREFILL], programs[cap.DECODE]
-    start = lowering.prefilled_state(cap.graph_module(prefill), session.captured.example_inputs[cap.PREFILL],
-                                     lowering.vocab_size(prefill))
+    start = lowering.decode_start(programs, session.captured.example_inputs)
+    decode = programs[cap.DECODE]
     return decode, cap.graph_module(decode), session.captured.example_inputs[cap.DECODE], start
 
 
@@ -42,6 +41,22 @@ def test_a_faithful_decode_lowering_passes_from_the_prefilled_cache(decoder):
     result = lowering.verify(ep, lambda *a, **k: gm(*a, **k), gm, inputs, start_state=start)
     assert result["ok"] and result["start_state"] == "prefilled"
     assert not any(bool(b.any()) for n, b in gm.named_buffers() if cap.is_state_buffer(n))  # left zeroed
+
+
+def test_a_cache_the_state_lacks_starts_zeroed_and_one_of_another_shape_is_refused(decoder):
+    """As a loaded decoder ties the two programs' caches by name: one the prefill lacks is
+    never written before decode, so it starts zeroed; a same-named one of another shape
+    means a pass narrowed the two programs differently."""
+    _, gm, _, start = decoder
+    state = start(0)
+    first = next(name for name in state if cap.KEY_CACHE_BUFFER.search(name))
+    lowering.reset_state(gm, {k: v for k, v in state.items() if k != first})
+    buffers = dict(gm.named_buffers())
+    assert not bool(buffers[first].any())
+    assert any(bool(buffers[k].any()) for k in state if k != first)
+    with pytest.raises(InternalError, match="the prefill and decode programs' caches differ"):
+        lowering.reset_state(gm, {**state, first: state[first][..., :-1]})
+    lowering.reset_state(gm)
 
 
 def test_a_lowering_that_ignores_the_cache_is_caught(decoder):

@@ -197,9 +197,15 @@ def test_no_sample_keeps_the_roofline_and_a_few_scale_it():
     anchored = model.unfitted().fit(halved[:1])
     assert anchored.n_fit == 1 and anchored.coef == pytest.approx((0.5, 0.5, 0.0))
     assert anchored.estimate_ms(halved[1][0]) == pytest.approx(halved[1][1])
-    # Two disagreeing ones: their geometric mean.
-    mixed = [(f, 2.0 * (roof + launch)), (f, 0.5 * (roof + launch))]
-    assert model.unfitted().fit(mixed).coef == pytest.approx((1.0, 1.0, 0.0))
+    # Two disagreeing ones: their geometric mean; a device-history sample counts HISTORY_WEIGHT.
+    mixed = [(f, 2.0 * (roof + launch)), (f, 8.0 * (roof + launch))]
+    assert model.unfitted().fit(mixed).coef == pytest.approx((4.0, 4.0, 0.0))
+    with_history = model.unfitted().with_history([(f, 8.0 * (roof + launch))]).fit([(f, 2.0 * (roof + launch))])
+    scale = math.exp((math.log(2.0) + cm.HISTORY_WEIGHT * math.log(8.0)) / (1 + cm.HISTORY_WEIGHT))
+    assert with_history.coef == pytest.approx((scale, scale, 0.0))
+    # A sample whose estimate is zero (no bytes, FLOPs or launches) scales nothing.
+    empty = {"bytes": 0, "flops": 0, "launches": 0, "kernels": []}
+    assert model.unfitted().fit([(empty, 1.0)]).coef is None
 
 
 def test_fit_never_goes_negative():

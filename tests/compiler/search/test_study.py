@@ -263,6 +263,26 @@ def test_stale_trials_are_failed_and_their_configuration_queued_again():
     assert st.reap_stale(study, grace=10, log=lambda m: None) == 0  # reaped once only
 
 
+def test_an_interrupted_trial_is_failed_and_its_configuration_queued_again():
+    """Ctrl-C or SIGTERM in the dense seed's measurement: the trial fails, its settings
+    (those it was enqueued with) wait for the next run, and the interrupt goes on up."""
+    space, study = SearchSpace(ANATOMY, "toy"), _study()
+    sy.enqueue_seeds(study, space)
+
+    def interrupted(compiled):
+        raise KeyboardInterrupt
+
+    opts = sy.WorkerOptions(n_trials=3, max_quality_loss=0.05)
+    with pytest.raises(KeyboardInterrupt):
+        sy.run_worker(study, space, FakeSession(), measure=interrupted, features=_features, cost=FakeCost(),
+                      opts=opts, log=lambda m: None)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and failed[0].user_attrs["failed"] == "its worker was stopped"
+    retry = sy._ask(study)
+    assert retry.user_attrs.get("retry_of") == failed[0].number
+    assert retry.suggest_int("toy_pass.level", 0, 5) == 0  # the dense seed, not a sampled configuration
+
+
 def test_a_retry_runs_before_trials_queued_earlier():
     study = _study()
     dead = study.ask({"toy_pass.level": optuna.distributions.IntDistribution(0, 5)})
