@@ -156,3 +156,34 @@ def _fake_search(monkeypatch):
     monkeypatch.setattr(study_mod, "enqueue_seeds", lambda study, space: None)
     monkeypatch.setattr(search_mod, "_cost_model", lambda *a: SimpleNamespace(source="fake", history=[]))
     return search_mod, study_mod
+
+
+def test_a_stopped_multi_worker_search_stops_its_workers_then_reports(monkeypatch, tmp_path):
+    """--workers N stopped while its workers run: each worker is told to stop (SIGTERM,
+    which fails its running trial for a retry), then the study is reported, nothing shipped."""
+    import optc.search as search_mod
+    from optc.compiler import targets
+
+    class Worker:
+        def __init__(self, argv, env):
+            self.stopped, self.waits = False, 0
+
+        def wait(self):
+            self.waits += 1
+            if not self.stopped:
+                raise KeyboardInterrupt  # the parent is stopped while it waits
+            return 1
+
+        def terminate(self):
+            self.stopped = True
+
+    workers, reports = [], []
+    monkeypatch.setattr(search_mod.subprocess, "Popen", lambda argv, env: workers.append(Worker(argv, env)) or
+                        workers[-1])
+    monkeypatch.setattr(search_mod, "search", lambda req, log: reports.append(req))
+    req = search_mod.SearchRequest(model="tiny-llama", target="cpu", trials=4, workers=2, out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        search_mod._run_workers(req, targets.get("cpu"), "s", log=lambda m: None)
+    assert len(workers) == 2 and all(w.stopped and w.waits >= 1 for w in workers)
+    assert len(reports) == 1 and reports[0].trials == 0 and not reports[0].compile_best
+    assert reports[0].confirm_rounds == 0 and reports[0].study == "s"

@@ -35,8 +35,8 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from optc.compiler.capture import DECODE, graph_module
-from optc.compiler.codegen.check_inputs import decode_start
 from optc.compiler.codegen.aoti_probe import environment, load_failure
+from optc.compiler.codegen.check_inputs import decode_start
 from optc.compiler.rewrite import attr_value, mutated_attr_names
 from optc.compiler.targets import Target, available
 from optc.compiler.torch_private import (aoti_compile_and_package, aoti_load_package, graph_module_in_spec,
@@ -236,7 +236,7 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
 
 def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target, start_state=None) -> dict:
     """The package against the uncompiled program, with lowering.verify's tolerances, from
-    `start_state` (a decode program: lowering.decode_start) (raises CompileError when it
+    `start_state` (a decode program: check_inputs.decode_start) (raises CompileError when it
     changed the function)."""
     from optc.compiler.codegen.lowering import verify
 
