@@ -17,6 +17,7 @@ row) takes it optionally.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -104,10 +105,26 @@ def measure(art, target, workload: Workload, *, inputs, autotune: bool | None = 
         raise UsageError(f"target {tgt.name} is not present on this machine; measure where it is, or use cpu")
     if not isinstance(workload, Workload):
         raise UsageError(f"workload must be an optc.runtime.measure.Workload, got {type(workload).__name__}")
+    if tgt.device == "cpu":
+        _warn_if_busy(log)
     if workload.kind == "decode":
         return _measure_decode(art, tgt, workload, inputs, autotune, loaded, log)
     # A forward program lowers as a load lowers it whenever autotune is None.
     return _measure_forward(art, tgt, workload, inputs, None if loaded else autotune, log)
+
+
+def _warn_if_busy(log) -> None:
+    """Say so when other work loads the CPU: two processes' thread pools on the same cores
+    spin against each other, and a timing taken then can be many times too slow
+    (benchmarks/NOTES.md, "CPU work while the GPU was out of reach")."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return
+    if load > 1.5 * cores:
+        log(f"warning: this machine is busy (load {load:.1f} on {cores} cores): CPU timings taken now are not "
+            "comparable with timings on an idle machine")
 
 
 def _device_of(x, tgt) -> str:

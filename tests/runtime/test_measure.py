@@ -121,3 +121,13 @@ def test_runtime_never_imports_the_cli():
     bad = {f.name: sorted(n for n in _imports(f) if n.split(".")[:2] in (["optc", "cli"], ["optc", "commands"]))
            for f in files}
     assert not {k: v for k, v in bad.items() if v}, f"runtime/ imports the command layer: {bad}"
+
+
+@pytest.mark.parametrize("load, warned", [(0.5, False), (10_000.0, True)])
+def test_a_cpu_timing_on_a_busy_machine_says_so(monkeypatch, load, warned):
+    from optc.runtime import measure as measure_mod
+
+    monkeypatch.setattr(measure_mod.os, "getloadavg", lambda: (load, load, load))
+    said = []
+    measure_mod._warn_if_busy(said.append)
+    assert bool(said) == warned and all("this machine is busy" in m for m in said)
