@@ -176,4 +176,3 @@ def _refresh_meta(gm: fx.GraphModule, c: HeadCoupling, new_caches: dict) -> None
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
         with mode, python_dispatcher():  # a prefill program's sequence length is symbolic
             node.meta["val"] = node.target(*args, **kwargs)
-

@@ -198,9 +198,9 @@ def _report_decode_quality(d: dict | None) -> None:
     if "skipped" in d:
         _log(f"  quality through the decode program: not measured ({d['skipped']})")
         return
-    how = {"lowered": "lowered as the artifact loads them", "packages": "the artifact's AOTInductor packages"}.get(
-        d["programs"], "uncompiled")
-    _log(f"  quality through the decode program ({how}, {d['device']}; {d['windows']} held-out windows of "
+    from optc.runtime.decode_quality import ran_as
+
+    _log(f"  quality through the decode program ({ran_as(d)}, {d['device']}; {d['windows']} held-out windows of "
          f"{d['window_tokens']} tokens, {d['prefill_tokens']} prefilled then decoded one at a time, "
          f"n={d['tokens']}): {d['metric']} {d['before']:.4g} -> {d['after']:.4g}; the prefill graph on the "
          f"same tokens {d['prefill_graph_after']:.4g} ({100 * d['vs_prefill_graph']:+.2f}%)")
@@ -304,8 +304,7 @@ def cmd_search(args):
         storage=args.storage, study=args.study, workers=args.workers, pipeline=args.pipeline,
         fixed=pass_settings(args), out_dir=args.output, tokens=args.tokens, batch=args.batch,
         measure_all=args.measure_all, compile_best=not args.no_artifact, confirm_rounds=args.confirm_rounds,
-        seed=args.seed,
-        time_limit_s=args.time_limit, lowering=args.lowering, calibration=args.calibration,
+        seed=args.seed, time_limit_s=args.time_limit, lowering=args.lowering, calibration=args.calibration,
     )
     return search(req, worker_only=args.worker)
 

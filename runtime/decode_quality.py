@@ -77,13 +77,19 @@ def check(d: dict) -> None:
 
     if "vs_prefill_graph" not in d or abs(d["vs_prefill_graph"]) <= TOLERANCE:
         return
-    how = "lowered" if d["programs"] != "uncompiled" else "uncompiled"
     raise CompileError(
-        f"the {how} decode program's held-out perplexity ({d['after']:.4g}) is {100 * d['vs_prefill_graph']:+.1f}% "
+        f"the decode program's held-out perplexity ({ran_as(d)}: {d['after']:.4g}) is "
+        f"{100 * d['vs_prefill_graph']:+.1f}% "
         f"off the prefill graph's on the same tokens ({d['prefill_graph_after']:.4g}; tolerance "
         f"{100 * TOLERANCE:.0f}%): what generation runs does not compute what --eval measured. Compile without "
         "the pass that rewrites the decode program (`optc compile --json` names each program's rewrites), and "
         "report this with the model and settings")
+
+
+def ran_as(d: dict) -> str:
+    """What ran a decode_quality figure's decode loop, in words."""
+    return {"lowered": "lowered as the artifact loads them", "packages": "the artifact's AOTInductor packages"}.get(
+        d["programs"], "uncompiled")
 
 
 def _programs(dec) -> str:
