@@ -64,14 +64,25 @@ def compile(
                              prefill_len=prefill_len, log=log)
     config = session.resolve(passes, pipeline_name)
     compiled = session.run(config, verify=verify, evaluate=evaluate)
+    return artifact_of(session, compiled, package=package, verify=verify, evaluate=evaluate, log=log)
+
+
+PACKAGE_FORMATS = ("aoti", "none")
+
+
+def artifact_of(session: CompileSession, compiled, *, package: str, verify: bool, evaluate: bool,
+                log=_log) -> Artifact:
+    """What a compile ships of a compiled configuration (session.run): its programs and
+    kernel cache, its AOTInductor packages (`package`), and for an LM with `evaluate` the
+    held-out figure through the decode loop. `optc compile` and the search's shipped
+    configuration both come from here."""
+    if package not in PACKAGE_FORMATS:
+        raise UsageError(f"package={package!r}: expected one of {', '.join(PACKAGE_FORMATS)}")
     art = Artifact(compiled.programs, compiled.manifest, compiled.extra_files)
     _package(art, session, package, verify, log)
     if evaluate and session.is_lm:
         _decode_quality(art, session, compiled, log)
     return art
-
-
-PACKAGE_FORMATS = ("aoti", "none")
 
 
 def _package(art: Artifact, session: CompileSession, package: str, verify: bool, log) -> None:

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=_positive_int, default=None, help="batch size measured (default 1)")
     s.add_argument("--measure-all", action="store_true", help="measure every trial (no cost-model estimates)")
     s.add_argument("--no-artifact", action="store_true", help="do not compile the best configuration at the end")
+    s.add_argument("--package", default="aoti", choices=["aoti", "none"],
+                   help="the shipped artifact's compiled code, as `optc compile --package` (aoti, the default: "
+                        "AOTInductor packages where the target allows; none: the portable programs and the "
+                        "kernel cache)")
     s.add_argument("--confirm-rounds", type=_int_at_least(0), default=3,
                    help="time the shipped configuration and dense again at the end, alternating, this many rounds "
                         "in one process (0: do not)")

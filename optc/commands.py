@@ -303,7 +303,8 @@ def cmd_search(args):
         model=args.model, target=args.target, trials=args.trials, max_quality_loss=args.max_quality_loss,
         storage=args.storage, study=args.study, workers=args.workers, pipeline=args.pipeline,
         fixed=pass_settings(args), out_dir=args.output, tokens=args.tokens, batch=args.batch,
-        measure_all=args.measure_all, compile_best=not args.no_artifact, confirm_rounds=args.confirm_rounds,
+        measure_all=args.measure_all, compile_best=not args.no_artifact, package=args.package,
+        confirm_rounds=args.confirm_rounds,
         seed=args.seed, time_limit_s=args.time_limit, lowering=args.lowering, calibration=args.calibration,
     )
     return search(req, worker_only=args.worker)

@@ -42,6 +42,7 @@ class SearchRequest:
     batch: int | None = None
     measure_all: bool = False
     compile_best: bool = True
+    package: str = "aoti"  # the shipped artifact's AOTInductor packages, as `optc compile --package`
     confirm_rounds: int = 3  # the shipped configuration and dense timed again, alternating
     seed: int | None = None
     time_limit_s: float | None = None
@@ -59,6 +60,8 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         raise UsageError("--trials must be >= 0 and --workers >= 1")
     if not 0 <= req.max_quality_loss:
         raise UsageError(f"--max-quality-loss must be >= 0, got {req.max_quality_loss}")
+    if req.package not in ("aoti", "none"):
+        raise UsageError(f"--package {req.package!r}: expected aoti or none")
     if req.lowering not in ("target", "plain"):
         raise UsageError(f"--lowering {req.lowering!r}: expected target or plain")
     target = targets.get(req.target)
@@ -208,8 +211,8 @@ def _measurer(target, workload, inputs, log, autotune: bool):
     from optc.runtime.measure import measure
 
     def run(compiled):
-        return measure(Artifact(compiled.programs, compiled.manifest), target, workload, inputs=inputs,
-                       autotune=None if autotune else False, log=log)
+        art = Artifact(compiled.programs, compiled.manifest, compiled.extra_files)
+        return measure(art, target, workload, inputs=inputs, autotune=None if autotune else False, log=log)
 
     return run
 
@@ -234,7 +237,7 @@ def _finish(req, study, study_name, where, target, session, seconds, log, confir
     result.update(not_shipped=[], confirmed=None)  # with --no-artifact, best is neither compiled nor checked
     try:
         if best is not None and req.compile_best:
-            shipped = ship_fastest(session, summary["candidates"], out_dir, study_name, log)
+            shipped = ship_fastest(session, summary["candidates"], out_dir, study_name, log, package=req.package)
             result.update(best=shipped.row, not_shipped=shipped.not_shipped)
             failure = shipped.failure
             if shipped.row is not None:

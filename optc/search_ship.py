@@ -15,7 +15,8 @@ class Shipped(NamedTuple):
     failure: Exception | None  # to raise when none compiled
 
 
-def ship_fastest(session, candidates: list[dict], out_dir: Path, study_name: str, log) -> Shipped:
+def ship_fastest(session, candidates: list[dict], out_dir: Path, study_name: str, log, *,
+                 package: str = "aoti") -> Shipped:
     """Compile the fastest configuration under the limit; if it fails (its lowering
     check, which trials are timed without, or anything else), the next fastest, and so
     on."""
@@ -24,7 +25,7 @@ def ship_fastest(session, candidates: list[dict], out_dir: Path, study_name: str
     not_shipped = []
     for row in candidates:
         try:
-            saved, compiled = compile_best(session, row, out_dir, study_name, log)
+            saved, compiled = compile_best(session, row, out_dir, study_name, log, package=package)
             return Shipped({**row, **saved}, compiled, not_shipped, None)
         except Exception as exc:
             not_shipped.append({**row, "error": f"{type(exc).__name__}: {exc}"})
@@ -35,17 +36,19 @@ def ship_fastest(session, candidates: list[dict], out_dir: Path, study_name: str
         f"{not_shipped[-1]['error'] if not_shipped else 'none'}"))
 
 
-def compile_best(session, best, out_dir: Path, study_name: str, log) -> tuple[dict, Any]:
-    """The chosen configuration compiled, verified and evaluated in full, saved: what the
-    report records of it, and the compiled programs."""
-    from optc.runtime.loaded import Artifact
+def compile_best(session, best, out_dir: Path, study_name: str, log, *, package: str = "aoti") -> tuple[dict, Any]:
+    """The chosen configuration compiled, verified and evaluated in full, and saved as
+    `optc compile` saves one (api.artifact_of: kernel cache, packages, the decode loop's
+    quality figure): what the report records of it, and the compiled programs."""
+    from optc.api import artifact_of
 
     config = session.resolve(best["config"])
     compiled = session.run(config, verify=True, evaluate=True)
+    art = artifact_of(session, compiled, package=package, verify=True, evaluate=True, log=log)
     path = out_dir / f"{study_name}-best-{config['hash']}.optc"
-    Artifact(compiled.programs, compiled.manifest).save(path)
+    art.save(path)
     log(f"search: best configuration compiled to {path}")
-    return {"artifact": str(path), "config_hash": config["hash"], "quality_full": compiled.manifest["quality"]}, compiled
+    return {"artifact": str(path), "config_hash": config["hash"], "quality_full": art.manifest["quality"]}, compiled
 
 
 def side_by_side(measure_one, rounds: int):

@@ -87,6 +87,25 @@ def _check_member_name(name: str) -> None:
 # --------------------------------------------------------------------------- writing
 
 
+def _listed_members(manifest: dict) -> list[str]:
+    """The members the manifest says the file carries: the kernel cache and each package."""
+    listed = [(manifest.get("kernel_cache") or {}).get("member")]
+    listed += [rec.get("member") for rec in ((manifest.get("packages") or {}).get("programs") or {}).values()
+               if isinstance(rec, dict)]
+    return [m for m in listed if m]
+
+
+def _check_listed_members(manifest: dict, extra_files: dict) -> None:
+    """Refuse to write an artifact whose manifest lists compiled code it lacks: every load
+    of it would be refused (a caller passed the manifest without its extra files)."""
+    from optc.errors import InternalError
+
+    missing = [m for m in _listed_members(manifest) if m not in extra_files]
+    if missing:
+        raise InternalError(f"the manifest lists {', '.join(map(repr, missing))} but no such extra file "
+                            "was given; nothing was written")
+
+
 def write_artifact(path, programs: dict, manifest: dict, extra_files: dict | None = None) -> Path:
     """Write an .optc artifact atomically and return its path.
 
@@ -110,6 +129,7 @@ def write_artifact(path, programs: dict, manifest: dict, extra_files: dict | Non
         _check_member_name(name)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise UsageError(f"extra file {name!r} must be bytes, got {type(data).__name__}")
+    _check_listed_members(manifest, extra_files)
 
     man = {k: copy.deepcopy(v) for k, v in manifest.items() if k not in _FILLED_KEYS}
     for key, default in _DEFAULTS.items():

@@ -36,6 +36,11 @@ def test_search_resumes_the_same_study_and_reports_a_front(tmp_path):
     assert out["dense"] is not None and out["dense"]["latency_source"] == "measured"
     assert out["best"]["quality_loss"] <= 0.05 and os.path.exists(out["best"]["artifact"])
     assert out["best"]["quality_full"]["windows"] == out["best"]["quality_full"]["of"]
+    shipped = optc_cli("inspect", out["best"]["artifact"], "--json", timeout=300)  # its members' hashes checked
+    assert shipped.returncode == 0, shipped.stderr[-2000:]
+    carried = json.loads(shipped.stdout)  # what `optc compile` ships: the kernel cache, the CPU packages
+    assert carried["kernel_cache"]["member"] and carried["packages"]["format"] == "aoti"
+    assert all("member" in rec for rec in carried["packages"]["programs"].values())
     assert os.path.getsize(out["plot"]) > 1000
     assert "trial 2 of 2 in this worker" in second.stderr
     if out["best"]["passes"]:  # timed again beside dense, alternating, in this process

@@ -17,7 +17,7 @@ def test_the_fastest_configuration_that_fails_to_compile_is_not_shipped(monkeypa
     what they time); when the fastest candidate fails, the next fastest ships, and each
     failure is reported with its kind."""
 
-    def compile_best(session, row, out_dir, study_name, log):
+    def compile_best(session, row, out_dir, study_name, log, package):
         if row["trial"] == 2:
             raise CompileError("lowering changed the function")
         if row["trial"] == 4:
@@ -99,7 +99,7 @@ def test_side_by_side_lowers_each_program_once_then_times_them_round_robin(monke
     import optc.search as search_mod
 
     run = ship.side_by_side(search_mod._measurer("cpu", None, None, log=None, autotune=False), rounds=3)
-    compiled = [SimpleNamespace(programs={}, manifest={"name": n}) for n in ("a", "b")]
+    compiled = [SimpleNamespace(programs={}, manifest={"name": n}, extra_files={}) for n in ("a", "b")]
     a, b = run(compiled)
     assert calls == [("lower", "a"), ("lower", "b")] + [("time", "a"), ("time", "b")] * 2
     assert a.info["round_medians_ms"] == [1.0, 2.0, 3.0] and a.n == 6 and a.median_ms == 2.0
