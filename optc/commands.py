@@ -282,7 +282,7 @@ def _bench_variants(args) -> list[tuple[str, str, dict, tuple]]:
         settings, lowering = targets.split_words(items)
         if not items:
             raise UsageError("--variant needs at least one PASS.KEY=VALUE or target.FIELD=VALUE setting")
-        targets.with_overrides(targets.get("cpu"), lowering)  # an unknown field or value: exit 2 now
+        _check_lowering_words(args.target, lowering)
         rows.append((parse_sets(settings) if settings else {}, tuple(lowering)))
     variants = [("optc", args.pipeline, {}, ())]
     for sets, lowering in rows:
@@ -295,6 +295,17 @@ def _bench_variants(args) -> list[tuple[str, str, dict, tuple]]:
             variants.append((label, args.pipeline, sets, lowering))
     return variants
 
+
+def _check_lowering_words(target_name: str, lowering: list[str]) -> None:
+    """An unknown field or value, or a word that only repeats the target's own setting (its
+    row would be the dense row again, under another name): exit 2 before anything loads."""
+    from optc.compiler import targets
+
+    target = targets.get(target_name)
+    for word in lowering:
+        if targets.with_overrides(target, [word]) == target:
+            raise UsageError(f"--variant target.{word}: that is already how {target.name} lowers programs "
+                             "(the dense optc row); leave it out, or name a setting that differs")
 
 def cmd_search(args):
     from optc.search import SearchRequest, search

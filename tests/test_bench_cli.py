@@ -86,6 +86,10 @@ def test_bad_variants_are_refused_up_front():
     for word in ("target.align=128", "target.decode_attention=yes"):
         rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--variant", word)
         assert rc == 2 and "target." in err and "loading" not in err
+    # a word repeating the target's own setting would time the dense row again under another name
+    repeat = "skip_layers.count=1 target.decode_attention=false"
+    rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--variant", repeat)
+    assert rc == 2 and "already how cpu lowers" in err and "loading" not in err
 
 
 def test_baselines_compile_cold():
