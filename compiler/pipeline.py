@@ -154,8 +154,11 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
         except OptcError:
             raise
         except Exception as exc:
+            # The first line only: a C++ error appends its native frames, which would push the
+            # Python traceback (the part that locates the bug) out of a search trial's record.
+            first = (str(exc).strip().splitlines() or [""])[0]
             raise InternalError(
-                f"pass {step.name} failed after [{', '.join(history)}]: {type(exc).__name__}: {exc}"
+                f"pass {step.name} failed after [{', '.join(history)}]: {type(exc).__name__}: {first}"
             ) from exc
         applied = [r.applied for r in results.values()]
         not_applied = [(name, r.reason) for name, r in results.items() if not r.applied]
