@@ -355,4 +355,11 @@ def _print(result: dict, log) -> None:
     elif confirmed:
         log(f"  timed again side by side: {confirmed['best_ms']:.4g} ms against dense {confirmed['dense_ms']:.4g} ms, "
             f"{confirmed['speedup_vs_dense']:.3f}x")
+        if confirmed["speedup_vs_dense"] <= 1.0:
+            # A lossy configuration no faster than dense is worse than dense. Compiles of one
+            # configuration differ by a few percent (coordinate descent), so a trial's lead of
+            # that size does not survive a second compile: say so instead of letting it stand.
+            log("  it was not faster than dense side by side: at this limit dense optc is the better choice "
+                f"(`optc compile {result['model']} --target {result['target']}`); its lead in the trials was "
+                "within the spread between compiles")
     log(f"  plot: {result['plot']}")

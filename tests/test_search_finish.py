@@ -187,3 +187,17 @@ def test_a_stopped_multi_worker_search_stops_its_workers_then_reports(monkeypatc
     assert len(workers) == 2 and all(w.stopped and w.waits >= 1 for w in workers)
     assert len(reports) == 1 and reports[0].trials == 0 and not reports[0].compile_best
     assert reports[0].confirm_rounds == 0 and reports[0].study == "s"
+
+
+def test_the_report_says_when_the_shipped_configuration_lost_to_dense_side_by_side():
+    from pathlib import Path
+
+    import optc.search as search_mod
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    for name, lost in (("search_smollm2_shipped_h200.json", True), ("search_smollm2_cpu.json", False)):
+        result = json.loads((results / name).read_text())
+        lines = []
+        search_mod._print(result, lines.append)
+        said = any("not faster than dense side by side" in line for line in lines)
+        assert said == lost == (result["confirmed"]["speedup_vs_dense"] <= 1.0), name
