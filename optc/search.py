@@ -211,7 +211,9 @@ def _measurer(target, workload, inputs, log, autotune: bool):
     from optc.runtime.measure import measure
 
     def run(compiled):
-        art = Artifact(compiled.programs, compiled.manifest, compiled.extra_files)
+        # Lowered here like every trial, never from a verified compile's kernel cache: the
+        # side-by-side timing then compares two fresh lowerings.
+        art = Artifact(compiled.programs, compiled.manifest, compiled.extra_files, kernel_cache=False)
         return measure(art, target, workload, inputs=inputs, autotune=None if autotune else False, log=log)
 
     return run
