@@ -296,7 +296,10 @@ def table(real_weights: bool = True) -> str:
         elif confirmed:
             out.append(f"\nShipped, `{Path(d['best']['artifact']).name}`, timed again beside dense in alternating "
                        f"rounds: {confirmed['best_ms']:.3f} ms against {confirmed['dense_ms']:.3f}, "
-                       f"{confirmed['speedup_vs_dense']:.3f}x.")
+                       f"{confirmed['speedup_vs_dense']:.3f}x." + (
+                           " Not faster than dense side by side: at this limit dense optc is the better choice "
+                           "(the trials' lead was within the spread between compiles)."
+                           if confirmed["speedup_vs_dense"] <= 1.0 else ""))
         out.append("")
     return "\n".join(out)
 
