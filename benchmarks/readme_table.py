@@ -74,8 +74,8 @@ def speed_table() -> str:
                 removed = f"{100 * (1 - r['work'][key] / dense['work'][key]):.1f}% of {key}"
                 if "realised" in r:  # the time saved against what that work would save
                     removed += f", {100 * r['realised']:.0f}% realised" if r["realised"] >= 0 else ", slower than dense"
-            if r.get("lowering_overrides") and _repeats_target(d["target"], r["lowering_overrides"]) \
-                    and r["config"]["hash"] == dense["config"]["hash"]:
+            if dense and r.get("lowering_overrides") and r["config"]["hash"] == dense["config"]["hash"] \
+                    and _repeats_target(d, r["lowering_overrides"]):
                 removed = "the dense row compiled again (its words are the target's own settings)"
             vs_dense = f"{dense['median_ms'] / r['median_ms']:.2f}x" if dense and r is not dense else "-"
             vs_base = f"{r['ratio_vs_baseline']:.2f}x vs {d['baseline']}" if r.get("ratio_vs_baseline") else "-"
@@ -84,12 +84,19 @@ def speed_table() -> str:
     return "\n".join(out)
 
 
-def _repeats_target(target_name: str, words: list) -> bool:
-    """Whether a row's lowering words only repeat the target's settings (bench refuses such
-    a row now; older result files have one)."""
+def _repeats_target(d: dict, words: list) -> bool:
+    """Whether a row's lowering words only repeat its run's target settings (bench refuses
+    such a row now; one older result file has one). Files from before bench recorded the
+    target's lowering words are read with today's target definitions."""
     from optc.compiler import targets
 
-    target = targets.get(target_name)
+    recorded = d.get("target_lowering")
+    if recorded is not None:
+        return set(words) <= set(recorded.split())
+    try:
+        target = targets.get(d["target"])
+    except Exception:  # a target no longer defined: nothing to compare against
+        return False
     return targets.with_overrides(target, words) == target
 
 

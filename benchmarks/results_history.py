@@ -298,7 +298,7 @@ def table(real_weights: bool = True) -> str:
                        f"rounds: {confirmed['best_ms']:.3f} ms against {confirmed['dense_ms']:.3f}, "
                        f"{confirmed['speedup_vs_dense']:.3f}x." + (
                            " Not faster than dense side by side: at this limit dense optc is the better choice "
-                           "(the trials' lead was within the spread between compiles)."
+                           "(the trials' lead did not hold in a second compile beside dense)."
                            if confirmed["speedup_vs_dense"] <= 1.0 else ""))
         out.append("")
     return "\n".join(out)

@@ -154,8 +154,8 @@ def run(gms: dict[str, fx.GraphModule], primary: str, config: dict, make_context
         except OptcError:
             raise
         except Exception as exc:
-            # The first line only: a C++ error appends its native frames, which would push the
-            # Python traceback (the part that locates the bug) out of a search trial's record.
+            # The first line only, so the message stays one line in logs and reports; a C++
+            # error's native frames stay with the chained cause.
             first = (str(exc).strip().splitlines() or [""])[0]
             raise InternalError(
                 f"pass {step.name} failed after [{', '.join(history)}]: {type(exc).__name__}: {first}"

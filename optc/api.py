@@ -7,6 +7,8 @@ quality evaluation on the held-out split -> an Artifact that saves to `.optc`.
 
 from __future__ import annotations
 
+import copy
+
 import sys
 from pathlib import Path
 
@@ -78,7 +80,9 @@ def artifact_of(session: CompileSession, compiled, *, package: str, verify: bool
     configuration both come from here."""
     if package not in PACKAGE_FORMATS:
         raise UsageError(f"package={package!r}: expected one of {', '.join(PACKAGE_FORMATS)}")
-    art = Artifact(compiled.programs, compiled.manifest, compiled.extra_files)
+    # Copies: the packages and the decode figure belong to the artifact; `compiled` stays what
+    # the session ran (the search times it again beside dense).
+    art = Artifact(compiled.programs, copy.deepcopy(compiled.manifest), dict(compiled.extra_files))
     _package(art, session, package, verify, log)
     if evaluate and session.is_lm:
         _decode_quality(art, session, compiled, log)
@@ -109,11 +113,11 @@ def _decode_quality(art: Artifact, session: CompileSession, compiled, log) -> No
     and verified them here, else the uncompiled ones."""
     from optc.runtime.decode_quality import WINDOW_TOKENS, WINDOWS, check, decode_quality
 
-    checked = compiled.manifest["verification"]
+    checked = art.manifest["verification"]
     lowered = bool(checked) and "skipped" not in checked
     log(f"[optc] evaluating quality through the {'lowered' if lowered else 'uncompiled'} decode program on "
         f"{WINDOWS} held-out windows of {WINDOW_TOKENS} tokens ...")
-    quality = compiled.manifest["quality"]
+    quality = art.manifest["quality"]
     quality["decode"] = decode_quality(art, session.heldout().batches, reference=session.original,
                                        rewritten=compiled.primary_gm, lowered=lowered, device=str(session.device))
     check(quality["decode"])  # before anything is written: a failed compile leaves no artifact

@@ -89,21 +89,21 @@ def _check_member_name(name: str) -> None:
 
 def _listed_members(manifest: dict) -> list[str]:
     """The members the manifest says the file carries: the kernel cache and each package."""
-    listed = [(manifest.get("kernel_cache") or {}).get("member")]
-    listed += [rec.get("member") for rec in ((manifest.get("packages") or {}).get("programs") or {}).values()
-               if isinstance(rec, dict)]
-    return [m for m in listed if m]
+    def record(value) -> dict:
+        return value if isinstance(value, dict) else {}
+
+    listed = [record(manifest.get("kernel_cache")).get("member")]
+    listed += [record(rec).get("member") for rec in record(record(manifest.get("packages")).get("programs")).values()]
+    return [m for m in listed if isinstance(m, str)]
 
 
 def _check_listed_members(manifest: dict, extra_files: dict) -> None:
     """Refuse to write an artifact whose manifest lists compiled code it lacks: every load
-    of it would be refused (a caller passed the manifest without its extra files)."""
-    from optc.errors import InternalError
-
+    of it would be refused (the manifest was passed without its extra files)."""
     missing = [m for m in _listed_members(manifest) if m not in extra_files]
     if missing:
-        raise InternalError(f"the manifest lists {', '.join(map(repr, missing))} but no such extra file "
-                            "was given; nothing was written")
+        raise UsageError(f"the manifest lists {', '.join(map(repr, missing))} but no such extra file was given; "
+                         "pass the files the manifest lists (nothing was written)")
 
 
 def write_artifact(path, programs: dict, manifest: dict, extra_files: dict | None = None) -> Path:

@@ -126,6 +126,7 @@ def bench(
             "seq": None if is_lm else (int(example_inputs[0].shape[1]) if example_inputs[0].dim() == 2 else None),
             # As a load lowers: max-autotune for forward programs on a GPU, never for the decode step.
             "optc_lowering": "inductor max-autotune" if autotune and device == "cuda" and not is_lm else "inductor",
+            "target_lowering": targets.lowering_words(tgt),  # what a row's target.FIELD=VALUE words change
             "rows": rows,
             "failed": failed,
         }

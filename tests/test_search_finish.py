@@ -17,7 +17,10 @@ def test_the_fastest_configuration_that_fails_to_compile_is_not_shipped(monkeypa
     what they time); when the fastest candidate fails, the next fastest ships, and each
     failure is reported with its kind."""
 
+    packages = []
+
     def compile_best(session, row, out_dir, study_name, log, package):
+        packages.append(package)
         if row["trial"] == 2:
             raise CompileError("lowering changed the function")
         if row["trial"] == 4:
@@ -26,7 +29,9 @@ def test_the_fastest_configuration_that_fails_to_compile_is_not_shipped(monkeypa
 
     monkeypatch.setattr(ship, "compile_best", compile_best)
     rows = [{"trial": 2, "latency_ms": 0.7}, {"trial": 4, "latency_ms": 0.75}, {"trial": 0, "latency_ms": 0.9}]
-    shipped, compiled, not_shipped, failure = ship.ship_fastest(None, rows, tmp_path, "s", log=lambda m: None)
+    shipped, compiled, not_shipped, failure = ship.ship_fastest(None, rows, tmp_path, "s", log=lambda m: None,
+                                                                package="none")
+    assert packages == ["none"] * 3  # --package reaches every compile of a candidate
     assert shipped["trial"] == 0 and shipped["artifact"].endswith("trial0.optc") and failure is None
     assert compiled == "programs of trial 0"  # kept for the side-by-side timing, not compiled again
     assert [r["trial"] for r in not_shipped] == [2, 4]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import traceback
@@ -103,7 +104,7 @@ def run_worker(study: optuna.Study, space: SearchSpace, session, *, measure: Cal
                 study.tell(trial, state=TrialState.FAIL)
                 log(f"[optc] trial {trial.number}: cannot apply: {exc}")
             else:  # a bug: recorded with its traceback; the search goes on unless it repeats
-                trial.set_user_attr("error", traceback.format_exc()[-4000:])
+                trial.set_user_attr("error", error_record())
                 study.tell(trial, state=TrialState.FAIL)
                 log(f"[optc] trial {trial.number}: failed: {type(exc).__name__}: {exc}")
                 errors_in_a_row += 1
@@ -238,6 +239,17 @@ def _claim(study, trial, config_hash: str, log, poll_s: float = 2.0, grace_s: fl
         done = _finished_twin(study, config_hash, trial.number)
         if done is not None:
             return done
+
+
+_NATIVE_FRAME = re.compile(r"^\s*(frame #\d+:|Exception raised from )")
+
+
+def error_record(limit: int = 4000) -> str:
+    """The traceback of the exception being handled, for a failed trial's record: the last
+    `limit` characters, without the native frames a C++ error appends to its message
+    (dozens of lines that would push the Python frames locating the bug out of the tail)."""
+    lines = traceback.format_exc().splitlines(keepends=True)
+    return "".join(line for line in lines if not _NATIVE_FRAME.match(line))[-limit:]
 
 
 def _failed_twin(study, config_hash: str, number: int, mark: str = "inapplicable"):

@@ -32,6 +32,7 @@ def crashing_pipeline():
     pipeline.PIPELINES["crash"] = [pipeline.Step("crashing_pass", "exists for the test")]
     yield
     pipeline.PIPELINES.pop("crash")
+    passes.REGISTRY.pop("crashing_pass")  # other tests list the known passes
 
 
 def test_a_crashing_pass_is_an_internal_error_with_one_line_and_its_cause(crashing_pipeline):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import optc
-from optc.errors import ArtifactError, InternalError, UsageError
+from optc.errors import ArtifactError, UsageError
 from optc.runtime import artifact as A
 
 
@@ -233,11 +233,11 @@ def test_write_refuses_a_manifest_listing_compiled_code_it_was_not_given(tmp_pat
     # the kernel cache it lists: every load of that file was refused.
     ep = model_and_ep[1]
     cache = {**MANIFEST, "kernel_cache": {"member": "kernels/inductor_cache.bin", "sha256": "0"}}
-    with pytest.raises(InternalError, match="kernels/inductor_cache.bin"):
+    with pytest.raises(UsageError, match="kernels/inductor_cache.bin"):
         A.write_artifact(tmp_path / "a.optc", {"forward": ep}, cache)
     package = {**MANIFEST, "packages": {"format": "aoti", "programs": {"forward": {"member": "packages/forward.pt2"},
                                                                        "decode": {"skipped": "why"}}}}
-    with pytest.raises(InternalError, match="packages/forward.pt2"):
+    with pytest.raises(UsageError, match="packages/forward.pt2"):
         A.write_artifact(tmp_path / "a.optc", {"forward": ep}, package, {"kernels/inductor_cache.bin": b"x"})
     assert os.listdir(tmp_path) == []
     A.write_artifact(tmp_path / "a.optc", {"forward": ep}, cache, {"kernels/inductor_cache.bin": b"x"})

@@ -301,3 +301,24 @@ def test_a_study_made_for_another_model_is_refused(tmp_path):
     st.open_study(storage, "s", {"model": "a", "target": "cpu"}, sy.make_sampler())  # the same: joins
     with pytest.raises(UsageError, match="another model"):
         st.open_study(storage, "s", {"model": "b", "target": "cpu"}, sy.make_sampler())
+
+
+def test_a_crash_record_keeps_the_python_frames_and_drops_a_cpp_errors_native_frames():
+    from optc.errors import InternalError
+
+    def the_crashing_frame():
+        raise RuntimeError("Cannot call numel() on tensor with symbolic sizes/strides\n"
+                           "Exception raised from throw_cannot_call_with_symbolic at TensorImpl.cpp:289\n"
+                           + "".join(f"frame #{i}: at::native::op{i}(...) + 0x9d (0x7f in libtorch_cpu.so)\n"
+                                     for i in range(80)))
+
+    try:
+        try:
+            the_crashing_frame()
+        except RuntimeError as exc:
+            raise InternalError(f"pass x failed after []: RuntimeError: {str(exc).splitlines()[0]}") from exc
+    except InternalError:
+        record = sy.error_record()
+    assert "the_crashing_frame" in record and "frame #" not in record and "Exception raised from" not in record
+    assert record.rstrip().endswith("pass x failed after []: RuntimeError: Cannot call numel() on tensor with "
+                                    "symbolic sizes/strides")
