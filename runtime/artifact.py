@@ -33,8 +33,10 @@ from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
 from optc.compiler.torch_private import export_load_type_hints_cached
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
+from optc.runtime.shared_weights import restore_shared, strip_shared
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights the programs share are stored once (runtime/shared_weights.py)
+READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 PROGRAM_DIR = "programs/"
 PROGRAM_SUFFIX = ".pt2"
@@ -43,7 +45,7 @@ _PROGRAM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RECOMPILE = "recompile the model with `optc compile`"
 # Keys write_artifact owns; anything the caller passes for them is replaced.
 _FILLED_KEYS = ("format_version", "optc_version", "torch_version", "triton_version",
-                "created", "files")
+                "created", "files", "shared_weights")
 _DEFAULTS = {"target": None, "config": {}, "passes": [], "quality": None, "model": {}}
 
 
@@ -154,7 +156,8 @@ def write_artifact(path, programs: dict, manifest: dict, extra_files: dict | Non
                 files[member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                 zf.writestr(_zipinfo(member), bytes(data))
 
-            for name, ep in programs.items():
+            stored, man["shared_weights"] = strip_shared(programs)
+            for name, ep in stored.items():
                 # torch.export.save wants a seekable buffer (it warns otherwise).
                 buf = io.BytesIO()
                 torch.export.save(ep, buf)
@@ -211,10 +214,10 @@ def _validate_manifest(man, path: Path, names: set[str], infos: dict) -> dict:
     if not isinstance(man, dict):
         raise ArtifactError(f"artifact {path}: {MANIFEST_NAME} is not a JSON object")
     fv = man.get("format_version")
-    if fv != FORMAT_VERSION:
+    if fv not in READABLE_FORMATS:
         raise ArtifactError(
             f"artifact {path} has format_version {fv!r}, but this optc "
-            f"({_optc_version()}) reads format {FORMAT_VERSION}; use the optc that wrote "
+            f"({_optc_version()}) reads formats {', '.join(map(str, READABLE_FORMATS))}; use the optc that wrote "
             f"it, or {_RECOMPILE}")
     missing = [k for k in ("optc_version", "torch_version", "files") if k not in man]
     if missing:
@@ -310,6 +313,7 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
                 programs[name] = _load_program(path, name, data, man)
             else:
                 extra[member] = data
+    restore_shared(programs, man.get("shared_weights"), path)
     return LoadedArtifact(programs, man, extra)
 
 

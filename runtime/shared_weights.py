@@ -1,0 +1,87 @@
+"""Weights shared between an artifact's programs are stored once.
+
+An LM's prefill and decode programs hold the same parameters: saved as they are, every
+weight would be in the file twice (and read twice at every load). Before saving, a
+program's state-dict tensor that is the very tensor an earlier program already holds is
+replaced by a meta tensor of the same kind (no data); the manifest's "shared_weights"
+says where each such entry comes from, and a load puts the earlier program's tensor back
+in its place, so both programs hold one tensor again. Only parameters are shared: a
+buffer (a KV cache the programs write in place) stays each program's own.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from optc.errors import ArtifactError
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """Which memory a tensor views: two entries with the same key are the same weight."""
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype)
+
+
+def _parameters(ep) -> set[str]:
+    """The entries that are parameters: weights. Buffers (a KV cache the program writes in
+    place, small tables) keep an entry per program."""
+    return set(ep.graph_signature.inputs_to_parameters.values())
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+
+
+def strip_shared(programs: dict) -> tuple[dict, dict]:
+    """(the programs to save, the manifest's "shared_weights" record): each program after
+    the first that holds a tensor an earlier one holds gets a copy whose entry is a meta
+    tensor, recorded as {program: {entry: [source program, source entry]}}. The programs
+    passed in are left as they are."""
+    seen: dict[tuple, tuple[str, str]] = {}
+    out, shared = {}, {}
+    for name, ep in programs.items():
+        parameters = _parameters(ep)
+        links = {}
+        for entry, t in ep.state_dict.items():
+            if entry not in parameters or t.device.type == "meta" or t.numel() == 0:
+                continue
+            key = _key(t)
+            if key in seen:
+                links[entry] = list(seen[key])
+            else:
+                seen[key] = (name, entry)
+        if links:
+            ep = copy.copy(ep)  # shallow: the graph and every other entry stay the original's
+            ep._state_dict = {k: _meta_like(v) if k in links else v for k, v in ep.state_dict.items()}
+            shared[name] = links
+        out[name] = ep
+    return out, shared
+
+
+def restore_shared(programs: dict, shared: dict, path) -> None:
+    """Put each shared entry's source tensor back in its place (in place, in `programs`);
+    refuse (ArtifactError) a record naming what the file lacks, or a program left holding
+    a weight without data."""
+    for name, links in (shared or {}).items():
+        for entry, (source, source_entry) in links.items():
+            try:
+                tensor = programs[source].state_dict[source_entry]
+                target = programs[name].state_dict
+            except KeyError:
+                raise ArtifactError(f"artifact {path}: its manifest shares {name}'s {entry!r} with {source}'s "
+                                    f"{source_entry!r}, which the file does not hold; recompile the model with "
+                                    "`optc compile`") from None
+            if entry not in target or target[entry].shape != tensor.shape or target[entry].dtype != tensor.dtype:
+                raise ArtifactError(f"artifact {path}: {name}'s {entry!r} does not match {source}'s "
+                                    f"{source_entry!r} that its manifest shares with it; recompile the model "
+                                    "with `optc compile`")
+            target[entry] = tensor
+    for name, ep in programs.items():
+        empty = [k for k, v in ep.state_dict.items() if v.device.type == "meta"]
+        if empty:
+            raise ArtifactError(f"artifact {path}: program {name!r} holds {len(empty)} weight(s) without data "
+                                f"({', '.join(empty[:3])}) and no source for them; recompile the model with "
+                                "`optc compile`")
