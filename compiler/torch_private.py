@@ -36,6 +36,7 @@ __all__ = [
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
     "compile_fx", "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
     "inductor_realize_op", "fresh_cache_artifacts", "export_load_type_hints_cached",
+    "export_load_sympify_cached",
     "dynamo_counters", "python_dispatcher",
     "cuda_driver_api_version",
 ]
@@ -276,6 +277,43 @@ def python_dispatcher():
 
     with enable_python_dispatcher():
         yield
+
+
+@contextlib.contextmanager
+def export_load_sympify_cached():
+    """A context in which torch.export.load parses each symbolic-size expression once, not
+    once per tensor that carries it (a program with a symbolic sequence length: thousands of
+    `sympy.sympify` calls over about twenty strings, a quarter of an artifact's load).
+    The result of parsing a string depends on the local names it mentions (a bare "s58"
+    is the deserializer's symbol once known, a new one before), so the cache key holds
+    those names and their values. torch 2.11-2.13; another torch loads as it does."""
+    import types
+
+    import sympy
+    from torch._export.serde import serialize
+
+    real = getattr(serialize, "sympy", None)
+    if real is not sympy:
+        yield
+        return
+    cache: dict = {}
+
+    def sympify(a, *args, locals=None, **kwargs):
+        if not isinstance(a, str) or args or kwargs:
+            return sympy.sympify(a, *args, locals=locals, **kwargs)
+        key = (a, tuple(sorted((k, v) for k, v in (locals or {}).items() if k in a)))
+        if key not in cache:
+            cache[key] = sympy.sympify(a, locals=locals)
+        return cache[key]
+
+    cached = types.ModuleType("sympy")  # a copy: every other attribute is sympy's own
+    cached.__dict__.update(vars(sympy))
+    cached.sympify = sympify
+    serialize.sympy = cached
+    try:
+        yield
+    finally:
+        serialize.sympy = real
 
 
 def dynamo_counters():

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from optc.compiler.codegen.aoti_probe import triton_version
 from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
-from optc.compiler.torch_private import export_load_type_hints_cached
+from optc.compiler.torch_private import export_load_sympify_cached, export_load_type_hints_cached
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
 from optc.runtime.shared_weights import restore_shared, strip_shared
@@ -306,7 +306,7 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
             contents[member] = data
 
     programs, extra = {}, {}
-    with export_load_type_hints_cached():  # one cache for every program
+    with export_load_type_hints_cached(), export_load_sympify_cached():  # one cache for every program
         for member, data in contents.items():
             if member.startswith(PROGRAM_DIR) and member.endswith(PROGRAM_SUFFIX):
                 name = member[len(PROGRAM_DIR):-len(PROGRAM_SUFFIX)]

@@ -288,6 +288,45 @@ def test_export_load_type_hints_cached(monkeypatch):
     torch.testing.assert_close(cached.module()(x), plain.module()(x))
 
 
+def test_export_load_sympify_cached(monkeypatch):
+    import io
+
+    import sympy
+
+    class Stack(nn.Module):  # enough tensors over a symbolic length for the parses to repeat
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x)) * 2
+            return x
+
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ep = torch.export.export(Stack(), (torch.ones(1, 5, 8),), dynamic_shapes=({1: seq},))
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    calls = []
+    real = sympy.sympify
+    monkeypatch.setattr(sympy, "sympify", lambda a, *r, **k: calls.append(a) or real(a, *r, **k))
+    plain, uncached = torch.export.load(io.BytesIO(buf.getvalue())), len([c for c in calls if isinstance(c, str)])
+    calls.clear()
+    with tp.export_load_sympify_cached():
+        cached = torch.export.load(io.BytesIO(buf.getvalue()))
+    strings = [c for c in calls if isinstance(c, str)]
+    # each expression parsed once, or twice: before and after its symbol joins the locals
+    assert len(strings) <= 2 * len(set(strings)) < uncached
+    assert torch._export.serde.serialize.sympy is sympy  # restored
+
+    def metas(program):
+        return [str(n.meta["val"].shape) for n in program.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+
+    assert metas(cached) == metas(plain) and any("s" in m for m in metas(cached))  # the same symbolic shapes
+    x = torch.randn(1, 7, 8)
+    torch.testing.assert_close(cached.module()(x), plain.module()(x))
+
+
 def test_pick_vec_isa():
     isa = tp.pick_vec_isa()
     assert isinstance(str(isa), str)  # falsy (empty) when the CPU has none Inductor knows
