@@ -8,7 +8,6 @@ quality evaluation on the held-out split -> an Artifact that saves to `.optc`.
 from __future__ import annotations
 
 import copy
-
 import sys
 from pathlib import Path
 

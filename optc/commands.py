@@ -307,6 +307,7 @@ def _check_lowering_words(target_name: str, lowering: list[str]) -> None:
             raise UsageError(f"--variant target.{word}: that is already how {target.name} lowers programs, so the "
                              "word changes nothing; leave it out, or name a setting that differs")
 
+
 def cmd_search(args):
     from optc.search import SearchRequest, search
 

@@ -65,23 +65,33 @@ def restore_shared(programs: dict, shared: dict, path) -> None:
     """Put each shared entry's source tensor back in its place (in place, in `programs`);
     refuse (ArtifactError) a record naming what the file lacks, or a program left holding
     a weight without data."""
-    for name, links in (shared or {}).items():
-        for entry, (source, source_entry) in links.items():
-            try:
-                tensor = programs[source].state_dict[source_entry]
-                target = programs[name].state_dict
-            except KeyError:
-                raise ArtifactError(f"artifact {path}: its manifest shares {name}'s {entry!r} with {source}'s "
-                                    f"{source_entry!r}, which the file does not hold; recompile the model with "
-                                    "`optc compile`") from None
-            if entry not in target or target[entry].shape != tensor.shape or target[entry].dtype != tensor.dtype:
-                raise ArtifactError(f"artifact {path}: {name}'s {entry!r} does not match {source}'s "
-                                    f"{source_entry!r} that its manifest shares with it; recompile the model "
-                                    "with `optc compile`")
-            target[entry] = tensor
+    for name, entry, source, source_entry in _links(shared, path):
+        try:
+            tensor = programs[source].state_dict[source_entry]
+            target = programs[name].state_dict
+        except KeyError:
+            raise ArtifactError(f"artifact {path}: its manifest shares {name}'s {entry!r} with {source}'s "
+                                f"{source_entry!r}, which the file does not hold; recompile the model with "
+                                "`optc compile`") from None
+        if entry not in target or target[entry].shape != tensor.shape or target[entry].dtype != tensor.dtype:
+            raise ArtifactError(f"artifact {path}: {name}'s {entry!r} does not match {source}'s "
+                                f"{source_entry!r} that its manifest shares with it; recompile the model "
+                                "with `optc compile`")
+        target[entry] = tensor
     for name, ep in programs.items():
         empty = [k for k, v in ep.state_dict.items() if v.device.type == "meta"]
         if empty:
             raise ArtifactError(f"artifact {path}: program {name!r} holds {len(empty)} weight(s) without data "
                                 f"({', '.join(empty[:3])}) and no source for them; recompile the model with "
                                 "`optc compile`")
+
+
+def _links(shared, path) -> list[tuple[str, str, str, str]]:
+    """(program, entry, source program, source entry) of each shared entry; a record of
+    another shape is refused (ArtifactError)."""
+    try:
+        return [(name, entry, source, source_entry) for name, links in (shared or {}).items()
+                for entry, (source, source_entry) in links.items()]
+    except (AttributeError, TypeError, ValueError):
+        raise ArtifactError(f"artifact {path}: its manifest's shared_weights is not a record of shared "
+                            "entries; recompile the model with `optc compile`") from None

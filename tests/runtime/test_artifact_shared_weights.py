@@ -84,6 +84,7 @@ def _rewrite_manifest(src, dst, change):
     (lambda man: man["shared_weights"].pop("decode"), "without data"),
     (lambda man: man["shared_weights"]["decode"].update({"proj.weight": ["prefill", "proj.bias"]}),
      "does not match"),
+    (lambda man: man.update(shared_weights=["decode"]), "not a record"),
 ])
 def test_a_sharing_record_naming_what_the_file_lacks_is_refused(tmp_path, programs, change, said):
     path = A.write_artifact(tmp_path / "m.optc", programs, MANIFEST)
