@@ -231,21 +231,38 @@ def fresh_cache_artifacts():
 
 
 @contextlib.contextmanager
+def _serialize_module_patched(module, name: str, fn):
+    """`torch._export.serde.serialize`'s global `module` replaced, for the duration, by a
+    copy of it whose `name` is `fn` (every other attribute read stays a plain module
+    lookup). Where serialize does not use that module under its name (another torch),
+    nothing is replaced and torch.export.load runs as it does."""
+    import types
+
+    from torch._export.serde import serialize
+
+    module_name = module.__name__
+    real = getattr(serialize, module_name, None)
+    if real is not module:
+        yield
+        return
+    patched = types.ModuleType(module_name)
+    patched.__dict__.update(vars(module))
+    setattr(patched, name, fn)
+    setattr(serialize, module_name, patched)
+    try:
+        yield
+    finally:
+        setattr(serialize, module_name, real)
+
+
+@contextlib.contextmanager
 def export_load_type_hints_cached():
     """A context in which torch.export.load resolves each schema class's type hints once,
     not once per object it reads (pytorch/pytorch#196452: tens of thousands of
     `typing.get_type_hints` calls over a few dozen classes, most of an artifact's load).
-    Replaces the `typing` that `torch._export.serde.serialize` calls for the duration:
-    the same module with a cached get_type_hints. torch 2.11-2.13."""
-    import types
+    torch 2.11-2.13."""
     import typing
 
-    from torch._export.serde import serialize
-
-    real = getattr(serialize, "typing", None)
-    if real is not typing:  # another torch: load as it does
-        yield
-        return
     cache: dict = {}
 
     def get_type_hints(obj, globalns=None, localns=None, include_extras=False):
@@ -254,14 +271,32 @@ def export_load_type_hints_cached():
             cache[key] = typing.get_type_hints(obj, globalns=globalns, localns=localns, include_extras=include_extras)
         return cache[key]
 
-    cached = types.ModuleType("typing")  # a copy: attribute reads stay plain module lookups
-    cached.__dict__.update(vars(typing))
-    cached.get_type_hints = get_type_hints
-    serialize.typing = cached
-    try:
+    with _serialize_module_patched(typing, "get_type_hints", get_type_hints):
         yield
-    finally:
-        serialize.typing = real
+
+
+@contextlib.contextmanager
+def export_load_sympify_cached():
+    """A context in which torch.export.load parses each symbolic-size expression once, not
+    once per tensor that carries it (a program with a symbolic sequence length: thousands of
+    `sympy.sympify` calls over about twenty strings, a quarter of an artifact's load).
+    The result of parsing a string depends on the local names it mentions (a bare "s58"
+    is the deserializer's symbol once known, a new one before), so the cache key holds
+    those names and their values. torch 2.11-2.13."""
+    import sympy
+
+    cache: dict = {}
+
+    def sympify(a, *args, locals=None, **kwargs):
+        if not isinstance(a, str) or args or kwargs:
+            return sympy.sympify(a, *args, locals=locals, **kwargs)
+        key = (a, tuple(sorted((k, v) for k, v in (locals or {}).items() if k in a)))
+        if key not in cache:
+            cache[key] = sympy.sympify(a, locals=locals)
+        return cache[key]
+
+    with _serialize_module_patched(sympy, "sympify", sympify):
+        yield
 
 
 # --------------------------------------------------------------------------- Dynamo (lazy)
@@ -277,43 +312,6 @@ def python_dispatcher():
 
     with enable_python_dispatcher():
         yield
-
-
-@contextlib.contextmanager
-def export_load_sympify_cached():
-    """A context in which torch.export.load parses each symbolic-size expression once, not
-    once per tensor that carries it (a program with a symbolic sequence length: thousands of
-    `sympy.sympify` calls over about twenty strings, a quarter of an artifact's load).
-    The result of parsing a string depends on the local names it mentions (a bare "s58"
-    is the deserializer's symbol once known, a new one before), so the cache key holds
-    those names and their values. torch 2.11-2.13; another torch loads as it does."""
-    import types
-
-    import sympy
-    from torch._export.serde import serialize
-
-    real = getattr(serialize, "sympy", None)
-    if real is not sympy:
-        yield
-        return
-    cache: dict = {}
-
-    def sympify(a, *args, locals=None, **kwargs):
-        if not isinstance(a, str) or args or kwargs:
-            return sympy.sympify(a, *args, locals=locals, **kwargs)
-        key = (a, tuple(sorted((k, v) for k, v in (locals or {}).items() if k in a)))
-        if key not in cache:
-            cache[key] = sympy.sympify(a, locals=locals)
-        return cache[key]
-
-    cached = types.ModuleType("sympy")  # a copy: every other attribute is sympy's own
-    cached.__dict__.update(vars(sympy))
-    cached.sympify = sympify
-    serialize.sympy = cached
-    try:
-        yield
-    finally:
-        serialize.sympy = real
 
 
 def dynamo_counters():
