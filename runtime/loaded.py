@@ -198,10 +198,11 @@ class Artifact:
     def _place_weights(self, ep: ExportedProgram, device) -> ExportedProgram:
         """Put the program's weights on `device`, taking each one that a program placed
         before holds under the same name with the same values from that program. The
-        prefill and decode programs share most weights, but an artifact read from disk
-        carries a copy per program (each is its own torch.export archive): without this
-        an 8B model would take twice its size in GPU memory. Only parameters and buffers
-        are shared (their names are the model's, the same in every program); lifted
+        prefill and decode programs share most weights: read from disk they hold one tensor
+        (runtime/shared_weights.py) or, from an artifact of format 1, a copy per program,
+        and placing each program's own would put an 8B model on the GPU twice. Only
+        parameters and buffers are shared (their names are the model's, the same in every
+        program); lifted
         constants (numbered per program) and the state the programs mutate (KV caches)
         are left to move_to_device_pass and the decoder, which ties the caches itself."""
         from optc.compiler.capture import is_state_buffer
