@@ -202,9 +202,9 @@ class Artifact:
         (runtime/shared_weights.py) or, from an artifact of format 1, a copy per program,
         and placing each program's own would put an 8B model on the GPU twice. Only
         parameters and buffers are shared (their names are the model's, the same in every
-        program); lifted
-        constants (numbered per program) and the state the programs mutate (KV caches)
-        are left to move_to_device_pass and the decoder, which ties the caches itself."""
+        program); lifted constants (numbered per program) and the state the programs
+        mutate (KV caches) are left to move_to_device_pass and the decoder, which ties the
+        caches itself."""
         from optc.compiler.capture import is_state_buffer
         from optc.compiler.rewrite import view_key
 
