@@ -286,13 +286,21 @@ def export_load_sympify_cached():
     import sympy
 
     cache: dict = {}
+    # Names sympy's parser looks up that a string need not mention: locals binding them
+    # could change a parse the key does not see, so such a call is not cached.
+    helpers = {"Symbol", "Integer", "Float", "Rational", "Function"}
 
-    def sympify(a, *args, locals=None, **kwargs):
-        if not isinstance(a, str) or args or kwargs:
-            return sympy.sympify(a, *args, locals=locals, **kwargs)
-        key = (a, tuple(sorted((k, v) for k, v in (locals or {}).items() if k in a)))
+    def sympify(a, *args, **kwargs):
+        names = kwargs.get("locals")
+        if not isinstance(a, str) or args or set(kwargs) - {"locals"} or helpers & set(names or ()):
+            return sympy.sympify(a, *args, **kwargs)
+        try:
+            key = (a, tuple(sorted((k, v) for k, v in (names or {}).items() if k in a)))
+            hash(key)
+        except TypeError:  # a value that cannot be a key: parse as torch would
+            return sympy.sympify(a, **kwargs)
         if key not in cache:
-            cache[key] = sympy.sympify(a, locals=locals)
+            cache[key] = sympy.sympify(a, **kwargs)
         return cache[key]
 
     with _serialize_module_patched(sympy, "sympify", sympify):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -83,6 +84,7 @@ class Artifact:
         self.kernel_cache_status: dict | None = None  # set on the first lowering (see _kernel_cache)
         self._modules: dict = {}
         self._placed: dict = {}  # device -> weights already placed there (see _place_weights)
+        self._moved: dict = {}  # device -> {id(tensor as read): (weak ref to it, its copy there)}
         self._decoders: dict = {}  # (device, compiled) -> StaticCacheDecoder (see decoder)
         self._warned: set = set()  # target mismatches already warned about
 
@@ -209,6 +211,7 @@ class Artifact:
         from optc.compiler.rewrite import view_key
 
         placed = self._placed.setdefault(str(torch.device(device)), {})  # name -> tensor on the device
+        moved = self._moved.setdefault(str(torch.device(device)), {})
         # A view as read -> its tensor on the device: tied weights (an LM head that is the
         # embedding), read from a file as two tensors over one storage, move once, or the
         # device would hold two copies and the program two weights (rewrite.unify_aliases).
@@ -222,6 +225,10 @@ class Artifact:
             if key in tied:
                 ep.state_dict[name] = placed[name] = tied[key]
                 continue
+            held = moved.get(id(tensor))
+            if held is not None and held[0]() is tensor:  # one tensor as read, already there
+                ep.state_dict[name] = placed[name] = held[1]
+                continue
             # Compared on the device, one tensor at a time: keeping the copies as read
             # for the comparison would hold the whole model in host memory.
             on_device = tensor.to(device)
@@ -231,6 +238,9 @@ class Artifact:
             elif isinstance(tensor, torch.nn.Parameter) and not isinstance(on_device, torch.nn.Parameter):
                 on_device = torch.nn.Parameter(on_device, requires_grad=tensor.requires_grad)
             ep.state_dict[name] = placed[name] = on_device
+            # A weak reference: the tensor as read is freed once no program holds it, and
+            # an id reused after that must not match.
+            moved[id(tensor)] = (weakref.ref(tensor), on_device)
             if key is not None:
                 tied[key] = on_device
         return ep

@@ -18,10 +18,15 @@ import torch
 from optc.errors import ArtifactError
 
 
-def _key(t: torch.Tensor) -> tuple:
-    """Which memory a tensor views: two entries with the same key are the same weight."""
-    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-            t.dtype)
+def _key(t: torch.Tensor) -> tuple | None:
+    """Which memory a tensor views: two entries with the same key are the same weight.
+    None for what is never shared: a tensor subclass (its storage is not its data), a
+    tensor without memory (zero-size, meta), a lazily conjugated or negated view."""
+    from optc.compiler.rewrite import view_key
+
+    if type(t.data) is not torch.Tensor or t.is_conj() or t.is_neg():
+        return None
+    return view_key(t)
 
 
 def _parameters(ep) -> set[str]:
@@ -46,13 +51,17 @@ def strip_shared(programs: dict) -> tuple[dict, dict]:
         parameters = _parameters(ep)
         links = {}
         for entry, t in ep.state_dict.items():
-            if entry not in parameters or t.device.type == "meta" or t.numel() == 0:
+            key = _key(t) if entry in parameters else None
+            if key is None:
                 continue
-            key = _key(t)
             if key in seen:
                 links[entry] = list(seen[key])
             else:
                 seen[key] = (name, entry)
+        if any(t.numel() == 0 for t in ep.state_dict.values()):
+            # torch.export.save groups a program's tensors by storage pointer, and a zero-size
+            # tensor's (0) is a meta stand-in's too: they would come back as one. Stored whole.
+            links = {}
         if links:
             ep = copy.copy(ep)  # shallow: the graph and every other entry stay the original's
             ep._state_dict = {k: _meta_like(v) if k in links else v for k, v in ep.state_dict.items()}
@@ -67,12 +76,12 @@ def restore_shared(programs: dict, shared: dict, path) -> None:
     a weight without data."""
     for name, entry, source, source_entry in _links(shared, path):
         try:
-            tensor = programs[source].state_dict[source_entry]
             target = programs[name].state_dict
+            tensor = programs[source].state_dict[source_entry]
         except KeyError:
             raise ArtifactError(f"artifact {path}: its manifest shares {name}'s {entry!r} with {source}'s "
-                                f"{source_entry!r}, which the file does not hold; recompile the model with "
-                                "`optc compile`") from None
+                                f"{source_entry!r}; the file holds no such program or entry; recompile the model "
+                                "with `optc compile`") from None
         if entry not in target or target[entry].shape != tensor.shape or target[entry].dtype != tensor.dtype:
             raise ArtifactError(f"artifact {path}: {name}'s {entry!r} does not match {source}'s "
                                 f"{source_entry!r} that its manifest shares with it; recompile the model "
@@ -89,9 +98,16 @@ def restore_shared(programs: dict, shared: dict, path) -> None:
 def _links(shared, path) -> list[tuple[str, str, str, str]]:
     """(program, entry, source program, source entry) of each shared entry; a record of
     another shape is refused (ArtifactError)."""
-    try:
-        return [(name, entry, source, source_entry) for name, links in (shared or {}).items()
-                for entry, (source, source_entry) in links.items()]
-    except (AttributeError, TypeError, ValueError):
+    shared = {} if shared is None else shared
+    out = []
+    well_formed = isinstance(shared, dict)
+    for name, links in shared.items() if well_formed else ():
+        well_formed = well_formed and isinstance(links, dict)
+        for entry, pair in links.items() if well_formed else ():
+            well_formed = well_formed and isinstance(pair, list) and len(pair) == 2
+            if well_formed:
+                out.append((name, entry, *pair))
+    if not well_formed or not all(isinstance(s, str) for link in out for s in link):
         raise ArtifactError(f"artifact {path}: its manifest's shared_weights is not a record of shared "
-                            "entries; recompile the model with `optc compile`") from None
+                            "entries; recompile the model with `optc compile`")
+    return out

@@ -80,14 +80,48 @@ def _rewrite_manifest(src, dst, change):
 
 @pytest.mark.parametrize("change, said", [
     (lambda man: man["shared_weights"]["decode"].update({"proj.weight": ["encoder", "proj.weight"]}),
-     "does not hold"),
+     "holds no such program"),
     (lambda man: man["shared_weights"].pop("decode"), "without data"),
     (lambda man: man["shared_weights"]["decode"].update({"proj.weight": ["prefill", "proj.bias"]}),
      "does not match"),
     (lambda man: man.update(shared_weights=["decode"]), "not a record"),
+    (lambda man: man["shared_weights"]["decode"].update({"proj.weight": "pa"}), "not a record"),
+    (lambda man: man["shared_weights"]["decode"].update({"proj.weight": [["prefill"], "x"]}), "not a record"),
 ])
 def test_a_sharing_record_naming_what_the_file_lacks_is_refused(tmp_path, programs, change, said):
     path = A.write_artifact(tmp_path / "m.optc", programs, MANIFEST)
     bad = _rewrite_manifest(path, tmp_path / "bad.optc", change)
     with pytest.raises(ArtifactError, match=said):
         A.read_artifact(bad)
+
+
+class ZeroSized(Cached):
+    """A zero-size buffer: torch.export.save groups a program's tensors by storage pointer,
+    and a zero-size tensor's is a meta stand-in's."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("empty", torch.zeros(0))
+
+    def forward(self, ids):
+        return super().forward(ids) + self.empty.sum()
+
+
+def test_a_program_with_a_zero_size_tensor_is_stored_whole(tmp_path):
+    m = ZeroSized().eval()
+    programs = {name: torch.export.export(m, (torch.randint(0, 64, (1, n)),), strict=False)
+                for name, n in (("prefill", 8), ("decode", 1))}
+    loaded = A.read_artifact(A.write_artifact(tmp_path / "z.optc", programs, MANIFEST))
+    assert "decode" not in loaded.manifest["shared_weights"] and "prefill" not in loaded.manifest["shared_weights"]
+    ids = torch.randint(0, 64, (1, 1))
+    assert torch.allclose(loaded.programs["decode"].module()(ids), programs["decode"].module()(ids))
+
+
+def test_a_format_1_artifact_with_a_copy_per_program_still_reads(tmp_path, programs, monkeypatch):
+    monkeypatch.setattr(A, "strip_shared", lambda progs: (progs, {}))  # as format 1 wrote them
+    path = A.write_artifact(tmp_path / "m.optc", programs, MANIFEST)
+    old = _rewrite_manifest(path, tmp_path / "old.optc", lambda man: (man.update(format_version=1),
+                                                                      man.pop("shared_weights")))
+    loaded = A.read_artifact(old)
+    pre, dec = loaded.programs["prefill"].state_dict, loaded.programs["decode"].state_dict
+    assert dec["proj.weight"] is not pre["proj.weight"] and torch.equal(dec["proj.weight"], pre["proj.weight"])

@@ -65,3 +65,20 @@ def test_on_the_gpu_the_programs_share_one_copy(saved):
     decode = _weights(art.module("decode", device="cuda", compiled=False))
     assert names and all(prefill[n].data_ptr() == decode[n].data_ptr() for n in names & set(prefill))
     assert torch.equal(out.cpu(), expected)
+
+
+def test_a_weight_both_programs_hold_as_read_is_placed_once(saved, monkeypatch):
+    # Stored once, read as one tensor: placing the second program takes the first's copy
+    # on the device without copying and comparing it again.
+    from optc.runtime import loaded
+
+    path, _, _ = saved
+    art = optc.load(path)
+    compared = []
+    real = loaded._same_values
+    monkeypatch.setattr(loaded, "_same_values", lambda a, b: compared.append(1) or real(a, b))
+    prefill = dict(art.module("prefill", compiled=False).named_parameters())
+    decode = dict(art.module("decode", compiled=False).named_parameters())
+    assert compared == []
+    common = set(prefill) & set(decode)
+    assert common and all(prefill[n] is decode[n] for n in common)
