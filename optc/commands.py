@@ -212,6 +212,7 @@ def cmd_inspect(args):
 
     from optc.compiler.codegen import kernel_cache
     from optc.runtime.packages import check_hashes
+    from optc.runtime.shared_weights import stored_once
 
     loaded = read_artifact(args.artifact, check_versions=False)  # checksums are always checked
     check_hashes(loaded.manifest, loaded.extra_files)
@@ -227,6 +228,10 @@ def cmd_inspect(args):
     _log(f"{args.artifact}: {man['model'].get('name')} ({man['model'].get('task')}) for {man['target']}")
     _log(f"  optc {man['optc_version']}, torch {man['torch_version']}, triton {man.get('triton_version')}, created {man['created']}")
     _log(f"  programs: {', '.join(sorted(loaded.programs))}; config {man['config_hash']}")
+    entries, nbytes = stored_once(loaded.programs, man.get("shared_weights"))
+    if entries:
+        _log(f"  weights the programs share: {entries} entries stored once ({nbytes / 1e6:.1f} MB that a copy per "
+             "program would add)")
     _log(f"  anatomy: {anatomy.get('n_blocks', 0)} blocks" + (f" ({anatomy['reason']})" if anatomy.get("reason") else ""))
     for b in anatomy.get("blocks", [])[:64]:
         a, m = b["attention"], b["mlp"]

@@ -111,3 +111,12 @@ def _links(shared, path) -> list[tuple[str, str, str, str]]:
         raise ArtifactError(f"artifact {path}: its manifest's shared_weights is not a record of shared "
                             "entries; recompile the model with `optc compile`")
     return out
+
+
+def stored_once(programs: dict, shared: dict | None) -> tuple[int, int]:
+    """(entries linked, bytes a copy per program would have added): what `optc inspect`
+    reports of a loaded artifact's "shared_weights" record. Ties within one program do not
+    count: an archive stores a tensor held under two names once anyway."""
+    entries = _links(shared, "")
+    other = {id(t): t for name, _, src, ent in entries if name != src for t in [programs[src].state_dict[ent]]}
+    return len(entries), sum(t.nbytes for t in other.values())

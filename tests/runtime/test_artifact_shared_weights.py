@@ -10,6 +10,7 @@ import torch
 
 from optc.errors import ArtifactError
 from optc.runtime import artifact as A
+from optc.runtime.shared_weights import stored_once
 
 
 class Cached(torch.nn.Module):
@@ -64,6 +65,10 @@ def test_shared_weights_are_stored_once_and_shared_again(tmp_path, programs):
     want = programs["decode"].module()(ids)
     assert torch.allclose(loaded.programs["decode"].module()(ids), want)
     assert all(t.device.type != "meta" for t in programs["decode"].state_dict.values())  # left as they were
+    # what `optc inspect` reports: five entries linked (decode's four, prefill's tied head);
+    # a copy per program would have added decode's embedding (its head too: the same tensor)
+    # and projection, the tie within prefill nothing
+    assert stored_once(loaded.programs, shared) == (5, 4 * (64 * 256 + 256 * 256 + 256))
 
 
 def _rewrite_manifest(src, dst, change):
