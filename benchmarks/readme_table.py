@@ -97,7 +97,7 @@ def _repeats_target(d: dict, words: list) -> bool:
         target = targets.get(d["target"])
     except Exception:  # a target no longer defined: nothing to compare against
         return False
-    return targets.with_overrides(target, words) == target
+    return targets.changes_nothing(target, words)
 
 
 def _newest_pruning_rows() -> list:

@@ -83,6 +83,11 @@ def with_overrides(target: Target, words) -> Target:
     return replace(target, inductor=inductor, **fields)
 
 
+def changes_nothing(target: Target, words) -> bool:
+    """Whether lowering `words` (with_overrides') only repeat `target`'s own settings."""
+    return with_overrides(target, words) == target
+
+
 def split_words(words) -> tuple[list[str], list[str]]:
     """(the pass settings, the lowering words) of a variant's words: `target.FIELD=VALUE`
     words are lowering words (without their `target.` prefix, as with_overrides takes

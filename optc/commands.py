@@ -308,7 +308,7 @@ def _check_lowering_words(target_name: str, lowering: list[str]) -> None:
 
     target = targets.get(target_name)
     for word in lowering:
-        if targets.with_overrides(target, [word]) == target:
+        if targets.changes_nothing(target, [word]):
             raise UsageError(f"--variant target.{word}: that is already how {target.name} lowers programs, so the "
                              "word changes nothing; leave it out, or name a setting that differs")
 

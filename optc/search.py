@@ -19,7 +19,7 @@ from pathlib import Path
 
 from optc.errors import CompileError, NoConfigError, UsageError
 from optc.fileio import atomic_open
-from optc.search_ship import confirm_against_dense, ship_fastest, side_by_side
+from optc.search_ship import confirm_against_dense, lost_to_dense, ship_fastest, side_by_side
 
 
 def _log(msg: str) -> None:
@@ -215,8 +215,7 @@ def _measurer(target, workload, inputs, log, autotune: bool):
     def run(compiled):
         # Lowered here like every trial, never run from a shipped configuration's packages or
         # kernel cache: the side-by-side timing compares two fresh lowerings.
-        art = Artifact(compiled.programs, compiled.manifest, compiled.extra_files, packages=False,
-                       kernel_cache=False)
+        art = Artifact(compiled.programs, compiled.manifest, packages=False, kernel_cache=False)
         return measure(art, target, workload, inputs=inputs, autotune=None if autotune else False, log=log)
 
     return run
@@ -360,10 +359,6 @@ def _print(result: dict, log) -> None:
     elif confirmed:
         log(f"  timed again side by side: {confirmed['best_ms']:.4g} ms against dense {confirmed['dense_ms']:.4g} ms, "
             f"{confirmed['speedup_vs_dense']:.3f}x")
-        if confirmed["speedup_vs_dense"] <= 1.0:
-            # A lossy configuration no faster than dense is worse than dense. Compiles of one
-            # configuration differ by a few percent (coordinate descent), so a trial's lead of
-            # that size does not survive a second compile: say so instead of letting it stand.
-            log("  it was not faster than dense side by side: at this limit dense optc (no lossy pass) is the "
-                "better choice; its lead in the trials did not hold in a second compile beside dense")
+        if lost_to_dense(confirmed):
+            log(f"  {lost_to_dense(confirmed)}")
     log(f"  plot: {result['plot']}")

@@ -70,6 +70,17 @@ def side_by_side(measure_one, rounds: int):
     return run if rounds > 0 else None
 
 
+def lost_to_dense(confirmed: dict | None) -> str | None:
+    """What the report and the README say when the side-by-side timing found the shipped
+    configuration no faster than dense (None otherwise). A lossy configuration no faster
+    than dense is worse than dense; compiles of one configuration differ by a few percent
+    (coordinate descent), so a trial's lead of that size may not survive a second compile."""
+    if not confirmed or "error" in confirmed or confirmed["speedup_vs_dense"] > 1.0:
+        return None
+    return ("It was not faster than dense side by side: at this limit dense optc (no lossy pass) is the better "
+            "choice; the trials' lead did not hold in a second compile beside dense.")
+
+
 def confirm_against_dense(session, shipped: Shipped, dense: dict | None, confirm, log) -> dict | None:
     """The shipped configuration and dense, timed again side by side (side_by_side) with
     the lowering the trials had: the speed-up over dense free of drift between trials.

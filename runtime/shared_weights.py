@@ -15,6 +15,7 @@ import copy
 
 import torch
 
+from optc.compiler.rewrite import view_key
 from optc.errors import ArtifactError
 
 
@@ -22,8 +23,6 @@ def _key(t: torch.Tensor) -> tuple | None:
     """Which memory a tensor views: two entries with the same key are the same weight.
     None for what is never shared: a tensor subclass (its storage is not its data), a
     tensor without memory (zero-size, meta), a lazily conjugated or negated view."""
-    from optc.compiler.rewrite import view_key
-
     if type(t.data) is not torch.Tensor or t.is_conj() or t.is_neg():
         return None
     return view_key(t)
