@@ -11,6 +11,7 @@ from optc.compiler.capture import graph_module, is_state_buffer
 from optc.compiler.codegen.check_inputs import (  # noqa: F401  (part of this module's API)
     decode_start, prefilled_state, random_like_inputs, reset_state, vocab_size)
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
+from optc.compiler.codegen.direct import DirectLowering
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
 from optc.compiler.codegen.noisy_twin import HALF as _HALF, noisy_twin
 from optc.compiler.rewrite import view_key
@@ -55,8 +56,12 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
     records an artifact's kernel cache with it, and a load that installed one reads it."""
     options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning,
                                kernel_cache=kernel_cache)
-    return torch.compile(target_graph(gm, target), backend="inductor", options=options, fullgraph=True,
-                         dynamic=False)
+    gm = target_graph(gm, target)
+    if isinstance(gm, torch.fx.GraphModule) and not cudagraphs:
+        # No Dynamo in front of a graph torch.export already traced (codegen/direct.py).
+        # Inductor's own CUDA graphs stay behind torch.compile, which manages their trees.
+        return DirectLowering(gm, options)
+    return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
 
 
 def target_graph(gm: torch.nn.Module, target: Target) -> torch.nn.Module:
