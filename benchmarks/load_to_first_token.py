@@ -9,7 +9,7 @@ times. Says whether the packages ran, whether the artifact's kernel cache was us
 how many of the lowerings hit it), and every warning the load gave. Run it twice, in two
 processes, for the spread between processes.
 
-    python benchmarks/load_to_first_token.py x.optc --out $OUT/load.json [--tokens 64] [--device cuda]
+    python benchmarks/load_to_first_token.py x.optc --out $OUT/load.json [--tokens 64] [--device cuda] [--no-packages]
 
 The CUDA context is created before the clock starts (every process pays it, optc or not).
 """
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-kernel-cache", action="store_true",
                     help="lower the portable programs here instead of reading the artifact's kernel cache")
+    ap.add_argument("--no-packages", action="store_true",
+                    help="lower the portable programs even where the artifact's AOTInductor packages fit")
     args = ap.parse_args()
     if args.device.startswith("cuda"):
         torch.cuda.init()
@@ -61,7 +63,7 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        art = optc.load(args.artifact, kernel_cache=not args.no_kernel_cache)
+        art = optc.load(args.artifact, kernel_cache=not args.no_kernel_cache, packages=not args.no_packages)
         t_load = time.perf_counter() - t0
         prompt = prompt_for(art, args.device)
         t1 = time.perf_counter()

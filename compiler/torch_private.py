@@ -34,7 +34,7 @@ __all__ = [
     "tree_flatten", "tree_unflatten", "tree_flatten_spec", "graph_module_in_spec",
     "graph_codegen", "set_graph_codegen", "codegen_without_out_spec", "flat_graph_inputs",
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
-    "compile_fx", "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
+    "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks", "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
     "inductor_realize_op", "fresh_cache_artifacts", "export_load_type_hints_cached",
     "export_load_sympify_cached",
     "dynamo_counters", "python_dispatcher",
@@ -167,6 +167,42 @@ def compile_fx(gm: fx.GraphModule, example_inputs):
     from torch._inductor.compile_fx import compile_fx as _compile_fx
 
     return _compile_fx(gm, example_inputs)
+
+
+def compile_fx_static(gm: fx.GraphModule, example_inputs: list, config_patches: dict):
+    """Inductor on a flat graph without Dynamo (codegen/direct.py), every input static as
+    under `torch.compile(dynamic=False)`, with the FX graph and AOTAutograd caches on:
+    they bypass a graph compiled without a shape environment, so a tracing context
+    supplies one, as `torch._inductor.standalone_compile(dynamic_shapes=
+    "from_example_inputs")` does. `compile_fx(..., ignore_shape_env=)` (static fake
+    inputs; absent before it existed), `torch._guards.TracingContext`, torch 2.13 (and
+    the same calls on 2.11, where they are to be checked on the GPU machine)."""
+    import inspect
+
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    static = {"ignore_shape_env": True} if "ignore_shape_env" in inspect.signature(_compile_fx).parameters else {}
+    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+        return _compile_fx(gm, example_inputs, config_patches=config_patches, **static)
+
+
+def graph_out_spec(gm: fx.GraphModule):
+    """The output TreeSpec of a program's pytree CodeGen (None: the graph returns its
+    outputs flat), to rebuild what `ep.module()` returns from a flat compiled call
+    (codegen/direct). `pytree_info.out_spec`, torch 2.11-2.13."""
+    info = getattr(graph_codegen(gm.graph), "pytree_info", None)
+    return info.out_spec if info is not None else None
+
+
+def input_checks(gm: fx.GraphModule) -> str | None:
+    """The name of the submodule through which a module made by `ep.module()` checks its
+    inputs before anything runs (`_guards_fn`: a Dynamo-wrapped function, which
+    AOTAutograd's cache cannot key on, so codegen/direct calls it eagerly instead of in
+    the graph); None where the module has none. torch 2.13 (2.11 to be checked)."""
+    return "_guards_fn" if isinstance(getattr(gm, "_guards_fn", None), nn.Module) else None
 
 
 def pick_vec_isa():

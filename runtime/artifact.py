@@ -3,8 +3,9 @@
 Layout (a zip with stored members; the programs are PT2 archives, already compact):
 
     manifest.json            format and tool versions, target, config and its hash,
-                             passes, quality, model, creation date, and a sha256 and
-                             size for every other member
+                             passes, quality, model, creation date, and a sha256,
+                             size and per-chunk sha256s for every other member
+                             (runtime/member_read.py)
     programs/<name>.pt2      one torch.export.save archive per program
                              ("forward", or "prefill" and "decode")
     <anything else>          extra files: kernels/<name>.py, extra/<name>.json ...
@@ -18,7 +19,6 @@ destination nor clobbers an existing artifact.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import re
@@ -33,6 +33,7 @@ from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
 from optc.compiler.torch_private import export_load_sympify_cached, export_load_type_hints_cached
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
+from optc.runtime import member_read
 from optc.runtime.shared_weights import restore_shared, strip_shared
 
 FORMAT_VERSION = 2  # 2: weights the programs share are stored once (runtime/shared_weights.py)
@@ -153,7 +154,7 @@ def write_artifact(path, programs: dict, manifest: dict, extra_files: dict | Non
     with atomic_open(path, "wb") as fh:
         with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             def add(member: str, data) -> None:
-                files[member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                files[member] = member_read.record(data)
                 zf.writestr(_zipinfo(member), bytes(data))
 
             stored, man["shared_weights"] = strip_shared(programs)
@@ -198,14 +199,14 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
             f"truncated ({e}); copy it again or {_RECOMPILE}") from e
 
 
-def _read_member(zf: zipfile.ZipFile, path: Path, member: str) -> bytes:
+def _read_member(zf: zipfile.ZipFile, path: Path, member: str, entry: dict | None = None) -> bytes:
     try:
-        return zf.read(member)
+        return member_read.read(zf, path, member, entry or {})
     except KeyError as e:
         raise ArtifactError(f"artifact {path} lacks member {member!r} that its manifest "
                             f"lists; the file is damaged: copy it again or {_RECOMPILE}") from e
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
-        # A flipped byte usually trips the zip's own CRC-32 before our sha256.
+        # A flipped byte in a member read through zipfile trips its CRC-32 before our sha256.
         raise ArtifactError(f"artifact {path} is damaged: member {member!r} cannot be read "
                             f"({e}); copy it again or {_RECOMPILE}") from e
 
@@ -296,12 +297,12 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
             verify_versions(man, path)
         contents: dict[str, bytes] = {}
         for member, entry in man["files"].items():
-            data = _read_member(zf, path, member)
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != entry["sha256"] or len(data) != entry["size"]:
+            data = _read_member(zf, path, member, entry)
+            found = member_read.mismatch(data, entry)
+            if found is not None:
                 raise ArtifactError(
                     f"artifact {path}: checksum mismatch in member {member!r} (sha256 "
-                    f"{digest[:16]}..., manifest says {str(entry['sha256'])[:16]}...); the "
+                    f"{found[:40]}..., manifest says {str(entry['sha256'])[:16]}...); the "
                     f"file was modified or damaged: copy it again or {_RECOMPILE}")
             contents[member] = data
 

@@ -15,13 +15,13 @@ value of anything else), compiled at the first call that brings it.
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import torch
 import torch.fx
-from torch.fx._pytree import tree_flatten_spec
-from torch.utils import _pytree as pytree
+
+from optc.compiler.torch_private import (compile_fx_static, flat_graph_inputs, graph_out_spec, input_checks,
+                                        tree_unflatten)
 
 
 class DirectLowering(torch.nn.Module):
@@ -32,73 +32,42 @@ class DirectLowering(torch.nn.Module):
         super().__init__()
         self.gm = gm  # registered: .to(), parameters() and buffers() reach the program's state
         self.options = dict(options)
-        info = getattr(gm.graph._codegen, "pytree_info", None)
-        self._in_spec = info.in_spec if info is not None else None
-        self._out_spec = info.out_spec if info is not None else None
+        self._out_spec = graph_out_spec(gm)
+        self._checks = input_checks(gm)
         # Not a submodule: it holds gm's own tensors, which state_dict() would list twice.
-        object.__setattr__(self, "_flat_gm", _flat_copy(gm))
+        object.__setattr__(self, "_flat_gm", _flat_copy(gm, self._checks))
         self._compiled: dict[tuple, object] = {}
         self._lock = threading.Lock()
 
     def forward(self, *args, **kwargs):
-        flat = self._flatten(args, kwargs)
+        flat = flat_graph_inputs(self.gm, args, kwargs)
         key = tuple(_signature(x) for x in flat)
         fn = self._compiled.get(key)
         if fn is None:
             with self._lock:
                 fn = self._compiled.get(key) or self._compile(key, flat)
         out = fn(*flat)
-        return pytree.tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
-
-    def _flatten(self, args, kwargs) -> list:
-        if self._in_spec is None:
-            if kwargs:
-                raise TypeError("this program takes positional inputs only")
-            return list(args)
-        return list(tree_flatten_spec((args, kwargs), self._in_spec))
+        return tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
 
     def _compile(self, key: tuple, flat: list):
-        from torch._inductor.compile_fx import compile_fx
-        from torch._subclasses import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        # As torch.inductor.standalone_compile's "from_example_inputs": the caches key
-        # on a shape environment (without one they are bypassed), and every input is
-        # static, as under torch.compile(dynamic=False).
-        guards = getattr(self.gm, GUARDS_MODULE, None)
-        if guards is not None:
-            guards(*flat)  # the program's own input checks: raises on inputs it was not exported for
-        context = torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
-        with torch._guards.tracing(context):
-            fn = compile_fx(self._flat_gm, flat, config_patches=self.options, **_static_inputs_argument())
+        if self._checks is not None:
+            # The program's own input checks, outside the graph (torch_private.input_checks):
+            # they raise on inputs it was not exported for.
+            getattr(self.gm, self._checks)(*flat)
+        fn = compile_fx_static(self._flat_gm, flat, self.options)
         self._compiled[key] = fn
         return fn
 
 
-# The input checks `ep.module()` calls first (torch.export's unlifted module): a Dynamo
-# wrapper that AOTAutograd's cache cannot key on, so it runs eagerly instead, once per
-# input signature (DirectLowering._compile).
-GUARDS_MODULE = "_guards_fn"
-
-
-@functools.cache
-def _static_inputs_argument() -> dict:
-    """compile_fx's word for "fakify the inputs with static shapes" where it has one."""
-    import inspect
-
-    from torch._inductor.compile_fx import compile_fx
-
-    return {"ignore_shape_env": True} if "ignore_shape_env" in inspect.signature(compile_fx).parameters else {}
-
-
-def _flat_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """`gm` with flat inputs and outputs (no pytree code) and without its input-check
-    call, sharing its parameters, buffers and submodules; node metadata kept."""
+def _flat_copy(gm: torch.fx.GraphModule, checks: str | None) -> torch.fx.GraphModule:
+    """`gm` with flat inputs and outputs (no pytree code) and without the call of its
+    input-check submodule `checks`, sharing its parameters, buffers and submodules;
+    node metadata kept."""
     graph = torch.fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == GUARDS_MODULE and not node.users:
+        if checks is not None and node.op == "call_module" and node.target == checks and not node.users:
             graph.erase_node(node)
     flat = torch.fx.GraphModule(gm, graph)
     flat.meta.update(getattr(gm, "meta", {}))

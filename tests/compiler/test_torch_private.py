@@ -243,6 +243,38 @@ def test_compile_fx():
     torch.testing.assert_close(out, torch.relu(x) + 1)
 
 
+def test_compile_fx_static():
+    from optc.compiler.codegen.direct import _flat_copy
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    ep = torch.export.export(lin, (torch.randn(2, 4),), strict=False)
+    gm = ep.module()
+    flat = _flat_copy(gm, tp.input_checks(gm))
+    x = torch.randn(2, 4)
+    before = tp.dynamo_counters()["inductor"]["fxgraph_cache_bypass"]
+    out = tp.compile_fx_static(flat, [x], {"fx_graph_cache": True})(x)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    torch.testing.assert_close(out, lin(x))
+    # A shape environment was there: the FX graph cache was looked up, not bypassed.
+    assert tp.dynamo_counters()["inductor"]["fxgraph_cache_bypass"] == before
+
+
+def test_graph_out_spec(exported):
+    ep, _, _ = exported
+    assert tp.graph_out_spec(ep.module()) is not None
+    assert tp.graph_out_spec(fx.symbolic_trace(lambda x: x + 1)) is None
+
+
+def test_input_checks(exported):
+    ep, _, _ = exported
+    gm = ep.module()
+    name = tp.input_checks(gm)
+    if name is not None:  # torch releases whose unlifted modules check their inputs
+        assert any(n.op == "call_module" and n.target == name for n in gm.graph.nodes)
+    assert tp.input_checks(fx.symbolic_trace(lambda x: x + 1)) is None
+
+
 def test_inductor_realize_op():
     op = tp.inductor_realize_op()
     x = torch.randn(4, 6)
