@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The first token of a loaded artifact with Dynamo in front of Inductor, as optc lowered
 programs before codegen/direct.py: `lower` patched back to `torch.compile(fullgraph=True,
-dynamic=False)`, then benchmarks/load_to_first_token.py as it is. Give it an artifact
+dynamic=False)` and its kernel cache accepted, then benchmarks/load_to_first_token.py as it is. Give it an artifact
 compiled by that lowering (its kernel cache holds Dynamo's graphs); compare with
 load_to_first_token.py on an artifact of the current lowering, in fresh processes.
 
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 import load_to_first_token  # noqa: E402
-from optc.compiler.codegen import lowering  # noqa: E402
+from optc.compiler.codegen import kernel_cache, lowering  # noqa: E402
 
 
 def through_dynamo(gm, options):
@@ -26,4 +26,5 @@ def through_dynamo(gm, options):
 
 if __name__ == "__main__":
     lowering.DirectLowering = through_dynamo
+    kernel_cache.FRONTEND = None  # such an artifact's cache record names no frontend
     load_to_first_token.main()

@@ -34,6 +34,9 @@ from optc.fileio import check_member_hash
 
 MEMBER = "kernels/inductor_cache.bin"
 FORMAT = "inductor-cache-artifacts"
+# How the recorded graphs reached Inductor: "direct" (codegen/direct.py). A cache recorded
+# through Dynamo (no such word) keys other graphs: every lookup would miss.
+FRONTEND = "direct"
 _RECOMPILE = "recompile the model with `optc compile`"
 
 
@@ -68,7 +71,7 @@ def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, 
     if rec.data is None:
         return {}, {"format": FORMAT, "skipped": "Inductor recorded no cache entries for these programs"}
     return {MEMBER: rec.data}, {
-        "format": FORMAT, "member": MEMBER, "sha256": hashlib.sha256(rec.data).hexdigest(),
+        "format": FORMAT, "frontend": FRONTEND, "member": MEMBER, "sha256": hashlib.sha256(rec.data).hexdigest(),
         "bytes": len(rec.data), "entries": rec.counts, "programs": sorted(programs),
         "environment": environment(target),
     }
@@ -92,6 +95,9 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
     rec = manifest.get("kernel_cache") or {}
     if "member" not in rec:
         return None, None
+    if rec.get("frontend") != FRONTEND:
+        return None, ("its kernel cache holds graphs traced by Dynamo, which this optc no longer lowers "
+                      "through; recompile the model to carry one it can use")
     built, here = rec.get("environment") or {}, environment(target)
     if built.get("target") != target.name:
         return None, f"its kernel cache was built for {built.get('target')}, this is {target.name}"

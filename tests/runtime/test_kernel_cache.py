@@ -109,6 +109,26 @@ def test_another_environment_compiles_here_with_a_warning(lm, monkeypatch, eager
     assert art.kernel_cache_status == {"used": False, "reason": art.kernel_cache_status["reason"]}
 
 
+def test_a_cache_recorded_through_dynamo_is_not_installed(lm, tmp_path, monkeypatch, eager_lower):
+    """An artifact compiled when programs were lowered through Dynamo: its entries key
+    other graphs, so the load says so and lowers the portable programs."""
+    calls = eager_lower
+    with zipfile.ZipFile(lm) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    man = json.loads(members[MANIFEST_NAME])
+    del man["kernel_cache"]["frontend"]
+    members[MANIFEST_NAME] = json.dumps(man).encode()
+    old = tmp_path / "dynamo.optc"
+    with zipfile.ZipFile(old, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, payload in members.items():
+            zf.writestr(name, payload)
+    monkeypatch.setattr(kernel_cache, "install", lambda data: pytest.fail("installed a Dynamo-keyed kernel cache"))
+    art = optc.load(old)
+    with pytest.warns(UserWarning, match="kernel cache holds graphs traced by Dynamo"):
+        art.generate(torch.zeros(1, 8, dtype=torch.long), 2)
+    assert len(calls) == 2 and not any(c["kernel_cache"] for c in calls)
+
+
 def test_load_without_the_kernel_cache(lm, monkeypatch, eager_lower):
     calls = eager_lower
     monkeypatch.setattr(kernel_cache, "install", lambda data: pytest.fail("installed the kernel cache"))
