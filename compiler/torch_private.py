@@ -34,7 +34,7 @@ __all__ = [
     "tree_flatten", "tree_unflatten", "tree_flatten_spec", "graph_module_in_spec",
     "graph_codegen", "set_graph_codegen", "codegen_without_out_spec", "flat_graph_inputs",
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
-    "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks",
+    "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks", "check_call_structure",
     "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
     "inductor_realize_op", "fresh_cache_artifacts", "export_load_type_hints_cached",
     "export_load_sympify_cached",
@@ -185,9 +185,12 @@ def compile_fx_static(gm: fx.GraphModule, example_inputs: list, config_patches: 
     from torch._subclasses import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    static = {"ignore_shape_env": True} if "ignore_shape_env" in inspect.signature(_compile_fx).parameters else {}
+    if "ignore_shape_env" not in inspect.signature(_compile_fx).parameters:
+        # Without it the shape environment would make the inputs' sizes symbolic.
+        raise RuntimeError(f"torch {torch.__version__}'s Inductor cannot compile a graph with static inputs "
+                           "outside Dynamo (compile_fx has no ignore_shape_env); optc needs torch 2.8 or later")
     with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-        return _compile_fx(gm, example_inputs, config_patches=config_patches, **static)
+        return _compile_fx(gm, example_inputs, config_patches=config_patches, ignore_shape_env=True)
 
 
 def graph_out_spec(gm: fx.GraphModule):
@@ -204,6 +207,20 @@ def input_checks(gm: fx.GraphModule) -> str | None:
     AOTAutograd's cache cannot key on, so codegen/direct calls it eagerly instead of in
     the graph); None where the module has none. torch 2.13 (2.11 to be checked)."""
     return "_guards_fn" if isinstance(getattr(gm, "_guards_fn", None), nn.Module) else None
+
+
+def check_call_structure(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """What a module made by `ep.module()` checks in its forward pre-hook before running:
+    the call's (args, kwargs) have the structure the program was exported with (a clear
+    error for an unknown keyword or a missing input), and, where the module carries no
+    input-check submodule (input_checks), the exported shape constraints. The hook is
+    called directly, as the module would (codegen/direct never calls the module itself).
+    `torch.export._unlift._check_input_constraints_pre_hook`, torch 2.13 (2.11 to be checked)."""
+    from torch.export import _unlift
+
+    hook = getattr(_unlift, "_check_input_constraints_pre_hook", None)
+    if hook is not None and any(h is hook for h in gm._forward_pre_hooks.values()):
+        hook(gm, args, kwargs)
 
 
 def pick_vec_isa():

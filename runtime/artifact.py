@@ -301,8 +301,7 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
             found = member_read.mismatch(data, entry)
             if found is not None:
                 raise ArtifactError(
-                    f"artifact {path}: checksum mismatch in member {member!r} (sha256 "
-                    f"{found[:40]}..., manifest says {str(entry['sha256'])[:16]}...); the "
+                    f"artifact {path}: checksum mismatch in member {member!r} ({found}); the "
                     f"file was modified or damaged: copy it again or {_RECOMPILE}")
             contents[member] = data
 

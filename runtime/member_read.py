@@ -45,22 +45,24 @@ def record(data) -> dict:
 
 
 def mismatch(data, entry: dict) -> str | None:
-    """None when `data` is what `entry` recorded; else the digest found, for the message."""
+    """None when `data` is what `entry` recorded; else what differs, for the message."""
     if len(data) != entry["size"]:
-        return f"{len(data)} bytes, not {entry['size']}"
+        return f"{len(data)} bytes where {entry['size']} were recorded"
     digests = entry.get("chunk_sha256")
     if digests is None:
         digest = _sha256(data)
-        return None if digest == entry["sha256"] else digest
+        return None if digest == entry["sha256"] else \
+            f"sha256 {digest[:16]}..., recorded {str(entry['sha256'])[:16]}..."
     size = entry.get("chunk_bytes")
-    # The record's own chunk size, so that files written with another one still read.
-    if not isinstance(size, int) or size <= 0 or not isinstance(digests, list) \
-            or len(digests) != len(_chunks(data, size)):
-        return f"chunk digests that do not fit the member ({size!r} bytes a chunk, {len(digests)} chunks)"
+    # The record's own chunk size, so that files written with another one still read;
+    # checked before any slicing, so a forged size cannot make millions of slices.
+    if (type(size) is not int or size <= 0 or not isinstance(digests, list)
+            or len(digests) != max(1, -(-len(data) // size)) or not all(isinstance(d, str) for d in digests)):
+        return f"chunk digests that do not fit the member ({size!r} bytes a chunk)"
     with ThreadPoolExecutor(_workers()) as pool:
         found = list(pool.map(_sha256, _chunks(data, size)))
     bad = next((i for i, (a, b) in enumerate(zip(found, digests)) if a != b), None)
-    return None if bad is None else f"chunk {bad}: {found[bad]}"
+    return None if bad is None else f"chunk {bad} hashes to {found[bad][:16]}..., recorded {digests[bad][:16]}..."
 
 
 def read(zf: zipfile.ZipFile, path: Path, member: str, entry: dict) -> bytes:
@@ -69,11 +71,14 @@ def read(zf: zipfile.ZipFile, path: Path, member: str, entry: dict) -> bytes:
     info = zf.getinfo(member)  # KeyError: the caller says the member is missing
     if "chunk_sha256" not in entry or info.compress_type != zipfile.ZIP_STORED:
         return zf.read(member)
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset)
-        signature, name_len, extra_len = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))
-        if signature != _LOCAL_SIGNATURE:
-            raise zipfile.BadZipFile(f"bad local header for {member!r}")
+    fd = zf.fp.fileno()  # the file zipfile opened: the same one even if the path is replaced meanwhile
+    header = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
+    if len(header) != _LOCAL_HEADER.size:
+        raise zipfile.BadZipFile(f"the local header of {member!r} lies past the end of the file")
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+    if signature != _LOCAL_SIGNATURE:
+        raise zipfile.BadZipFile(f"bad local header for {member!r}")
+    with os.fdopen(os.dup(fd), "rb") as fh:
         fh.seek(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
         data = fh.read(info.file_size)
     if len(data) != info.file_size:

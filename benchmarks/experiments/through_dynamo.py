@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Run a script or module with optc lowering programs as it did before codegen/direct.py:
-Dynamo in front of Inductor (`lower` patched back to `torch.compile(fullgraph=True,
-dynamic=False)`), and an artifact's kernel cache recorded that way accepted. For
+Dynamo in front of Inductor for every program (`lowering.frontend` patched to say
+"dynamo": `lower` then calls `torch.compile(fullgraph=True, dynamic=False)`), and an
+artifact's kernel cache recorded that way accepted. For
 before/after measurements in fresh processes, beside the same command run plainly:
 
     python benchmarks/experiments/through_dynamo.py benchmarks/load_to_first_token.py OLD.optc --device cpu --no-packages
@@ -16,18 +17,12 @@ import runpy
 import sys
 from pathlib import Path
 
-import torch
-
-from optc.compiler.codegen import kernel_cache, lowering
-
-
-def through_dynamo(gm, options):
-    return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
-
+from optc.compiler.codegen import lowering
 
 if __name__ == "__main__":
-    lowering.DirectLowering = through_dynamo
-    kernel_cache.FRONTEND = None  # such an artifact's cache record names no frontend
+    # Every program through torch.compile, and a kernel cache recorded that way (whose
+    # record names no frontend) accepted.
+    lowering.frontend = lambda cudagraphs: lowering.DYNAMO
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
     if sys.argv[1] == "-m":

@@ -9,8 +9,9 @@ and keeps the in-place KV-cache writes in the graph, exactly as after Dynamo, an
 FX graph and AOTAutograd caches key on the graph and the inputs' shapes.
 
 `dynamic=False` semantics, as the torch.compile call this replaces: one compiled
-function per signature of the inputs (shape, stride, dtype, device of each tensor, the
-value of anything else), compiled at the first call that brings it.
+function per signature of a call (its structure, grad mode, the type, shape, stride,
+dtype, device of each tensor, the value of anything else), compiled at the first call
+that brings it.
 """
 
 from __future__ import annotations
@@ -20,43 +21,59 @@ import threading
 import torch
 import torch.fx
 
-from optc.compiler.torch_private import (compile_fx_static, flat_graph_inputs, graph_out_spec, input_checks,
-                                        tree_unflatten)
+from optc.compiler.torch_private import (check_call_structure, compile_fx_static, flat_graph_inputs, graph_out_spec,
+                                        input_checks, tree_unflatten)
 
 
 class DirectLowering(torch.nn.Module):
     """`gm` (an unlifted exported program, `ep.module()`) lowered by Inductor with
-    `options` (the config patches torch.compile's `options=` takes)."""
+    `options` (the config patches torch.compile's `options=` takes).
+
+    A compiled function holds the tensors the program held when it was compiled, as an
+    AOTInductor package does: move the module (`.to()`, which drops the compiled
+    functions) or tie its buffers before its first call, not between calls."""
 
     def __init__(self, gm: torch.fx.GraphModule, options: dict):
         super().__init__()
-        self.gm = gm  # registered: .to(), parameters() and buffers() reach the program's state
+        self.gm = gm  # registered: parameters(), buffers() and .to() reach the program's state
         self.options = dict(options)
         self._out_spec = graph_out_spec(gm)
         self._checks = input_checks(gm)
-        # Not a submodule: it holds gm's own tensors, which state_dict() would list twice.
-        object.__setattr__(self, "_flat_gm", _flat_copy(gm, self._checks))
         self._compiled: dict[tuple, object] = {}
+        self._structures: set[tuple] = set()
         self._lock = threading.Lock()
 
     def forward(self, *args, **kwargs):
+        structure = (len(args), tuple(kwargs))
+        if structure not in self._structures:
+            # An unknown keyword or a missing input gets the module's own clear error,
+            # before flattening the call by the program's signature.
+            check_call_structure(self.gm, args, kwargs)
+            self._structures.add(structure)
         flat = flat_graph_inputs(self.gm, args, kwargs)
-        key = tuple(_signature(x) for x in flat)
+        key = (*structure, torch.is_grad_enabled(), *(_signature(x) for x in flat))
         fn = self._compiled.get(key)
         if fn is None:
             with self._lock:
-                fn = self._compiled.get(key) or self._compile(key, flat)
+                fn = self._compiled.get(key) or self._compile(key, args, kwargs, flat)
         out = fn(*flat)
         return tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
 
-    def _compile(self, key: tuple, flat: list):
+    def _compile(self, key: tuple, args: tuple, kwargs: dict, flat: list):
+        # The checks the module would run before its graph, once per signature: its pre-hook
+        # (shape constraints where it has no input-check submodule), then that submodule.
+        check_call_structure(self.gm, args, kwargs)
         if self._checks is not None:
-            # The program's own input checks, outside the graph (torch_private.input_checks):
-            # they raise on inputs it was not exported for.
             getattr(self.gm, self._checks)(*flat)
-        fn = compile_fx_static(self._flat_gm, flat, self.options)
+        # The flat copy is made here, so that it holds the tensors the program holds now.
+        fn = compile_fx_static(_flat_copy(self.gm, self._checks), flat, self.options)
         self._compiled[key] = fn
         return fn
+
+    def _apply(self, fn, *rest, **kw):
+        # Moved or cast tensors are new objects the compiled functions do not hold.
+        self._compiled.clear()
+        return super()._apply(fn, *rest, **kw)
 
 
 def _flat_copy(gm: torch.fx.GraphModule, checks: str | None) -> torch.fx.GraphModule:
@@ -76,5 +93,9 @@ def _flat_copy(gm: torch.fx.GraphModule, checks: str | None) -> torch.fx.GraphMo
 
 def _signature(x):
     if isinstance(x, torch.Tensor):
-        return ("t", tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad)
-    return ("v", type(x).__name__, x if isinstance(x, (int, float, bool, str, type(None))) else id(x))
+        return ("t", type(x), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad)
+    try:
+        hash(x)
+    except TypeError:
+        return ("v", type(x), id(x))  # an unhashable value: this very object
+    return ("v", type(x), x)

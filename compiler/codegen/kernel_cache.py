@@ -34,9 +34,6 @@ from optc.fileio import check_member_hash
 
 MEMBER = "kernels/inductor_cache.bin"
 FORMAT = "inductor-cache-artifacts"
-# How the recorded graphs reached Inductor: "direct" (codegen/direct.py). A cache recorded
-# through Dynamo (no such word) keys other graphs: every lookup would miss.
-FRONTEND = "direct"
 _RECOMPILE = "recompile the model with `optc compile`"
 
 
@@ -65,13 +62,16 @@ def recording():
 
 
 def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, dict]:
-    """({member: bytes}, the manifest's "kernel_cache" record) for a recording."""
+    """({member: bytes}, the manifest's "kernel_cache" record) for a recording: with
+    each program's frontend (lowering.frontend), since the cache's keys are the graphs
+    that frontend handed Inductor."""
     from optc.compiler.codegen.aoti_probe import environment
 
     if rec.data is None:
         return {}, {"format": FORMAT, "skipped": "Inductor recorded no cache entries for these programs"}
     return {MEMBER: rec.data}, {
-        "format": FORMAT, "frontend": FRONTEND, "member": MEMBER, "sha256": hashlib.sha256(rec.data).hexdigest(),
+        "format": FORMAT, "frontends": {p: _frontend(target, p) for p in sorted(programs)},
+        "member": MEMBER, "sha256": hashlib.sha256(rec.data).hexdigest(),
         "bytes": len(rec.data), "entries": rec.counts, "programs": sorted(programs),
         "environment": environment(target),
     }
@@ -95,9 +95,16 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
     rec = manifest.get("kernel_cache") or {}
     if "member" not in rec:
         return None, None
-    if rec.get("frontend") != FRONTEND:
-        return None, ("its kernel cache holds graphs traced by Dynamo, which this optc no longer lowers "
-                      "through; recompile the model to carry one it can use")
+    from optc.compiler.codegen.lowering import DYNAMO
+
+    # A record without frontends was made when every program went through Dynamo.
+    recorded = rec.get("frontends") or {}
+    moved = [p for p in rec.get("programs") or [] if recorded.get(p, DYNAMO) != _frontend(target, p)]
+    if moved:
+        return None, (f"its kernel cache holds the graphs that {recorded.get(moved[0], DYNAMO)!r} handed "
+                      f"Inductor for {', '.join(moved)}, where this optc lowers through "
+                      f"{_frontend(target, moved[0])!r} (lowering.frontend); recompile the model to carry "
+                      "one it can use")
     built, here = rec.get("environment") or {}, environment(target)
     if built.get("target") != target.name:
         return None, f"its kernel cache was built for {built.get('target')}, this is {target.name}"
@@ -116,6 +123,13 @@ def install(data: bytes) -> dict:
         raise ArtifactError(f"the artifact's kernel cache could not be read by torch {torch.__version__}; "
                             f"{_RECOMPILE}")
     return _counts(info)
+
+
+def _frontend(target: Target, program: str) -> str:
+    """How a load lowers `program` on `target` hands its graph to Inductor."""
+    from optc.compiler.codegen.lowering import frontend, load_lowering
+
+    return frontend(load_lowering(target, program)["cudagraphs"])
 
 
 def _counts(info) -> dict:

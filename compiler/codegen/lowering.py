@@ -57,11 +57,20 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
     options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning,
                                kernel_cache=kernel_cache)
     gm = target_graph(gm, target)
-    if isinstance(gm, torch.fx.GraphModule) and not cudagraphs:
-        # No Dynamo in front of a graph torch.export already traced (codegen/direct.py).
-        # Inductor's own CUDA graphs stay behind torch.compile, which manages their trees.
+    if isinstance(gm, torch.fx.GraphModule) and frontend(cudagraphs) == DIRECT:
         return DirectLowering(gm, options)
     return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
+
+
+DIRECT, DYNAMO = "direct", "dynamo"
+
+
+def frontend(cudagraphs: bool) -> str:
+    """What hands a program's graph to Inductor: DIRECT, no Dynamo in front of a graph
+    torch.export already traced (codegen/direct.py), unless Inductor captures its own
+    CUDA graphs, whose trees torch.compile (DYNAMO) manages. The manifest records it per
+    program, and a kernel cache recorded through the other keys other graphs."""
+    return DYNAMO if cudagraphs else DIRECT
 
 
 def target_graph(gm: torch.nn.Module, target: Target) -> torch.nn.Module:
@@ -134,7 +143,7 @@ TOKEN_MERGE_OP = "optc.token_merge"
 def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool = False,
                     shape_tuning: bool = True, kernel_cache: bool = False) -> dict:
     """A lowering as the manifest records it: the switches and the exact options."""
-    record = {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
+    record = {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs, "frontend": frontend(cudagraphs),
               "inductor_options": inductor_options(target, autotune=autotune, cudagraphs=cudagraphs,
                                                    shape_tuning=shape_tuning, kernel_cache=kernel_cache),
               **{field: getattr(target, field) for field in LOWERING_FIELDS}}

@@ -252,12 +252,23 @@ def test_compile_fx_static():
     gm = ep.module()
     flat = _flat_copy(gm, tp.input_checks(gm))
     x = torch.randn(2, 4)
-    before = tp.dynamo_counters()["inductor"]["fxgraph_cache_bypass"]
+    counts = tp.dynamo_counters()["inductor"]
+    before = {k: counts[k] for k in ("fxgraph_cache_bypass", "fxgraph_cache_hit", "fxgraph_cache_miss")}
     out = tp.compile_fx_static(flat, [x], {"fx_graph_cache": True})(x)
     out = out[0] if isinstance(out, (tuple, list)) else out
     torch.testing.assert_close(out, lin(x))
     # A shape environment was there: the FX graph cache was looked up, not bypassed.
-    assert tp.dynamo_counters()["inductor"]["fxgraph_cache_bypass"] == before
+    assert counts["fxgraph_cache_bypass"] == before["fxgraph_cache_bypass"]
+    assert counts["fxgraph_cache_hit"] + counts["fxgraph_cache_miss"] == \
+        before["fxgraph_cache_hit"] + before["fxgraph_cache_miss"] + 1
+
+
+def test_check_call_structure(exported):
+    ep, args, kwargs = exported
+    gm = ep.module()
+    tp.check_call_structure(gm, args, kwargs)  # the call it was exported with passes
+    with pytest.raises(ValueError):
+        tp.check_call_structure(gm, args, {**kwargs, "unknown": 1})
 
 
 def test_graph_out_spec(exported):

@@ -116,7 +116,7 @@ def test_a_cache_recorded_through_dynamo_is_not_installed(lm, tmp_path, monkeypa
     with zipfile.ZipFile(lm) as zf:
         members = {i.filename: zf.read(i) for i in zf.infolist()}
     man = json.loads(members[MANIFEST_NAME])
-    del man["kernel_cache"]["frontend"]
+    del man["kernel_cache"]["frontends"]
     members[MANIFEST_NAME] = json.dumps(man).encode()
     old = tmp_path / "dynamo.optc"
     with zipfile.ZipFile(old, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -124,7 +124,8 @@ def test_a_cache_recorded_through_dynamo_is_not_installed(lm, tmp_path, monkeypa
             zf.writestr(name, payload)
     monkeypatch.setattr(kernel_cache, "install", lambda data: pytest.fail("installed a Dynamo-keyed kernel cache"))
     art = optc.load(old)
-    with pytest.warns(UserWarning, match="kernel cache holds graphs traced by Dynamo"):
+    with pytest.warns(UserWarning, match="kernel cache holds the graphs that 'dynamo' handed Inductor for "
+                                         "decode, prefill, where this optc lowers through 'direct'"):
         art.generate(torch.zeros(1, 8, dtype=torch.long), 2)
     assert len(calls) == 2 and not any(c["kernel_cache"] for c in calls)
 
@@ -193,3 +194,17 @@ def test_moving_a_read_program_keeps_its_cache_views_one_tensor(lm):
     for keys in shared:
         first = table(keys[0][0])[keys[0][1]]
         assert all(table(k)[n] is first for k, n in keys[1:]), keys
+
+
+def test_the_frontend_each_program_lowers_through():
+    """GPU forward programs keep Inductor's CUDA graphs, so Dynamo: a cache recorded before
+    frontends were named still fits them; decoder programs and CPU programs go direct."""
+    h200, cpu = get_target("h200"), get_target("cpu")
+    assert kernel_cache._frontend(h200, "forward") == "dynamo"
+    assert kernel_cache._frontend(h200, "decode") == kernel_cache._frontend(cpu, "forward") == "direct"
+    old_forward = {"kernel_cache": {"member": kernel_cache.MEMBER, "programs": ["forward"], "environment": {}}}
+    _, reason = kernel_cache.usable(old_forward, {}, h200)
+    assert "handed Inductor" not in reason  # refused only because it names no environment
+    old_decoder = {"kernel_cache": {**old_forward["kernel_cache"], "programs": ["decode", "prefill"]}}
+    _, reason = kernel_cache.usable(old_decoder, {}, h200)
+    assert "'dynamo' handed Inductor for decode, prefill" in reason

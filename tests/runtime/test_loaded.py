@@ -101,7 +101,7 @@ def test_manifest_records_the_lowering_the_check_used(unverified, monkeypatch, t
         assert rec["check"][name] == lowering.lowering_record(cpu, autotune=used["autotune"],
                                                               cudagraphs=used["cudagraphs"])
         assert rec["load"][name] == rec["check"][name]  # the check lowers as a load does
-    assert rec["check"]["decode"] == {"target": "cpu", "autotune": False, "cudagraphs": False,
+    assert rec["check"]["decode"] == {"target": "cpu", "autotune": False, "cudagraphs": False, "frontend": "direct",
                                       "inductor_options": {"triton.cudagraphs": False}, "realize_gemv_inputs": False,
                                       "decode_attention": False}
     assert unverified.manifest["lowering"]["check"] is None  # nothing was lowered
@@ -113,6 +113,7 @@ def test_manifest_records_the_lowering_the_check_used(unverified, monkeypatch, t
     assert rec["check"] is None and rec["load"]["prefill"] == rec["load"]["decode"]
     assert rec["load"]["decode"]["autotune"] is False and rec["load"]["decode"]["realize_gemv_inputs"] is True
     assert rec["load"]["decode"]["decode_attention"] is True
+    assert rec["load"]["decode"]["frontend"] == "direct"  # no Dynamo: Inductor's CUDA graphs are off
     assert rec["load"]["decode"]["inductor_options"] == {
         "coordinate_descent_tuning": True, "triton.enable_pdl": True, "fx_graph_cache": False,
         "triton.cudagraphs": False}

@@ -70,7 +70,7 @@ def test_a_flipped_byte_names_its_chunk(art, tmp_path):
         return bytes(data)
 
     bad = _rewrite(path, tmp_path / "flipped.optc", flip)
-    with pytest.raises(ArtifactError, match=f"checksum mismatch in member '{member}' \\(sha256 chunk 3:"):
+    with pytest.raises(ArtifactError, match=f"checksum mismatch in member '{member}' \\(chunk 3 hashes to"):
         A.read_artifact(bad)
 
 
@@ -120,3 +120,21 @@ def test_a_compressed_member_is_read_through_zipfile(art, tmp_path):
     programs, _, _ = A.read_artifact(packed)
     x = torch.randn(2, 64)
     torch.testing.assert_close(programs["forward"].module()(x), m(x), rtol=0, atol=0)
+
+
+def test_forged_chunk_fields_and_a_damaged_offset_are_refused(art, tmp_path):
+    path, _ = art
+
+    def forged(name, data, man):
+        man["files"]["programs/forward.pt2"]["chunk_bytes"] = 1  # would be millions of slices
+        return data
+
+    with pytest.raises(ArtifactError, match="chunk digests that do not fit the member"):
+        A.read_artifact(_rewrite(path, tmp_path / "forged.optc", forged))
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("programs/forward.pt2")
+        info.header_offset = path.stat().st_size + 10  # the central directory points past the end
+        entry = A.read_manifest(path)["files"]["programs/forward.pt2"]
+        with pytest.raises(zipfile.BadZipFile, match="past the end"):
+            member_read.read(zf, path, "programs/forward.pt2", entry)

@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 from optc.compiler.codegen.direct import DirectLowering
 from optc.compiler.codegen.lowering import lower
 from optc.compiler.targets import get as get_target
+from optc.compiler.torch_private import set_tensor_attr
 
 
 class CacheWriter(torch.nn.Module):
@@ -58,8 +59,35 @@ def test_one_compile_per_input_signature():
     compiled(torch.randn(1, 8), torch.tensor([0]))
     compiled(torch.randn(1, 8), torch.tensor([1]))
     assert len(compiled._compiled) == 1
-    compiled(torch.randn(1, 8).t().contiguous().t(), torch.tensor([2]))  # same shape, same strides
-    assert len(compiled._compiled) == 1
+    compiled(torch.randn(8, 1).t(), torch.tensor([2]))  # the same shape, other strides
+    assert len(compiled._compiled) == 2
+    with torch.no_grad():  # another grad mode: what it compiles differs
+        out = compiled(torch.randn(1, 8), torch.tensor([3]))
+    assert len(compiled._compiled) == 3 and not out["out"].requires_grad
+
+
+def test_tensors_moved_or_tied_before_a_call_are_the_ones_it_uses():
+    reference, program = _program()
+    compiled = DirectLowering(program, {})
+    compiled(torch.randn(1, 8), torch.tensor([0]))
+    compiled.to(torch.float64)  # drops what was compiled for the float32 tensors
+    x = torch.randn(1, 8, dtype=torch.float64)
+    out = compiled(x, torch.tensor([1]))
+    assert out["out"].dtype == torch.float64 and program.cache.dtype == torch.float64
+    torch.testing.assert_close(program.cache[1], (x @ program.proj.weight.T + program.proj.bias)[0])
+
+    _, fresh = _program()
+    shared = torch.zeros(4, 8)
+    compiled = DirectLowering(fresh, {})
+    set_tensor_attr(fresh, "cache", shared)  # a tie made after lowering, before the first call
+    compiled(torch.ones(1, 8), torch.tensor([2]))
+    assert shared[2].abs().sum() > 0
+
+
+def test_an_unknown_keyword_gets_the_programs_own_error():
+    _, program = _program()
+    with pytest.raises(ValueError):
+        DirectLowering(program, {})(torch.randn(1, 8), torch.tensor([0]), z=1)
 
 
 def test_the_programs_input_checks_still_run():
