@@ -201,7 +201,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
 
 def _read_member(zf: zipfile.ZipFile, path: Path, member: str, entry: dict | None = None) -> bytes:
     try:
-        return member_read.read(zf, path, member, entry or {})
+        return member_read.read(zf, member, entry or {})
     except KeyError as e:
         raise ArtifactError(f"artifact {path} lacks member {member!r} that its manifest "
                             f"lists; the file is damaged: copy it again or {_RECOMPILE}") from e

@@ -14,7 +14,6 @@ import os
 import struct
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 CHUNK_BYTES = 64 << 20
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
@@ -65,7 +64,7 @@ def mismatch(data, entry: dict) -> str | None:
     return None if bad is None else f"chunk {bad} hashes to {found[bad][:16]}..., recorded {digests[bad][:16]}..."
 
 
-def read(zf: zipfile.ZipFile, path: Path, member: str, entry: dict) -> bytes:
+def read(zf: zipfile.ZipFile, member: str, entry: dict) -> bytes:
     """The member's bytes: straight from its offset where it is stored uncompressed and
     its record has chunk digests (the caller checks them), else through zipfile."""
     info = zf.getinfo(member)  # KeyError: the caller says the member is missing

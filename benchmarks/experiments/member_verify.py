@@ -31,7 +31,7 @@ def read_and_check(path: Path) -> tuple[float, int, bool]:
     with zipfile.ZipFile(path) as zf:
         man = json.loads(zf.read("manifest.json"))
         for member, entry in man["files"].items():
-            data = member_read.read(zf, path, member, entry)
+            data = member_read.read(zf, member, entry)
             if member_read.mismatch(data, entry) is not None:
                 raise SystemExit(f"{path}: {member} does not match its manifest")
             total += len(data)

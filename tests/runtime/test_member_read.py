@@ -52,7 +52,7 @@ def test_records_carry_chunk_digests_and_a_member_reads_back_whole(art):
     entry = man["files"]["programs/forward.pt2"]
     assert entry["chunk_bytes"] == 1024 and len(entry["chunk_sha256"]) == -(-entry["size"] // 1024) > 3
     with zipfile.ZipFile(path) as zf:
-        assert member_read.read(zf, path, "programs/forward.pt2", entry) == zf.read("programs/forward.pt2")
+        assert member_read.read(zf, "programs/forward.pt2", entry) == zf.read("programs/forward.pt2")
     programs, _, _ = A.read_artifact(path)
     x = torch.randn(2, 64)
     torch.testing.assert_close(programs["forward"].module()(x), m(x), rtol=0, atol=0)
@@ -137,4 +137,4 @@ def test_forged_chunk_fields_and_a_damaged_offset_are_refused(art, tmp_path):
         info.header_offset = path.stat().st_size + 10  # the central directory points past the end
         entry = A.read_manifest(path)["files"]["programs/forward.pt2"]
         with pytest.raises(zipfile.BadZipFile, match="past the end"):
-            member_read.read(zf, path, "programs/forward.pt2", entry)
+            member_read.read(zf, "programs/forward.pt2", entry)
