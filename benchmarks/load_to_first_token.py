@@ -6,7 +6,9 @@ decode step's capture as a CUDA graph (on a GPU the decode program is lowered, o
 from the kernel cache, in its warm-up calls), and the prefill program's first call. On
 the CPU the decode program is lowered at the next call instead, which `second_token_s`
 times. Says whether the packages ran, whether the artifact's kernel cache was used (and
-how many of the lowerings hit it), and every warning the load gave. Run it twice, in two
+how many of the lowerings hit it), how much tuning Inductor still did (coordinate descent's
+benchmark calls: a kernel whose tuned configuration the cache lacked), and every warning
+the load gave. Run it twice, in two
 processes, for the spread between processes.
 
     python benchmarks/load_to_first_token.py x.optc --out $OUT/load.json [--tokens 64] [--device cuda] [--no-packages]
@@ -40,6 +42,15 @@ def prompt_for(art, device: str) -> torch.Tensor:
         raise SystemExit("the artifact's prefill program has no input_ids input")
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab_size(program) or 256, shape, generator=gen).to(device)
+
+
+def tuning_counts() -> dict:
+    """Inductor's tuning work in this process, up to now: a load whose kernel cache held
+    every kernel's tuned configuration benchmarks nothing (coordesc_tuning_bench 0)."""
+    from optc.compiler.torch_private import dynamo_counters
+
+    inductor = dynamo_counters()["inductor"]
+    return {k: int(v) for k, v in sorted(inductor.items()) if k.startswith("coordesc") or "autotune" in k}
 
 
 def main() -> None:
@@ -96,11 +107,13 @@ def main() -> None:
         warnings=sorted({str(w.message)[:300] for w in caught}),
         manifest_lowering=art.manifest.get("lowering"),
         kernel_cache={**(art.kernel_cache_status or {}), "fx_graph_cache": art.kernel_cache_hits()},
+        tuning=tuning_counts(),
     )
     print(f"load {t_load:.2f} s, first token {t_first:.2f} s (decoder {t_build:.2f} s, decode capture "
           f"{t_capture:.2f} s, prefill's first call {t_first - t_build - t_capture:.2f} s; load to first token "
           f"{t_load + t_first:.2f} s), second token {t_second:.2f} s; "
-          f"packages {packaged}; kernel cache {result['kernel_cache']}; decode {timing.median_ms:.3f} ms/token",
+          f"packages {packaged}; kernel cache {result['kernel_cache']}; tuning {result['tuning']}; "
+          f"decode {timing.median_ms:.3f} ms/token",
           file=sys.stderr)
     for w in result["warnings"]:
         print(f"  warning: {w}", file=sys.stderr)
