@@ -58,8 +58,7 @@ def compile(
     A search compiles many configurations of one model: use `CompileSession` directly.
     """
     targets.get(target)  # an unknown target is refused before the capture
-    if package not in PACKAGE_FORMATS:
-        raise UsageError(f"package={package!r}: expected one of {', '.join(PACKAGE_FORMATS)}")
+    check_package(package)  # before the compile, not after it
     session = CompileSession(model, example_inputs, target=target, entry=entry, calibration=calibration,
                              evaluation=evaluation, max_cache_len=max_cache_len, dynamic=dynamic,
                              prefill_len=prefill_len, log=log)
@@ -71,14 +70,20 @@ def compile(
 PACKAGE_FORMATS = ("aoti", "none")
 
 
+def check_package(package: str, spelled: str = "package=") -> None:
+    """Refuse (UsageError, exit 2) a package format optc does not make; `spelled` is how
+    the caller's user wrote the option (`--package ` for the CLI)."""
+    if package not in PACKAGE_FORMATS:
+        raise UsageError(f"{spelled}{package!r}: expected one of {', '.join(PACKAGE_FORMATS)}")
+
+
 def artifact_of(session: CompileSession, compiled, *, package: str, verify: bool, evaluate: bool,
                 log=_log) -> Artifact:
     """What a compile ships of a compiled configuration (session.run): its programs and
     kernel cache, its AOTInductor packages (`package`), and for an LM with `evaluate` the
     held-out figure through the decode loop. `optc compile` and the search's shipped
     configuration both come from here."""
-    if package not in PACKAGE_FORMATS:
-        raise UsageError(f"package={package!r}: expected one of {', '.join(PACKAGE_FORMATS)}")
+    check_package(package)
     # Copies: the packages and the decode figure belong to the artifact; `compiled` stays what
     # the session ran (the search times it again beside dense).
     art = Artifact(compiled.programs, copy.deepcopy(compiled.manifest), dict(compiled.extra_files))

@@ -60,10 +60,9 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         raise UsageError("--trials must be >= 0 and --workers >= 1")
     if not 0 <= req.max_quality_loss:
         raise UsageError(f"--max-quality-loss must be >= 0, got {req.max_quality_loss}")
-    from optc.api import PACKAGE_FORMATS
+    from optc.api import check_package
 
-    if req.package not in PACKAGE_FORMATS:
-        raise UsageError(f"--package {req.package!r}: expected one of {', '.join(PACKAGE_FORMATS)}")
+    check_package(req.package, "--package ")  # before any trial, not at the ship
     if req.lowering not in ("target", "plain"):
         raise UsageError(f"--lowering {req.lowering!r}: expected target or plain")
     target = targets.get(req.target)

@@ -70,15 +70,17 @@ def read(zf: zipfile.ZipFile, member: str, entry: dict) -> bytes:
     info = zf.getinfo(member)  # KeyError: the caller says the member is missing
     if "chunk_sha256" not in entry or info.compress_type != zipfile.ZIP_STORED:
         return zf.read(member)
-    fd = zf.fp.fileno()  # the file zipfile opened: the same one even if the path is replaced meanwhile
-    header = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
-    if len(header) != _LOCAL_HEADER.size:
-        raise zipfile.BadZipFile(f"the local header of {member!r} lies past the end of the file")
-    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-    if signature != _LOCAL_SIGNATURE:
-        raise zipfile.BadZipFile(f"bad local header for {member!r}")
-    with os.fdopen(os.dup(fd), "rb") as fh:
-        fh.seek(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+    # A handle of its own on the file zipfile opened: the same file even if the path is
+    # replaced meanwhile, and zipfile's position is left alone.
+    with os.fdopen(os.dup(zf.fp.fileno()), "rb") as fh:
+        fh.seek(info.header_offset)
+        header = fh.read(_LOCAL_HEADER.size)
+        if len(header) != _LOCAL_HEADER.size:
+            raise zipfile.BadZipFile(f"the local header of {member!r} lies past the end of the file")
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+        if signature != _LOCAL_SIGNATURE:
+            raise zipfile.BadZipFile(f"bad local header for {member!r}")
+        fh.seek(name_len + extra_len, os.SEEK_CUR)
         data = fh.read(info.file_size)
     if len(data) != info.file_size:
         raise EOFError(f"{member!r} ends after {len(data)} of {info.file_size} bytes")

@@ -40,18 +40,17 @@ class DirectLowering(torch.nn.Module):
         self._out_spec = graph_out_spec(gm)
         self._checks = input_checks(gm)
         self._compiled: dict[tuple, object] = {}
-        self._structures: set[tuple] = set()
         self._lock = threading.Lock()
 
     def forward(self, *args, **kwargs):
-        structure = (len(args), tuple(kwargs))
-        if structure not in self._structures:
-            # An unknown keyword or a missing input gets the module's own clear error,
-            # before flattening the call by the program's signature.
-            check_call_structure(self.gm, args, kwargs)
-            self._structures.add(structure)
-        flat = flat_graph_inputs(self.gm, args, kwargs)
-        key = (*structure, torch.is_grad_enabled(), *(_signature(x) for x in flat))
+        try:
+            flat = flat_graph_inputs(self.gm, args, kwargs)
+        except Exception:
+            check_call_structure(self.gm, args, kwargs)  # a missing input: the module's own, clear error
+            raise
+        # The keywords' names are in the key: an unknown one, which flattening ignores, is a
+        # new signature and meets the module's check in _compile.
+        key = (len(args), tuple(kwargs), torch.is_grad_enabled(), *(_signature(x) for x in flat))
         fn = self._compiled.get(key)
         if fn is None:
             with self._lock:
@@ -61,7 +60,8 @@ class DirectLowering(torch.nn.Module):
 
     def _compile(self, key: tuple, args: tuple, kwargs: dict, flat: list):
         # The checks the module would run before its graph, once per signature: its pre-hook
-        # (shape constraints where it has no input-check submodule), then that submodule.
+        # (the call's structure; the shape constraints where it has no input-check
+        # submodule), then that submodule.
         check_call_structure(self.gm, args, kwargs)
         if self._checks is not None:
             getattr(self.gm, self._checks)(*flat)

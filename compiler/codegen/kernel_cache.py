@@ -62,16 +62,13 @@ def recording():
 
 
 def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, dict]:
-    """({member: bytes}, the manifest's "kernel_cache" record) for a recording: with
-    each program's frontend (lowering.frontend), since the cache's keys are the graphs
-    that frontend handed Inductor."""
+    """({member: bytes}, the manifest's "kernel_cache" record) for a recording."""
     from optc.compiler.codegen.aoti_probe import environment
 
     if rec.data is None:
         return {}, {"format": FORMAT, "skipped": "Inductor recorded no cache entries for these programs"}
     return {MEMBER: rec.data}, {
-        "format": FORMAT, "frontends": {p: _frontend(target, p) for p in sorted(programs)},
-        "member": MEMBER, "sha256": hashlib.sha256(rec.data).hexdigest(),
+        "format": FORMAT, "member": MEMBER, "sha256": hashlib.sha256(rec.data).hexdigest(),
         "bytes": len(rec.data), "entries": rec.counts, "programs": sorted(programs),
         "environment": environment(target),
     }
@@ -97,11 +94,13 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
         return None, None
     from optc.compiler.codegen.lowering import DYNAMO
 
-    # A record without frontends was made when every program went through Dynamo.
-    recorded = rec.get("frontends") or {}
-    moved = [p for p in rec.get("programs") or [] if recorded.get(p, DYNAMO) != _frontend(target, p)]
+    # The cache's keys are the graphs the check's frontend handed Inductor (the manifest's
+    # lowering record; one without a frontend was made when every program went through Dynamo).
+    checked = (manifest.get("lowering") or {}).get("check") or {}
+    recorded = {p: (checked.get(p) or {}).get("frontend", DYNAMO) for p in rec.get("programs") or []}
+    moved = [p for p, used in recorded.items() if used != _frontend(target, p)]
     if moved:
-        return None, (f"its kernel cache holds the graphs that {recorded.get(moved[0], DYNAMO)!r} handed "
+        return None, (f"its kernel cache holds the graphs that {recorded[moved[0]]!r} handed "
                       f"Inductor for {', '.join(moved)}, where this optc lowers through "
                       f"{_frontend(target, moved[0])!r} (lowering.frontend); recompile the model to carry "
                       "one it can use")

@@ -116,7 +116,8 @@ def test_a_cache_recorded_through_dynamo_is_not_installed(lm, tmp_path, monkeypa
     with zipfile.ZipFile(lm) as zf:
         members = {i.filename: zf.read(i) for i in zf.infolist()}
     man = json.loads(members[MANIFEST_NAME])
-    del man["kernel_cache"]["frontends"]
+    for record in man["lowering"]["check"].values():
+        del record["frontend"]
     members[MANIFEST_NAME] = json.dumps(man).encode()
     old = tmp_path / "dynamo.optc"
     with zipfile.ZipFile(old, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -202,9 +203,15 @@ def test_the_frontend_each_program_lowers_through():
     h200, cpu = get_target("h200"), get_target("cpu")
     assert kernel_cache._frontend(h200, "forward") == "dynamo"
     assert kernel_cache._frontend(h200, "decode") == kernel_cache._frontend(cpu, "forward") == "direct"
-    old_forward = {"kernel_cache": {"member": kernel_cache.MEMBER, "programs": ["forward"], "environment": {}}}
+    old_forward = {"kernel_cache": {"member": kernel_cache.MEMBER, "programs": ["forward"], "environment": {}},
+                   "lowering": {"check": {"forward": {"cudagraphs": True}}}}
     _, reason = kernel_cache.usable(old_forward, {}, h200)
     assert "handed Inductor" not in reason  # refused only because it names no environment
-    old_decoder = {"kernel_cache": {**old_forward["kernel_cache"], "programs": ["decode", "prefill"]}}
+    old_decoder = {"kernel_cache": {**old_forward["kernel_cache"], "programs": ["decode", "prefill"]},
+                   "lowering": {"check": {"decode": {"cudagraphs": False}, "prefill": {"cudagraphs": False}}}}
     _, reason = kernel_cache.usable(old_decoder, {}, h200)
     assert "'dynamo' handed Inductor for decode, prefill" in reason
+    new_decoder = {**old_decoder, "lowering": {"check": {"decode": {"frontend": "direct"},
+                                                         "prefill": {"frontend": "direct"}}}}
+    _, reason = kernel_cache.usable(new_decoder, {}, h200)
+    assert "handed Inductor" not in reason

@@ -84,10 +84,13 @@ def test_tensors_moved_or_tied_before_a_call_are_the_ones_it_uses():
     assert shared[2].abs().sum() > 0
 
 
-def test_an_unknown_keyword_gets_the_programs_own_error():
+def test_an_unknown_keyword_or_a_missing_input_gets_the_programs_own_error():
     _, program = _program()
+    compiled = DirectLowering(program, {})
     with pytest.raises(ValueError):
-        DirectLowering(program, {})(torch.randn(1, 8), torch.tensor([0]), z=1)
+        compiled(torch.randn(1, 8), torch.tensor([0]), z=1)
+    with pytest.raises(ValueError):
+        compiled(torch.randn(1, 8))
 
 
 def test_the_programs_input_checks_still_run():
