@@ -16,8 +16,12 @@ torch._inductor and torch._dynamo are imported inside the functions that need th
 they take seconds to import, and `import optc` (or loading any compiler module) must
 not pay for that. The modules imported at the top are already loaded by `import torch`.
 
-Lives in the compiler (optc.compiler.torch_private) and imports nothing from optc, so
-the compiler, the runtime, the models and the CLI can all use it (tests/test_layering.py).
+The workarounds for bugs of older torch releases live in compiler/torch_fixes.py and are
+re-exported here, under the same rules.
+
+Lives in the compiler (optc.compiler.torch_private) and imports nothing from optc but
+torch_fixes, so the compiler, the runtime, the models and the CLI can all use it
+(tests/test_layering.py).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ __all__ = [
     "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks", "check_call_structure",
     "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
     "inductor_realize_op", "fresh_cache_artifacts", "export_load_type_hints_cached",
-    "export_load_sympify_cached",
+    "export_load_sympify_cached", "static_autotuner_keeps_coordesc",
     "dynamo_counters", "python_dispatcher",
     "cuda_driver_api_version",
 ]
@@ -284,81 +288,12 @@ def fresh_cache_artifacts():
     return CacheArtifactManager.with_fresh_cache()
 
 
-@contextlib.contextmanager
-def _serialize_module_patched(module, name: str, fn):
-    """`torch._export.serde.serialize`'s global `module` replaced, for the duration, by a
-    copy of it whose `name` is `fn` (every other attribute read stays a plain module
-    lookup). Where serialize does not use that module under its name (another torch),
-    nothing is replaced and torch.export.load runs as it does."""
-    import types
+# --------------------------------------------------------------------------- torch bugs
 
-    from torch._export.serde import serialize
-
-    module_name = module.__name__
-    real = getattr(serialize, module_name, None)
-    if real is not module:
-        yield
-        return
-    patched = types.ModuleType(module_name)
-    patched.__dict__.update(vars(module))
-    setattr(patched, name, fn)
-    setattr(serialize, module_name, patched)
-    try:
-        yield
-    finally:
-        setattr(serialize, module_name, real)
-
-
-@contextlib.contextmanager
-def export_load_type_hints_cached():
-    """A context in which torch.export.load resolves each schema class's type hints once,
-    not once per object it reads (pytorch/pytorch#196452: tens of thousands of
-    `typing.get_type_hints` calls over a few dozen classes, most of an artifact's load).
-    torch 2.11-2.13."""
-    import typing
-
-    cache: dict = {}
-
-    def get_type_hints(obj, globalns=None, localns=None, include_extras=False):
-        key = (obj, id(globalns), id(localns), include_extras)
-        if key not in cache:
-            cache[key] = typing.get_type_hints(obj, globalns=globalns, localns=localns, include_extras=include_extras)
-        return cache[key]
-
-    with _serialize_module_patched(typing, "get_type_hints", get_type_hints):
-        yield
-
-
-@contextlib.contextmanager
-def export_load_sympify_cached():
-    """A context in which torch.export.load parses each symbolic-size expression once, not
-    once per tensor that carries it (a program with a symbolic sequence length: thousands of
-    `sympy.sympify` calls over about twenty strings, a quarter of an artifact's load).
-    The result of parsing a string depends on the local names it mentions (a bare "s58"
-    is the deserializer's symbol once known, a new one before), so the cache key holds
-    those names and their values. torch 2.11-2.13."""
-    import sympy
-
-    cache: dict = {}
-    # Names sympy's parser looks up that a string need not mention: locals binding them
-    # could change a parse the key does not see, so such a call is not cached.
-    helpers = {"Symbol", "Integer", "Float", "Rational", "Function"}
-
-    def sympify(a, *args, **kwargs):
-        names = kwargs.get("locals")
-        if not isinstance(a, str) or args or set(kwargs) - {"locals"} or helpers & set(names or ()):
-            return sympy.sympify(a, *args, **kwargs)
-        try:
-            key = (a, tuple(sorted((k, v) for k, v in (names or {}).items() if k in a)))
-            hash(key)
-        except TypeError:  # a value that cannot be a key: parse as torch would
-            return sympy.sympify(a, **kwargs)
-        if key not in cache:
-            cache[key] = sympy.sympify(a, **kwargs)
-        return cache[key]
-
-    with _serialize_module_patched(sympy, "sympify", sympify):
-        yield
+# Workarounds for bugs of older torch releases, applied only where the installed torch has
+# them: torch.export.load's repeated parsing, Inductor's re-tuning of cached kernels.
+from optc.compiler.torch_fixes import (  # noqa: E402
+    export_load_sympify_cached, export_load_type_hints_cached, static_autotuner_keeps_coordesc)
 
 
 # --------------------------------------------------------------------------- Dynamo (lazy)

@@ -312,6 +312,59 @@ def test_fresh_cache_artifacts(tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+def _coordesc_cache_stub(tmp_path, compiled, tuned):
+    """A statically launchable kernel as an FX graph cache hit hands it back (its compiled
+    configurations only), with coordinate descent's choice `tuned` in its autotune cache."""
+    from types import SimpleNamespace
+
+    from torch._inductor.runtime import triton_heuristics as th
+    from torch._inductor.runtime.autotune_cache import AutotuneCache
+
+    class Stub:
+        filename = str(tmp_path / "cstubkernel.py")
+        inductor_meta = {"coordinate_descent_tuning": True}
+        fn = SimpleNamespace(fn=object())
+        compile_results = [SimpleNamespace(config=c) for c in compiled]
+        precompiled: list = []
+
+        def is_statically_launchable(self):
+            return True
+
+        def _precompile_config(self, cfg):
+            self.precompiled.append(cfg)
+            return SimpleNamespace(config=cfg)
+
+    stub = Stub()
+    cache = AutotuneCache.create(stub.inductor_meta, stub.filename, th.hash_configs(compiled))
+    cache.save(tuned, 0, found_by_coordesc=True)
+    return stub
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_static_autotuner_keeps_coordesc(tmp_path, moved):
+    import inspect
+
+    import triton
+    from torch._inductor.runtime import triton_heuristics as th
+
+    from optc.compiler.torch_fixes import recheck_keeping_coordesc
+
+    method = th.CachingAutotuner.recheck_autotune_cache
+    buggy = getattr(method, "_optc_backport", False) or "len(configs) > 1" in inspect.getsource(method)
+    assert tp.static_autotuner_keeps_coordesc() == buggy  # installed exactly where torch has the bug
+    start = triton.Config({"XBLOCK": 64, "R0_BLOCK": 8}, num_warps=4, num_stages=1)
+    tuned = triton.Config({"XBLOCK": 64, "R0_BLOCK": 32 if moved else 8}, num_warps=8 if moved else 4, num_stages=1)
+    # torch's method as it now stands, and optc's copy of 2.13's, whatever torch is installed
+    for recheck in (th.CachingAutotuner.recheck_autotune_cache, recheck_keeping_coordesc):
+        stub = _coordesc_cache_stub(tmp_path / recheck.__name__, [start], tuned)
+        recheck(stub, lambda: pytest.fail("the kernel's source was there"))
+        (kept,) = stub.compile_results
+        assert kept.config.found_by_coordesc  # so run() does not tune it again
+        assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(tuned)
+        assert len(stub.precompiled) == int(moved)  # compiled only where the choice was not compiled
+        assert stub.autotune_cache_info["autotune_cache_state"] == "hit"
+
+
 def test_export_load_type_hints_cached(monkeypatch):
     import io
     import typing

@@ -1,0 +1,147 @@
+"""Workarounds for torch bugs that later torch releases fix, each applied only where the
+installed torch still has the bug. Part of optc.compiler.torch_private (which re-exports
+every name here, and whose rules apply: private torch APIs only in these two modules,
+one smoke test per name, and importing either loads neither Inductor nor Dynamo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+__all__ = ["export_load_type_hints_cached", "export_load_sympify_cached", "static_autotuner_keeps_coordesc"]
+
+
+# --------------------------------------------------------------------------- torch.export.load
+
+@contextlib.contextmanager
+def _serialize_module_patched(module, name: str, fn):
+    """`torch._export.serde.serialize`'s global `module` replaced, for the duration, by a
+    copy of it whose `name` is `fn` (every other attribute read stays a plain module
+    lookup). Where serialize does not use that module under its name (another torch),
+    nothing is replaced and torch.export.load runs as it does."""
+    import types
+
+    from torch._export.serde import serialize
+
+    module_name = module.__name__
+    real = getattr(serialize, module_name, None)
+    if real is not module:
+        yield
+        return
+    patched = types.ModuleType(module_name)
+    patched.__dict__.update(vars(module))
+    setattr(patched, name, fn)
+    setattr(serialize, module_name, patched)
+    try:
+        yield
+    finally:
+        setattr(serialize, module_name, real)
+
+
+@contextlib.contextmanager
+def export_load_type_hints_cached():
+    """A context in which torch.export.load resolves each schema class's type hints once,
+    not once per object it reads (pytorch/pytorch#196452: tens of thousands of
+    `typing.get_type_hints` calls over a few dozen classes, most of an artifact's load).
+    torch 2.11-2.13."""
+    import typing
+
+    cache: dict = {}
+
+    def get_type_hints(obj, globalns=None, localns=None, include_extras=False):
+        key = (obj, id(globalns), id(localns), include_extras)
+        if key not in cache:
+            cache[key] = typing.get_type_hints(obj, globalns=globalns, localns=localns, include_extras=include_extras)
+        return cache[key]
+
+    with _serialize_module_patched(typing, "get_type_hints", get_type_hints):
+        yield
+
+
+@contextlib.contextmanager
+def export_load_sympify_cached():
+    """A context in which torch.export.load parses each symbolic-size expression once, not
+    once per tensor that carries it (a program with a symbolic sequence length: thousands of
+    `sympy.sympify` calls over about twenty strings, a quarter of an artifact's load).
+    The result of parsing a string depends on the local names it mentions (a bare "s58"
+    is the deserializer's symbol once known, a new one before), so the cache key holds
+    those names and their values. torch 2.11-2.13."""
+    import sympy
+
+    cache: dict = {}
+    # Names sympy's parser looks up that a string need not mention: locals binding them
+    # could change a parse the key does not see, so such a call is not cached.
+    helpers = {"Symbol", "Integer", "Float", "Rational", "Function"}
+
+    def sympify(a, *args, **kwargs):
+        names = kwargs.get("locals")
+        if not isinstance(a, str) or args or set(kwargs) - {"locals"} or helpers & set(names or ()):
+            return sympy.sympify(a, *args, **kwargs)
+        try:
+            key = (a, tuple(sorted((k, v) for k, v in (names or {}).items() if k in a)))
+            hash(key)
+        except TypeError:  # a value that cannot be a key: parse as torch would
+            return sympy.sympify(a, **kwargs)
+        if key not in cache:
+            cache[key] = sympy.sympify(a, **kwargs)
+        return cache[key]
+
+    with _serialize_module_patched(sympy, "sympify", sympify):
+        yield
+
+
+# --------------------------------------------------------------------------- Inductor
+
+
+def static_autotuner_keeps_coordesc() -> bool:
+    """Make a Triton kernel that Inductor's FX graph cache hands back keep the kernel
+    configuration coordinate descent chose for it, instead of tuning it again on its
+    first run (pytorch/pytorch#172819, fixed by #173391 in torch 2.13). torch 2.11's
+    `CachingAutotuner.recheck_autotune_cache` takes the autotune cache's choice only for
+    a kernel compiled with several configurations, and never marks it as found by
+    coordinate descent, so every single-configuration kernel of an artifact's kernel
+    cache is tuned again at each load (benchmarks/NOTES.md). This installs 2.13's
+    method where the installed one still has 2.11's guard; True when it did. Once per
+    process; the kernels it affects then run the configurations the compile verified."""
+    from torch._inductor.runtime import triton_heuristics as th
+
+    cls = th.CachingAutotuner
+    current = cls.recheck_autotune_cache
+    if getattr(current, "_optc_backport", False):
+        return True
+    try:
+        source = inspect.getsource(current)
+    except (OSError, TypeError):  # no source to read: leave torch's method alone
+        return False
+    if "len(configs) > 1" not in source:
+        return False
+    recheck_keeping_coordesc._optc_backport = True
+    cls.recheck_autotune_cache = recheck_keeping_coordesc
+    return True
+
+
+def recheck_keeping_coordesc(self, reload_kernel_from_src) -> None:
+    """torch 2.13's `CachingAutotuner.recheck_autotune_cache`: on an FX graph cache hit,
+    the statically launchable kernel looks up its autotune cache entry; the compiled
+    configuration that matches it is kept and marked as found by coordinate descent when
+    it was, and a configuration coordinate descent found outside the compiled ones is
+    compiled now (from Triton's cache where the compile left it there)."""
+    from torch._inductor.runtime import triton_heuristics as th
+
+    configs = [result.config for result in self.compile_results]
+    cached, _, info = th.check_autotune_cache(configs, self.filename, self.inductor_meta)
+    self.autotune_cache_info = info
+    if len(cached) != 1:
+        return
+    best = cached[0]
+    found = getattr(best, "found_by_coordesc", False)
+    best_key = th.triton_config_to_hashable(best)
+    for result in self.compile_results:
+        if th.triton_config_to_hashable(result.config) == best_key:
+            result.config.found_by_coordesc = found
+            self.compile_results = [result]
+            return
+    if self.fn.fn is None:
+        self.fn = reload_kernel_from_src().fn
+    self.compile_results = [self._precompile_config(best)]
