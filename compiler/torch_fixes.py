@@ -116,7 +116,6 @@ def static_autotuner_keeps_coordesc() -> bool:
         return False
     if "len(configs) > 1" not in source:
         return False
-    recheck_keeping_coordesc._optc_backport = True
     cls.recheck_autotune_cache = recheck_keeping_coordesc
     return True
 
@@ -145,3 +144,6 @@ def recheck_keeping_coordesc(self, reload_kernel_from_src) -> None:
     if self.fn.fn is None:
         self.fn = reload_kernel_from_src().fn
     self.compile_results = [self._precompile_config(best)]
+
+
+recheck_keeping_coordesc._optc_backport = True  # how static_autotuner_keeps_coordesc knows its own
