@@ -41,3 +41,15 @@ def test_targets_stay_unchanged(captured):
     before = dict(targets.get("h100").inductor)
     lowering.lower(torch.nn.Identity(), targets.get("h100"), autotune=True)
     assert targets.get("h100").inductor == before
+
+
+def test_a_tuned_lowering_from_the_kernel_cache_keeps_its_tuning(captured, monkeypatch):
+    # Only a lowering that both tunes and reads the FX graph cache needs torch_fixes'
+    # backport (a cache hit would otherwise tune its kernels again).
+    calls = []
+    monkeypatch.setattr(lowering, "static_autotuner_keeps_coordesc", lambda: calls.append(1) or True)
+    lowering.lower(torch.nn.Identity(), targets.get("h200"))
+    lowering.lower(torch.nn.Identity(), targets.get("cpu"), kernel_cache=True)
+    assert calls == []
+    lowering.lower(torch.nn.Identity(), targets.get("h200"), kernel_cache=True)
+    assert calls == [1] and captured["options"]["fx_graph_cache"] is True
