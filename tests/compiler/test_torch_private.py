@@ -341,8 +341,10 @@ def _coordesc_cache_stub(tmp_path, compiled, tuned):
 
 
 @pytest.mark.parametrize("moved", [False, True])
-def test_static_autotuner_keeps_coordesc(tmp_path, moved):
+def test_static_autotuner_keeps_coordesc(tmp_path, moved, monkeypatch):
     import inspect
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Inductor skips its autotune cache under it
 
     import triton
     from torch._inductor.runtime import triton_heuristics as th
