@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Run a script or module and log what Inductor's autotuning does in it: each autotune
+cache save (kernel, found by coordinate descent or not), each lookup (hit or not, and
+whether the stored entry's configs hash matched), each coordinate-descent run (the
+kernel and its cache state) and each configuration compiled in this process. With
+`OPTC_WITHOUT_COORDESC_FIX=1` the load runs torch's own `recheck_autotune_cache`
+(torch_fixes' backport not installed): the before of a before/after.
+
+    OUT=tuning.json python benchmarks/experiments/tuning_at_load.py -m optc.cli compile llama-1b --target h100 --package none -o l1b.optc
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) OUT=load.json \\
+        python benchmarks/experiments/tuning_at_load.py benchmarks/load_to_first_token.py l1b.optc --tokens 64
+
+Counts are printed at exit ("TUNING {...}"), the full log written to $OUT when set.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import os
+import runpy
+import sys
+
+from torch._inductor.runtime import autotune_cache as ac
+from torch._inductor.runtime import triton_heuristics as th
+
+LOG: list = []
+
+
+def _key(cache) -> str:
+    local = getattr(cache, "local_cache", None)
+    return os.path.basename(local[1]) if local else "?"
+
+
+def _wrap(cls, name, record):
+    real = getattr(cls, name)
+
+    def wrapper(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        LOG.append(record(self, out, *args, **kwargs))
+        return out
+
+    setattr(cls, name, wrapper)
+
+
+_wrap(ac.AutotuneCache, "save", lambda self, out, config, t, found_by_coordesc=False, *a, **k:
+      ("save", _key(self), bool(found_by_coordesc)))
+_wrap(ac.AutotuneCache, "read_best", lambda self, out, meta, configs:
+      ("read", _key(self), out is not None, bool(getattr(out, "found_by_coordesc", False)), len(configs)))
+_wrap(th.CachingAutotuner, "coordinate_descent_tuning", lambda self, out, launcher, *a, **k:
+      ("coordesc", self.inductor_meta.get("kernel_name"),
+       (getattr(self, "autotune_cache_info", None) or {}).get("autotune_cache_state"), len(self.configs)))
+_wrap(th.CachingAutotuner, "_precompile_config", lambda self, out, cfg, *a, **k:
+      ("compiled", self.inductor_meta.get("kernel_name"), bool(getattr(cfg, "found_by_coordesc", False))))
+
+
+def _report():
+    counts = collections.Counter(" ".join(str(x) for x in (e[0], *e[2:])) for e in LOG)
+    print("TUNING", json.dumps(dict(sorted(counts.items()))))
+    if os.environ.get("OUT"):
+        with open(os.environ["OUT"], "w") as f:
+            json.dump(LOG, f, indent=0)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    atexit.register(_report)
+    if os.environ.get("OPTC_WITHOUT_COORDESC_FIX"):
+        from optc.compiler.codegen import lowering
+
+        lowering.static_autotuner_keeps_coordesc = lambda: False
+    if sys.argv[1] == "-m":
+        sys.argv = [sys.argv[2], *sys.argv[3:]]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
