@@ -21,11 +21,17 @@ import json
 import os
 import runpy
 import sys
+from pathlib import Path
 
+import torch
 from torch._inductor.runtime import autotune_cache as ac
 from torch._inductor.runtime import triton_heuristics as th
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness.py
+from harness import write_result  # noqa: E402
+
 LOG: list = []
+ARGV = list(sys.argv)
 
 
 def _key(cache) -> str:
@@ -59,8 +65,8 @@ def _report():
     counts = collections.Counter(" ".join(str(x) for x in (e[0], *e[2:])) for e in LOG)
     print("TUNING", json.dumps(dict(sorted(counts.items()))))
     if os.environ.get("OUT"):
-        with open(os.environ["OUT"], "w") as f:
-            json.dump(LOG, f, indent=0)
+        write_result(os.environ["OUT"], {"run": ARGV[1:], "counts": dict(counts), "log": LOG},
+                     device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":
