@@ -98,5 +98,5 @@ def test_private_torch_apis_only_in_torch_private():
     bad = [f"{path.relative_to(ROOT)}:{i}: {line}"
            for path in files if path not in OWNERS
            for i, line in private_uses(path.read_text())]
-    assert not bad, ("private torch APIs outside compiler/torch_private.py and torch_fixes.py (wrap them there, with a smoke "
-                     "test in tests/compiler/test_torch_private.py):\n" + "\n".join(bad))
+    assert not bad, ("private torch APIs outside compiler/torch_private.py and torch_fixes.py (wrap them "
+                     "there, with a smoke test in tests/compiler/test_torch_private.py):\n" + "\n".join(bad))
