@@ -7,6 +7,7 @@ one smoke test per name, and importing either loads neither Inductor nor Dynamo)
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 __all__ = ["export_load_type_hints_cached", "export_load_sympify_cached", "static_autotuner_keeps_coordesc"]
@@ -94,6 +95,7 @@ def export_load_sympify_cached():
 # --------------------------------------------------------------------------- Inductor
 
 
+@functools.cache  # one look at torch's source per process, not one per lowering
 def static_autotuner_keeps_coordesc() -> bool:
     """Make a Triton kernel that Inductor's FX graph cache hands back keep the kernel
     configuration coordinate descent chose for it, instead of tuning it again on its
@@ -102,14 +104,12 @@ def static_autotuner_keeps_coordesc() -> bool:
     a kernel compiled with several configurations, and never marks it as found by
     coordinate descent, so every single-configuration kernel of an artifact's kernel
     cache is tuned again at each load (benchmarks/NOTES.md). This installs 2.13's
-    method where the installed one still has 2.11's guard; True when it did. Once per
-    process; the kernels it affects then run the configurations the compile verified."""
+    method where the installed one still has 2.11's guard; True when it did. The kernels
+    it affects then run the configurations the compile verified."""
     from torch._inductor.runtime import triton_heuristics as th
 
     cls = th.CachingAutotuner
     current = cls.recheck_autotune_cache
-    if getattr(current, "_optc_backport", False):
-        return True
     try:
         source = inspect.getsource(current)
     except (OSError, TypeError):  # no source to read: leave torch's method alone
@@ -145,5 +145,3 @@ def recheck_keeping_coordesc(self, reload_kernel_from_src) -> None:
         self.fn = reload_kernel_from_src().fn
     self.compile_results = [self._precompile_config(best)]
 
-
-recheck_keeping_coordesc._optc_backport = True  # how static_autotuner_keeps_coordesc knows its own

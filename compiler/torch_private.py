@@ -180,8 +180,8 @@ def compile_fx_static(gm: fx.GraphModule, example_inputs: list, config_patches: 
     they bypass a graph compiled without a shape environment, so a tracing context
     supplies one, as `torch._inductor.standalone_compile(dynamic_shapes=
     "from_example_inputs")` does. `compile_fx(..., ignore_shape_env=)` (static fake
-    inputs; absent before it existed), `torch._guards.TracingContext`, torch 2.13 (and
-    the same calls on 2.11, where they are to be checked on the GPU machine)."""
+    inputs; absent before it existed), `torch._guards.TracingContext`, torch 2.13 and 2.11
+    (the GPU tests and a Llama-1B compile and load ran through it there)."""
     import inspect
 
     from torch._guards import TracingContext, tracing
@@ -209,7 +209,7 @@ def input_checks(gm: fx.GraphModule) -> str | None:
     """The name of the submodule through which a module made by `ep.module()` checks its
     inputs before anything runs (`_guards_fn`: a Dynamo-wrapped function, which
     AOTAutograd's cache cannot key on, so codegen/direct calls it eagerly instead of in
-    the graph); None where the module has none. torch 2.13 (2.11 to be checked)."""
+    the graph); None where the module has none. torch 2.13 and 2.11 (as compile_fx_static)."""
     return "_guards_fn" if isinstance(getattr(gm, "_guards_fn", None), nn.Module) else None
 
 
@@ -219,7 +219,7 @@ def check_call_structure(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
     error for an unknown keyword or a missing input), and, where the module carries no
     input-check submodule (input_checks), the exported shape constraints. The hook is
     called directly, as the module would (codegen/direct never calls the module itself).
-    `torch.export._unlift._check_input_constraints_pre_hook`, torch 2.13 (2.11 to be checked)."""
+    `torch.export._unlift._check_input_constraints_pre_hook`, torch 2.13 and 2.11 (as compile_fx_static)."""
     from torch.export import _unlift
 
     hook = getattr(_unlift, "_check_input_constraints_pre_hook", None)

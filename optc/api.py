@@ -153,7 +153,9 @@ def load(path: str | Path, *, check_versions: bool = True, packages: bool = True
     from optc.runtime.packages import check_hashes
 
     loaded = read_artifact(path, check_versions=check_versions)
-    check_hashes(loaded.manifest, loaded.extra_files)
-    kcache.check_hash(loaded.manifest, loaded.extra_files)
+    # read_artifact checked every member's bytes against the manifest's files record: the
+    # package and kernel-cache records must name the same digests (no second hash).
+    check_hashes(loaded.manifest, loaded.extra_files, loaded.manifest["files"])
+    kcache.check_hash(loaded.manifest, loaded.extra_files, loaded.manifest["files"])
     return Artifact(loaded.programs, loaded.manifest, loaded.extra_files, packages=packages,
                     kernel_cache=kernel_cache)

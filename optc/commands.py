@@ -215,8 +215,8 @@ def cmd_inspect(args):
     from optc.runtime.shared_weights import stored_once
 
     loaded = read_artifact(args.artifact, check_versions=False)  # checksums are always checked
-    check_hashes(loaded.manifest, loaded.extra_files)
-    kernel_cache.check_hash(loaded.manifest, loaded.extra_files)
+    check_hashes(loaded.manifest, loaded.extra_files, loaded.manifest["files"])  # the digests read_artifact checked
+    kernel_cache.check_hash(loaded.manifest, loaded.extra_files, loaded.manifest["files"])
     man = loaded.manifest
     try:
         verify_versions(man, args.artifact)

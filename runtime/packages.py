@@ -20,14 +20,15 @@ from optc.fileio import check_member_hash
 _RECOMPILE = "recompile the model with `optc compile`"
 
 
-def check_hashes(manifest: dict, extra_files: dict) -> None:
+def check_hashes(manifest: dict, extra_files: dict, files: dict | None = None) -> None:
     """Refuse (ArtifactError, exit 2) an artifact whose packages do not hash to what its
-    manifest's "packages" record says: checked at load, before anything could run."""
+    manifest's "packages" record says: checked at load, before anything could run.
+    `files`: the record the bytes were checked against as they were read (check_member_hash)."""
     packages = manifest.get("packages") or {}
     for name, rec in (packages.get("programs") or {}).items():
         if "skipped" not in rec:
             check_member_hash(extra_files, rec.get("member"), rec.get("sha256"), f"the package {rec.get('member')!r}",
-                              _RECOMPILE)
+                              _RECOMPILE, files)
 
 
 def package_for(manifest: dict, extra_files: dict, name: str, target) -> tuple[bytes | None, dict | None, str | None]:

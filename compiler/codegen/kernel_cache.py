@@ -74,13 +74,14 @@ def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, 
     }
 
 
-def check_hash(manifest: dict, extra_files: dict) -> None:
+def check_hash(manifest: dict, extra_files: dict, files: dict | None = None) -> None:
     """Refuse (ArtifactError, exit 2) a kernel cache whose bytes are missing or do not
-    hash to what the manifest recorded: checked at load, before anything could run."""
+    hash to what the manifest recorded: checked at load, before anything could run.
+    `files`: the record the bytes were checked against as they were read (check_member_hash)."""
     rec = manifest.get("kernel_cache") or {}
     if "member" in rec:
         check_member_hash(extra_files, rec["member"], rec.get("sha256"), f"the kernel cache {rec['member']!r}",
-                          _RECOMPILE)
+                          _RECOMPILE, files)
 
 
 def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | None, str | None]:

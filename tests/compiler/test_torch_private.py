@@ -352,7 +352,7 @@ def test_static_autotuner_keeps_coordesc(tmp_path, moved, monkeypatch):
     from optc.compiler.torch_fixes import recheck_keeping_coordesc
 
     method = th.CachingAutotuner.recheck_autotune_cache
-    buggy = getattr(method, "_optc_backport", False) or "len(configs) > 1" in inspect.getsource(method)
+    buggy = method is recheck_keeping_coordesc or "len(configs) > 1" in inspect.getsource(method)
     assert tp.static_autotuner_keeps_coordesc() == buggy  # installed exactly where torch has the bug
     start = triton.Config({"XBLOCK": 64, "R0_BLOCK": 8}, num_warps=4, num_stages=1)
     tuned = triton.Config({"XBLOCK": 64, "R0_BLOCK": 32 if moved else 8}, num_warps=8 if moved else 4, num_stages=1)
