@@ -7,7 +7,7 @@ from the kernel cache, in its warm-up calls), and the prefill program's first ca
 the CPU the decode program is lowered at the next call instead, which `second_token_s`
 times. Says whether the packages ran, whether the artifact's kernel cache was used (and
 how many of the lowerings hit it), how much tuning Inductor still did (coordinate descent's
-benchmark calls: a kernel whose tuned configuration the cache lacked), and every warning
+benchmark calls: a kernel tuned again at the load, see torch_fixes), and every warning
 the load gave. Run it twice, in two
 processes, for the spread between processes.
 
@@ -45,8 +45,8 @@ def prompt_for(art, device: str) -> torch.Tensor:
 
 
 def tuning_counts() -> dict:
-    """Inductor's tuning work in this process, up to now: a load whose kernel cache held
-    every kernel's tuned configuration benchmarks nothing (coordesc_tuning_bench 0)."""
+    """Inductor's tuning work in this process, up to now: a load that runs every kernel
+    with the configuration the compile tuned benchmarks nothing (coordesc_tuning_bench 0)."""
     from optc.compiler.torch_private import dynamo_counters
 
     inductor = dynamo_counters()["inductor"]
