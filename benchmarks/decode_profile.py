@@ -42,13 +42,14 @@ def split_target_fields(words: list[str], target):
     return parse_sets(settings), targets.with_overrides(target, lowering)
 
 
-def profile_variant(model, entry, prompt, target, settings: dict, steps: int, autotune: bool = False) -> dict:
+def profile_variant(model, entry, prompt, target, settings: dict, steps: int, autotune: bool = False,
+                    top: int = 25) -> dict:
     art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default",
                        passes=settings, entry=entry, verify=False)
     dec = decode_timer(art, lambda m: lower(m, target, autotune=autotune), str(prompt.device))
     dec.warm_up(prompt)
     ms = dec.measure_decode(prompt, 64).median_ms
-    return dict(ms_per_token=ms, **kernel_table(dec, prompt, steps))
+    return dict(ms_per_token=ms, **kernel_table(dec, prompt, steps, top))
 
 
 def kernel_table(dec, prompt, steps: int, top: int = 25) -> dict:
@@ -132,6 +133,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--inductor-max", action="store_true", help="also profile torch.compile max-autotune's step")
     ap.add_argument("--autotune", action="store_true", help="lower optc's step with max-autotune too")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed per variant, by time")
     args = ap.parse_args()
     target = targets.get("auto")
     entry, model, example = resolve(args.model, device=target.device, dtype=target.dtype)
@@ -141,7 +143,8 @@ def main():
     for text in args.variant or [""]:
         t0 = time.time()
         settings, variant_target = split_target_fields(text.split(), target)
-        r = profile_variant(model, entry, prompt, variant_target, settings, args.steps, args.autotune)
+        r = profile_variant(model, entry, prompt, variant_target, settings, args.steps, args.autotune,
+                              args.top)
         result["variants"][text or "dense"] = r
         report(text or "dense", r, result, args.out, env, time.time() - t0)
     if args.inductor_max:

@@ -99,37 +99,58 @@ def export_load_sympify_cached():
 def static_autotuner_keeps_coordesc() -> bool:
     """Make a Triton kernel that Inductor's FX graph cache hands back keep the kernel
     configuration coordinate descent chose for it, instead of tuning it again on its
-    first run (pytorch/pytorch#172819, fixed by #173391 in torch 2.13). torch 2.11's
-    `CachingAutotuner.recheck_autotune_cache` takes the autotune cache's choice only for
-    a kernel compiled with several configurations, and never marks it as found by
-    coordinate descent, so every single-configuration kernel of an artifact's kernel
-    cache is tuned again at each load (benchmarks/NOTES.md). This installs 2.13's
-    method where the installed one still has 2.11's guard; True when it did. The kernels
-    it affects then run the configurations the compile verified."""
+    first run. On a cache hit the kernel looks its choice up in the autotune cache under
+    the hash of the configurations it was compiled with, and two things lose it there
+    (benchmarks/NOTES.md):
+    - torch 2.11 takes the choice only for a kernel compiled with several
+      configurations, and never marks it as found by coordinate descent
+      (pytorch/pytorch#172819, fixed by #173391 in torch 2.13);
+    - a graph compiled while the autotune cache already held the kernel's choice (a
+      model compiled before, or a kernel the other program shares) was compiled with
+      that choice alone, while the entry is keyed by the configurations the first tuning
+      started from: the lookup misses in torch 2.11 and 2.13 alike.
+    This installs `recheck_keeping_coordesc` over torch's method in the releases that
+    have it in one of those forms (2.11 to 2.13, read from its source); True when it
+    did. The kernels it affects then run the configurations the compile verified."""
+    import torch
     from torch._inductor.runtime import triton_heuristics as th
 
     cls = th.CachingAutotuner
     current = cls.recheck_autotune_cache
+    if current is recheck_keeping_coordesc:
+        return True
     try:
         source = inspect.getsource(current)
     except (OSError, TypeError):  # no source to read: leave torch's method alone
         return False
-    if "len(configs) > 1" not in source:
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if not (2, 11) <= version <= (2, 13) or "check_autotune_cache(" not in source:
         return False
     cls.recheck_autotune_cache = recheck_keeping_coordesc
     return True
 
 
 def recheck_keeping_coordesc(self, reload_kernel_from_src) -> None:
-    """torch 2.13's `CachingAutotuner.recheck_autotune_cache`: on an FX graph cache hit,
-    the statically launchable kernel looks up its autotune cache entry; the compiled
-    configuration that matches it is kept and marked as found by coordinate descent when
-    it was, and a configuration coordinate descent found outside the compiled ones is
-    compiled now (from Triton's cache where the compile left it there)."""
+    """torch 2.13's `CachingAutotuner.recheck_autotune_cache`, and a second lookup where
+    it misses: on an FX graph cache hit, the statically launchable kernel looks up its
+    autotune cache entry; the compiled configuration that matches it is kept and marked
+    as found by coordinate descent when it was, and a configuration coordinate descent
+    found outside the compiled ones is compiled now (from Triton's cache where the
+    compile left it there). Where the lookup by the compiled configurations misses,
+    the kernel's source is loaded as Inductor loads it (the parent-process reload torch
+    itself does before tuning), whose decorator looks the entry up under the
+    configurations the kernel's heuristic starts from."""
     from torch._inductor.runtime import triton_heuristics as th
 
     configs = [result.config for result in self.compile_results]
     cached, _, info = th.check_autotune_cache(configs, self.filename, self.inductor_meta)
+    if info.get("autotune_cache_state") == "miss" and self.inductor_meta.get("coordinate_descent_tuning"):
+        fresh = reload_kernel_from_src()
+        fresh_info = getattr(fresh, "autotune_cache_info", None) or {}
+        if fresh_info.get("autotune_cache_state") == "hit" and len(fresh.configs or ()) == 1:
+            cached, info = list(fresh.configs), fresh_info
+            if self.fn.fn is None:
+                self.fn = fresh.fn  # loaded anyway: spares the tuner's own reload
     self.autotune_cache_info = info
     if len(cached) != 1:
         return
@@ -144,4 +165,3 @@ def recheck_keeping_coordesc(self, reload_kernel_from_src) -> None:
     if self.fn.fn is None:
         self.fn = reload_kernel_from_src().fn
     self.compile_results = [self._precompile_config(best)]
-

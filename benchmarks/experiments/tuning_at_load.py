@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import json
 import os
 import runpy
@@ -42,6 +43,9 @@ def _key(cache) -> str:
 def _wrap(cls, name, record):
     real = getattr(cls, name)
 
+    # functools.wraps: the FX graph cache pickles bound methods by name, and a wrapper
+    # named "wrapper" makes every lookup fail (a miss), which would change what is measured.
+    @functools.wraps(real)
     def wrapper(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
         LOG.append(record(self, out, *args, **kwargs))
@@ -56,7 +60,8 @@ _wrap(ac.AutotuneCache, "read_best", lambda self, out, meta, configs:
       ("read", _key(self), out is not None, bool(getattr(out, "found_by_coordesc", False)), len(configs)))
 _wrap(th.CachingAutotuner, "coordinate_descent_tuning", lambda self, out, launcher, *a, **k:
       ("coordesc", self.inductor_meta.get("kernel_name"),
-       (getattr(self, "autotune_cache_info", None) or {}).get("autotune_cache_state"), len(self.configs)))
+       (getattr(self, "autotune_cache_info", None) or {}).get("autotune_cache_state"),
+       len(self.launchers or ())))  # configs is None once precompiled; the launchers stay
 _wrap(th.CachingAutotuner, "_precompile_config", lambda self, out, cfg, *a, **k:
       ("compiled", self.inductor_meta.get("kernel_name"), bool(getattr(cfg, "found_by_coordesc", False))))
 

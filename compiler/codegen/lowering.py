@@ -44,8 +44,8 @@ THRESHOLD_BUFFER_PREFIX = "sparsify_t_"
 # load, a faster decode step. The exception is an artifact's kernel cache
 # (codegen/kernel_cache.py): the compile records the entries of the very lowering it
 # verified, configurations included, and a load that installs them must hit them; on torch
-# 2.11 that needs torch_fixes.static_autotuner_keeps_coordesc, without which every
-# single-configuration kernel of a hit is tuned again at the load.
+# 2.11 to 2.13 that needs torch_fixes.static_autotuner_keeps_coordesc, without which
+# kernels of a hit are tuned again at the load.
 
 
 def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagraphs: bool = False,

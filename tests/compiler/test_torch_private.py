@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -352,8 +353,10 @@ def test_static_autotuner_keeps_coordesc(tmp_path, moved, monkeypatch):
     from optc.compiler.torch_fixes import recheck_keeping_coordesc
 
     method = th.CachingAutotuner.recheck_autotune_cache
-    buggy = method is recheck_keeping_coordesc or "len(configs) > 1" in inspect.getsource(method)
-    assert tp.static_autotuner_keeps_coordesc() == buggy  # installed exactly where torch has the bug
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    affected = method is recheck_keeping_coordesc or (
+        (2, 11) <= version <= (2, 13) and "check_autotune_cache(" in inspect.getsource(method))
+    assert tp.static_autotuner_keeps_coordesc() == affected  # installed exactly on the releases with the bugs
     start = triton.Config({"XBLOCK": 64, "R0_BLOCK": 8}, num_warps=4, num_stages=1)
     tuned = triton.Config({"XBLOCK": 64, "R0_BLOCK": 32 if moved else 8}, num_warps=8 if moved else 4, num_stages=1)
     # torch's method as it now stands, and optc's copy of 2.13's, whatever torch is installed
@@ -365,6 +368,53 @@ def test_static_autotuner_keeps_coordesc(tmp_path, moved, monkeypatch):
         assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(tuned)
         assert len(stub.precompiled) == int(moved)  # compiled only where the choice was not compiled
         assert stub.autotune_cache_info["autotune_cache_state"] == "hit"
+
+
+def test_static_autotuner_keeps_a_choice_its_compile_started_from(tmp_path, monkeypatch):
+    """A graph compiled while the autotune cache held a kernel's choice was compiled with
+    that choice alone; its entry is keyed by the configurations the first tuning started
+    from. The recheck finds it through the kernel's source, as Inductor's decorator does."""
+    import importlib.util
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import triton
+    from torch._inductor.runtime import triton_heuristics as th
+    from torch._inductor.runtime.hints import DeviceProperties, HeuristicType
+
+    from optc.compiler.torch_fixes import recheck_keeping_coordesc
+
+    start = triton.Config({"XBLOCK": 64, "R0_BLOCK": 8}, num_warps=4, num_stages=1)
+    tuned = triton.Config({"XBLOCK": 64, "R0_BLOCK": 32}, num_warps=8, num_stages=1)
+    stub = _coordesc_cache_stub(tmp_path, [start], tuned)  # the entry, keyed by [start]
+    stub.compile_results = [SimpleNamespace(config=triton.Config(dict(tuned.kwargs), num_warps=8, num_stages=1))]
+    stub.fn = SimpleNamespace(fn=None)  # as a kernel from the bundle comes: no function loaded
+    source = tmp_path / "kernel_source.py"
+    source.write_text("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+                      "def kernel(x, XBLOCK: tl.constexpr, R0_BLOCK: tl.constexpr):\n    pass\n")
+    spec = importlib.util.spec_from_file_location("kernel_source", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reloads = []
+
+    def reload_kernel_from_src():  # what Inductor's kernel module does when it is loaded
+        reloads.append(1)
+        return th.cached_autotune({"x": 64, "r0_": 64}, [start], {"device": DeviceProperties.create(torch.device("cpu"))},
+                                  HeuristicType.REDUCTION, filename=stub.filename,
+                                  inductor_meta={"coordinate_descent_tuning": True})(module.kernel)
+
+    recheck_keeping_coordesc(stub, reload_kernel_from_src)
+    (kept,) = stub.compile_results
+    assert kept.config.found_by_coordesc and reloads == [1] and stub.fn.fn is module.kernel.fn
+    assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(tuned)
+    assert stub.precompiled == [] and stub.autotune_cache_info["autotune_cache_state"] == "hit"
+
+    other = _coordesc_cache_stub(tmp_path / "other", [start], tuned)  # an entry for other configurations
+    other.compile_results = [SimpleNamespace(config=triton.Config({"XBLOCK": 32, "R0_BLOCK": 8}, num_warps=2))]
+    recheck_keeping_coordesc(other, lambda: SimpleNamespace(autotune_cache_info={"autotune_cache_state": "miss"},
+                                                            configs=[start], fn=None))
+    (left,) = other.compile_results  # nothing found: the compiled configuration stays, to be tuned
+    assert not getattr(left.config, "found_by_coordesc", False)
+    assert other.autotune_cache_info["autotune_cache_state"] == "miss"
 
 
 def test_export_load_type_hints_cached(monkeypatch):
