@@ -295,15 +295,19 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
         man = _read_manifest_from(zf, path)
         if check_versions:
             verify_versions(man, path)
+        importing = _import_deserialiser_aside()
         contents: dict[str, bytes] = {}
-        for member, entry in man["files"].items():
-            data = _read_member(zf, path, member, entry)
-            found = member_read.mismatch(data, entry)
-            if found is not None:
-                raise ArtifactError(
-                    f"artifact {path}: checksum mismatch in member {member!r} ({found}); the "
-                    f"file was modified or damaged: copy it again or {_RECOMPILE}")
-            contents[member] = data
+        try:
+            for member, entry in man["files"].items():
+                data = _read_member(zf, path, member, entry)
+                found = member_read.mismatch(data, entry)
+                if found is not None:
+                    raise ArtifactError(
+                        f"artifact {path}: checksum mismatch in member {member!r} ({found}); the "
+                        f"file was modified or damaged: copy it again or {_RECOMPILE}")
+                contents[member] = data
+        finally:
+            importing.join()  # no import left running behind a refusal, into the exit
 
     programs, extra = {}, {}
     with export_load_type_hints_cached(), export_load_sympify_cached():  # one cache for every program
@@ -315,6 +319,24 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
                 extra[member] = data
     restore_shared(programs, man.get("shared_weights"), path)
     return LoadedArtifact(programs, man, extra)
+
+
+def _import_deserialiser_aside():
+    """A started thread importing torch.export's deserialiser (Dynamo with it: about a
+    second of a fresh process) while the members are read and hashed, which hold the GIL
+    only between chunks. Its join() comes before the first program is read; if the import
+    failed there, the load's own import raises the error."""
+    import threading
+
+    def deserialiser():
+        try:
+            import torch._export.serde.serialize  # noqa: F401
+        except Exception:  # noqa: BLE001 - the load imports it again and reports it
+            pass
+
+    thread = threading.Thread(target=deserialiser, name="optc-import-deserialiser", daemon=True)
+    thread.start()
+    return thread
 
 
 def _load_program(path, name: str, data: bytes, man: dict):

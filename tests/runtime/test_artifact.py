@@ -3,6 +3,8 @@
 import json
 import os
 import struct
+import threading
+import time
 import zipfile
 
 import pytest
@@ -132,7 +134,7 @@ def test_flipped_byte_in_program_names_member(art, tmp_path):
     A.read_manifest(bad)  # the manifest itself is intact: inspect still works
 
 
-def test_checksum_mismatch_names_member(art, tmp_path):
+def test_checksum_mismatch_names_member(art, tmp_path, monkeypatch):
     member = "programs/forward.pt2"
 
     def flip(name, data, man):
@@ -143,8 +145,29 @@ def test_checksum_mismatch_names_member(art, tmp_path):
         return bytes(data)
 
     bad = _rewrite(art, tmp_path / "tampered.optc", flip)  # a valid zip, wrong content
+    started = []
+
+    def slow_import():  # an import still running when the refusal comes
+        started.append(threading.Thread(target=time.sleep, args=(0.5,), daemon=True))
+        started[-1].start()
+        return started[-1]
+
+    monkeypatch.setattr(A, "_import_deserialiser_aside", slow_import)
     with pytest.raises(ArtifactError, match=f"checksum mismatch in member '{member}'"):
         A.read_artifact(bad)
+    assert len(started) == 1 and not started[0].is_alive()  # the refusal waited for it: none left running
+
+
+def test_the_deserialiser_is_imported_aside():
+    import subprocess
+    import sys
+
+    # A fresh process: in this one the deserialiser was imported long ago.
+    code = ("import sys; from optc.runtime import artifact as A; "
+            "before = 'torch._export.serde.serialize' in sys.modules; t = A._import_deserialiser_aside(); "
+            "t.join(timeout=120); print(before, t.is_alive(), 'torch._export.serde.serialize' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.stdout.split() == ["False", "False", "True"], out.stderr[-2000:]
 
 
 def test_unlisted_member_and_unknown_format(art, tmp_path):
