@@ -3,7 +3,8 @@
 Underscored torch modules and attributes change between releases without a
 deprecation. optc's code reaches them only through this module, so a torch upgrade
 that moves or changes one fails here first: tests/compiler/test_torch_private.py
-runs one cheap smoke test per name below, and test_torch_private_rule.py fails when
+runs one cheap smoke test per name below (test_torch_fixes.py for the workarounds
+re-exported from torch_fixes), and test_torch_private_rule.py fails when
 package code (optc/, compiler/, runtime/, models/) uses a private torch API anywhere else. `torch._check`
 (documented for export) and `torch.__version__` are public and not listed.
 
@@ -41,7 +42,7 @@ __all__ = [
     "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks", "check_call_structure",
     "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
     "inductor_realize_op", "fresh_cache_artifacts", "export_load_type_hints_cached",
-    "export_load_sympify_cached", "static_autotuner_keeps_coordesc",
+    "export_load_sympify_cached", "static_autotuner_keeps_coordesc", "import_export_deserialiser",
     "dynamo_counters", "python_dispatcher",
     "cuda_driver_api_version",
 ]
@@ -294,6 +295,15 @@ def fresh_cache_artifacts():
 # them: torch.export.load's repeated parsing, Inductor's re-tuning of cached kernels.
 from optc.compiler.torch_fixes import (  # noqa: E402
     export_load_sympify_cached, export_load_type_hints_cached, static_autotuner_keeps_coordesc)
+
+
+# --------------------------------------------------------------------------- torch.export (lazy)
+
+def import_export_deserialiser() -> None:
+    """Import what torch.export.load deserialises programs with (and Dynamo with it),
+    which the public `torch.export` leaves to the first load (runtime/artifact imports it
+    while an artifact's members are read). torch 2.11-2.13."""
+    import torch._export.serde.serialize  # noqa: F401
 
 
 # --------------------------------------------------------------------------- Dynamo (lazy)

@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 from optc.compiler.codegen.aoti_probe import triton_version
 from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
-from optc.compiler.torch_private import export_load_sympify_cached, export_load_type_hints_cached
+from optc.compiler.torch_private import (export_load_sympify_cached, export_load_type_hints_cached,
+                                        import_export_deserialiser)
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
 from optc.runtime import member_read
@@ -330,7 +331,7 @@ def _import_deserialiser_aside():
 
     def deserialiser():
         try:
-            import torch._export.serde.serialize  # noqa: F401
+            import_export_deserialiser()
         except Exception:  # noqa: BLE001 - the load imports it again and reports it
             pass
 

@@ -1,6 +1,7 @@
 """The rule around optc.compiler.torch_private: every name it exports has a smoke test in
-tests/compiler/test_torch_private.py, importing it loads neither Inductor nor Dynamo, and
-package code uses no private torch API anywhere else (a scan of the source)."""
+tests/compiler/test_torch_private.py (or test_torch_fixes.py for the workarounds),
+importing it loads neither Inductor nor Dynamo, and package code uses no private torch
+API anywhere else (a scan of the source)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ OWNERS = (ROOT / "compiler" / "torch_private.py", ROOT / "compiler" / "torch_fix
 
 
 def test_every_wrapper_has_a_smoke_test():
-    smoke = ast.parse((Path(__file__).parent / "test_torch_private.py").read_text())
-    tests = {n.name for n in smoke.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    tests = {n.name for f in ("test_torch_private.py", "test_torch_fixes.py")
+             for n in ast.parse((Path(__file__).parent / f).read_text()).body
+             if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
     missing = [name for name in tp.__all__ if f"test_{name}" not in tests]
     assert not missing, f"torch_private names without a smoke test here: {missing}"
     # and __all__ lists everything the module defines for the package

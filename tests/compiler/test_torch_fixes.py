@@ -1,0 +1,173 @@
+"""optc.compiler.torch_fixes, the workarounds torch_private re-exports: one test per name
+(named test_<name>, checked by tests/compiler/test_torch_private_rule.py), each showing the
+bug's case and the workaround's result, on the CPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from optc.compiler import torch_private as tp
+
+
+def _coordesc_cache_stub(tmp_path, compiled, tuned):
+    """A statically launchable kernel as an FX graph cache hit hands it back (its compiled
+    configurations only), with coordinate descent's choice `tuned` in its autotune cache."""
+    from torch._inductor.runtime import triton_heuristics as th
+    from torch._inductor.runtime.autotune_cache import AutotuneCache
+
+    class Stub:
+        filename = str(tmp_path / "cstubkernel.py")
+        inductor_meta = {"coordinate_descent_tuning": True}
+        fn = SimpleNamespace(fn=object())
+        compile_results = [SimpleNamespace(config=c) for c in compiled]
+        precompiled: list = []
+
+        def is_statically_launchable(self):
+            return True
+
+        def _precompile_config(self, cfg):
+            self.precompiled.append(cfg)
+            return SimpleNamespace(config=cfg)
+
+    stub = Stub()
+    cache = AutotuneCache.create(stub.inductor_meta, stub.filename, th.hash_configs(compiled))
+    cache.save(tuned, 0, found_by_coordesc=True)
+    return stub
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_static_autotuner_keeps_coordesc(tmp_path, moved, monkeypatch):
+    import inspect
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Inductor skips its autotune cache under it
+
+    import triton
+    from torch._inductor.runtime import triton_heuristics as th
+
+    from optc.compiler.torch_fixes import recheck_keeping_coordesc
+
+    method = th.CachingAutotuner.recheck_autotune_cache
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    affected = method is recheck_keeping_coordesc or (
+        (2, 11) <= version <= (2, 13) and "check_autotune_cache(" in inspect.getsource(method))
+    assert tp.static_autotuner_keeps_coordesc() == affected  # installed exactly on the releases with the bugs
+    start = triton.Config({"XBLOCK": 64, "R0_BLOCK": 8}, num_warps=4, num_stages=1)
+    tuned = triton.Config({"XBLOCK": 64, "R0_BLOCK": 32 if moved else 8}, num_warps=8 if moved else 4, num_stages=1)
+    # torch's method as it now stands, and optc's copy of 2.13's, whatever torch is installed
+    for recheck in (th.CachingAutotuner.recheck_autotune_cache, recheck_keeping_coordesc):
+        stub = _coordesc_cache_stub(tmp_path / recheck.__name__, [start], tuned)
+        recheck(stub, lambda: pytest.fail("the kernel's source was there"))
+        (kept,) = stub.compile_results
+        assert kept.config.found_by_coordesc  # so run() does not tune it again
+        assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(tuned)
+        assert len(stub.precompiled) == int(moved)  # compiled only where the choice was not compiled
+        assert stub.autotune_cache_info["autotune_cache_state"] == "hit"
+
+
+def test_static_autotuner_keeps_a_choice_its_compile_started_from(tmp_path, monkeypatch):
+    """A graph compiled while the autotune cache held a kernel's choice was compiled with
+    that choice alone; its entry is keyed by the configurations the first tuning started
+    from. The recheck finds it through the kernel's source, as Inductor's decorator does."""
+    import importlib.util
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import triton
+    from torch._inductor.runtime import triton_heuristics as th
+    from torch._inductor.runtime.hints import DeviceProperties, HeuristicType
+
+    from optc.compiler.torch_fixes import recheck_keeping_coordesc
+
+    start = triton.Config({"XBLOCK": 64, "R0_BLOCK": 8}, num_warps=4, num_stages=1)
+    tuned = triton.Config({"XBLOCK": 64, "R0_BLOCK": 32}, num_warps=8, num_stages=1)
+    stub = _coordesc_cache_stub(tmp_path, [start], tuned)  # the entry, keyed by [start]
+    stub.compile_results = [SimpleNamespace(config=triton.Config(dict(tuned.kwargs), num_warps=8, num_stages=1))]
+    stub.fn = SimpleNamespace(fn=None)  # as a kernel from the bundle comes: no function loaded
+    source = tmp_path / "kernel_source.py"
+    source.write_text("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+                      "def kernel(x, XBLOCK: tl.constexpr, R0_BLOCK: tl.constexpr):\n    pass\n")
+    spec = importlib.util.spec_from_file_location("kernel_source", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reloads = []
+
+    def reload_kernel_from_src():  # what Inductor's kernel module does when it is loaded
+        reloads.append(1)
+        return th.cached_autotune({"x": 64, "r0_": 64}, [start], {"device": DeviceProperties.create(torch.device("cpu"))},
+                                  HeuristicType.REDUCTION, filename=stub.filename,
+                                  inductor_meta={"coordinate_descent_tuning": True})(module.kernel)
+
+    recheck_keeping_coordesc(stub, reload_kernel_from_src)
+    (kept,) = stub.compile_results
+    assert kept.config.found_by_coordesc and reloads == [1] and stub.fn.fn is module.kernel.fn
+    assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(tuned)
+    assert stub.precompiled == [] and stub.autotune_cache_info["autotune_cache_state"] == "hit"
+
+    other = _coordesc_cache_stub(tmp_path / "other", [start], tuned)  # an entry for other configurations
+    other.compile_results = [SimpleNamespace(config=triton.Config({"XBLOCK": 32, "R0_BLOCK": 8}, num_warps=2))]
+    recheck_keeping_coordesc(other, lambda: SimpleNamespace(autotune_cache_info={"autotune_cache_state": "miss"},
+                                                            configs=[start], fn=None))
+    (left,) = other.compile_results  # nothing found: the compiled configuration stays, to be tuned
+    assert not getattr(left.config, "found_by_coordesc", False)
+    assert other.autotune_cache_info["autotune_cache_state"] == "miss"
+
+
+def test_export_load_type_hints_cached(monkeypatch):
+    import io
+    import typing
+
+    buf = io.BytesIO()
+    torch.export.save(torch.export.export(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), (torch.ones(1, 3),)), buf)
+    calls = []
+    real = typing.get_type_hints
+    monkeypatch.setattr(typing, "get_type_hints", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    plain, uncached = torch.export.load(io.BytesIO(buf.getvalue())), len(calls)
+    calls.clear()
+    with tp.export_load_type_hints_cached():
+        cached = torch.export.load(io.BytesIO(buf.getvalue()))
+    assert len(calls) == len(set(calls)) < uncached  # each class resolved once
+    assert torch._export.serde.serialize.typing is typing  # restored
+    x = torch.randn(1, 3)
+    torch.testing.assert_close(cached.module()(x), plain.module()(x))
+
+
+def test_export_load_sympify_cached(monkeypatch):
+    import io
+
+    import sympy
+
+    class Stack(nn.Module):  # enough tensors over a symbolic length for the parses to repeat
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x)) * 2
+            return x
+
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ep = torch.export.export(Stack(), (torch.ones(1, 5, 8),), dynamic_shapes=({1: seq},))
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    calls = []
+    real = sympy.sympify
+    monkeypatch.setattr(sympy, "sympify", lambda a, *r, **k: calls.append(a) or real(a, *r, **k))
+    plain, uncached = torch.export.load(io.BytesIO(buf.getvalue())), len([c for c in calls if isinstance(c, str)])
+    calls.clear()
+    with tp.export_load_sympify_cached():
+        cached = torch.export.load(io.BytesIO(buf.getvalue()))
+    strings = [c for c in calls if isinstance(c, str)]
+    # each expression parsed once, or twice: before and after its symbol joins the locals
+    assert len(strings) <= 2 * len(set(strings)) < uncached
+    assert torch._export.serde.serialize.sympy is sympy  # restored
+
+    def metas(program):
+        return [str(n.meta["val"].shape) for n in program.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+
+    assert metas(cached) == metas(plain) and any("s" in m for m in metas(cached))  # the same symbolic shapes
+    x = torch.randn(1, 7, 8)
+    torch.testing.assert_close(cached.module()(x), plain.module()(x))
