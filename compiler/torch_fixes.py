@@ -10,7 +10,8 @@ import contextlib
 import functools
 import inspect
 
-__all__ = ["export_load_type_hints_cached", "export_load_sympify_cached", "static_autotuner_keeps_coordesc"]
+__all__ = ["export_load_type_hints_cached", "export_load_sympify_cached", "static_autotuner_keeps_coordesc",
+           "config_pickles_keep_coordesc"]
 
 
 # --------------------------------------------------------------------------- torch.export.load
@@ -101,7 +102,7 @@ def static_autotuner_keeps_coordesc() -> bool:
     configuration coordinate descent chose for it, instead of tuning it again on its
     first run. On a cache hit the kernel looks its choice up in the autotune cache under
     the hash of the configurations it was compiled with, and two things lose it there
-    (benchmarks/NOTES.md):
+    (benchmarks/NOTES.md; a third, the pickle, is config_pickles_keep_coordesc's):
     - torch 2.11 takes the choice only for a kernel compiled with several
       configurations, and never marks it as found by coordinate descent
       (pytorch/pytorch#172819, fixed by #173391 in torch 2.13);
@@ -127,6 +128,34 @@ def static_autotuner_keeps_coordesc() -> bool:
     if not (2, 11) <= version <= (2, 13) or "check_autotune_cache(" not in source:
         return False
     cls.recheck_autotune_cache = recheck_keeping_coordesc
+    return True
+
+
+@functools.cache  # one probe per process
+def config_pickles_keep_coordesc() -> bool:
+    """Make a pickled `triton.Config` keep Inductor's `found_by_coordesc` mark. Triton's
+    `Config.__setstate__` restores its own fields only, so a kernel whose configuration
+    crossed a pickle (compiled in Inductor's compile workers, or read from the FX graph
+    cache) lost the mark and was tuned again on its first run although its autotune cache
+    entry had been found (benchmarks/NOTES.md: three kernels of a load). Installed where
+    a round trip drops the mark (read from behaviour, not from Triton's version); True when
+    it did."""
+    import pickle
+
+    import triton
+
+    probe = triton.Config({})
+    probe.found_by_coordesc = True
+    if getattr(pickle.loads(pickle.dumps(probe)), "found_by_coordesc", False):
+        return False
+    real = triton.Config.__setstate__
+
+    def setstate(self, state):
+        real(self, state)
+        if state.get("found_by_coordesc"):
+            self.found_by_coordesc = True
+
+    triton.Config.__setstate__ = setstate
     return True
 
 

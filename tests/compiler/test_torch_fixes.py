@@ -171,3 +171,24 @@ def test_export_load_sympify_cached(monkeypatch):
     assert metas(cached) == metas(plain) and any("s" in m for m in metas(cached))  # the same symbolic shapes
     x = torch.randn(1, 7, 8)
     torch.testing.assert_close(cached.module()(x), plain.module()(x))
+
+
+def test_config_pickles_keep_coordesc(monkeypatch):
+    """A configuration that crosses a pickle (a kernel from Inductor's compile workers)
+    keeps Inductor's mark that coordinate descent found it; Triton's own `__setstate__`
+    drops every attribute it does not know."""
+    import pickle
+
+    import triton
+
+    monkeypatch.setattr(triton.Config, "__setstate__", triton.Config.__setstate__)  # undone after the test
+    tp.config_pickles_keep_coordesc.cache_clear()
+    found = triton.Config({"XBLOCK": 64}, num_warps=8, num_stages=2)
+    found.found_by_coordesc = True
+    dropped = not getattr(pickle.loads(pickle.dumps(found)), "found_by_coordesc", False)
+    assert tp.config_pickles_keep_coordesc() == dropped  # installed exactly where the mark is lost
+    back = pickle.loads(pickle.dumps(found))
+    assert back.found_by_coordesc and back.kwargs == {"XBLOCK": 64} and (back.num_warps, back.num_stages) == (8, 2)
+    plain = pickle.loads(pickle.dumps(triton.Config({"XBLOCK": 64})))
+    assert not getattr(plain, "found_by_coordesc", False)  # nothing marked that was not
+    tp.config_pickles_keep_coordesc.cache_clear()

@@ -46,10 +46,13 @@ def test_targets_stay_unchanged(captured):
 def test_a_tuned_lowering_from_the_kernel_cache_keeps_its_tuning(captured, monkeypatch):
     # Only a lowering that both tunes and reads the FX graph cache needs torch_fixes'
     # backport (a cache hit would otherwise tune its kernels again).
-    calls = []
+    # Every tuned lowering keeps the mark on configurations that cross a pickle.
+    calls, pickles = [], []
     monkeypatch.setattr(lowering, "static_autotuner_keeps_coordesc", lambda: calls.append(1) or True)
+    monkeypatch.setattr(lowering, "config_pickles_keep_coordesc", lambda: pickles.append(1) or True)
     lowering.lower(torch.nn.Identity(), targets.get("h200"))
+    assert calls == [] and pickles == [1]
     lowering.lower(torch.nn.Identity(), targets.get("cpu"), kernel_cache=True)
-    assert calls == []
+    assert calls == [] and pickles == [1]
     lowering.lower(torch.nn.Identity(), targets.get("h200"), kernel_cache=True)
-    assert calls == [1] and captured["options"]["fx_graph_cache"] is True
+    assert calls == [1] and pickles == [1, 1] and captured["options"]["fx_graph_cache"] is True
