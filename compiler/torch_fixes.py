@@ -1,5 +1,5 @@
-"""Workarounds for torch bugs that later torch releases fix, each applied only where the
-installed torch still has the bug. Part of optc.compiler.torch_private (which re-exports
+"""Workarounds for bugs of torch (and of Triton as Inductor uses it), each applied only
+where the installed release has the bug, some of them fixed in later torch releases. Part of optc.compiler.torch_private (which re-exports
 every name here, and whose rules apply: private torch APIs only in these two modules,
 one smoke test per name, and importing either loads neither Inductor nor Dynamo).
 """
