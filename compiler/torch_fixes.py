@@ -1,7 +1,8 @@
 """Workarounds for bugs of torch (and of Triton as Inductor uses it), each applied only
-where the installed release has the bug, some of them fixed in later torch releases. Part of optc.compiler.torch_private (which re-exports
-every name here, and whose rules apply: private torch APIs only in these two modules,
-one smoke test per name, and importing either loads neither Inductor nor Dynamo).
+where the installed release has the bug; some are fixed in later torch releases. Part of
+optc.compiler.torch_private (which re-exports every name here, and whose rules apply:
+private torch APIs only in these two modules, one smoke test per name, and importing
+either loads neither Inductor nor Dynamo).
 """
 
 from __future__ import annotations
