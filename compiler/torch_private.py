@@ -292,8 +292,8 @@ def fresh_cache_artifacts():
 
 # --------------------------------------------------------------------------- torch bugs
 
-# Workarounds for bugs of older torch releases, applied only where the installed torch has
-# them: torch.export.load's repeated parsing, Inductor's re-tuning of cached kernels.
+# Workarounds for torch bugs, applied only where the installed release has them:
+# torch.export.load's repeated parsing, Inductor's re-tuning of cached kernels.
 from optc.compiler.torch_fixes import (  # noqa: E402
     config_pickles_keep_coordesc, export_load_sympify_cached, export_load_type_hints_cached,
     static_autotuner_keeps_coordesc)
