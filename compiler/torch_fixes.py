@@ -96,6 +96,9 @@ def export_load_sympify_cached():
 
 # --------------------------------------------------------------------------- Inductor
 
+# What the installers below replaced, by name (for tests that need the original).
+REPLACED: dict = {}
+
 
 @functools.cache  # one look at torch's source per process, not one per lowering
 def static_autotuner_keeps_coordesc() -> bool:
@@ -111,9 +114,11 @@ def static_autotuner_keeps_coordesc() -> bool:
       model compiled before, or a kernel the other program shares) was compiled with
       that choice alone, while the entry is keyed by the configurations the first tuning
       started from: the lookup misses in torch 2.11 and 2.13 alike.
-    This installs `recheck_keeping_coordesc` over torch's method in the releases that
-    have it in one of those forms (2.11 to 2.13, read from its source); True when it
-    did. The kernels it affects then run the configurations the compile verified."""
+    This installs `recheck_keeping_coordesc` over torch's method on torch 2.11 to 2.13
+    (gated by version: 2.11 has the first loss, all three the second), where the method
+    is still the lookup by `check_autotune_cache`; True when it did. The kernels it
+    affects then run the configurations the compile verified. The method it replaced
+    stays in `REPLACED`."""
     import torch
     from torch._inductor.runtime import triton_heuristics as th
 
@@ -128,6 +133,7 @@ def static_autotuner_keeps_coordesc() -> bool:
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     if not (2, 11) <= version <= (2, 13) or "check_autotune_cache(" not in source:
         return False
+    REPLACED["CachingAutotuner.recheck_autotune_cache"] = current
     cls.recheck_autotune_cache = recheck_keeping_coordesc
     return True
 
@@ -140,7 +146,10 @@ def config_pickles_keep_coordesc() -> bool:
     cache) lost the mark and was tuned again on its first run although its autotune cache
     entry had been found (benchmarks/NOTES.md: three kernels of a load). Installed where
     a round trip drops the mark (read from behaviour, not from Triton's version); True when
-    it did."""
+    it did. Copies stay as Triton makes them, without the mark: Inductor derives new
+    configurations by `copy.deepcopy` (coordinate descent's candidates, a smaller block,
+    pipelining off), which must not pass for found."""
+    import copy
     import pickle
 
     import triton
@@ -149,14 +158,24 @@ def config_pickles_keep_coordesc() -> bool:
     probe.found_by_coordesc = True
     if getattr(pickle.loads(pickle.dumps(probe)), "found_by_coordesc", False):
         return False
-    real = triton.Config.__setstate__
+    cls = triton.Config
+    if "__deepcopy__" in vars(cls):  # a Triton that copies its own way: leave it as it is
+        return False
+    real = cls.__setstate__
 
     def setstate(self, state):
         real(self, state)
         if state.get("found_by_coordesc"):
             self.found_by_coordesc = True
 
-    triton.Config.__setstate__ = setstate
+    def deepcopy(self, memo):  # what copy.deepcopy did through Triton's __setstate__
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        real(new, copy.deepcopy(self.__dict__, memo))
+        return new
+
+    REPLACED["triton.Config.__setstate__"] = real
+    cls.__setstate__, cls.__deepcopy__ = setstate, deepcopy
     return True
 
 

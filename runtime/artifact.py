@@ -336,7 +336,12 @@ def _import_deserialiser_aside():
             pass
 
     thread = threading.Thread(target=deserialiser, name="optc-import-deserialiser", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had (a process limit): the load imports it itself
+        from types import SimpleNamespace
+
+        return SimpleNamespace(join=lambda timeout=None: None)
     return thread
 
 
