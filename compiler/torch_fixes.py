@@ -188,7 +188,9 @@ def recheck_keeping_coordesc(self, reload_kernel_from_src) -> None:
     compile left it there). Where the lookup by the compiled configurations misses,
     the kernel's source is loaded as Inductor loads it (the parent-process reload torch
     itself does before tuning), whose decorator looks the entry up under the
-    configurations the kernel's heuristic starts from."""
+    configurations the kernel's heuristic starts from. (Where this process already
+    loaded and precompiled that module, its autotuner holds no configurations to read
+    any more, and the kernel is tuned as before: a load, a fresh process, never is.)"""
     from torch._inductor.runtime import triton_heuristics as th
 
     configs = [result.config for result in self.compile_results]
