@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 
 __all__ = ["export_load_type_hints_cached", "export_load_sympify_cached", "static_autotuner_keeps_coordesc",
            "config_pickles_keep_coordesc"]
@@ -100,7 +99,7 @@ def export_load_sympify_cached():
 REPLACED: dict = {}
 
 
-@functools.cache  # one look at torch's source per process, not one per lowering
+@functools.cache  # installed once per process, not at every lowering
 def static_autotuner_keeps_coordesc() -> bool:
     """Make a Triton kernel that Inductor's FX graph cache hands back keep the kernel
     configuration coordinate descent chose for it, instead of tuning it again on its
@@ -114,27 +113,20 @@ def static_autotuner_keeps_coordesc() -> bool:
       model compiled before, or a kernel the other program shares) was compiled with
       that choice alone, while the entry is keyed by the configurations the first tuning
       started from: the lookup misses in torch 2.11 and 2.13 alike.
-    This installs `recheck_keeping_coordesc` over torch's method on torch 2.11 to 2.13
-    (gated by version: 2.11 has the first loss, all three the second), where the method
-    is still the lookup by `check_autotune_cache`; True when it did. The kernels it
+    This installs `recheck_keeping_coordesc` over torch's method on torch 2.11 to 2.13,
+    the releases whose method it was written against; True when it did. The kernels it
     affects then run the configurations the compile verified. The method it replaced
     stays in `REPLACED`."""
     import torch
     from torch._inductor.runtime import triton_heuristics as th
 
-    cls = th.CachingAutotuner
-    current = cls.recheck_autotune_cache
-    if current is recheck_keeping_coordesc:
-        return True
-    try:
-        source = inspect.getsource(current)
-    except (OSError, TypeError):  # no source to read: leave torch's method alone
-        return False
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if not (2, 11) <= version <= (2, 13) or "check_autotune_cache(" not in source:
+    if not (2, 11) <= version <= (2, 13):
         return False
-    REPLACED["CachingAutotuner.recheck_autotune_cache"] = current
-    cls.recheck_autotune_cache = recheck_keeping_coordesc
+    cls = th.CachingAutotuner
+    if cls.recheck_autotune_cache is not recheck_keeping_coordesc:
+        REPLACED["CachingAutotuner.recheck_autotune_cache"] = cls.recheck_autotune_cache
+        cls.recheck_autotune_cache = recheck_keeping_coordesc
     return True
 
 

@@ -17,8 +17,8 @@ torch._inductor and torch._dynamo are imported inside the functions that need th
 they take seconds to import, and `import optc` (or loading any compiler module) must
 not pay for that. The modules imported at the top are already loaded by `import torch`.
 
-The workarounds for bugs of older torch releases live in compiler/torch_fixes.py and are
-re-exported here, under the same rules.
+The workarounds for torch bugs live in compiler/torch_fixes.py and are re-exported here,
+under the same rules.
 
 Lives in the compiler (optc.compiler.torch_private) and imports nothing from optc but
 torch_fixes, so the compiler, the runtime, the models and the CLI can all use it

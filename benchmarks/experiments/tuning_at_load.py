@@ -3,8 +3,9 @@
 cache save (kernel, found by coordinate descent or not), each lookup (hit or not, and
 whether the stored entry's configs hash matched), each coordinate-descent run (the
 kernel and its cache state) and each configuration compiled in this process. With
-`OPTC_WITHOUT_COORDESC_FIX=1` the load runs torch's own `recheck_autotune_cache`
-(torch_fixes' backport not installed): the before of a before/after.
+`OPTC_WITHOUT_COORDESC_FIX=1` the load runs torch's own `recheck_autotune_cache` and
+Triton's own `Config.__setstate__` (torch_fixes' workarounds not installed): the before
+of a before/after.
 
     OUT=tuning.json python benchmarks/experiments/tuning_at_load.py -m optc.cli compile llama-1b --target h100 --package none -o l1b.optc
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) OUT=load.json \\
@@ -82,6 +83,7 @@ if __name__ == "__main__":
         from optc.compiler.codegen import lowering
 
         lowering.static_autotuner_keeps_coordesc = lambda: False
+        lowering.config_pickles_keep_coordesc = lambda: False
     if sys.argv[1] == "-m":
         sys.argv = [sys.argv[2], *sys.argv[3:]]
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)

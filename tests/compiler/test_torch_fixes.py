@@ -4,6 +4,7 @@ bug's case and the workaround's result, on the CPU."""
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -73,7 +74,7 @@ def test_static_autotuner_keeps_coordesc(tmp_path, moved, monkeypatch, torchs_re
     start = triton.Config({"XBLOCK": 64, "R0_BLOCK": 8}, num_warps=4, num_stages=1)
     tuned = triton.Config({"XBLOCK": 64, "R0_BLOCK": 32 if moved else 8}, num_warps=8 if moved else 4, num_stages=1)
     # optc's method, and torch's own where it has 2.13's fix of the first loss (2.11's fails here)
-    has_fix = "len(configs) > 1" not in __import__("inspect").getsource(torchs_recheck)
+    has_fix = "len(configs) > 1" not in inspect.getsource(torchs_recheck)
     for recheck in (recheck_keeping_coordesc, torchs_recheck) if has_fix else (recheck_keeping_coordesc,):
         stub = _coordesc_cache_stub(tmp_path / recheck.__name__ / str(recheck is torchs_recheck), [start], tuned)
         recheck(stub, lambda: pytest.fail("the kernel's source was there"))
