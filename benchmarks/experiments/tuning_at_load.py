@@ -11,7 +11,9 @@ of a before/after.
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) OUT=load.json \\
         python benchmarks/experiments/tuning_at_load.py benchmarks/load_to_first_token.py l1b.optc --tokens 64
 
-Counts are printed at exit ("TUNING {...}"), the full log written to $OUT when set.
+Counts, and the seconds spent inside each kind of call (a configuration's Triton compile,
+a coordinate-descent run), are printed at exit ("TUNING {...} SECONDS {...}"); the full
+log is written to $OUT when set.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: har
 from harness import write_result  # noqa: E402
 
 LOG: list = []
+SECONDS: collections.Counter = collections.Counter()  # wall time inside each wrapped method, by record kind
 ARGV = list(sys.argv)
 
 
@@ -48,8 +52,11 @@ def _wrap(cls, name, record):
     # named "wrapper" makes every lookup fail (a miss), which would change what is measured.
     @functools.wraps(real)
     def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
         out = real(self, *args, **kwargs)
-        LOG.append(record(self, out, *args, **kwargs))
+        entry = record(self, out, *args, **kwargs)
+        SECONDS[entry[0]] += time.perf_counter() - start
+        LOG.append(entry)
         return out
 
     setattr(cls, name, wrapper)
@@ -69,9 +76,10 @@ _wrap(th.CachingAutotuner, "_precompile_config", lambda self, out, cfg, *a, **k:
 
 def _report():
     counts = collections.Counter(" ".join(str(x) for x in (e[0], *e[2:])) for e in LOG)
-    print("TUNING", json.dumps(dict(sorted(counts.items()))))
+    seconds = {k: round(v, 2) for k, v in sorted(SECONDS.items())}
+    print("TUNING", json.dumps(dict(sorted(counts.items()))), "SECONDS", json.dumps(seconds))
     if os.environ.get("OUT"):
-        write_result(os.environ["OUT"], {"run": ARGV[1:], "counts": dict(counts), "log": LOG},
+        write_result(os.environ["OUT"], {"run": ARGV[1:], "counts": dict(counts), "seconds": seconds, "log": LOG},
                      device="cuda" if torch.cuda.is_available() else "cpu")
 
 
