@@ -43,12 +43,17 @@ HISTORY_WEIGHT = 0.3
 PAYS_SHARE = 0.85
 
 
+MIN_REMOVED = 0.01  # of the dense row's work: below it a row is a lowering variant
+
+
 def realised_share(dense_ms: float, row_ms: float, dense_work: float, row_work: float) -> float | None:
     """The share of the ideal saving a row realised: (1 - row_ms / dense_ms) over
     (1 - row_work / dense_work), where work is bytes per decode step or FLOPs per
-    forward. None where the row removed no work (a lowering variant)."""
+    forward. None where the row removed no work (a lowering variant) or less than
+    MIN_REMOVED of it, where the quotient is timing noise over a rounding of the work
+    (a merge of projections spares a few activation bytes)."""
     removed = 1 - row_work / dense_work
-    if removed <= 0:
+    if removed < MIN_REMOVED:
         return None
     return (1 - row_ms / dense_ms) / removed
 
