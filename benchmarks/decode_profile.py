@@ -46,7 +46,7 @@ def profile_variant(model, entry, prompt, target, settings: dict, steps: int, au
                     top: int = 25) -> dict:
     art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default",
                        passes=settings, entry=entry, verify=False)
-    dec = decode_timer(art, lambda m: lower(m, target, autotune=autotune), str(prompt.device))
+    dec = decode_timer(art, lambda m: lower(m, target, autotune=autotune, decoder=True), str(prompt.device))
     dec.warm_up(prompt)
     ms = dec.measure_decode(prompt, 64).median_ms
     return dict(ms_per_token=ms, **kernel_table(dec, prompt, steps, top))

@@ -33,6 +33,9 @@ class Target:
     # Triton kernel instead of Inductor's SDPA (codegen/decode_sdpa): on where measured
     # faster (benchmarks/NOTES.md, "Decode attention on the H200").
     decode_attention: bool = False
+    # Inductor options a decoder LM's programs (prefill and decode) add to `inductor`
+    # (which wins where both set one): measured on a decode step, not on encoders.
+    decoder_inductor: dict = field(default_factory=dict)
 
 
 TARGETS = {
@@ -40,6 +43,10 @@ TARGETS = {
     "h100": Target(
         "h100", "cuda", torch.bfloat16, copy_tbs=2.94, bf16_tflops=769.0, gpu_names=("H100",),
         inductor={"coordinate_descent_tuning": True}, align=64, realize_gemv_inputs=True,
+        # Horizontal fusion of the step's independent small kernels (each layer's cache
+        # counter write, the rotary halves): measured on Llama-1B's decode step
+        # (benchmarks/NOTES.md, "Combo kernels in the decode step").
+        decoder_inductor={"combo_kernels": True},
     ),
     # Programmatic dependent launch (triton.enable_pdl) lets a kernel's launch overlap the
     # tail of the one before: measured with decode_attention on Llama-1B's decode step.
@@ -58,29 +65,36 @@ TARGETS = {
 LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention")
 
 
+# The targets' dicts of Inductor options, which with_overrides changes option by option.
+OPTION_DICTS = ("inductor", "decoder_inductor")
+
+
 def with_overrides(target: Target, words) -> Target:
     """`target` with lowering settings changed, for measuring one variant: `FIELD=true|false`
     for a field of LOWERING_FIELDS, `inductor.OPTION=VALUE` for one of the Inductor options
-    of its lowering (VALUE read as JSON: true, 4, "name"; a bare word is a string). Anything
-    else is a usage error naming what is known."""
-    fields, inductor = {}, dict(target.inductor)
+    of its lowering (`decoder_inductor.OPTION=VALUE`: of its decoder programs' only; VALUE
+    read as JSON: true, 4, "name"; a bare word is a string). Anything else is a usage error
+    naming what is known."""
+    fields = {}
+    options = {name: dict(getattr(target, name)) for name in OPTION_DICTS}
     for word in words:
         key, sep, value = word.partition("=")
         if not sep or not key or not value:
             raise UsageError(f"target setting {word!r}: expected FIELD=VALUE")
-        if key.startswith("inductor.") and len(key) > len("inductor."):
+        name, dot, option = key.partition(".")
+        if name in OPTION_DICTS and dot and option:
             try:
-                inductor[key[len("inductor."):]] = json.loads(value)
+                options[name][option] = json.loads(value)
             except json.JSONDecodeError:
-                inductor[key[len("inductor."):]] = value
+                options[name][option] = value
         elif key in LOWERING_FIELDS:
             if value.lower() not in ("true", "false"):
                 raise UsageError(f"target.{key}={value}: expected true or false")
             fields[key] = value.lower() == "true"
         else:
             raise UsageError(f"target.{key}: not a lowering setting of a target; known: "
-                             f"{', '.join(LOWERING_FIELDS)}, inductor.OPTION")
-    return replace(target, inductor=inductor, **fields)
+                             f"{', '.join(LOWERING_FIELDS)}, inductor.OPTION, decoder_inductor.OPTION")
+    return replace(target, **options, **fields)
 
 
 def changes_nothing(target: Target, words) -> bool:
@@ -102,7 +116,7 @@ def lowering_words(target: Target) -> str:
     beyond the device, so the device's history keeps measurements of one lowering apart
     from another's."""
     words = [f"{f}={json.dumps(getattr(target, f))}" for f in LOWERING_FIELDS]
-    words += [f"inductor.{k}={json.dumps(v)}" for k, v in sorted(target.inductor.items())]
+    words += [f"{name}.{k}={json.dumps(v)}" for name in OPTION_DICTS for k, v in sorted(getattr(target, name).items())]
     return " ".join(words)
 
 

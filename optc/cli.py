@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variant", action="append", default=[], metavar="'PASS.KEY=V [PASS.KEY=V ...]'",
                    help="one more optc row, its settings separated by spaces (repeatable; --set/--config "
                         "settings are the first such row); target.FIELD=V words change how that row is "
-                        "lowered (target.decode_attention=true, target.inductor.OPTION=V)")
+                        "lowered (target.decode_attention=true, target.inductor.OPTION=V, target.decoder_inductor.OPTION=V)")
     b.add_argument("--no-autotune", action="store_true",
                    help="lower optc's forward programs without Inductor's max-autotune (minutes faster; "
                         "the decode step never autotunes; the baselines keep their own modes)")

@@ -156,7 +156,8 @@ def _measure_decode(art, tgt, workload: Workload, inputs, autotune: bool | None,
     if loaded:
         dec = art.decoder(device=device)
     else:  # tuning Inductor's configs on the CPU benchmarks C++ templates for minutes, to no gain
-        dec = decode_timer(art, lambda m: lower(m, tgt, autotune=bool(autotune) and tgt.device == "cuda"), device)
+        dec = decode_timer(art, lambda m: lower(m, tgt, autotune=bool(autotune) and tgt.device == "cuda",
+                                                      decoder=True), device)
     start = time.perf_counter()
     dec.warm_up(prompt)
     setup = time.perf_counter() - start

@@ -25,8 +25,18 @@ def test_a_variant_sets_passes_target_fields_and_inductor_options(split_target_f
     assert "combo_kernels" not in h200.inductor  # the profile's target is not changed
 
 
+def test_a_variant_changes_the_decoder_programs_options_apart(split_target_fields):
+    h100 = targets.get("h100")
+    _, target = split_target_fields(["target.decoder_inductor.combo_kernels=false"], h100)
+    assert target.decoder_inductor == {**h100.decoder_inductor, "combo_kernels": False}
+    assert target.inductor == h100.inductor
+    assert "decoder_inductor.combo_kernels=false" in targets.lowering_words(target)
+    assert targets.lowering_words(target) != targets.lowering_words(h100)  # the device history keeps them apart
+
+
 def test_a_setting_that_is_not_a_lowering_one_is_refused(split_target_fields):
-    for word in ("target.fast=true", "target.align=128", "target.decode_attention=maybe", "target.decode_attention"):
+    for word in ("target.fast=true", "target.align=128", "target.decode_attention=maybe", "target.decode_attention",
+                 "target.decoder_inductor.=true"):
         with pytest.raises(UsageError):
             split_target_fields([word], targets.get("h200"))
 

@@ -117,7 +117,7 @@ def main():
             # back, with the configs their runtime tuning already chose. Clearing it makes
             # each compile tune its own (the earlier decoders hold their modules).
             PyCodeCache.cache_clear()
-            dec = decode_timer(art, lambda m, tgt=tgt: lower(m, tgt), str(prompt.device))
+            dec = decode_timer(art, lambda m, tgt=tgt: lower(m, tgt, decoder=True), str(prompt.device))
             t0 = time.perf_counter()
             dec.warm_up(prompt)
             row = dict(setup_s=round(time.perf_counter() - t0, 1), round_medians_ms=[])

@@ -150,7 +150,7 @@ def package_options(target: Target, program: str, graph=None) -> dict:
 
     lowering = load_lowering(target, program, graph)
     options = inductor_options(target, autotune=lowering["autotune"], cudagraphs=False,
-                               shape_tuning=lowering.get("shape_tuning", True))
+                               shape_tuning=lowering.get("shape_tuning", True), decoder=lowering.get("decoder", False))
     options.pop("triton.cudagraphs", None)
     options["aot_inductor.package_constants_in_so"] = False
     return options

@@ -49,16 +49,18 @@ THRESHOLD_BUFFER_PREFIX = "sparsify_t_"
 
 
 def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagraphs: bool = False,
-          shape_tuning: bool = True, kernel_cache: bool = False):
+          shape_tuning: bool = True, kernel_cache: bool = False, decoder: bool = False):
     """torch.compile with Inductor and the target's options (applied per call, never
     to the global Inductor config). `autotune` benchmarks GEMM and kernel configs on
     the device (max-autotune); `cudagraphs` lets Inductor capture CUDA graphs itself:
     leave it off where optc's decode loop captures the whole step. `shape_tuning=False`
     drops the target's per-kernel tuning (coordinate descent) too: see load_lowering.
     `kernel_cache` turns Inductor's FX graph cache on whatever the tuning: the compile
-    records an artifact's kernel cache with it, and a load that installed one reads it."""
+    records an artifact's kernel cache with it, and a load that installed one reads it.
+    `decoder`: a decoder LM's prefill or decode program (the target's decoder_inductor
+    options apply)."""
     options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning,
-                               kernel_cache=kernel_cache)
+                               kernel_cache=kernel_cache, decoder=decoder)
     if options.get("coordinate_descent_tuning"):
         config_pickles_keep_coordesc()  # a cached choice survives Inductor's compile workers (torch_fixes)
         if options.get("fx_graph_cache"):
@@ -95,9 +97,9 @@ def target_graph(gm: torch.nn.Module, target: Target) -> torch.nn.Module:
 
 
 def inductor_options(target: Target, *, autotune: bool = False, cudagraphs: bool = False,
-                     shape_tuning: bool = True, kernel_cache: bool = False) -> dict:
+                     shape_tuning: bool = True, kernel_cache: bool = False, decoder: bool = False) -> dict:
     """The options `lower` hands torch.compile (the manifest records them)."""
-    options = dict(target.inductor)
+    options = {**target.decoder_inductor, **target.inductor} if decoder else dict(target.inductor)
     if not shape_tuning:
         options.pop("coordinate_descent_tuning", None)
     if kernel_cache:
@@ -129,6 +131,8 @@ def load_lowering(target: Target, program: str, graph: torch.fx.Graph | None = N
     # options (one lowering per decoder), so only forward programs autotune.
     forward = program not in DECODER_PROGRAMS
     record = {"autotune": on_gpu and tuned and forward, "cudagraphs": on_gpu and forward}
+    if not forward:
+        record["decoder"] = True
     if not tuned:
         record["shape_tuning"] = False
     return record
@@ -148,11 +152,12 @@ TOKEN_MERGE_OP = "optc.token_merge"
 
 
 def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool = False,
-                    shape_tuning: bool = True, kernel_cache: bool = False) -> dict:
+                    shape_tuning: bool = True, kernel_cache: bool = False, decoder: bool = False) -> dict:
     """A lowering as the manifest records it: the switches and the exact options."""
     record = {"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs, "frontend": frontend(cudagraphs),
               "inductor_options": inductor_options(target, autotune=autotune, cudagraphs=cudagraphs,
-                                                   shape_tuning=shape_tuning, kernel_cache=kernel_cache),
+                                                   shape_tuning=shape_tuning, kernel_cache=kernel_cache,
+                                                   decoder=decoder),
               **{field: getattr(target, field) for field in LOWERING_FIELDS}}
     if kernel_cache:
         record["kernel_cache"] = True

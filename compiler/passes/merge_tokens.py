@@ -51,10 +51,10 @@ class MergeTokensConfig(PassConfig):
     outputs: str = knob("unmerge", choices=("unmerge", "merged"),
                         doc="token-level outputs: back at every original position, or at the merged length")
     proportional_attention: bool = knob(True, doc="add log(size) to the attention scores")
-    # torch by default: on the H200 optc's merge kernel cost more than the ops Inductor
-    # emits for the same merge (benchmarks/NOTES.md, "Merged BERT-base, batch 32 x 128,
-    # kernel by kernel"); the kernel since rewritten is not timed yet.
-    kernels: str = knob("torch", choices=("triton", "torch"), search=Choice(("triton", "torch"), when=("r", ">", 0)),
+    # triton by default: the rewritten merge kernel beat the ops Inductor emits for the
+    # same merge on merged BERT-base and ViT-B/16 on an H100 (benchmarks/NOTES.md, "The
+    # rewritten merge kernel on the GPU"); the search still chooses per model.
+    kernels: str = knob("triton", choices=("triton", "torch"), search=Choice(("triton", "torch"), when=("r", ">", 0)),
                         doc="on CUDA: torch ops that Inductor compiles, or optc's Triton kernels")
 
     def active(self) -> bool:

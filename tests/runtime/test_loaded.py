@@ -70,9 +70,9 @@ def _recording_lower(monkeypatch) -> list:
     recording what each call asked for."""
     calls = []
 
-    def lower(gm, target, *, autotune=False, cudagraphs=False, kernel_cache=False):
+    def lower(gm, target, *, autotune=False, cudagraphs=False, kernel_cache=False, decoder=False):
         calls.append({"target": target.name, "autotune": autotune, "cudagraphs": cudagraphs,
-                      "kernel_cache": kernel_cache})
+                      "kernel_cache": kernel_cache, "decoder": decoder})
         return torch.compile(gm, backend="eager", fullgraph=True, dynamic=False)
 
     monkeypatch.setattr(lowering, "lower", lower)
@@ -92,6 +92,7 @@ def test_manifest_records_the_lowering_the_check_used(unverified, monkeypatch, t
     assert len(calls) == 2 and all(c == calls[0] for c in calls)  # prefill and decode, alike
     used = calls[0]
     assert used["kernel_cache"] is True  # the check reads and writes Inductor's cache: what it compiles ships
+    assert used["decoder"] is True  # a decoder's programs take the target's decoder options
     rec = optc.load(art.save(tmp_path / "a.optc")).manifest["lowering"]  # survives the file
     assert rec["target"] == "cpu"
     # Eager dynamo compiles nothing Inductor caches, so this artifact has no kernel cache
@@ -99,7 +100,7 @@ def test_manifest_records_the_lowering_the_check_used(unverified, monkeypatch, t
     assert art.manifest["kernel_cache"]["skipped"]
     for name in ("prefill", "decode"):
         assert rec["check"][name] == lowering.lowering_record(cpu, autotune=used["autotune"],
-                                                              cudagraphs=used["cudagraphs"])
+                                                              cudagraphs=used["cudagraphs"], decoder=True)
         assert rec["load"][name] == rec["check"][name]  # the check lowers as a load does
     assert rec["check"]["decode"] == {"target": "cpu", "autotune": False, "cudagraphs": False, "frontend": "direct",
                                       "inductor_options": {"triton.cudagraphs": False}, "realize_gemv_inputs": False,
@@ -119,6 +120,14 @@ def test_manifest_records_the_lowering_the_check_used(unverified, monkeypatch, t
         "triton.cudagraphs": False}
     assert lowering.load_lowering(optc.compiler.targets.get("h200"), "forward") == {"autotune": True,
                                                                                      "cudagraphs": True}
+    # The h100 target's decoder options (combo kernels) reach its decoder programs, not a forward program.
+    h100 = optc.compiler.targets.get("h100")
+    assert h100.decoder_inductor
+    for program in ("prefill", "decode"):
+        options = lowering.lowering_record(h100, **lowering.load_lowering(h100, program))["inductor_options"]
+        assert all(options[k] == v for k, v in h100.decoder_inductor.items())
+    forward = lowering.lowering_record(h100, **lowering.load_lowering(h100, "forward"))["inductor_options"]
+    assert not set(h100.decoder_inductor) & set(forward)
 
 
 def test_loading_lowers_for_the_manifest_target_not_a_detected_one(saved, monkeypatch):
