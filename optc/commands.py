@@ -167,9 +167,11 @@ def _report_kernel_cache(rec: dict | None) -> None:
     if "skipped" in rec:
         _log(f"  kernel cache: none ({rec['skipped']})")
         return
-    env, n = rec.get("environment", {}), rec.get("entries", {})
+    env, n, triton = rec.get("environment", {}), rec.get("entries", {}), rec.get("triton_kernels") or {}
     _log(f"  kernel cache: {rec['bytes'] / 1e6:.1f} MB, {n.get('inductor', 0)} compiled graphs and "
-         f"{n.get('autotune', 0)} tuned kernel configs for {env.get('target')} (torch {env.get('torch')}"
+         f"{n.get('autotune', 0)} tuned kernel configs"
+         + (f", {triton['kernels']} Triton kernels the check compiled ({triton['bytes'] / 1e6:.1f} MB)" if triton else "")
+         + f" for {env.get('target')} (torch {env.get('torch')}"
          + (f", triton {env['triton']}" if env.get("triton") else "") + (f", {env['gpu']}" if env.get("gpu") else "")
          + "); a load in that environment lowers from them: no code generation, no tuning")
 

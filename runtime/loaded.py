@@ -157,7 +157,7 @@ class Artifact:
                             else (None, None))
             self.kernel_cache_status = {"used": data is not None, "reason": reason}
             if data is not None:
-                self.kernel_cache_status.update(installed=kernel_cache.install(data),
+                self.kernel_cache_status.update(installed=kernel_cache.install(data, self.manifest, self.extra_files),
                                                 counts_before=kernel_cache.hit_counts())
             elif reason is not None:
                 warnings.warn(f"{reason}; Inductor compiles and tunes the portable programs here (slower to load, "

@@ -11,7 +11,9 @@ ran (the autotune cache). `torch.compiler.load_cache_artifacts` writes them into
 machine's Inductor caches; the lowering then finds each program there, so it runs the
 verified kernels with the configurations chosen at compile time, without generating
 code or tuning again (issue: a decode step whose tuning differs from one process to
-the next decodes at a different speed).
+the next decodes at a different speed). Beside them, the Triton kernels this process
+compiled while the check ran (triton_kernels.py: configurations chosen after the FX
+graph entry was written), so a fresh machine does not compile those at load either.
 
 When a load uses it: the manifest's record names the environment it was built in
 (aoti_probe.environment: the target, torch and triton builds, CUDA, the GPU model or
@@ -40,20 +42,23 @@ _RECOMPILE = "recompile the model with `optc compile`"
 @dataclass
 class Recording:
     """What `recording()` collected: the serialised entries (None: nothing was
-    cacheable) and how many of each kind."""
+    cacheable) and how many of each kind, and the Triton kernels this process compiled
+    meanwhile (triton_kernels.recording)."""
 
     data: bytes | None = None
     counts: dict = field(default_factory=dict)
+    triton: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
 def recording():
     """Collect the cache entries of every lowering compiled or run inside (and nothing
     the process compiled before)."""
+    from optc.compiler.codegen import triton_kernels
     from optc.compiler.torch_private import fresh_cache_artifacts
 
     rec = Recording()
-    with fresh_cache_artifacts():
+    with fresh_cache_artifacts(), triton_kernels.recording() as rec.triton:
         yield rec
         saved = torch.compiler.save_cache_artifacts()
     if saved is not None:
@@ -65,13 +70,22 @@ def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, 
     """({member: bytes}, the manifest's "kernel_cache" record) for a recording."""
     from optc.compiler.codegen.aoti_probe import environment
 
+    from optc.compiler.codegen import triton_kernels
+
     if rec.data is None:
         return {}, {"format": FORMAT, "skipped": "Inductor recorded no cache entries for these programs"}
-    return {MEMBER: rec.data}, {
+    files = {MEMBER: rec.data}
+    record = {
         "format": FORMAT, "member": MEMBER, "sha256": hashlib.sha256(rec.data).hexdigest(),
         "bytes": len(rec.data), "entries": rec.counts, "programs": sorted(programs),
         "environment": environment(target),
     }
+    kernels, count = triton_kernels.pack(rec.triton)
+    if kernels is not None:
+        files[triton_kernels.MEMBER] = kernels
+        record["triton_kernels"] = {"member": triton_kernels.MEMBER, "sha256": hashlib.sha256(kernels).hexdigest(),
+                                    "bytes": len(kernels), "kernels": count}
+    return files, record
 
 
 def check_hash(manifest: dict, extra_files: dict, files: dict | None = None) -> None:
@@ -79,9 +93,10 @@ def check_hash(manifest: dict, extra_files: dict, files: dict | None = None) -> 
     hash to what the manifest recorded: checked at load, before anything could run.
     `files`: the record the bytes were checked against as they were read (check_member_hash)."""
     rec = manifest.get("kernel_cache") or {}
-    if "member" in rec:
-        check_member_hash(extra_files, rec["member"], rec.get("sha256"), f"the kernel cache {rec['member']!r}",
-                          _RECOMPILE, files)
+    for part in (rec, rec.get("triton_kernels") or {}):
+        if "member" in part:
+            check_member_hash(extra_files, part["member"], part.get("sha256"), f"the kernel cache {part['member']!r}",
+                              _RECOMPILE, files)
 
 
 def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | None, str | None]:
@@ -112,17 +127,25 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
               if k != "target" and built.get(k) != here.get(k)]
     if differ:
         return None, "its kernel cache was built in another environment: " + "; ".join(differ)
-    check_hash({"kernel_cache": rec}, extra_files)  # again: the bytes may be in-memory edits
+    check_hash({"kernel_cache": rec}, extra_files)  # again (the Triton kernels too): the bytes may be in-memory edits
     return extra_files[rec["member"]], None
 
 
-def install(data: bytes) -> dict:
-    """Write the entries into this machine's Inductor caches; how many of each kind."""
+def install(data: bytes, manifest: dict | None = None, extra_files: dict | None = None) -> dict:
+    """Write the entries into this machine's Inductor caches, and the artifact's Triton
+    kernels that Triton's cache lacks into it (given the manifest and members usable()
+    accepted); how many of each kind ("triton_kernels": how many were written)."""
+    from optc.compiler.codegen import triton_kernels
+
     info = torch.compiler.load_cache_artifacts(data)
     if info is None:
         raise ArtifactError(f"the artifact's kernel cache could not be read by torch {torch.__version__}; "
                             f"{_RECOMPILE}")
-    return _counts(info)
+    counts = _counts(info)
+    kernels = ((manifest or {}).get("kernel_cache") or {}).get("triton_kernels") or {}
+    if "member" in kernels:
+        counts["triton_kernels"] = triton_kernels.install(extra_files[kernels["member"]])
+    return counts
 
 
 def _frontend(target: Target, program: str) -> str:
