@@ -88,3 +88,11 @@ def test_a_tampered_triton_pack_is_refused(tmp_path):
     del files[triton_kernels.MEMBER]
     with pytest.raises(ArtifactError, match="lacks it"):
         kernel_cache.check_hash(manifest, files)
+
+
+def test_the_compile_report_names_the_triton_pack(tmp_path, capsys):
+    from optc import commands
+
+    _, manifest = _record_with_kernels(tmp_path)
+    commands._report_kernel_cache(manifest["kernel_cache"])
+    assert "1 Triton kernels the check compiled" in capsys.readouterr().err
