@@ -14,7 +14,8 @@ A variant's `target.FIELD=VALUE` words change the target's lowering fields for t
 variant (`target.realize_gemv_inputs=false` profiles the step without
 codegen/gemv_inputs' rewrite; `target.decode_attention=true` with optc's decode
 attention kernel, codegen/decode_sdpa); `target.inductor.OPTION=VALUE` sets an
-Inductor option of the target's lowering (`target.inductor.combo_kernels=true`).
+Inductor option of the target's lowering (`target.inductor.combo_kernels=true`), and
+`target.decoder_inductor.OPTION=VALUE` one of its decoder programs' only.
 """
 
 from __future__ import annotations

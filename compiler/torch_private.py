@@ -290,6 +290,16 @@ def fresh_cache_artifacts():
     return CacheArtifactManager.with_fresh_cache()
 
 
+def inductor_triton_cache_dir(device_index: int) -> str:
+    """The Triton cache directory Inductor compiles into for a CUDA device: TRITON_CACHE_DIR
+    where set, else `<Inductor's cache>/triton/<device>`, which Inductor's first autotuner
+    of the process then writes into TRITON_CACHE_DIR (`CachingAutotuner.__init__`).
+    `torch._inductor.runtime.cache_dir_utils.triton_cache_dir`, torch 2.11-2.13."""
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+    return triton_cache_dir(device_index)
+
+
 # --------------------------------------------------------------------------- torch bugs
 
 # Workarounds for torch bugs, applied only where the installed release has them:

@@ -144,12 +144,13 @@ def _subsample(session) -> int:
 
 def trial_lowering(kind: str, target):
     """(the target trials are lowered for, the study's and the device history's label of
-    that lowering). "plain" trials drop the target's Inductor options. The label names the
-    lowering in full, so that trials measured before a target's lowering changed (a kernel
-    turned on) join neither a study nor a cost model after it."""
+    that lowering). "plain" trials drop the target's Inductor options (its decoder
+    programs' too). The label names the lowering in full, so that trials measured before
+    a target's lowering changed (a kernel turned on) join neither a study nor a cost
+    model after it."""
     from optc.compiler import targets
 
-    measured_on = replace(target, inductor={}) if kind == "plain" else target
+    measured_on = replace(target, inductor={}, decoder_inductor={}) if kind == "plain" else target
     return measured_on, f"{kind}: {targets.lowering_words(measured_on)}"
 
 

@@ -92,11 +92,13 @@ def _check_member_name(name: str) -> None:
 
 
 def _listed_members(manifest: dict) -> list[str]:
-    """The members the manifest says the file carries: the kernel cache and each package."""
+    """The members the manifest says the file carries: the kernel cache (and its Triton
+    kernels) and each package."""
     def record(value) -> dict:
         return value if isinstance(value, dict) else {}
 
-    listed = [record(manifest.get("kernel_cache")).get("member")]
+    cache = record(manifest.get("kernel_cache"))
+    listed = [cache.get("member"), record(cache.get("triton_kernels")).get("member")]
     listed += [record(rec).get("member") for rec in record(record(manifest.get("packages")).get("programs")).values()]
     return [m for m in listed if isinstance(m, str)]
 

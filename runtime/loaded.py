@@ -133,7 +133,7 @@ class Artifact:
                     options["autotune"] = autotune
                 packaged = self._packaged(name, target, gm, device) if autotune is not False else None
                 # The kernel cache holds the load lowering's kernels; another lowering would miss it.
-                cached = autotune is None and self._kernel_cache(target)
+                cached = autotune is None and self._kernel_cache(target, device)
                 gm = packaged or lower(gm, target, **options, kernel_cache=cached)
             self._modules[key] = gm
         return self._modules[key]
@@ -146,7 +146,7 @@ class Artifact:
 
         return packaged_module(self.manifest, self.extra_files, name, target, gm, device, self._warned)
 
-    def _kernel_cache(self, target) -> bool:
+    def _kernel_cache(self, target, device) -> bool:
         """Install the artifact's kernel cache into this process's Inductor caches (once)
         when it was built for `target` in this environment; whether lowerings read it.
         Where it does not fit, warns once why and the programs are compiled here."""
@@ -157,7 +157,10 @@ class Artifact:
                             else (None, None))
             self.kernel_cache_status = {"used": data is not None, "reason": reason}
             if data is not None:
-                self.kernel_cache_status.update(installed=kernel_cache.install(data, self.manifest, self.extra_files),
+                installed = kernel_cache.install(data)
+                installed.update(kernel_cache.install_triton_kernels(self.manifest, self.extra_files,
+                                                                     torch.device(device).index or 0))
+                self.kernel_cache_status.update(installed=installed,
                                                 counts_before=kernel_cache.hit_counts())
             elif reason is not None:
                 warnings.warn(f"{reason}; Inductor compiles and tunes the portable programs here (slower to load, "
@@ -284,7 +287,7 @@ class Artifact:
             if all(p is not None for p in pair):
                 prefill, decode = pair
             else:
-                cached = self._kernel_cache(target)
+                cached = self._kernel_cache(target, device)
                 compile_fn = lambda m: lower(m, target, **load_lowering(target, "decode", m.graph),  # noqa: E731
                                              kernel_cache=cached)
         meta = self.manifest["model"]

@@ -104,7 +104,7 @@ def main():
         art = optc.compile(model, (prompt,), target=target.name, pipeline_name="default",
                            passes=sets, entry=entry, verify=False)
         tgt = dataclasses.replace(target, inductor={**target.inductor, **inductor})
-        arm = result["arms"][label] = dict(passes=sets, inductor=tgt.inductor, compiles=[],
+        arm = result["arms"][label] = dict(passes=sets, inductor={**tgt.decoder_inductor, **tgt.inductor}, compiles=[],
                                            resolved=art.manifest.get("config"))
         for i in range(args.compiles):
             # Dynamo would otherwise reuse the first compile for the same graph (weights

@@ -12,7 +12,8 @@ of a before/after.
         python benchmarks/experiments/tuning_at_load.py benchmarks/load_to_first_token.py l1b.optc --tokens 64
 
 Counts, and the seconds spent inside each kind of call (a configuration's Triton compile,
-a coordinate-descent run), are printed at exit ("TUNING {...} SECONDS {...}"); the full
+a coordinate-descent run; the kinds overlap: a run's seconds hold the compiles of the
+configurations it tries), are printed at exit ("TUNING {...} SECONDS {...}"); the full
 log is written to $OUT when set.
 """
 

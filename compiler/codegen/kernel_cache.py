@@ -120,6 +120,10 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
                       f"Inductor for {', '.join(moved)}, where this optc lowers through "
                       f"{_frontend(target, moved[0])!r} (lowering.frontend); recompile the model to carry "
                       "one it can use")
+    changed = _options_changed(manifest, target, list(recorded))
+    if changed:
+        return None, (f"its kernel cache was compiled with other Inductor options for {changed[0]} than this optc "
+                      f"lowers it with ({changed[1]}); recompile the model to carry one it can use")
     built, here = rec.get("environment") or {}, environment(target)
     if built.get("target") != target.name:
         return None, f"its kernel cache was built for {built.get('target')}, this is {target.name}"
@@ -131,21 +135,52 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
     return extra_files[rec["member"]], None
 
 
-def install(data: bytes, manifest: dict | None = None, extra_files: dict | None = None) -> dict:
-    """Write the entries into this machine's Inductor caches, and the artifact's Triton
-    kernels that Triton's cache lacks into it (given the manifest and members usable()
-    accepted); how many of each kind ("triton_kernels": how many were written)."""
-    from optc.compiler.codegen import triton_kernels
-
+def install(data: bytes) -> dict:
+    """Write the entries into this machine's Inductor caches; how many of each kind."""
     info = torch.compiler.load_cache_artifacts(data)
     if info is None:
         raise ArtifactError(f"the artifact's kernel cache could not be read by torch {torch.__version__}; "
                             f"{_RECOMPILE}")
-    counts = _counts(info)
-    kernels = ((manifest or {}).get("kernel_cache") or {}).get("triton_kernels") or {}
-    if "member" in kernels:
-        counts["triton_kernels"] = triton_kernels.install(extra_files[kernels["member"]])
-    return counts
+    return _counts(info)
+
+
+def install_triton_kernels(manifest: dict, extra_files: dict, device_index: int = 0) -> dict:
+    """Write the artifact's Triton kernels that this machine's Triton cache lacks into it
+    (for a kernel cache usable() accepted): {"triton_kernels": how many were written},
+    {} where it carries none. They only spare compiles, so a cache that cannot be
+    written warns and the load goes on (Triton compiles those kernels itself)."""
+    import warnings
+
+    from optc.compiler.codegen import triton_kernels
+
+    rec = (manifest.get("kernel_cache") or {}).get("triton_kernels") or {}
+    if "member" not in rec:
+        return {}
+    try:
+        return {"triton_kernels": triton_kernels.install(extra_files[rec["member"]], device_index)}
+    except Exception as exc:  # noqa: BLE001  (any failure of a speed-up must not fail the load)
+        warnings.warn(f"the artifact's Triton kernels could not be written into Triton's cache ({exc}); "
+                      "they are compiled here instead", stacklevel=3)
+        return {"triton_kernels": 0}
+
+
+def _options_changed(manifest: dict, target: Target, programs: list[str]) -> tuple[str, str] | None:
+    """(program, what differs) for the first program whose recorded load options are not
+    the ones this optc lowers it with (a target's options changed since the compile, so
+    every cache key would miss); None when all agree or the manifest records none."""
+    from optc.compiler.codegen.lowering import load_lowering, lowering_record
+
+    loads = (manifest.get("lowering") or {}).get("load") or {}
+    for program in programs:
+        recorded = (loads.get(program) or {}).get("inductor_options")
+        if recorded is None:
+            continue
+        lowering = {**load_lowering(target, program), "shape_tuning": loads[program].get("shape_tuning", True)}
+        now = lowering_record(target, **lowering, kernel_cache=True)["inductor_options"]
+        if now != recorded:
+            diff = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+            return program, ", ".join(f"{k}: {recorded.get(k)!r} there, {now.get(k)!r} here" for k in diff)
+    return None
 
 
 def _frontend(target: Target, program: str) -> str:

@@ -313,6 +313,14 @@ def test_fresh_cache_artifacts(tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_inductor_triton_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    assert tp.inductor_triton_cache_dir(1) == str(tmp_path / "inductor" / "triton" / "1")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    assert tp.inductor_triton_cache_dir(1) == str(tmp_path / "mine")
+
+
 def test_import_export_deserialiser():
     import subprocess
     import sys

@@ -262,6 +262,10 @@ def test_write_refuses_a_manifest_listing_compiled_code_it_was_not_given(tmp_pat
                                                                        "decode": {"skipped": "why"}}}}
     with pytest.raises(UsageError, match="packages/forward.pt2"):
         A.write_artifact(tmp_path / "a.optc", {"forward": ep}, package, {"kernels/inductor_cache.bin": b"x"})
+    kernels = {**MANIFEST, "kernel_cache": {**cache["kernel_cache"],
+                                            "triton_kernels": {"member": "kernels/triton_kernels.zip"}}}
+    with pytest.raises(UsageError, match="kernels/triton_kernels.zip"):
+        A.write_artifact(tmp_path / "a.optc", {"forward": ep}, kernels, {"kernels/inductor_cache.bin": b"x"})
     assert os.listdir(tmp_path) == []
     A.write_artifact(tmp_path / "a.optc", {"forward": ep}, cache, {"kernels/inductor_cache.bin": b"x"})
 

@@ -131,6 +131,20 @@ def test_a_cache_recorded_through_dynamo_is_not_installed(lm, tmp_path, monkeypa
     assert len(calls) == 2 and not any(c["kernel_cache"] for c in calls)
 
 
+def test_a_cache_compiled_with_other_inductor_options_is_not_installed(lm):
+    """A target whose options changed since the compile (h100's decoder programs took
+    combo kernels) would miss every entry: the load says why instead of installing it."""
+    import copy
+
+    art = optc.load(lm)
+    cpu = get_target("cpu")
+    assert kernel_cache.usable(art.manifest, art.extra_files, cpu)[0] is not None  # as compiled: used
+    older = copy.deepcopy(art.manifest)
+    older["lowering"]["load"]["decode"]["inductor_options"]["combo_kernels"] = True
+    data, reason = kernel_cache.usable(older, art.extra_files, cpu)
+    assert data is None and "other Inductor options for decode" in reason and "combo_kernels: True there" in reason
+
+
 def test_load_without_the_kernel_cache(lm, monkeypatch, eager_lower):
     calls = eager_lower
     monkeypatch.setattr(kernel_cache, "install", lambda data: pytest.fail("installed the kernel cache"))

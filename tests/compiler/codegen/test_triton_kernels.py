@@ -32,6 +32,9 @@ def test_a_recorded_kernel_is_a_cache_hit_on_an_empty_cache():
     assert out["unshipped_compiled"]  # the check's sanity: what was not shipped is compiled
 
 
+KEY_A, KEY_B = "A" * 52, "B" * 52  # the shape of Triton's keys (base32 of a sha256)
+
+
 def _group(directory: Path, key: str, name: str) -> dict:
     (directory / key).mkdir(parents=True)
     paths = {}
@@ -43,29 +46,69 @@ def _group(directory: Path, key: str, name: str) -> dict:
 
 
 def test_pack_skips_kernels_whose_files_are_gone(tmp_path):
-    groups = {"AAA": _group(tmp_path, "AAA", "k"), "BBB": _group(tmp_path, "BBB", "j")}
-    os.remove(groups["BBB"]["j.cubin"])  # removed from Triton's cache since
+    groups = {KEY_A: _group(tmp_path, KEY_A, "k"), KEY_B: _group(tmp_path, KEY_B, "j")}
+    os.remove(groups[KEY_B]["j.cubin"])  # removed from Triton's cache since
     data, count = triton_kernels.pack(groups)
     assert count == 1
-    assert triton_kernels.pack({"BBB": groups["BBB"]}) == (None, 0)
+    assert triton_kernels.pack({KEY_B: groups[KEY_B]}) == (None, 0)
 
 
 def test_install_writes_groups_triton_reads(tmp_path, monkeypatch):
-    from triton import knobs
     from triton.runtime.cache import FileCacheManager
 
-    data, _ = triton_kernels.pack({"AAA": _group(tmp_path / "compiled", "AAA", "k")})
-    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path / "fresh"))
+    data, _ = triton_kernels.pack({KEY_A: _group(tmp_path / "compiled", KEY_A, "k")})
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "fresh"))
     assert triton_kernels.install(data) == 1
-    group = FileCacheManager("AAA").get_group("k.json")
+    group = FileCacheManager(KEY_A).get_group("k.json")
     assert sorted(group) == ["k.cubin", "k.json"]
     assert Path(group["k.cubin"]).read_bytes() == b"\x7fELF binary"
     assert str(tmp_path / "fresh") in group["k.json"]  # paths of this cache, not the compiling machine's
 
 
+def test_install_goes_where_inductors_kernels_look(tmp_path, monkeypatch):
+    """With TRITON_CACHE_DIR unset, Inductor's first kernel sets it to a directory in
+    Inductor's cache: the kernels must be written there, not to Triton's default."""
+    from triton.runtime.cache import FileCacheManager
+
+    data, _ = triton_kernels.pack({KEY_A: _group(tmp_path / "compiled", KEY_A, "k")})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    assert triton_kernels.install(data, device_index=1) == 1
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "inductor" / "triton" / "1")
+    assert FileCacheManager(KEY_A).get_group("k.json")["k.cubin"].startswith(str(tmp_path / "inductor"))
+    assert not (tmp_path / "home").exists()
+
+
+def test_install_skips_what_a_cache_hit_could_not_read(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(f"{KEY_A}/k.json", b"{}")  # no binary: a hit would fail in Triton
+        archive.writestr(f"{KEY_B}/../../escape.json", b"{}")  # not a file of the cache
+        archive.writestr("not-a-key/j.json", b"{}")
+        archive.writestr("not-a-key/j.cubin", b"x")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "fresh"))
+    assert triton_kernels.install(buffer.getvalue()) == 0
+    assert not (tmp_path / "escape.json").exists() and not list((tmp_path / "fresh").rglob("*.json"))
+
+
+def test_a_cache_that_cannot_be_written_warns_and_the_load_goes_on(tmp_path, monkeypatch):
+    files, manifest = _record_with_kernels(tmp_path)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: cannot be made
+    with pytest.warns(UserWarning, match="compiled here instead"):
+        assert kernel_cache.install_triton_kernels(manifest, files) == {"triton_kernels": 0}
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    assert kernel_cache.install_triton_kernels(manifest, files) == {"triton_kernels": 1}
+    assert kernel_cache.install_triton_kernels({"kernel_cache": {}}, files) == {}
+
+
 def _record_with_kernels(tmp_path) -> tuple[dict, dict]:
     rec = kernel_cache.Recording(data=b"inductor entries", counts={"inductor": 1},
-                                 triton={"AAA": _group(tmp_path, "AAA", "k")})
+                                 triton={KEY_A: _group(tmp_path, KEY_A, "k")})
     files, record = kernel_cache.package(rec, get_target("cpu"), ["forward"])
     return files, {"kernel_cache": record}
 

@@ -321,3 +321,7 @@ def test_a_studys_lowering_label_changes_with_the_targets_lowering():
     assert trial_lowering("target", without)[1] != label  # its trials are another study's
     plain_on, plain = trial_lowering("plain", h200)
     assert plain_on.inductor == {} and "inductor." not in plain and plain != label
+    h100 = targets.get("h100")
+    assert h100.decoder_inductor and "decoder_inductor.combo_kernels=true" in trial_lowering("target", h100)[1]
+    plain_on, plain = trial_lowering("plain", h100)
+    assert plain_on.inductor == {} and plain_on.decoder_inductor == {} and "inductor." not in plain
