@@ -68,9 +68,8 @@ def recording():
 
 def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, dict]:
     """({member: bytes}, the manifest's "kernel_cache" record) for a recording."""
-    from optc.compiler.codegen.aoti_probe import environment
-
     from optc.compiler.codegen import triton_kernels
+    from optc.compiler.codegen.aoti_probe import environment
 
     if rec.data is None:
         return {}, {"format": FORMAT, "skipped": "Inductor recorded no cache entries for these programs"}

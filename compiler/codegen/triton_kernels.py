@@ -43,8 +43,8 @@ _KEY = re.compile(r"[A-Z2-7]+")  # Triton's cache keys: the base32 of a sha256
 
 @contextlib.contextmanager
 def recording():
-    """{cache directory name: {file name: path}} of every kernel Triton compiled or
-    found in its cache in this process inside the block (empty without Triton)."""
+    """{Triton's cache key: {file name: path}} of every kernel Triton compiled or found
+    in its cache in this process inside the block (empty without Triton)."""
     groups: dict[str, dict[str, str]] = {}
     try:
         from triton import knobs
