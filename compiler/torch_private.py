@@ -41,7 +41,7 @@ __all__ = [
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
     "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks", "check_call_structure",
     "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
-    "inductor_realize_op", "fresh_cache_artifacts", "export_load_type_hints_cached",
+    "inductor_realize_op", "fresh_cache_artifacts", "inductor_triton_cache_dir", "export_load_type_hints_cached",
     "export_load_sympify_cached", "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc",
     "import_export_deserialiser",
     "dynamo_counters", "python_dispatcher",
