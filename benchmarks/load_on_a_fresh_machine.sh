@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The artifact's load as a fresh machine sees it: compile MODEL with empty Inductor and Triton
-# caches, then load it N times, each in a fresh process with empty caches of its own (only the
-# artifact's kernel cache), counting Inductor's tuning (experiments/tuning_at_load.py) and timing
-# the load to the first token (load_to_first_token.py). With --over-cache, a second compile runs
+# caches, then load it N times, each in a fresh process with empty caches of its own and no
+# TRITON_CACHE_DIR (only the artifact's kernel cache), counting Inductor's tuning
+# (experiments/tuning_at_load.py) and timing the load to the first token
+# (load_to_first_token.py). With --over-cache, a second compile runs
 # over the first one's caches (its kernels start from the cached choices) and its artifact is
 # loaded the same way. Results land in OUT_DIR.
 #   benchmarks/load_on_a_fresh_machine.sh MODEL TARGET OUT_DIR N [--over-cache]
@@ -19,8 +20,10 @@ compile() {  # name
   echo "compile $1 exit $? after $(( $(date +%s) - start )) s"
 }
 load() {  # artifact name, run
+  # As on a user's fresh machine: TRITON_CACHE_DIR unset (Inductor then sets it to a directory of its own
+  # cache, where the artifact's Triton kernels must be written), Triton's home and Inductor's cache empty.
   fresh=$(mktemp -d)
-  TORCHINDUCTOR_CACHE_DIR=$fresh/inductor TRITON_CACHE_DIR=$fresh/triton OUT=$out/tuning_load_$1_$2.json \
+  env -u TRITON_CACHE_DIR TRITON_HOME=$fresh/home TORCHINDUCTOR_CACHE_DIR=$fresh/inductor OUT=$out/tuning_load_$1_$2.json \
     python3 "$here/experiments/tuning_at_load.py" "$here/load_to_first_token.py" "$out/$1.optc" --tokens 64 \
     --out "$out/load_to_first_token_$1_$2.json" > "$out/load_$1_$2.log" 2>&1
   echo "load $1 $2 exit $?: $(grep -h '^load' "$out/load_$1_$2.log" | cut -c1-160)"
