@@ -77,7 +77,7 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     session, entry, prompt = _session(req, target, log)
     space = SearchSpace(session.anatomy, req.pipeline, req.fixed)
     workload = _workload(session, req, prompt)
-    measured_on, lowering = trial_lowering(req.lowering, target)
+    measured_on, lowering = trial_lowering(req.lowering, target, decoder=session.is_lm)
     signature = {"model": session.model_name, "target": target.name, "workload": workload.to_dict(),
                  "lowering": lowering,
                  "space": space.signature(), "calibration": session.calibration_source()}
@@ -142,14 +142,17 @@ def _subsample(session) -> int:
     return SUBSAMPLE["causal-lm" if session.is_lm else "other"]
 
 
-def trial_lowering(kind: str, target):
+def trial_lowering(kind: str, target, *, decoder: bool = True):
     """(the target trials are lowered for, the study's and the device history's label of
     that lowering). "plain" trials drop the target's Inductor options (its decoder
-    programs' too). The label names the lowering in full, so that trials measured before
-    a target's lowering changed (a kernel turned on) join neither a study nor a cost
-    model after it."""
+    programs' too); a model that is not a decoder LM (`decoder=False`) has no decoder
+    programs, so their options are not part of its lowering either. The label names the
+    lowering in full, so that trials measured before a target's lowering changed (a
+    kernel turned on) join neither a study nor a cost model after it."""
     from optc.compiler import targets
 
+    if not decoder:
+        target = replace(target, decoder_inductor={})
     measured_on = replace(target, inductor={}, decoder_inductor={}) if kind == "plain" else target
     return measured_on, f"{kind}: {targets.lowering_words(measured_on)}"
 

@@ -325,3 +325,7 @@ def test_a_studys_lowering_label_changes_with_the_targets_lowering():
     assert h100.decoder_inductor and "decoder_inductor.combo_kernels=true" in trial_lowering("target", h100)[1]
     plain_on, plain = trial_lowering("plain", h100)
     assert plain_on.inductor == {} and plain_on.decoder_inductor == {} and "inductor." not in plain
+    # An encoder's lowering on h100 did not change with the decoder options: nor does its label.
+    encoder_on, encoder = trial_lowering("target", h100, decoder=False)
+    assert encoder_on.decoder_inductor == {} and "decoder_inductor" not in encoder
+    assert encoder_on.inductor == h100.inductor
