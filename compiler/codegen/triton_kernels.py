@@ -75,7 +75,7 @@ def pack(groups: dict[str, dict[str, str]]) -> tuple[bytes | None, int]:
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for key in sorted(groups):
             paths = groups[key]
-            if not _complete(paths) or not all(os.path.isfile(p) for p in paths.values()):
+            if _metadata_of(paths) is None or not all(os.path.isfile(p) for p in paths.values()):
                 continue
             for name in sorted(paths):
                 archive.write(paths[name], f"{key}/{name}")
@@ -104,9 +104,9 @@ def install(data: bytes, device_index: int = 0) -> int:
                 kernels.setdefault(key, {})[name] = archive.read(entry)
     written = 0
     for key, files in sorted(kernels.items()):
-        if not _complete(files):
+        metadata = _metadata_of(files)
+        if metadata is None:
             continue
-        metadata = _one_metadata(files)
         manager = manager_class(key)
         if (manager.get_group(metadata) or {}).get(metadata):
             continue  # already cached here
@@ -116,15 +116,12 @@ def install(data: bytes, device_index: int = 0) -> int:
     return written
 
 
-def _one_metadata(files) -> str | None:
-    """The name of a kernel's metadata file (its group is filed under it)."""
+def _metadata_of(files) -> str | None:
+    """The name of a kernel's metadata file (its group is filed under it), where its
+    files are what a cache hit reads (one metadata file and a binary); else None."""
     names = [name for name in files if name.endswith(".json")]
-    return names[0] if len(names) == 1 else None
-
-
-def _complete(files) -> bool:
-    """Whether a kernel's files are what a cache hit reads: one metadata file, a binary."""
-    return _one_metadata(files) is not None and any(name.endswith(_BINARY_SUFFIXES) for name in files)
+    has_binary = any(name.endswith(_BINARY_SUFFIXES) for name in files)
+    return names[0] if len(names) == 1 and has_binary else None
 
 
 def _cache_key(kernel_hash) -> str | None:
