@@ -33,6 +33,9 @@ class Target:
     # Triton kernel instead of Inductor's SDPA (codegen/decode_sdpa): on where measured
     # faster (benchmarks/NOTES.md, "Decode attention on the H200").
     decode_attention: bool = False
+    # Decode GEMVs whose input is in memory anyway run optc's GEMV with a tile stored per
+    # target and shape instead of Inductor's per-process tuned reduction (codegen/decode_gemv).
+    decode_gemv: bool = False
     # Inductor options a decoder LM's programs (prefill and decode) add to `inductor`
     # (which wins where both set one): measured on a decode step, not on encoders.
     decoder_inductor: dict = field(default_factory=dict)
@@ -62,7 +65,7 @@ TARGETS = {
 
 # The fields of a profile that only change how programs are lowered (not what the passes
 # do): a measurement may change them for one row (`with_overrides`).
-LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention")
+LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv")
 
 
 # The targets' dicts of Inductor options, which with_overrides changes option by option.

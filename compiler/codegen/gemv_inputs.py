@@ -45,7 +45,7 @@ def _computed_activation(node) -> bool:
         isinstance(a, fx.Node) and a.op == "call_function" and a.target in ACTIVATIONS for a in node.args)
 
 
-def _one_row(node: fx.Node) -> bool:
+def one_row(node: fx.Node) -> bool:
     shape = node_shape(node)
     return shape is not None and len(shape) >= 1 and math.prod(shape[:-1]) == 1
 
@@ -55,14 +55,14 @@ def gemv_inputs(graph: fx.Graph) -> list[fx.Node]:
     straight from an activation expression."""
     return [n for n in graph.nodes
             if n.op == "call_function" and n.target == aten.linear.default  # capture's form of every linear
-            and isinstance(n.args[0], fx.Node) and _one_row(n.args[0]) and _computed_activation(n.args[0])]
+            and isinstance(n.args[0], fx.Node) and one_row(n.args[0]) and _computed_activation(n.args[0])]
 
 
 def biased_gemvs(graph: fx.Graph) -> list[fx.Node]:
     """The one-row linears of `graph` that add a bias."""
     return [n for n in graph.nodes
             if n.op == "call_function" and n.target == aten.linear.default and len(n.args) > 2
-            and n.args[2] is not None and isinstance(n.args[0], fx.Node) and _one_row(n.args[0])]
+            and n.args[2] is not None and isinstance(n.args[0], fx.Node) and one_row(n.args[0])]
 
 
 def _split_bias(graph: fx.Graph, lin: fx.Node) -> None:

@@ -10,6 +10,7 @@ from torch.export import ExportedProgram
 from optc.compiler.capture import graph_module, is_state_buffer
 from optc.compiler.codegen.check_inputs import (  # noqa: F401  (part of this module's API)
     decode_start, prefilled_state, random_like_inputs, reset_state, vocab_size)
+from optc.compiler.codegen.decode_gemv import use_decode_gemv
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.direct import DirectLowering
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
@@ -84,7 +85,7 @@ def frontend(cudagraphs: bool) -> str:
 
 def target_graph(gm: torch.nn.Module, target: Target) -> torch.nn.Module:
     """The graph `target` compiles: `gm` with the target's decode rewrites (GEMV inputs
-    realised, decode-step attention on optc's kernel), as a copy sharing its parameters,
+    realised, decode-step attention and GEMVs on optc's kernels), as a copy sharing its parameters,
     or `gm` itself where none applies. `lower` and the AOTInductor packages
     (codegen/aoti.py) both compile this, so a package runs what a lowering runs."""
     if not isinstance(gm, torch.fx.GraphModule):
@@ -93,6 +94,8 @@ def target_graph(gm: torch.nn.Module, target: Target) -> torch.nn.Module:
         gm, _ = realize_gemv_inputs(gm)
     if target.decode_attention:
         gm, _ = use_decode_attention(gm)
+    if target.decode_gemv:
+        gm, _ = use_decode_gemv(gm)  # after decode_attention: its outputs are in memory
     return gm
 
 

@@ -14,7 +14,8 @@ assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from optc.compiler.codegen.kernels import cats_mlp, configs, decode_attention, sparse_gemv, sparse_linear  # noqa: E402
+from optc.compiler.codegen.kernels import (  # noqa: E402
+    cats_mlp, configs, decode_attention, dense_gemv, gemv_tiles, sparse_gemv, sparse_linear)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -39,6 +40,9 @@ ATTENTION_SIG = {
     "scale": "fp64",  # what Inductor's launch of a user-defined kernel passes a Python float as
     **_ints("sqb", "sqh", "sqs", "sqd", "skb", "skh", "skl", "skd", "svb", "svh", "svl", "svd",
             "smb", "smh", "sms", "sml", "sob", "soh", "sos", "sod")}
+DENSE_GEMV_SIG = {
+    "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
+    **_ints("N", "K", "K_PER_SPLIT", "stride_wn")}
 
 
 def cases():
@@ -64,6 +68,13 @@ def cases():
         yield (f"decode_attention-split{split}", decode_attention.decode_attention_kernel, ATTENTION_SIG,
                dict(HAS_MASK=True, PARTIAL=cfg.split > 1, FP32_DOT=False, BLOCK_S=16, BLOCK_L=cfg.block_l, BLOCK_D=64,
                     SCAN=decode_attention._scan(16, 256 // cfg.split)), cfg.num_warps)
+
+    # The GEMV with the H200's tiles for Llama-1B's o and k/v shapes (one slice and split).
+    for n, k in ((2048, 2048), (512, 2048)):
+        tile = gemv_tiles.gemv_tile("h200", n, k)
+        yield (f"dense_gemv-{n}x{k}", dense_gemv.dense_gemv_kernel, DENSE_GEMV_SIG,
+               dict(HAS_BIAS=tile.split == 1, PARTIAL=tile.split > 1, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k),
+               tile.num_warps)
 
 
 def compile_one(kernel, signature, constexprs, num_warps) -> str:

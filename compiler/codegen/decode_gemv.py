@@ -1,0 +1,95 @@
+"""Decode GEMVs whose input is already in memory run optc::gemv with a stored tile.
+
+Inductor lowers a one-row linear as a reduction tuned by coordinate descent in each
+compile, which picks different tiles from one process to the next, some far below the
+copy bandwidth (kernels/dense_gemv.py says where it was measured). optc::gemv
+(codegen/gemv_ops.py) launches the tile kernels/gemv_tiles.py stores for the target.
+
+Rewritten: a linear of one row whose input is a value that is written to memory
+whatever the rewrite does (seen through views): a program input, the realising op of
+gemv_inputs, or the output of another op Inductor does not fuse into (optc's ops, SDPA).
+A linear whose input is computed in place (a norm, a rotary product) keeps Inductor's
+reduction, into which that computation fuses. Like decode_sdpa, the rewrite works on a
+copy used for lowering; the lowering check compares it with the program itself.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from optc.compiler.codegen.gemv_inputs import one_row
+from optc.compiler.rewrite import node_shape
+from optc.compiler.torch_private import inductor_realize_op
+
+aten = torch.ops.aten
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+          aten.squeeze.dim, aten.squeeze.default, aten.flatten.using_ints, aten.transpose.int,
+          aten.permute.default, aten.clone.default, aten.contiguous.default}
+_UNFUSED = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention.default,
+            aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _written_anyway(node) -> bool:
+    """Whether `node` (seen through views; a tuple's item through getitem) is a value
+    Inductor writes to memory whatever its consumer."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and (
+            node.target in _VIEWS or node.target.__name__ == "getitem"):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "placeholder":
+        return True
+    if node.op != "call_function":
+        return False
+    target = node.target
+    return (target == inductor_realize_op() or target in _UNFUSED
+            or getattr(target, "namespace", None) == "optc")
+
+
+def _dtype(node):
+    return getattr(node.meta.get("val"), "dtype", None) if isinstance(node, fx.Node) else None
+
+
+def decode_gemv_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The one-row linears of `graph` that optc::gemv computes, reading an input that
+    is in memory anyway."""
+    found = []
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target != aten.linear.default:
+            continue
+        x, w = n.args[0], n.args[1]
+        if not (isinstance(x, fx.Node) and isinstance(w, fx.Node) and one_row(x)):
+            continue
+        ws = node_shape(w)
+        if ws is None or len(ws) != 2 or not all(isinstance(d, int) for d in ws):
+            continue
+        if _dtype(x) in _DTYPES and _dtype(x) == _dtype(w) and _written_anyway(x):
+            found.append(n)
+    return found
+
+
+def use_decode_gemv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (sharing its parameters) whose such GEMVs call optc::gemv, and how
+    many it rewrote; `gm` itself when there are none."""
+    if not decode_gemv_nodes(gm.graph):
+        return gm, 0
+    from optc.compiler.codegen import gemv_ops  # noqa: F401  (registers optc::gemv)
+
+    graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
+    found = decode_gemv_nodes(graph)
+    for lin in found:
+        x, w = lin.args[:2]
+        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        with graph.inserting_before(lin):
+            new = graph.call_function(torch.ops.optc.gemv.default, (x, w, bias))
+        new.meta = dict(lin.meta)
+        lin.replace_all_uses_with(new)
+        graph.erase_node(lin)
+    rewritten = fx.GraphModule(gm, graph)
+    rewritten.meta.update(gm.meta)
+    return rewritten, len(found)
