@@ -43,16 +43,18 @@ class Target:
 
 TARGETS = {
     "cpu": Target("cpu", "cpu", torch.float32),
+    # Programmatic dependent launch (triton.enable_pdl) lets a kernel's launch overlap the
+    # tail of the one before: measured with decode_attention on Llama-1B's decode step, on
+    # the H200 and (with combo kernels) on the H100; it did not change BERT-base at batch 1.
     "h100": Target(
         "h100", "cuda", torch.bfloat16, copy_tbs=2.94, bf16_tflops=769.0, gpu_names=("H100",),
-        inductor={"coordinate_descent_tuning": True}, align=64, realize_gemv_inputs=True,
+        inductor={"coordinate_descent_tuning": True, "triton.enable_pdl": True}, align=64,
+        realize_gemv_inputs=True, decode_attention=True,
         # Horizontal fusion of the step's independent small kernels (each layer's cache
         # counter write, the rotary halves): measured on Llama-1B's decode step
         # (benchmarks/NOTES.md, "Combo kernels in the decode step").
         decoder_inductor={"combo_kernels": True},
     ),
-    # Programmatic dependent launch (triton.enable_pdl) lets a kernel's launch overlap the
-    # tail of the one before: measured with decode_attention on Llama-1B's decode step.
     "h200": Target(
         "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
         inductor={"coordinate_descent_tuning": True, "triton.enable_pdl": True}, align=64,

@@ -59,8 +59,8 @@ def test_every_tile_is_a_launchable_power_of_two_shape(target, N, K):
 def test_the_default_tile_fills_the_gpu_and_splits_only_a_short_grid():
     wide = default_tile("h200", 8192, 2048)
     assert -(-8192 // wide.block_n) >= 132 and wide.split == 1
-    narrow = default_tile("h200", 512, 2048)
-    assert -(-512 // narrow.block_n) * narrow.split >= 132
+    narrow = default_tile("h200", 64, 2048)
+    assert narrow.split > 1
 
 
 def test_the_decode_programs_o_and_down_projections_run_the_gemv_and_compute_the_same(tiny_llama_art, decode_with):
