@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optc.compiler.targets import Target
+from optc.compiler.targets import LOWERING_FIELDS, Target
 from optc.errors import ArtifactError
 from optc.fileio import check_member_hash
 
@@ -121,7 +121,7 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
                       "one it can use")
     changed = _options_changed(manifest, target, list(recorded))
     if changed:
-        return None, (f"its kernel cache was compiled with other Inductor options for {changed[0]} than this optc "
+        return None, (f"its kernel cache was compiled with other Inductor options or graph rewrites for {changed[0]} than this optc "
                       f"lowers it with ({changed[1]}); recompile the model to carry one it can use")
     built, here = rec.get("environment") or {}, environment(target)
     if built.get("target") != target.name:
@@ -171,11 +171,15 @@ def _options_changed(manifest: dict, target: Target, programs: list[str]) -> tup
 
     loads = (manifest.get("lowering") or {}).get("load") or {}
     for program in programs:
-        recorded = (loads.get(program) or {}).get("inductor_options")
-        if recorded is None:
+        record = loads.get(program) or {}
+        if record.get("inductor_options") is None:
             continue
-        lowering = {**load_lowering(target, program), "shape_tuning": loads[program].get("shape_tuning", True)}
-        now = lowering_record(target, **lowering, kernel_cache=True)["inductor_options"]
+        lowering = {**load_lowering(target, program), "shape_tuning": record.get("shape_tuning", True)}
+        full = lowering_record(target, **lowering, kernel_cache=True)
+        # The Inductor options, and the graph rewrites (LOWERING_FIELDS) the record names:
+        # either changes every key.
+        now = {**full["inductor_options"], **{f: full[f] for f in LOWERING_FIELDS if f in record}}
+        recorded = {**record["inductor_options"], **{f: record[f] for f in LOWERING_FIELDS if f in record}}
         if now != recorded:
             diff = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
             return program, ", ".join(f"{k}: {recorded.get(k)!r} there, {now.get(k)!r} here" for k in diff)

@@ -142,7 +142,12 @@ def test_a_cache_compiled_with_other_inductor_options_is_not_installed(lm):
     older = copy.deepcopy(art.manifest)
     older["lowering"]["load"]["decode"]["inductor_options"]["combo_kernels"] = True
     data, reason = kernel_cache.usable(older, art.extra_files, cpu)
-    assert data is None and "other Inductor options for decode" in reason and "combo_kernels: True there" in reason
+    assert data is None and "other Inductor options or graph rewrites for decode" in reason
+    assert "combo_kernels: True there" in reason
+    rewrites = copy.deepcopy(art.manifest)  # a target that now rewrites the decode GEMVs
+    rewrites["lowering"]["load"]["decode"]["decode_gemv"] = True
+    data, reason = kernel_cache.usable(rewrites, art.extra_files, cpu)
+    assert data is None and "decode_gemv: True there, False here" in reason
 
 
 def test_load_without_the_kernel_cache(lm, monkeypatch, eager_lower):
