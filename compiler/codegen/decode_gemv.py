@@ -38,7 +38,7 @@ def _written_anyway(node) -> bool:
     """Whether `node` (seen through views; a tuple's item through getitem) is a value
     Inductor writes to memory whatever its consumer."""
     while isinstance(node, fx.Node) and node.op == "call_function" and (
-            node.target in _VIEWS or node.target.__name__ == "getitem"):
+            node.target in _VIEWS or getattr(node.target, "__name__", "") == "getitem"):
         node = node.args[0]
     if not isinstance(node, fx.Node):
         return False
