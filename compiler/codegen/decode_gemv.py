@@ -1,9 +1,10 @@
 """Decode GEMVs whose input is already in memory run optc::gemv with a stored tile.
 
 Inductor lowers a one-row linear as a reduction tuned by coordinate descent in each
-compile, which picks different tiles from one process to the next, some far below the
-copy bandwidth (kernels/dense_gemv.py says where it was measured). optc::gemv
+compile, which picks different tiles from one process to the next. optc::gemv
 (codegen/gemv_ops.py) launches the tile kernels/gemv_tiles.py stores for the target.
+Targets ask for it with `decode_gemv`; none does yet (kernels/dense_gemv.py says what
+was measured).
 
 Rewritten: a linear of one row whose input is a value that is written to memory
 whatever the rewrite does (seen through views): a program input, the realising op of

@@ -121,8 +121,9 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
                       "one it can use")
     changed = _options_changed(manifest, target, list(recorded))
     if changed:
-        return None, (f"its kernel cache was compiled with other Inductor options or graph rewrites for {changed[0]} than this optc "
-                      f"lowers it with ({changed[1]}); recompile the model to carry one it can use")
+        return None, (f"its kernel cache was compiled with other Inductor options or graph rewrites for "
+                      f"{changed[0]} than this optc lowers it with ({changed[1]}); recompile the model to carry "
+                      "one it can use")
     built, here = rec.get("environment") or {}, environment(target)
     if built.get("target") != target.name:
         return None, f"its kernel cache was built for {built.get('target')}, this is {target.name}"

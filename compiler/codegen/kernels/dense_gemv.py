@@ -1,11 +1,13 @@
 """One-row dense linear (a decode step's GEMV), y = x W^T (+ b), with a stored tile.
 
 Why: Inductor lowers a one-row matmul as a reduction whose tile coordinate descent
-picks by timing in every process, and the picks differ from one compile to the next
-(for Llama-1B's o projection on the H200, 10.6 us against 4.1 us for the same 8.4 MB:
-benchmarks/NOTES.md, "Where the step's time goes"). This kernel streams W's rows with a
-tile chosen once per target and shape (kernels/gemv_tiles.py), so every process runs
-the same launch.
+picks by timing in every compile; in one H200 profile its o projection of Llama-1B took
+10.6 us where inductor-max's tile took 4.1 us for the same 8.4 MB (benchmarks/NOTES.md,
+"Where the step's time goes"). This kernel launches a tile chosen once per target and
+shape (kernels/gemv_tiles.py), so every process runs the same launch. On the H100 it is
+not faster: Inductor's reduction beat the best tile by 4-9% on each shape swept, and
+Llama-1B's step was 1.8% slower with it (NOTES, "A stored-tile decode GEMV"), so no
+target turns the rewrite (codegen/decode_gemv) on until the H200 says otherwise.
 
 Index math, for program (pid_n, pid_s) of the grid (cdiv(N, BLOCK_N), SPLIT):
 
