@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import torch
@@ -253,3 +254,23 @@ def set_tensor_attribute(module: torch.nn.Module, name: str, value: torch.Tensor
     """Rebind the tensor attribute `name` (dotted) of `module`: a buffer keeps its slot, a
     GraphModule constant is a plain attribute; nn.Module's checks are bypassed."""
     set_tensor_attr(*_owner(module, name), value)
+
+
+def with_calls_replaced(gm: fx.GraphModule, calls, op) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (sharing its parameters) in which each node that `calls(graph)`
+    returns, as (node, args), is replaced by `op(*args)` with the node's metadata; and
+    how many were replaced. `gm` itself, unchanged, when there are none. The lowering's
+    rewrites use it: the program stays as captured, so the check compares against it."""
+    if not calls(gm.graph):
+        return gm, 0
+    graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
+    found = calls(graph)
+    for node, args in found:
+        with graph.inserting_before(node):
+            new = graph.call_function(op, tuple(args))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    rewritten = fx.GraphModule(gm, graph)
+    rewritten.meta.update(gm.meta)
+    return rewritten, len(found)

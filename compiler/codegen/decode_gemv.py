@@ -16,13 +16,11 @@ copy used for lowering; the lowering check compares it with the program itself.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 
 from optc.compiler.codegen.gemv_inputs import one_row
-from optc.compiler.rewrite import node_shape
+from optc.compiler.rewrite import node_shape, with_calls_replaced
 from optc.compiler.torch_private import inductor_realize_op
 
 aten = torch.ops.aten
@@ -74,6 +72,11 @@ def decode_gemv_nodes(graph: fx.Graph) -> list[fx.Node]:
     return found
 
 
+def _calls(graph: fx.Graph) -> list[tuple[fx.Node, tuple]]:
+    return [(lin, (*lin.args[:2], lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")))
+            for lin in decode_gemv_nodes(graph)]
+
+
 def use_decode_gemv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its parameters) whose such GEMVs call optc::gemv, and how
     many it rewrote; `gm` itself when there are none."""
@@ -81,16 +84,4 @@ def use_decode_gemv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         return gm, 0
     from optc.compiler.codegen import gemv_ops  # noqa: F401  (registers optc::gemv)
 
-    graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
-    found = decode_gemv_nodes(graph)
-    for lin in found:
-        x, w = lin.args[:2]
-        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
-        with graph.inserting_before(lin):
-            new = graph.call_function(torch.ops.optc.gemv.default, (x, w, bias))
-        new.meta = dict(lin.meta)
-        lin.replace_all_uses_with(new)
-        graph.erase_node(lin)
-    rewritten = fx.GraphModule(gm, graph)
-    rewritten.meta.update(gm.meta)
-    return rewritten, len(found)
+    return with_calls_replaced(gm, _calls, torch.ops.optc.gemv.default)

@@ -17,14 +17,13 @@ lowering check compares it with the program itself.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
-from optc.compiler.rewrite import node_shape
+from optc.compiler.rewrite import node_shape, with_calls_replaced
 
 aten = torch.ops.aten
 
@@ -97,14 +96,4 @@ def use_decode_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         return gm, 0
     from optc.compiler.codegen import attention_ops  # noqa: F401  (registers optc::decode_attention)
 
-    graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
-    found = _calls(graph)
-    for node, (q, k, v, mask, scale) in found:
-        with graph.inserting_before(node):
-            new = graph.call_function(torch.ops.optc.decode_attention.default, (q, k, v, mask, scale))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    rewritten = fx.GraphModule(gm, graph)
-    rewritten.meta.update(gm.meta)
-    return rewritten, len(found)
+    return with_calls_replaced(gm, _calls, torch.ops.optc.decode_attention.default)
