@@ -19,7 +19,8 @@ from typing import Sequence
 
 from optc.errors import CompileError, UsageError
 from optc.fileio import atomic_open
-from optc.runtime.measure import Workload, agreement, decode_timer, measure  # noqa: F401 (decode_timer: benchmarks/ import it from here)
+from optc.runtime.measure import (  # noqa: F401 (decode_timer: benchmarks/ import it from here)
+    Workload, agreement, decode_timer, forward_agreement, measure)
 
 DEFAULT_BASELINES = ("eager", "hf-static", "inductor", "inductor-max")
 
@@ -180,8 +181,8 @@ def bench(
                                entry=entry, calibration=calib, dynamic=dynamic, verify=False, log=_log)
             m = measure(art, row_tgt, workload, inputs=example_inputs, autotune=None if autotune else False, log=_log)
             # Forward rows are timed once: the round-robin rounds are for decode.
-            return m.timing, {"params": art.manifest["params"], "config": art.manifest["config"],
-                              "work": _work(art, workload), **extra}, None
+            return m.timing, {**_forward_notes(art, m, eager, example_inputs), "work": _work(art, workload),
+                              **extra}, None
 
         run_variant(label, time_it)
     for path in manifests:
@@ -250,7 +251,7 @@ def _time_artifact(path: str, eager, tgt, workload, inputs) -> tuple:
     status = art.kernel_cache_status or {}
     # The notes a compiled row of the same kind gets (agreement included for LMs), and the load's.
     notes = (_lm_notes(art, m, eager, inputs) if workload.kind == "decode"
-             else {"params": art.manifest["params"], "config": art.manifest["config"]})
+             else _forward_notes(art, m, eager, inputs))
     notes.update(artifact=str(path), load_s=round(load_s, 2), setup_s=round(m.setup_s, 1),
                  load_to_ready_s=round(load_s + m.setup_s, 1), work=_work(art, workload),
                  kernel_cache={"used": status.get("used", False), "reason": status.get("reason"),
@@ -308,6 +309,13 @@ def _lm_notes(art, m, eager, prompt) -> dict:
     # A lossy variant is compared with its own program only: the eager model differs.
     lossy = any(p.get("lossy") for p in applied)
     notes["agreement"] = agreement(m.program, art, prompt, None if lossy else eager)
+    return notes
+
+
+def _forward_notes(art, m, eager, inputs) -> dict:
+    notes = {"params": art.manifest["params"], "config": art.manifest["config"]}
+    lossy = any(p.get("lossy") for p in art.manifest["passes"] if p.get("applied"))
+    notes["agreement"] = forward_agreement(m.program, art, tuple(inputs), None if lossy else eager)
     return notes
 
 

@@ -29,7 +29,7 @@ from optc.errors import UsageError
 from optc.runtime.timing import Timing
 from optc.runtime.timing import measure as time_calls
 
-__all__ = ["Workload", "Measurement", "workload_for", "measure", "decode_timer", "agreement"]
+__all__ = ["Workload", "Measurement", "workload_for", "measure", "decode_timer", "agreement", "forward_agreement"]
 
 UNITS = {"decode": "ms/token (decode, prefill excluded)", "forward": "ms/forward"}
 
@@ -225,3 +225,33 @@ def agreement(dec, art, prompt: torch.Tensor, model=None) -> dict:
         result[f"rel_err_vs_{name}"] = ((out - ref).norm() / ref.norm()).item()
         result[f"argmax_match_vs_{name}"] = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     return result
+
+
+def forward_agreement(program, art, inputs: tuple, model=None) -> dict:
+    """The timed forward's first floating output against the artifact's own uncompiled
+    forward program on the same inputs (and against the eager `model` when given: pass
+    it for lossless programs only): the encoder rows' counterpart of `agreement`."""
+    from optc.compiler.capture import graph_module
+
+    with torch.no_grad():
+        out = _first_float(program(*inputs)).float().clone()  # before a CUDA-graph replay reuses it
+        refs = {"program": _first_float(graph_module(art.programs["forward"])(*inputs))}
+        if model is not None:
+            refs["eager"] = _first_float(model(*inputs))
+    result = {}
+    for name, ref in refs.items():
+        ref = ref.float()
+        result[f"rel_err_vs_{name}"] = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        if out.dim() >= 1 and out.shape[-1] > 1:
+            result[f"argmax_match_vs_{name}"] = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return result
+
+
+def _first_float(output) -> torch.Tensor:
+    """The first floating-point tensor of a model's output (logits, a last hidden state)."""
+    from torch.utils._pytree import tree_leaves
+
+    found = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not found:
+        raise ValueError(f"no floating-point tensor in the output ({type(output).__name__})")
+    return found[0]

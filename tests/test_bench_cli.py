@@ -67,6 +67,11 @@ def test_an_encoder_is_timed_at_the_batch_and_length_asked_for():
     rows = {r["name"]: r for r in doc["rows"]}
     dense, pruned = rows["optc"]["work"], rows["optc prune_mlp.ratio=0.5"]["work"]
     assert pruned["weight_bytes"] < dense["weight_bytes"] and pruned["flops"] < dense["flops"]
+    # Each row is checked as it ran: the dense one against the eager model and its own
+    # program, the pruned (lossy) one against its own program only.
+    lossless, lossy = rows["optc"]["agreement"], rows["optc prune_mlp.ratio=0.5"]["agreement"]
+    assert lossless["rel_err_vs_eager"] < 1e-3 and lossless["rel_err_vs_program"] < 1e-3
+    assert "rel_err_vs_eager" not in lossy and lossy["rel_err_vs_program"] < 1e-3
     rc, _, err = optc("bench", "tiny-llama", "--target", "cpu", "--seq", "20")
     assert rc == 2 and "--seq is for encoders" in err
 
