@@ -249,9 +249,9 @@ def forward_agreement(program, art, inputs: tuple, model=None) -> dict:
 
 def _first_float(output) -> torch.Tensor:
     """The first floating-point tensor of a model's output (logits, a last hidden state)."""
-    from torch.utils._pytree import tree_leaves
+    from optc.compiler.torch_private import tree_flatten
 
-    found = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    found = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not found:
         raise ValueError(f"no floating-point tensor in the output ({type(output).__name__})")
     return found[0]
