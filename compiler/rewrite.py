@@ -260,7 +260,9 @@ def with_calls_replaced(gm: fx.GraphModule, calls, op) -> tuple[fx.GraphModule, 
     """A copy of `gm` (sharing its parameters) in which each node that `calls(graph)`
     returns, as (node, args), is replaced by `op(*args)` with the node's metadata; and
     how many were replaced. `gm` itself, unchanged, when there are none. The lowering's
-    rewrites use it: the program stays as captured, so the check compares against it."""
+    rewrites use it: the program stays as captured, so the check compares against it.
+    A replaced node must not be an argument of another one (the arguments are read
+    before anything is replaced)."""
     if not calls(gm.graph):
         return gm, 0
     graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)

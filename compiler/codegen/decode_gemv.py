@@ -8,7 +8,8 @@ was measured).
 
 Rewritten: a linear of one row whose input is a value that is written to memory
 whatever the rewrite does (seen through views): a program input, the realising op of
-gemv_inputs, or the output of another op Inductor does not fuse into (optc's ops, SDPA).
+gemv_inputs, SDPA's output, or an output of optc's ops (their Triton kernels write it; torch
+ops an op's body runs after its kernel, such as a split launch's sum, may still fuse).
 A linear whose input is computed in place (a norm, a rotary product) keeps Inductor's
 reduction, into which that computation fuses. Like decode_sdpa, the rewrite works on a
 copy used for lowering; the lowering check compares it with the program itself.

@@ -177,10 +177,10 @@ def _options_changed(manifest: dict, target: Target, programs: list[str]) -> tup
             continue
         lowering = {**load_lowering(target, program), "shape_tuning": record.get("shape_tuning", True)}
         full = lowering_record(target, **lowering, kernel_cache=True)
-        # The Inductor options, and the graph rewrites (LOWERING_FIELDS) the record names:
-        # either changes every key.
-        now = {**full["inductor_options"], **{f: full[f] for f in LOWERING_FIELDS if f in record}}
-        recorded = {**record["inductor_options"], **{f: record[f] for f in LOWERING_FIELDS if f in record}}
+        # The Inductor options and the graph rewrites (LOWERING_FIELDS): either changes every
+        # key. A rewrite the record does not name did not exist when it was made: off.
+        now = {**full["inductor_options"], **{f: full[f] for f in LOWERING_FIELDS}}
+        recorded = {**record["inductor_options"], **{f: record.get(f, False) for f in LOWERING_FIELDS}}
         if now != recorded:
             diff = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
             return program, ", ".join(f"{k}: {recorded.get(k)!r} there, {now.get(k)!r} here" for k in diff)

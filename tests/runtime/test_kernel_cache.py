@@ -3,6 +3,7 @@ ships, a fresh process with empty Inductor caches runs exactly those graphs (cac
 no misses), a tampered cache is refused (exit 2), and another environment compiles the
 portable programs with a warning that says why."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -148,6 +149,12 @@ def test_a_cache_compiled_with_other_inductor_options_is_not_installed(lm):
     rewrites["lowering"]["load"]["decode"]["decode_gemv"] = True
     data, reason = kernel_cache.usable(rewrites, art.extra_files, cpu)
     assert data is None and "decode_gemv: True there, False here" in reason
+    older_fields = copy.deepcopy(art.manifest)  # recorded before decode_gemv existed: it was off
+    del older_fields["lowering"]["load"]["decode"]["decode_gemv"]
+    assert kernel_cache.usable(older_fields, art.extra_files, cpu)[0] is not None
+    on = dataclasses.replace(cpu, decode_gemv=True)
+    data, reason = kernel_cache.usable(older_fields, art.extra_files, on)
+    assert data is None and "decode_gemv: False there, True here" in reason
 
 
 def test_load_without_the_kernel_cache(lm, monkeypatch, eager_lower):

@@ -61,6 +61,7 @@ def dense_gemv_kernel(
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    rows = offs_n.to(tl.int64) * stride_wn  # a weight of 2^31 elements or more (a large LM head)
     k_start = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     offs_k = tl.arange(0, BLOCK_K)
@@ -70,7 +71,7 @@ def dense_gemv_kernel(
         k_mask = kk < k_end
         x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
         # Each weight byte is read once per step: keep it from evicting what is reused.
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+        w = tl.load(w_ptr + rows[:, None] + kk[None, :],
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
@@ -87,27 +88,30 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     dtype, accumulated in fp32, launched with `tile`."""
     K = x.shape[-1]
     N = weight.shape[0]
-    assert x.numel() == K, f"dense_gemv takes one row; got x of shape {tuple(x.shape)}"
+    assert K > 0 and x.numel() == K, f"dense_gemv takes one row, not empty; got x of shape {tuple(x.shape)}"
     assert weight.shape == (N, K), f"weight must be [N, {K}], got {tuple(weight.shape)}"
     xv = x.reshape(K).contiguous()
     w = weight if weight.stride(1) == 1 else weight.contiguous()
+    b = bias.contiguous() if bias is not None else None
     # Slices of K whole BLOCK_K chunks, so no trip crosses into the next slice.
     chunks = triton.cdiv(K, tile.block_k)
     k_per_split = triton.cdiv(chunks, max(1, min(tile.split, chunks))) * tile.block_k
     split = triton.cdiv(K, k_per_split)
     partial = split > 1
-    y = torch.empty(N, device=x.device, dtype=x.dtype)
-    ws = torch.empty((split, N), device=x.device, dtype=torch.float32) if partial else y
+    # The kernel writes either y or the partials; the other pointer (and the bias's, when
+    # there is none) is never read or written.
+    out = torch.empty((split, N) if partial else N, device=x.device, dtype=torch.float32 if partial else x.dtype)
     kernel = dense_gemv_kernel if _interpreted(dense_gemv_kernel) else wrap_triton(dense_gemv_kernel)
     kernel[(triton.cdiv(N, tile.block_n), split)](
-        xv, w, bias if bias is not None else y, y, ws,
+        xv, w, b if b is not None else out, out, out,
         N, K, k_per_split, w.stride(0),
-        HAS_BIAS=bias is not None, PARTIAL=partial,
+        HAS_BIAS=b is not None, PARTIAL=partial,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps,
     )
+    y = out
     if partial:
-        total = ws.sum(dim=0)
-        if bias is not None:
-            total = total + bias.to(torch.float32)
-        y = total.to(x.dtype)
+        y = out.sum(dim=0)
+        if b is not None:
+            y = y + b.to(torch.float32)
+        y = y.to(x.dtype)
     return y.reshape(*x.shape[:-1], N)

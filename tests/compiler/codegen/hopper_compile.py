@@ -69,10 +69,11 @@ def cases():
                dict(HAS_MASK=True, PARTIAL=cfg.split > 1, FP32_DOT=False, BLOCK_S=16, BLOCK_L=cfg.block_l, BLOCK_D=64,
                     SCAN=decode_attention._scan(16, 256 // cfg.split)), cfg.num_warps)
 
-    # The GEMV with the H200's tiles for Llama-1B's o and k/v shapes (one slice and split).
-    for n, k in ((2048, 2048), (512, 2048)):
-        tile = gemv_tiles.gemv_tile("h200", n, k)
-        yield (f"dense_gemv-{n}x{k}", dense_gemv.dense_gemv_kernel, DENSE_GEMV_SIG,
+    # The GEMV with the tiles the H100 and H200 get for Llama-1B's o and down projections (the
+    # shapes decode_gemv rewrites), and a split tile (a grid of fewer rows than SMs).
+    for n, k in ((2048, 2048), (2048, 8192), (64, 2048)):
+        tile = gemv_tiles.gemv_tile("h100", n, k)
+        yield (f"dense_gemv-{n}x{k}-split{tile.split}", dense_gemv.dense_gemv_kernel, DENSE_GEMV_SIG,
                dict(HAS_BIAS=tile.split == 1, PARTIAL=tile.split > 1, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k),
                tile.num_warps)
 
