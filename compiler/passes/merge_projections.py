@@ -38,7 +38,7 @@ class MergeProjectionsConfig(PassConfig):
     # dense q/k/v and gate/up made it slower (1.420 vs 1.358: Inductor already fuses
     # RMSNorm + gate + up into one tuned GEMV). So by default only sparse siblings merge.
     # An encoder at batch 1 gains from one q/k/v GEMM instead of three (BERT-base on the
-    # H100: 1.19-1.20x over dense in two processes), so the search tries both.
+    # H100: 1.19-1.20x over dense in two processes), so the search may choose it.
     enabled: bool = knob(True, doc="run this pass at all")
     ops: str = knob("sparse", choices=("sparse", "all"), search=Choice(("sparse", "all")),
                     doc="which linears merge: 'sparse' (optc::sparse_linear siblings only) or 'all' (dense too)")
