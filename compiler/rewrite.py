@@ -129,6 +129,12 @@ def node_shape(node) -> tuple | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def node_dtype(node) -> torch.dtype | None:
+    """The dtype in a node's tensor metadata (`meta["val"]`), or None."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
 class PlanTensors(str):
     """A JSON string (the content hash of named tensors) that carries the tensors
     themselves in this process: a plan stays JSON for the manifest, and what a pass

@@ -210,6 +210,7 @@ def agreement(dec, art, prompt: torch.Tensor, model=None) -> dict:
     when given: pass it for lossless programs only), so a fast number cannot come from
     a broken program."""
     from optc.compiler.capture import graph_module
+    from optc.compiler.codegen.lowering import rel_err
 
     ids = torch.cat([prompt, prompt[:, :8]], dim=1)
     start = prompt.shape[1] - 1
@@ -222,7 +223,7 @@ def agreement(dec, art, prompt: torch.Tensor, model=None) -> dict:
     result = {}
     for name, ref in refs.items():
         ref = ref[:, start:].float()
-        result[f"rel_err_vs_{name}"] = ((out - ref).norm() / ref.norm()).item()
+        result[f"rel_err_vs_{name}"] = rel_err(out, ref)
         result[f"argmax_match_vs_{name}"] = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     return result
 
@@ -232,17 +233,14 @@ def forward_agreement(program, art, inputs: tuple, model=None) -> dict:
     forward program on the same inputs (and against the eager `model` when given: pass
     it for lossless programs only): the encoder rows' counterpart of `agreement`."""
     from optc.compiler.capture import graph_module
+    from optc.compiler.codegen.lowering import rel_err
 
     with torch.no_grad():
         out = _first_float(program(*inputs)).to(torch.float32, copy=True)  # before a CUDA-graph replay reuses it
         refs = {"program": _first_float(graph_module(art.programs["forward"])(*inputs))}
         if model is not None:
             refs["eager"] = _first_float(model(*inputs))
-    result = {}
-    for name, ref in refs.items():
-        ref = ref.float()
-        result[f"rel_err_vs_{name}"] = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    return result
+    return {f"rel_err_vs_{name}": rel_err(out, ref) for name, ref in refs.items()}
 
 
 def _first_float(output) -> torch.Tensor:

@@ -20,15 +20,14 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from optc.compiler.codegen.gemv_inputs import one_row
-from optc.compiler.rewrite import node_shape, with_calls_replaced
+from optc.compiler.codegen.gemv_inputs import VIEWS, one_row
+from optc.compiler.rewrite import node_dtype, node_shape, with_calls_replaced
 from optc.compiler.torch_private import inductor_realize_op
 
 aten = torch.ops.aten
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
-          aten.squeeze.dim, aten.squeeze.default, aten.flatten.using_ints, aten.transpose.int,
-          aten.permute.default, aten.clone.default, aten.contiguous.default}
+# Ops that only rearrange a value already written (a copy of one is written too).
+_THROUGH = VIEWS | {aten.transpose.int, aten.permute.default, aten.clone.default, aten.contiguous.default}
 _UNFUSED = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention.default,
             aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,7 +37,7 @@ def _written_anyway(node) -> bool:
     """Whether `node` (seen through views; a tuple's item through getitem) is a value
     Inductor writes to memory whatever its consumer."""
     while isinstance(node, fx.Node) and node.op == "call_function" and (
-            node.target in _VIEWS or getattr(node.target, "__name__", "") == "getitem"):
+            node.target in _THROUGH or getattr(node.target, "__name__", "") == "getitem"):
         node = node.args[0]
     if not isinstance(node, fx.Node):
         return False
@@ -49,10 +48,6 @@ def _written_anyway(node) -> bool:
     target = node.target
     return (target == inductor_realize_op() or target in _UNFUSED
             or getattr(target, "namespace", None) == "optc")
-
-
-def _dtype(node):
-    return getattr(node.meta.get("val"), "dtype", None) if isinstance(node, fx.Node) else None
 
 
 def decode_gemv_nodes(graph: fx.Graph) -> list[fx.Node]:
@@ -68,7 +63,7 @@ def decode_gemv_nodes(graph: fx.Graph) -> list[fx.Node]:
         ws = node_shape(w)
         if ws is None or len(ws) != 2 or not all(isinstance(d, int) for d in ws):
             continue
-        if _dtype(x) in _DTYPES and _dtype(x) == _dtype(w) and _written_anyway(x):
+        if node_dtype(x) in _DTYPES and node_dtype(x) == node_dtype(w) and _written_anyway(x):
             found.append(n)
     return found
 

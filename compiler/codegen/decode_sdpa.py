@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
-from optc.compiler.rewrite import node_shape, with_calls_replaced
+from optc.compiler.rewrite import node_dtype, node_shape, with_calls_replaced
 
 aten = torch.ops.aten
 
@@ -40,11 +40,6 @@ def _rows_limit() -> int:
     # mode for the process, and the lowering module is imported long before any kernel runs.
     from optc.compiler.codegen.kernels.decode_attention import MAX_ROWS
     return MAX_ROWS
-
-
-def _dtype(node):
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return getattr(val, "dtype", None)
 
 
 def _call(node: fx.Node) -> tuple | None:
@@ -67,11 +62,11 @@ def _call(node: fx.Node) -> tuple | None:
     L = ks[2]
     if S > _rows_limit() or tuple(ks) != (B, H, L, D) or tuple(vs) != tuple(ks) or not S < L <= MAX_KEYS:
         return None
-    if not (_dtype(q) == _dtype(k) == _dtype(v) and _dtype(q) in _DTYPES):
+    if not (node_dtype(q) == node_dtype(k) == node_dtype(v) and node_dtype(q) in _DTYPES):
         return None
     if mask is not None:
         ms = node_shape(mask)
-        if _dtype(mask) != torch.bool or ms is None or len(ms) > 4:
+        if node_dtype(mask) != torch.bool or ms is None or len(ms) > 4:
             return None
         full = (B, H, S, L)[4 - len(ms):]
         if any(m not in (1, f) for m, f in zip(ms, full)):

@@ -28,14 +28,14 @@ from optc.compiler.torch_private import inductor_realize_op
 
 aten = torch.ops.aten
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
           aten.squeeze.dim, aten.squeeze.default, aten.flatten.using_ints}
 
 
 def _computed_activation(node) -> bool:
     """Whether `node` (seen through views) is an activation, or a product with one
     operand an activation: the expressions worth computing once."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEWS:
         node = node.args[0]
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False

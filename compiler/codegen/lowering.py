@@ -260,7 +260,7 @@ def compare(reference, candidate, inputs: tuple[tuple, dict], vocab: int | None,
                     noise = max(noise, noise_fn(ref, args, kwargs, state))
         finally:  # the program's cache (shared with what is saved) is left as it was found: zeroed
             reset_state(reference)
-        worst = max(worst, _rel_err(out, ref))
+        worst = max(worst, rel_err(out, ref))
     floor = TOLERANCE.get(dtype, 1e-2)
     tol = max(floor, min(noise, NOISE_TOLERANCE_CAP))
     result = {"max_rel_err": worst, "tolerance": tol, "trials": trials, "ok": worst <= tol,
@@ -284,7 +284,8 @@ def noise_of(reference):
     return noise
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp32; a NaN anywhere gives inf (it never passes a tolerance)."""
     err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
     return float("inf") if err != err else err  # NaN never passes
 
@@ -324,7 +325,7 @@ def rounding_noise(reference: torch.nn.Module, weights: list[torch.Tensor], ref_
         for t in weights:
             t.view(torch.int16).bitwise_xor_(1)
         reset_state(reference)
-    return _rel_err(flipped, ref_out)
+    return rel_err(flipped, ref_out)
 
 
 def _named_tensors(module):
