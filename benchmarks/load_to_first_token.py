@@ -12,6 +12,11 @@ the load gave. Run it twice, in two
 processes, for the spread between processes.
 
     python benchmarks/load_to_first_token.py x.optc --out $OUT/load.json [--tokens 64] [--device cuda] [--no-packages]
+        [--profile $OUT/load.prof]
+
+`--profile` runs the load and the first token under cProfile (which slows Python-heavy parts,
+so its times are not the figures above), writes the statistics there and the functions with
+the most cumulative and own time beside them as text (PATH.txt).
 
 The CUDA context is created before the clock starts (every process pays it, optc or not).
 """
@@ -19,6 +24,10 @@ The CUDA context is created before the clock starts (every process pays it, optc
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import io
+import pstats
 import sys
 import time
 import warnings
@@ -53,6 +62,28 @@ def tuning_counts() -> dict:
     return {k: int(v) for k, v in sorted(inductor.items()) if k.startswith("coordesc") or "autotune" in k}
 
 
+@contextlib.contextmanager
+def profiled(profiler: cProfile.Profile | None):
+    if profiler is None:
+        yield
+        return
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+
+
+def write_profile(profiler: cProfile.Profile, path: str, rows: int = 60) -> None:
+    """The statistics to `path`, and the top `rows` functions by cumulative and by own time to path.txt."""
+    profiler.dump_stats(path)
+    text = io.StringIO()
+    for order in ("cumulative", "tottime"):
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(rows)
+    with open(path + ".txt", "w") as f:
+        f.write(text.getvalue())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact")
@@ -63,6 +94,8 @@ def main() -> None:
                     help="lower the portable programs here instead of reading the artifact's kernel cache")
     ap.add_argument("--no-packages", action="store_true",
                     help="lower the portable programs even where the artifact's AOTInductor packages fit")
+    ap.add_argument("--profile", default=None, metavar="PATH",
+                    help="profile the load and the first token with cProfile; statistics to PATH, a summary to PATH.txt")
     args = ap.parse_args()
     if args.device.startswith("cuda"):
         torch.cuda.init()
@@ -71,7 +104,8 @@ def main() -> None:
     import optc
     from optc.compiler.codegen.aoti import PackagedProgram
 
-    with warnings.catch_warnings(record=True) as caught:
+    profiler = cProfile.Profile() if args.profile else None
+    with warnings.catch_warnings(record=True) as caught, profiled(profiler):
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         art = optc.load(args.artifact, kernel_cache=not args.no_kernel_cache, packages=not args.no_packages)
@@ -89,6 +123,8 @@ def main() -> None:
         again = art.generate(prompt, 2)
         again.cpu()
         t_second = time.perf_counter() - t2
+    if profiler is not None:
+        write_profile(profiler, args.profile)
     packaged = {"prefill": isinstance(dec.prefill_fn, PackagedProgram),
                 "decode": isinstance(dec.decode_fn, PackagedProgram)}
     timing = dec.measure_decode(prompt, args.tokens)

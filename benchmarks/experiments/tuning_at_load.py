@@ -2,7 +2,8 @@
 """Run a script or module and log what Inductor's autotuning does in it: each autotune
 cache save (kernel, found by coordinate descent or not), each lookup (hit or not, and
 whether the stored entry's configs hash matched), each coordinate-descent run (the
-kernel and its cache state) and each configuration compiled in this process. With
+kernel and its cache state), each configuration compiled in this process, and each
+kernel Triton compiled or found in its cache ("triton", name, cache hit). With
 `OPTC_WITHOUT_COORDESC_FIX=1` the load runs torch's own `recheck_autotune_cache` and
 Triton's own `Config.__setstate__` (torch_fixes' workarounds not installed): the before
 of a before/after.
@@ -75,8 +76,29 @@ _wrap(th.CachingAutotuner, "_precompile_config", lambda self, out, cfg, *a, **k:
       ("compiled", self.inductor_meta.get("kernel_name"), bool(getattr(cfg, "found_by_coordesc", False))))
 
 
+def _listen_to_triton():
+    try:
+        from triton import knobs
+    except ImportError:
+        return
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        # What a cache key is made of (Triton's ASTSource.hash and the compile options), to
+        # compare one kernel's compiles across processes.
+        key = {k: v for k, v in metadata.items() if isinstance(v, (bool, int, float, str)) and k != "name"}
+        fn = getattr(src, "fn", None)
+        if fn is not None:
+            code = getattr(getattr(fn, "fn", None), "__code__", None)
+            key.update(fn_cache_key=getattr(fn, "cache_key", None), first_line=getattr(fn, "starting_line_number", None),
+                       file=getattr(code, "co_filename", None), attrs=str(getattr(src, "attrs", None)),
+                       constants=str(sorted((str(k), str(v)) for k, v in (getattr(src, "constants", None) or {}).items())))
+        LOG.append(("triton", metadata.get("name"), bool(cache_hit), key))
+
+    knobs.compilation.listener = listener
+
+
 def _report():
-    counts = collections.Counter(" ".join(str(x) for x in (e[0], *e[2:])) for e in LOG)
+    counts = collections.Counter(" ".join(str(x) for x in (e[0], *e[2:]) if not isinstance(x, dict)) for e in LOG)
     seconds = {k: round(v, 2) for k, v in sorted(SECONDS.items())}
     print("TUNING", json.dumps(dict(sorted(counts.items()))), "SECONDS", json.dumps(seconds))
     if os.environ.get("OUT"):
@@ -88,6 +110,7 @@ if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
     atexit.register(_report)
+    _listen_to_triton()
     if os.environ.get("OPTC_WITHOUT_COORDESC_FIX"):
         from optc.compiler.codegen import lowering
 

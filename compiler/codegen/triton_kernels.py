@@ -12,6 +12,16 @@ while the check ran is recorded through Triton's compilation listener
 (`triton.knobs.compilation.listener`), and the metadata and binary of each are shipped:
 what Triton reads back on a cache hit (as its `store_binary_only` caches hold).
 
+Beside the kernels, the host-side modules Triton builds with the C compiler the first time
+a kernel of a new signature is launched (its launcher, `__triton_launcher`, and the driver's
+`cuda_utils`), recorded through Triton's cache manager as they are built or read: Inductor
+launches its kernels without them (its static launcher) except where a kernel sets a launch
+attribute (programmatic dependent launch, `triton.enable_pdl`) or is a user-defined kernel
+(optc's decode attention), and each one a fresh machine builds costs a compiler run (about
+0.1 s; benchmarks/NOTES.md, "The load's seconds"). A module is found by its cache key, a
+hash of its C source and the platform, and its file name carries the Python ABI, so a
+module is only read where it was built for.
+
 Not seen: kernels compiled in Inductor's worker processes. Those of a fresh compile are
 bundled in the FX graph entries; a configuration a worker compiled from a choice
 already in the autotune cache (a compile over a warm cache) is in neither, and a load
@@ -31,6 +41,7 @@ import contextlib
 import io
 import os
 import re
+import sysconfig
 import zipfile
 
 MEMBER = "kernels/triton_kernels.zip"
@@ -39,15 +50,20 @@ MEMBER = "kernels/triton_kernels.zip"
 _BINARY_SUFFIXES = (".cubin", ".hsaco")
 _KEPT_SUFFIXES = (".json", *_BINARY_SUFFIXES)
 _KEY = re.compile(r"[A-Z2-7]+")  # Triton's cache keys: the base32 of a sha256
+# Compiled host modules (launchers, the driver's utilities): Python extensions.
+_MODULE_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+_MODULES = "modules"  # their directory in the packed zip: modules/KEY/NAME
 
 
 @contextlib.contextmanager
 def recording():
     """{Triton's cache key: {file name: path}} of every kernel Triton compiled or found
-    in its cache in this process inside the block (empty without Triton)."""
+    in its cache in this process inside the block, and of every host module it built or
+    read (empty without Triton)."""
     groups: dict[str, dict[str, str]] = {}
     try:
         from triton import knobs
+        from triton.runtime.cache import FileCacheManager
     except ImportError:
         yield groups
         return
@@ -61,32 +77,68 @@ def recording():
         if previous is not None:
             previous(src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit)
 
+    # A knob set in this process (not through the environment) is held in its group's
+    # instance dict; one that was not is unset again on the way out.
+    manager_was_set = "manager_class" in vars(knobs.cache)
+    previous_manager = knobs.cache.manager_class
     knobs.compilation.listener = listener
+    knobs.cache.manager_class = _module_recorder(previous_manager or FileCacheManager, groups)
     try:
         yield groups
     finally:
         knobs.compilation.listener = previous
+        if manager_was_set:
+            knobs.cache.manager_class = previous_manager
+        else:
+            del knobs.cache.manager_class
+
+
+def _module_recorder(base, groups: dict):
+    """`base` (a Triton cache manager class) that also records, into `groups`, each host
+    module it hands out or stores."""
+
+    class ModuleRecorder(base):
+        def get_file(self, filename):
+            path = super().get_file(filename)
+            self._note(filename, path)
+            return path
+
+        def put(self, data, filename, binary=True):
+            path = super().put(data, filename, binary)
+            self._note(filename, path)
+            return path
+
+        def _note(self, filename, path):
+            if path and filename.endswith(_MODULE_SUFFIX) and isinstance(getattr(self, "key", None), str):
+                groups.setdefault(self.key, {})[filename] = path
+
+    return ModuleRecorder
 
 
 def pack(groups: dict[str, dict[str, str]]) -> tuple[bytes | None, int]:
-    """(a zip of DIR/FILE entries, how many kernels) of the recorded kernels whose files
-    are all still there; (None, 0) when none is."""
+    """(a zip of KEY/FILE entries for kernels and modules/KEY/FILE for host modules, how
+    many kernels) of the recorded groups whose files are all still there; (None, 0) when
+    no kernel is."""
     buffer, count = io.BytesIO(), 0
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for key in sorted(groups):
             paths = groups[key]
-            if _metadata_of(paths) is None or not all(os.path.isfile(p) for p in paths.values()):
+            if not all(os.path.isfile(p) for p in paths.values()):
                 continue
-            for name in sorted(paths):
-                archive.write(paths[name], f"{key}/{name}")
-            count += 1
+            if _is_module(paths):
+                for name in sorted(paths):
+                    archive.write(paths[name], f"{_MODULES}/{key}/{name}")
+            elif _metadata_of(paths) is not None:
+                for name in sorted(paths):
+                    archive.write(paths[name], f"{key}/{name}")
+                count += 1
     return (buffer.getvalue(), count) if count else (None, 0)
 
 
 def install(data: bytes, device_index: int = 0) -> int:
-    """Write the packed kernels that this machine's Triton cache lacks into it, through
-    Triton's cache manager (the one `TRITON_CACHE_MANAGER` names, else its file cache);
-    how many were written. The cache is the one Inductor's kernels for `device_index`
+    """Write the packed kernels (and host modules) that this machine's Triton cache lacks
+    into it, through Triton's cache manager (the one `TRITON_CACHE_MANAGER` names, else its
+    file cache); how many kernels were written. The cache is the one Inductor's kernels for `device_index`
     read: TRITON_CACHE_DIR, which is set to Inductor's directory where it is unset, as
     Inductor's first kernel would set it."""
     from triton import knobs
@@ -97,11 +149,21 @@ def install(data: bytes, device_index: int = 0) -> int:
     os.environ.setdefault("TRITON_CACHE_DIR", inductor_triton_cache_dir(device_index))
     manager_class = knobs.cache.manager_class or FileCacheManager
     kernels: dict[str, dict[str, bytes]] = {}
+    modules: dict[str, dict[str, bytes]] = {}
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         for entry in archive.namelist():
             key, _, name = entry.partition("/")
+            found = kernels
+            if key == _MODULES:
+                key, _, name = name.partition("/")
+                found = modules
             if _KEY.fullmatch(key) and name and name == os.path.basename(name):
-                kernels.setdefault(key, {})[name] = archive.read(entry)
+                found.setdefault(key, {})[name] = archive.read(entry)
+    for key, files in sorted(modules.items()):
+        manager = manager_class(key)
+        for name, content in files.items():
+            if _is_module({name: ""}) and manager.get_file(name) is None:
+                manager.put(content, name, binary=True)
     written = 0
     for key, files in sorted(kernels.items()):
         metadata = _metadata_of(files)
@@ -114,6 +176,11 @@ def install(data: bytes, device_index: int = 0) -> int:
         manager.put_group(metadata, paths)  # last: the group is what makes it a hit
         written += 1
     return written
+
+
+def _is_module(files) -> bool:
+    """Whether a recorded group is a host module built for this Python."""
+    return bool(files) and all(name.endswith(_MODULE_SUFFIX) for name in files)
 
 
 def _metadata_of(files) -> str | None:

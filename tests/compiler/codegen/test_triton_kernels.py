@@ -80,6 +80,35 @@ def test_install_goes_where_inductors_kernels_look(tmp_path, monkeypatch):
     assert not (tmp_path / "home").exists()
 
 
+def test_host_modules_travel_with_the_kernels(tmp_path, monkeypatch):
+    """A host module (a kernel's launcher) that Triton builds or reads inside the recording
+    is packed, and written at load where Triton's build looks for it: the same key, in
+    the fresh cache; other files of the cache are not shipped, and the cache manager is
+    Triton's own again after the recording."""
+    import sysconfig
+
+    from triton import knobs
+    from triton.runtime.cache import get_cache_manager
+
+    name = "__triton_launcher" + sysconfig.get_config_var("EXT_SUFFIX")
+    source_key = hashlib.sha256(b"a launcher's C source").hexdigest()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "compile"))
+    before = knobs.cache.manager_class
+    with triton_kernels.recording() as groups:
+        get_cache_manager(source_key).put(b"\x7fELF launcher", name, binary=True)  # what a build stores
+        get_cache_manager(source_key).put(b"not a module", "notes.txt")
+    assert knobs.cache.manager_class is before
+    groups[KEY_A] = _group(tmp_path / "compiled", KEY_A, "k")
+    data, count = triton_kernels.pack(groups)
+    assert count == 1  # kernels are counted; modules travel beside them
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "fresh"))
+    assert get_cache_manager(source_key).get_file(name) is None
+    assert triton_kernels.install(data) == 1
+    path = get_cache_manager(source_key).get_file(name)
+    assert path.startswith(str(tmp_path / "fresh")) and Path(path).read_bytes() == b"\x7fELF launcher"
+    assert get_cache_manager(source_key).get_file("notes.txt") is None
+
+
 def test_install_skips_what_a_cache_hit_could_not_read(tmp_path, monkeypatch):
     import io
     import zipfile
