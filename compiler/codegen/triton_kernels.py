@@ -18,7 +18,7 @@ a kernel of a new signature is launched (its launcher, `__triton_launcher`, and 
 launches its kernels without them (its static launcher) except where a kernel sets a launch
 attribute (programmatic dependent launch, `triton.enable_pdl`) or is a user-defined kernel
 (optc's decode attention), and each one a fresh machine builds costs a compiler run (about
-0.1 s; benchmarks/NOTES.md, "The load's seconds"). A module is found by its cache key, a
+0.1 s; benchmarks/NOTES.md, "the load since PDL"). A module is found by its cache key, a
 hash of its C source and the platform, and its file name carries the Python ABI, so a
 module is only read where it was built for.
 
@@ -137,10 +137,10 @@ def pack(groups: dict[str, dict[str, str]]) -> tuple[bytes | None, int]:
 
 def install(data: bytes, device_index: int = 0) -> int:
     """Write the packed kernels (and host modules) that this machine's Triton cache lacks
-    into it, through Triton's cache manager (the one `TRITON_CACHE_MANAGER` names, else its
-    file cache); how many kernels were written. The cache is the one Inductor's kernels for `device_index`
-    read: TRITON_CACHE_DIR, which is set to Inductor's directory where it is unset, as
-    Inductor's first kernel would set it."""
+    into it, through Triton's cache manager (the one `TRITON_CACHE_MANAGER` names, else
+    its file cache); how many kernels were written. The cache is the one Inductor's
+    kernels for `device_index` read: TRITON_CACHE_DIR, which is set to Inductor's
+    directory where it is unset, as Inductor's first kernel would set it."""
     from triton import knobs
     from triton.runtime.cache import FileCacheManager
 
@@ -162,7 +162,7 @@ def install(data: bytes, device_index: int = 0) -> int:
     for key, files in sorted(modules.items()):
         manager = manager_class(key)
         for name, content in files.items():
-            if _is_module({name: ""}) and manager.get_file(name) is None:
+            if name.endswith(_MODULE_SUFFIX) and manager.get_file(name) is None:
                 manager.put(content, name, binary=True)
     written = 0
     for key, files in sorted(kernels.items()):
