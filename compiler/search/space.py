@@ -41,6 +41,8 @@ class SearchSpace:
         registry = passes.load_all()
         self.params: dict[str, tuple[str, str, Space]] = {}  # "pass.key" -> (pass, key, space)
         for step in pipeline.PIPELINES[pipeline_name]:
+            if self.fixed.get(step.name, {}).get("enabled") is False:
+                continue  # a pass fixed off: none of its keys changes a trial
             for key, space in registry[step.name].config_cls.search_space().items():
                 if key in self.fixed.get(step.name, {}):
                     continue
@@ -71,11 +73,16 @@ class SearchSpace:
 
     def seeds(self) -> list[dict]:
         """The first trials, as Optuna params: the dense model (every unconditional key
-        at its low end), then each pass alone at a few settings of its first
-        unconditional key."""
+        at its low end), the dense model with each other value of an unconditional
+        choice (merge_projections.ops: a lossless setting that pays on some models and
+        workloads only, so one early measurement decides it), then each pass alone at a
+        few settings of its first unconditional numeric key."""
         base = {param: (space.choices[0] if space.kind == "choice" else space.low)
                 for param, (_, _, space) in self.params.items() if space.when is None}
         out: list[dict] = [dict(base)]
+        for param, (_, _, space) in self.params.items():
+            if space.when is None and space.kind == "choice":
+                out += [{**base, param: choice} for choice in space.choices[1:]]
         ladders = []  # per pass: its first unconditional numeric key at each seed point
         seen_pass = set()
         for param, (pass_name, key, space) in self.params.items():

@@ -137,6 +137,20 @@ def test_token_merging_is_searched_on_encoders_only(name, merges):
     assert ("merge_tokens.r" in params) == merges and ("merge_tokens.kernels" in params) == merges
 
 
+def test_seeds_try_each_lossless_choice_and_a_pass_fixed_off_is_not_searched():
+    from optc.compiler.session import CompileSession
+    from optc.models import zoo
+
+    entry = zoo.get("tiny-bert")
+    session = CompileSession(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda m: None)
+    seeds = SearchSpace(session.anatomy, "default").seeds()
+    # Second, right after dense: the dense model with q/k/v merged (lossless; pays on some workloads).
+    assert seeds[1] == {**seeds[0], "merge_projections.ops": "all"} and seeds[0]["merge_projections.ops"] == "sparse"
+    off = SearchSpace(session.anatomy, "default", fixed={"merge_projections": {"enabled": False}})
+    assert not any(p.startswith("merge_projections.") for p in off.params)
+    assert all("merge_projections.ops" not in seed for seed in off.seeds())
+
+
 def test_worker_measures_the_first_then_estimates_and_keeps_the_limit_as_a_constraint():
     space, study, cost = SearchSpace(ANATOMY, "toy"), _study(), FakeCost()
     sy.enqueue_seeds(study, space)
