@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
-__all__ = ["export_load_type_hints_cached", "export_load_sympify_cached", "static_autotuner_keeps_coordesc",
-           "config_pickles_keep_coordesc"]
+__all__ = ["export_load_type_hints_cached", "export_load_sympify_cached", "export_load_schema_converters",
+           "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc"]
 
 
 # --------------------------------------------------------------------------- torch.export.load
@@ -91,6 +91,89 @@ def export_load_sympify_cached():
 
     with _serialize_module_patched(sympy, "sympify", sympify):
         yield
+
+
+@contextlib.contextmanager
+def export_load_schema_converters():
+    """A context in which torch.export.load turns a program's JSON into torch's schema
+    dataclasses through one converter built per schema type, instead of
+    `_dict_to_dataclass` working out at every value what its type is (typing.get_origin,
+    is_dataclass, dataclasses.fields on each of a program's hundreds of thousands of
+    values: most of what its deserialisation spends outside the fake tensors). Each
+    converter does what `_dict_to_dataclass` of torch 2.11-2.13 does for its type, branch
+    for branch; where serialize has no such function (another torch), nothing is replaced."""
+    from torch._export.serde import serialize
+
+    real = getattr(serialize, "_dict_to_dataclass", None)
+    if real is None or not all(hasattr(serialize, n) for n in ("_resolve_schema_cls", "_Union", "schema")):
+        yield
+        return
+    converters: dict = {}
+
+    def convert(cls, data):
+        try:
+            fn = converters.get(cls)
+        except TypeError:  # a type that cannot be a key: torch's own way
+            return real(cls, data)
+        if fn is None:
+            fn = converters[cls] = _schema_converter(serialize, cls, convert)
+        return fn(data)
+
+    serialize._dict_to_dataclass = convert
+    try:
+        yield
+    finally:
+        serialize._dict_to_dataclass = real
+
+
+def _schema_converter(serialize, cls, convert):
+    """data -> value of `cls` as torch's `_dict_to_dataclass(cls, data)` returns it (the
+    same checks and errors), with what depends on `cls` alone decided here, once."""
+    import dataclasses
+    import types
+    import typing
+
+    cls = serialize._resolve_schema_cls(cls)
+    if isinstance(cls, str):
+        raise AssertionError(f"Unresolved class type: '{cls}'.")
+    origin, args = typing.get_origin(cls), typing.get_args(cls)
+    if origin is typing.Annotated:
+        inner = cls.__origin__
+        return lambda data: convert(inner, data)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        def optional(data):
+            if data is None:
+                return None
+            if len(args) != 2:
+                raise AssertionError(f"expected 2 type args, got {len(args)}")
+            return convert(args[0], data)
+        return optional
+    if isinstance(cls, type) and issubclass(cls, serialize._Union):
+        hints = typing.get_type_hints(cls, globalns=vars(serialize.schema))
+
+        def union(data):
+            if not isinstance(data, dict):
+                raise AssertionError(f"expected dict, got {type(data).__name__}")
+            if len(data) != 1:
+                raise AssertionError(f"expected dict with 1 key, got {len(data)}")
+            ((kind, value),) = data.items()
+            if not isinstance(kind, str):
+                raise AssertionError(f"expected str key, got {type(kind).__name__}")
+            return cls.create(**{kind: convert(hints[kind], value)})
+        return union
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls, globalns=vars(serialize.schema))
+        fields = [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+        # Keys the class does not define are ignored (torch's forward compatibility).
+        return lambda data: cls(**{name: convert(hint, data[name]) for name, hint in fields if name in data})
+
+    def other(data):  # what remains depends on the data, as in torch
+        if isinstance(data, list):
+            return [convert(args[0], d) for d in data] if data else data
+        if isinstance(data, dict):
+            return {k: convert(args[1], v) for k, v in data.items()}
+        return float(data) if cls is float else data
+    return other
 
 
 # --------------------------------------------------------------------------- Inductor

@@ -42,7 +42,8 @@ __all__ = [
     "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks", "check_call_structure",
     "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
     "inductor_realize_op", "fresh_cache_artifacts", "inductor_triton_cache_dir", "export_load_type_hints_cached",
-    "export_load_sympify_cached", "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc",
+    "export_load_sympify_cached", "export_load_schema_converters", "static_autotuner_keeps_coordesc",
+    "config_pickles_keep_coordesc",
     "import_export_deserialiser",
     "dynamo_counters", "python_dispatcher",
     "cuda_driver_api_version",
@@ -305,8 +306,8 @@ def inductor_triton_cache_dir(device_index: int) -> str:
 # Workarounds for torch bugs, applied only where the installed release has them:
 # torch.export.load's repeated parsing, Inductor's re-tuning of cached kernels.
 from optc.compiler.torch_fixes import (  # noqa: E402
-    config_pickles_keep_coordesc, export_load_sympify_cached, export_load_type_hints_cached,
-    static_autotuner_keeps_coordesc)
+    config_pickles_keep_coordesc, export_load_schema_converters, export_load_sympify_cached,
+    export_load_type_hints_cached, static_autotuner_keeps_coordesc)
 
 
 # --------------------------------------------------------------------------- torch.export (lazy)

@@ -30,8 +30,8 @@ from typing import NamedTuple
 
 from optc.compiler.codegen.aoti_probe import triton_version
 from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
-from optc.compiler.torch_private import (export_load_sympify_cached, export_load_type_hints_cached,
-                                        import_export_deserialiser)
+from optc.compiler.torch_private import (export_load_schema_converters, export_load_sympify_cached,
+                                        export_load_type_hints_cached, import_export_deserialiser)
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
 from optc.runtime import member_read
@@ -313,7 +313,8 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
             importing.join()  # no import left running behind a refusal, into the exit
 
     programs, extra = {}, {}
-    with export_load_type_hints_cached(), export_load_sympify_cached():  # one cache for every program
+    # One cache of each for every program.
+    with export_load_type_hints_cached(), export_load_sympify_cached(), export_load_schema_converters():
         for member, data in contents.items():
             if member.startswith(PROGRAM_DIR) and member.endswith(PROGRAM_SUFFIX):
                 name = member[len(PROGRAM_DIR):-len(PROGRAM_SUFFIX)]

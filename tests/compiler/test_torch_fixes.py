@@ -151,6 +151,46 @@ def test_export_load_type_hints_cached(monkeypatch):
     torch.testing.assert_close(cached.module()(x), plain.module()(x))
 
 
+def test_export_load_schema_converters():
+    """The converters give what torch's `_dict_to_dataclass` gives, value for value (a
+    program with a symbolic length, optional fields and unions), refuse what it refuses,
+    and are gone after the context."""
+    import io
+    import json
+
+    import pytest
+    from torch._export.serde import schema, serialize
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, mask=None):
+            y = torch.relu(self.lin(x)).sum(-1, keepdim=True) * x
+            return y if mask is None else y * mask
+
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ep = torch.export.export(Net(), (torch.ones(1, 5, 8),), dynamic_shapes=({1: seq},))
+    text = serialize.serialize(ep).exported_program.decode("utf-8")
+    real = serialize._dict_to_dataclass
+    plain = real(schema.ExportedProgram, json.loads(text))
+    with tp.export_load_schema_converters():
+        assert serialize._dict_to_dataclass is not real
+        fast = serialize._dict_to_dataclass(schema.ExportedProgram, json.loads(text))
+        again = serialize._dict_to_dataclass(schema.ExportedProgram, json.loads(text))  # converters reused
+        with pytest.raises(AssertionError, match="expected dict with 1 key"):
+            serialize._dict_to_dataclass(schema.Argument, {"as_int": 1, "as_float": 2.0})
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+        loaded = torch.export.load(io.BytesIO(buf.getvalue()))
+    assert serialize._dict_to_dataclass is real  # restored
+    assert fast == plain and again == plain
+    assert any(n.op == "call_function" for n in loaded.graph.nodes)
+    x = torch.randn(1, 7, 8)
+    torch.testing.assert_close(loaded.module()(x), ep.module()(x))
+
+
 def test_export_load_sympify_cached(monkeypatch):
     import io
 
