@@ -41,7 +41,8 @@ __all__ = [
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
     "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks", "check_call_structure",
     "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
-    "inductor_realize_op", "fresh_cache_artifacts", "inductor_triton_cache_dir", "export_load_type_hints_cached",
+    "inductor_realize_op", "fresh_cache_artifacts", "inductor_triton_cache_dir", "warm_compile_workers",
+    "export_load_type_hints_cached",
     "export_load_sympify_cached", "export_load_schema_converters", "static_autotuner_keeps_coordesc",
     "config_pickles_keep_coordesc",
     "import_export_deserialiser",
@@ -289,6 +290,19 @@ def fresh_cache_artifacts():
     from torch.compiler._cache import CacheArtifactManager
 
     return CacheArtifactManager.with_fresh_cache()
+
+
+def warm_compile_workers() -> None:
+    """Start Inductor's pool of compile worker processes now. A lowering hands its Triton
+    kernels to the pool only once the pool's workers are up, and until then compiles them
+    one after another in this process: a load that lowers from the kernel cache asks for
+    its kernels within a second of its first lowering, long before a pool started there
+    is ready (benchmarks/NOTES.md, "the load since PDL"). torch's own
+    `torch._inductor.async_compile.maybe_warm_pool` (which leaves the pool alone under
+    TORCH_WARM_POOL=0, without Triton, or with one compile thread), torch 2.11-2.13."""
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    maybe_warm_pool()
 
 
 def inductor_triton_cache_dir(device_index: int) -> str:

@@ -152,7 +152,7 @@ def load(path: str | Path, *, check_versions: bool = True, packages: bool = True
     from optc.runtime.artifact import read_artifact
     from optc.runtime.packages import check_hashes
 
-    loaded = read_artifact(path, check_versions=check_versions)
+    loaded = read_artifact(path, check_versions=check_versions, compile_workers=True)
     # read_artifact checked every member's bytes against the manifest's files record: the
     # package and kernel-cache records must name the same digests (no second hash).
     check_hashes(loaded.manifest, loaded.extra_files, loaded.manifest["files"])

@@ -31,7 +31,8 @@ from typing import NamedTuple
 from optc.compiler.codegen.aoti_probe import triton_version
 from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
 from optc.compiler.torch_private import (export_load_schema_converters, export_load_sympify_cached,
-                                        export_load_type_hints_cached, import_export_deserialiser)
+                                        export_load_type_hints_cached, import_export_deserialiser,
+                                        warm_compile_workers)
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
 from optc.runtime import member_read
@@ -285,20 +286,22 @@ def verify_versions(manifest: dict, path="artifact") -> None:
             f"{_RECOMPILE} (or install optc {built_optc})")
 
 
-def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
+def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = False) -> LoadedArtifact:
     """Read and verify an artifact: (programs, manifest, extra_files).
 
     Checks, in order: the file exists and is a complete zip, the manifest is present
     and of a known format, the versions match the running torch and optc (unless
     `check_versions=False`), every member's sha256 matches the manifest; then loads
-    each program with torch.export.load.
+    each program with torch.export.load. `compile_workers`: the programs are about to be
+    lowered here, so where they are for a GPU and this machine has one, Inductor's
+    compile workers start while the artifact is read (torch_private.warm_compile_workers).
     """
     path = Path(path)
     with _open_zip(path) as zf:
         man = _read_manifest_from(zf, path)
         if check_versions:
             verify_versions(man, path)
-        importing = _import_deserialiser_aside()
+        importing = _import_deserialiser_aside(compile_workers and _for_a_gpu(man))
         contents: dict[str, bytes] = {}
         try:
             for member, entry in man["files"].items():
@@ -325,16 +328,31 @@ def read_artifact(path, *, check_versions: bool = True) -> LoadedArtifact:
     return LoadedArtifact(programs, man, extra)
 
 
-def _import_deserialiser_aside():
+def _for_a_gpu(man: dict) -> bool:
+    """Whether the manifest's target is a GPU's and this machine has one."""
+    import torch
+
+    from optc.compiler.targets import TARGETS
+
+    target = TARGETS.get(man.get("target"))
+    return target is not None and target.device == "cuda" and torch.cuda.is_available()
+
+
+def _import_deserialiser_aside(compile_workers: bool = False):
     """A started thread importing torch.export's deserialiser (Dynamo with it: about a
     second of a fresh process) while the members are read and hashed, which hold the GIL
-    only between chunks. Its join() comes before the first program is read; if the import
-    failed there, the load's own import raises the error."""
+    only between chunks, and then, with `compile_workers`, starting Inductor's compile
+    workers, which boot in processes of their own while the programs are deserialised.
+    Its join() comes before the first program is read; if the import failed there, the
+    load's own import raises the error (and a pool that did not start is started by the
+    first lowering, as without this)."""
     import threading
 
     def deserialiser():
         try:
             import_export_deserialiser()
+            if compile_workers:
+                warm_compile_workers()
         except Exception:  # noqa: BLE001 - the load imports it again and reports it
             pass
 

@@ -321,6 +321,20 @@ def test_inductor_triton_cache_dir(tmp_path, monkeypatch):
     assert tp.inductor_triton_cache_dir(1) == str(tmp_path / "mine")
 
 
+def test_warm_compile_workers(monkeypatch):
+    """torch's own warm-up runs, and leaves the pool alone where the environment says so
+    (the tests never start compile workers)."""
+    from torch._inductor import async_compile
+
+    monkeypatch.setenv("TORCH_WARM_POOL", "0")
+    before = async_compile.AsyncCompile.process_pool.cache_info().currsize
+    called = []
+    real = async_compile.maybe_warm_pool
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: called.append(1) or real())
+    tp.warm_compile_workers()
+    assert called == [1] and async_compile.AsyncCompile.process_pool.cache_info().currsize == before
+
+
 def test_import_export_deserialiser():
     import subprocess
     import sys

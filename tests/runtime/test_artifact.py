@@ -147,7 +147,7 @@ def test_checksum_mismatch_names_member(art, tmp_path, monkeypatch):
     bad = _rewrite(art, tmp_path / "tampered.optc", flip)  # a valid zip, wrong content
     started = []
 
-    def slow_import():  # an import still running when the refusal comes
+    def slow_import(compile_workers=False):  # an import still running when the refusal comes
         started.append(threading.Thread(target=time.sleep, args=(0.5,), daemon=True))
         started[-1].start()
         return started[-1]
@@ -168,6 +168,35 @@ def test_the_deserialiser_is_imported_aside():
             "t.join(timeout=120); print(before, t.is_alive(), 'torch._export.serde.serialize' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.stdout.split() == ["False", "False", "True"], out.stderr[-2000:]
+
+
+def test_compile_workers_start_while_a_gpu_artifact_is_read(art, tmp_path, monkeypatch):
+    """optc.load of an artifact for a GPU, on a machine with one, starts Inductor's compile
+    workers in the aside thread while it reads; not for a CPU artifact, not without a GPU,
+    and not for a caller that only reads (`optc inspect`)."""
+    calls = []
+    monkeypatch.setattr(A, "warm_compile_workers", lambda: calls.append(1))
+    gpu = _with_manifest(art, tmp_path / "gpu.optc", target="h100")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    A.read_artifact(gpu)
+    A.read_artifact(art, compile_workers=True)
+    assert calls == []
+    A.read_artifact(gpu, compile_workers=True)
+    assert calls == [1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    A.read_artifact(gpu, compile_workers=True)
+    assert calls == [1]
+
+    asked = {}
+
+    def reader(path, **kwargs):
+        asked.update(kwargs)
+        raise ArtifactError("stop here")
+
+    monkeypatch.setattr(A, "read_artifact", reader)
+    with pytest.raises(ArtifactError, match="stop here"):
+        optc.load(gpu)
+    assert asked.get("compile_workers") is True
 
 
 def test_unlisted_member_and_unknown_format(art, tmp_path):
