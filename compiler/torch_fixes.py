@@ -99,7 +99,7 @@ def export_load_schema_converters():
     dataclasses through one converter built per schema type, instead of
     `_dict_to_dataclass` working out at every value what its type is (typing.get_origin,
     is_dataclass, dataclasses.fields on each of a program's hundreds of thousands of
-    values: most of what its deserialisation spends outside the fake tensors). Each
+    values: the largest part of its deserialisation). Each
     converter does what `_dict_to_dataclass` of torch 2.11-2.13 does for its type, branch
     for branch; where serialize has no such function (another torch), nothing is replaced."""
     from torch._export.serde import serialize
