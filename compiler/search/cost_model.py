@@ -23,13 +23,15 @@ DEFAULTS = {
     "cuda": {"bandwidth_gbs": 1500.0, "tflops": 150.0, "launch_us": 4.0},
     "cpu": {"bandwidth_gbs": 20.0, "tflops": 0.2, "launch_us": 5.0},
 }
-MIN_FIT = 3  # fewer measured trials than the correction's coefficients: scale the roofline (fit)
+MIN_FIT = 3  # fewer measured trials than the correction's dense coefficients (a, b, c): scale the roofline (fit)
 # The data term sums squared relative errors (measurement noise is a few percent), the
 # prior term squared deviations of the coefficients from the prior (plausibly tens of
 # percent): a small weight decides only where the trials cannot (few of them, or terms
 # that move together across the trials), and yields wherever they can.
 PRIOR_WEIGHT = 0.02
-PRIOR = (1.0, 1.0, 0.0)  # roofline and launch terms as calibrated, no constant
+# Roofline and launch terms as calibrated, no constant, and optc's sparse kernels at the
+# dense rate per byte they read (what the roofline alone assumes).
+PRIOR = (1.0, 1.0, 0.0, 0.0)
 # Weight of a sample from the device's history (other studies, other models) against
 # one of the study's own: enough to start fitted, little enough that a study's own
 # trials take over once it has a few.
@@ -78,10 +80,16 @@ def mark_against_dense(rows: list[dict], dense: dict | None, key: str, ms: str) 
 
 @dataclass
 class CostModel:
-    """ms = a * roofline + b * launches * launch_us + c, with (a, b, c) = (1, 1, 0)
-    until `fit` has a measured sample (the study's or the device history's). launch_us
-    is what a kernel costs beyond its bytes and FLOPs (launch, ramp-up, tail); one
-    constant for every kind of kernel, the fitted b absorbs the mix.
+    """ms = a * roofline + b * launches * launch_us + c + s * sparse roofline, with
+    (a, b, c, s) = (1, 1, 0, 0) until `fit` has a measured sample (the study's or the
+    device history's). launch_us is what a kernel costs beyond its bytes and FLOPs
+    (launch, ramp-up, tail); one constant for every kind of kernel, the fitted b absorbs
+    the mix. The sparse roofline is that of optc's sparse kernels alone (features'
+    `sparse_kernels`, also in the roofline): s is what they cost beyond the dense rate
+    for the bytes they read, so that once measured trials with sparse kernels show them
+    streaming slower than dense (about half the rate on the H100 and H200,
+    benchmarks/NOTES.md), the estimates of the other sparse configurations say so too,
+    and a sparsity that does not pay on this GPU stops looking as if it did.
 
     The roofline is summed per kernel, sum(max(bytes/BW, flops/peak)), rather than
     max(total bytes/BW, total flops/peak): a prefill or encoder program mixes
@@ -92,7 +100,7 @@ class CostModel:
     tflops: float
     launch_us: float
     source: str = "prior"
-    coef: tuple[float, float, float] | None = None
+    coef: tuple[float, ...] | None = None  # (a, b, c, s)
     n_fit: int = 0
     history: tuple = ()  # (features, ms) measured on this device by earlier studies
 
@@ -136,14 +144,21 @@ class CostModel:
         roof = sum(count * max(b / bw, fl / peak) for b, fl, count in kernels)
         return roof, f["launches"] * self.launch_us / 1e3
 
+    def sparse_roof(self, f: dict) -> float:
+        """Roofline ms of the program's optc sparse kernels (0 for features without them)."""
+        bw, peak = self.bandwidth_gbs * 1e6, self.tflops * 1e9  # per ms
+        return sum(count * max(b / bw, fl / peak) for b, fl, count in f.get("sparse_kernels") or ())
+
+    def _columns(self, f: dict) -> list[float]:
+        """The terms the coefficients (a, b, c, s) multiply."""
+        return [*self.terms(f), 1.0, self.sparse_roof(f)]
+
     def estimate_ms(self, features: dict) -> float:
-        roof, launch = self.terms(features)
-        a, b, c = self.coef or PRIOR
-        return a * roof + b * launch + c
+        return float(np.dot(self.coef or PRIOR, self._columns(features)))
 
     def fit(self, samples: list) -> "CostModel":
         """Fit the correction on (features, measured ms) pairs: non-negative least squares
-        of relative error, pulled toward (1, 1, 0) by PRIOR_WEIGHT so that a handful of
+        of relative error, pulled toward PRIOR by PRIOR_WEIGHT so that a handful of
         trials cannot swing it. Fewer than MIN_FIT samples scale the prior instead: one
         measurement (a study's dense seed) cannot fit three coefficients, but it says how far
         this device and lowering sit from the calibrated roofline, and a small model's
@@ -157,27 +172,25 @@ class CostModel:
             return self
         y = np.array([ms for _, ms in samples], dtype=float)
         w = np.sqrt(np.array(weights))
-        x = np.array([[*self.terms(f), 1.0] for f, _ in samples]) / y[:, None] * w[:, None]
-        scale = np.array([1.0, 1.0, 1.0 / float(np.median(y))])  # c is in ms: compare it to a typical trial
+        x = np.array([self._columns(f) for f, _ in samples]) / y[:, None] * w[:, None]
+        scale = np.array([1.0, 1.0, 1.0 / float(np.median(y)), 1.0])  # c is in ms: compare it to a typical trial
         a = np.vstack([x, math.sqrt(PRIOR_WEIGHT) * np.diag(scale)])
         rhs = np.concatenate([w, math.sqrt(PRIOR_WEIGHT) * scale * np.array(PRIOR)])
         self.coef = tuple(float(v) for v in _nonneg_lstsq(a, rhs))
         return self
 
-    def _scaled_prior(self, samples: list, weights: list) -> tuple[float, float, float] | None:
+    def _scaled_prior(self, samples: list, weights: list) -> tuple[float, ...] | None:
         """PRIOR times the weighted geometric mean of measured / prior estimate, over the
         samples whose estimate is finite and positive; None without such samples."""
-        a, b, c = PRIOR
         ratios = []
         for w, (f, ms) in zip(weights, samples):
-            roof, launch = self.terms(f)
-            estimate = a * roof + b * launch + c
+            estimate = float(np.dot(PRIOR, self._columns(f)))
             if math.isfinite(estimate) and estimate > 0:
                 ratios.append((w, ms / estimate))
         if not ratios:
             return None
         scale = math.exp(sum(w * math.log(r) for w, r in ratios) / sum(w for w, _ in ratios))
-        return (a * scale, b * scale, c * scale)
+        return tuple(v * scale for v in PRIOR)
 
     def unfitted(self) -> "CostModel":
         return CostModel(self.bandwidth_gbs, self.tflops, self.launch_us, self.source)
@@ -203,7 +216,8 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
-        coef = tuple(d["coef"]) if d.get("coef") else None
+        # A model stored before the sparse term had three coefficients: s = 0, as it assumed.
+        coef = tuple(d["coef"]) + (0.0,) * (len(PRIOR) - len(d["coef"])) if d.get("coef") else None
         return cls(d["bandwidth_gbs"], d["tflops"], d["launch_us"], d.get("source", "prior"), coef, d.get("n_fit", 0))
 
 

@@ -46,6 +46,7 @@ ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attentio
              "_scaled_dot_product_flash_attention_for_cpu"}
 GATHERS = {"embedding", "index", "index_select", "gather"}  # read only the rows they return
 SPARSE_PASS = "sparsify_activations"
+SPARSE_OPS = {("optc", "sparse_linear"), ("optc", "cats_gate_up")}  # their own kernels, priced apart
 
 
 def _op(node: fx.Node) -> tuple[str, str]:
@@ -280,7 +281,9 @@ def program_features(ep_or_gm, manifest: dict | None = None, *, batch: int | Non
     sparsify_activations' plan (optc's sparse ops count as dense without it). `batch`
     and `seq` size a dynamic batch or sequence dim (None: as traced); static shapes are
     used as they are (a decoder's batch is fixed by its cache).
-    `kernels` lists [bytes, flops, count] per distinct kernel, for a roofline per kernel."""
+    `kernels` lists [bytes, flops, count] per distinct kernel, for a roofline per kernel;
+    `sparse_kernels` the same for optc's sparse ops alone (among `kernels` too), which
+    the cost model prices apart."""
     from torch.export import ExportedProgram
 
     if isinstance(ep_or_gm, ExportedProgram):
@@ -288,16 +291,24 @@ def program_features(ep_or_gm, manifest: dict | None = None, *, batch: int | Non
 
         ep_or_gm = graph_module(ep_or_gm)
     w = _Walk(ep_or_gm, manifest, batch, seq)
-    costs = [_kernel_cost(w, n) for n in ep_or_gm.graph.nodes if w.kind[n] == "kernel"]
+    own = [n for n in ep_or_gm.graph.nodes if w.kind[n] == "kernel"]
+    costs = [_kernel_cost(w, n) for n in own]
+    sparse = [cost for n, cost in zip(own, costs) if _op(n) in SPARSE_OPS]
     costs += [_group_cost(w, members) for members in _fused_groups(w).values()]
-    kernels: dict = {}
-    for nbytes, _, flops in costs:
-        kernels[(nbytes, flops)] = kernels.get((nbytes, flops), 0) + 1
     return {
         "bytes": sum(c[0] for c in costs),
         "weight_bytes": sum(c[1] for c in costs),
         "flops": sum(c[2] for c in costs),
         "launches": len(costs),
         "nodes": sum(1 for n in ep_or_gm.graph.nodes if n.op == "call_function"),
-        "kernels": sorted([b, f, c] for (b, f), c in kernels.items()),
+        "kernels": _distinct(costs),
+        "sparse_kernels": _distinct(sparse),
     }
+
+
+def _distinct(costs: list) -> list[list[int]]:
+    """[bytes, flops, count] per distinct (bytes, flops) of kernel costs."""
+    kernels: dict = {}
+    for nbytes, _, flops in costs:
+        kernels[(nbytes, flops)] = kernels.get((nbytes, flops), 0) + 1
+    return sorted([b, f, c] for (b, f), c in kernels.items())

@@ -81,6 +81,8 @@ def test_sparse_ops_read_the_planned_share_of_their_weights(compiled, method):
     # W_up and W_down), at the sparsity reached on calibration data.
     saved = sum(r["params"] * 4 * r["calibration_sparsity"] for r in _sparse_rows(art))
     assert dense["weight_bytes"] - sparse["weight_bytes"] == pytest.approx(saved, rel=0.01)
+    # The sparse ops are priced apart too, and only they: every decode op of the unit.
+    assert sum(c for _, _, c in sparse["sparse_kernels"]) == len(ops) and dense["sparse_kernels"] == []
     # Without the plan the ops count as dense; prefill masks and stays dense.
     assert _features(art, manifest=False)["weight_bytes"] == dense["weight_bytes"]
     assert _features(art, "prefill")["weight_bytes"] == _features(compiled["dense"], "prefill")["weight_bytes"]
@@ -195,17 +197,42 @@ def test_no_sample_keeps_the_roofline_and_a_few_scale_it():
     # estimate is scaled by it, so another configuration of the same shape lands on its time.
     halved = _synthetic(2, 4, model, (0.5, 0.5, 0.0))
     anchored = model.unfitted().fit(halved[:1])
-    assert anchored.n_fit == 1 and anchored.coef == pytest.approx((0.5, 0.5, 0.0))
+    assert anchored.n_fit == 1 and anchored.coef == pytest.approx((0.5, 0.5, 0.0, 0.0))
     assert anchored.estimate_ms(halved[1][0]) == pytest.approx(halved[1][1])
     # Two disagreeing ones: their geometric mean; a device-history sample counts HISTORY_WEIGHT.
     mixed = [(f, 2.0 * (roof + launch)), (f, 8.0 * (roof + launch))]
-    assert model.unfitted().fit(mixed).coef == pytest.approx((4.0, 4.0, 0.0))
+    assert model.unfitted().fit(mixed).coef == pytest.approx((4.0, 4.0, 0.0, 0.0))
     with_history = model.unfitted().with_history([(f, 8.0 * (roof + launch))]).fit([(f, 2.0 * (roof + launch))])
     scale = math.exp((math.log(2.0) + cm.HISTORY_WEIGHT * math.log(8.0)) / (1 + cm.HISTORY_WEIGHT))
-    assert with_history.coef == pytest.approx((scale, scale, 0.0))
+    assert with_history.coef == pytest.approx((scale, scale, 0.0, 0.0))
     # A sample whose estimate is zero (no bytes, FLOPs or launches) scales nothing.
     empty = {"bytes": 0, "flops": 0, "launches": 0, "kernels": []}
     assert model.unfitted().fit([(empty, 1.0)]).coef is None
+
+
+def test_sparse_kernels_slower_than_dense_are_learned_from_measured_trials():
+    """Trials whose sparse kernels read their bytes at half the dense rate: once a few are
+    measured, the fit prices the sparse roofline apart (s near 1), and estimates another
+    sparse configuration where it lands instead of where the roofline puts it. Without
+    sparse trials s stays 0; a model stored with three coefficients reads back with s = 0."""
+    model = cm.CostModel.prior("h200")
+    rng = np.random.default_rng(8)
+    dense = _synthetic(8, 6, model, (1.0, 1.0, 0.0))
+    samples = list(dense)
+    for f, _ in _synthetic(8, 9, model, (1.0, 1.0, 0.0)):
+        share = float(rng.uniform(0.2, 0.6))  # of the kernels' bytes in sparse ops
+        f["sparse_kernels"] = [[int(b * share), fl, c] for b, fl, c in f["kernels"]]
+        roof, launch = model.terms(f)
+        samples.append((f, roof + launch + model.sparse_roof(f)))
+    fitted = model.unfitted().fit(samples[:12])
+    assert fitted.coef[3] == pytest.approx(1.0, rel=0.1)
+    for f, ms in samples[12:]:
+        roof, launch = model.terms(f)
+        assert fitted.estimate_ms(f) == pytest.approx(ms, rel=0.05)
+        assert roof + launch < 0.9 * ms  # the roofline alone was optimistic
+    assert model.unfitted().fit(dense).coef[3] == pytest.approx(0.0, abs=1e-6)
+    stored = {**fitted.to_dict(), "coef": [1.2, 0.9, 0.01]}
+    assert cm.CostModel.from_dict(stored).coef == (1.2, 0.9, 0.01, 0.0)
 
 
 def test_fit_never_goes_negative():
