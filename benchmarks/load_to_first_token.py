@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--no-packages", action="store_true",
                     help="lower the portable programs even where the artifact's AOTInductor packages fit")
     ap.add_argument("--profile", default=None, metavar="PATH",
-                    help="profile the load and the first tokens with cProfile; statistics to PATH, a summary to PATH.txt")
+                    help="profile the load and the first tokens with cProfile; statistics to PATH, "
+                         "a summary to PATH.txt")
     args = ap.parse_args()
     if args.device.startswith("cuda"):
         torch.cuda.init()

@@ -89,9 +89,10 @@ def _listen_to_triton():
         fn = getattr(src, "fn", None)
         if fn is not None:
             code = getattr(getattr(fn, "fn", None), "__code__", None)
+            constants = sorted((str(k), str(v)) for k, v in (getattr(src, "constants", None) or {}).items())
             key.update(fn_cache_key=getattr(fn, "cache_key", None), first_line=getattr(fn, "starting_line_number", None),
                        file=getattr(code, "co_filename", None), attrs=str(getattr(src, "attrs", None)),
-                       constants=str(sorted((str(k), str(v)) for k, v in (getattr(src, "constants", None) or {}).items())))
+                       constants=str(constants))
         LOG.append(("triton", metadata.get("name"), bool(cache_hit), key))
 
     knobs.compilation.listener = listener
