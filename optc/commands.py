@@ -334,12 +334,16 @@ def cmd_export(args):
     from optc.compiler.codegen.mlir_state import state_names
 
     if args.model.endswith(".optc"):
-        import optc
-
         if args.set or args.config:
             raise UsageError(f"--set and --config compile a model; {args.model} is compiled already: export it "
                              "as it is, or export the model with the settings")
-        art = optc.load(args.model)
+        from optc.runtime.artifact import read_artifact
+        from optc.runtime.loaded import Artifact
+
+        # Read and checked as optc.load reads it, without what a load does for lowering
+        # here (export emits the programs, it does not lower them).
+        loaded = read_artifact(args.model)
+        art = Artifact(loaded.programs, loaded.manifest, loaded.extra_files)
     else:
         # What is emitted is the rewritten program, not Inductor's lowering of it: checking
         # that lowering would take minutes and check nothing that lands in the file.
