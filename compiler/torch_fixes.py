@@ -108,15 +108,23 @@ def export_load_schema_converters():
     if real is None or not all(hasattr(serialize, n) for n in ("_resolve_schema_cls", "_Union", "schema")):
         yield
         return
+    try:  # whether this torch reads `X | None` as optional (2.13 does, 2.11 only Optional[X])
+        pipe_optional = not isinstance(real(serialize.schema.Device | None, {"type": "cpu"}), dict)
+    except Exception:  # noqa: BLE001 - a schema unlike the ones this was written for: leave torch's way
+        yield
+        return
     converters: dict = {}
 
     def convert(cls, data):
+        # Keyed with the type's arguments too: Union[X, None] equals Union[None, X], which
+        # torch treats differently (it reads the first argument).
+        key = (cls, getattr(cls, "__args__", None))
         try:
-            fn = converters.get(cls)
+            fn = converters.get(key)
         except TypeError:  # a type that cannot be a key: torch's own way
             return real(cls, data)
         if fn is None:
-            fn = converters[cls] = _schema_converter(serialize, cls, convert)
+            fn = converters[key] = _schema_converter(serialize, cls, convert, pipe_optional)
         return fn(data)
 
     serialize._dict_to_dataclass = convert
@@ -126,7 +134,7 @@ def export_load_schema_converters():
         serialize._dict_to_dataclass = real
 
 
-def _schema_converter(serialize, cls, convert):
+def _schema_converter(serialize, cls, convert, pipe_optional: bool):
     """data -> value of `cls` as torch's `_dict_to_dataclass(cls, data)` returns it (the
     same checks and errors), with what depends on `cls` alone decided here, once."""
     import dataclasses
@@ -140,7 +148,7 @@ def _schema_converter(serialize, cls, convert):
     if origin is typing.Annotated:
         inner = cls.__origin__
         return lambda data: convert(inner, data)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
+    if (origin is typing.Union or (pipe_optional and origin is types.UnionType)) and type(None) in args:
         def optional(data):
             if data is None:
                 return None

@@ -340,8 +340,8 @@ def cmd_export(args):
         from optc.runtime.artifact import read_artifact
         from optc.runtime.loaded import Artifact
 
-        # Read and checked as optc.load reads it, without what a load does for lowering
-        # here (export emits the programs, it does not lower them).
+        # Read and its members checked against the manifest; export emits the programs and
+        # neither lowers them nor runs packages, so optc.load's work for those is left out.
         loaded = read_artifact(args.model)
         art = Artifact(loaded.programs, loaded.manifest, loaded.extra_files)
     else:

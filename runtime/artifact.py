@@ -22,6 +22,7 @@ import copy
 import io
 import json
 import re
+import threading
 import warnings
 import zipfile
 from datetime import datetime, timezone
@@ -301,7 +302,8 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
         man = _read_manifest_from(zf, path)
         if check_versions:
             verify_versions(man, path)
-        importing = _import_deserialiser_aside(compile_workers and _for_a_gpu(man))
+        refused = threading.Event()  # a refusal before the thread got to the workers: none start
+        importing = _import_deserialiser_aside(compile_workers and _for_a_gpu(man), refused)
         contents: dict[str, bytes] = {}
         try:
             for member, entry in man["files"].items():
@@ -312,6 +314,9 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
                         f"artifact {path}: checksum mismatch in member {member!r} ({found}); the "
                         f"file was modified or damaged: copy it again or {_RECOMPILE}")
                 contents[member] = data
+        except BaseException:
+            refused.set()
+            raise
         finally:
             importing.join()  # no import left running behind a refusal, into the exit
 
@@ -338,20 +343,20 @@ def _for_a_gpu(man: dict) -> bool:
     return target is not None and target.device == "cuda" and torch.cuda.is_available()
 
 
-def _import_deserialiser_aside(compile_workers: bool = False):
+def _import_deserialiser_aside(compile_workers: bool = False, refused: threading.Event | None = None):
     """A started thread importing torch.export's deserialiser (Dynamo with it: about a
     second of a fresh process) while the members are read and hashed, which hold the GIL
-    only between chunks, and then, with `compile_workers`, starting Inductor's compile
-    workers, which boot in processes of their own while the programs are deserialised.
-    Its join() comes before the first program is read; if the import failed there, the
+    only between chunks, and then, with `compile_workers` and unless `refused` is set by
+    then, creating Inductor's compile pool, whose workers boot in processes of their own
+    while the programs are deserialised. Its join() comes before the first program is
+    read (so the pool is created by one thread only); if the import failed there, the
     load's own import raises the error (and a pool that did not start is started by the
     first lowering, as without this)."""
-    import threading
 
     def deserialiser():
         try:
             import_export_deserialiser()
-            if compile_workers:
+            if compile_workers and not (refused is not None and refused.is_set()):
                 warm_compile_workers()
         except Exception:  # noqa: BLE001 - the load imports it again and reports it
             pass

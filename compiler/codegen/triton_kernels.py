@@ -12,13 +12,14 @@ while the check ran is recorded through Triton's compilation listener
 (`triton.knobs.compilation.listener`), and the metadata and binary of each are shipped:
 what Triton reads back on a cache hit (as its `store_binary_only` caches hold).
 
-Beside the kernels, the host-side modules Triton builds with the C compiler the first time
-a kernel of a new signature is launched (its launcher, `__triton_launcher`, and the driver's
-`cuda_utils`), recorded through Triton's cache manager as they are built or read: Inductor
-launches its kernels without them (its static launcher) except where a kernel sets a launch
-attribute (programmatic dependent launch, `triton.enable_pdl`) or is a user-defined kernel
-(optc's decode attention), and each one a fresh machine builds costs a compiler run (about
-0.1 s; benchmarks/NOTES.md, "the load since PDL"). A module is found by its cache key, a
+Beside the kernels, the host-side modules Triton builds with the C compiler: the launcher
+of each kernel signature (`__triton_launcher`), built or read at a kernel's first launch,
+and the driver's `cuda_utils` where Triton's driver starts inside the recording; recorded
+through Triton's cache manager as they are built or read. Inductor launches its kernels
+without them (its static launcher) except where a kernel sets a launch attribute
+(programmatic dependent launch, `triton.enable_pdl`) or is a user-defined kernel (optc's
+decode attention), and each one a fresh machine builds costs a compiler run (about 0.1 s;
+benchmarks/NOTES.md, "the load since PDL"). A module is found by its cache key, a
 hash of its C source and the platform, and its file name carries the Python ABI, so a
 module is only read where it was built for.
 
@@ -80,16 +81,22 @@ def recording():
     # A knob set in this process (not through the environment) is held in its group's
     # instance dict; one that was not is unset again on the way out.
     manager_was_set = "manager_class" in vars(knobs.cache)
-    previous_manager = knobs.cache.manager_class
+    try:
+        previous_manager = knobs.cache.manager_class
+    except Exception:  # noqa: BLE001 - a TRITON_CACHE_MANAGER that does not import: Triton reports it when used
+        previous_manager = recorder = None
+    else:
+        recorder = _module_recorder(previous_manager or FileCacheManager, groups)
     knobs.compilation.listener = listener
-    knobs.cache.manager_class = _module_recorder(previous_manager or FileCacheManager, groups)
+    if recorder is not None:
+        knobs.cache.manager_class = recorder
     try:
         yield groups
     finally:
         knobs.compilation.listener = previous
-        if manager_was_set:
+        if recorder is not None and manager_was_set:
             knobs.cache.manager_class = previous_manager
-        else:
+        elif recorder is not None:
             del knobs.cache.manager_class
 
 
@@ -118,8 +125,9 @@ def _module_recorder(base, groups: dict):
 def pack(groups: dict[str, dict[str, str]]) -> tuple[bytes | None, int]:
     """(a zip of KEY/FILE entries for kernels and modules/KEY/FILE for host modules, how
     many kernels) of the recorded groups whose files are all still there; (None, 0) when
-    no kernel is."""
-    buffer, count = io.BytesIO(), 0
+    there is nothing to ship. Modules travel without kernels too: the launchers of kernels
+    compiled in Inductor's workers are built in this process, where they are recorded."""
+    buffer, count, modules = io.BytesIO(), 0, 0
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for key in sorted(groups):
             paths = groups[key]
@@ -128,11 +136,12 @@ def pack(groups: dict[str, dict[str, str]]) -> tuple[bytes | None, int]:
             if _is_module(paths):
                 for name in sorted(paths):
                     archive.write(paths[name], f"{_MODULES}/{key}/{name}")
+                modules += 1
             elif _metadata_of(paths) is not None:
                 for name in sorted(paths):
                     archive.write(paths[name], f"{key}/{name}")
                 count += 1
-    return (buffer.getvalue(), count) if count else (None, 0)
+    return (buffer.getvalue(), count) if count or modules else (None, 0)
 
 
 def install(data: bytes, device_index: int = 0) -> int:

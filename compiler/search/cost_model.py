@@ -216,8 +216,11 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
-        # A model stored before the sparse term had three coefficients: s = 0, as it assumed.
-        coef = tuple(d["coef"]) + (0.0,) * (len(PRIOR) - len(d["coef"])) if d.get("coef") else None
+        coef = tuple(d["coef"]) if d.get("coef") else None
+        if coef is not None and not 3 <= len(coef) <= len(PRIOR):
+            raise ValueError(f"a cost model with {len(coef)} coefficients; this optc reads 3 or {len(PRIOR)}")
+        if coef is not None:  # a model stored before the sparse term had three: s = 0, as it assumed
+            coef += (0.0,) * (len(PRIOR) - len(coef))
         return cls(d["bandwidth_gbs"], d["tflops"], d["launch_us"], d.get("source", "prior"), coef, d.get("n_fit", 0))
 
 

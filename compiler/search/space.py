@@ -37,12 +37,12 @@ class SearchSpace:
     def __init__(self, anatomy, pipeline_name: str = "default", fixed: dict | None = None):
         self.pipeline_name = pipeline_name
         self.fixed = {name: dict(values) for name, values in (fixed or {}).items()}
-        pipeline.resolve(pipeline_name, self.fixed)  # unknown passes or keys: refused (exit 2)
+        resolved = pipeline.resolve(pipeline_name, self.fixed)["passes"]  # unknown passes or keys: refused (exit 2)
         registry = passes.load_all()
         self.params: dict[str, tuple[str, str, Space]] = {}  # "pass.key" -> (pass, key, space)
         for step in pipeline.PIPELINES[pipeline_name]:
-            if self.fixed.get(step.name, {}).get("enabled") is False:
-                continue  # a pass fixed off: none of its keys changes a trial
+            if "enabled" in self.fixed.get(step.name, {}) and not resolved[step.name]["enabled"]:
+                continue  # a pass fixed off ("false", 0: as its config reads them): none of its keys changes a trial
             for key, space in registry[step.name].config_cls.search_space().items():
                 if key in self.fixed.get(step.name, {}):
                     continue

@@ -157,6 +157,7 @@ def test_export_load_schema_converters():
     and are gone after the context."""
     import io
     import json
+    import typing
 
     import pytest
     from torch._export.serde import schema, serialize
@@ -181,6 +182,15 @@ def test_export_load_schema_converters():
         again = serialize._dict_to_dataclass(schema.ExportedProgram, json.loads(text))  # converters reused
         with pytest.raises(AssertionError, match="expected dict with 1 key"):
             serialize._dict_to_dataclass(schema.Argument, {"as_int": 1, "as_float": 2.0})
+        # Types torch's schema does not use, where torch's branches still decide: the first
+        # argument of an Optional (None first fails as in torch), and `X | None`.
+        device = {"type": "cpu"}
+        assert serialize._dict_to_dataclass(typing.Optional[schema.Device], device) == real(schema.Device, device)
+        with pytest.raises(IndexError):
+            real(typing.Union[None, schema.Device], device)
+        with pytest.raises(IndexError):
+            serialize._dict_to_dataclass(typing.Union[None, schema.Device], device)
+        assert serialize._dict_to_dataclass(schema.Device | None, device) == real(schema.Device | None, device)
         buf = io.BytesIO()
         torch.export.save(ep, buf)
         loaded = torch.export.load(io.BytesIO(buf.getvalue()))

@@ -145,9 +145,10 @@ def test_checksum_mismatch_names_member(art, tmp_path, monkeypatch):
         return bytes(data)
 
     bad = _rewrite(art, tmp_path / "tampered.optc", flip)  # a valid zip, wrong content
-    started = []
+    started, events = [], []
 
-    def slow_import(compile_workers=False):  # an import still running when the refusal comes
+    def slow_import(compile_workers=False, refused=None):  # an import still running when the refusal comes
+        events.append(refused)
         started.append(threading.Thread(target=time.sleep, args=(0.5,), daemon=True))
         started[-1].start()
         return started[-1]
@@ -156,6 +157,7 @@ def test_checksum_mismatch_names_member(art, tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match=f"checksum mismatch in member '{member}'"):
         A.read_artifact(bad)
     assert len(started) == 1 and not started[0].is_alive()  # the refusal waited for it: none left running
+    assert events[0].is_set()  # and told it: no compile workers start after a refusal
 
 
 def test_the_deserialiser_is_imported_aside():

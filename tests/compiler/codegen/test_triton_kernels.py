@@ -107,6 +107,12 @@ def test_host_modules_travel_with_the_kernels(tmp_path, monkeypatch):
     path = get_cache_manager(source_key).get_file(name)
     assert path.startswith(str(tmp_path / "fresh")) and Path(path).read_bytes() == b"\x7fELF launcher"
     assert get_cache_manager(source_key).get_file("notes.txt") is None
+    # Modules travel without kernels too (the launchers of kernels Inductor's workers compiled).
+    only = {k: g for k, g in groups.items() if triton_kernels._is_module(g)}
+    data, count = triton_kernels.pack(only)
+    assert count == 0 and data is not None
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "fresh2"))
+    assert triton_kernels.install(data) == 0 and get_cache_manager(source_key).get_file(name) is not None
 
 
 def test_install_skips_what_a_cache_hit_could_not_read(tmp_path, monkeypatch):

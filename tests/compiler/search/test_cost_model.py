@@ -233,6 +233,8 @@ def test_sparse_kernels_slower_than_dense_are_learned_from_measured_trials():
     assert model.unfitted().fit(dense).coef[3] == pytest.approx(0.0, abs=1e-6)
     stored = {**fitted.to_dict(), "coef": [1.2, 0.9, 0.01]}
     assert cm.CostModel.from_dict(stored).coef == (1.2, 0.9, 0.01, 0.0)
+    with pytest.raises(ValueError, match="5 coefficients"):
+        cm.CostModel.from_dict({**stored, "coef": [1.0] * 5})
 
 
 def test_fit_never_goes_negative():

@@ -146,9 +146,12 @@ def test_seeds_try_each_lossless_choice_and_a_pass_fixed_off_is_not_searched():
     seeds = SearchSpace(session.anatomy, "default").seeds()
     # Second, right after dense: the dense model with q/k/v merged (lossless; pays on some workloads).
     assert seeds[1] == {**seeds[0], "merge_projections.ops": "all"} and seeds[0]["merge_projections.ops"] == "sparse"
-    off = SearchSpace(session.anatomy, "default", fixed={"merge_projections": {"enabled": False}})
-    assert not any(p.startswith("merge_projections.") for p in off.params)
-    assert all("merge_projections.ops" not in seed for seed in off.seeds())
+    for value in (False, "false", 0):  # as --set and --config may give it
+        off = SearchSpace(session.anatomy, "default", fixed={"merge_projections": {"enabled": value}})
+        assert not any(p.startswith("merge_projections.") for p in off.params), value
+        assert all("merge_projections.ops" not in seed for seed in off.seeds())
+    on = SearchSpace(session.anatomy, "default", fixed={"merge_projections": {"enabled": "true"}})
+    assert "merge_projections.ops" in on.params
 
 
 def test_worker_measures_the_first_then_estimates_and_keeps_the_limit_as_a_constraint():
