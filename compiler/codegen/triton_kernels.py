@@ -13,9 +13,10 @@ while the check ran is recorded through Triton's compilation listener
 what Triton reads back on a cache hit (as its `store_binary_only` caches hold).
 
 Beside the kernels, the host-side modules Triton builds with the C compiler: the launcher
-of each kernel signature (`__triton_launcher`), built or read at a kernel's first launch,
-and the driver's `cuda_utils` where Triton's driver starts inside the recording; recorded
-through Triton's cache manager as they are built or read. Inductor launches its kernels
+of each kernel (`__triton_launcher`: its C source follows the kernel's signature and
+constants), built or read at the kernel's first launch, and the driver's `cuda_utils`
+where Triton's driver starts inside the recording; recorded through Triton's cache
+manager as they are built or read. Inductor launches its kernels
 without them (its static launcher) except where a kernel sets a launch attribute
 (programmatic dependent launch, `triton.enable_pdl`) or is a user-defined kernel (optc's
 decode attention), and each one a fresh machine builds costs a compiler run (about 0.1 s;
