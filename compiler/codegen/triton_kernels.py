@@ -16,13 +16,12 @@ Beside the kernels, the host-side modules Triton builds with the C compiler: the
 of each kernel (`__triton_launcher`: its C source follows the kernel's signature and
 constants), built or read at the kernel's first launch, and the driver's `cuda_utils`
 where Triton's driver starts inside the recording; recorded through Triton's cache
-manager as they are built or read. Inductor launches its kernels
-without them (its static launcher) except where a kernel sets a launch attribute
-(programmatic dependent launch, `triton.enable_pdl`) or is a user-defined kernel (optc's
-decode attention), and each one a fresh machine builds costs a compiler run (about 0.1 s;
-benchmarks/NOTES.md, "the load since PDL"). A module is found by its cache key, a
-hash of its C source and the platform, and its file name carries the Python ABI, so a
-module is only read where it was built for.
+manager as they are built or read. Inductor launches its kernels without them (its static
+launcher) except where a kernel sets a launch attribute (programmatic dependent launch,
+`triton.enable_pdl`) or is a user-defined kernel (optc's decode attention), and each one
+a fresh machine builds costs a compiler run (about 0.1 s; benchmarks/NOTES.md, "the load
+since PDL"). A module is found by its cache key, a hash of its C source and the platform,
+and its file name carries the Python ABI, so a module is only read where it was built for.
 
 Not seen: kernels compiled in Inductor's worker processes. Those of a fresh compile are
 bundled in the FX graph entries; a configuration a worker compiled from a choice
