@@ -269,13 +269,15 @@ def with_calls_replaced(gm: fx.GraphModule, calls, op) -> tuple[fx.GraphModule, 
     rewrites use it: the program stays as captured, so the check compares against it.
     A replaced node must not be an argument of another one (the arguments are read
     before anything is replaced)."""
-    if not calls(gm.graph):
+    found = calls(gm.graph)  # one scan, of the program's graph; the copy's nodes by name
+    if not found:
         return gm, 0
     graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
-    found = calls(graph)
+    copied = {n.name: n for n in graph.nodes}
     for node, args in found:
+        node = copied[node.name]
         with graph.inserting_before(node):
-            new = graph.call_function(op, tuple(args))
+            new = graph.call_function(op, fx.map_arg(tuple(args), lambda a: copied[a.name]))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

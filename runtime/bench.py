@@ -306,17 +306,20 @@ def _lm_notes(art, m, eager, prompt) -> dict:
             notes["removed"] = p.get("plan", {}).get("units")
         # What each pass did to the timed program (e.g. which units got sparse kernels).
         notes.setdefault("decode_program", {})[p["name"]] = p.get("programs", {}).get("decode")
-    # A lossy variant is compared with its own program only: the eager model differs.
-    lossy = any(p.get("lossy") for p in applied)
-    notes["agreement"] = agreement(m.program, art, prompt, None if lossy else eager)
+    notes["agreement"] = agreement(m.program, art, prompt, None if _lossy(art) else eager)
     return notes
 
 
 def _forward_notes(art, m, eager, inputs) -> dict:
     notes = {"params": art.manifest["params"], "config": art.manifest["config"]}
-    lossy = any(p.get("lossy") for p in art.manifest["passes"] if p.get("applied"))
-    notes["agreement"] = forward_agreement(m.program, art, tuple(inputs), None if lossy else eager)
+    notes["agreement"] = forward_agreement(m.program, art, tuple(inputs), None if _lossy(art) else eager)
     return notes
+
+
+def _lossy(art) -> bool:
+    """Whether a lossy pass changed the artifact's programs: its rows are compared with
+    their own programs only, since the eager model computes something else."""
+    return any(p.get("lossy") for p in art.manifest["passes"] if p.get("applied"))
 
 
 def _cold_inductor():

@@ -139,15 +139,17 @@ class CostModel:
 
     def terms(self, f: dict) -> tuple[float, float]:
         """(roofline ms, launch ms) of a program's features."""
-        bw, peak = self.bandwidth_gbs * 1e6, self.tflops * 1e9  # per ms
         kernels = f.get("kernels") or [[f["bytes"], f["flops"], 1]]
-        roof = sum(count * max(b / bw, fl / peak) for b, fl, count in kernels)
-        return roof, f["launches"] * self.launch_us / 1e3
+        return self._roofline(kernels), f["launches"] * self.launch_us / 1e3
 
     def sparse_roof(self, f: dict) -> float:
         """Roofline ms of the program's optc sparse kernels (0 for features without them)."""
+        return self._roofline(f.get("sparse_kernels") or ())
+
+    def _roofline(self, kernels) -> float:
+        """sum over [bytes, flops, count] kernels of count * max(bytes/BW, flops/peak), in ms."""
         bw, peak = self.bandwidth_gbs * 1e6, self.tflops * 1e9  # per ms
-        return sum(count * max(b / bw, fl / peak) for b, fl, count in f.get("sparse_kernels") or ())
+        return sum(count * max(b / bw, fl / peak) for b, fl, count in kernels)
 
     def _columns(self, f: dict) -> list[float]:
         """The terms the coefficients (a, b, c, s) multiply."""
