@@ -25,6 +25,7 @@ from optc.compiler.calibration import CalibrationContext
 from optc.compiler.codegen import kernel_cache, lowering
 from optc.compiler.config import config_hash, flat_to_nested
 from optc.compiler.heldout import HeldOut
+from optc.compiler.torch_private import use_inductors_ptxas
 from optc.errors import UsageError
 from optc.progress import working
 
@@ -91,6 +92,8 @@ class CompileSession:
         self.max_cache_len, self.dynamic, self.prefill_len = max_cache_len, tuple(dynamic), int(prefill_len)
         self._calibration, self._evaluation = calibration, evaluation
         self.device = _device_of(model)
+        if self.device.type == "cuda":
+            use_inductors_ptxas()  # before the first Triton kernel: one ptxas for the compile and the load
         start = time.perf_counter()
         log(f"[optc] capturing {type(model).__name__} with torch.export ...")
         self.captured = cap.capture(model, example_inputs, max_cache_len=max_cache_len, dynamic=dynamic,

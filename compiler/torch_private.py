@@ -42,6 +42,7 @@ __all__ = [
     "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks", "check_call_structure",
     "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
     "inductor_realize_op", "fresh_cache_artifacts", "inductor_triton_cache_dir", "warm_compile_workers",
+    "use_inductors_ptxas",
     "export_load_type_hints_cached", "export_load_sympify_cached", "export_load_schema_converters",
     "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc",
     "import_export_deserialiser",
@@ -174,6 +175,7 @@ def compile_fx(gm: fx.GraphModule, example_inputs):
     torch 2.11-2.13."""
     from torch._inductor.compile_fx import compile_fx as _compile_fx
 
+    use_inductors_ptxas()
     return _compile_fx(gm, example_inputs)
 
 
@@ -196,6 +198,7 @@ def compile_fx_static(gm: fx.GraphModule, example_inputs: list, config_patches: 
         # Without it the shape environment would make the inputs' sizes symbolic.
         raise RuntimeError(f"torch {torch.__version__}'s Inductor cannot compile a graph with static inputs "
                            "outside Dynamo (compile_fx has no ignore_shape_env); optc needs torch 2.8 or later")
+    use_inductors_ptxas()
     with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
         return _compile_fx(gm, example_inputs, config_patches=config_patches, ignore_shape_env=True)
 
@@ -302,6 +305,20 @@ def warm_compile_workers() -> None:
     from torch._inductor.async_compile import maybe_warm_pool
 
     maybe_warm_pool()
+
+
+def use_inductors_ptxas() -> None:
+    """Point Triton at the ptxas Inductor compiles with (the one torch's build ships, through
+    TRITON_PTXAS_PATH) before this process compiles its first Triton kernel. Inductor sets
+    it in its compile workers and before a compile of its own in this process, but a kernel
+    compiled here before that (coordinate descent's candidates, optc's kernels run eagerly)
+    used Triton's bundled ptxas; Triton caches the first ptxas version it reads as part of
+    every cache key of the process, so the same kernel compiled at compile time and at load
+    had two keys and missed the artifact's Triton pack (benchmarks/NOTES.md, "one ptxas").
+    `torch._inductor.runtime.compile_tasks._set_triton_ptxas_path`, torch 2.11-2.13."""
+    from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+
+    _set_triton_ptxas_path()
 
 
 def inductor_triton_cache_dir(device_index: int) -> str:

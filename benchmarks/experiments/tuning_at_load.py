@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
+import hashlib
 import json
 import os
 import runpy
@@ -76,11 +77,31 @@ _wrap(th.CachingAutotuner, "_precompile_config", lambda self, out, cfg, *a, **k:
       ("compiled", self.inductor_meta.get("kernel_name"), bool(getattr(cfg, "found_by_coordesc", False))))
 
 
+def _cache_env():
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+    except ImportError:
+        return None
+    return str(sorted(get_cache_invalidating_env_vars().items()))
+
+
 def _listen_to_triton():
     try:
         from triton import knobs
+        from triton.compiler import compiler
     except ImportError:
         return
+    parts = {}  # cache-key hash -> the pieces Triton's get_cache_key joined
+    get_cache_key = compiler.get_cache_key
+
+    def recording_get_cache_key(src, backend, backend_options, env_vars):
+        key = get_cache_key(src, backend, backend_options, env_vars)
+        options = {k: str(v) for k, v in sorted(backend_options.__dict__.items())}
+        parts[hashlib.sha256(key.encode("utf-8")).hexdigest()] = dict(
+            key_string=key, backend=backend.hash(), options_hash=backend_options.hash(), **options)
+        return key
+
+    compiler.get_cache_key = recording_get_cache_key
 
     def listener(*, src, metadata, metadata_group, times, cache_hit):
         # What a cache key is made of (Triton's ASTSource.hash and the compile options), to
@@ -92,7 +113,9 @@ def _listen_to_triton():
             constants = sorted((str(k), str(v)) for k, v in (getattr(src, "constants", None) or {}).items())
             key.update(fn_cache_key=getattr(fn, "cache_key", None), first_line=getattr(fn, "starting_line_number", None),
                        file=getattr(code, "co_filename", None), attrs=str(getattr(src, "attrs", None)),
-                       constants=str(constants))
+                       constants=str(constants), signature=str(sorted((getattr(src, "signature", None) or {}).items())),
+                       src_hash=src.hash() if hasattr(src, "hash") else None, env=_cache_env())
+        key.update({f"opt.{k}": v for k, v in parts.get(metadata.get("hash"), {}).items()})
         LOG.append(("triton", metadata.get("name"), bool(cache_hit), key))
 
     knobs.compilation.listener = listener

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import os
 
 import pytest
 import torch
@@ -333,6 +334,46 @@ def test_warm_compile_workers(monkeypatch):
     monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: called.append(1) or real())
     tp.warm_compile_workers()
     assert called == [1] and async_compile.AsyncCompile.process_pool.cache_info().currsize == before
+
+
+def test_use_inductors_ptxas_points_triton_at_torchs_ptxas(tmp_path, monkeypatch):
+    """Where torch's build ships a ptxas, TRITON_PTXAS_PATH names it after the call (what
+    Inductor's compile workers set), so every Triton compile of the process, before
+    Inductor's and in them, keys its kernels on one ptxas version; one already set stays."""
+    from torch._inductor.runtime import compile_tasks
+
+    ptxas = tmp_path / "_inductor" / "bin" / "ptxas"
+    ptxas.parent.mkdir(parents=True)
+    ptxas.write_text("#!/bin/sh\n")
+    ptxas.chmod(0o755)
+    monkeypatch.setattr(compile_tasks, "__file__", str(tmp_path / "_inductor" / "runtime" / "compile_tasks.py"))
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+    compile_tasks._set_triton_ptxas_path.cache_clear()
+    try:
+        tp.use_inductors_ptxas()
+        assert os.environ["TRITON_PTXAS_PATH"] == str(ptxas)
+        monkeypatch.setenv("TRITON_PTXAS_PATH", "/chosen/ptxas")
+        compile_tasks._set_triton_ptxas_path.cache_clear()
+        tp.use_inductors_ptxas()
+        assert os.environ["TRITON_PTXAS_PATH"] == "/chosen/ptxas"
+    finally:
+        compile_tasks._set_triton_ptxas_path.cache_clear()
+
+
+def test_lowering_entries_choose_the_ptxas_first(monkeypatch):
+    """compile_fx_static and compile_fx settle the ptxas before Inductor compiles anything."""
+    from torch._inductor import compile_fx as inductor
+
+    order = []
+    monkeypatch.setattr(tp, "use_inductors_ptxas", lambda: order.append("ptxas"))
+    def compile_fx(gm, example_inputs, config_patches=None, ignore_shape_env=False):
+        order.append("inductor")
+
+    monkeypatch.setattr(inductor, "compile_fx", compile_fx)
+    gm = fx.symbolic_trace(nn.ReLU())
+    tp.compile_fx(gm, [torch.ones(2)])
+    tp.compile_fx_static(gm, [torch.ones(2)], {})
+    assert order == ["ptxas", "inductor"] * 2
 
 
 def test_import_export_deserialiser():
