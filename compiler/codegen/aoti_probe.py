@@ -30,7 +30,7 @@ from importlib import metadata
 import torch
 
 from optc.compiler.targets import Target
-from optc.compiler.torch_private import pick_vec_isa
+from optc.compiler.torch_private import pick_vec_isa, use_inductors_ptxas
 from optc.progress import working
 
 PROBE_TIMEOUT_S = 600
@@ -47,11 +47,29 @@ def triton_version() -> str | None:
     return None
 
 
+def ptxas_version() -> str | None:
+    """The version ("V13.0.88") of the ptxas this process's Triton kernels are assembled
+    with, chosen first as Inductor chooses it (torch_private.use_inductors_ptxas): Triton
+    keys its compiled kernels on it, and two ptxas make two binaries of one kernel. None
+    where Triton or its CUDA backend cannot say."""
+    import re
+
+    use_inductors_ptxas()
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        found = re.search(r"V\d+(?:\.\d+)+", get_ptxas_version())
+    except Exception:  # noqa: BLE001 - no CUDA backend or no ptxas: nothing to record
+        return None
+    return found.group(0) if found else None
+
+
 def environment(target: Target) -> dict:
     """What compiled code depends on beyond the target's name: the exact torch build
-    (a +cpu and a +cu128 wheel of one release differ), triton (GPU kernels), and the
-    instruction set the code was generated for (CPU vector ISA, GPU model). A package
-    runs only where all of these are equal."""
+    (a +cpu and a +cu128 wheel of one release differ), triton and the ptxas it
+    assembles with (GPU kernels), and the instruction set the code was generated for
+    (CPU vector ISA, GPU model). A package or kernel cache runs only where all of these
+    are equal."""
     env = {"target": target.name, "torch": torch.__version__, "machine": platform.machine()}
     if target.device == "cuda":
         env["triton"] = triton_version()
@@ -59,6 +77,7 @@ def environment(target: Target) -> dict:
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name()
             env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+            env["ptxas"] = ptxas_version()
     else:
         env["cpu_isa"] = str(pick_vec_isa()) or "none"
     return env

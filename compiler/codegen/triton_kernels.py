@@ -32,7 +32,8 @@ A load writes the kernels Triton's cache lacks through Triton's own cache manage
 before anything is lowered, into the directory Inductor's kernels will read
 (torch_private.inductor_triton_cache_dir); the artifact's environment check
 (kernel_cache.usable) covers these too, and Triton's cache key (source, target,
-options, versions) decides whether each is ever read.
+options, versions, the ptxas version: torch_private.use_inductors_ptxas makes a compile
+and its load assemble with one) decides whether each is ever read.
 """
 
 from __future__ import annotations

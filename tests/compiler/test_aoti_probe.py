@@ -50,3 +50,24 @@ def test_compile_skips_packages_with_the_reason(monkeypatch):
     programs = art.manifest["packages"]["programs"]
     assert set(programs) == {"prefill", "decode"}
     assert all(p["skipped"] == "killed by SIGSEGV" for p in programs.values())
+
+
+def test_a_gpu_environment_names_the_ptxas_chosen_as_inductor_chooses_it(monkeypatch):
+    """Triton keys its kernels on the ptxas version, so a kernel cache built with one ptxas
+    is not the code another would run: the version is part of the environment, read only
+    after the process settled on Inductor's ptxas (read before, Triton would keep the
+    other one for the whole process)."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    order = []
+    monkeypatch.setattr(aoti_probe, "use_inductors_ptxas", lambda: order.append("chosen"))
+    monkeypatch.setattr(nvidia, "get_ptxas_version", lambda *a: order.append("read") or
+                        "ptxas: NVIDIA (R) Ptx optimizing assembler\nCuda compilation tools, release 13.0, V13.0.88\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    env = aoti_probe.environment(targets.get("h200"))
+    assert env["ptxas"] == "V13.0.88" and env["gpu"] == "NVIDIA H200" and order == ["chosen", "read"]
+    assert "ptxas" not in aoti_probe.environment(targets.get("cpu"))
+    monkeypatch.setattr(nvidia, "get_ptxas_version", lambda *a: "no version here")
+    assert aoti_probe.environment(targets.get("h200"))["ptxas"] is None
