@@ -29,12 +29,17 @@ def _row_at(rows: list, kind: str, k: int, n: int, s: float):
                  and abs(r.get("sparsity", -1) - s) < 1e-6), None)
 
 
+def _tokens(d: dict) -> str:
+    """The tokens a decode result was timed over, as ", 64 tokens"; nothing for a forward result."""
+    return f", {d['tokens']} tokens" if d.get("tokens") else ""
+
+
 def bench_tables() -> str:
     out = []
     for path in sorted(RESULTS.glob("bench_*.json")):
         d = json.loads(path.read_text())
         out.append(
-            f"**{d['model']}** on {d['device']} ({d['unit']}, {d.get('tokens') or ''} tokens; "
+            f"**{d['model']}** on {d['device']} ({d['unit']}{_tokens(d)}; "
             f"torch {d['torch']}, triton {d['triton']}, transformers {d['transformers']}; {d['date'][:10]}; "
             f"{_source(d, path)}\n"
         )
