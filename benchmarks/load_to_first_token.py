@@ -5,11 +5,12 @@ token's time is split: the decoder built (its AOTInductor packages loaded, if an
 decode step's capture as a CUDA graph (on a GPU the decode program is lowered, or read
 from the kernel cache, in its warm-up calls), and the prefill program's first call. On
 the CPU the decode program is lowered at the next call instead, which `second_token_s`
-times. Says whether the packages ran, whether the artifact's kernel cache was used (and
-how many of the lowerings hit it), how much tuning Inductor still did (coordinate descent's
-benchmark calls: a kernel tuned again at the load, see torch_fixes), and every warning
-the load gave. Run it twice, in two
-processes, for the spread between processes.
+times. `phases_s` is the wall time inside each part of the load (load_phases.py: members
+read and checked, JSON to schema, graph deserialised, state dict, unlifting). Says whether
+the packages ran, whether the artifact's kernel cache was used (and how many of the
+lowerings hit it), how much tuning Inductor still did (coordinate descent's benchmark
+calls: a kernel tuned again at the load, see torch_fixes), and every warning the load
+gave. Run it twice, in two processes, for the spread between processes.
 
     python benchmarks/load_to_first_token.py x.optc --out $OUT/load.json [--tokens 64] [--device cuda] [--no-packages]
         [--profile $OUT/load.prof]
@@ -36,6 +37,7 @@ import warnings
 import torch
 
 from harness import envelope, write_result
+from load_phases import load_phases
 
 
 def prompt_for(art, device: str) -> torch.Tensor:
@@ -95,7 +97,8 @@ def main() -> None:
     from optc.compiler.codegen.aoti import PackagedProgram
 
     profiler = cProfile.Profile() if args.profile else None
-    with warnings.catch_warnings(record=True) as caught, profiler or contextlib.nullcontext():
+    with warnings.catch_warnings(record=True) as caught, profiler or contextlib.nullcontext(), \
+            load_phases() as phases:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         art = optc.load(args.artifact, kernel_cache=not args.no_kernel_cache, packages=not args.no_packages)
@@ -125,6 +128,9 @@ def main() -> None:
         load_to_first_token_s=round(t_load + t_first, 3),
         first_token_parts_s={"decoder": round(t_build, 3), "decode_capture": round(t_capture, 3),
                              "prefill_first_call": round(t_first - t_build - t_capture, 3)},
+        # Wall time inside the parts of the load and the decoder's build, up to the second token
+        # (load_phases.py: they may overlap, and nested ones are listed apart).
+        phases_s={k: round(v, 3) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         second_token_s=round(t_second, 3),
         packaged=packaged,
         same_first_token=bool(torch.equal(again[:, : first.shape[1]], first)),
@@ -142,6 +148,7 @@ def main() -> None:
           f"packages {packaged}; kernel cache {result['kernel_cache']}; tuning {result['tuning']}; "
           f"decode {timing.median_ms:.3f} ms/token",
           file=sys.stderr)
+    print("  inside: " + ", ".join(f"{k} {v:.2f} s" for k, v in result["phases_s"].items()), file=sys.stderr)
     for w in result["warnings"]:
         print(f"  warning: {w}", file=sys.stderr)
     if args.out:

@@ -23,6 +23,7 @@ BENCH = ROOT / "benchmarks"
 # Scripts in benchmarks/ that write no result file, each with why.
 NOT_RESULTS = {
     "harness.py": "the library itself",
+    "load_phases.py": "times the parts of a load for load_to_first_token.py, which writes the result",
     "readme_table.py": "reads results, writes the markdown tables",
     "results_history.py": "the tables readme_table.py writes into docs/results.md",
     "seed_device_history.py": "appends measured trials to a device's history (a cost-model input, not a result)",
@@ -131,3 +132,24 @@ def test_write_result_merges_the_envelope_and_refuses_to_override_it(tmp_path):
         harness.write_result(out, {"date": "yesterday", "rows": []}, env)
     assert json.loads(out.read_text())["rows"] == [1, 2]  # the refused write left the file as it was
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # no temporary file behind
+
+
+def test_load_phases_times_the_wrapped_parts_and_restores_them(monkeypatch):
+    """Inside the block a wrapped part's calls are timed; after it every function is the one
+    that was there before (here a stand-in for reading a member)."""
+    import time
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from load_phases import load_phases
+
+    from optc.runtime import member_read
+
+    monkeypatch.setattr(member_read, "read", lambda *a, **k: time.sleep(0.02))
+    before_read, before_load = member_read.read, torch.export.load
+    with load_phases() as seconds:
+        assert member_read.read is not before_read and torch.export.load is not before_load
+        member_read.read(None, "m", {})
+    assert seconds["members read"] >= 0.02 and set(seconds) == {"members read"}
+    assert member_read.read is before_read and torch.export.load is before_load
