@@ -3,7 +3,8 @@
 cache save (kernel, found by coordinate descent or not), each lookup (hit or not, and
 whether the stored entry's configs hash matched), each coordinate-descent run (the
 kernel and its cache state), each configuration compiled in this process, and each
-kernel Triton compiled or found in its cache ("triton", name, cache hit). With
+kernel Triton compiled or found in its cache ("triton", name, cache hit, and the parts of
+its cache key: which part differs tells why a load missed a kernel the compile built). With
 `OPTC_WITHOUT_COORDESC_FIX=1` the load runs torch's own `recheck_autotune_cache` and
 Triton's own `Config.__setstate__` (torch_fixes' workarounds not installed): the before
 of a before/after.
@@ -77,45 +78,35 @@ _wrap(th.CachingAutotuner, "_precompile_config", lambda self, out, cfg, *a, **k:
       ("compiled", self.inductor_meta.get("kernel_name"), bool(getattr(cfg, "found_by_coordesc", False))))
 
 
-def _cache_env():
-    try:
-        from triton._C.libtriton import get_cache_invalidating_env_vars
-    except ImportError:
-        return None
-    return str(sorted(get_cache_invalidating_env_vars().items()))
-
-
 def _listen_to_triton():
     try:
         from triton import knobs
         from triton.compiler import compiler
     except ImportError:
         return
-    parts = {}  # cache-key hash -> the pieces Triton's get_cache_key joined
+    # Cache-key hash -> what Triton's get_cache_key joined into it (beside Triton's own
+    # version key): the source's hash (function, signature, attributes, constants), the
+    # backend's (the ptxas version, the target), the options' and the environment's.
+    parts = {}
     get_cache_key = compiler.get_cache_key
 
     def recording_get_cache_key(src, backend, backend_options, env_vars):
         key = get_cache_key(src, backend, backend_options, env_vars)
-        options = {k: str(v) for k, v in sorted(backend_options.__dict__.items())}
         parts[hashlib.sha256(key.encode("utf-8")).hexdigest()] = dict(
-            key_string=key, backend=backend.hash(), options_hash=backend_options.hash(), **options)
+            source=src.hash(), backend=backend.hash(), options=backend_options.hash(), env=str(sorted(env_vars.items())))
         return key
 
     compiler.get_cache_key = recording_get_cache_key
 
     def listener(*, src, metadata, metadata_group, times, cache_hit):
-        # What a cache key is made of (Triton's ASTSource.hash and the compile options), to
-        # compare one kernel's compiles across processes.
+        # The key's parts, and what tells one configuration from another to a reader (the
+        # compile options, the constants, the kernel's file), to compare one kernel's
+        # compiles across processes.
         key = {k: v for k, v in metadata.items() if isinstance(v, (bool, int, float, str)) and k != "name"}
-        fn = getattr(src, "fn", None)
-        if fn is not None:
-            code = getattr(getattr(fn, "fn", None), "__code__", None)
-            constants = sorted((str(k), str(v)) for k, v in (getattr(src, "constants", None) or {}).items())
-            key.update(fn_cache_key=getattr(fn, "cache_key", None), first_line=getattr(fn, "starting_line_number", None),
-                       file=getattr(code, "co_filename", None), attrs=str(getattr(src, "attrs", None)),
-                       constants=str(constants), signature=str(sorted((getattr(src, "signature", None) or {}).items())),
-                       src_hash=src.hash() if hasattr(src, "hash") else None, env=_cache_env())
-        key.update({f"opt.{k}": v for k, v in parts.get(metadata.get("hash"), {}).items()})
+        key.update({f"key.{k}": v for k, v in parts.get(metadata.get("hash"), {}).items()})
+        code = getattr(getattr(getattr(src, "fn", None), "fn", None), "__code__", None)
+        constants = sorted((str(k), str(v)) for k, v in (getattr(src, "constants", None) or {}).items())
+        key.update(constants=str(constants), file=getattr(code, "co_filename", None))
         LOG.append(("triton", metadata.get("name"), bool(cache_hit), key))
 
     knobs.compilation.listener = listener

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -52,8 +53,6 @@ def ptxas_version() -> str | None:
     with, chosen first as Inductor chooses it (torch_private.use_inductors_ptxas): Triton
     keys its compiled kernels on it, and two ptxas make two binaries of one kernel. None
     where Triton or its CUDA backend cannot say."""
-    import re
-
     use_inductors_ptxas()
     try:
         from triton.backends.nvidia.compiler import get_ptxas_version
