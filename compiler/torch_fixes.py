@@ -11,7 +11,8 @@ import contextlib
 import functools
 
 __all__ = ["export_load_type_hints_cached", "export_load_sympify_cached", "export_load_schema_converters",
-           "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc"]
+           "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc",
+           "cached_choice_not_tuned_again"]
 
 
 # --------------------------------------------------------------------------- torch.export.load
@@ -260,6 +261,48 @@ def config_pickles_keep_coordesc() -> bool:
     REPLACED["triton.Config.__setstate__"] = real
     cls.__setstate__, cls.__deepcopy__ = setstate, deepcopy
     return True
+
+
+@functools.cache  # installed once per process
+def cached_choice_not_tuned_again() -> bool:
+    """Make a Triton kernel whose autotune cache lookup hit an entry that coordinate
+    descent found run that entry's configuration, instead of tuning it again on its
+    first run. `run()` decides from the `found_by_coordesc` mark on the configuration
+    object, and the mark is still lost on some path between the lookup and the first run
+    that depends on timing (Inductor's compile workers): three fresh loads of one
+    llama-1b artifact on one machine tuned two kernels again in two of them and none in
+    the third (benchmarks/NOTES.md), so the kernel that ran was not always the one the
+    compile verified. This asks the kernel's own autotune cache at the moment tuning
+    would start. Installed on torch 2.11 to 2.13, the releases it was written against;
+    True when it did. The method it replaced stays in `REPLACED`."""
+    import torch
+    from torch._inductor.runtime import triton_heuristics as th
+
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if not (2, 11) <= version <= (2, 13):
+        return False
+    cls = th.CachingAutotuner
+    if cls.coordinate_descent_tuning is not coordesc_keeping_cached_choice:
+        REPLACED["CachingAutotuner.coordinate_descent_tuning"] = cls.coordinate_descent_tuning
+        cls.coordinate_descent_tuning = coordesc_keeping_cached_choice
+    return True
+
+
+def coordesc_keeping_cached_choice(self, launcher, *args, **kwargs):
+    """`CachingAutotuner.coordinate_descent_tuning`, except for a launcher whose
+    configuration is the one its autotune cache entry holds as coordinate descent's
+    choice: that launcher is marked found and kept, nothing is tuned."""
+    from torch._inductor.runtime import triton_heuristics as th
+
+    info = getattr(self, "autotune_cache_info", None) or {}
+    cache = getattr(self, "autotune_cache", None)
+    if info.get("autotune_cache_state") == "hit" and cache is not None:
+        best = cache.read_best(self.inductor_meta, [launcher.config])
+        if (getattr(best, "found_by_coordesc", False)
+                and th.triton_config_to_hashable(best) == th.triton_config_to_hashable(launcher.config)):
+            launcher.config.found_by_coordesc = True
+            return launcher
+    return REPLACED["CachingAutotuner.coordinate_descent_tuning"](self, launcher, *args, **kwargs)
 
 
 def recheck_keeping_coordesc(self, reload_kernel_from_src) -> None:

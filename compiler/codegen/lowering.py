@@ -17,7 +17,8 @@ from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
 from optc.compiler.codegen.noisy_twin import HALF as _HALF, noisy_twin
 from optc.compiler.rewrite import view_key
 from optc.compiler.targets import LOWERING_FIELDS, Target
-from optc.compiler.torch_private import config_pickles_keep_coordesc, static_autotuner_keeps_coordesc
+from optc.compiler.torch_private import (cached_choice_not_tuned_again, config_pickles_keep_coordesc,
+                                        static_autotuner_keeps_coordesc)
 from optc.errors import CompileError
 
 # Tolerances of ||out - ref|| / ||ref||: fp32 reorderings land far below 1e-4;
@@ -66,6 +67,7 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
         config_pickles_keep_coordesc()  # a cached choice survives Inductor's compile workers (torch_fixes)
         if options.get("fx_graph_cache"):
             static_autotuner_keeps_coordesc()  # a cache hit keeps the compile's choices (torch_fixes)
+            cached_choice_not_tuned_again()  # and its first run does not tune them again
     gm = target_graph(gm, target)
     if isinstance(gm, torch.fx.GraphModule) and frontend(cudagraphs) == DIRECT:
         return DirectLowering(gm, options)
