@@ -7,7 +7,8 @@ kernel Triton compiled or found in its cache ("triton", name, cache hit, and the
 its cache key: which part differs tells why a load missed a kernel the compile built). With
 `OPTC_WITHOUT_COORDESC_FIX=1` the load runs torch's own `recheck_autotune_cache` and
 Triton's own `Config.__setstate__` (torch_fixes' workarounds not installed): the before
-of a before/after.
+of a before/after; with `OPTC_WITHOUT_CACHED_CHOICE_FIX=1` only
+`torch_fixes.cached_choice_not_tuned_again` is left out.
 
     OUT=tuning.json python benchmarks/experiments/tuning_at_load.py -m optc.cli compile llama-1b --target h100 --package none -o l1b.optc
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) OUT=load.json \\
@@ -131,6 +132,10 @@ if __name__ == "__main__":
 
         lowering.static_autotuner_keeps_coordesc = lambda: False
         lowering.config_pickles_keep_coordesc = lambda: False
+    if os.environ.get("OPTC_WITHOUT_COORDESC_FIX") or os.environ.get("OPTC_WITHOUT_CACHED_CHOICE_FIX"):
+        from optc.compiler.codegen import lowering
+
+        lowering.cached_choice_not_tuned_again = lambda: False
     if sys.argv[1] == "-m":
         sys.argv = [sys.argv[2], *sys.argv[3:]]
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
