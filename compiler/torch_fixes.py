@@ -267,14 +267,16 @@ def config_pickles_keep_coordesc() -> bool:
 def cached_choice_not_tuned_again() -> bool:
     """Make a Triton kernel whose autotune cache lookup hit an entry that coordinate
     descent found run that entry's configuration, instead of tuning it again on its
-    first run. `run()` decides from the `found_by_coordesc` mark on the configuration
-    object, and the mark is still lost on some path between the lookup and the first run
-    that depends on timing (Inductor's compile workers): three fresh loads of one
-    llama-1b artifact on one machine tuned two kernels again in two of them and none in
-    the third (benchmarks/NOTES.md), so the kernel that ran was not always the one the
-    compile verified. This asks the kernel's own autotune cache at the moment tuning
-    would start. Installed on torch 2.11 to 2.13, the releases it was written against;
-    True when it did. The method it replaced stays in `REPLACED`."""
+    first run. On torch 2.11 a reduction kernel of a load can hold several launchers
+    beside the cached choice (the smaller reduction blocks Inductor adds); `run()` then
+    benchmarks them all, keeps the fastest, saves it over the cache entry without the
+    coordinate-descent mark, and tunes it again. Which one wins depends on timing: three
+    fresh loads of one llama-1b artifact tuned two kernels again in two of them and none
+    in the third (benchmarks/NOTES.md), so the kernel that ran was not always the one the
+    compile verified. Here both steps, picking one launcher and coordinate descent, first
+    ask the kernel's own autotune cache, before anything is saved over it. Installed on
+    torch 2.11 to 2.13, the releases it was written against; True when it did. The
+    methods it replaced stay in `REPLACED`."""
     import torch
     from torch._inductor.runtime import triton_heuristics as th
 
@@ -282,26 +284,49 @@ def cached_choice_not_tuned_again() -> bool:
     if not (2, 11) <= version <= (2, 13):
         return False
     cls = th.CachingAutotuner
-    if cls.coordinate_descent_tuning is not coordesc_keeping_cached_choice:
-        REPLACED["CachingAutotuner.coordinate_descent_tuning"] = cls.coordinate_descent_tuning
-        cls.coordinate_descent_tuning = coordesc_keeping_cached_choice
+    for name, method in (("autotune_to_one_config", autotune_keeping_cached_choice),
+                         ("coordinate_descent_tuning", coordesc_keeping_cached_choice)):
+        if getattr(cls, name) is not method:
+            REPLACED[f"CachingAutotuner.{name}"] = getattr(cls, name)
+            setattr(cls, name, method)
     return True
 
 
-def coordesc_keeping_cached_choice(self, launcher, *args, **kwargs):
-    """`CachingAutotuner.coordinate_descent_tuning`, except for a launcher whose
-    configuration is the one its autotune cache entry holds as coordinate descent's
-    choice: that launcher is marked found and kept, nothing is tuned."""
+def cached_coordesc_launcher(autotuner, launchers):
+    """The launcher among `launchers` whose configuration is coordinate descent's choice
+    in the autotuner's autotune cache entry, marked as found; None where the lookup did
+    not hit, the entry was not found by coordinate descent, or no launcher runs it."""
     from torch._inductor.runtime import triton_heuristics as th
 
-    info = getattr(self, "autotune_cache_info", None) or {}
-    cache = getattr(self, "autotune_cache", None)
-    if info.get("autotune_cache_state") == "hit" and cache is not None:
-        best = cache.read_best(self.inductor_meta, [launcher.config])
-        if (getattr(best, "found_by_coordesc", False)
-                and th.triton_config_to_hashable(best) == th.triton_config_to_hashable(launcher.config)):
+    info = getattr(autotuner, "autotune_cache_info", None) or {}
+    cache = getattr(autotuner, "autotune_cache", None)
+    if info.get("autotune_cache_state") != "hit" or cache is None:
+        return None
+    best = cache.read_best(autotuner.inductor_meta, [launcher.config for launcher in launchers])
+    if not getattr(best, "found_by_coordesc", False):
+        return None
+    key = th.triton_config_to_hashable(best)
+    for launcher in launchers:
+        if th.triton_config_to_hashable(launcher.config) == key:
             launcher.config.found_by_coordesc = True
             return launcher
+    return None
+
+
+def autotune_keeping_cached_choice(self, *args, **kwargs):
+    """`CachingAutotuner.autotune_to_one_config`, except where one launcher runs the
+    autotune cache entry's coordinate-descent choice: that one is kept, nothing timed."""
+    launcher = cached_coordesc_launcher(self, self.launchers)
+    if launcher is None:
+        return REPLACED["CachingAutotuner.autotune_to_one_config"](self, *args, **kwargs)
+    self.launchers = [launcher]
+
+
+def coordesc_keeping_cached_choice(self, launcher, *args, **kwargs):
+    """`CachingAutotuner.coordinate_descent_tuning`, except for a launcher that runs the
+    autotune cache entry's coordinate-descent choice: it is kept, nothing tuned."""
+    if cached_coordesc_launcher(self, [launcher]) is not None:
+        return launcher
     return REPLACED["CachingAutotuner.coordinate_descent_tuning"](self, launcher, *args, **kwargs)
 
 

@@ -134,9 +134,10 @@ def test_static_autotuner_keeps_a_choice_its_compile_started_from(tmp_path, monk
 
 @pytest.mark.parametrize("entry", ["found", "not found by coordesc", "another configuration"])
 def test_cached_choice_not_tuned_again(tmp_path, monkeypatch, entry):
-    """A kernel whose autotune cache hit holds coordinate descent's choice runs it when
-    the mark on its configuration object was lost: it is marked and kept, nothing tuned.
-    Any other launcher is tuned by torch's method, as before."""
+    """A kernel whose autotune cache hit holds coordinate descent's choice runs it: among
+    several launchers the one that runs it is kept without timing any (nothing saved over
+    the entry), and coordinate descent keeps it, although the mark on the configuration
+    object was lost. Any other kernel is timed and tuned by torch's methods, as before."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     import triton
     from torch._inductor.runtime import triton_heuristics as th
@@ -144,38 +145,45 @@ def test_cached_choice_not_tuned_again(tmp_path, monkeypatch, entry):
     from optc.compiler import torch_fixes
 
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    tp.cached_choice_not_tuned_again.cache_clear()
     if not (2, 11) <= version <= (2, 13):
         assert not tp.cached_choice_not_tuned_again()
         return
-    monkeypatch.setattr(th.CachingAutotuner, "coordinate_descent_tuning", th.CachingAutotuner.coordinate_descent_tuning)
+    for name in ("autotune_to_one_config", "coordinate_descent_tuning"):  # put back after the test
+        monkeypatch.setattr(th.CachingAutotuner, name, getattr(th.CachingAutotuner, name))
     monkeypatch.setattr(torch_fixes, "REPLACED", dict(torch_fixes.REPLACED))
-    tp.cached_choice_not_tuned_again.cache_clear()
     assert tp.cached_choice_not_tuned_again()
+    assert th.CachingAutotuner.autotune_to_one_config is torch_fixes.autotune_keeping_cached_choice
     assert th.CachingAutotuner.coordinate_descent_tuning is torch_fixes.coordesc_keeping_cached_choice
     tp.cached_choice_not_tuned_again.cache_clear()
-    tuned_calls = []  # torch's method, as the fix calls it
+    calls = []  # torch's methods, as the fix calls them
+    torch_fixes.REPLACED["CachingAutotuner.autotune_to_one_config"] = lambda self: calls.append("timed")
     torch_fixes.REPLACED["CachingAutotuner.coordinate_descent_tuning"] = (
-        lambda self, launcher, *a, **k: tuned_calls.append(launcher) or "tuned")
+        lambda self, launcher: calls.append("tuned") or "tuned")
 
     start = triton.Config({"XBLOCK": 64, "R0_BLOCK": 8}, num_warps=4, num_stages=1)
     tuned = triton.Config({"XBLOCK": 64, "R0_BLOCK": 32}, num_warps=8, num_stages=1)
     stub = _coordesc_cache_stub(tmp_path, [start], tuned)
+    stub.autotune_cache = th.AutotuneCache.create(stub.inductor_meta, stub.filename, th.hash_configs([start]))
     if entry == "not found by coordesc":
-        stub.autotune_cache = th.AutotuneCache.create(stub.inductor_meta, stub.filename + "2", th.hash_configs([start]))
         stub.autotune_cache.save(tuned, 0, found_by_coordesc=False)
-    else:
-        stub.autotune_cache = th.AutotuneCache.create(stub.inductor_meta, stub.filename, th.hash_configs([start]))
     stub.autotune_cache_info = {"autotune_cache_state": "hit"}
     ran = tuned if entry != "another configuration" else start
+    smaller = SimpleNamespace(config=triton.Config({"XBLOCK": 64, "R0_BLOCK": 16}, num_warps=8, num_stages=1))
     launcher = SimpleNamespace(config=triton.Config(dict(ran.kwargs), num_warps=ran.num_warps, num_stages=1))
+    stub.launchers = [smaller, launcher]  # a smaller reduction block beside the compiled one
+    torch_fixes.autotune_keeping_cached_choice(stub)
     out = torch_fixes.coordesc_keeping_cached_choice(stub, launcher)
     if entry == "found":
-        assert out is launcher and launcher.config.found_by_coordesc and tuned_calls == []
+        assert stub.launchers == [launcher] and out is launcher and launcher.config.found_by_coordesc
+        assert calls == []
     else:
-        assert out == "tuned" and tuned_calls == [launcher]
+        assert calls == ["timed", "tuned"] and out == "tuned" and len(stub.launchers) == 2
         assert not getattr(launcher.config, "found_by_coordesc", False)
-    stub.autotune_cache_info = {"autotune_cache_state": "miss"}  # a miss is always tuned
-    assert torch_fixes.coordesc_keeping_cached_choice(stub, launcher) == "tuned" and tuned_calls[-1] is launcher
+    stub.autotune_cache_info = {"autotune_cache_state": "miss"}  # a miss is always timed and tuned
+    calls.clear()
+    torch_fixes.autotune_keeping_cached_choice(stub)
+    assert torch_fixes.coordesc_keeping_cached_choice(stub, smaller) == "tuned" and calls == ["timed", "tuned"]
 
 
 def test_export_load_type_hints_cached(monkeypatch):
