@@ -12,6 +12,14 @@ model=$1 target=$2 out=$3 runs=$4 over=${5:-}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 caches=$(mktemp -d)
+# A user's `pip install` leaves the packages byte-compiled; an image built with
+# PYTHONDONTWRITEBYTECODE=1 has none, and every fresh process then compiles the sources of
+# what it imports (seconds of a load, benchmarks/NOTES.md). Compile them once, as pip would.
+if python3 -c 'import sys; sys.exit(not sys.dont_write_bytecode)'; then
+  site=$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
+  python3 -m compileall -q -j 0 "$site" > /dev/null 2>&1
+  echo "byte-compiled $site (PYTHONDONTWRITEBYTECODE is set here)"
+fi
 compile() {  # name
   start=$(date +%s)
   TORCHINDUCTOR_CACHE_DIR=$caches/inductor TRITON_CACHE_DIR=$caches/triton OUT=$out/tuning_compile_$1.json \
