@@ -8,6 +8,8 @@ Layout (a zip with stored members; the programs are PT2 archives, already compac
                              (runtime/member_read.py)
     programs/<name>.pt2      one torch.export.save archive per program
                              ("forward", or "prefill" and "decode")
+    weights/parameters.bin   the programs' dense parameters, one after another
+                             (runtime/weights_blob.py; the manifest says where)
     <anything else>          extra files: kernels/<name>.py, extra/<name>.json ...
 
 The manifest is written last and lists every other member, so a reader can refuse an
@@ -38,9 +40,12 @@ from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
 from optc.runtime import member_read
 from optc.runtime.shared_weights import restore_shared, strip_shared
+from optc.runtime.weights_blob import BLOB_MEMBER, Blob, strip_to_blob
 
-FORMAT_VERSION = 2  # 2: weights the programs share are stored once (runtime/shared_weights.py)
-READABLE_FORMATS = (1, 2)
+# 2: weights the programs share are stored once (runtime/shared_weights.py); 3: parameters
+# are stored in one member outside the programs (runtime/weights_blob.py)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 PROGRAM_DIR = "programs/"
 PROGRAM_SUFFIX = ".pt2"
@@ -49,7 +54,7 @@ _PROGRAM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RECOMPILE = "recompile the model with `optc compile`"
 # Keys write_artifact owns; anything the caller passes for them is replaced.
 _FILLED_KEYS = ("format_version", "optc_version", "torch_version", "triton_version",
-                "created", "files", "shared_weights")
+                "created", "files", "shared_weights", "weights_blob")
 _DEFAULTS = {"target": None, "config": {}, "passes": [], "quality": None, "model": {}}
 
 
@@ -84,10 +89,10 @@ def _check_member_name(name: str) -> None:
            or any(part in ("", ".", "..") for part in name.split("/")))
     if bad:
         raise UsageError(f"extra file name {name!r} is not a safe relative path inside the artifact")
-    if name == MANIFEST_NAME or name.startswith(PROGRAM_DIR):
+    if name in (MANIFEST_NAME, BLOB_MEMBER) or name.startswith(PROGRAM_DIR):
         raise UsageError(
-            f"extra file name {name!r} is reserved ({MANIFEST_NAME} and {PROGRAM_DIR}* belong "
-            "to optc); put extra files under kernels/ or extra/")
+            f"extra file name {name!r} is reserved ({MANIFEST_NAME}, {BLOB_MEMBER} and {PROGRAM_DIR}* "
+            "belong to optc); put extra files under kernels/ or extra/")
 
 
 # --------------------------------------------------------------------------- writing
@@ -160,9 +165,13 @@ def write_artifact(path, programs: dict, manifest: dict, extra_files: dict | Non
         with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             def add(member: str, data) -> None:
                 files[member] = member_read.record(data)
-                zf.writestr(_zipinfo(member), bytes(data))
+                zf.writestr(_zipinfo(member), data)
 
             stored, man["shared_weights"] = strip_shared(programs)
+            stored, man["weights_blob"], blob = strip_to_blob(stored)
+            if blob is not None:
+                add(BLOB_MEMBER, blob)
+                del blob
             for name, ep in stored.items():
                 # torch.export.save wants a seekable buffer (it warns otherwise).
                 buf = io.BytesIO()
@@ -320,6 +329,7 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
         finally:
             importing.join()  # no import left running behind a refusal, into the exit
 
+    blob = Blob(man.get("weights_blob"), contents.pop(BLOB_MEMBER, b"") if man.get("weights_blob") else b"", path)
     programs, extra = {}, {}
     # One cache of each for every program.
     with export_load_type_hints_cached(), export_load_sympify_cached(), export_load_schema_converters():
@@ -327,8 +337,11 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
             if member.startswith(PROGRAM_DIR) and member.endswith(PROGRAM_SUFFIX):
                 name = member[len(PROGRAM_DIR):-len(PROGRAM_SUFFIX)]
                 programs[name] = _load_program(path, name, data, man)
+                blob.restore(name, programs[name])
             else:
-                extra[member] = data
+                extra[member] = bytes(data)  # as written: torch's cache loaders take bytes only
+    blob.check_restored()
+    del blob, contents
     restore_shared(programs, man.get("shared_weights"), path)
     return LoadedArtifact(programs, man, extra)
 

@@ -64,7 +64,7 @@ def mismatch(data, entry: dict) -> str | None:
     return None if bad is None else f"chunk {bad} hashes to {found[bad][:16]}..., recorded {digests[bad][:16]}..."
 
 
-def read(zf: zipfile.ZipFile, member: str, entry: dict) -> bytes:
+def read(zf: zipfile.ZipFile, member: str, entry: dict) -> bytes | bytearray:
     """The member's bytes: straight from its offset where it is stored uncompressed and
     its record has chunk digests (the caller checks them), else through zipfile."""
     info = zf.getinfo(member)  # KeyError: the caller says the member is missing
@@ -81,7 +81,9 @@ def read(zf: zipfile.ZipFile, member: str, entry: dict) -> bytes:
         if signature != _LOCAL_SIGNATURE:
             raise zipfile.BadZipFile(f"bad local header for {member!r}")
         fh.seek(name_len + extra_len, os.SEEK_CUR)
-        data = fh.read(info.file_size)
-    if len(data) != info.file_size:
-        raise EOFError(f"{member!r} ends after {len(data)} of {info.file_size} bytes")
+        # Into a buffer of our own: weights are used in place of the bytes read (weights_blob).
+        data = bytearray(info.file_size)
+        got = fh.readinto(data)
+    if got != info.file_size:
+        raise EOFError(f"{member!r} ends after {got} of {info.file_size} bytes")
     return data

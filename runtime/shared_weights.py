@@ -19,7 +19,7 @@ from optc.compiler.rewrite import view_key
 from optc.errors import ArtifactError
 
 
-def _key(t: torch.Tensor) -> tuple | None:
+def storage_key(t: torch.Tensor) -> tuple | None:
     """Which memory a tensor views: two entries with the same key are the same weight.
     None for what is never shared: a tensor subclass (its storage is not its data), a
     tensor without memory (zero-size, meta), a lazily conjugated or negated view."""
@@ -28,13 +28,13 @@ def _key(t: torch.Tensor) -> tuple | None:
     return view_key(t)
 
 
-def _parameters(ep) -> set[str]:
+def parameter_names(ep) -> set[str]:
     """The entries that are parameters: weights. Buffers (a KV cache the program writes in
     place, small tables) keep an entry per program."""
     return set(ep.graph_signature.inputs_to_parameters.values())
 
 
-def _meta_like(t: torch.Tensor) -> torch.Tensor:
+def meta_like(t: torch.Tensor) -> torch.Tensor:
     meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
     return torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
 
@@ -47,10 +47,10 @@ def strip_shared(programs: dict) -> tuple[dict, dict]:
     seen: dict[tuple, tuple[str, str]] = {}
     out, shared = {}, {}
     for name, ep in programs.items():
-        parameters = _parameters(ep)
+        parameters = parameter_names(ep)
         links = {}
         for entry, t in ep.state_dict.items():
-            key = _key(t) if entry in parameters else None
+            key = storage_key(t) if entry in parameters else None
             if key is None:
                 continue
             if key in seen:
@@ -63,7 +63,7 @@ def strip_shared(programs: dict) -> tuple[dict, dict]:
             links = {}
         if links:
             ep = copy.copy(ep)  # shallow: the graph and every other entry stay the original's
-            ep._state_dict = {k: _meta_like(v) if k in links else v for k, v in ep.state_dict.items()}
+            ep._state_dict = {k: meta_like(v) if k in links else v for k, v in ep.state_dict.items()}
             shared[name] = links
         out[name] = ep
     return out, shared

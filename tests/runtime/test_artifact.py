@@ -79,7 +79,7 @@ def test_round_trip_outputs_and_manifest(art, model_and_ep):
     assert man["config"] == MANIFEST["config"]
     assert man["config_hash"] == A.config_hash(MANIFEST["config"])
     assert man["passes"] == MANIFEST["passes"] and man["target"] == "cpu"
-    assert set(man["files"]) == {"programs/forward.pt2", "kernels/k.py", "extra/report.json"}
+    assert set(man["files"]) == {"programs/forward.pt2", "weights/parameters.bin", "kernels/k.py", "extra/report.json"}
     assert man["files"]["kernels/k.py"]["size"] == len(b"# kernel\n")
     assert "T" in man["created"]
     assert A.read_manifest(art) == man
