@@ -336,8 +336,8 @@ def inductor_triton_cache_dir(device_index: int) -> str:
 # Workarounds for torch bugs, applied only where the installed release has them:
 # torch.export.load's repeated parsing, Inductor's re-tuning of cached kernels.
 from optc.compiler.torch_fixes import (  # noqa: E402
-    cached_choice_not_tuned_again, config_pickles_keep_coordesc, export_load_schema_converters, export_load_sympify_cached,
-    export_load_type_hints_cached, static_autotuner_keeps_coordesc)
+    cached_choice_not_tuned_again, config_pickles_keep_coordesc, export_load_schema_converters,
+    export_load_sympify_cached, export_load_type_hints_cached, static_autotuner_keeps_coordesc)
 
 
 # --------------------------------------------------------------------------- torch.export (lazy)

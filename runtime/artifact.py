@@ -329,7 +329,7 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
         finally:
             importing.join()  # no import left running behind a refusal, into the exit
 
-    blob = Blob(man.get("weights_blob"), contents.pop(BLOB_MEMBER, b"") if man.get("weights_blob") else b"", path)
+    blob = Blob(man.get("weights_blob"), contents.pop(BLOB_MEMBER, b""), path)
     programs, extra = {}, {}
     # One cache of each for every program.
     with export_load_type_hints_cached(), export_load_sympify_cached(), export_load_schema_converters():

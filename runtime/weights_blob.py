@@ -30,8 +30,9 @@ _RECOMPILE = "recompile the model with `optc compile`"
 
 
 def _movable(t: torch.Tensor) -> bool:
-    return (t.device.type != "meta" and t.numel() > 0 and t.is_contiguous()
-            and storage_key(t) is not None and t.dtype.itemsize > 0)
+    """Dense data the blob can hold as bytes: not meta, zero-size, a subclass, a lazy view
+    (storage_key None) or quantized, and contiguous (a view is restored as laid out)."""
+    return storage_key(t) is not None and not t.is_quantized and t.is_contiguous()
 
 
 def strip_to_blob(programs: dict) -> tuple[dict, dict | None, bytearray | None]:
@@ -40,7 +41,7 @@ def strip_to_blob(programs: dict) -> tuple[dict, dict | None, bytearray | None]:
     of one tensor share their bytes); (programs, None, None) where none does. The
     programs passed in are left as they are."""
     offsets: dict[tuple, int] = {}
-    pieces: list[torch.Tensor] = []
+    pieces: list[tuple[int, torch.Tensor]] = []  # (offset, tensor) of each distinct weight
     size = 0
     entries, out = {}, {}
     for name, ep in programs.items():
@@ -108,12 +109,9 @@ class Blob:
     def check_restored(self) -> None:
         """Refuse a record naming programs the file does not hold (all others restored)."""
         if self.spans:
-            raise ArtifactError(f"artifact {self.path}: its weights_blob record names {name_list(self.spans)}, "
+            names = ", ".join(repr(n) for n in sorted(self.spans))
+            raise ArtifactError(f"artifact {self.path}: its weights_blob record names {names}, "
                                 f"which the file does not hold; {_RECOMPILE}")
-
-
-def name_list(names) -> str:
-    return ", ".join(repr(n) for n in sorted(names))
 
 
 def _spans(record, size: int, path) -> list[tuple]:
