@@ -234,6 +234,11 @@ def cmd_inspect(args):
     if entries:
         _log(f"  weights the programs share: {entries} entries stored once ({nbytes / 1e6:.1f} MB that a copy per "
              "program would add)")
+    blob = man.get("weights_blob")
+    if blob:
+        count = sum(len(entries) for entries in blob["entries"].values())
+        _log(f"  parameters: {count} entries in one member, {blob['member']} "
+             f"({man['files'][blob['member']]['size'] / 1e6:.1f} MB, read and moved to the device at once)")
     _log(f"  anatomy: {anatomy.get('n_blocks', 0)} blocks" + (f" ({anatomy['reason']})" if anatomy.get("reason") else ""))
     for b in anatomy.get("blocks", [])[:64]:
         a, m = b["attention"], b["mlp"]

@@ -79,6 +79,7 @@ def test_inspect(artifact):
     doc = json.loads(out)
     assert doc["anatomy"]["n_blocks"] == 4 and doc["compatible"]
     assert "model.model.layers.0" in err  # the human-readable anatomy goes to stderr
+    assert "entries in one member, weights/parameters.bin" in err  # format 3: the weights' member
 
 
 def test_corrupted_artifact_refused(artifact, tmp_path):
