@@ -42,9 +42,7 @@ from optc.runtime import member_read
 from optc.runtime.shared_weights import restore_shared, strip_shared
 from optc.runtime.weights_blob import BLOB_MEMBER, Blob, strip_to_blob
 
-# 2: weights the programs share are stored once (runtime/shared_weights.py); 3: parameters
-# are stored in one member outside the programs (runtime/weights_blob.py)
-FORMAT_VERSION = 3
+FORMAT_VERSION = 3  # 2: shared weights stored once (shared_weights.py); 3: parameters in one member (weights_blob.py)
 READABLE_FORMATS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 PROGRAM_DIR = "programs/"
@@ -341,7 +339,6 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
             else:
                 extra[member] = bytes(data)  # as written: torch's cache loaders take bytes only
     blob.check_restored()
-    del blob, contents
     restore_shared(programs, man.get("shared_weights"), path)
     return LoadedArtifact(programs, man, extra)
 
