@@ -29,12 +29,6 @@ ALIGN = 256
 _RECOMPILE = "recompile the model with `optc compile`"
 
 
-def _movable(t: torch.Tensor) -> bool:
-    """Dense data the blob can hold as bytes: not meta, zero-size, a subclass, a lazy view
-    (storage_key None) or quantized, and contiguous (a view is restored as laid out)."""
-    return storage_key(t) is not None and not t.is_quantized and t.is_contiguous()
-
-
 def strip_to_blob(programs: dict) -> tuple[dict, dict | None, bytearray | None]:
     """(the programs to save, the manifest's "weights_blob" record, the member's bytes):
     every dense, contiguous parameter with data leaves its program for the blob (entries
@@ -53,9 +47,11 @@ def strip_to_blob(programs: dict) -> tuple[dict, dict | None, bytearray | None]:
         parameters = parameter_names(ep)
         moved = {}
         for entry, t in ep.state_dict.items():
-            if entry not in parameters or not _movable(t):
+            # Dense data the blob can hold as bytes: not meta, zero-size, a subclass or a lazy
+            # view (key None), not quantized, and contiguous (an entry comes back laid out so).
+            key = storage_key(t) if entry in parameters else None
+            if key is None or t.is_quantized or not t.is_contiguous():
                 continue
-            key = storage_key(t)
             if key not in offsets:
                 size = -(-size // ALIGN) * ALIGN
                 offsets[key] = size

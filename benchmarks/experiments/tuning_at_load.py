@@ -127,15 +127,14 @@ if __name__ == "__main__":
         raise SystemExit(__doc__)
     atexit.register(_report)
     _listen_to_triton()
-    if os.environ.get("OPTC_WITHOUT_COORDESC_FIX"):
-        from optc.compiler.codegen import lowering
-
-        lowering.static_autotuner_keeps_coordesc = lambda: False
-        lowering.config_pickles_keep_coordesc = lambda: False
-    if os.environ.get("OPTC_WITHOUT_COORDESC_FIX") or os.environ.get("OPTC_WITHOUT_CACHED_CHOICE_FIX"):
+    without_all = os.environ.get("OPTC_WITHOUT_COORDESC_FIX")
+    if without_all or os.environ.get("OPTC_WITHOUT_CACHED_CHOICE_FIX"):
         from optc.compiler.codegen import lowering
 
         lowering.cached_choice_not_tuned_again = lambda: False
+        if without_all:
+            lowering.static_autotuner_keeps_coordesc = lambda: False
+            lowering.config_pickles_keep_coordesc = lambda: False
     if sys.argv[1] == "-m":
         sys.argv = [sys.argv[2], *sys.argv[3:]]
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
