@@ -114,7 +114,8 @@ def _spans(record, size: int, path) -> list[tuple]:
     """(program, entry, offset, nbytes, dtype, shape, device) of each entry, checked
     against the record's own rules and the blob's size."""
     bad = f"artifact {path}: its manifest's weights_blob is not a record of the blob's entries; {_RECOMPILE}"
-    if not isinstance(record, dict) or record.get("member") != BLOB_MEMBER or not isinstance(record.get("entries"), dict):
+    if (not isinstance(record, dict) or record.get("member") != BLOB_MEMBER
+            or not isinstance(record.get("entries"), dict)):
         raise ArtifactError(bad)
     out = []
     for name, entries in record["entries"].items():
