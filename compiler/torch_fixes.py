@@ -299,8 +299,9 @@ def cached_coordesc_launcher(autotuner, launchers):
     from torch._inductor.runtime import triton_heuristics as th
 
     info = getattr(autotuner, "autotune_cache_info", None) or {}
-    cache = getattr(autotuner, "autotune_cache", None)
-    if info.get("autotune_cache_state") != "hit" or cache is None:
+    # The autotuner keeps no handle on its cache but the bound `save` Inductor gave it.
+    cache = getattr(getattr(autotuner, "save_cache_hook", None), "__self__", None)
+    if info.get("autotune_cache_state") != "hit" or not hasattr(cache, "read_best"):
         return None
     best = cache.read_best(autotuner.inductor_meta, [launcher.config for launcher in launchers])
     if not getattr(best, "found_by_coordesc", False):

@@ -40,6 +40,26 @@ def _coordesc_cache_stub(tmp_path, compiled, tuned):
     return stub
 
 
+def _kernel_as_inductor_loads_it(tmp_path, filename, configs):
+    """A reduction kernel's CachingAutotuner as Inductor's kernel module builds it (its
+    autotune cache for `filename` looked up under `configs`), from a source file of its own."""
+    import importlib.util
+
+    import triton  # noqa: F401 - the source imports it
+    from torch._inductor.runtime import triton_heuristics as th
+    from torch._inductor.runtime.hints import DeviceProperties, HeuristicType
+
+    source = tmp_path / "kernel_source.py"
+    source.write_text("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+                      "def kernel(x, XBLOCK: tl.constexpr, R0_BLOCK: tl.constexpr):\n    pass\n")
+    spec = importlib.util.spec_from_file_location("kernel_source", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return th.cached_autotune({"x": 64, "r0_": 64}, configs, {"device": DeviceProperties.create(torch.device("cpu"))},
+                              HeuristicType.REDUCTION, filename=filename,
+                              inductor_meta={"coordinate_descent_tuning": True})(module.kernel)
+
+
 @pytest.fixture
 def torchs_recheck(monkeypatch):
     """torch's own `recheck_autotune_cache`, installed for the test (and whatever was
@@ -103,23 +123,15 @@ def test_static_autotuner_keeps_a_choice_its_compile_started_from(tmp_path, monk
     stub = _coordesc_cache_stub(tmp_path, [start], tuned)  # the entry, keyed by [start]
     stub.compile_results = [SimpleNamespace(config=triton.Config(dict(tuned.kwargs), num_warps=8, num_stages=1))]
     stub.fn = SimpleNamespace(fn=None)  # as a kernel from the bundle comes: no function loaded
-    source = tmp_path / "kernel_source.py"
-    source.write_text("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-                      "def kernel(x, XBLOCK: tl.constexpr, R0_BLOCK: tl.constexpr):\n    pass\n")
-    spec = importlib.util.spec_from_file_location("kernel_source", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     reloads = []
 
     def reload_kernel_from_src():  # what Inductor's kernel module does when it is loaded
         reloads.append(1)
-        return th.cached_autotune({"x": 64, "r0_": 64}, [start], {"device": DeviceProperties.create(torch.device("cpu"))},
-                                  HeuristicType.REDUCTION, filename=stub.filename,
-                                  inductor_meta={"coordinate_descent_tuning": True})(module.kernel)
+        return _kernel_as_inductor_loads_it(tmp_path, stub.filename, [start])
 
     recheck_keeping_coordesc(stub, reload_kernel_from_src)
     (kept,) = stub.compile_results
-    assert kept.config.found_by_coordesc and reloads == [1] and stub.fn.fn is module.kernel.fn
+    assert kept.config.found_by_coordesc and reloads == [1] and stub.fn.fn is not None
     assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(tuned)
     assert stub.precompiled == [] and stub.autotune_cache_info["autotune_cache_state"] == "hit"
 
@@ -163,27 +175,30 @@ def test_cached_choice_not_tuned_again(tmp_path, monkeypatch, entry):
 
     start = triton.Config({"XBLOCK": 64, "R0_BLOCK": 8}, num_warps=4, num_stages=1)
     tuned = triton.Config({"XBLOCK": 64, "R0_BLOCK": 32}, num_warps=8, num_stages=1)
-    stub = _coordesc_cache_stub(tmp_path, [start], tuned)
-    stub.autotune_cache = th.AutotuneCache.create(stub.inductor_meta, stub.filename, th.hash_configs([start]))
+    filename = _coordesc_cache_stub(tmp_path, [start], tuned).filename  # the entry, keyed by [start]
     if entry == "not found by coordesc":
-        stub.autotune_cache.save(tuned, 0, found_by_coordesc=False)
-    stub.autotune_cache_info = {"autotune_cache_state": "hit"}
+        th.AutotuneCache.create({"coordinate_descent_tuning": True}, filename,
+                                th.hash_configs([start])).save(tuned, 0, found_by_coordesc=False)
+    # A real autotuner, as a load's kernel module makes it: its lookup, and its cache's `save` as its hook.
+    kernel = _kernel_as_inductor_loads_it(tmp_path, filename, [start])
+    if entry != "not found by coordesc":  # (an unmarked entry is a hit on torch 2.13, a miss on 2.11)
+        assert kernel.autotune_cache_info["autotune_cache_state"] == "hit"
     ran = tuned if entry != "another configuration" else start
     smaller = SimpleNamespace(config=triton.Config({"XBLOCK": 64, "R0_BLOCK": 16}, num_warps=8, num_stages=1))
     launcher = SimpleNamespace(config=triton.Config(dict(ran.kwargs), num_warps=ran.num_warps, num_stages=1))
-    stub.launchers = [smaller, launcher]  # a smaller reduction block beside the compiled one
-    torch_fixes.autotune_keeping_cached_choice(stub)
-    out = torch_fixes.coordesc_keeping_cached_choice(stub, launcher)
+    kernel.launchers = [smaller, launcher]  # a smaller reduction block beside the compiled one
+    torch_fixes.autotune_keeping_cached_choice(kernel)
+    out = torch_fixes.coordesc_keeping_cached_choice(kernel, launcher)
     if entry == "found":
-        assert stub.launchers == [launcher] and out is launcher and launcher.config.found_by_coordesc
+        assert kernel.launchers == [launcher] and out is launcher and launcher.config.found_by_coordesc
         assert calls == []
     else:
-        assert calls == ["timed", "tuned"] and out == "tuned" and len(stub.launchers) == 2
+        assert calls == ["timed", "tuned"] and out == "tuned" and len(kernel.launchers) == 2
         assert not getattr(launcher.config, "found_by_coordesc", False)
-    stub.autotune_cache_info = {"autotune_cache_state": "miss"}  # a miss is always timed and tuned
+    kernel.autotune_cache_info = {"autotune_cache_state": "miss"}  # a miss is always timed and tuned
     calls.clear()
-    torch_fixes.autotune_keeping_cached_choice(stub)
-    assert torch_fixes.coordesc_keeping_cached_choice(stub, smaller) == "tuned" and calls == ["timed", "tuned"]
+    torch_fixes.autotune_keeping_cached_choice(kernel)
+    assert torch_fixes.coordesc_keeping_cached_choice(kernel, smaller) == "tuned" and calls == ["timed", "tuned"]
 
 
 def test_export_load_type_hints_cached(monkeypatch):
