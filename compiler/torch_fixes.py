@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 __all__ = ["export_load_type_hints_cached", "export_load_sympify_cached", "export_load_schema_converters",
+           "export_load_stand_ins_quiet",
            "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc",
            "cached_choice_not_tuned_again"]
 
@@ -92,6 +94,25 @@ def export_load_sympify_cached():
 
     with _serialize_module_patched(sympy, "sympify", sympify):
         yield
+
+
+class _NoEmptyBytesWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "frombuffer() on empty bytes" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def export_load_stand_ins_quiet():
+    """A context in which torch 2.11's torch.export.load does not log a warning for each
+    weight saved without bytes ("Cannot call torch.frombuffer() on empty bytes"): the meta
+    stand-ins of an artifact's weights stored once or in its weights member are such
+    weights, restored from there right after the load. Other messages pass."""
+    logger, quiet = logging.getLogger("torch.export.pt2_archive._package"), _NoEmptyBytesWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager

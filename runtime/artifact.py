@@ -33,14 +33,14 @@ from typing import NamedTuple
 
 from optc.compiler.codegen.aoti_probe import triton_version
 from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
-from optc.compiler.torch_private import (export_load_schema_converters, export_load_sympify_cached,
-                                        export_load_type_hints_cached, import_export_deserialiser,
-                                        warm_compile_workers)
+from optc.compiler.torch_private import (export_load_schema_converters, export_load_stand_ins_quiet,
+                                        export_load_sympify_cached, export_load_type_hints_cached,
+                                        import_export_deserialiser, warm_compile_workers)
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
 from optc.runtime import member_read
 from optc.runtime.shared_weights import restore_shared, strip_shared
-from optc.runtime.weights_blob import BLOB_MEMBER, Blob, stand_ins_quiet, strip_to_blob
+from optc.runtime.weights_blob import BLOB_MEMBER, Blob, strip_to_blob
 
 FORMAT_VERSION = 3  # 2: shared weights stored once (shared_weights.py); 3: parameters in one member (weights_blob.py)
 READABLE_FORMATS = (1, 2, 3)
@@ -330,7 +330,7 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
     blob = Blob(man.get("weights_blob"), contents.pop(BLOB_MEMBER, b""), path)
     programs, extra = {}, {}
     # One cache of each for every program.
-    with export_load_type_hints_cached(), export_load_sympify_cached(), export_load_schema_converters(), stand_ins_quiet():
+    with export_load_type_hints_cached(), export_load_sympify_cached(), export_load_schema_converters(), export_load_stand_ins_quiet():
         for member, data in contents.items():
             if member.startswith(PROGRAM_DIR) and member.endswith(PROGRAM_SUFFIX):
                 name = member[len(PROGRAM_DIR):-len(PROGRAM_SUFFIX)]

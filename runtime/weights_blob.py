@@ -14,9 +14,7 @@ a view of that copy (`Blob`). Buffers (a KV cache a program writes in place) sta
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import warnings
 
 import torch
@@ -142,20 +140,3 @@ def _spans(record, size: int, path) -> list[tuple]:
             out.append((name, entry, offset, nbytes, dtype, tuple(shape), device))
     return out
 
-
-class _NoStandInWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "frombuffer() on empty bytes" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def stand_ins_quiet():
-    """Within it, torch 2.11's torch.export.load does not log a warning for each weight saved
-    without bytes ("Cannot call torch.frombuffer() on empty bytes"): the meta stand-ins of
-    weights stored once or in the blob are such weights, restored from there right after."""
-    logger, quiet = logging.getLogger("torch.export.pt2_archive._package"), _NoStandInWarning()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
