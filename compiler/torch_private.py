@@ -44,7 +44,8 @@ __all__ = [
     "inductor_realize_op", "fresh_cache_artifacts", "inductor_triton_cache_dir", "warm_compile_workers",
     "use_inductors_ptxas",
     "export_load_type_hints_cached", "export_load_sympify_cached", "export_load_schema_converters",
-    "export_load_stand_ins_quiet", "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc", "cached_choice_not_tuned_again",
+    "export_load_stand_ins_quiet", "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc",
+    "cached_choice_not_tuned_again",
     "import_export_deserialiser",
     "dynamo_counters", "python_dispatcher",
     "cuda_driver_api_version",
@@ -337,7 +338,8 @@ def inductor_triton_cache_dir(device_index: int) -> str:
 # torch.export.load's repeated parsing, Inductor's re-tuning of cached kernels.
 from optc.compiler.torch_fixes import (  # noqa: E402
     cached_choice_not_tuned_again, config_pickles_keep_coordesc, export_load_schema_converters,
-    export_load_stand_ins_quiet, export_load_sympify_cached, export_load_type_hints_cached, static_autotuner_keeps_coordesc)
+    export_load_stand_ins_quiet, export_load_sympify_cached, export_load_type_hints_cached,
+    static_autotuner_keeps_coordesc)
 
 
 # --------------------------------------------------------------------------- torch.export (lazy)

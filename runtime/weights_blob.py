@@ -139,4 +139,3 @@ def _spans(record, size: int, path) -> list[tuple]:
                                     f"outside the {size}-byte blob or misaligned; {_RECOMPILE}")
             out.append((name, entry, offset, nbytes, dtype, tuple(shape), device))
     return out
-

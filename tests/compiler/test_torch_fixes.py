@@ -45,7 +45,6 @@ def _kernel_as_inductor_loads_it(tmp_path, filename, configs):
     autotune cache for `filename` looked up under `configs`), from a source file of its own."""
     import importlib.util
 
-    import triton  # noqa: F401 - the source imports it
     from torch._inductor.runtime import triton_heuristics as th
     from torch._inductor.runtime.hints import DeviceProperties, HeuristicType
 
@@ -109,12 +108,9 @@ def test_static_autotuner_keeps_a_choice_its_compile_started_from(tmp_path, monk
     """A graph compiled while the autotune cache held a kernel's choice was compiled with
     that choice alone; its entry is keyed by the configurations the first tuning started
     from. The recheck finds it through the kernel's source, as Inductor's decorator does."""
-    import importlib.util
-
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     import triton
     from torch._inductor.runtime import triton_heuristics as th
-    from torch._inductor.runtime.hints import DeviceProperties, HeuristicType
 
     from optc.compiler.torch_fixes import recheck_keeping_coordesc
 
@@ -126,12 +122,12 @@ def test_static_autotuner_keeps_a_choice_its_compile_started_from(tmp_path, monk
     reloads = []
 
     def reload_kernel_from_src():  # what Inductor's kernel module does when it is loaded
-        reloads.append(1)
-        return _kernel_as_inductor_loads_it(tmp_path, stub.filename, [start])
+        reloads.append(_kernel_as_inductor_loads_it(tmp_path, stub.filename, [start]))
+        return reloads[-1]
 
     recheck_keeping_coordesc(stub, reload_kernel_from_src)
     (kept,) = stub.compile_results
-    assert kept.config.found_by_coordesc and reloads == [1] and stub.fn.fn is not None
+    assert kept.config.found_by_coordesc and len(reloads) == 1 and stub.fn is reloads[0].fn
     assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(tuned)
     assert stub.precompiled == [] and stub.autotune_cache_info["autotune_cache_state"] == "hit"
 
