@@ -93,4 +93,3 @@ def test_the_blob_member_name_is_reserved(tmp_path, model_and_program):
     with pytest.raises(Exception, match="reserved"):
         A.write_artifact(tmp_path / "m.optc", {"forward": ep}, MANIFEST, extra_files={BLOB_MEMBER: b"x"})
     assert not (tmp_path / "m.optc").exists()
-
