@@ -230,17 +230,24 @@ def static_autotuner_keeps_coordesc() -> bool:
     the releases whose method it was written against; True when it did. The kernels it
     affects then run the configurations the compile verified. The method it replaced
     stays in `REPLACED`."""
-    import torch
     from torch._inductor.runtime import triton_heuristics as th
 
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if not (2, 11) <= version <= (2, 13):
+    if not _autotune_methods_known():
         return False
     cls = th.CachingAutotuner
     if cls.recheck_autotune_cache is not recheck_keeping_coordesc:
         REPLACED["CachingAutotuner.recheck_autotune_cache"] = cls.recheck_autotune_cache
         cls.recheck_autotune_cache = recheck_keeping_coordesc
     return True
+
+
+def _autotune_methods_known() -> bool:
+    """Whether this torch is one of the releases (2.11 to 2.13) whose CachingAutotuner
+    methods the replacements below were written against."""
+    import torch
+
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return (2, 11) <= version <= (2, 13)
 
 
 @functools.cache  # one probe per process
@@ -298,11 +305,9 @@ def cached_choice_not_tuned_again() -> bool:
     ask the kernel's own autotune cache, before anything is saved over it. Installed on
     torch 2.11 to 2.13, the releases it was written against; True when it did. The
     methods it replaced stay in `REPLACED`."""
-    import torch
     from torch._inductor.runtime import triton_heuristics as th
 
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if not (2, 11) <= version <= (2, 13):
+    if not _autotune_methods_known():
         return False
     cls = th.CachingAutotuner
     for name, method in (("autotune_to_one_config", autotune_keeping_cached_choice),

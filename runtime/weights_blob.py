@@ -15,6 +15,7 @@ a view of that copy (`Blob`). Buffers (a KV cache a program writes in place) sta
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import torch
@@ -130,10 +131,7 @@ def _spans(record, size: int, path) -> list[tuple]:
             dims = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
             if not (ints and dims and isinstance(dtype, torch.dtype) and isinstance(device, str)):
                 raise ArtifactError(bad)
-            numel = 1
-            for d in shape:
-                numel *= d
-            if (numel * dtype.itemsize != nbytes or offset % max(1, dtype.itemsize)
+            if (math.prod(shape) * dtype.itemsize != nbytes or offset % max(1, dtype.itemsize)
                     or offset + nbytes > size):
                 raise ArtifactError(f"artifact {path}: its weights_blob record places {name}'s {entry!r} "
                                     f"outside the {size}-byte blob or misaligned; {_RECOMPILE}")
