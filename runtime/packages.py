@@ -65,7 +65,7 @@ def package_for(manifest: dict, extra_files: dict, name: str, target) -> tuple[b
 def packaged_module(manifest: dict, extra_files: dict, name: str, target, gm, device, warned: set):
     """The package of `name` bound to `gm`'s weights and state, or None (after a
     warning, once per reason) when the portable program must be lowered instead."""
-    from optc.compiler.codegen.aoti import PackagedProgram, bind_constants, load_package
+    from optc.compiler.codegen.aoti import PackagedProgram, bind_constants, load_package, lowered_graph
 
     data, rec, reason = package_for(manifest, extra_files, name, target)
     if data is not None:
@@ -73,8 +73,9 @@ def packaged_module(manifest: dict, extra_files: dict, name: str, target, gm, de
             dev = torch.device(device)
             index = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else -1
             runner = load_package(data, device_index=index)
-            bind_constants(runner, gm)
-            return PackagedProgram(runner, gm, rec["state"])
+            constants = lowered_graph(gm, target, name)
+            bind_constants(runner, constants)
+            return PackagedProgram(runner, gm, rec["state"], constants)
         except Exception as exc:  # noqa: BLE001 - a package that cannot load: lower the portable program
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             reason = f"its package of {name} cannot be loaded here ({type(exc).__name__}: {first})"

@@ -16,8 +16,10 @@ How a program becomes a package:
   * Activation thresholds are trailing inputs too, read from the program on every call
     (baked into the code, they could not be set for the verification's regimes).
   * The package is compiled from the graph the target lowers (`lowering.target_graph`:
-    its decode rewrites included), with the Inductor options a load would lower with
-    (`load_lowering`), and checked against the uncompiled program like any lowering.
+    its rewrites included), with the Inductor options a load would lower with
+    (`load_lowering`), and checked against the uncompiled program like any lowering. A
+    rewrite that makes weights of its own (merged GEMMs) makes them again at a load, from
+    the program's: the package reads them from there like every other weight.
 
 Nothing here touches the global Inductor config; options go through `inductor_configs`.
 """
@@ -87,11 +89,15 @@ class PackagedProgram(nn.Module):
     finds and ties the KV cache on it exactly as on an uncompiled program; the state is
     read from those attributes on every call, so a tie takes effect."""
 
-    def __init__(self, runner, gm: torch.fx.GraphModule, state: list[str]):
+    def __init__(self, runner, gm: torch.fx.GraphModule, state: list[str], constants: torch.nn.Module | None = None):
         super().__init__()
         self.gm = gm
         self.state = list(state)
-        object.__setattr__(self, "runner", runner)  # not a module: kept out of nn.Module's registries
+        # Not modules: kept out of nn.Module's registries. `constants`, the graph the package
+        # was compiled from (lowered_graph), holds the weights a lowering rewrite made
+        # (merged GEMMs), which the package reads without owning them.
+        object.__setattr__(self, "runner", runner)
+        object.__setattr__(self, "constants", constants)
 
     def forward(self, *args, **kwargs):
         flat = tree_flatten_spec((args, kwargs), graph_module_in_spec(self.gm))
@@ -117,12 +123,20 @@ def _dynamic_dims(ep: ExportedProgram) -> list[dict]:
     return dims
 
 
-def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target):
-    """(ExportedProgram taking the state as inputs, the state's attribute names), of the
-    graph `target` lowers (lowering.target_graph: its decode rewrites included)."""
-    from optc.compiler.codegen.lowering import target_graph, threshold_buffer_names
+def lowered_graph(gm: torch.nn.Module, target: Target, program: str) -> torch.nn.Module:
+    """The graph `target` lowers for `program` (lowering.target_graph: its rewrites
+    included): what a package is compiled from, and where its constants are read."""
+    from optc.compiler.codegen.lowering import DECODER_PROGRAMS, target_graph
 
-    gm = target_graph(graph_module(ep), target)
+    return target_graph(gm, target, forward=program not in DECODER_PROGRAMS)
+
+
+def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target, program: str):
+    """(ExportedProgram taking the state as inputs, the state's attribute names), of the
+    graph `target` lowers for `program` (lowered_graph)."""
+    from optc.compiler.codegen.lowering import threshold_buffer_names
+
+    gm = lowered_graph(graph_module(ep), target, program)
     state = mutated_attr_names(gm)
     # Activation thresholds come in as inputs too: AOTInductor bakes them into the code
     # (they are not among the package's constants), so a threshold set in place, as the
@@ -185,7 +199,7 @@ def build_package(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Targe
         # Copying the program's input spec trips a torch FutureWarning (pytree's LeafSpec)
         # that says nothing to a user, once per program.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        wrapped, state = export_with_state_inputs(ep, inputs, target)
+        wrapped, state = export_with_state_inputs(ep, inputs, target, program)
         options = package_options(target, program, ep.graph)
         path = aoti_compile_and_package(
             wrapped, package_path=os.path.join(tmp, f"{program}.pt2"), inductor_configs=options)
@@ -202,8 +216,6 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
     """Packages for every program that compiles (and, with `verify`, matches its
     uncompiled program): ({member: bytes}, the manifest's "packages" record). A program
     that cannot be packaged is skipped with the reason; the portable program then runs."""
-    from optc.compiler.codegen.lowering import target_graph
-
     record = {"format": FORMAT, "environment": environment(target), "programs": {}}
     files: dict[str, bytes] = {}
     if not available(target):
@@ -221,12 +233,12 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
             with working(f"packaging {name}"):
                 data, rec = build_package(ep, example_inputs[name], target, name)
                 if verify:
-                    rec["verification"] = _verify(ep, data, rec, example_inputs[name], target,
+                    rec["verification"] = _verify(ep, data, rec, example_inputs[name], target, name,
                                                   decode_start(programs, example_inputs) if name == DECODE else None)
         except Exception as exc:  # noqa: BLE001 - any failure: ship the portable program
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             record["programs"][name] = {"skipped": f"AOTInductor failed: {type(exc).__name__}: {first}",
-                                        "custom_ops": custom_ops(target_graph(graph_module(ep), target))}
+                                        "custom_ops": custom_ops(lowered_graph(graph_module(ep), target, name))}
             log(f"[optc] {name} not packaged: {record['programs'][name]['skipped']}")
             continue
         files[rec["member"]] = data
@@ -234,7 +246,8 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
     return files, record
 
 
-def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target, start_state=None) -> dict:
+def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target, program: str,
+            start_state=None) -> dict:
     """The package against the uncompiled program, with lowering.verify's tolerances, from
     `start_state` (a decode program: check_inputs.decode_start) (raises CompileError when it
     changed the function)."""
@@ -242,5 +255,6 @@ def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target,
 
     gm = graph_module(ep)
     runner = load_package(data)
-    bind_constants(runner, gm)
-    return verify(ep, PackagedProgram(runner, gm, rec["state"]), gm, inputs, start_state=start_state)
+    constants = lowered_graph(gm, target, program)
+    bind_constants(runner, constants)
+    return verify(ep, PackagedProgram(runner, gm, rec["state"], constants), gm, inputs, start_state=start_state)

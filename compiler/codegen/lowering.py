@@ -14,6 +14,7 @@ from optc.compiler.codegen.decode_gemv import use_decode_gemv
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.direct import DirectLowering
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
+from optc.compiler.codegen.merge_gemms import use_merged_gemms
 from optc.compiler.codegen.noisy_twin import HALF as _HALF, noisy_twin
 from optc.compiler.rewrite import view_key
 from optc.compiler.targets import LOWERING_FIELDS, Target
@@ -68,7 +69,7 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
         if options.get("fx_graph_cache"):
             static_autotuner_keeps_coordesc()  # a cache hit keeps the compile's choices (torch_fixes)
             cached_choice_not_tuned_again()  # and its first run does not tune them again
-    gm = target_graph(gm, target)
+    gm = target_graph(gm, target, forward=not decoder)
     if isinstance(gm, torch.fx.GraphModule) and frontend(cudagraphs) == DIRECT:
         return DirectLowering(gm, options)
     return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
@@ -85,13 +86,17 @@ def frontend(cudagraphs: bool) -> str:
     return DYNAMO if cudagraphs else DIRECT
 
 
-def target_graph(gm: torch.nn.Module, target: Target) -> torch.nn.Module:
-    """The graph `target` compiles: `gm` with the target's decode rewrites (GEMV inputs
-    realised, decode-step attention and GEMVs on optc's kernels), as a copy sharing its parameters,
-    or `gm` itself where none applies. `lower` and the AOTInductor packages
-    (codegen/aoti.py) both compile this, so a package runs what a lowering runs."""
+def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch.nn.Module:
+    """The graph `target` compiles: `gm` with the target's rewrites (a forward program's
+    sibling GEMMs merged; decode GEMV inputs realised, decode-step attention and GEMVs on
+    optc's kernels), as a copy sharing its parameters, or `gm` itself where none applies.
+    `forward`: not a decoder LM's prefill or decode program (DECODER_PROGRAMS). `lower`
+    and the AOTInductor packages (codegen/aoti.py) both compile this, so a package runs
+    what a lowering runs."""
     if not isinstance(gm, torch.fx.GraphModule):
         return gm
+    if forward and target.merge_gemms:
+        gm, _ = use_merged_gemms(gm, TOLERANCE)
     if target.realize_gemv_inputs:
         gm, _ = realize_gemv_inputs(gm)
     if target.decode_attention:

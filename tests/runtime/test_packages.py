@@ -105,7 +105,7 @@ def test_a_package_runs_the_graph_its_target_lowers():
     assert rec["verification"]["ok"], rec
     assert sorted(rec["custom_ops"]) == ["optc.decode_attention.default", "optc.gemv.default"], rec
     wrapped, _ = aoti.export_with_state_inputs(programs["decode"], session.captured.example_inputs["decode"],
-                                               rewriting)
+                                               rewriting, "decode")
     assert "prims.inductor_force_stride_order.default" in {str(n.target) for n in wrapped.graph.nodes}
     # (the plain CPU target's packages hold no optc op: test_manifest_records_the_packages)
 
@@ -116,6 +116,24 @@ def test_encoder_forward_through_package_matches_portable(encoder, no_inductor):
     assert art.manifest["packages"]["programs"]["forward"]["verification"]["ok"]
     assert isinstance(art.module("forward"), aoti.PackagedProgram)
     torch.testing.assert_close(art(*inputs), art(*inputs, compiled=False), rtol=1e-4, atol=1e-5)
+
+
+def test_a_package_with_merged_gemms_reads_weights_a_load_makes_again(tmp_path, monkeypatch):
+    """A forward program whose target merges its q/k/v GEMMs (lowering.target_graph) is
+    packaged from the merged graph; the concatenated weights are not in the file (the
+    portable program's are), so a load makes them again from the program and binds them."""
+    monkeypatch.setitem(targets.TARGETS, "cpu", dataclasses.replace(targets.get("cpu"), merge_gemms=True))
+    entry = zoo.get("tiny-bert")
+    inputs = entry.example_inputs()
+    art = optc.compile(entry.load(), inputs, target="cpu", pipeline_name="none", verify=True, package="aoti", **QUIET)
+    path = art.save(tmp_path / "merged.optc")
+    monkeypatch.setattr(lowering, "lower", lambda *a, **k: pytest.fail("lowered although its package fits"))
+    loaded = optc.load(path)
+    assert loaded.manifest["packages"]["programs"]["forward"]["verification"]["ok"]
+    module = loaded.module("forward")
+    assert isinstance(module, aoti.PackagedProgram)
+    assert sum(1 for n in module.constants.graph.nodes if n.target == torch.ops.aten.linear.default) == 2 * 4
+    torch.testing.assert_close(loaded(*inputs), loaded(*inputs, compiled=False), rtol=1e-4, atol=1e-5)
 
 
 def test_other_environment_falls_back_with_a_warning(lm, monkeypatch, eager_lower):

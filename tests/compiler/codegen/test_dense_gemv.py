@@ -94,7 +94,7 @@ def test_lower_applies_it_only_for_targets_that_ask(monkeypatch, tiny_llama_art)
     cpu = targets.get("cpu")
     assert not cpu.decode_gemv
     asks = dataclasses.replace(cpu, realize_gemv_inputs=True, decode_gemv=True)
-    assert lowering.target_graph(decode, cpu) is decode
-    compiled = lowering.target_graph(decode, asks)
+    assert lowering.target_graph(decode, cpu, forward=False) is decode
+    compiled = lowering.target_graph(decode, asks, forward=False)
     assert any(node.target == torch.ops.optc.gemv.default for node in compiled.graph.nodes)
     assert targets.with_overrides(cpu, ["decode_gemv=true"]).decode_gemv
