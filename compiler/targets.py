@@ -37,8 +37,12 @@ class Target:
     # target and shape instead of Inductor's per-process tuned reduction (codegen/decode_gemv).
     decode_gemv: bool = False
     # A forward program's dense linears that read one input (q/k/v) run as one GEMM
-    # (codegen/merge_gemms): on where measured faster than apart on encoders.
+    # (codegen/merge_gemms): off until measured faster than apart (benchmarks/NOTES.md:
+    # BERT-base and ViT-B/16 at batch 1 on the H100 ran the same either way).
     merge_gemms: bool = False
+    # SDPA masks computed from constants that keep every score are dropped, so SDPA may
+    # pick a fused kernel (codegen/constant_masks): the same function on every target.
+    drop_constant_masks: bool = True
     # Inductor options a decoder LM's programs (prefill and decode) add to `inductor`
     # (which wins where both set one): measured on a decode step, not on encoders.
     decoder_inductor: dict = field(default_factory=dict)
@@ -57,8 +61,6 @@ TARGETS = {
         # counter write, the rotary halves): measured on Llama-1B's decode step
         # (benchmarks/NOTES.md, "Combo kernels in the decode step").
         decoder_inductor={"combo_kernels": True},
-        # q/k/v as one GEMM: BERT-base and ViT-B/16 at batch 1 and 32 (benchmarks/NOTES.md).
-        merge_gemms=True,
     ),
     "h200": Target(
         "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
@@ -72,7 +74,7 @@ TARGETS = {
 
 # The fields of a profile that only change how programs are lowered (not what the passes
 # do): a measurement may change them for one row (`with_overrides`).
-LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "merge_gemms")
+LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "merge_gemms", "drop_constant_masks")
 
 
 # The targets' dicts of Inductor options, which with_overrides changes option by option.

@@ -8,6 +8,7 @@ import torch
 from torch.export import ExportedProgram
 
 from optc.compiler.capture import graph_module, is_state_buffer
+from optc.compiler.codegen.constant_masks import drop_constant_masks
 from optc.compiler.codegen.check_inputs import (  # noqa: F401  (part of this module's API)
     decode_start, prefilled_state, random_like_inputs, reset_state, vocab_size)
 from optc.compiler.codegen.decode_gemv import use_decode_gemv
@@ -87,14 +88,17 @@ def frontend(cudagraphs: bool) -> str:
 
 
 def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch.nn.Module:
-    """The graph `target` compiles: `gm` with the target's rewrites (a forward program's
-    sibling GEMMs merged; decode GEMV inputs realised, decode-step attention and GEMVs on
-    optc's kernels), as a copy sharing its parameters, or `gm` itself where none applies.
+    """The graph `target` compiles: `gm` with the target's rewrites (attention masks that
+    keep every score dropped; a forward program's sibling GEMMs merged; decode GEMV
+    inputs realised, decode-step attention and GEMVs on optc's kernels), as a copy
+    sharing its parameters, or `gm` itself where none applies.
     `forward`: not a decoder LM's prefill or decode program (DECODER_PROGRAMS). `lower`
     and the AOTInductor packages (codegen/aoti.py) both compile this, so a package runs
     what a lowering runs."""
     if not isinstance(gm, torch.fx.GraphModule):
         return gm
+    if target.drop_constant_masks:
+        gm, _ = drop_constant_masks(gm)
     if forward and target.merge_gemms:
         gm, _ = use_merged_gemms(gm, TOLERANCE)
     if target.realize_gemv_inputs:

@@ -1,0 +1,103 @@
+"""Attention masks that keep every score are dropped before Inductor sees them.
+
+Hugging Face's encoders build a mask even where nothing is masked: ViT's is
+`arange(tokens) >= 0`, broadcast over the rows (transformers 5's bidirectional mask with
+no padding). Any mask rules out SDPA's flash kernel, and this one, a broadcast view whose
+last dimension has stride 0, rules out the memory-efficient and cuDNN kernels too, so
+SDPA falls back to its math path: two fp32 GEMMs, a softmax and casts per layer
+(benchmarks/NOTES.md: ViT-B/16 on the H100; torch.compile's max-autotune runs the same
+path). Such a mask is computed from constants alone, so it is evaluated here, once per
+lowering, and an SDPA whose mask keeps every score (a boolean mask all true, an additive
+one all zero) runs without it: the same function, with a fused kernel allowed.
+
+Like the decode rewrites this works on a copy used for lowering; the lowering check
+compares it with the program itself. A mask that reads an input (BERT's padding mask)
+or a parameter or buffer is never evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+aten = torch.ops.aten
+
+# A constant mask larger than this is left alone rather than evaluated at every lowering.
+MAX_ELEMENTS = 1 << 24
+
+
+def _constant_ancestry(mask: fx.Node) -> list[fx.Node] | None:
+    """The nodes `mask` is computed from, in graph order, when they are all calls on
+    constants (no input, parameter, buffer or random op); else None."""
+    seen: dict[fx.Node, None] = {}
+    stack = [mask]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        if node.op != "call_function" or node.is_impure():
+            return None
+        seen[node] = None
+        stack.extend(node.all_input_nodes)
+    order = {n: i for i, n in enumerate(mask.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def _evaluate(nodes: list[fx.Node]):
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(env[nodes[-1]])
+    with torch.no_grad():
+        return fx.GraphModule(torch.nn.Module(), graph)()
+
+
+def keeps_every_score(mask: fx.Node) -> bool:
+    """Whether `mask`, an SDPA attn_mask, is computed from constants and masks nothing."""
+    val = mask.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.numel() > MAX_ELEMENTS:
+        return False
+    nodes = _constant_ancestry(mask)
+    if nodes is None:
+        return False
+    value = _evaluate(nodes)
+    if not isinstance(value, torch.Tensor):
+        return False
+    return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
+
+
+def _masks_to_drop(graph: fx.Graph) -> list[str]:
+    """The names of the SDPA nodes whose mask keeps every score."""
+    found, verdicts = [], {}
+    for node in graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+        mask = norm.kwargs.get("attn_mask") if norm is not None else None
+        if not isinstance(mask, fx.Node):
+            continue
+        if mask not in verdicts:  # one mask is often read by every layer
+            verdicts[mask] = keeps_every_score(mask)
+        if verdicts[mask]:
+            found.append(node.name)
+    return found
+
+
+def drop_constant_masks(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (sharing its parameters) whose SDPAs with a mask that keeps every
+    score run without it, and how many; `gm` itself when there are none."""
+    names = set(_masks_to_drop(gm.graph))
+    if not names:
+        return gm, 0
+    graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
+    for node in graph.nodes:
+        if node.name in names:
+            norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+            node.args, node.kwargs = (), {**norm.kwargs, "attn_mask": None}
+    rewritten = fx.GraphModule(gm, graph)
+    rewritten.graph.eliminate_dead_code()  # the mask's nodes, which nothing reads now
+    rewritten.recompile()
+    rewritten.meta.update(gm.meta)
+    return rewritten, len(names)

@@ -1,0 +1,70 @@
+"""drop_constant_masks: an SDPA mask computed from constants that keeps every score (ViT's
+`arange >= 0`) is dropped in the graph the target lowers; a mask that reads an input
+(BERT's padding mask) or that masks something stays; the function is unchanged."""
+
+import dataclasses
+
+import torch
+
+from optc.compiler import capture, targets
+from optc.compiler.codegen import lowering
+from optc.compiler.codegen.constant_masks import drop_constant_masks
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+
+
+def _masks(gm) -> list:
+    return [n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+            for n in gm.graph.find_nodes(op="call_function", target=SDPA)]
+
+
+def test_vits_mask_is_dropped_and_the_function_kept(vit_captured):
+    _, captured = vit_captured
+    gm = capture.graph_module(captured.programs["forward"])
+    assert all(isinstance(m, torch.fx.Node) for m in _masks(gm))
+    dropped, count = drop_constant_masks(gm)
+    assert count == len(_masks(gm)) == 3 and _masks(dropped) == [None] * 3
+    assert all(isinstance(m, torch.fx.Node) for m in _masks(gm))  # the program itself keeps them
+    # The mask's own nodes are gone from the copy (dead once no SDPA reads them).
+    assert len(dropped.graph.nodes) < len(gm.graph.nodes)
+    args = captured.example_inputs["forward"]
+    torch.testing.assert_close(dropped(*args[0], **args[1]), gm(*args[0], **args[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_that_reads_an_input_stays(bert_captured):
+    _, captured = bert_captured
+    gm = capture.graph_module(captured.programs["forward"])
+    assert _masks(gm) and drop_constant_masks(gm) == (gm, 0)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, keep_all: bool):
+        super().__init__()
+        self.keep_all = keep_all
+
+    def forward(self, q):
+        n = q.shape[-2]
+        i = torch.arange(n, device=q.device)
+        # all true, or causal (masks the upper triangle), from constants alone
+        mask = (i[None, :] >= 0) if self.keep_all else (i[None, :] <= i[:, None])
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask.expand(n, n))
+
+
+def test_only_a_mask_that_keeps_everything_goes():
+    q = torch.randn(1, 2, 6, 8)
+    for keep_all, expected in ((True, 1), (False, 0)):
+        gm = torch.export.export(_Attention(keep_all), (q,)).module()
+        dropped, count = drop_constant_masks(gm)
+        assert count == expected
+        torch.testing.assert_close(dropped(q), gm(q))
+
+
+def test_targets_drop_them_unless_switched_off(vit_captured):
+    _, captured = vit_captured
+    gm = capture.graph_module(captured.programs["forward"])
+    cpu = targets.get("cpu")
+    assert _masks(lowering.target_graph(gm, cpu, forward=True)) == [None] * 3
+    kept = dataclasses.replace(cpu, drop_constant_masks=False)
+    assert lowering.target_graph(gm, kept, forward=True) is gm
+    assert not targets.with_overrides(cpu, ["drop_constant_masks=false"]).drop_constant_masks
