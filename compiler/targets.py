@@ -37,8 +37,7 @@ class Target:
     # target and shape instead of Inductor's per-process tuned reduction (codegen/decode_gemv).
     decode_gemv: bool = False
     # A forward program's dense linears that read one input (q/k/v) run as one GEMM
-    # (codegen/merge_gemms): off until measured faster than apart (benchmarks/NOTES.md:
-    # BERT-base and ViT-B/16 at batch 1 on the H100 ran the same either way).
+    # (codegen/merge_gemms): on where measured never slower than apart.
     merge_gemms: bool = False
     # SDPA masks computed from constants that keep every score are dropped, so SDPA may
     # pick a fused kernel (codegen/constant_masks): the same function on every target.
@@ -61,6 +60,9 @@ TARGETS = {
         # counter write, the rotary halves): measured on Llama-1B's decode step
         # (benchmarks/NOTES.md, "Combo kernels in the decode step").
         decoder_inductor={"combo_kernels": True},
+        # One q/k/v GEMM in encoders: never slower than three in the same process, and in
+        # two of four processes BERT-base at batch 1 was 1.37x faster (benchmarks/NOTES.md).
+        merge_gemms=True,
     ),
     "h200": Target(
         "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
