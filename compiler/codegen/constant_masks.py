@@ -58,11 +58,9 @@ def _evaluate(nodes: list[fx.Node]):
 
 def keeps_every_score(mask: fx.Node) -> bool:
     """Whether `mask`, an SDPA attn_mask, is computed from constants and masks nothing."""
+    nodes = _constant_ancestry(mask)  # first: a mask that reads an input may have a symbolic size
     val = mask.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.numel() > MAX_ELEMENTS:
-        return False
-    nodes = _constant_ancestry(mask)
-    if nodes is None:
+    if nodes is None or not isinstance(val, torch.Tensor) or val.numel() > MAX_ELEMENTS:
         return False
     value = _evaluate(nodes)
     if not isinstance(value, torch.Tensor):
