@@ -10,7 +10,7 @@ lowers it, so ms/forward here is a diagnosis, not the benchmark (that is `optc b
 
 Variants take pass settings and `target.FIELD=VALUE` words as in decode_profile.py. Each
 row also says which attention kernels ran (`attention`: flash, cuDNN, memory-efficient
-or the unfused math path), read from the kernel names.
+or the unfused math path, by its softmax), read from the kernel names.
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ from optc.runtime.bench import _encoder_inputs
 from optc.runtime.measure import Workload, measure
 from optc.runtime.timing import measure as time_calls
 
-# Substrings of SDPA backends' kernel names (torch 2.11 on sm_90).
-ATTENTION_KERNELS = {"flash": ("flash_fwd", "flash::"), "cudnn": ("cudnn", "sm90_xmma_fprop_attn", "fmha_sm90"),
-                     "mem_efficient": ("fmha_cutlassF", "attention_kernel_batched", "efficient_attention")}
+# Substrings of SDPA backends' kernel names (torch 2.11 on sm_90). Not a bare "cudnn": cuDNN
+# runs convolutions too (ViT's patch embedding). SDPA's math path upcasts to fp32 and runs
+# GEMMs and a softmax that Inductor names `_safe_softmax`.
+ATTENTION_KERNELS = {"flash": ("flash_fwd", "flash::"),
+                     "cudnn": ("cudnn_generated_fort_native_sdpa", "cudnn_attention", "sm90_xmma_fprop_attn", "fmha_sm90"),
+                     "mem_efficient": ("fmha_cutlassF", "attention_kernel_batched", "efficient_attention"),
+                     "math": ("_safe_softmax",)}
 
 
 def attention_backends(table: list[dict]) -> dict:
