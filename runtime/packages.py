@@ -65,7 +65,7 @@ def package_for(manifest: dict, extra_files: dict, name: str, target) -> tuple[b
 def packaged_module(manifest: dict, extra_files: dict, name: str, target, gm, device, warned: set):
     """The package of `name` bound to `gm`'s weights and state, or None (after a
     warning, once per reason) when the portable program must be lowered instead."""
-    from optc.compiler.codegen.aoti import PackagedProgram, bind_constants, load_package, lowered_graph
+    from optc.compiler.codegen.aoti import PackagedProgram, bind_constants, constants_module, load_package
 
     data, rec, reason = package_for(manifest, extra_files, name, target)
     if data is not None:
@@ -73,7 +73,7 @@ def packaged_module(manifest: dict, extra_files: dict, name: str, target, gm, de
             dev = torch.device(device)
             index = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else -1
             runner = load_package(data, device_index=index)
-            constants = lowered_graph(gm, target, name)
+            constants = constants_module(gm, target, name)
             bind_constants(runner, constants)
             return PackagedProgram(runner, gm, rec["state"], constants)
         except Exception as exc:  # noqa: BLE001 - a package that cannot load: lower the portable program

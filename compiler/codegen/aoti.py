@@ -93,9 +93,9 @@ class PackagedProgram(nn.Module):
         super().__init__()
         self.gm = gm
         self.state = list(state)
-        # Not modules: kept out of nn.Module's registries. `constants`, the graph the package
-        # was compiled from (lowered_graph), holds the weights a lowering rewrite made
-        # (merged GEMMs), which the package reads without owning them.
+        # Not modules: kept out of nn.Module's registries. `constants` (constants_module)
+        # holds the weights a lowering rewrite made (merged GEMMs), which the package
+        # reads without owning them.
         object.__setattr__(self, "runner", runner)
         object.__setattr__(self, "constants", constants)
 
@@ -129,6 +129,16 @@ def lowered_graph(gm: torch.nn.Module, target: Target, program: str) -> torch.nn
     from optc.compiler.codegen.lowering import DECODER_PROGRAMS, target_graph
 
     return target_graph(gm, target, forward=program not in DECODER_PROGRAMS)
+
+
+def constants_module(gm: torch.nn.Module, target: Target, program: str) -> torch.nn.Module:
+    """Where a package of `program` reads its constants: `gm` itself, unless the lowering
+    makes weights of its own for it (merged GEMMs of a forward program), then the lowered
+    graph that holds them. (Building that copy for an LM's programs would only add to
+    their load.)"""
+    from optc.compiler.codegen.lowering import DECODER_PROGRAMS
+
+    return lowered_graph(gm, target, program) if target.merge_gemms and program not in DECODER_PROGRAMS else gm
 
 
 def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target, program: str):
@@ -255,6 +265,6 @@ def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target,
 
     gm = graph_module(ep)
     runner = load_package(data)
-    constants = lowered_graph(gm, target, program)
+    constants = constants_module(gm, target, program)
     bind_constants(runner, constants)
     return verify(ep, PackagedProgram(runner, gm, rec["state"], constants), gm, inputs, start_state=start_state)

@@ -8,9 +8,9 @@ import torch
 from torch.export import ExportedProgram
 
 from optc.compiler.capture import graph_module, is_state_buffer
-from optc.compiler.codegen.constant_masks import drop_constant_masks
 from optc.compiler.codegen.check_inputs import (  # noqa: F401  (part of this module's API)
     decode_start, prefilled_state, random_like_inputs, reset_state, vocab_size)
+from optc.compiler.codegen.constant_masks import drop_constant_masks
 from optc.compiler.codegen.decode_gemv import use_decode_gemv
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.direct import DirectLowering
