@@ -68,3 +68,13 @@ def test_targets_drop_them_unless_switched_off(vit_captured):
     kept = dataclasses.replace(cpu, drop_constant_masks=False)
     assert lowering.target_graph(gm, kept, forward=True) is gm
     assert not targets.with_overrides(cpu, ["drop_constant_masks=false"]).drop_constant_masks
+
+
+def test_the_lowering_without_the_mask_passes_its_check(vit_captured):
+    """Inductor (CPU) lowers tiny-vit without its mask and the check against the
+    program, which keeps the mask, passes."""
+    _, captured = vit_captured
+    result = lowering.lower_and_verify(captured.programs["forward"], captured.example_inputs["forward"],
+                                       targets.get("cpu"), "forward")
+    assert result["ok"], result
+    assert lowering.lowering_record(targets.get("cpu"))["drop_constant_masks"] is True
