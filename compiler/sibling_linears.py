@@ -94,7 +94,8 @@ def _values(gm: fx.GraphModule, args: list, x: torch.Tensor) -> list:
     return [x] + [attr_value(gm, a.target) if _is_attr(a) else a for a in args[1:]]
 
 
-def _check_group(gm, members: list[fx.Node], merged_args: list, kind: Kind, tolerance: dict, remedy: str) -> float:
+def _check_group(gm, members: list[fx.Node], merged_args: list, kind: Kind, tolerance: dict, owner: str,
+                 remedy: str) -> float:
     """The merged op against its members on a random input shaped like theirs:
     relative error of the concatenated outputs (the rewrite checked where it happened,
     which stays meaningful in programs whose thresholds make end-to-end checks chaotic)."""
@@ -109,15 +110,16 @@ def _check_group(gm, members: list[fx.Node], merged_args: list, kind: Kind, tole
     err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     tol = tolerance.get(w.dtype, 1e-2)
     if not err <= tol:  # NaN fails too
-        raise CompileError(f"the merged {kind.name} differs from its {len(members)} parts "
+        raise CompileError(f"{owner}: the merged {kind.name} differs from its {len(members)} parts "
                            f"(relative error {err:.3g} > {tol:g}); {remedy}")
     return err
 
 
 def merge_group(gm: fx.GraphModule, members: list[fx.Node], kind: Kind, register: Register, tolerance: dict,
-                remedy: str) -> float:
+                owner: str, remedy: str) -> float:
     """Replace `members` (one group of sibling_groups) by one op and slices of its output;
-    returns the group check's relative error (CompileError beyond `tolerance`)."""
+    returns the group check's relative error (CompileError beyond `tolerance`, naming
+    `owner`, the pass or rewrite, and `remedy`)."""
     g = gm.graph
     first = members[0]
     weights = [m.args[kind.weight_arg].target for m in members]
@@ -128,7 +130,7 @@ def merge_group(gm: fx.GraphModule, members: list[fx.Node], kind: Kind, register
         args[kind.weight_arg] = g.get_attr(register(gm, weights, kind.out_dim))
         if has_bias:
             args[kind.bias_arg] = g.get_attr(register(gm, [m.args[kind.bias_arg].target for m in members], 0))
-        err = _check_group(gm, members, args, kind, tolerance, remedy)
+        err = _check_group(gm, members, args, kind, tolerance, owner, remedy)
         merged = g.call_function(first.target, tuple(args))
     merged.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
     start = 0

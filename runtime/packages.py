@@ -73,7 +73,7 @@ def packaged_module(manifest: dict, extra_files: dict, name: str, target, gm, de
             dev = torch.device(device)
             index = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else -1
             runner = load_package(data, device_index=index)
-            constants = constants_module(gm, target, name)
+            constants = constants_module(gm, runner)
             bind_constants(runner, constants)
             return PackagedProgram(runner, gm, rec["state"], constants)
         except Exception as exc:  # noqa: BLE001 - a package that cannot load: lower the portable program

@@ -131,14 +131,18 @@ def lowered_graph(gm: torch.nn.Module, target: Target, program: str) -> torch.nn
     return target_graph(gm, target, forward=program not in DECODER_PROGRAMS)
 
 
-def constants_module(gm: torch.nn.Module, target: Target, program: str) -> torch.nn.Module:
-    """Where a package of `program` reads its constants: `gm` itself, unless the lowering
-    makes weights of its own for it (merged GEMMs of a forward program), then the lowered
-    graph that holds them. (Building that copy for an LM's programs would only add to
-    their load.)"""
-    from optc.compiler.codegen.lowering import DECODER_PROGRAMS
+def constants_module(gm: torch.nn.Module, runner) -> torch.nn.Module:
+    """Where a package reads its constants: `gm` itself, or, for a package compiled from a
+    graph with merged GEMMs (codegen/merge_gemms: constants it names MERGED_PREFIX...),
+    a copy of `gm` with those weights made again from its own. Read off the package, not
+    the target's settings today, so a package loads whatever the target now says."""
+    from optc.compiler.codegen.merge_gemms import MERGED_PREFIX, use_merged_gemms
 
-    return lowered_graph(gm, target, program) if target.merge_gemms and program not in DECODER_PROGRAMS else gm
+    if not any(fqn.removeprefix(WRAPPED).startswith(MERGED_PREFIX) for fqn in runner.get_constant_fqns()):
+        return gm
+    from optc.compiler.codegen.lowering import TOLERANCE
+
+    return use_merged_gemms(gm, TOLERANCE)[0]
 
 
 def export_with_state_inputs(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Target, program: str):
@@ -243,12 +247,12 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
             with working(f"packaging {name}"):
                 data, rec = build_package(ep, example_inputs[name], target, name)
                 if verify:
-                    rec["verification"] = _verify(ep, data, rec, example_inputs[name], target, name,
+                    rec["verification"] = _verify(ep, data, rec, example_inputs[name], target,
                                                   decode_start(programs, example_inputs) if name == DECODE else None)
         except Exception as exc:  # noqa: BLE001 - any failure: ship the portable program
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             record["programs"][name] = {"skipped": f"AOTInductor failed: {type(exc).__name__}: {first}",
-                                        "custom_ops": custom_ops(lowered_graph(graph_module(ep), target, name))}
+                                        "custom_ops": _custom_ops_lowered(ep, target, name)}
             log(f"[optc] {name} not packaged: {record['programs'][name]['skipped']}")
             continue
         files[rec["member"]] = data
@@ -256,8 +260,16 @@ def package_programs(programs: dict, example_inputs: dict, target: Target, *, ve
     return files, record
 
 
-def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target, program: str,
-            start_state=None) -> dict:
+def _custom_ops_lowered(ep: ExportedProgram, target: Target, program: str) -> list[str]:
+    """optc's ops in the graph `target` lowers for `program`, or in the program itself
+    where making that graph is what failed."""
+    try:
+        return custom_ops(lowered_graph(graph_module(ep), target, program))
+    except Exception:  # noqa: BLE001 - the failure is already the package's reason
+        return custom_ops(ep)
+
+
+def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target, start_state=None) -> dict:
     """The package against the uncompiled program, with lowering.verify's tolerances, from
     `start_state` (a decode program: check_inputs.decode_start) (raises CompileError when it
     changed the function)."""
@@ -265,6 +277,6 @@ def _verify(ep: ExportedProgram, data: bytes, rec: dict, inputs, target: Target,
 
     gm = graph_module(ep)
     runner = load_package(data)
-    constants = constants_module(gm, target, program)
+    constants = constants_module(gm, runner)
     bind_constants(runner, constants)
     return verify(ep, PackagedProgram(runner, gm, rec["state"], constants), gm, inputs, start_state=start_state)

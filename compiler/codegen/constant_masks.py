@@ -27,18 +27,23 @@ aten = torch.ops.aten
 
 # A constant mask larger than this is left alone rather than evaluated at every lowering.
 MAX_ELEMENTS = 1 << 24
+# Allocations whose contents are whatever memory held: not constants, though fx counts
+# them pure.
+_UNINITIALISED = {aten.empty, aten.empty_like, aten.new_empty, aten.empty_strided, aten.new_empty_strided,
+                  aten.empty_permuted}
 
 
 def _constant_ancestry(mask: fx.Node) -> list[fx.Node] | None:
     """The nodes `mask` is computed from, in graph order, when they are all calls on
-    constants (no input, parameter, buffer or random op); else None."""
+    constants (no input, parameter, buffer, random op or uninitialised memory); else None."""
     seen: dict[fx.Node, None] = {}
     stack = [mask]
     while stack:
         node = stack.pop()
         if node in seen:
             continue
-        if node.op != "call_function" or node.is_impure():
+        if node.op != "call_function" or node.is_impure() or \
+                getattr(node.target, "overloadpacket", None) in _UNINITIALISED:
             return None
         seen[node] = None
         stack.extend(node.all_input_nodes)

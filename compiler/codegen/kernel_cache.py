@@ -164,6 +164,14 @@ def install_triton_kernels(manifest: dict, extra_files: dict, device_index: int 
         return {"triton_kernels": 0}
 
 
+# Rewrites that came on by default for every target. A record made before one existed
+# does not name it, and refusing those records would refuse every earlier artifact's
+# kernel cache, LMs' included, whose masks the rewrite never touches. The cache is keyed
+# by the graph, so a program the rewrite changes misses its entries and compiles (cold,
+# never wrong kernels), and one it leaves alone hits them as before.
+COMPARED_WHEN_RECORDED = ("drop_constant_masks",)
+
+
 def _options_changed(manifest: dict, target: Target, programs: list[str]) -> tuple[str, str] | None:
     """(program, what differs) for the first program whose recorded load options are not
     the ones this optc lowers it with (a target's options changed since the compile, so
@@ -178,9 +186,11 @@ def _options_changed(manifest: dict, target: Target, programs: list[str]) -> tup
         lowering = {**load_lowering(target, program), "shape_tuning": record.get("shape_tuning", True)}
         full = lowering_record(target, **lowering, kernel_cache=True)
         # The Inductor options and the graph rewrites (LOWERING_FIELDS): either changes every
-        # key. A rewrite the record does not name did not exist when it was made: off.
-        now = {**full["inductor_options"], **{f: full[f] for f in LOWERING_FIELDS}}
-        recorded = {**record["inductor_options"], **{f: record.get(f, False) for f in LOWERING_FIELDS}}
+        # key. A rewrite the record does not name did not exist when it was made: off; but
+        # one that came on by default (COMPARED_WHEN_RECORDED) is left to the cache's keys.
+        fields = [f for f in LOWERING_FIELDS if f in record or f not in COMPARED_WHEN_RECORDED]
+        now = {**full["inductor_options"], **{f: full[f] for f in fields}}
+        recorded = {**record["inductor_options"], **{f: record.get(f, False) for f in fields}}
         if now != recorded:
             diff = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
             return program, ", ".join(f"{k}: {recorded.get(k)!r} there, {now.get(k)!r} here" for k in diff)

@@ -25,13 +25,13 @@ from optc.compiler.sibling_linears import DENSE, concatenated, merge_group, sibl
 
 # As merge_projections' default: q/k/v (3) and gate/up (2) fit with room to spare.
 MAX_GROUP = 8
-_PREFIX = "merged_gemm_"
+MERGED_PREFIX = "merged_gemm_"  # the copy's own weights: merged_gemm_0, merged_gemm_1, ...
 
 
 def _register_on_copy(gm: fx.GraphModule, targets: list[str], dim: int) -> str:
     """The concatenation as a parameter of the copy's root (a module the program
     does not share), numbered in graph order so a load names it as the compile did."""
-    name = f"{_PREFIX}{sum(1 for n, _ in gm.named_parameters(recurse=False) if n.startswith(_PREFIX))}"
+    name = f"{MERGED_PREFIX}{sum(1 for n, _ in gm.named_parameters(recurse=False) if n.startswith(MERGED_PREFIX))}"
     gm.register_parameter(name, concatenated(gm, targets, dim))
     return name
 
@@ -47,7 +47,7 @@ def use_merged_gemms(gm: fx.GraphModule, tolerance: dict) -> tuple[fx.GraphModul
     groups = sibling_groups(work, DENSE, MAX_GROUP)
     for members in groups:
         merge_group(work, members, DENSE[members[0].target], _register_on_copy, tolerance,
-                    "lower without it: target.merge_gemms=false")
+                    "merge_gemms", "lower without it: target.merge_gemms=false")
     work.graph.eliminate_dead_code()
     rewritten = fx.GraphModule(work, work.graph)  # holds only what the merged graph reads
     rewritten.meta.update(gm.meta)

@@ -34,8 +34,9 @@ class MergeProjectionsConfig(PassConfig):
     # to 1.286 ms/token (kernel 2 x 10.0 us -> 16.7 us per block), while merging the
     # dense q/k/v and gate/up made it slower (1.420 vs 1.358: Inductor already fuses
     # RMSNorm + gate + up into one tuned GEMV). So by default only sparse siblings merge.
-    # An encoder's dense siblings merge in the lowering instead, where the target asks
-    # for it (Target.merge_gemms), leaving this program's projections apart.
+    # Where the target merges a forward program's dense siblings in its lowering
+    # (Target.merge_gemms: h100), `all` changes nothing an encoder runs; elsewhere it is
+    # how an encoder gets one q/k/v GEMM, so the search may choose it.
     enabled: bool = knob(True, doc="run this pass at all")
     ops: str = knob("sparse", choices=("sparse", "all"), search=Choice(("sparse", "all")),
                     doc="which linears merge: 'sparse' (optc::sparse_linear siblings only) or 'all' (dense too)")
@@ -72,8 +73,8 @@ def merge_projections(gm: fx.GraphModule, anatomy: Anatomy | None, cfg: MergePro
     linears, worst = 0, 0.0
     for members in sibling_groups(gm, kinds, cfg.max_group):
         kind = kinds[members[0].target]
-        worst = max(worst, merge_group(gm, members, kind, _register_beside, TOLERANCE,
-                                       "disable merge_projections with merge_projections.enabled=false"))
+        worst = max(worst, merge_group(gm, members, kind, _register_beside, TOLERANCE, "merge_projections",
+                                       "disable it with merge_projections.enabled=false"))
         merged[kind.name] = merged.get(kind.name, 0) + 1
         linears += len(members)
     if not merged:

@@ -155,6 +155,16 @@ def test_a_cache_compiled_with_other_inductor_options_is_not_installed(lm):
     on = dataclasses.replace(cpu, decode_gemv=True)
     data, reason = kernel_cache.usable(older_fields, art.extra_files, on)
     assert data is None and "decode_gemv: False there, True here" in reason
+    # Recorded before drop_constant_masks existed, which every target has on: left to the
+    # cache's keys (the LM's masks read inputs, so its graphs, and keys, are unchanged).
+    before_masks = copy.deepcopy(art.manifest)
+    for program in before_masks["lowering"]["load"].values():
+        del program["drop_constant_masks"]
+    assert cpu.drop_constant_masks and kernel_cache.usable(before_masks, art.extra_files, cpu)[0] is not None
+    recorded_off = copy.deepcopy(art.manifest)  # but one that says it was off differs
+    recorded_off["lowering"]["load"]["decode"]["drop_constant_masks"] = False
+    data, reason = kernel_cache.usable(recorded_off, art.extra_files, cpu)
+    assert data is None and "drop_constant_masks: False there, True here" in reason
 
 
 def test_load_without_the_kernel_cache(lm, monkeypatch, eager_lower):

@@ -118,11 +118,13 @@ def test_encoder_forward_through_package_matches_portable(encoder, no_inductor):
     torch.testing.assert_close(art(*inputs), art(*inputs, compiled=False), rtol=1e-4, atol=1e-5)
 
 
-def test_a_package_with_merged_gemms_reads_weights_a_load_makes_again(tmp_path, monkeypatch):
+def test_a_package_with_merged_gemms_reads_weights_a_load_makes_again(tmp_path, monkeypatch, encoder):
     """A forward program whose target merges its q/k/v GEMMs (lowering.target_graph) is
     packaged from the merged graph; the concatenated weights are not in the file (the
-    portable program's are), so a load makes them again from the program and binds them."""
-    monkeypatch.setitem(targets.TARGETS, "cpu", dataclasses.replace(targets.get("cpu"), merge_gemms=True))
+    portable program's are), so a load makes them again from the program and binds them.
+    What a package needs is read off the package: it loads whatever the target says now."""
+    cpu = targets.get("cpu")
+    monkeypatch.setitem(targets.TARGETS, "cpu", dataclasses.replace(cpu, merge_gemms=True))
     entry = zoo.get("tiny-bert")
     inputs = entry.example_inputs()
     art = optc.compile(entry.load(), inputs, target="cpu", pipeline_name="none", verify=True, package="aoti", **QUIET)
@@ -134,6 +136,12 @@ def test_a_package_with_merged_gemms_reads_weights_a_load_makes_again(tmp_path, 
     assert isinstance(module, aoti.PackagedProgram)
     assert sum(1 for n in module.constants.graph.nodes if n.target == torch.ops.aten.linear.default) == 2 * 4
     torch.testing.assert_close(loaded(*inputs), loaded(*inputs, compiled=False), rtol=1e-4, atol=1e-5)
+    unmerged_path, _ = encoder  # packaged by the plain CPU target: loaded while it merges
+    assert isinstance(optc.load(unmerged_path).module("forward"), aoti.PackagedProgram)
+    monkeypatch.setitem(targets.TARGETS, "cpu", cpu)  # and the merged package where it no longer does
+    again = optc.load(path)
+    assert isinstance(again.module("forward"), aoti.PackagedProgram)
+    torch.testing.assert_close(again(*inputs), loaded(*inputs), rtol=0, atol=0)
 
 
 def test_other_environment_falls_back_with_a_warning(lm, monkeypatch, eager_lower):

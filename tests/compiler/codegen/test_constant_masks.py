@@ -60,6 +60,35 @@ def test_only_a_mask_that_keeps_everything_goes():
         torch.testing.assert_close(dropped(q), gm(q))
 
 
+class _Additive(torch.nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.register_buffer("zeros", torch.zeros(6, 6))
+
+    def forward(self, q):
+        n = q.shape[-2]
+        if self.how == "buffer":  # all zero, but a buffer may be written: never evaluated
+            mask = self.zeros
+        elif self.how == "random":
+            mask = torch.rand(n, n) * 0
+        elif self.how == "uninitialised":
+            mask = torch.empty(n, n) * 0
+        else:  # an additive mask from constants: all zero, or -1 somewhere
+            mask = torch.zeros(n, n) - (torch.arange(n)[None, :] > (n if self.how == "zeros" else 2)).float()
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+def test_additive_masks_and_what_is_never_evaluated():
+    q = torch.randn(1, 2, 6, 8)
+    for how, expected in (("zeros", 1), ("masks", 0), ("buffer", 0), ("random", 0), ("uninitialised", 0)):
+        gm = torch.export.export(_Additive(how), (q,)).module()
+        dropped, count = drop_constant_masks(gm)
+        assert count == expected, how
+        if how in ("zeros", "masks"):
+            torch.testing.assert_close(dropped(q), gm(q))
+
+
 def test_targets_drop_them_unless_switched_off(vit_captured):
     _, captured = vit_captured
     gm = capture.graph_module(captured.programs["forward"])
