@@ -32,10 +32,14 @@ def test_vits_mask_is_dropped_and_the_function_kept(vit_captured):
     torch.testing.assert_close(dropped(*args[0], **args[1]), gm(*args[0], **args[1]), rtol=1e-5, atol=1e-5)
 
 
-def test_a_mask_that_reads_an_input_stays(bert_captured):
+def test_a_mask_that_reads_an_input_stays(bert_captured, llama_captured):
     _, captured = bert_captured
     gm = capture.graph_module(captured.programs["forward"])
     assert _masks(gm) and drop_constant_masks(gm) == (gm, 0)
+    _, lm = llama_captured  # a decoder's causal masks read cache_position
+    for name in ("prefill", "decode"):
+        gm = capture.graph_module(lm.programs[name])
+        assert _masks(gm) and drop_constant_masks(gm) == (gm, 0), name
 
 
 class _Attention(torch.nn.Module):
