@@ -173,6 +173,9 @@ def lowering_record(target: Target, *, autotune: bool = False, cudagraphs: bool 
                                                    shape_tuning=shape_tuning, kernel_cache=kernel_cache,
                                                    decoder=decoder),
               **{field: getattr(target, field) for field in LOWERING_FIELDS}}
+    # What this program's lowering does: a decoder's programs never merge GEMMs, whatever the
+    # target says (target_graph), so their record, and a kernel cache's check, says so.
+    record["merge_gemms"] = target.merge_gemms and not decoder
     if kernel_cache:
         record["kernel_cache"] = True
     if not shape_tuning:

@@ -70,6 +70,9 @@ def test_lowered_and_verified_and_recorded(bert_captured):
     assert result["ok"], result
     assert lowering.lowering_record(MERGING)["merge_gemms"] is True
     assert lowering.lowering_record(targets.get("cpu"))["merge_gemms"] is False
+    # A decoder's programs never merge: their record says so on a target that merges, so
+    # an LM's kernel cache recorded before merge_gemms existed still matches.
+    assert lowering.lowering_record(MERGING, decoder=True)["merge_gemms"] is False
 
 
 def test_a_variant_may_switch_it():
