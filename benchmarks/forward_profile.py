@@ -34,7 +34,8 @@ from optc.runtime.timing import measure as time_calls
 # runs convolutions too (ViT's patch embedding). SDPA's math path upcasts to fp32 and runs
 # GEMMs and a softmax that Inductor names `_safe_softmax`.
 ATTENTION_KERNELS = {"flash": ("flash_fwd", "flash::"),
-                     "cudnn": ("cudnn_generated_fort_native_sdpa", "cudnn_attention", "sm90_xmma_fprop_attn", "fmha_sm90"),
+                     "cudnn": ("cudnn_generated_fort_native_sdpa", "cudnn_attention", "sm90_xmma_fprop_attn",
+                               "fmha_sm90"),
                      "mem_efficient": ("fmha_cutlassF", "attention_kernel_batched", "efficient_attention"),
                      "math": ("_safe_softmax",)}
 

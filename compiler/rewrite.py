@@ -264,20 +264,21 @@ def set_tensor_attribute(module: torch.nn.Module, name: str, value: torch.Tensor
 
 def with_calls_replaced(gm: fx.GraphModule, calls, op) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its parameters) in which each node that `calls(graph)`
-    returns, as (node, args), is replaced by `op(*args)` with the node's metadata; and
-    how many were replaced. `gm` itself, unchanged, when there are none. The lowering's
-    rewrites use it: the program stays as captured, so the check compares against it.
-    A replaced node must not be an argument of another one (the arguments are read
-    before anything is replaced)."""
+    returns, as (node, args) or (node, args, kwargs), is replaced by `op(*args, **kwargs)`
+    with the node's metadata; and how many were replaced. `gm` itself, unchanged, when
+    there are none. The lowering's rewrites use it: the program stays as captured, so the
+    check compares against it. A replaced node must not be an argument of another one
+    (the arguments are read before anything is replaced)."""
     found = calls(gm.graph)  # one scan, of the program's graph; the copy's nodes by name
     if not found:
         return gm, 0
     graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
     copied = {n.name: n for n in graph.nodes}
-    for node, args in found:
+    for node, args, *kwargs in found:
         node = copied[node.name]
         with graph.inserting_before(node):
-            new = graph.call_function(op, fx.map_arg(tuple(args), lambda a: copied[a.name]))
+            new = graph.call_function(op, *fx.map_arg((tuple(args), kwargs[0] if kwargs else {}),
+                                                      lambda a: copied[a.name]))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

@@ -330,7 +330,8 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
     blob = Blob(man.get("weights_blob"), contents.pop(BLOB_MEMBER, b""), path)
     programs, extra = {}, {}
     # One cache of each for every program.
-    with export_load_type_hints_cached(), export_load_sympify_cached(), export_load_schema_converters(), export_load_stand_ins_quiet():
+    with export_load_type_hints_cached(), export_load_sympify_cached(), export_load_schema_converters(), \
+            export_load_stand_ins_quiet():
         for member, data in contents.items():
             if member.startswith(PROGRAM_DIR) and member.endswith(PROGRAM_SUFFIX):
                 name = member[len(PROGRAM_DIR):-len(PROGRAM_SUFFIX)]

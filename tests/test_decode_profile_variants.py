@@ -51,7 +51,9 @@ def test_the_forward_profile_names_the_attention_backend_from_kernel_names():
     assert backends(rows) == {"mem_efficient": 40.0, "flash": 5.0}
     assert backends(rows[2:3]) == {}
     # ViT-B/16 on the H100: a cuDNN convolution is not attention; SDPA's math path is.
-    vit = [dict(name="void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_128x128_32", us_per_step=83.3),
-           dict(name="triton_per_fused__safe_softmax_add_arange_exp_expand_ge_prepare_softmax_online", us_per_step=42.8),
+    vit = [dict(name="void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_128x128_32",
+                us_per_step=83.3),
+           dict(name="triton_per_fused__safe_softmax_add_arange_exp_expand_ge_prepare_softmax_online",
+                us_per_step=42.8),
            dict(name="cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64", us_per_step=71.5)]
     assert backends(vit) == {"math": 42.8, "cudnn": 71.5}

@@ -17,11 +17,11 @@ or a parameter or buffer is never evaluated.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
+
+from optc.compiler.rewrite import with_calls_replaced
 
 aten = torch.ops.aten
 
@@ -73,8 +73,9 @@ def keeps_every_score(mask: fx.Node) -> bool:
     return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
 
 
-def _masks_to_drop(graph: fx.Graph) -> list[str]:
-    """The names of the SDPA nodes whose mask keeps every score."""
+def _maskless_calls(graph: fx.Graph) -> list[tuple]:
+    """(SDPA node, its args, its kwargs without the mask) for each SDPA whose mask keeps
+    every score."""
     found, verdicts = [], {}
     for node in graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
         norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
@@ -84,23 +85,15 @@ def _masks_to_drop(graph: fx.Graph) -> list[str]:
         if mask not in verdicts:  # one mask is often read by every layer
             verdicts[mask] = keeps_every_score(mask)
         if verdicts[mask]:
-            found.append(node.name)
+            found.append((node, (), {**norm.kwargs, "attn_mask": None}))
     return found
 
 
 def drop_constant_masks(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its parameters) whose SDPAs with a mask that keeps every
     score run without it, and how many; `gm` itself when there are none."""
-    names = set(_masks_to_drop(gm.graph))
-    if not names:
-        return gm, 0
-    graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
-    for node in graph.nodes:
-        if node.name in names:
-            norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-            node.args, node.kwargs = (), {**norm.kwargs, "attn_mask": None}
-    rewritten = fx.GraphModule(gm, graph)
-    rewritten.graph.eliminate_dead_code()  # the mask's nodes, which nothing reads now
-    rewritten.recompile()
-    rewritten.meta.update(gm.meta)
-    return rewritten, len(names)
+    rewritten, count = with_calls_replaced(gm, _maskless_calls, aten.scaled_dot_product_attention.default)
+    if count:
+        rewritten.graph.eliminate_dead_code()  # the masks' own nodes, which nothing reads now
+        rewritten.recompile()
+    return rewritten, count

@@ -25,6 +25,7 @@ with a warning saying why. Bytes that do not hash to the recorded sha256 are ref
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -164,12 +165,12 @@ def install_triton_kernels(manifest: dict, extra_files: dict, device_index: int 
         return {"triton_kernels": 0}
 
 
-# Rewrites that came on by default for every target. A record made before one existed
-# does not name it, and refusing those records would refuse every earlier artifact's
-# kernel cache, LMs' included, whose masks the rewrite never touches. The cache is keyed
-# by the graph, so a program the rewrite changes misses its entries and compiles (cold,
-# never wrong kernels), and one it leaves alone hits them as before.
-COMPARED_WHEN_RECORDED = ("drop_constant_masks",)
+# What a record that does not name a rewrite (made before it existed) compares as: the
+# field's default. Off for the rewrites that came in off; drop_constant_masks came on for
+# every target, and refusing records without it would refuse every earlier artifact's
+# cache, LMs' included, whose masks it never touches. The cache is keyed by the graph, so
+# a program it does change misses its entries and compiles cold, never wrong kernels.
+_ABSENT = {f.name: f.default for f in dataclasses.fields(Target) if f.name in LOWERING_FIELDS}
 
 
 def _options_changed(manifest: dict, target: Target, programs: list[str]) -> tuple[str, str] | None:
@@ -185,12 +186,9 @@ def _options_changed(manifest: dict, target: Target, programs: list[str]) -> tup
             continue
         lowering = {**load_lowering(target, program), "shape_tuning": record.get("shape_tuning", True)}
         full = lowering_record(target, **lowering, kernel_cache=True)
-        # The Inductor options and the graph rewrites (LOWERING_FIELDS): either changes every
-        # key. A rewrite the record does not name did not exist when it was made: off; but
-        # one that came on by default (COMPARED_WHEN_RECORDED) is left to the cache's keys.
-        fields = [f for f in LOWERING_FIELDS if f in record or f not in COMPARED_WHEN_RECORDED]
-        now = {**full["inductor_options"], **{f: full[f] for f in fields}}
-        recorded = {**record["inductor_options"], **{f: record.get(f, False) for f in fields}}
+        # The Inductor options and the graph rewrites (LOWERING_FIELDS): either changes every key.
+        now = {**full["inductor_options"], **{f: full[f] for f in LOWERING_FIELDS}}
+        recorded = {**record["inductor_options"], **{f: record.get(f, _ABSENT[f]) for f in LOWERING_FIELDS}}
         if now != recorded:
             diff = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
             return program, ", ".join(f"{k}: {recorded.get(k)!r} there, {now.get(k)!r} here" for k in diff)

@@ -73,8 +73,9 @@ def merge_projections(gm: fx.GraphModule, anatomy: Anatomy | None, cfg: MergePro
     linears, worst = 0, 0.0
     for members in sibling_groups(gm, kinds, cfg.max_group):
         kind = kinds[members[0].target]
-        worst = max(worst, merge_group(gm, members, kind, _register_beside, TOLERANCE, "merge_projections",
-                                       "disable it with merge_projections.enabled=false"))
+        err = merge_group(gm, members, kind, _register_beside, TOLERANCE, "merge_projections",
+                          "disable it with merge_projections.enabled=false")
+        worst = max(worst, err)
         merged[kind.name] = merged.get(kind.name, 0) + 1
         linears += len(members)
     if not merged:
