@@ -97,11 +97,15 @@ class Artifact:
 
         return write_artifact(path, self.programs, self.manifest, self.extra_files)
 
-    def module(self, name: str, *, device: str = "cpu", compiled: bool = True, autotune: bool | None = None):
+    def module(self, name: str, *, device: str = "cpu", compiled: bool = True, autotune: bool | None = None,
+               target=None):
         """The program `name` as a callable module on `device`. `autotune=False` lowers it
-        without max-autotune (a quicker benchmark of a program that is not what ships)."""
+        without max-autotune (a quicker benchmark of a program that is not what ships).
+        `target`: a Target to lower with instead of the manifest's (a bench row's
+        `target.FIELD=VALUE` words); the packages and the kernel cache hold the
+        manifest target's lowering, so they serve only a target equal to it."""
         device = indexed(device)
-        key = (name, device, compiled, autotune)
+        key = (name, device, compiled, autotune, repr(target))  # a Target holds dicts: not hashable
         if key not in self._modules:
             if name not in self.programs:
                 raise UsageError(f"the artifact has no program '{name}'; it has {sorted(self.programs)}")
@@ -127,13 +131,15 @@ class Artifact:
             # the program lowers to the graph the compile checked (the kernel cache's keys).
             unify_aliases(gm)
             if compiled:
-                target = self.target_for(device)
+                own = self.target_for(device)
+                target = target or own
                 options = load_lowering(target, name, gm.graph)
                 if autotune is not None:
                     options["autotune"] = autotune
-                packaged = self._packaged(name, target, gm, device) if autotune is not False else None
+                shipped = autotune is not False and target == own
+                packaged = self._packaged(name, target, gm, device) if shipped else None
                 # The kernel cache holds the load lowering's kernels; another lowering would miss it.
-                cached = autotune is None and self._kernel_cache(target, device)
+                cached = autotune is None and target == own and self._kernel_cache(target, device)
                 gm = packaged or lower(gm, target, **options, kernel_cache=cached)
             self._modules[key] = gm
         return self._modules[key]

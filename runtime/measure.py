@@ -175,7 +175,7 @@ def _measure_forward(art, tgt, workload: Workload, inputs, autotune: bool | None
     if inputs[0].dim() == 0 or inputs[0].shape[0] != workload.batch:
         raise UsageError(f"the forward workload is batch {workload.batch}, the inputs' first dimension is "
                          f"{list(inputs[0].shape[:1])}")
-    compiled = art.module("forward", device=device, compiled=True, autotune=autotune)
+    compiled = art.module("forward", device=device, compiled=True, autotune=autotune, target=tgt)
 
     def module(*args):
         if device.startswith("cuda"):

@@ -131,3 +131,20 @@ def test_a_cpu_timing_on_a_busy_machine_says_so(monkeypatch, load, warned):
     said = []
     measure_mod._warn_if_busy(said.append)
     assert bool(said) == warned and all("this machine is busy" in m for m in said)
+
+
+def test_a_forward_row_lowers_with_its_own_target(bert, monkeypatch):
+    """A bench row's target.FIELD=VALUE words reach the forward lowering (they once
+    lowered the artifact's own target, so such rows timed the default lowering)."""
+    from optc.compiler import targets
+    from optc.compiler.codegen import lowering
+
+    seen = []
+    real = lowering.lower
+    monkeypatch.setattr(lowering, "lower", lambda gm, target, **kw: seen.append(target) or real(gm, target, **kw))
+    art, _, inputs = bert
+    w = workload_for(art.task, batch=inputs[0].shape[0])
+    kept = targets.with_overrides(targets.get("cpu"), ["drop_constant_masks=false"])
+    measure(art, kept, w, inputs=inputs, autotune=False, log=quiet)
+    measure(art, "cpu", w, inputs=inputs, autotune=False, log=quiet)
+    assert [t.drop_constant_masks for t in seen] == [False, True]
