@@ -37,7 +37,7 @@ class Target:
     # target and shape instead of Inductor's per-process tuned reduction (codegen/decode_gemv).
     decode_gemv: bool = False
     # A forward program's dense linears that read one input (q/k/v) run as one GEMM
-    # (codegen/merge_gemms): on where measured never slower than apart.
+    # (codegen/merge_gemms): on where measured faster than apart.
     merge_gemms: bool = False
     # SDPA masks computed from constants that keep every score are dropped, so SDPA may
     # pick a fused kernel (codegen/constant_masks): the same function on every target.
@@ -51,7 +51,8 @@ TARGETS = {
     "cpu": Target("cpu", "cpu", torch.float32),
     # Programmatic dependent launch (triton.enable_pdl) lets a kernel's launch overlap the
     # tail of the one before: measured with decode_attention on Llama-1B's decode step, on
-    # the H200 and (with combo kernels) on the H100; it did not change BERT-base at batch 1.
+    # the H200 and (with combo kernels) on the H100; on encoders it is not measured (the one
+    # BERT-base row never reached the lowering: benchmarks/NOTES.md).
     "h100": Target(
         "h100", "cuda", torch.bfloat16, copy_tbs=2.94, bf16_tflops=769.0, gpu_names=("H100",),
         inductor={"coordinate_descent_tuning": True, "triton.enable_pdl": True}, align=64,
@@ -60,8 +61,8 @@ TARGETS = {
         # counter write, the rotary halves): measured on Llama-1B's decode step
         # (benchmarks/NOTES.md, "Combo kernels in the decode step").
         decoder_inductor={"combo_kernels": True},
-        # One q/k/v GEMM in encoders: never slower than three in the same process, and in
-        # two of four processes BERT-base at batch 1 was 1.37x faster (benchmarks/NOTES.md).
+        # One q/k/v GEMM in encoders: faster than three at batch 1 in the same process
+        # (BERT-base, ViT-B/16; benchmarks/NOTES.md).
         merge_gemms=True,
     ),
     "h200": Target(

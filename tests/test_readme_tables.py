@@ -69,3 +69,15 @@ def test_a_search_that_timed_its_shipped_configuration_again_shows_that_timing(t
     (results / "search_smollm2_x.json").write_text(json.dumps(result))
     text = history.table()
     assert "timed again" not in text and "(best under the limit; not compiled in this run)" in text
+
+
+def test_forward_rows_whose_target_words_were_not_applied_say_so():
+    history = benchmark_scripts.load("results_history")
+    d = {"unit": "ms per forward", "date": "2026-12-06T14:34:32+00:00"}
+    row = {"name": "optc target.merge_gemms=false", "lowering_overrides": ["merge_gemms=false"]}
+    assert history._unapplied(d, row)
+    assert not history._unapplied({**d, "date": "2026-12-06T17:18:58+00:00"}, row)  # measured since the fix
+    assert not history._unapplied({**d, "unit": "ms/token (decode, prefill excluded)"}, row)  # decode always applied
+    assert not history._unapplied(d, {"name": "optc"})
+    doc = (ROOT / "docs" / "results.md").read_text()
+    assert "| optc target.merge_gemms=false (words not applied: the default lowering again) | 0.647 |" in doc
