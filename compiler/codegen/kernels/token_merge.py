@@ -10,8 +10,7 @@ A token's size s (fp32) is how many original tokens it stands for; padding has s
 
 token_match_kernel, grid (B, cdiv(NA, BLOCK_A)): for each a_i, the b_j it is most
 similar to by cosine of the metric rows and that score, without materialising the
-[NA, NB] score matrix (one [BLOCK_A, BLOCK_B] tile at a time, a running max/argmax) or
-more than BLOCK_D channels of a row at a time:
+[NA, NB] score matrix (one [BLOCK_A, BLOCK_B] tile at a time, a running max/argmax):
 
     metric[b, n, d]  at m_ptr + b*stride_mb + n*stride_mn + d*stride_md
     size[b, n]       at s_ptr + b*stride_sb + n*stride_sn
@@ -48,11 +47,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["token_match_kernel", "token_merge_kernel", "PAD_SCORE", "SOURCES_PER_DOT", "MATCH_CHANNELS"]
+__all__ = ["token_match_kernel", "token_merge_kernel", "PAD_SCORE", "SOURCES_PER_DOT"]
 
 PAD_SCORE = 2.0  # above any cosine
 SOURCES_PER_DOT = 32  # the most (src, dst) pairs one dot of token_merge_kernel adds
-MATCH_CHANNELS = 32  # the metric's channels token_match_kernel reads at a time (no spills at its tiles)
 
 
 @triton.jit
@@ -66,19 +64,15 @@ def token_match_kernel(
     pid_b = tl.program_id(0)
     pid_a = tl.program_id(1)
     offs_i = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, BLOCK_D)
     in_a = offs_i < NA
+    d_mask = offs_d < D
     rows_a = P + 2 * offs_i
     m_base = m_ptr + pid_b * stride_mb
-    a_ptrs = m_base + rows_a[:, None] * stride_mn
-    # Channels BLOCK_D at a time: whole rows of a wide metric (768 channels) in registers
-    # spill to local memory. The cosine is the dot product over the product of the norms.
-    sq_a = tl.zeros((BLOCK_A,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(a_ptrs + offs_d[None, :] * stride_md, mask=in_a[:, None] & (offs_d < D)[None, :],
-                    other=0.0).to(tl.float32)
-        sq_a += tl.sum(a * a, axis=1)
-    inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), 1e-12)  # a zero row scores 0
+    a = tl.load(m_base + rows_a[:, None] * stride_mn + offs_d[None, :] * stride_md,
+                mask=in_a[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    # Normalised rows: the dot product of two is their cosine (a zero row stays zero).
+    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-12)[:, None]
     size_a = tl.load(s_ptr + pid_b * stride_sb + rows_a * stride_sn, mask=in_a, other=1.0)
     pad_a = size_a == 0.0
 
@@ -88,19 +82,11 @@ def token_match_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_B)
         in_b = offs_j < NB
         rows_b = P + 2 * offs_j + 1
-        b_ptrs = m_base + rows_b[:, None] * stride_mn
-        dots = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
-        sq_b = tl.zeros((BLOCK_B,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_in = (offs_d < D)[None, :]
-            a = tl.load(a_ptrs + offs_d[None, :] * stride_md, mask=in_a[:, None] & d_in, other=0.0).to(tl.float32)
-            bm = tl.load(b_ptrs + offs_d[None, :] * stride_md, mask=in_b[:, None] & d_in, other=0.0).to(tl.float32)
-            dots += tl.dot(a, tl.trans(bm), input_precision="ieee")
-            sq_b += tl.sum(bm * bm, axis=1)
-        inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), 1e-12)
-        scores = dots * inv_a[:, None] * inv_b[None, :]
+        bm = tl.load(m_base + rows_b[:, None] * stride_mn + offs_d[None, :] * stride_md,
+                     mask=in_b[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        bm = bm / tl.maximum(tl.sqrt(tl.sum(bm * bm, axis=1)), 1e-12)[:, None]
         size_b = tl.load(s_ptr + pid_b * stride_sb + rows_b * stride_sn, mask=in_b, other=1.0)
+        scores = tl.dot(a, tl.trans(bm), input_precision="ieee")
         scores = tl.where(pad_a[:, None], PAD, scores)
         scores = tl.where((~pad_a[:, None]) & (size_b[None, :] == 0.0), float("-inf"), scores)
         scores = tl.where(in_b[None, :], scores, float("-inf"))
@@ -191,7 +177,7 @@ def token_match(metric, size, protected: int):
     _launcher(token_match_kernel)[grid](
         metric, size, best, idx, n, d, na, nb, protected,
         metric.stride(0), metric.stride(1), metric.stride(2), size.stride(0), size.stride(1),
-        PAD=PAD_SCORE, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=MATCH_CHANNELS,
+        PAD=PAD_SCORE, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=_pow2(d),
     )
     return best, idx
 
