@@ -223,3 +223,17 @@ def test_corrupt_file_still_exits_2(lm, tmp_path):
 def test_inspect_shows_the_packages(lm):
     rc, err = _cli("inspect", str(lm))
     assert rc == 0 and "AOTInductor packages for cpu" in err and "decode: " in err
+
+
+def test_a_lowering_for_another_target_does_not_run_the_package(encoder, monkeypatch):
+    """A package holds the manifest target's lowering: a module lowered for other
+    settings (a bench row's target words) is lowered by Inductor, the package untouched."""
+    path, inputs = encoder
+    art = optc.load(path)
+    assert isinstance(art.module("forward"), aoti.PackagedProgram)
+    lowered_for = []
+    monkeypatch.setattr(lowering, "lower", lambda gm, target, **kw: lowered_for.append(target) or gm)
+    other = targets.with_overrides(targets.get("cpu"), ["drop_constant_masks=false"])
+    assert not isinstance(art.module("forward", target=other), aoti.PackagedProgram)
+    assert lowered_for == [other]
+    assert isinstance(art.module("forward", target=targets.get("cpu")), aoti.PackagedProgram)  # its own target
