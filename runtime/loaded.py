@@ -105,7 +105,9 @@ class Artifact:
         `target.FIELD=VALUE` words); the packages and the kernel cache hold the
         manifest target's lowering, so they serve only a target equal to it."""
         device = indexed(device)
-        key = (name, device, compiled, autotune, repr(target))  # a Target holds dicts: not hashable
+        # The manifest's own target is no override: one module for both ways of asking.
+        override = None if target is None or target == self.target_for(device) else target
+        key = (name, device, compiled, autotune, repr(override))  # a Target holds dicts: not hashable
         if key not in self._modules:
             if name not in self.programs:
                 raise UsageError(f"the artifact has no program '{name}'; it has {sorted(self.programs)}")
@@ -131,15 +133,14 @@ class Artifact:
             # the program lowers to the graph the compile checked (the kernel cache's keys).
             unify_aliases(gm)
             if compiled:
-                own = self.target_for(device)
-                target = target or own
+                target = override or self.target_for(device)
                 options = load_lowering(target, name, gm.graph)
                 if autotune is not None:
                     options["autotune"] = autotune
-                shipped = autotune is not False and target == own
+                shipped = autotune is not False and override is None
                 packaged = self._packaged(name, target, gm, device) if shipped else None
                 # The kernel cache holds the load lowering's kernels; another lowering would miss it.
-                cached = autotune is None and target == own and self._kernel_cache(target, device)
+                cached = autotune is None and override is None and self._kernel_cache(target, device)
                 gm = packaged or lower(gm, target, **options, kernel_cache=cached)
             self._modules[key] = gm
         return self._modules[key]

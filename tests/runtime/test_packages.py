@@ -236,4 +236,5 @@ def test_a_lowering_for_another_target_does_not_run_the_package(encoder, monkeyp
     other = targets.with_overrides(targets.get("cpu"), ["drop_constant_masks=false"])
     assert not isinstance(art.module("forward", target=other), aoti.PackagedProgram)
     assert lowered_for == [other]
-    assert isinstance(art.module("forward", target=targets.get("cpu")), aoti.PackagedProgram)  # its own target
+    own = art.module("forward", target=targets.get("cpu"))  # its own target: the same module, packaged
+    assert own is art.module("forward") and isinstance(own, aoti.PackagedProgram)
