@@ -45,6 +45,7 @@ CHAINS = [("o 2048x2048", [(2048, 2048)], 32), ("up/down 8192x2048, 2048x8192", 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, y_ptr, N, K,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    # PDL 0: plain launch; 1: wait, then let the next kernel launch; 2 (PREFETCH only): the other way round
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -55,9 +56,12 @@ def gemv_kernel(x_ptr, w_ptr, y_ptr, N, K,
         k_mask = offs_k < K
         w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                     eviction_policy="evict_first")
-        if PDL:
+        if PDL == 2:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+        if PDL == 1:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     else:
@@ -76,12 +80,12 @@ def gemv_kernel(x_ptr, w_ptr, y_ptr, N, K,
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def triton_chain(block_n, block_k, warps, pdl, prefetch):
+def triton_chain(block_n, block_k, warps, pdl: int, prefetch):
     def run(x, weights, outs):
         for w, y in zip(weights, outs):
             n, k = w.shape
             bk = triton.next_power_of_2(k) if prefetch else block_k
-            extra = {"launch_pdl": True} if pdl else {}
+            extra = {"launch_pdl": True} if pdl else {}  # PDL 0: none, 1: trigger after the wait, 2: before
             gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, n, k, BLOCK_N=block_n, BLOCK_K=bk, PDL=pdl,
                                                     PREFETCH=prefetch, num_warps=warps, **extra)
             x = y
@@ -131,14 +135,15 @@ def variants(smoke):
     out = [("cuBLAS", eager_chain)]
     if not smoke:
         out += [("inductor", inductor_chain(False)), ("inductor pdl", inductor_chain(True))]
-    for bn, bk, warps in ((1, 1024, 4), (2, 1024, 4), (4, 512, 4)):
-        out.append((f"triton loop n{bn} k{bk} w{warps}", triton_chain(bn, bk, warps, False, False)))
+    for bn, bk, warps in ((1, 1024, 4), (2, 1024, 4)):
+        out.append((f"triton loop n{bn} k{bk} w{warps}", triton_chain(bn, bk, warps, 0, False)))
         if not smoke:
-            out.append((f"triton loop pdl n{bn} k{bk} w{warps}", triton_chain(bn, bk, warps, True, False)))
+            out.append((f"triton loop pdl n{bn} k{bk} w{warps}", triton_chain(bn, bk, warps, 1, False)))
     for bn, warps in ((1, 4), (2, 4), (2, 8), (4, 8)):
-        out.append((f"triton prefetch n{bn} w{warps}", triton_chain(bn, 0, warps, False, True)))
+        out.append((f"triton prefetch n{bn} w{warps}", triton_chain(bn, 0, warps, 0, True)))
         if not smoke:
-            out.append((f"triton prefetch pdl n{bn} w{warps}", triton_chain(bn, 0, warps, True, True)))
+            out.append((f"triton prefetch pdl n{bn} w{warps}", triton_chain(bn, 0, warps, 1, True)))
+            out.append((f"triton prefetch pdl early n{bn} w{warps}", triton_chain(bn, 0, warps, 2, True)))
     return out
 
 
