@@ -75,9 +75,9 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     if req.workers > 1 and not worker_only:
         return _run_workers(req, target, study_name, log)
     session, entry, prompt = _session(req, target, log)
-    space = SearchSpace(session.anatomy, req.pipeline, req.fixed)
-    workload = _workload(session, req, prompt)
     measured_on, lowering = trial_lowering(req.lowering, target, decoder=session.is_lm)
+    space = SearchSpace(session.anatomy, req.pipeline, settled_by_lowering(req.fixed, measured_on, session.is_lm, log))
+    workload = _workload(session, req, prompt)
     signature = {"model": session.model_name, "target": target.name, "workload": workload.to_dict(),
                  "lowering": lowering,
                  "space": space.signature(), "calibration": session.calibration_source()}
@@ -155,6 +155,18 @@ def trial_lowering(kind: str, target, *, decoder: bool = True):
         target = replace(target, decoder_inductor={})
     measured_on = replace(target, inductor={}, decoder_inductor={}) if kind == "plain" else target
     return measured_on, f"{kind}: {targets.lowering_words(measured_on)}"
+
+
+def settled_by_lowering(fixed: dict, measured_on, decoder: bool, log) -> dict:
+    """`fixed` plus the settings the trials' lowering makes pointless to search: where it
+    merges a forward program's dense sibling linears itself (`merge_gemms`), an encoder runs
+    the same GEMMs with merge_projections.ops "all" as with "sparse", so that trial would
+    repeat dense. A setting the user fixed stays theirs."""
+    if decoder or not measured_on.merge_gemms or "ops" in fixed.get("merge_projections", {}):
+        return fixed
+    log(f"search: merge_projections.ops not searched: {measured_on.name}'s lowering merges an encoder's "
+        "dense q/k/v itself")
+    return {**fixed, "merge_projections": {**fixed.get("merge_projections", {}), "ops": "sparse"}}
 
 
 def _session(req, target, log):
