@@ -7,7 +7,6 @@ from optc.compiler.search.space import SearchSpace
 from optc.search import settled_by_lowering, trial_lowering
 
 
-
 def _space_params(target_name, decoder, fixed=None):
     logs = []
     measured_on, _ = trial_lowering("target", targets.get(target_name), decoder=decoder)
