@@ -5,14 +5,19 @@ With programmatic dependent launch (PDL) a kernel may start while the one before
 still running; `gdc_wait` then holds it until that kernel's writes are visible. Inductor's
 PDL code waits before its reduction loop, so a GEMV's weight loads (which depend on
 nothing the previous kernel writes) still start only after it. Here a GEMV whose program
-holds its whole weight slice in registers loads that slice first, lets the next kernel
-launch, and only then waits for its input vector.
+holds its whole weight slice in registers loads that slice first and only then waits for
+its input vector. It lets the next kernel launch after its wait ("pdl"), as Inductor's
+kernels do, so a kernel that reads a value two kernels back without waiting (as Inductor's
+code may) still finds it written; or before its wait ("pdl early": the next kernel's loads
+overlap this one's wait too; safe only in a chain where each kernel reads its
+predecessor's output alone, as here).
 
 Chains of dependent GEMVs (x <- W_i x), each layer a distinct weight so the chain reads
 from HBM as a decode step does, captured in one CUDA graph; us per GEMV and the chain's
 read rate. Variants: cuBLAS (F.linear), Inductor's lowering of the same chain
 (coordinate descent, with and without PDL), the looped Triton GEMV without PDL, with PDL
-waiting first, and the prefetching GEMV with PDL, at a few tiles each.
+waiting first, and the prefetching GEMV without PDL and with both orders, at a few tiles
+each.
 
     python benchmarks/experiments/gemv_pdl_prefetch.py --out $OUT/gemv_pdl_prefetch.json
     python benchmarks/experiments/gemv_pdl_prefetch.py --smoke   # CPU: numerics only, interpreted, no PDL
