@@ -69,6 +69,9 @@ TARGETS = {
         "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
         inductor={"coordinate_descent_tuning": True, "triton.enable_pdl": True}, align=64,
         realize_gemv_inputs=True, decode_attention=True,
+        # As on the H100: BERT-base at batch 1 ran faster with one q/k/v GEMM in the same
+        # process (benchmarks/NOTES.md, "The search on a lowering that merges q/k/v").
+        merge_gemms=True,
     ),
     "a100": Target("a100", "cuda", torch.bfloat16, gpu_names=("A100",), inductor={"coordinate_descent_tuning": True},
                    align=64, realize_gemv_inputs=True),

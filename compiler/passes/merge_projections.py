@@ -35,7 +35,7 @@ class MergeProjectionsConfig(PassConfig):
     # dense q/k/v and gate/up made it slower (1.420 vs 1.358: Inductor already fuses
     # RMSNorm + gate + up into one tuned GEMV). So by default only sparse siblings merge.
     # Where the target merges a forward program's dense siblings in its lowering
-    # (Target.merge_gemms: h100), `all` changes nothing an encoder runs, so a search there
+    # (Target.merge_gemms: h100, h200), `all` changes nothing an encoder runs, so a search there
     # leaves it out (optc/search.py); elsewhere it is how an encoder gets one q/k/v GEMM,
     # so the search may choose it.
     enabled: bool = knob(True, doc="run this pass at all")
