@@ -36,6 +36,9 @@ class Target:
     # Decode GEMVs whose input is in memory anyway run optc's GEMV with a tile stored per
     # target and shape instead of Inductor's per-process tuned reduction (codegen/decode_gemv).
     decode_gemv: bool = False
+    # A decode step's RMSNorm, q/k/v projections and rotary run as one optc kernel instead
+    # of Inductor's several (codegen/decode_qkv).
+    decode_qkv: bool = False
     # A forward program's dense linears that read one input (q/k/v) run as one GEMM
     # (codegen/merge_gemms): on where measured faster than apart.
     merge_gemms: bool = False
@@ -80,7 +83,12 @@ TARGETS = {
 
 # The fields of a profile that only change how programs are lowered (not what the passes
 # do): a measurement may change them for one row (`with_overrides`).
-LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "merge_gemms", "drop_constant_masks")
+LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "decode_qkv", "merge_gemms",
+                   "drop_constant_masks")
+
+# Rewrites that came after devices' histories were recorded: named in lowering_words only
+# when on, so what was measured before them (with them off) still matches.
+_NAMED_WHEN_ON = ("decode_qkv",)
 
 
 # The targets' dicts of Inductor options, which with_overrides changes option by option.
@@ -133,7 +141,8 @@ def lowering_words(target: Target) -> str:
     inductor.triton.enable_pdl=true ..."): what a latency measured under it depends on
     beyond the device, so the device's history keeps measurements of one lowering apart
     from another's."""
-    words = [f"{f}={json.dumps(getattr(target, f))}" for f in LOWERING_FIELDS]
+    words = [f"{f}={json.dumps(getattr(target, f))}" for f in LOWERING_FIELDS
+             if f not in _NAMED_WHEN_ON or getattr(target, f)]
     words += [f"{name}.{k}={json.dumps(v)}" for name in OPTION_DICTS for k, v in sorted(getattr(target, name).items())]
     return " ".join(words)
 

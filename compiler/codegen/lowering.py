@@ -12,6 +12,7 @@ from optc.compiler.codegen.check_inputs import (  # noqa: F401  (part of this mo
     decode_start, prefilled_state, random_like_inputs, reset_state, vocab_size)
 from optc.compiler.codegen.constant_masks import drop_constant_masks
 from optc.compiler.codegen.decode_gemv import use_decode_gemv
+from optc.compiler.codegen.decode_qkv import use_decode_qkv
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.direct import DirectLowering
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
@@ -107,6 +108,8 @@ def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch
         gm, _ = use_decode_attention(gm)
     if target.decode_gemv:
         gm, _ = use_decode_gemv(gm)  # after decode_attention: its outputs are in memory
+    if target.decode_qkv:
+        gm, _ = use_decode_qkv(gm)  # last: the rewrites above read the shapes of what it replaces
     return gm
 
 

@@ -15,7 +15,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from optc.compiler.codegen.kernels import (  # noqa: E402
-    cats_mlp, configs, decode_attention, dense_gemv, gemv_tiles, sparse_gemv, sparse_linear)
+    cats_mlp, configs, decode_attention, decode_qkv, dense_gemv, gemv_tiles, sparse_gemv, sparse_linear)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -43,6 +43,11 @@ ATTENTION_SIG = {
 DENSE_GEMV_SIG = {
     "x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
     **_ints("N", "K", "K_PER_SPLIT", "stride_wn")}
+QKV_SIG = {
+    "x_ptr": "*bf16", "g_ptr": "*bf16", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "wv_ptr": "*bf16",
+    "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16", "K": "i32",
+    "eps": "fp64",  # a Python float, as Inductor's launch of a user-defined kernel passes it
+    **_ints("Q_PAIRS", "K_PAIRS", "stride_q", "stride_k", "stride_v")}
 
 
 def cases():
@@ -76,6 +81,12 @@ def cases():
         yield (f"dense_gemv-{n}x{k}-split{tile.split}", dense_gemv.dense_gemv_kernel, DENSE_GEMV_SIG,
                dict(HAS_BIAS=tile.split == 1, PARTIAL=tile.split > 1, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k),
                tile.num_warps)
+
+    # Norm + q/k/v + rotary with the default tile for Llama-1B (head width 64) and Llama-3.1-8B (128).
+    for half, k in ((32, 2048), (64, 4096)):
+        tile = decode_qkv.default_qkv_tile("h100", half, k)
+        yield (f"decode_qkv-half{half}-k{k}", decode_qkv.decode_qkv_kernel, QKV_SIG,
+               dict(HALF=half, BLOCK_P=tile.block_p, BLOCK_K=tile.block_k), tile.num_warps)
 
 
 def compile_one(kernel, signature, constexprs, num_warps) -> str:

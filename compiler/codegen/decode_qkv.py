@@ -1,0 +1,204 @@
+"""A decode step's RMSNorm, q/k/v projections and rotary run as optc::decode_qkv.
+
+Inductor lowers this part of a Llama-style layer's decode step as several short kernels
+(kernels/decode_qkv.py says which and why that costs); optc::decode_qkv (codegen/qkv_ops.py)
+computes it in one. Targets ask for it with `decode_qkv`.
+
+Rewritten: the HF Llama form, as torch.export captures it for one new token,
+
+    x32 = x.float(); h = g * (x32 * rsqrt(mean(x32^2, -1, keepdim) + eps)).to(dtype)
+    q = linear(h, Wq).view(1, 1, Hq, D).transpose(1, 2); k, v likewise (Hkv heads)
+    q' = q * C + cat(-q[..., D/2:], q[..., :D/2]) * S; k' likewise; v unrotated
+
+where the three linears have no bias and read the same norm output, and k and v have
+one shape. The rotated q, rotated k and v are replaced by views of the op's output;
+what computed them is dropped where nothing else reads it. Anything else (biases, a
+norm of another form, per-head norms before the rotary, several rows) keeps Inductor's
+lowering. Like decode_sdpa, the rewrite works on a copy used for lowering; the lowering
+check compares it with the program itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from optc.compiler.rewrite import eliminate_dead_code, node_shape
+
+aten = torch.ops.aten
+
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
+
+
+@dataclass
+class _Match:
+    x: fx.Node
+    norm_weight: fx.Node
+    eps: float
+    weights: tuple  # (wq, wk, wv) nodes
+    cos: fx.Node
+    sin: fx.Node
+    head_dim: int
+    outputs: tuple  # the nodes replaced: rotated q, rotated k, v (each [1, H, 1, D])
+    heads: tuple  # (Hq, Hkv)
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _uncast(node):
+    while _is(node, *_CASTS):
+        node = node.args[0]
+    return node
+
+
+def _rms_norm(h: fx.Node):
+    """(x, weight, eps) if `h` is HF's RMSNorm of x, else None."""
+    if not _is(h, aten.mul.Tensor) or len(h.args) != 2:
+        return None
+    for g, normed in (h.args, h.args[::-1]):
+        normed = _uncast(normed)
+        shape = node_shape(g)
+        if not (isinstance(g, fx.Node) and shape is not None and len(shape) == 1 and _is(normed, aten.mul.Tensor)):
+            continue
+        x32, rsqrt = normed.args
+        if not _is(rsqrt, aten.rsqrt.default) or not _is(rsqrt.args[0], aten.add.Tensor):
+            continue
+        mean, eps = rsqrt.args[0].args
+        if not (_is(mean, aten.mean.dim) and isinstance(eps, float) and list(mean.args[1]) == [-1]
+                and len(mean.args) > 2 and mean.args[2] is True):
+            continue
+        square = mean.args[0]
+        if _is(square, aten.pow.Tensor_Scalar) and square.args[0] is x32 and square.args[1] == 2:
+            x = _uncast(x32)
+            if shape[0] == (node_shape(x) or (None,))[-1]:
+                return x, g, eps
+    return None
+
+
+def _heads(lin: fx.Node):
+    """(transpose node, H, D) if `lin` is viewed as [1, 1, H, D] and transposed to [1, H, 1, D]."""
+    users = list(lin.users)
+    if len(users) != 1 or not _is(users[0], aten.view.default):
+        return None
+    view = users[0]
+    shape = node_shape(view)
+    tusers = list(view.users)
+    if shape is None or len(shape) != 4 or shape[:2] != (1, 1) or len(tusers) != 1:
+        return None
+    t = tusers[0]
+    if not (_is(t, aten.transpose.int) and tuple(t.args[1:]) == (1, 2)):
+        return None
+    return t, shape[2], shape[3]
+
+
+def _rotary(t: fx.Node, D: int):
+    """(rotated node, C, S) if `t`'s users compute t * C + rotate_half(t) * S, else None."""
+    half = D // 2
+    for m1 in t.users:
+        if not (_is(m1, aten.mul.Tensor) and m1.args[0] is t):
+            continue
+        for rotated in m1.users:
+            if not (_is(rotated, aten.add.Tensor) and rotated.args[0] is m1 and _is(rotated.args[1], aten.mul.Tensor)):
+                continue
+            cat, S = rotated.args[1].args
+            if not (_is(cat, aten.cat.default) and cat.args[1:] in ((-1,), (3,)) and len(cat.args[0]) == 2):
+                continue
+            neg, first = cat.args[0]
+            if not (_is(neg, aten.neg.default) and _is(first, aten.slice.Tensor) and _is(neg.args[0], aten.slice.Tensor)):
+                continue
+            second = neg.args[0]
+            if (first.args[0] is t and second.args[0] is t and tuple(first.args[1:4]) in ((3, 0, half), (-1, 0, half))
+                    and tuple(second.args[1:3]) in ((3, half), (-1, half)) and second.args[3] >= D):
+                return rotated, m1.args[1], S
+    return None
+
+
+def _match(h: fx.Node) -> _Match | None:
+    norm = _rms_norm(h)
+    if norm is None:
+        return None
+    linears = [u for u in h.users if _is(u, aten.linear.default)]
+    if len(linears) != 3 or len(h.users) != 3:
+        return None
+    found = []
+    for lin in linears:
+        if len(lin.args) > 2 and lin.args[2] is not None or lin.kwargs.get("bias") is not None:
+            return None
+        heads = _heads(lin)
+        if heads is None:
+            return None
+        t, H, D = heads
+        found.append((lin, t, H, D, _rotary(t, D)))
+    rotated = [f for f in found if f[4] is not None]
+    plain = [f for f in found if f[4] is None]
+    if len(rotated) != 2 or len(plain) != 1 or len({f[3] for f in found}) != 1 or found[0][3] % 2:
+        return None
+    (_, _, _, D, (_, C, S)), (_, _, _, _, (_, C2, S2)) = rotated
+    if C is not C2 or S is not S2 or (node_shape(C) and node_shape(C)[-1] != D):
+        return None
+    v = plain[0]
+    # k is the rotated projection of v's shape; the other is q (either, where all match).
+    rotated.sort(key=lambda f: f[2] == v[2])
+    q, k = rotated
+    if k[2] != v[2]:
+        return None
+    x, g, eps = norm
+    return _Match(x, g, eps, (q[0].args[1], k[0].args[1], v[0].args[1]), C, S, D,
+                  (q[4][0], k[4][0], v[1]), (q[2], k[2]))
+
+
+def decode_qkv_matches(graph: fx.Graph) -> list[_Match]:
+    """The norm + q/k/v + rotary groups of `graph` that optc::decode_qkv computes."""
+    found = []
+    for node in graph.nodes:
+        if _is(node, aten.mul.Tensor) and (m := _match(node)) is not None:
+            x_shape = node_shape(m.x)
+            if x_shape is not None and len(x_shape) == 3 and x_shape[:2] == (1, 1):
+                found.append(m)
+    return found
+
+
+def use_decode_qkv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (sharing its parameters) whose such groups call optc::decode_qkv,
+    and how many it rewrote; `gm` itself when there are none."""
+    matches = decode_qkv_matches(gm.graph)
+    if not matches:
+        return gm, 0
+    from optc.compiler.codegen import qkv_ops  # noqa: F401  (registers optc::decode_qkv)
+
+    graph = copy.deepcopy(gm.graph)
+    copied = {n.name: n for n in graph.nodes}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    rewritten_groups = 0
+    for m in matches:
+        outputs = [copied[n.name] for n in m.outputs]
+        first_use = min((u for o in outputs for u in o.users), key=lambda u: order[u.name])
+        inputs = (m.x, m.norm_weight, *m.weights, m.cos, m.sin)
+        if any(order[i.name] >= order[first_use.name] for i in inputs):
+            continue  # an input is computed after a use of the outputs: leave this group as it is
+        with graph.inserting_before(first_use):
+            op = graph.call_function(torch.ops.optc.decode_qkv.default, (
+                copied[m.x.name], copied[m.norm_weight.name], m.eps, *(copied[w.name] for w in m.weights),
+                copied[m.cos.name], copied[m.sin.name], m.head_dim))
+            start = 0
+            for old, heads in zip(outputs, (*m.heads, m.heads[1])):
+                rows = heads * m.head_dim
+                part = graph.call_function(aten.slice.Tensor, (op, 0, start, start + rows))
+                view = graph.call_function(aten.view.default, (part, [1, 1, heads, m.head_dim]))
+                new = graph.call_function(aten.transpose.int, (view, 1, 2))
+                new.meta = dict(old.meta)
+                old.replace_all_uses_with(new)
+                start += rows
+        rewritten_groups += 1
+    if not rewritten_groups:
+        return gm, 0
+    rewritten = fx.GraphModule(gm, graph)
+    rewritten.meta.update(gm.meta)
+    eliminate_dead_code(rewritten)
+    rewritten.recompile()
+    return rewritten, rewritten_groups
