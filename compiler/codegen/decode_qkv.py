@@ -113,7 +113,8 @@ def _rotary(t: fx.Node, D: int):
                 continue
             second = neg.args[0]
             if (first.args[0] is t and second.args[0] is t and tuple(first.args[1:4]) in ((3, 0, half), (-1, 0, half))
-                    and tuple(second.args[1:3]) in ((3, half), (-1, half)) and second.args[3] >= D):
+                    and tuple(second.args[1:3]) in ((3, half), (-1, half))
+                    and (len(second.args) < 4 or second.args[3] >= D)):
                 return rotated, m1.args[1], S
     return None
 
