@@ -34,6 +34,13 @@ def test_a_variant_changes_the_decoder_programs_options_apart(split_target_field
     assert targets.lowering_words(target) != targets.lowering_words(h100)  # the device history keeps them apart
 
 
+def test_a_rewrite_newer_than_the_device_histories_is_named_only_when_on(split_target_fields):
+    h200 = targets.get("h200")
+    _, target = split_target_fields(["target.decode_qkv=true"], h200)
+    assert "decode_qkv" not in targets.lowering_words(h200)  # measurements made before it still match
+    assert "decode_qkv=true" in targets.lowering_words(target)
+
+
 def test_a_setting_that_is_not_a_lowering_one_is_refused(split_target_fields):
     for word in ("target.fast=true", "target.align=128", "target.decode_attention=maybe", "target.decode_attention",
                  "target.decoder_inductor.=true"):
