@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -119,6 +120,14 @@ def _rotary(t: fx.Node, D: int):
     return None
 
 
+class _Projection(NamedTuple):
+    linear: fx.Node
+    heads_view: fx.Node  # the [1, H, 1, D] transpose of its output
+    heads: int
+    head_dim: int
+    rotary: tuple | None  # (rotated node, C, S), or None where it is not rotated
+
+
 def _match(h: fx.Node) -> _Match | None:
     norm = _rms_norm(h)
     if norm is None:
@@ -130,27 +139,27 @@ def _match(h: fx.Node) -> _Match | None:
     for lin in linears:
         if len(lin.args) > 2 and lin.args[2] is not None or lin.kwargs.get("bias") is not None:
             return None
-        heads = _heads(lin)
-        if heads is None:
+        viewed = _heads(lin)
+        if viewed is None:
             return None
-        t, H, D = heads
-        found.append((lin, t, H, D, _rotary(t, D)))
-    rotated = [f for f in found if f[4] is not None]
-    plain = [f for f in found if f[4] is None]
-    if len(rotated) != 2 or len(plain) != 1 or len({f[3] for f in found}) != 1 or found[0][3] % 2:
+        t, H, D = viewed
+        found.append(_Projection(lin, t, H, D, _rotary(t, D)))
+    rotated = [p for p in found if p.rotary is not None]
+    plain = [p for p in found if p.rotary is None]
+    D = found[0].head_dim
+    if len(rotated) != 2 or len(plain) != 1 or any(p.head_dim != D for p in found) or D % 2:
         return None
-    (_, _, _, D, (_, C, S)), (_, _, _, _, (_, C2, S2)) = rotated
+    (_, C, S), (_, C2, S2) = rotated[0].rotary, rotated[1].rotary
     if C is not C2 or S is not S2 or (node_shape(C) and node_shape(C)[-1] != D):
         return None
     v = plain[0]
     # k is the rotated projection of v's shape; the other is q (either, where all match).
-    rotated.sort(key=lambda f: f[2] == v[2])
-    q, k = rotated
-    if k[2] != v[2]:
+    q, k = sorted(rotated, key=lambda p: p.heads == v.heads)
+    if k.heads != v.heads:
         return None
     x, g, eps = norm
-    return _Match(x, g, eps, (q[0].args[1], k[0].args[1], v[0].args[1]), C, S, D,
-                  (q[4][0], k[4][0], v[1]), (q[2], k[2]))
+    return _Match(x, g, eps, (q.linear.args[1], k.linear.args[1], v.linear.args[1]), C, S, D,
+                  (q.rotary[0], k.rotary[0], v.heads_view), (q.heads, k.heads))
 
 
 def decode_qkv_matches(graph: fx.Graph) -> list[_Match]:
