@@ -23,6 +23,7 @@ import sys
 import torch
 
 from harness import envelope, write_result
+from kernels_dense_gemv import print_best_tiles
 from kernels_sparse_linear import Timer
 from optc.compiler import targets
 from optc.compiler.codegen.kernels.decode_qkv import QkvTile, decode_qkv, default_qkv_tile
@@ -124,12 +125,7 @@ def main():
             us, _ = timer(calls)
             record(f"optc {tile}{' (default)' if tile == default else ''}", us,
                    kernel_us(lambda s: "decode_qkv" in s), [c() for c in calls])
-    print(f"{'shape':>14} {'us':>8} {'TB/s':>6} {'kernel us':>9}  variant")
-    for shape in args.shape or SHAPES:
-        mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["us"])
-        named = [r for r in mine if not r["variant"].startswith("optc") or "(" in r["variant"]]
-        for r in (mine[:5] + [r for r in named if r not in mine[:5]]):
-            print(f"{shape:>14} {r['us']:>8.2f} {r['tbs']:>6.2f} {r['kernel_us']:>9.2f}  {r['variant']}")
+    print_best_tiles(rows, args.shape or SHAPES, width=14)
 
 
 if __name__ == "__main__":

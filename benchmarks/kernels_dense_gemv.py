@@ -104,12 +104,17 @@ def main():
             tag = " (stored)" if tile == stored else " (default)" if tile == default else ""
             record(f"optc {tile}{tag}", us, gemv_kernel_us(lambda s: "dense_gemv" in s),
                    [c() for c in calls])
-    print(f"{'shape':>11} {'us':>8} {'TB/s':>6} {'kernel us':>9}  variant")
-    for shape in args.shape or SHAPES:
+    print_best_tiles(rows, args.shape or SHAPES)
+
+
+def print_best_tiles(rows: list[dict], shapes, width: int = 11) -> None:
+    """Per shape, the five fastest rows and every named one (a baseline, a tagged tile)."""
+    print(f"{'shape':>{width}} {'us':>8} {'TB/s':>6} {'kernel us':>9}  variant")
+    for shape in shapes:
         mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["us"])
         named = [r for r in mine if not r["variant"].startswith("optc") or "(" in r["variant"]]
         for r in (mine[:5] + [r for r in named if r not in mine[:5]]):
-            print(f"{shape:>11} {r['us']:>8.2f} {r['tbs']:>6.2f} {r['kernel_us']:>9.2f}  {r['variant']}")
+            print(f"{shape:>{width}} {r['us']:>8.2f} {r['tbs']:>6.2f} {r['kernel_us']:>9.2f}  {r['variant']}")
 
 
 if __name__ == "__main__":
