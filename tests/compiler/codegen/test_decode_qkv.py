@@ -108,7 +108,7 @@ def test_a_projection_with_a_bias_is_left_to_inductor(bias):
         assert use_decode_qkv(decode) == (decode, 0)
 
 
-def test_lower_applies_it_only_for_targets_that_ask(monkeypatch, tiny_llama_art):
+def test_the_lowered_graph_has_it_only_for_targets_that_ask(monkeypatch, tiny_llama_art):
     art, _ = tiny_llama_art
     decode = art.module("decode", compiled=False)
     seen = []
