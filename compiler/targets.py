@@ -39,6 +39,9 @@ class Target:
     # A decode step's RMSNorm, q/k/v projections and rotary run as one optc kernel instead
     # of Inductor's several (codegen/decode_qkv).
     decode_qkv: bool = False
+    # decode_qkv's kernel also writes the new k and v into the KV cache, one launch less a
+    # layer than Inductor's write after it; implies decode_qkv (codegen/decode_qkv).
+    decode_qkv_cache: bool = False
     # A forward program's dense linears that read one input (q/k/v) run as one GEMM
     # (codegen/merge_gemms): on where measured faster than apart.
     merge_gemms: bool = False
@@ -83,12 +86,12 @@ TARGETS = {
 
 # The fields of a profile that only change how programs are lowered (not what the passes
 # do): a measurement may change them for one row (`with_overrides`).
-LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "decode_qkv", "merge_gemms",
-                   "drop_constant_masks")
+LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "decode_qkv", "decode_qkv_cache",
+                   "merge_gemms", "drop_constant_masks")
 
 # Rewrites that came after devices' histories were recorded: named in lowering_words only
 # when on, so what was measured before them (with them off) still matches.
-_NAMED_WHEN_ON = ("decode_qkv",)
+_NAMED_WHEN_ON = ("decode_qkv", "decode_qkv_cache")
 
 
 # The targets' dicts of Inductor options, which with_overrides changes option by option.

@@ -12,7 +12,13 @@ Rewritten: the HF Llama form, as torch.export captures it for one new token,
 
 where the three linears have no bias and read the same norm output, and k and v have
 one shape. The rotated q, rotated k and v are replaced by views of the op's output;
-what computed them is dropped where nothing else reads it. Anything else (biases, a
+what computed them is dropped where nothing else reads it. With `write_cache` (the
+target's `decode_qkv_cache`), where k and v are read only by the in-place writes of
+one new position into two caches,
+
+    k_cache.index_copy_(2, position, k'); v_cache.index_copy_(2, position, v)
+
+optc::decode_qkv_cached makes those writes itself and the caches are read in their place. Anything else (biases, a
 norm of another form, per-head norms before the rotary, several rows) keeps Inductor's
 lowering. Like decode_sdpa, the rewrite works on a copy used for lowering; the lowering
 check compares it with the program itself.
@@ -45,6 +51,7 @@ class _Match:
     head_dim: int
     outputs: tuple  # the nodes replaced: rotated q, rotated k, v (each [1, H, 1, D])
     heads: tuple  # (Hq, Hkv)
+    cache_writes: tuple | None = None  # the index_copy_ of k and of v, where they are all that reads them
 
 
 def _is(node, *targets) -> bool:
@@ -159,7 +166,29 @@ def _match(h: fx.Node) -> _Match | None:
         return None
     x, g, eps = norm
     return _Match(x, g, eps, (q.linear.args[1], k.linear.args[1], v.linear.args[1]), C, S, D,
-                  (q.rotary[0], k.rotary[0], v.heads_view), (q.heads, k.heads))
+                  (q.rotary[0], k.rotary[0], v.heads_view), (q.heads, k.heads),
+                  _cache_writes(k.rotary[0], v.heads_view, k.heads, D))
+
+
+def _cache_writes(k: fx.Node, v: fx.Node, heads: int, D: int) -> tuple | None:
+    """(write of k, write of v) if k and v are each read only by an index_copy_ of one
+    position along dim 2 into its own [1, heads, L, D] cache (the same position), else None."""
+    writes = []
+    for out in (k, v):
+        users = list(out.users)
+        if len(users) != 1 or not _is(users[0], aten.index_copy_.default) or len(users[0].args) != 4:
+            return None
+        write = users[0]
+        cache, dim, position, source = write.args
+        shape = node_shape(cache)
+        if source is not out or dim != 2 or shape is None or len(shape) != 4 or tuple(shape[:2]) != (1, heads) \
+                or shape[3] != D or (node_shape(position) or (None,))[0] != 1:
+            return None
+        writes.append(write)
+    kw, vw = writes
+    if kw.args[2] is not vw.args[2] or kw.args[0] is vw.args[0] or node_shape(kw.args[0]) != node_shape(vw.args[0]):
+        return None
+    return kw, vw
 
 
 def decode_qkv_matches(graph: fx.Graph) -> list[_Match]:
@@ -173,9 +202,10 @@ def decode_qkv_matches(graph: fx.Graph) -> list[_Match]:
     return found
 
 
-def use_decode_qkv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A copy of `gm` (sharing its parameters) whose such groups call optc::decode_qkv,
-    and how many it rewrote; `gm` itself when there are none."""
+def use_decode_qkv(gm: fx.GraphModule, *, write_cache: bool = False) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (sharing its parameters) whose such groups call optc::decode_qkv
+    (optc::decode_qkv_cached where `write_cache` and the group's k and v only go to a
+    cache), and how many it rewrote; `gm` itself when there are none."""
     matches = decode_qkv_matches(gm.graph)
     if not matches:
         return gm, 0
@@ -187,14 +217,24 @@ def use_decode_qkv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     rewritten_groups = 0
     for m in matches:
         outputs = [copied[n.name] for n in m.outputs]
+        writes = [copied[w.name] for w in m.cache_writes] if write_cache and m.cache_writes else None
         first_use = min((u for o in outputs for u in o.users), key=lambda u: order[u.name])
-        inputs = (m.x, m.norm_weight, *m.weights, m.cos, m.sin)
+        inputs = [m.x, m.norm_weight, *m.weights, m.cos, m.sin]
+        if writes is not None:
+            cache_inputs = [writes[0].args[0], writes[1].args[0], writes[0].args[2]]
+            if _cache_read_before(cache_inputs[:2], writes, first_use, order):
+                writes = None  # the op would write a cache before something reads its old value
+            else:
+                inputs += cache_inputs
         if any(order[i.name] >= order[first_use.name] for i in inputs):
             continue  # an input is computed after a use of the outputs: leave this group as it is
         with graph.inserting_before(first_use):
-            op = graph.call_function(torch.ops.optc.decode_qkv.default, (
-                copied[m.x.name], copied[m.norm_weight.name], m.eps, *(copied[w.name] for w in m.weights),
-                copied[m.cos.name], copied[m.sin.name], m.head_dim))
+            args = (copied[m.x.name], copied[m.norm_weight.name], m.eps, *(copied[w.name] for w in m.weights),
+                    copied[m.cos.name], copied[m.sin.name], m.head_dim)
+            if writes is None:
+                op = graph.call_function(torch.ops.optc.decode_qkv.default, args)
+            else:
+                op = graph.call_function(torch.ops.optc.decode_qkv_cached.default, (*args, *cache_inputs))
             start = 0
             for old, heads in zip(outputs, (*m.heads, m.heads[1])):
                 rows = heads * m.head_dim
@@ -204,6 +244,9 @@ def use_decode_qkv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
                 new.meta = dict(old.meta)
                 old.replace_all_uses_with(new)
                 start += rows
+        for write in writes or ():
+            write.replace_all_uses_with(write.args[0])  # the cache, which the op has written
+            graph.erase_node(write)
         rewritten_groups += 1
     if not rewritten_groups:
         return gm, 0
@@ -212,3 +255,14 @@ def use_decode_qkv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     eliminate_dead_code(rewritten)
     rewritten.recompile()
     return rewritten, rewritten_groups
+
+
+def _cache_read_before(caches: list, writes: list, first_use: fx.Node, order: dict) -> bool:
+    """Whether a cache is read by anything other than its write between the op's place
+    (`first_use`) and that write: moving the write up to the op would change what it reads."""
+    for cache, write in zip(caches, writes):
+        for user in cache.users:
+            at = order.get(user.name)  # None: a node a rewrite made, an op of another group
+            if user is not write and (at is None or order[first_use.name] <= at < order[write.name]):
+                return True
+    return False

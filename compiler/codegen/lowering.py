@@ -108,8 +108,8 @@ def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch
         gm, _ = use_decode_attention(gm)
     if target.decode_gemv:
         gm, _ = use_decode_gemv(gm)  # after decode_attention: its outputs are in memory
-    if target.decode_qkv:
-        gm, _ = use_decode_qkv(gm)  # last: the rewrites above read the shapes of what it replaces
+    if target.decode_qkv or target.decode_qkv_cache:
+        gm, _ = use_decode_qkv(gm, write_cache=target.decode_qkv_cache)  # last: the rewrites above read the shapes of what it replaces
     return gm
 
 

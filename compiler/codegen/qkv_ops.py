@@ -5,11 +5,16 @@ Importing this module registers (and that is all it changes):
     optc::decode_qkv(Tensor x, Tensor norm_weight, float eps, Tensor wq, Tensor wk, Tensor wv,
                      Tensor cos, Tensor sin, int head_dim) -> Tensor
 
+    optc::decode_qkv_cached(<the same>, Tensor(a!) k_cache, Tensor(b!) v_cache,
+                            Tensor position) -> Tensor
+
 x [..., K] holding one row (the residual stream), the RMSNorm weight [K], q/k/v weights
 [H*D, K] without bias (k and v of one shape), cos and sin of the new position (D values):
 [rope(q) | rope(k) | v] flat, in x's dtype, computed in fp32 (kernels/decode_qkv.py says
-how). A `torch.library.triton_op` like gemv_ops': on CUDA it runs the Triton kernel with
-the target's tile, anywhere else the fp32 reference. The decode_qkv rewrite puts it into
+how). The cached form also writes rope(k) and v into the KV caches [1, Hkv, L, D] at
+`position` (one integer), as `cache.index_copy_(2, position, k)` does. Each is a
+`torch.library.triton_op` like gemv_ops': on CUDA it runs the Triton kernel with the
+target's tile, anywhere else the fp32 reference. The decode_qkv rewrite puts it into
 the lowered copy of a program only: exported programs and artifacts keep aten's ops.
 """
 
@@ -25,7 +30,7 @@ from .kernels.configs import target_for_device
 from .kernels.decode_qkv import decode_qkv as _decode_qkv_triton
 from .kernels.decode_qkv import default_qkv_tile
 
-__all__ = ["decode_qkv", "decode_qkv_reference"]
+__all__ = ["decode_qkv", "decode_qkv_cached", "decode_qkv_reference"]
 
 
 def decode_qkv_reference(x: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tensor, wv: Tensor,
@@ -63,3 +68,35 @@ def _decode_qkv_fake(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim):
 @decode_qkv.register_kernel("cpu")
 def _decode_qkv_cpu(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim):
     return decode_qkv_reference(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim)
+
+
+def _cached_reference(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim, k_cache, v_cache, position) -> Tensor:
+    out = decode_qkv_reference(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim)
+    heads = k_cache.shape[1]
+    rows = heads * head_dim
+    k, v = out[wq.shape[0]:].split(rows)
+    index = position.reshape(1).long()
+    k_cache.index_copy_(2, index, k.view(1, heads, 1, head_dim))
+    v_cache.index_copy_(2, index, v.view(1, heads, 1, head_dim))
+    return out
+
+
+@triton_op("optc::decode_qkv_cached", mutates_args=("k_cache", "v_cache"))
+def decode_qkv_cached(x: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tensor, wv: Tensor,
+                      cos: Tensor, sin: Tensor, head_dim: int, k_cache: Tensor, v_cache: Tensor,
+                      position: Tensor) -> Tensor:
+    if x.device.type != "cuda":
+        return _cached_reference(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim, k_cache, v_cache, position)
+    tile = default_qkv_tile(target_for_device(x.device), head_dim // 2, x.shape[-1])
+    return _decode_qkv_triton(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim, tile,
+                              caches=(k_cache, v_cache, position))
+
+
+@decode_qkv_cached.register_fake
+def _decode_qkv_cached_fake(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim, k_cache, v_cache, position):
+    return _decode_qkv_fake(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim)
+
+
+@decode_qkv_cached.register_kernel("cpu")
+def _decode_qkv_cached_cpu(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim, k_cache, v_cache, position):
+    return _cached_reference(x, norm_weight, eps, wq, wk, wv, cos, sin, head_dim, k_cache, v_cache, position)

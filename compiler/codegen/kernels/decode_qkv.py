@@ -26,6 +26,11 @@ segment or a head):
     rows  r1 = head*2*HALF + i, r2 = r1 + HALF of the segment's weight [H*D, K]
     out   [q (Hq*D) | k (Hkv*D) | v (Hkv*D)], the segment's rows at its offset
 
+With WRITE_CACHE the k and v rows are also stored into the KV caches at the new
+position (what the graph's index_copy_ of that layer did, one launch later):
+
+    k_cache[0, head, pos, d] = rotated k[head, d];  v_cache likewise, from v
+
 Accumulation is fp32 throughout and rounded once, to x's dtype, at the store; the
 graph rounds after the norm, the projection and each rotary product, so the two agree
 to a few units of the last place (the lowering check's tolerance).
@@ -69,10 +74,12 @@ def default_qkv_tile(target: str, half: int, k: int) -> QkvTile:
 @triton.jit
 def decode_qkv_kernel(
     x_ptr, g_ptr, wq_ptr, wk_ptr, wv_ptr, cos_ptr, sin_ptr, out_ptr,
+    k_cache_ptr, v_cache_ptr, pos_ptr, cache_len, stride_cache_h, stride_cache_l,
     K, eps, Q_PAIRS, K_PAIRS, stride_q, stride_k, stride_v,
     HALF: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
 ):
     first = tl.program_id(0) * BLOCK_P
     if first < Q_PAIRS:
@@ -130,15 +137,29 @@ def decode_qkv_kernel(
     dtype = out_ptr.dtype.element_ty
     tl.store(out_ptr + out_base + r1, o1.to(dtype))
     tl.store(out_ptr + out_base + r2, o2.to(dtype))
+    if WRITE_CACHE:
+        if first >= Q_PAIRS:
+            if first < Q_PAIRS + K_PAIRS:
+                cache_ptr = k_cache_ptr
+            else:
+                cache_ptr = v_cache_ptr
+            pos = tl.load(pos_ptr)
+            # index_copy_ would fail on a position outside the cache; nothing is written then.
+            in_cache = (pos >= 0) & (pos < cache_len)
+            slot = (j // HALF).to(tl.int64) * stride_cache_h + pos * stride_cache_l + i
+            tl.store(cache_ptr + slot, o1.to(dtype), mask=in_cache)
+            tl.store(cache_ptr + slot + HALF, o2.to(dtype), mask=in_cache)
 
 
 def decode_qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch.Tensor, wk: torch.Tensor,
                wv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
-               tile: QkvTile) -> torch.Tensor:
+               tile: QkvTile, caches: tuple | None = None) -> torch.Tensor:
     """x [..., K] holding one row (the residual stream before the norm), the norm's
     weight [K], q/k/v weights [H*D, K] (k and v with the same rows), cos and sin holding
     D values (the new position's) -> [Hq*D + 2*Hkv*D] in x's dtype: rotated q, rotated
-    k, then v, each in the projection's row order."""
+    k, then v, each in the projection's row order.
+    `caches`: (k_cache, v_cache, position), caches [1, Hkv, L, D] with unit stride over D
+    and x's dtype, position a one-element integer tensor: k and v are also written there."""
     K = x.shape[-1]
     half = head_dim // 2
     assert head_dim % 2 == 0 and head_dim > 0, f"head_dim must be even, got {head_dim}"
@@ -155,10 +176,28 @@ def decode_qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wq: torch
     c, s = cos.reshape(head_dim).contiguous(), sin.reshape(head_dim).contiguous()
     q_pairs, k_pairs = wq.shape[0] // 2, wk.shape[0] // 2
     out = torch.empty(wq.shape[0] + 2 * wk.shape[0], device=x.device, dtype=x.dtype)
+    if caches is None:
+        k_cache = v_cache = position = out  # not read: WRITE_CACHE is off
+        cache_len = stride_h = stride_l = 0
+    else:
+        k_cache, v_cache, position = caches
+        _check_caches(k_cache, v_cache, position, wk.shape[0] // head_dim, head_dim, x.dtype)
+        cache_len, stride_h, stride_l = k_cache.shape[2], k_cache.stride(1), k_cache.stride(2)
     kernel = decode_qkv_kernel if _interpreted(decode_qkv_kernel) else wrap_triton(decode_qkv_kernel)
     kernel[((q_pairs + 2 * k_pairs) // tile.block_p,)](
         xv, g, wq, wk, wv, c, s, out,
+        k_cache, v_cache, position, cache_len, stride_h, stride_l,
         K, float(eps), q_pairs, k_pairs, wq.stride(0), wk.stride(0), wv.stride(0),
-        HALF=half, BLOCK_P=tile.block_p, BLOCK_K=tile.block_k, num_warps=tile.num_warps,
+        HALF=half, BLOCK_P=tile.block_p, BLOCK_K=tile.block_k, WRITE_CACHE=caches is not None,
+        num_warps=tile.num_warps,
     )
     return out
+
+
+def _check_caches(k_cache, v_cache, position, heads, head_dim, dtype):
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        assert c.dim() == 4 and c.shape[0] == 1 and c.shape[1] == heads and c.shape[3] == head_dim, \
+            f"{name} must be [1, {heads}, length, {head_dim}], got {tuple(c.shape)}"
+        assert c.stride(3) == 1 and c.dtype == dtype, f"{name} must be {dtype} with unit stride over the head dim"
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), "k_cache and v_cache differ"
+    assert position.numel() == 1 and not position.is_floating_point(), "position must be one integer"

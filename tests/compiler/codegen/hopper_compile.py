@@ -45,7 +45,9 @@ DENSE_GEMV_SIG = {
     **_ints("N", "K", "K_PER_SPLIT", "stride_wn")}
 QKV_SIG = {
     "x_ptr": "*bf16", "g_ptr": "*bf16", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "wv_ptr": "*bf16",
-    "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16", "K": "i32",
+    "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16",
+    "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "pos_ptr": "*i64",
+    **_ints("cache_len", "stride_cache_h", "stride_cache_l", "K"),
     "eps": "fp64",  # a Python float, as Inductor's launch of a user-defined kernel passes it
     **_ints("Q_PAIRS", "K_PAIRS", "stride_q", "stride_k", "stride_v")}
 
@@ -82,11 +84,13 @@ def cases():
                dict(HAS_BIAS=tile.split == 1, PARTIAL=tile.split > 1, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k),
                tile.num_warps)
 
-    # Norm + q/k/v + rotary with the default tile for Llama-1B (head width 64) and Llama-3.1-8B (128).
+    # Norm + q/k/v + rotary with the default tile for Llama-1B (head width 64) and Llama-3.1-8B
+    # (128), and with the KV-cache write.
     for half, k in ((32, 2048), (64, 4096)):
         tile = decode_qkv.default_qkv_tile("h100", half, k)
-        yield (f"decode_qkv-half{half}-k{k}", decode_qkv.decode_qkv_kernel, QKV_SIG,
-               dict(HALF=half, BLOCK_P=tile.block_p, BLOCK_K=tile.block_k), tile.num_warps)
+        for write in (False, True):
+            yield (f"decode_qkv-half{half}-k{k}" + ("-cache" if write else ""), decode_qkv.decode_qkv_kernel, QKV_SIG,
+                   dict(HALF=half, BLOCK_P=tile.block_p, BLOCK_K=tile.block_k, WRITE_CACHE=write), tile.num_warps)
 
 
 def compile_one(kernel, signature, constexprs, num_warps) -> str:
