@@ -68,3 +68,25 @@ def test_compiled_op_with_the_cache_write_after_it():
     assert_bf16_close(q, 2 * ref[:Hq * D])
     assert_bf16_close(written[0, :, 5].reshape(-1), ref[Hq * D:(Hq + Hkv) * D])
     assert torch.equal(written[:, :, :5], torch.zeros_like(written[:, :, :5]))
+
+
+def test_compiled_cached_op_writes_both_caches_in_place():
+    """optc::decode_qkv_cached under Inductor, as decode_qkv_cache leaves it in a decode
+    step: the caches are written where they are (no copy of them is returned instead)."""
+    K, Hq, Hkv, D = 2048, 32, 8, 64
+    x, g, wq, wk, wv, cos, sin = _case(K, Hq, Hkv, D, seed=2)
+    k_cache, v_cache = (torch.zeros(1, Hkv, 16, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    position = torch.tensor([5], device="cuda")
+
+    def step(x):
+        out = torch.ops.optc.decode_qkv_cached(x, g, EPS, wq, wk, wv, cos, sin, D, k_cache, v_cache, position)
+        return out[:Hq * D] * 2
+
+    torch._dynamo.reset()
+    q = torch.compile(step, fullgraph=True)(x)
+    ref = _reference(x, g, wq, wk, wv, cos, sin, D)
+    assert_bf16_close(q, 2 * ref[:Hq * D])
+    assert_bf16_close(k_cache[0, :, 5].reshape(-1), ref[Hq * D:(Hq + Hkv) * D])
+    assert_bf16_close(v_cache[0, :, 5].reshape(-1), ref[(Hq + Hkv) * D:])
+    others = torch.cat([k_cache[:, :, :5], k_cache[:, :, 6:], v_cache[:, :, :5], v_cache[:, :, 6:]], dim=2)
+    assert torch.equal(others, torch.zeros_like(others))

@@ -48,6 +48,26 @@ def test_the_kernel_computes_norm_projections_and_rotary(K, D, Hq, Hkv, tile):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("position,written", [(4, True), (6, False)])  # 6: past a cache of 6 positions
+def test_the_kernel_writes_k_and_v_into_the_caches_at_the_position(position, written):
+    K, D, Hq, Hkv, L = 40, 8, 4, 2, 6
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(1, 1, K, generator=gen), torch.randn(K, generator=gen)
+    wq, wk, wv = (torch.randn(h * D, K, generator=gen) for h in (Hq, Hkv, Hkv))
+    cos, sin = _rope_tables(D, float(position))
+    k_cache, v_cache = torch.randn(1, Hkv, L, D, generator=gen), torch.randn(1, Hkv, L, D, generator=gen)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    out = decode_qkv(x, g, 1e-6, wq, wk, wv, cos, sin, D, QkvTile(1, 16, 1),
+                     caches=(k_cache, v_cache, torch.tensor([position])))
+    expected = _as_hf_computes(x, g, 1e-6, wq, wk, wv, cos, sin, D)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if written:
+        expected_k[0, :, position] = expected[Hq * D:(Hq + Hkv) * D].view(Hkv, D)
+        expected_v[0, :, position] = expected[(Hq + Hkv) * D:].view(Hkv, D)
+    torch.testing.assert_close(k_cache, expected_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_cache, expected_v, atol=1e-5, rtol=1e-5)
+
+
 def test_the_kernel_refuses_a_tile_that_splits_a_rotary_pair_across_programs():
     x, g, w = torch.randn(1, 1, 16), torch.randn(16), torch.randn(8, 16)
     cos, sin = _rope_tables(8, 1.0)
@@ -91,6 +111,49 @@ def test_the_rewritten_step_computes_the_programs_logits(tiny_llama_art):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def _cached_ops(gm):
+    return sum(node.target == torch.ops.optc.decode_qkv_cached.default for node in gm.graph.nodes)
+
+
+def test_with_the_cache_write_every_layer_writes_its_caches_in_the_op(tiny_llama_art, decode_with):
+    art, entry = tiny_llama_art
+    layers = entry.load().config.num_hidden_layers
+    decode = art.module("decode", compiled=False)
+    rewritten, n = use_decode_qkv(decode, write_cache=True)
+    assert n == layers == _cached_ops(rewritten)
+    assert not any(node.target == torch.ops.aten.index_copy_.default for node in rewritten.graph.nodes)
+    ids, position = entry.example_inputs()[0][:, :1], torch.tensor([3])
+    before = {name: buf.clone() for name, buf in decode.named_buffers()}
+    expected = decode(input_ids=ids, cache_position=position)
+    written = {name: buf.clone() for name, buf in decode.named_buffers()}
+    for name, buf in decode.named_buffers():
+        buf.copy_(before[name])
+    got = rewritten(input_ids=ids, cache_position=position)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for name, buf in decode.named_buffers():  # the caches (and the position counters) as the program left them
+        torch.testing.assert_close(buf, written[name], atol=1e-5, rtol=1e-5)
+    tokens, expected_tokens = decode_with(lambda m: use_decode_qkv(m, write_cache=True)[0])
+    assert torch.equal(tokens, expected_tokens)
+
+
+def test_a_cache_read_before_its_write_keeps_the_write_in_the_graph(tiny_llama_art):
+    art, _ = tiny_llama_art
+    decode = art.module("decode", compiled=False)
+    graph = decode.graph
+    # The op takes the place of the first layer's k write; a read of the v cache between
+    # that and the v write would see the new value if the op wrote it.
+    k_write, v_write = [n for n in graph.nodes if n.target == torch.ops.aten.index_copy_.default][:2]
+    with graph.inserting_before(v_write):
+        read = graph.call_function(torch.ops.aten.clone.default, (v_write.args[0],))
+    try:
+        rewritten, n = use_decode_qkv(decode, write_cache=True)
+        assert n == _cached_ops(rewritten) + 1  # that layer gets the op without the write
+        writes = [node for node in rewritten.graph.nodes if node.target == torch.ops.aten.index_copy_.default]
+        assert len(writes) == 2
+    finally:
+        graph.erase_node(read)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_projection_with_a_bias_is_left_to_inductor(bias):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -113,8 +176,11 @@ def test_the_lowered_graph_has_it_only_for_targets_that_ask(monkeypatch, tiny_ll
     decode = art.module("decode", compiled=False)
     seen = []
     use = lowering.use_decode_qkv
-    monkeypatch.setattr(lowering, "use_decode_qkv", lambda gm: seen.append(gm) or use(gm))
+    monkeypatch.setattr(lowering, "use_decode_qkv", lambda gm, **kw: seen.append(gm) or use(gm, **kw))
     cpu = targets.get("cpu")
     assert lowering.target_graph(decode, cpu, forward=False) is decode
     rewritten = lowering.target_graph(decode, dataclasses.replace(cpu, decode_qkv=True), forward=False)
     assert seen == [decode] and any(n.target == torch.ops.optc.decode_qkv.default for n in rewritten.graph.nodes)
+    assert _cached_ops(rewritten) == 0
+    cached = lowering.target_graph(decode, dataclasses.replace(cpu, decode_qkv_cache=True), forward=False)
+    assert _cached_ops(cached) == len(decode_qkv_matches(decode.graph)) > 0
