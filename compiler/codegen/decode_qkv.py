@@ -18,9 +18,9 @@ one new position into two caches,
 
     k_cache.index_copy_(2, position, k'); v_cache.index_copy_(2, position, v)
 
-optc::decode_qkv_cached makes those writes itself and the caches are read in their place. Anything else (biases, a
-norm of another form, per-head norms before the rotary, several rows) keeps Inductor's
-lowering. Like decode_sdpa, the rewrite works on a copy used for lowering; the lowering
+optc::decode_qkv_cached makes those writes itself and the caches are read in their
+place. Anything else (biases, a norm of another form, per-head norms before the rotary,
+several rows) keeps Inductor's lowering. Like decode_sdpa, the rewrite works on a copy used for lowering; the lowering
 check compares it with the program itself.
 """
 
