@@ -20,8 +20,8 @@ one new position into two caches,
 
 optc::decode_qkv_cached makes those writes itself and the caches are read in their
 place. Anything else (biases, a norm of another form, per-head norms before the rotary,
-several rows) keeps Inductor's lowering. Like decode_sdpa, the rewrite works on a copy used for lowering; the lowering
-check compares it with the program itself.
+several rows) keeps Inductor's lowering. Like decode_sdpa, the rewrite works on a copy
+used for lowering; the lowering check compares it with the program itself.
 """
 
 from __future__ import annotations
