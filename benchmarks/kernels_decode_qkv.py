@@ -21,6 +21,7 @@ import itertools
 import sys
 
 import torch
+import triton
 
 from harness import envelope, write_result
 from kernels_dense_gemv import print_best_tiles
@@ -43,8 +44,14 @@ def parse_args(argv=None):
 
 def candidates(half: int, k: int) -> list[QkvTile]:
     """Pairs a program dividing D/2, 128-1024 channels a trip, 2K-16K weight elements a
-    trip, 4 warps up to 4K elements and 8 from 4K."""
+    trip, 4 warps up to 4K elements and 8 from 4K; and one trip over all of K (1, 2 or 4
+    pairs, 4 or 8 warps): a program's whole weight slice in flight at once, the form the
+    GEMV probe found fastest on the o projection (experiments/gemv_pdl_prefetch.py)."""
     found = []
+    whole = triton.next_power_of_2(k)
+    for bp, warps in itertools.product((1, 2, 4), (4, 8)):
+        if half % bp == 0 and 2 * bp * whole <= 32768:
+            found.append(QkvTile(bp, whole, warps))
     for bp, bk, warps in itertools.product((1, 2, 4, 8, 16), (128, 256, 512, 1024), (4, 8)):
         elems = 2 * bp * bk
         if half % bp or bk > k or not 1024 <= elems <= 16384:
