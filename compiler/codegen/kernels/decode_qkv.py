@@ -107,22 +107,24 @@ def decode_qkv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc1 = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    # The input row is read as a [BLOCK_P, BLOCK_K] tile (each row the same, from L1) so that
+    # it has the weight tiles' layout: read as one row and broadcast, it took a round trip
+    # through shared memory between two barriers on every trip.
+    same_row = tl.zeros((BLOCK_P, 1), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
+        kk = (k0 + offs_k)[None, :]
         k_mask = kk < K
-        x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-        squares += x * x
-        h = (x * g)[None, :]
         # Each weight byte is read once per step: keep it from evicting what is reused.
-        w1 = tl.load(w_ptr + rows1[:, None] + kk[None, :], mask=k_mask[None, :], other=0.0,
-                     eviction_policy="evict_first")
-        w2 = tl.load(w_ptr + rows2[:, None] + kk[None, :], mask=k_mask[None, :], other=0.0,
-                     eviction_policy="evict_first")
+        w1 = tl.load(w_ptr + rows1[:, None] + kk, mask=k_mask, other=0.0, eviction_policy="evict_first")
+        w2 = tl.load(w_ptr + rows2[:, None] + kk, mask=k_mask, other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptr + same_row + kk, mask=k_mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + same_row + kk, mask=k_mask, other=0.0).to(tl.float32)
+        squares += x * x
+        h = x * g
         acc1 += w1.to(tl.float32) * h
         acc2 += w2.to(tl.float32) * h
-    scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+    scale = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)  # [BLOCK_P], each the row's statistic
     y1 = tl.sum(acc1, axis=1) * scale
     y2 = tl.sum(acc2, axis=1) * scale
     if first < Q_PAIRS + K_PAIRS:  # q and k are rotated, v is not
