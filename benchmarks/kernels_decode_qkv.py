@@ -59,7 +59,7 @@ def candidates(half: int, k: int) -> list[QkvTile]:
         if (warps == 4 and elems > 4096) or (warps == 8 and elems < 4096):
             continue
         found.append(QkvTile(bp, bk, warps))
-    return found
+    return list(dict.fromkeys(found))  # a one-trip tile may also be a looped one (K <= 1024)
 
 
 def hf_form(x, g, wq, wk, wv, cos, sin, D):

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 
-from optc.compiler.rewrite import eliminate_dead_code, node_shape
+from optc.compiler.rewrite import eliminate_dead_code, node_dtype, node_shape
 
 aten = torch.ops.aten
 
@@ -160,33 +160,43 @@ def _match(h: fx.Node) -> _Match | None:
     if C is not C2 or S is not S2 or (node_shape(C) and node_shape(C)[-1] != D):
         return None
     v = plain[0]
-    # k is the rotated projection of v's shape; the other is q (either, where all match).
-    q, k = sorted(rotated, key=lambda p: p.heads == v.heads)
+    x, g, eps = norm
+    dtype = node_dtype(x)
+
+    def writes(p):
+        return _cache_writes(p.rotary[0], v.heads_view, D, dtype)
+
+    # k is the rotated projection of v's shape; the other is q. Where both have it, k is
+    # the one written to a cache with v (either, where neither is: the op computes the same).
+    q, k = sorted(rotated, key=lambda p: (p.heads == v.heads, writes(p) is not None))
     if k.heads != v.heads:
         return None
-    x, g, eps = norm
     return _Match(x, g, eps, (q.linear.args[1], k.linear.args[1], v.linear.args[1]), C, S, D,
-                  (q.rotary[0], k.rotary[0], v.heads_view), (q.heads, k.heads),
-                  _cache_writes(k.rotary[0], v.heads_view, k.heads, D))
+                  (q.rotary[0], k.rotary[0], v.heads_view), (q.heads, k.heads), writes(k))
 
 
-def _cache_writes(k: fx.Node, v: fx.Node, heads: int, D: int) -> tuple | None:
+def _cache_writes(k: fx.Node, v: fx.Node, D: int, dtype) -> tuple | None:
     """(write of k, write of v) if k and v are each read only by an index_copy_ of one
-    position along dim 2 into its own [1, heads, L, D] cache (the same position), else None."""
+    position along dim 2 into its own cache of k's heads, [1, H, L, D] with unit stride over
+    D and the op's `dtype`, the two of one layout and the same position; else None."""
     writes = []
+    k_val = k.meta.get("val")
     for out in (k, v):
         users = list(out.users)
         if len(users) != 1 or not _is(users[0], aten.index_copy_.default) or len(users[0].args) != 4:
             return None
         write = users[0]
         cache, dim, position, source = write.args
-        shape = node_shape(cache)
-        if source is not out or dim != 2 or shape is None or len(shape) != 4 or tuple(shape[:2]) != (1, heads) \
-                or shape[3] != D or (node_shape(position) or (None,))[0] != 1:
+        val = cache.meta.get("val") if isinstance(cache, fx.Node) else None
+        if source is not out or dim != 2 or val is None or k_val is None or val.dim() != 4 \
+                or tuple(val.shape[:2]) != (1, k_val.shape[1]) or val.shape[3] != D or val.stride(3) != 1 \
+                or val.dtype != dtype or (node_shape(position) or (None,))[0] != 1:
             return None
         writes.append(write)
     kw, vw = writes
-    if kw.args[2] is not vw.args[2] or kw.args[0] is vw.args[0] or node_shape(kw.args[0]) != node_shape(vw.args[0]):
+    k_cache, v_cache = kw.args[0].meta["val"], vw.args[0].meta["val"]
+    if kw.args[2] is not vw.args[2] or kw.args[0] is vw.args[0] or k_cache.shape != v_cache.shape \
+            or k_cache.stride() != v_cache.stride():
         return None
     return kw, vw
 
@@ -222,10 +232,9 @@ def use_decode_qkv(gm: fx.GraphModule, *, write_cache: bool = False) -> tuple[fx
         inputs = [m.x, m.norm_weight, *m.weights, m.cos, m.sin]
         if writes is not None:
             cache_inputs = [writes[0].args[0], writes[1].args[0], writes[0].args[2]]
-            if _cache_read_before(cache_inputs[:2], writes, first_use, order):
-                writes = None  # the op would write a cache before something reads its old value
-            else:
-                inputs += cache_inputs
+            if not _writes_move_safely(writes, first_use, order) \
+                    or any(order[i.name] >= order[first_use.name] for i in cache_inputs):
+                writes = None  # keep the writes where they are, and the op without them
         if any(order[i.name] >= order[first_use.name] for i in inputs):
             continue  # an input is computed after a use of the outputs: leave this group as it is
         with graph.inserting_before(first_use):
@@ -257,12 +266,10 @@ def use_decode_qkv(gm: fx.GraphModule, *, write_cache: bool = False) -> tuple[fx
     return rewritten, rewritten_groups
 
 
-def _cache_read_before(caches: list, writes: list, first_use: fx.Node, order: dict) -> bool:
-    """Whether a cache is read by anything other than its write between the op's place
-    (`first_use`) and that write: moving the write up to the op would change what it reads."""
-    for cache, write in zip(caches, writes):
-        for user in cache.users:
-            at = order.get(user.name)  # None: a node a rewrite made, an op of another group
-            if user is not write and (at is None or order[first_use.name] <= at < order[write.name]):
-                return True
-    return False
+def _writes_move_safely(writes: list, first_use: fx.Node, order: dict) -> bool:
+    """Whether the op, placed before `first_use`, may make both cache writes itself: only
+    where the first of them is `first_use` and the other follows it directly (as torch.export
+    captures HF's cache update), so no node sees one cache written and not the other or reads
+    a cache the op wrote early, through whatever alias."""
+    at = sorted(order[w.name] for w in writes)
+    return at[0] == order[first_use.name] and at[1] == at[0] + 1

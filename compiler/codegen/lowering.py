@@ -109,7 +109,8 @@ def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch
     if target.decode_gemv:
         gm, _ = use_decode_gemv(gm)  # after decode_attention: its outputs are in memory
     if target.decode_qkv or target.decode_qkv_cache:
-        gm, _ = use_decode_qkv(gm, write_cache=target.decode_qkv_cache)  # last: the rewrites above read the shapes of what it replaces
+        # last: the rewrites above read the shapes of what it replaces
+        gm, _ = use_decode_qkv(gm, write_cache=target.decode_qkv_cache)
     return gm
 
 

@@ -88,23 +88,24 @@ def test_thresholded_program_is_packaged_and_reads_its_thresholds(thresholded, m
     assert torch.equal(out, art.generate(prompt, 6, compiled=False))
 
 
-def test_a_package_runs_the_graph_its_target_lowers():
+@pytest.mark.parametrize("cache_write", [False, True])
+def test_a_package_runs_the_graph_its_target_lowers(cache_write):
     """A target's decode rewrites (lowering.target_graph) are in its packages, as in its
     lowering: on this CPU target with them switched on, the decode package calls optc's
-    attention, GEMV and norm + q/k/v + rotary + cache-write ops and reads its GEMV inputs through the
-    realizing op, and still matches the uncompiled program."""
+    attention, GEMV and norm + q/k/v + rotary ops (with the cache write or without) and reads
+    its GEMV inputs through the realizing op, and still matches the uncompiled program."""
     entry = zoo.get("tiny-llama")
     session = CompileSession(entry.load(), entry.example_inputs(seq_len=8), target="cpu", entry=entry,
                              max_cache_len=32, **QUIET)
     programs = session.run(session.resolve(None, "none"), export_on_use=True).programs  # decode only
     rewriting = dataclasses.replace(targets.get("cpu"), realize_gemv_inputs=True, decode_attention=True,
-                                    decode_gemv=True, decode_qkv=True, decode_qkv_cache=True)
+                                    decode_gemv=True, decode_qkv=True, decode_qkv_cache=cache_write)
     decode = {"decode": programs["decode"]}
     _, record = aoti.package_programs(decode, session.captured.example_inputs, rewriting, **QUIET)
     rec = record["programs"]["decode"]
     assert rec["verification"]["ok"], rec
-    assert sorted(rec["custom_ops"]) == ["optc.decode_attention.default", "optc.decode_qkv_cached.default",
-                                         "optc.gemv.default"], rec
+    qkv = "optc.decode_qkv_cached.default" if cache_write else "optc.decode_qkv.default"
+    assert sorted(rec["custom_ops"]) == ["optc.decode_attention.default", qkv, "optc.gemv.default"], rec
     wrapped, _ = aoti.export_with_state_inputs(programs["decode"], session.captured.example_inputs["decode"],
                                                rewriting, "decode")
     assert "prims.inductor_force_stride_order.default" in {str(n.target) for n in wrapped.graph.nodes}

@@ -48,17 +48,24 @@ def test_the_kernel_computes_norm_projections_and_rotary(K, D, Hq, Hkv, tile):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("position,written", [(4, True), (6, False)])  # 6: past a cache of 6 positions
-def test_the_kernel_writes_k_and_v_into_the_caches_at_the_position(position, written):
+@pytest.mark.parametrize("position,written,tile,layout", [
+    (4, True, QkvTile(1, 16, 1), "contiguous"),
+    (4, True, QkvTile(2, 16, 1), "heads_second"),  # two pairs a program; caches [1, L, H, D] transposed
+    (6, False, QkvTile(1, 16, 1), "contiguous"),   # past a cache of 6 positions
+    (-1, False, QkvTile(2, 16, 1), "contiguous"),
+])
+def test_the_kernel_writes_k_and_v_into_the_caches_at_the_position(position, written, tile, layout):
     K, D, Hq, Hkv, L = 40, 8, 4, 2, 6
     gen = torch.Generator().manual_seed(1)
     x, g = torch.randn(1, 1, K, generator=gen), torch.randn(K, generator=gen)
     wq, wk, wv = (torch.randn(h * D, K, generator=gen) for h in (Hq, Hkv, Hkv))
-    cos, sin = _rope_tables(D, float(position))
-    k_cache, v_cache = torch.randn(1, Hkv, L, D, generator=gen), torch.randn(1, Hkv, L, D, generator=gen)
+    cos, sin = _rope_tables(D, float(max(position, 0)))
+    if layout == "contiguous":
+        k_cache, v_cache = torch.randn(1, Hkv, L, D, generator=gen), torch.randn(1, Hkv, L, D, generator=gen)
+    else:
+        k_cache, v_cache = (torch.randn(1, L, Hkv, D, generator=gen).transpose(1, 2) for _ in range(2))
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    out = decode_qkv(x, g, 1e-6, wq, wk, wv, cos, sin, D, QkvTile(1, 16, 1),
-                     caches=(k_cache, v_cache, torch.tensor([position])))
+    out = decode_qkv(x, g, 1e-6, wq, wk, wv, cos, sin, D, tile, caches=(k_cache, v_cache, torch.tensor([position])))
     expected = _as_hf_computes(x, g, 1e-6, wq, wk, wv, cos, sin, D)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     if written:
@@ -136,20 +143,21 @@ def test_with_the_cache_write_every_layer_writes_its_caches_in_the_op(tiny_llama
     assert torch.equal(tokens, expected_tokens)
 
 
-def test_a_cache_read_before_its_write_keeps_the_write_in_the_graph(tiny_llama_art):
+def test_a_node_between_the_two_cache_writes_keeps_them_in_the_graph(tiny_llama_art):
     art, _ = tiny_llama_art
     decode = art.module("decode", compiled=False)
     graph = decode.graph
-    # The op takes the place of the first layer's k write; a read of the v cache between
-    # that and the v write would see the new value if the op wrote it.
+    # The op takes the place of the first layer's k write; a read of the v cache (here of its
+    # node; an alias of the same tensor would do) between that and the v write would see the
+    # new value if the op wrote it.
     k_write, v_write = [n for n in graph.nodes if n.target == torch.ops.aten.index_copy_.default][:2]
     with graph.inserting_before(v_write):
         read = graph.call_function(torch.ops.aten.clone.default, (v_write.args[0],))
     try:
         rewritten, n = use_decode_qkv(decode, write_cache=True)
-        assert n == _cached_ops(rewritten) + 1  # that layer gets the op without the write
+        assert n == _cached_ops(rewritten) + 1  # that layer gets the op without the writes
         writes = [node for node in rewritten.graph.nodes if node.target == torch.ops.aten.index_copy_.default]
-        assert len(writes) == 2
+        assert [w.args[0].target for w in writes] == [k_write.args[0].target, v_write.args[0].target]
     finally:
         graph.erase_node(read)
 
