@@ -152,6 +152,16 @@ def variants(smoke):
     return out
 
 
+def print_table(rows, group: str, time_key: str, time_label: str):
+    """The rows as a table: `group`, the variant, the time, the read rate, the error."""
+    print(f"\n{group:<30} {'variant':<32} {time_label:>9} {'TB/s':>6} {'rel err':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r[group]:<30} {r['variant']:<32} {r['error'][:60]}")
+        else:
+            print(f"{r[group]:<30} {r['variant']:<32} {r[time_key]:>9.2f} {r['tbs']:>6.2f} {r['rel_err']:>8.1e}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -182,12 +192,7 @@ def main():
                 row = {"chain": chain, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             rows.append(row)
             print(row, flush=True)
-    print(f"\n{'chain':<30} {'variant':<32} {'us/GEMV':>8} {'TB/s':>6} {'rel err':>8}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['chain']:<30} {r['variant']:<32} {r['error'][:60]}")
-        else:
-            print(f"{r['chain']:<30} {r['variant']:<32} {r['us_per_gemv']:>8.2f} {r['tbs']:>6.2f} {r['rel_err']:>8.1e}")
+    print_table(rows, "chain", "us_per_gemv", "us/GEMV")
     if args.out:
         write_result(args.out, {"experiment": "gemv_pdl_prefetch", "reps": args.reps, "rows": rows},
                      envelope(device))

@@ -35,7 +35,7 @@ if "--smoke" in sys.argv:
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from gemv_pdl_prefetch import time_graph  # noqa: E402
+from gemv_pdl_prefetch import print_table, time_graph  # noqa: E402
 from harness import envelope, write_result  # noqa: E402
 
 from optc.compiler.codegen.kernels.decode_qkv import decode_qkv, default_qkv_tile  # noqa: E402
@@ -178,12 +178,7 @@ def main():
                 row = {"shape": shape, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             rows.append(row)
             print(row, flush=True)
-    print(f"\n{'shape':<16} {'variant':<30} {'us/layer':>9} {'TB/s':>6} {'rel err':>8}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['shape']:<16} {r['variant']:<30} {r['error'][:60]}")
-        else:
-            print(f"{r['shape']:<16} {r['variant']:<30} {r['us_per_layer']:>9.2f} {r['tbs']:>6.2f} {r['rel_err']:>8.1e}")
+    print_table(rows, "shape", "us_per_layer", "us/layer")
     if args.out:
         write_result(args.out, {"experiment": "qkv_probe", "reps": args.reps, "rows": rows}, envelope(device))
 
