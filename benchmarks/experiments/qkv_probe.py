@@ -10,6 +10,10 @@ one-launch kernels that each add one thing the real kernel does, over the same b
     gemv + norm     the same with the RMSNorm folded in as decode_qkv folds it (statistic
                     accumulated in the loop, g * x as the input)
     pairs + norm    programs over rotary pairs (rows i and i + D/2 of a head), as decode_qkv
+    split + norm    gemv + norm over (row block, K slice) programs: partial sums added into an
+                    fp32 workspace, the last program of a row block (a counter says which)
+                    applying the norm's scale, storing the rows and zeroing the workspace for
+                    the next call: more rows a program without fewer programs
     optc            decode_qkv itself (three weight pointers, rotary, the target's tile)
     inductor        Inductor's lowering of HF's form, one compiled call a layer
 
@@ -75,6 +79,54 @@ def ladder_kernel(x_ptr, g_ptr, w_ptr, y_ptr, K, eps,
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
 
 
+@triton.jit
+def split_kernel(x_ptr, g_ptr, w_ptr, y_ptr, ws_ptr, sq_ptr, count_ptr, K, eps,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    pid, part = tl.program_id(0), tl.program_id(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_split = K // SPLIT
+    offs_k = tl.arange(0, BLOCK_K)[None, :]
+    same_row = tl.zeros((BLOCK_N, 1), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(part * per_split, (part + 1) * per_split, BLOCK_K):
+        kk = k0 + offs_k
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + kk, eviction_policy="evict_first")
+        x = tl.load(x_ptr + same_row + kk).to(tl.float32)
+        squares += x * x
+        acc += w.to(tl.float32) * (x * tl.load(g_ptr + same_row + kk).to(tl.float32))
+    tl.atomic_add(ws_ptr + rows, tl.sum(acc, axis=1))
+    tl.atomic_add(sq_ptr + rows, tl.sum(squares, axis=1))  # each row its own copy of the statistic
+    if tl.atomic_add(count_ptr + pid, 1) == SPLIT - 1:  # acq_rel: the other parts' sums are in
+        # Read through the atomic unit (not a cached line), then zero for the next call: no
+        # other program of this call touches these rows any more.
+        zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        total = tl.atomic_add(ws_ptr + rows, zero)
+        sq = tl.atomic_add(sq_ptr + rows, zero)
+        tl.store(ws_ptr + rows, zero)
+        tl.store(sq_ptr + rows, zero)
+        tl.store(count_ptr + pid, 0)
+        tl.store(y_ptr + rows, (total / tl.sqrt(sq / K + eps)).to(y_ptr.dtype.element_ty))
+
+
+def split(block_n, block_k, parts, warps):
+    state = {}
+
+    def run(layer, half):
+        w = layer["wcat"]
+        n, k = w.shape
+        assert k % (parts * block_k) == 0 and n % block_n == 0, "the split kernel takes no partial tiles"
+        if n not in state:  # zeroed once; each call leaves it zeroed
+            state[n] = (torch.zeros(n, device=w.device), torch.zeros(n, device=w.device),
+                        torch.zeros(n // block_n, device=w.device, dtype=torch.int32))
+        ws, sq, count = state[n]
+        y = torch.empty(n, device=w.device, dtype=w.dtype)
+        split_kernel[(n // block_n, parts)](layer["x"], layer["g"], w, y, ws, sq, count, k, EPS,
+                                            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=parts, num_warps=warps)
+        return y
+    return run
+
+
 def ladder(norm, pairs, block_n, block_k, warps):
     def run(layer, half):
         w = layer["wcat"]
@@ -112,6 +164,9 @@ def variants(smoke, target):
             if pairs and bn < 2:
                 continue
             out.append((f"{name} n{bn} k{bk} w{warps}", norm, ladder(norm, pairs, bn, bk, warps)))
+    split_tiles = ((2, 8, 2, 1),) if smoke else ((4, 512, 2, 4), (8, 256, 4, 4), (8, 512, 4, 8), (16, 256, 8, 8))
+    for bn, bk, parts, warps in split_tiles:
+        out.append((f"split + norm n{bn} k{bk} s{parts} w{warps}", True, split(bn, bk, parts, warps)))
 
     def optc(layer, half):
         D = 2 * half
