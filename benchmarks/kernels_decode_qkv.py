@@ -62,6 +62,24 @@ def candidates(half: int, k: int) -> list[QkvTile]:
     return list(dict.fromkeys(found))  # a one-trip tile may also be a looped one (K <= 1024)
 
 
+def make_layers(K: int, Hq: int, Hkv: int, D: int, copies: int, device) -> list[dict]:
+    """`copies` layers of distinct bf16 inputs and q/k/v weights (x, g, wq, wk, wv), with
+    the cos and sin of one position (cos, sin; shared)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=gen) * scale).to(device, torch.bfloat16)
+
+    layers = [dict(x=rnd(1, 1, K), g=rnd(K), wq=rnd(Hq * D, K, scale=K ** -0.5), wk=rnd(Hkv * D, K, scale=K ** -0.5),
+                   wv=rnd(Hkv * D, K, scale=K ** -0.5)) for _ in range(copies)]
+    freqs = 37.0 / 10000 ** (torch.arange(0, D, 2).double() / D)
+    emb = torch.cat([freqs, freqs])
+    cos, sin = (t.to(device, torch.bfloat16).view(1, 1, 1, D) for t in (emb.cos(), emb.sin()))
+    for layer in layers:
+        layer.update(cos=cos, sin=sin)
+    return layers
+
+
 def hf_form(x, g, wq, wk, wv, cos, sin, D):
     """HF Llama's RMSNorm, projections and rotate_half rotary for one token, in x's dtype."""
     x32 = x.float()
@@ -88,16 +106,8 @@ def main():
         K, Hq, Hkv, D = map(int, shape.split("/"))
         rows_per_layer = (Hq + 2 * Hkv) * D
         copies = max(2, min(64, -(-3 * l2 // (2 * rows_per_layer * K))))
-        gen = torch.Generator().manual_seed(0)
-
-        def rnd(*s, scale=1.0):
-            return (torch.randn(*s, generator=gen) * scale).to(dev, torch.bfloat16)
-
-        layers = [dict(x=rnd(1, 1, K), g=rnd(K), wq=rnd(Hq * D, K, scale=K ** -0.5), wk=rnd(Hkv * D, K, scale=K ** -0.5),
-                       wv=rnd(Hkv * D, K, scale=K ** -0.5)) for _ in range(copies)]
-        freqs = 37.0 / 10000 ** (torch.arange(0, D, 2).double() / D)
-        emb = torch.cat([freqs, freqs])
-        cos, sin = (t.to(dev, torch.bfloat16).view(1, 1, 1, D) for t in (emb.cos(), emb.sin()))
+        layers = make_layers(K, Hq, Hkv, D, copies, dev)
+        cos, sin = layers[0]["cos"], layers[0]["sin"]
         refs = [torch.cat([t.reshape(-1) for t in hf_form(
             *(L[n].double() for n in ("x", "g", "wq", "wk", "wv")), cos.double(), sin.double(), D)])
             for L in layers]

@@ -41,10 +41,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from gemv_pdl_prefetch import print_table, time_graph  # noqa: E402
 from harness import envelope, write_result  # noqa: E402
+from kernels_decode_qkv import EPS, hf_form, make_layers  # noqa: E402
 
 from optc.compiler.codegen.kernels.decode_qkv import decode_qkv, default_qkv_tile  # noqa: E402
 
-EPS = 1e-5
 SHAPES = ((2048, 32, 8, 64), (4096, 32, 8, 128))  # K, Hq, Hkv, D: Llama-1B, Llama-3.1-8B
 
 
@@ -145,17 +145,6 @@ def reference(layer, norm):
     return layer["wcat"].double() @ x
 
 
-def hf_form(x, g, wq, wk, wv, cos, sin, D):
-    x32 = x.float()
-    h = g * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
-
-    def heads(w, rotate):
-        t = (h @ w.T).view(1, 1, -1, D).transpose(1, 2)
-        return t * cos + torch.cat([-t[..., D // 2:], t[..., :D // 2]], dim=-1) * sin if rotate else t
-
-    return heads(wq, True), heads(wk, True), heads(wv, False)
-
-
 def variants(smoke, target):
     tiles = ((2, 16, 1),) if smoke else ((1, 1024, 4), (2, 512, 4), (4, 512, 4), (4, 512, 8), (8, 256, 8))
     out = []
@@ -205,28 +194,18 @@ def main():
         shape = f"{K}/{Hq}/{Hkv}/{D}"
         nbytes = 2 * (Hq + 2 * Hkv) * D * K
         copies = 2 if args.smoke else max(2, min(64, -(-3 * l2 // nbytes)))
-        gen = torch.Generator().manual_seed(0)
-
-        def rnd(*s, scale=1.0):
-            return (torch.randn(*s, generator=gen) * scale).to(device, torch.bfloat16)
-
-        freqs = 37.0 / 10000 ** (torch.arange(0, D, 2).double() / D)
-        emb = torch.cat([freqs, freqs])
-        cos, sin = (t.to(device, torch.bfloat16).view(1, 1, 1, D) for t in (emb.cos(), emb.sin()))
-        layers = []
-        for _ in range(copies):
-            layer = dict(x=rnd(1, 1, K), g=rnd(K), wq=rnd(Hq * D, K, scale=K ** -0.5),
-                         wk=rnd(Hkv * D, K, scale=K ** -0.5), wv=rnd(Hkv * D, K, scale=K ** -0.5), cos=cos, sin=sin)
+        layers = make_layers(K, Hq, Hkv, D, copies, device)
+        for layer in layers:
             layer["wcat"] = torch.cat([layer["wq"], layer["wk"], layer["wv"]])
-            layers.append(layer)
+        refs = {"rope": [rope_reference(L, D) for L in layers],
+                **{norm: [reference(L, norm) for L in layers] for norm in (False, True)}}
         for name, kind, fn in variants(args.smoke, args.target):
             def run(x, weights, outs, fn=fn):
                 return [fn(layer, D // 2) for layer in layers]
             try:
                 us, results = (float("nan"), run(None, None, None)) if args.smoke else time_graph(
                     run, None, None, None, args.reps)
-                refs = [rope_reference(L, D) if kind == "rope" else reference(L, kind) for L in layers]
-                err = max(((r.double() - ref).norm() / ref.norm()).item() for r, ref in zip(results, refs))
+                err = max(((r.double() - ref).norm() / ref.norm()).item() for r, ref in zip(results, refs[kind]))
                 row = {"shape": shape, "variant": name, "us_per_layer": us / copies,
                        "tbs": nbytes * copies / us / 1e6, "rel_err": err}
             except Exception as exc:  # a variant that fails to compile or launch is reported, not fatal
