@@ -118,7 +118,8 @@ def main():
             row = dict(shape=shape, variant=name, us=round(us, 3), kernel_us=round(kernel_us, 3),
                        tbs=round(gb / us * 1e3, 3), rel_err=err)
             rows.append(row)
-            print(f"{shape:>14} {us:8.2f} us {row['tbs']:6.2f} TB/s  err {err:.1e}  {name}", file=sys.stderr, flush=True)
+            print(f"{shape:>14} {us:8.2f} us {row['tbs']:6.2f} TB/s  err {err:.1e}  {name}",
+                  file=sys.stderr, flush=True)
             if args.out:
                 write_result(args.out, dict(target=tgt.name, copies_per_shape="3 x L2", rows=rows), env)
 

@@ -117,7 +117,8 @@ def _rotary(t: fx.Node, D: int):
             if not (_is(cat, aten.cat.default) and cat.args[1:] in ((-1,), (3,)) and len(cat.args[0]) == 2):
                 continue
             neg, first = cat.args[0]
-            if not (_is(neg, aten.neg.default) and _is(first, aten.slice.Tensor) and _is(neg.args[0], aten.slice.Tensor)):
+            if not (_is(neg, aten.neg.default) and _is(first, aten.slice.Tensor)
+                    and _is(neg.args[0], aten.slice.Tensor)):
                 continue
             second = neg.args[0]
             if (first.args[0] is t and second.args[0] is t and tuple(first.args[1:4]) in ((3, 0, half), (-1, 0, half))
@@ -163,16 +164,14 @@ def _match(h: fx.Node) -> _Match | None:
     x, g, eps = norm
     dtype = node_dtype(x)
 
-    def writes(p):
-        return _cache_writes(p.rotary[0], v.heads_view, D, dtype)
-
+    writes = [_cache_writes(p.rotary[0], v.heads_view, D, dtype) for p in rotated]
     # k is the rotated projection of v's shape; the other is q. Where both have it, k is
     # the one written to a cache with v (either, where neither is: the op computes the same).
-    q, k = sorted(rotated, key=lambda p: (p.heads == v.heads, writes(p) is not None))
+    (q, _), (k, k_writes) = sorted(zip(rotated, writes), key=lambda pw: (pw[0].heads == v.heads, pw[1] is not None))
     if k.heads != v.heads:
         return None
     return _Match(x, g, eps, (q.linear.args[1], k.linear.args[1], v.linear.args[1]), C, S, D,
-                  (q.rotary[0], k.rotary[0], v.heads_view), (q.heads, k.heads), writes(k))
+                  (q.rotary[0], k.rotary[0], v.heads_view), (q.heads, k.heads), k_writes)
 
 
 def _cache_writes(k: fx.Node, v: fx.Node, D: int, dtype) -> tuple | None:
