@@ -95,6 +95,26 @@ class Region:
             self._bias[key] = self.emit(aten.unsqueeze.default, (bias, 1), before=before)
         return self._bias[key]
 
+    def attention_channel(self, level: int, dtype: torch.dtype, scale: float, before: fx.Node,
+                          proportional: bool) -> fx.Node:
+        """[B, 1, n, 1]: the same bias divided by the attention's scale, for a key channel
+        whose query channel is 1; padding gets a score that exp() takes to 0 in fp32 yet
+        stays finite in dtype after the division."""
+        key = ("channel", level, dtype, scale)
+        if key not in self._bias:
+            size = self.levels[level]["size"]
+            real = self.emit(aten.gt.Scalar, (size, 0.0), before=before)
+            val = self.emit(aten.log.default, (size,), before=before) if proportional else \
+                self.emit(aten.mul.Scalar, (size, 0.0), before=before)
+            val = self.emit(aten.div.Scalar, (val, scale), before=before)
+            low = self.emit(aten.full_like.default,
+                            (size, -min(1e4, torch.finfo(dtype).max * scale / 2) / scale), before=before)
+            chan = self.emit(aten.where.self, (real, val, low), before=before)
+            chan = self.emit(aten._to_copy.default, (chan,), {"dtype": dtype}, before=before)
+            chan = self.emit(aten.unsqueeze.default, (chan, 1), before=before)
+            self._bias[key] = self.emit(aten.unsqueeze.default, (chan, -1), before=before)
+        return self._bias[key]
+
     def unmerge(self, node: fx.Node, before: fx.Node) -> fx.Node:
         dim, level = self.tok[node]
         if dim != 1:

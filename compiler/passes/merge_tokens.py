@@ -24,6 +24,7 @@ anatomy's token counts. The rewrite is in compiler/token_region.py.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -51,6 +52,9 @@ class MergeTokensConfig(PassConfig):
     outputs: str = knob("unmerge", choices=("unmerge", "merged"),
                         doc="token-level outputs: back at every original position, or at the merged length")
     proportional_attention: bool = knob(True, doc="add log(size) to the attention scores")
+    size_bias: str = knob("mask", choices=("mask", "channel"),
+                          doc="how the size bias reaches attention: an additive mask, or one more "
+                              "head channel of q and k (no mask, so SDPA may run a flash kernel)")
     # triton by default: the rewritten merge kernel beat the ops Inductor emits for the
     # same merge on merged BERT-base and ViT-B/16 on an H100 (benchmarks/NOTES.md, "The
     # rewritten merge kernel on the GPU"); the search still chooses per model.
@@ -158,28 +162,80 @@ def _merge_at(region: Region, mid: fx.Node, key: fx.Node, r: int, cfg: MergeToke
     region.old[y] = mid.meta["val"]
 
 
+def _set_mask(sdpa: fx.Node, mask) -> None:
+    args = list(sdpa.args) + [None] * (4 - len(sdpa.args))
+    args[3] = mask
+    sdpa.args = tuple(args)
+    sdpa.kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "attn_mask"}
+
+
+def _widen_heads(region: Region, sdpa: fx.Node, proportional: bool) -> int:
+    """Carry the size bias in one more head channel instead of a mask: q' = [q, 1, 0...],
+    k' = [k, bias / scale, 0...], v' = [v, 0...], padded to a multiple of 8, with the
+    original scale given explicitly, so that q'.k' * scale = q.k * scale + bias. Without a
+    mask, SDPA may pick a flash kernel. Returns the original head dim."""
+    q, k, v = sdpa.args[:3]
+    bsz, heads, n, d = (int(s) for s in node_shape(q))
+    kv_heads = int(node_shape(k)[1])
+    scale = sdpa.kwargs.get("scale") or 1.0 / math.sqrt(d)
+    pad = -(d + 1) % 8
+    level = region.tok[q][1]
+    chan = region.attention_channel(level, q.meta["val"].dtype, scale, sdpa, proportional)
+
+    def widened(x, h, extra):
+        parts = [x, *extra]
+        if pad:
+            parts.append(region.emit(aten.new_zeros.default, (x, [bsz, h, n, pad]), before=sdpa))
+        out = region.emit(aten.cat.default, (parts, -1), before=sdpa)
+        region.tok[out] = region.tok[x]
+        return out
+
+    one = region.emit(aten.new_ones.default, (q, [bsz, heads, n, 1]), before=sdpa)
+    key_chan = region.emit(aten.expand.default, (chan, [bsz, kv_heads, n, 1]), before=sdpa)
+    no_value = region.emit(aten.new_zeros.default, (v, [bsz, kv_heads, n, 1]), before=sdpa)
+    wide = [widened(q, heads, [one]), widened(k, kv_heads, [key_chan]), widened(v, kv_heads, [no_value])]
+    sdpa.args = (*wide, *sdpa.args[3:])
+    _set_mask(sdpa, None)
+    sdpa.kwargs = {**sdpa.kwargs, "scale": scale}
+    return d
+
+
+def _narrow_heads(region: Region, sdpa: fx.Node, d: int) -> None:
+    """The widened attention's output back to its head dim, for every user."""
+    out = region.emit(aten.slice.Tensor, (sdpa, -1, 0, d), after=sdpa)
+    sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+    region.tok[out] = region.tok[sdpa]
+    region.old[out] = region.old[sdpa]
+
+
 def rewrite(gm: fx.GraphModule, anatomy: Anatomy, cfg: MergeTokensConfig, plan: dict) -> dict:
     """Apply the plan to a copy of gm's graph; install it only if every step worked."""
     from optc.compiler.codegen import token_ops  # noqa: F401  (registers optc::token_*)
 
     copy, mapping = rebuild(gm)
     region = Region(copy, plan["protected"])
-    at_mid = {mapping[b.mid]: (b, r) for b, r in zip(anatomy.blocks, plan["schedule"]) if r > 0}
+    # the keys as captured: _widen_heads gives a merged block's attention other ones
+    at_mid = {mapping[b.mid]: (mapping[b.attention.sdpa].args[1], r)
+              for b, r in zip(anatomy.blocks, plan["schedule"]) if r > 0}
     sdpa_of = {mapping[b.attention.sdpa] for b in anatomy.blocks if b.attention is not None}
     first_mask = _mask(anatomy.blocks[0].attention.sdpa)
     first_mask = mapping[first_mask] if first_mask is not None else None
     for node in list(copy.graph.nodes):
+        head_dim = None
         if node in sdpa_of and node.args[0] in region.tok:
-            level = region.tok[node.args[0]][1]
-            bias = region.attention_bias(level, node.args[0].meta["val"].dtype, node, cfg.proportional_attention)
-            args = list(node.args) + [None] * (4 - len(node.args))
-            args[3] = bias
-            node.args = tuple(args)
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
+            if cfg.size_bias == "channel":
+                head_dim = _widen_heads(region, node, cfg.proportional_attention)
+            else:
+                level = region.tok[node.args[0]][1]
+                bias = region.attention_bias(level, node.args[0].meta["val"].dtype, node,
+                                             cfg.proportional_attention)
+                _set_mask(node, bias)
         region.follow(node, unmerge_outputs=cfg.outputs == "unmerge")
+        if head_dim is not None:
+            _narrow_heads(region, node, head_dim)
         if node in at_mid:
-            block, r = at_mid[node]
-            _merge_at(region, node, mapping[block.attention.sdpa].args[1], r, cfg, first_mask)
+            key, r = at_mid[node]
+            _merge_at(region, node, key, r, cfg, first_mask)
     eliminate_dead_code(copy)
     copy.graph.lint()
     gm.graph = copy.graph

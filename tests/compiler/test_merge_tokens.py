@@ -186,3 +186,44 @@ def test_config_and_search_space(bert):
     assert set(space) == {"r", "kernels"} and space["kernels"].when == ("r", ">", 0)
     _, entry = run_pass(captured, "merge_tokens", {"r": 100}, task="forward")  # clamped to half the rest
     assert entry["plan"]["schedule"] == [5, 3, 1]
+
+
+def _merged_sdpas(gm):
+    return [n for n in gm.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+
+
+@pytest.mark.parametrize("model_name", ["vit", "bert", "deit"])
+def test_size_bias_as_a_head_channel_matches_the_mask(model_name, make_tiny_vit, bert, deit):
+    if model_name == "vit":
+        model = make_tiny_vit()
+        inputs = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
+        captured = capture.capture(model, inputs)
+    else:
+        _, inputs, captured = bert if model_name == "bert" else (deit[0], (deit[1],), deit[2])
+    outs = {}
+    for how in ("mask", "channel"):
+        gms, entry = run_pass(captured, "merge_tokens", {"r": 2, "size_bias": how}, task="forward")
+        assert entry["applied"], entry["reason"]
+        gm, out = gms["forward"], gms["forward"](*inputs)
+        outs[how] = out[0] if isinstance(out, (tuple, list)) else out
+        sdpas = _merged_sdpas(gm)
+        width = {n: n.args[0].meta["val"].shape[-1] for n in sdpas}
+        narrow = min(width.values())
+        merged = sdpas[1:]  # the first block attends before any merge
+        masks = [n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask") for n in merged]
+        if how == "channel":  # every attention after the first merge: no mask, head dim + 8
+            assert merged and all(m is None for m in masks) and all(width[n] == narrow + 8 for n in merged)
+        else:
+            assert all(m is not None for m in masks) and len(set(width.values())) == 1
+    assert torch.isfinite(outs["channel"]).all()
+    torch.testing.assert_close(outs["channel"], outs["mask"], atol=2e-5, rtol=2e-5)
+
+
+def test_size_bias_channel_in_bf16(make_tiny_vit):
+    model = make_tiny_vit().to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    captured = capture.capture(model, (x,))
+    outs = [run_pass(captured, "merge_tokens", {"r": 4, "size_bias": how}, task="forward")[0]["forward"](x)
+            for how in ("mask", "channel")]
+    err = ((outs[1].float() - outs[0].float()).norm() / outs[0].float().norm()).item()
+    assert err < 2e-2, err

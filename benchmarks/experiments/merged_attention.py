@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""What proportional attention costs after token merging, and how to make it cheaper.
+
+merge_tokens adds log(size) to each key's scores through an additive [B, 1, 1, N] mask
+(compiler/token_region.py). In ViT-B/16's merged forward at batch 64 the attention took more
+time than the dense forward's although every level after the first has fewer tokens
+(benchmarks/NOTES.md, "Merged attention"). This times SDPA on ViT-B/16's shapes at the token
+counts of the r=13 schedule:
+
+    no mask         plain SDPA (the floor; no proportional attention)
+    bias            SDPA with the [B, 1, 1, N] additive bias, as merge_tokens emits it
+    extra channel   no mask: the bias carried by one more head channel, q' = [q, 1, 0...],
+                    k' = [k, log(size) / scale, 0...], v' = [v, 0...] padded to a multiple of
+                    8 and the scale of the original head dim given explicitly, so that
+                    q'.k' * scale = q.k * scale + log(size) exactly; the output's extra
+                    channels are dropped
+
+each eager and under torch.compile (the concatenations included), over q/k/v laid out as
+ViT's q/k/v projections leave them ([B, N, H, D] transposed). Each timing is a CUDA graph
+of `reps` calls; rel_err is against the bias variant in fp32.
+
+    python benchmarks/experiments/merged_attention.py --out $OUT/merged_attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness.py
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from harness import envelope, write_result  # noqa: E402
+
+TOKENS = (197, 145, 93, 54)  # ViT-B/16 at r=13: the input, levels 4, 8 and 11
+
+
+def bias_form(q, k, v, size):
+    bias = size.log().to(q.dtype)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def extra_channel_form(q, k, v, size):
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d)
+    pad = 8 - (d + 1) % 8 if (d + 1) % 8 else 0
+    b, h, n, _ = q.shape
+    one = q.new_ones(b, h, n, 1)
+    zeros = q.new_zeros(b, h, n, pad)
+    logs = (size.log() / scale).to(q.dtype)[:, None, :, None].expand(b, h, n, 1)
+    q2 = torch.cat([q, one, zeros], dim=-1)
+    k2 = torch.cat([k, logs, zeros], dim=-1)
+    v2 = torch.cat([v, zeros, zeros[..., :1]], dim=-1)
+    return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :d]
+
+
+def plain_form(q, k, v, size):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def inputs(batch, heads, n, d, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    qkv = torch.randn(batch, n, 3, heads, d, generator=g).to(device, dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    size = torch.randint(1, 8, (batch, n), generator=g).float().to(device)
+    return q, k, v, size
+
+
+def time_graph(fn, args, reps):
+    """us per call of `fn` captured `reps` times in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = envelope(device)
+    forms = {"no mask": plain_form, "bias": bias_form, "extra channel": extra_channel_form}
+    rows = []
+    for n in TOKENS:
+        q, k, v, size = inputs(args.batch, args.heads, n, args.head_dim, device, torch.bfloat16)
+        ref = bias_form(q.float(), k.float(), v.float(), size)
+        for name, fn in forms.items():
+            for how, call in (("eager", fn), ("compiled", torch.compile(fn, dynamic=False))):
+                out = call(q, k, v, size).float()
+                err = ((out - ref).norm() / ref.norm()).item()
+                us = time_graph(call, (q, k, v, size), args.reps) if device == "cuda" else float("nan")
+                rows.append(dict(tokens=n, form=name, how=how, us=round(us, 2), rel_err=err))
+                print(f"N={n:4d} {name:14s} {how:9s} {us:8.2f} us  err {err:.1e}", flush=True)
+        if args.out:
+            write_result(args.out, dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                                        dtype="bfloat16", rows=rows), env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
