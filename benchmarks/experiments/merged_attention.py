@@ -15,7 +15,8 @@ counts of the r=13 schedule:
                     q'.k' * scale = q.k * scale + log(size) exactly; the output's extra
                     channels are dropped
 
-each eager and under torch.compile (the concatenations included), over q/k/v laid out as
+each eager (SDPA's own choice of kernel, then each kernel that takes the form, forced) and
+under torch.compile (the concatenations included), over q/k/v laid out as
 ViT's q/k/v projections leave them ([B, N, H, D] transposed). Each timing is a CUDA graph
 of `reps` calls; rel_err is against the bias variant in fp32.
 
@@ -25,6 +26,7 @@ of `reps` calls; rel_err is against the bias variant in fp32.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -33,8 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: har
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from harness import envelope, write_result  # noqa: E402
 
+BACKENDS = {"no mask": (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION),
+            "bias": (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION),
+            "extra channel": (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)}
 TOKENS = (197, 145, 93, 54)  # ViT-B/16 at r=13: the input, levels 4, 8 and 11
 
 
@@ -59,6 +65,11 @@ def extra_channel_form(q, k, v, size):
 
 def plain_form(q, k, v, size):
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def forced(fn, backend, *args):
+    with sdpa_kernel(backend):
+        return fn(*args)
 
 
 def inputs(batch, heads, n, d, device, dtype, seed=0):
@@ -110,12 +121,18 @@ def main() -> int:
         q, k, v, size = inputs(args.batch, args.heads, n, args.head_dim, device, torch.bfloat16)
         ref = bias_form(q.float(), k.float(), v.float(), size)
         for name, fn in forms.items():
-            for how, call in (("eager", fn), ("compiled", torch.compile(fn, dynamic=False))):
-                out = call(q, k, v, size).float()
+            calls = [("eager", fn), ("compiled", torch.compile(fn, dynamic=False))]
+            calls += [(f"eager {b.name.lower()}", functools.partial(forced, fn, b)) for b in BACKENDS[name]]
+            for how, call in calls:
+                try:
+                    out = call(q, k, v, size).float()
+                except RuntimeError as exc:  # a kernel that does not take this form
+                    print(f"N={n:4d} {name:14s} {how}: {str(exc).splitlines()[0][:120]}", flush=True)
+                    continue
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = time_graph(call, (q, k, v, size), args.reps) if device == "cuda" else float("nan")
                 rows.append(dict(tokens=n, form=name, how=how, us=round(us, 2), rel_err=err))
-                print(f"N={n:4d} {name:14s} {how:9s} {us:8.2f} us  err {err:.1e}", flush=True)
+                print(f"N={n:4d} {name:14s} {how:24s} {us:8.2f} us  err {err:.1e}", flush=True)
         if args.out:
             write_result(args.out, dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                                         dtype="bfloat16", rows=rows), env)
