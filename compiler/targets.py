@@ -45,6 +45,10 @@ class Target:
     # A forward program's dense linears that read one input (q/k/v) run as one GEMM
     # (codegen/merge_gemms): on where measured faster than apart.
     merge_gemms: bool = False
+    # Masked encoder self-attention (a padding mask, merge_tokens' size bias) runs optc's
+    # flash kernel that reads the mask in tiles instead of SDPA's masked path
+    # (codegen/encoder_sdpa). Off until measured on a GPU.
+    encoder_attention: bool = False
     # SDPA masks computed from constants that keep every score are dropped, so SDPA may
     # pick a fused kernel (codegen/constant_masks): the same function on every target.
     drop_constant_masks: bool = True
@@ -87,11 +91,11 @@ TARGETS = {
 # The fields of a profile that only change how programs are lowered (not what the passes
 # do): a measurement may change them for one row (`with_overrides`).
 LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "decode_qkv", "decode_qkv_cache",
-                   "merge_gemms", "drop_constant_masks")
+                   "merge_gemms", "drop_constant_masks", "encoder_attention")
 
 # Rewrites that came after devices' histories were recorded: named in lowering_words only
 # when on, so what was measured before them (with them off) still matches.
-_NAMED_WHEN_ON = ("decode_qkv", "decode_qkv_cache")
+_NAMED_WHEN_ON = ("decode_qkv", "decode_qkv_cache", "encoder_attention")
 
 
 # The targets' dicts of Inductor options, which with_overrides changes option by option.

@@ -15,7 +15,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from optc.compiler.codegen.kernels import (  # noqa: E402
-    cats_mlp, configs, decode_attention, decode_qkv, dense_gemv, gemv_tiles, sparse_gemv, sparse_linear)
+    cats_mlp, configs, decode_attention, decode_qkv, dense_gemv, encoder_attention, gemv_tiles, sparse_gemv,
+    sparse_linear)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -38,6 +39,11 @@ ATTENTION_SIG = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "m_ptr": "*i1", "o_ptr": "*bf16",
     "pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", **_ints("H", "S", "L", "D", "L_PER_SPLIT"),
     "scale": "fp64",  # what Inductor's launch of a user-defined kernel passes a Python float as
+    **_ints("sqb", "sqh", "sqs", "sqd", "skb", "skh", "skl", "skd", "svb", "svh", "svl", "svd",
+            "smb", "smh", "sms", "sml", "sob", "soh", "sos", "sod")}
+ENCODER_ATTENTION_SIG = {
+    "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "m_ptr": "*i1", "o_ptr": "*bf16",
+    **_ints("H", "S", "L", "D"), "scale_log2": "fp64",
     **_ints("sqb", "sqh", "sqs", "sqd", "skb", "skh", "skl", "skd", "svb", "svh", "svl", "svd",
             "smb", "smh", "sms", "sml", "sob", "soh", "sos", "sod")}
 DENSE_GEMV_SIG = {
@@ -75,6 +81,15 @@ def cases():
         yield (f"decode_attention-split{split}", decode_attention.decode_attention_kernel, ATTENTION_SIG,
                dict(HAS_MASK=True, PARTIAL=cfg.split > 1, FP32_DOT=False, BLOCK_S=16, BLOCK_L=cfg.block_l, BLOCK_D=64,
                     SCAN=decode_attention._scan(16, 256 // cfg.split)), cfg.num_warps)
+
+    # Encoder self-attention: ViT-B/16's tokens with a padding mask (booleans) or merged
+    # tokens' size bias (additive bf16), at head widths 64 and 128.
+    for d in (64, 128):
+        cfg = encoder_attention.plan(197, d)
+        for kind, mask_type in ((1, "*i1"), (2, "*bf16")):
+            yield (f"encoder_attention-d{d}-mask{kind}", encoder_attention.encoder_attention_kernel,
+                   {**ENCODER_ATTENTION_SIG, "m_ptr": mask_type},
+                   dict(MASK=kind, FP32_DOT=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=d), cfg.num_warps)
 
     # The GEMV with the tiles the H100 and H200 get for Llama-1B's o and down projections (the
     # shapes decode_gemv rewrites), and a split tile (a grid of fewer rows than SMs).
