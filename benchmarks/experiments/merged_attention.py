@@ -9,6 +9,7 @@ counts of the r=13 schedule:
 
     no mask         plain SDPA (the floor; no proportional attention)
     bias            SDPA with the [B, 1, 1, N] additive bias, as merge_tokens emits it
+    optc kernel     optc::encoder_attention: the flash loop reading the bias in tiles
     extra channel   no mask: the bias carried by one more head channel, q' = [q, 1, 0...],
                     k' = [k, log(size) / scale, 0...], v' = [v, 0...] padded to a multiple of
                     8 and the scale of the original head dim given explicitly, so that
@@ -38,9 +39,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from harness import envelope, write_result  # noqa: E402
 
+from optc.compiler.codegen import attention_ops  # noqa: E402,F401  (registers optc::encoder_attention)
+
 BACKENDS = {"no mask": (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION),
             "bias": (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION),
-            "extra channel": (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)}
+            "extra channel": (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION), "optc kernel": ()}
 TOKENS = (197, 145, 93, 54)  # ViT-B/16 at r=13: the input, levels 4, 8 and 11
 
 
@@ -61,6 +64,11 @@ def extra_channel_form(q, k, v, size):
     k2 = torch.cat([k, logs, zeros], dim=-1)
     v2 = torch.cat([v, zeros, zeros[..., :1]], dim=-1)
     return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :d]
+
+
+def optc_form(q, k, v, size):
+    bias = size.log().to(q.dtype)[:, None, None, :]
+    return torch.ops.optc.encoder_attention(q, k, v, bias, 1.0 / math.sqrt(q.shape[-1]))
 
 
 def plain_form(q, k, v, size):
@@ -115,7 +123,8 @@ def main() -> int:
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = envelope(device)
-    forms = {"no mask": plain_form, "bias": bias_form, "extra channel": extra_channel_form}
+    forms = {"no mask": plain_form, "bias": bias_form, "extra channel": extra_channel_form,
+             "optc kernel": optc_form}
     rows = []
     for n in TOKENS:
         q, k, v, size = inputs(args.batch, args.heads, n, args.head_dim, device, torch.bfloat16)
