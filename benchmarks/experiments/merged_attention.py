@@ -19,7 +19,8 @@ counts of the r=13 schedule:
 each eager (SDPA's own choice of kernel, then each kernel that takes the form, forced) and
 under torch.compile (the concatenations included), over q/k/v laid out as
 ViT's q/k/v projections leave them ([B, N, H, D] transposed). Each timing is a CUDA graph
-of `reps` calls; rel_err is against the bias variant in fp32.
+of `reps` calls; rel_err is against the bias variant in fp32. `--sweep` adds optc's kernel
+at every candidate launch (kernels/encoder_attention.plan picks one).
 
     python benchmarks/experiments/merged_attention.py --out $OUT/merged_attention.json
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -40,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from harness import envelope, write_result  # noqa: E402
 
 from optc.compiler.codegen import attention_ops  # noqa: E402,F401  (registers optc::encoder_attention)
+from optc.compiler.codegen.kernels.encoder_attention import EncoderAttentionConfig, encoder_attention  # noqa: E402
 
 BACKENDS = {"no mask": (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION),
             "bias": (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION),
@@ -69,6 +72,17 @@ def extra_channel_form(q, k, v, size):
 def optc_form(q, k, v, size):
     bias = size.log().to(q.dtype)[:, None, None, :]
     return torch.ops.optc.encoder_attention(q, k, v, bias, 1.0 / math.sqrt(q.shape[-1]))
+
+
+def launch(config, q, k, v, size):
+    bias = size.log().to(q.dtype)[:, None, None, :]
+    return encoder_attention(q, k, v, bias, 1.0 / math.sqrt(q.shape[-1]), config)
+
+
+def launches(n):
+    """Candidate launches of optc's kernel: rows a program, keys a trip, warps, stages."""
+    return [EncoderAttentionConfig(m, bn, w, st) for m, bn, w, st in itertools.product(
+        (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if not (m == 64 and w == 8) and m <= max(64, 2 * n)]
 
 
 def plain_form(q, k, v, size):
@@ -119,19 +133,25 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of token counts")
+    ap.add_argument("--sweep", action="store_true", help="also optc's kernel at every candidate launch")
     ap.add_argument("--out")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = envelope(device)
+    tokens = [int(t) for t in args.tokens.split(",")]
     forms = {"no mask": plain_form, "bias": bias_form, "extra channel": extra_channel_form,
              "optc kernel": optc_form}
     rows = []
-    for n in TOKENS:
+    for n in tokens:
         q, k, v, size = inputs(args.batch, args.heads, n, args.head_dim, device, torch.bfloat16)
         ref = bias_form(q.float(), k.float(), v.float(), size)
         for name, fn in forms.items():
             calls = [("eager", fn), ("compiled", torch.compile(fn, dynamic=False))]
             calls += [(f"eager {b.name.lower()}", functools.partial(forced, fn, b)) for b in BACKENDS[name]]
+            if name == "optc kernel" and args.sweep:
+                calls += [(f"launch m{c.block_m} n{c.block_n} w{c.num_warps} s{c.num_stages}",
+                           functools.partial(launch, c)) for c in launches(n)]
             for how, call in calls:
                 try:
                     out = call(q, k, v, size).float()

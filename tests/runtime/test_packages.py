@@ -112,6 +112,19 @@ def test_a_package_runs_the_graph_its_target_lowers(cache_write):
     # (the plain CPU target's packages hold no optc op: test_manifest_records_the_packages)
 
 
+def test_an_encoder_package_runs_optcs_masked_attention_where_its_target_asks():
+    """tiny-bert's padding-masked attention in a package for a target with encoder_attention:
+    the package calls optc's op and verifies against the program, which keeps SDPA."""
+    entry = zoo.get("tiny-bert")
+    session = CompileSession(entry.load(), entry.example_inputs(), target="cpu", entry=entry, **QUIET)
+    programs = session.run(session.resolve(None, "none"), export_on_use=True).programs
+    rewriting = dataclasses.replace(targets.get("cpu"), encoder_attention=True)
+    _, record = aoti.package_programs(programs, session.captured.example_inputs, rewriting, **QUIET)
+    rec = record["programs"]["forward"]
+    assert rec["verification"]["ok"], rec
+    assert rec["custom_ops"] == ["optc.encoder_attention.default"], rec
+
+
 def test_encoder_forward_through_package_matches_portable(encoder, no_inductor):
     path, inputs = encoder
     art = optc.load(path)
