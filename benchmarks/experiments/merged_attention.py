@@ -18,8 +18,8 @@ counts of the r=13 schedule:
 
 each eager (SDPA's own choice of kernel, then each kernel that takes the form, forced) and
 under torch.compile (the concatenations included), over q/k/v laid out as
-ViT's q/k/v projections leave them ([B, N, H, D] transposed). Each timing is a CUDA graph
-of `reps` calls; rel_err is against the bias variant in fp32. `--sweep` adds optc's kernel
+ViT's q/k/v projections leave them ([B, N, H, D] transposed). Each timing is a CUDA graph of one call
+replayed `reps` times; rel_err is against the bias variant in fp32. `--sweep` adds optc's kernel
 at every candidate launch (kernels/encoder_attention.plan picks one).
 
     python benchmarks/experiments/merged_attention.py --out $OUT/merged_attention.json
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: har
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from gemv_pdl_prefetch import time_graph  # noqa: E402
 from harness import envelope, write_result  # noqa: E402
 
 from optc.compiler.codegen import attention_ops  # noqa: E402,F401  (registers optc::encoder_attention)
@@ -102,31 +103,6 @@ def inputs(batch, heads, n, d, device, dtype, seed=0):
     return q, k, v, size
 
 
-def time_graph(fn, args, reps):
-    """us per call of `fn` captured `reps` times in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--batch", type=int, default=64)
@@ -159,7 +135,8 @@ def main() -> int:
                     print(f"N={n:4d} {name:14s} {how}: {str(exc).splitlines()[0][:120]}", flush=True)
                     continue
                 err = ((out - ref).norm() / ref.norm()).item()
-                us = time_graph(call, (q, k, v, size), args.reps) if device == "cuda" else float("nan")
+                us = time_graph(lambda *_: call(q, k, v, size), None, None, None, args.reps)[0] \
+                    if device == "cuda" else float("nan")
                 rows.append(dict(tokens=n, form=name, how=how, us=round(us, 2), rel_err=err))
                 print(f"N={n:4d} {name:14s} {how:24s} {us:8.2f} us  err {err:.1e}", flush=True)
         if args.out:

@@ -30,7 +30,6 @@ from torch.library import triton_op
 
 from .kernels.decode_attention import MAX_ROWS
 from .kernels.decode_attention import decode_attention as _decode_attention_triton
-
 from .kernels.encoder_attention import encoder_attention as _encoder_attention_triton
 from .kernels.encoder_attention import output_like
 

@@ -35,15 +35,17 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_KEYS = 256
 
 
-def _rows_limit() -> int:
+def decode_rows() -> int:
     # Imported here, not at the top: importing the kernels fixes Triton's interpreter
     # mode for the process, and the lowering module is imported long before any kernel runs.
     from optc.compiler.codegen.kernels.decode_attention import MAX_ROWS
     return MAX_ROWS
 
 
-def _call(node: fx.Node) -> tuple | None:
-    """(q, k, v, mask, scale) if `node` is an SDPA the kernel computes exactly, else None."""
+def plain_sdpa(node: fx.Node) -> tuple | None:
+    """(q, k, v, mask, scale, (B, H, S, L, D)) if `node` is an SDPA with static 4-D q, k and v
+    of one dtype (fp16, bf16, fp32), keys and values of the query's batch, heads and width,
+    no dropout, no causal flag and no GQA flag; else None. The mask is not checked."""
     if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
         return None
     norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
@@ -52,7 +54,7 @@ def _call(node: fx.Node) -> tuple | None:
     a = norm.kwargs
     if a.get("dropout_p", 0.0) != 0.0 or a.get("is_causal", False) or a.get("enable_gqa", False):
         return None
-    q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    q, k, v = a["query"], a["key"], a["value"]
     qs, ks, vs = node_shape(q), node_shape(k), node_shape(v)
     if qs is None or ks is None or vs is None or not (len(qs) == len(ks) == len(vs) == 4):
         return None
@@ -60,19 +62,33 @@ def _call(node: fx.Node) -> tuple | None:
         return None  # a dynamic length (a prefill program): its row count is not known here
     B, H, S, D = qs
     L = ks[2]
-    if S > _rows_limit() or tuple(ks) != (B, H, L, D) or tuple(vs) != tuple(ks) or not S < L <= MAX_KEYS:
+    if tuple(ks) != (B, H, L, D) or tuple(vs) != tuple(ks):
         return None
     if not (node_dtype(q) == node_dtype(k) == node_dtype(v) and node_dtype(q) in _DTYPES):
         return None
-    if mask is not None:
-        ms = node_shape(mask)
-        if node_dtype(mask) != torch.bool or ms is None or len(ms) > 4:
-            return None
-        full = (B, H, S, L)[4 - len(ms):]
-        if any(m not in (1, f) for m, f in zip(ms, full)):
-            return None
     scale = a.get("scale")
-    return q, k, v, mask, float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    return q, k, v, a.get("attn_mask"), float(scale) if scale is not None else 1.0 / math.sqrt(D), (B, H, S, L, D)
+
+
+def mask_broadcasts(mask: fx.Node, scores: tuple) -> bool:
+    """Whether `mask` has a static shape that broadcasts to `scores` ([B, H, S, L])."""
+    ms = node_shape(mask)
+    if ms is None or len(ms) > 4 or not all(isinstance(d, int) for d in ms):
+        return False
+    return all(m in (1, f) for m, f in zip(ms, scores[4 - len(ms):]))
+
+
+def _call(node: fx.Node) -> tuple | None:
+    """(q, k, v, mask, scale) if `node` is an SDPA the kernel computes exactly, else None."""
+    call = plain_sdpa(node)
+    if call is None:
+        return None
+    q, k, v, mask, scale, (B, H, S, L, D) = call
+    if S > decode_rows() or not S < L <= MAX_KEYS:
+        return None
+    if mask is not None and (node_dtype(mask) != torch.bool or not mask_broadcasts(mask, (B, H, S, L))):
+        return None
+    return q, k, v, mask, scale
 
 
 def decode_sdpa_nodes(graph: fx.Graph) -> list[fx.Node]:

@@ -14,8 +14,8 @@ from optc.compiler.codegen.constant_masks import drop_constant_masks
 from optc.compiler.codegen.decode_gemv import use_decode_gemv
 from optc.compiler.codegen.decode_qkv import use_decode_qkv
 from optc.compiler.codegen.decode_sdpa import use_decode_attention
-from optc.compiler.codegen.encoder_sdpa import use_encoder_attention
 from optc.compiler.codegen.direct import DirectLowering
+from optc.compiler.codegen.encoder_sdpa import use_encoder_attention
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
 from optc.compiler.codegen.merge_gemms import use_merged_gemms
 from optc.compiler.codegen.noisy_twin import HALF as _HALF, noisy_twin
@@ -93,8 +93,7 @@ def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch
     """The graph `target` compiles: `gm` with the target's rewrites (attention masks that
     keep every score dropped; a forward program's sibling GEMMs merged; decode GEMV
     inputs realised, decode-step attention, GEMVs and masked encoder attention on optc's
-    kernels), as a copy
-    sharing its parameters, or `gm` itself where none applies.
+    kernels), as a copy sharing its parameters, or `gm` itself where none applies.
     `forward`: not a decoder LM's prefill or decode program (DECODER_PROGRAMS). `lower`
     and the AOTInductor packages (codegen/aoti.py) both compile this, so a package runs
     what a lowering runs."""
