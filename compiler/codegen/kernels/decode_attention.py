@@ -63,6 +63,23 @@ class AttentionConfig:
 
 
 @triton.jit
+def online_softmax_step(scores, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
+    """One key tile of the flash loop: fold exp(scores) v into the running max m_i, sum l_i
+    and accumulator acc (fp32 scores, -inf where masked); returns the new (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    # A row that has seen no key keeps m = -inf: subtract 0 there so exp gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if FP32_DOT:
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
 def decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, pm_ptr, pl_ptr, pa_ptr,
     H, S, L, D, L_PER_SPLIT, scale,
@@ -122,17 +139,7 @@ def decode_attention_kernel(
             scores = tl.dot(q, tl.trans(k))
         # Inductor passes a Python float as fp64: keep the softmax in fp32 all the same.
         scores = tl.where(allowed, (scores * scale).to(tl.float32), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # A row that has seen no key keeps m = -inf: subtract 0 there so exp gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if FP32_DOT:
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc, FP32_DOT)
 
     if PARTIAL:
         row = (pid_bh * tl.num_programs(1) + pid_split) * BLOCK_S + offs_s

@@ -18,9 +18,9 @@ Index math, for program (pid_m, pid_bh) of the grid (cdiv(S, BLOCK_M), B * H):
     mask[b, h, s, l] at m_ptr + b*smb + h*smh + s*sms + l*sml       (stride 0 where it broadcasts)
 
 A boolean mask (True: may attend) turns into -inf where False; an additive one is added
-to the scaled scores. Online softmax in fp32 with exp2 (the scale and the mask carried
-in log2 units); scores and the weighted sum are tensor-core dots (fp32 operands ask
-for exact fp32). A row that may see no key gives 0, as torch's SDPA does.
+to the scaled scores. Online softmax in fp32 (decode_attention's step); scores and the
+weighted sum are tensor-core dots (fp32 operands ask for exact fp32). A row that may see
+no key gives 0, as torch's SDPA does.
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .decode_attention import online_softmax_step
 from .sparse_linear import _interpreted
 
 __all__ = ["EncoderAttentionConfig", "encoder_attention", "plan"]
-
-_LOG2E = 1.4426950408889634
-
 
 @dataclass(frozen=True)
 class EncoderAttentionConfig:
@@ -51,7 +49,7 @@ class EncoderAttentionConfig:
 @triton.jit
 def encoder_attention_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
-    H, S, L, D, scale_log2,
+    H, S, L, D, scale,
     sqb, sqh, sqs, sqd,
     skb, skh, skl, skd,
     svb, svh, svl, svd,
@@ -91,25 +89,14 @@ def encoder_attention_kernel(
         else:
             scores = tl.dot(q, tl.trans(k))
         # Inductor passes a Python float as fp64: keep the softmax in fp32 all the same.
-        scores = (scores * scale_log2).to(tl.float32)
+        scores = (scores * scale).to(tl.float32)
         allowed = s_in[:, None] & l_in[None, :]
         if MASK == 1:
             allowed = allowed & (tl.load(m_base + offs_l[None, :] * sml, mask=allowed, other=0) != 0)
         if MASK == 2:
-            bias = tl.load(m_base + offs_l[None, :] * sml, mask=allowed, other=0.0).to(tl.float32)
-            scores = scores + bias * 1.4426950408889634  # log2(e): the bias in log2 units
+            scores = scores + tl.load(m_base + offs_l[None, :] * sml, mask=allowed, other=0.0).to(tl.float32)
         scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # A row that has seen no key keeps m = -inf: subtract 0 there so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(scores - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if FP32_DOT:
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc, FP32_DOT)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + b * sob + h * soh + offs_s[:, None] * sos + offs_d[None, :] * sod,
@@ -147,7 +134,7 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     kernel = encoder_attention_kernel if _interpreted(encoder_attention_kernel) else wrap_triton(encoder_attention_kernel)
     kernel[(triton.cdiv(S, cfg.block_m), B * H)](
         q, k, v, m, out,
-        H, S, L, D, scale * _LOG2E,
+        H, S, L, D, scale,
         *q.stride(), *k.stride(), *v.stride(), *(m.stride() if mask is not None else (0, 0, 0, 0)), *out.stride(),
         MASK=kind, FP32_DOT=q.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,

@@ -43,7 +43,7 @@ ATTENTION_SIG = {
             "smb", "smh", "sms", "sml", "sob", "soh", "sos", "sod")}
 ENCODER_ATTENTION_SIG = {
     "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "m_ptr": "*i1", "o_ptr": "*bf16",
-    **_ints("H", "S", "L", "D"), "scale_log2": "fp64",
+    **_ints("H", "S", "L", "D"), "scale": "fp64",
     **_ints("sqb", "sqh", "sqs", "sqd", "skb", "skh", "skl", "skd", "svb", "svh", "svl", "svd",
             "smb", "smh", "sms", "sml", "sob", "soh", "sos", "sod")}
 DENSE_GEMV_SIG = {
