@@ -66,7 +66,7 @@ def extra_channel_form(q, k, v, size):
     logs = (size.log() / scale).to(q.dtype)[:, None, :, None].expand(b, h, n, 1)
     q2 = torch.cat([q, one, zeros], dim=-1)
     k2 = torch.cat([k, logs, zeros], dim=-1)
-    v2 = torch.cat([v, zeros, zeros[..., :1]], dim=-1)
+    v2 = torch.cat([v, zeros, q.new_zeros(b, h, n, 1)], dim=-1)
     return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :d]
 
 

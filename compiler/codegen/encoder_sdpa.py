@@ -22,6 +22,8 @@ import torch.fx as fx
 from optc.compiler.codegen.decode_sdpa import decode_rows, mask_broadcasts, plain_sdpa
 from optc.compiler.rewrite import node_dtype, with_calls_replaced
 
+# Elements a tensor the kernel reads may span: its offsets are int32.
+_INT32_OFFSETS = 2**31
 # The widest head the kernel's tiles hold (a [BLOCK_M, D] query tile and the accumulator).
 MAX_HEAD_DIM = 128
 
@@ -36,8 +38,10 @@ def _call(node: fx.Node) -> tuple | None:
         return None
     if S < L and S <= decode_rows():
         return None  # a decode step's shape: decode_sdpa's kernel is made for it
-    if node_dtype(mask) not in (torch.bool, node_dtype(q), torch.float32) or not mask_broadcasts(mask, (B, H, S, L)):
+    if node_dtype(mask) not in (torch.bool, node_dtype(q)) or not mask_broadcasts(mask, (B, H, S, L)):
         return None
+    if max(B * H * S * D, B * H * L * D, B * H * S * L) >= _INT32_OFFSETS:
+        return None  # the kernel's offsets are 32-bit
     return q, k, v, mask, scale
 
 

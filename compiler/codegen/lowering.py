@@ -107,7 +107,7 @@ def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch
         gm, _ = realize_gemv_inputs(gm)
     if target.decode_attention:
         gm, _ = use_decode_attention(gm)
-    if target.encoder_attention:
+    if forward and target.encoder_attention:  # not a decoder's causal prefill
         gm, _ = use_encoder_attention(gm)  # after drop_constant_masks: an unmasked SDPA keeps flash
     if target.decode_gemv:
         gm, _ = use_decode_gemv(gm)  # after decode_attention: its outputs are in memory

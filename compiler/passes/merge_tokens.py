@@ -177,7 +177,10 @@ def _widen_heads(region: Region, sdpa: fx.Node, proportional: bool) -> int:
     q, k, v = sdpa.args[:3]
     bsz, heads, n, d = (int(s) for s in node_shape(q))
     kv_heads = int(node_shape(k)[1])
-    scale = sdpa.kwargs.get("scale") or 1.0 / math.sqrt(d)
+    if node_shape(v)[-1] != d:
+        raise Refused(f"{sdpa.name}: values {node_shape(v)[-1]} wide, queries {d}; size_bias=channel needs one width")
+    scale = sdpa.kwargs.get("scale")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     pad = -(d + 1) % 8
     level = region.tok[q][1]
     chan = region.attention_channel(level, q.meta["val"].dtype, scale, sdpa, proportional)

@@ -9,7 +9,7 @@ broadcast: BERT's padding mask ([B, 1, S, L] booleans), merge_tokens' size bias 
 1, L] additive). This kernel is the flash loop with that mask loaded tile by tile
 beside K and V.
 
-Index math, for program (pid_m, pid_bh) of the grid (cdiv(S, BLOCK_M), B * H):
+Index math, for program (pid_bh, pid_m) of the grid (B * H, cdiv(S, BLOCK_M)):
 
     b, h = pid_bh // H, pid_bh % H
     rows  s in [pid_m * BLOCK_M, +BLOCK_M)      (masked s < S)
@@ -61,8 +61,10 @@ def encoder_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    # Inductor passes a Python float as fp64: one conversion here keeps the loop in fp32.
+    scale = tl.full([], scale, tl.float32)
     b = pid_bh // H
     h = pid_bh % H
     offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,8 +90,7 @@ def encoder_attention_kernel(
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
-        # Inductor passes a Python float as fp64: keep the softmax in fp32 all the same.
-        scores = (scores * scale).to(tl.float32)
+        scores = scores.to(tl.float32) * scale
         allowed = s_in[:, None] & l_in[None, :]
         if MASK == 1:
             allowed = allowed & (tl.load(m_base + offs_l[None, :] * sml, mask=allowed, other=0) != 0)
@@ -132,7 +133,7 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
     out = output_like(q)
     kernel = encoder_attention_kernel if _interpreted(encoder_attention_kernel) else wrap_triton(encoder_attention_kernel)
-    kernel[(triton.cdiv(S, cfg.block_m), B * H)](
+    kernel[(B * H, triton.cdiv(S, cfg.block_m))](
         q, k, v, m, out,
         H, S, L, D, scale,
         *q.stride(), *k.stride(), *v.stride(), *(m.stride() if mask is not None else (0, 0, 0, 0)), *out.stride(),

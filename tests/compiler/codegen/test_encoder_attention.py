@@ -64,6 +64,18 @@ def test_without_a_mask_and_a_row_that_sees_nothing_gives_zero():
     assert torch.equal(out[0, 1, 3], torch.zeros(8))
 
 
+def test_a_row_masked_by_the_dtypes_minimum_averages_as_sdpa_does():
+    """An additive mask of finfo.min (HF's, merge_tokens' padding) over a whole row stays
+    finite: every key weighs the same there, as in SDPA, rather than the row giving 0."""
+    q, k, v = _qkv(1, 2, 20, 8)
+    mask = torch.zeros(1, 1, 20, 20)
+    mask[0, 0, 5] = torch.finfo(torch.float32).min
+    mask[0, 0, 6, 3:] = torch.finfo(torch.float32).min
+    out = encoder_attention(q, k, v, mask, None, EncoderAttentionConfig(16, 16, 4, 1))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    torch.testing.assert_close(out[0, :, 5], v[0].mean(dim=1))
+
+
 def test_the_default_launch():
     assert plan(197, 64).block_m == 128 and plan(40, 64).block_m == 64 and plan(197, 128).block_m == 64
 
@@ -154,6 +166,7 @@ def test_lower_applies_it_only_for_targets_that_ask(bert_padded):
     assert lowering.target_graph(gm, cpu, forward=True) is gm
     asks = targets.with_overrides(cpu, ["encoder_attention=true"])
     assert asks.encoder_attention and lowering.target_graph(gm, asks, forward=True) is not gm
+    assert lowering.target_graph(gm, asks, forward=False) is gm  # a decoder's prefill keeps SDPA
     result = lowering.lower_and_verify(bert_padded.programs["forward"], bert_padded.example_inputs["forward"],
                                        asks, "forward")
     assert result["ok"], result
