@@ -28,6 +28,11 @@ _INT32_OFFSETS = 2**31
 MAX_HEAD_DIM = 128
 
 
+def _max_batch_heads() -> int:
+    from optc.compiler.codegen.kernels.encoder_attention import MAX_BATCH_HEADS  # see decode_sdpa.decode_rows
+    return MAX_BATCH_HEADS
+
+
 def _call(node: fx.Node) -> tuple | None:
     """(q, k, v, mask, scale) if `node` is a masked SDPA the kernel computes exactly, else None."""
     call = plain_sdpa(node)
@@ -40,8 +45,8 @@ def _call(node: fx.Node) -> tuple | None:
         return None  # a decode step's shape: decode_sdpa's kernel is made for it
     if node_dtype(mask) not in (torch.bool, node_dtype(q)) or not mask_broadcasts(mask, (B, H, S, L)):
         return None
-    if max(B * H * S * D, B * H * L * D, B * H * S * L) >= _INT32_OFFSETS:
-        return None  # the kernel's offsets are 32-bit
+    if max(B * H * S * D, B * H * L * D, B * H * S * L) >= _INT32_OFFSETS or B * H > _max_batch_heads():
+        return None  # the kernel's offsets are 32-bit; its grid holds (batch, head) pairs on one axis
     return q, k, v, mask, scale
 
 

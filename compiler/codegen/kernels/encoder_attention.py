@@ -9,7 +9,8 @@ broadcast: BERT's padding mask ([B, 1, S, L] booleans), merge_tokens' size bias 
 1, L] additive). This kernel is the flash loop with that mask loaded tile by tile
 beside K and V.
 
-Index math, for program (pid_bh, pid_m) of the grid (B * H, cdiv(S, BLOCK_M)):
+Index math, for program (pid_m, pid_bh) of the grid (cdiv(S, BLOCK_M), B * H), the query
+blocks of one head launched together so that they share its K and V in L2:
 
     b, h = pid_bh // H, pid_bh % H
     rows  s in [pid_m * BLOCK_M, +BLOCK_M)      (masked s < S)
@@ -36,7 +37,10 @@ from torch.library import wrap_triton
 from .decode_attention import online_softmax_step
 from .sparse_linear import _interpreted
 
-__all__ = ["EncoderAttentionConfig", "encoder_attention", "plan"]
+__all__ = ["EncoderAttentionConfig", "encoder_attention", "plan", "MAX_BATCH_HEADS"]
+
+# CUDA's limit on a grid's second axis, which holds the (batch, head) pairs.
+MAX_BATCH_HEADS = 65535
 
 @dataclass(frozen=True)
 class EncoderAttentionConfig:
@@ -61,8 +65,8 @@ def encoder_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     # Inductor passes a Python float as fp64: one conversion here keeps the loop in fp32.
     scale = tl.full([], scale, tl.float32)
     b = pid_bh // H
@@ -126,6 +130,7 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     B, H, S, D = q.shape
     L = k.shape[2]
     assert k.shape == (B, H, L, D) and v.shape == (B, H, L, D), f"k, v must be [{B}, {H}, L, {D}]"
+    assert B * H <= MAX_BATCH_HEADS, f"{B * H} (batch, head) pairs: the grid's second axis takes {MAX_BATCH_HEADS}"
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     cfg = config or plan(S, D)
     block_d = max(16, triton.next_power_of_2(D))
@@ -133,7 +138,7 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
     out = output_like(q)
     kernel = encoder_attention_kernel if _interpreted(encoder_attention_kernel) else wrap_triton(encoder_attention_kernel)
-    kernel[(B * H, triton.cdiv(S, cfg.block_m))](
+    kernel[(triton.cdiv(S, cfg.block_m), B * H)](
         q, k, v, m, out,
         H, S, L, D, scale,
         *q.stride(), *k.stride(), *v.stride(), *(m.stride() if mask is not None else (0, 0, 0, 0)), *out.stride(),

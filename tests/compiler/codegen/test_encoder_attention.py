@@ -114,6 +114,11 @@ def test_only_what_the_kernel_computes_exactly_is_rewritten():
     assert encoder_sdpa_nodes(_sdpa_graph(enable_gqa=True).graph) == []
     assert encoder_sdpa_nodes(_sdpa_graph(mask_shape=(1, 3, 20, 20)).graph) == []  # does not broadcast
     assert encoder_sdpa_nodes(_sdpa_graph(mask_dtype=torch.int64).graph) == []
+    huge = _sdpa_graph()
+    for node in list(huge.graph.nodes)[:4]:  # more (batch, head) pairs than the grid's axis takes
+        node.meta["val"] = torch.empty((40000, *node.meta["val"].shape[1:]), dtype=node.meta["val"].dtype,
+                                       device="meta")
+    assert encoder_sdpa_nodes(huge.graph) == []
     unmasked = _sdpa_graph()
     sdpa = next(n for n in unmasked.graph.nodes if n.target == SDPA)
     sdpa.args = sdpa.args[:3]
