@@ -2,10 +2,12 @@
 """A decode step's RMSNorm + q/k/v projections + rotary on the GPU: optc::decode_qkv's
 kernel at every candidate tile against what Inductor generates for the same function
 (HF Llama's form, with the target's options: coordinate descent, PDL where the target
-has it). Each timing is a CUDA graph over as many distinct layers' weights as fill three
-times the L2, so the weights come from HBM as in a decode step. Prints the best tiles
-per shape and writes every row (us per layer, the kernels' own device time, TB/s of
-weight bytes, error against fp64).
+has it), compiled once for one layer and called a layer at a time, as in a decode step;
+also compiled over all layers at once, where Inductor's kernels each cover several
+independent layers (a bound no step reaches). Each timing is a CUDA graph over as many
+distinct layers' weights as fill three times the L2, so the weights come from HBM as in
+a decode step. Prints the best tiles per shape and writes every row (us per layer, the
+kernels' own device time, TB/s of weight bytes, error against fp64).
 
     python benchmarks/kernels_decode_qkv.py --target h200 --out $OUT/kernels_decode_qkv_h200.json
 
@@ -135,8 +137,16 @@ def main():
 
         step = torch.compile(all_layers, options=options, fullgraph=True, dynamic=False)
         us, _ = timer([lambda: step(layers)])
-        record("inductor", us / copies, kernel_us(lambda s: True) / copies,
+        # A lower bound no decode step reaches: Inductor's kernels here each cover several
+        # independent layers, where a step must finish layer i before layer i + 1.
+        record("inductor (all layers in one program)", us / copies, kernel_us(lambda s: True) / copies,
                [torch.cat([t.reshape(-1) for t in qkv]) for qkv in step(layers)])
+        torch._dynamo.reset()
+        one = torch.compile(hf_form, options=options, fullgraph=True, dynamic=False)
+        calls = [functools.partial(one, L["x"], L["g"], L["wq"], L["wk"], L["wv"], cos, sin, D) for L in layers]
+        us, _ = timer(calls)
+        record("inductor (one call a layer)", us, kernel_us(lambda s: True) / len(calls),
+               [torch.cat([t.reshape(-1) for t in c()]) for c in calls])
         default = default_qkv_tile(tgt.name, D // 2, K)
         for tile in dict.fromkeys([default, *candidates(D // 2, K)]):
             calls = [functools.partial(decode_qkv, L["x"], L["g"], EPS, L["wq"], L["wk"], L["wv"], cos, sin, D, tile)
