@@ -4,7 +4,7 @@
 import pytest
 
 from optc.compiler.search.cost_model import MIN_REMOVED, PAYS_SHARE, realised_share
-from optc.runtime.bench import against_ideal
+from optc.runtime.bench import against_ideal, ideal_note
 
 
 def _row(name, ms, nbytes):
@@ -35,3 +35,14 @@ def test_the_share_at_the_threshold_and_without_a_dense_row():
     rows = [_row("optc skip", 0.8, 800)]
     against_ideal(rows, "bytes")
     assert "realised" not in rows[0]
+
+
+def test_the_table_says_why_a_row_does_not_pay():
+    rows = [_row("optc", 1.0, 1000), _row("optc skip", 0.82, 800), _row("optc prune", 0.97, 840),
+            _row("optc slower", 1.1, 900)]
+    against_ideal(rows, "bytes")
+    notes = {r["name"]: ideal_note(r) for r in rows}
+    assert notes["optc"] == ""
+    assert notes["optc skip"] == "90% of 1.25x"
+    assert notes["optc prune"] == f"19% of 1.19x: under the {100 * PAYS_SHARE:.0f}% that pays"
+    assert notes["optc slower"] == "-100% of 1.11x: slower than dense optc"
