@@ -62,8 +62,9 @@ def encoder_sdpa_nodes(graph: fx.Graph) -> list[fx.Node]:
 def use_encoder_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its parameters) whose masked SDPAs call
     optc::encoder_attention, and how many it rewrote; `gm` itself when there are none."""
-    if not encoder_sdpa_nodes(gm.graph):
+    found = _calls(gm.graph)  # one scan: with_calls_replaced takes what it found
+    if not found:
         return gm, 0
     from optc.compiler.codegen import attention_ops  # noqa: F401  (registers optc::encoder_attention)
 
-    return with_calls_replaced(gm, _calls, torch.ops.optc.encoder_attention.default)
+    return with_calls_replaced(gm, lambda graph: found, torch.ops.optc.encoder_attention.default)
