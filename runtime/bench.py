@@ -367,7 +367,9 @@ def ideal_note(row: dict) -> str:
     text = f"{100 * row['realised']:.0f}% of {row['ideal_speedup']:.2f}x"
     if row["pays"]:
         return text
-    return text + (": slower than dense optc" if row["realised"] < 0 else f": under the {100 * PAYS_SHARE:.0f}% that pays")
+    if row["realised"] < 0:
+        return text + ": slower than dense optc"
+    return text + f": under the {100 * PAYS_SHARE:.0f}% that pays"
 
 
 def _print_table(result: dict) -> None:

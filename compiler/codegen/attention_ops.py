@@ -59,10 +59,14 @@ def _decode_attention_cpu(q, k, v, mask, scale):
     return decode_attention_reference(q, k, v, mask, scale)
 
 
+def _encoder_attention_reference(q, k, v, mask, scale):
+    return output_like(q).copy_(decode_attention_reference(q, k, v, mask, scale))  # in the kernel's layout
+
+
 @triton_op("optc::encoder_attention", mutates_args=())
 def encoder_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
     if q.device.type != "cuda":
-        return output_like(q).copy_(decode_attention_reference(q, k, v, mask, scale))
+        return _encoder_attention_reference(q, k, v, mask, scale)
     return _encoder_attention_triton(q, k, v, mask, scale)
 
 
@@ -74,4 +78,4 @@ def _encoder_attention_fake(q, k, v, mask, scale):
 
 @encoder_attention.register_kernel("cpu")
 def _encoder_attention_cpu(q, k, v, mask, scale):
-    return output_like(q).copy_(decode_attention_reference(q, k, v, mask, scale))
+    return _encoder_attention_reference(q, k, v, mask, scale)

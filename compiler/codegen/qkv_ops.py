@@ -15,8 +15,9 @@ how). The cached form also writes rope(k) and v into the KV caches [1, Hkv, L, D
 `position` (one integer), as `cache.index_copy_(2, position, k)` does, except that on
 CUDA a position outside the cache writes nothing where index_copy_ fails (the reference
 raises, as index_copy_ does). Each is a `torch.library.triton_op` like gemv_ops': on CUDA
-it runs the Triton kernel with the target's tile, anywhere else the fp32 reference. The decode_qkv rewrite puts it into
-the lowered copy of a program only: exported programs and artifacts keep aten's ops.
+it runs the Triton kernel with the target's tile, anywhere else the fp32 reference. The
+decode_qkv rewrite puts them into the lowered copy of a program only: exported programs
+and artifacts keep aten's ops.
 """
 
 from __future__ import annotations

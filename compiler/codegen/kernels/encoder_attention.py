@@ -137,7 +137,8 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     m = mask.expand(B, H, S, L) if mask is not None else q  # never read without a mask
     kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
     out = output_like(q)
-    kernel = encoder_attention_kernel if _interpreted(encoder_attention_kernel) else wrap_triton(encoder_attention_kernel)
+    kernel = encoder_attention_kernel
+    kernel = kernel if _interpreted(kernel) else wrap_triton(kernel)
     kernel[(triton.cdiv(S, cfg.block_m), B * H)](
         q, k, v, m, out,
         H, S, L, D, scale,
