@@ -60,6 +60,7 @@ def encoder_attention_kernel(
     smb, smh, sms, sml,
     sob, soh, sos, sod,
     MASK: tl.constexpr,  # 0: none, 1: boolean, 2: additive
+    MASK_ROWS: tl.constexpr,  # the mask differs between query rows (else one row of it is loaded a tile)
     FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -95,11 +96,17 @@ def encoder_attention_kernel(
         else:
             scores = tl.dot(q, tl.trans(k))
         scores = scores.to(tl.float32) * scale
-        allowed = s_in[:, None] & l_in[None, :]
-        if MASK == 1:
-            allowed = allowed & (tl.load(m_base + offs_l[None, :] * sml, mask=allowed, other=0) != 0)
-        if MASK == 2:
-            scores = scores + tl.load(m_base + offs_l[None, :] * sml, mask=allowed, other=0.0).to(tl.float32)
+        # Rows past S hold zeros and are never stored: only the keys past L need masking.
+        allowed = l_in[None, :]
+        if MASK != 0:
+            if MASK_ROWS:
+                bias = tl.load(m_base + offs_l[None, :] * sml, mask=s_in[:, None] & allowed, other=0)
+            else:
+                bias = tl.load(m_ptr + b * smb + h * smh + offs_l * sml, mask=l_in, other=0)[None, :]
+            if MASK == 1:
+                allowed = allowed & (bias != 0)
+            else:
+                scores = scores + bias.to(tl.float32)
         scores = tl.where(allowed, scores, float("-inf"))
         m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc, FP32_DOT)
 
@@ -109,11 +116,14 @@ def encoder_attention_kernel(
 
 
 def plan(S: int, D: int) -> EncoderAttentionConfig:
-    """The launch for S query rows of width D. Not yet tuned on a GPU: the flash
-    tutorial's shape for head dims up to 64 (128 rows a program, 64 keys a trip), 64 rows
-    for short sequences and wide heads, where a program's tiles would not fit."""
-    block_m = 128 if S > 64 and D <= 64 else 64
-    return EncoderAttentionConfig(block_m=block_m, block_n=64, num_warps=8 if block_m == 128 else 4, num_stages=3)
+    """The launch for S query rows of width D. Up to 256 rows of width 64 or less: 64 rows
+    a program, 64 keys a trip, 4 warps, 2 stages, the fastest launch of the H100 sweep at
+    every token count of ViT-B/16's r=13 schedule (benchmarks/NOTES.md, "encoder_attention
+    on the H100"). Longer sequences keep the flash tutorial's 128 rows (not swept); wide
+    heads take 64 rows, where a program's tiles would not fit."""
+    if S <= 256 or D > 64:
+        return EncoderAttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    return EncoderAttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 
 
 def output_like(q: torch.Tensor) -> torch.Tensor:
@@ -143,7 +153,7 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         q, k, v, m, out,
         H, S, L, D, scale,
         *q.stride(), *k.stride(), *v.stride(), *(m.stride() if mask is not None else (0, 0, 0, 0)), *out.stride(),
-        MASK=kind, FP32_DOT=q.dtype == torch.float32,
+        MASK=kind, MASK_ROWS=mask is not None and m.stride(2) != 0, FP32_DOT=q.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
