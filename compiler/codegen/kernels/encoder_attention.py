@@ -18,6 +18,9 @@ blocks of one head launched together so that they share its K and V in L2:
     q[b, h, s, d]    at q_ptr + b*sqb + h*sqh + s*sqs + d*sqd       (likewise k, v, out)
     mask[b, h, s, l] at m_ptr + b*smb + h*smh + s*sms + l*sml       (stride 0 where it broadcasts)
 
+A mask with sms == 0 (the same for every query row) is loaded as one row of BLOCK_N keys
+a trip (MASK_ROWS off), not as a [BLOCK_M, BLOCK_N] tile of pointers.
+
 A boolean mask (True: may attend) turns into -inf where False; an additive one is added
 to the scaled scores. Online softmax in fp32 (decode_attention's step); scores and the
 weighted sum are tensor-core dots (fp32 operands ask for exact fp32). A row that may see
