@@ -266,12 +266,16 @@ def with_calls_replaced(gm: fx.GraphModule, calls, op) -> tuple[fx.GraphModule, 
     """A copy of `gm` (sharing its parameters) in which each node that `calls(graph)`
     returns, as (node, args) or (node, args, kwargs), is replaced by `op(*args, **kwargs)`
     with the node's metadata; and how many were replaced. `gm` itself, unchanged, when
-    there are none. The lowering's rewrites use it: the program stays as captured, so the
-    check compares against it. A replaced node must not be an argument of another one
-    (the arguments are read before anything is replaced)."""
+    there are none. `op` is an operator, or a function that returns one, called only when
+    there is something to replace (optc's ops register with their kernels, and importing
+    those fixes Triton's interpreter mode for the process). The lowering's rewrites use it:
+    the program stays as captured, so the check compares against it. A replaced node must
+    not be an argument of another one (the arguments are read before anything is replaced)."""
     found = calls(gm.graph)  # one scan, of the program's graph; the copy's nodes by name
     if not found:
         return gm, 0
+    if not isinstance(op, OpOverload):
+        op = op()
     graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
     copied = {n.name: n for n in graph.nodes}
     for node, args, *kwargs in found:

@@ -73,11 +73,12 @@ def _calls(graph: fx.Graph) -> list[tuple[fx.Node, tuple]]:
             for lin in decode_gemv_nodes(graph)]
 
 
+def _gemv_op():
+    from optc.compiler.codegen import gemv_ops  # noqa: F401  (registers optc::gemv)
+    return torch.ops.optc.gemv.default
+
+
 def use_decode_gemv(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its parameters) whose such GEMVs call optc::gemv, and how
     many it rewrote; `gm` itself when there are none."""
-    if not decode_gemv_nodes(gm.graph):
-        return gm, 0
-    from optc.compiler.codegen import gemv_ops  # noqa: F401  (registers optc::gemv)
-
-    return with_calls_replaced(gm, _calls, torch.ops.optc.gemv.default)
+    return with_calls_replaced(gm, _calls, _gemv_op)

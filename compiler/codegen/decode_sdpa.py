@@ -100,12 +100,12 @@ def _calls(graph: fx.Graph) -> list[tuple[fx.Node, tuple]]:
     return [(node, call) for node in graph.nodes if (call := _call(node)) is not None]
 
 
+def _decode_attention_op():
+    from optc.compiler.codegen import attention_ops  # noqa: F401  (registers optc::decode_attention)
+    return torch.ops.optc.decode_attention.default
+
+
 def use_decode_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its parameters) whose decode-step SDPAs call
     optc::decode_attention, and how many it rewrote; `gm` itself when there are none."""
-    found = _calls(gm.graph)  # one scan: with_calls_replaced takes what it found
-    if not found:
-        return gm, 0
-    from optc.compiler.codegen import attention_ops  # noqa: F401  (registers optc::decode_attention)
-
-    return with_calls_replaced(gm, lambda graph: found, torch.ops.optc.decode_attention.default)
+    return with_calls_replaced(gm, _calls, _decode_attention_op)

@@ -59,12 +59,12 @@ def encoder_sdpa_nodes(graph: fx.Graph) -> list[fx.Node]:
     return [node for node, _ in _calls(graph)]
 
 
+def _encoder_attention_op():
+    from optc.compiler.codegen import attention_ops  # noqa: F401  (registers optc::encoder_attention)
+    return torch.ops.optc.encoder_attention.default
+
+
 def use_encoder_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its parameters) whose masked SDPAs call
     optc::encoder_attention, and how many it rewrote; `gm` itself when there are none."""
-    found = _calls(gm.graph)  # one scan: with_calls_replaced takes what it found
-    if not found:
-        return gm, 0
-    from optc.compiler.codegen import attention_ops  # noqa: F401  (registers optc::encoder_attention)
-
-    return with_calls_replaced(gm, lambda graph: found, torch.ops.optc.encoder_attention.default)
+    return with_calls_replaced(gm, _calls, _encoder_attention_op)
