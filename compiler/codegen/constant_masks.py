@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
-from optc.compiler.rewrite import with_calls_replaced
+from optc.compiler.codegen.decode_sdpa import mask_broadcasts
+from optc.compiler.rewrite import node_dtype, with_calls_replaced
 
 aten = torch.ops.aten
 
@@ -71,6 +72,29 @@ def keeps_every_score(mask: fx.Node) -> bool:
     if not isinstance(value, torch.Tensor):
         return False
     return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
+
+
+# Boolean ands of masks: `a & b` as exported (transformers 5 ands its mask functions).
+_AND = (aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default)
+
+
+def without_constant_factor(mask: fx.Node, scores: tuple) -> fx.Node:
+    """`mask` (a boolean SDPA mask for scores of shape `scores`) with a factor that keeps
+    every score left out: for `expand(a & c)` with `c` computed from constants and all
+    true, `a`, when it broadcasts to the scores by itself; else `mask`. BERT's padding
+    mask is `padding[B, 1, 1, L] & (query_index >= 0)[1, 1, S, 1]` (transformers 5),
+    expanded to [B, 1, S, L]: the same mask for every query row, which SDPA and a kernel
+    read as one row per sequence once the all-true factor is gone."""
+    node = mask
+    while node.op == "call_function" and node.target is aten.expand.default:
+        node = node.args[0]
+    if node.op != "call_function" or node.target not in _AND:
+        return mask
+    for keep, factor in (node.args[:2], node.args[1::-1]):
+        if isinstance(keep, fx.Node) and isinstance(factor, fx.Node) and node_dtype(keep) == torch.bool \
+                and node_dtype(factor) == torch.bool and mask_broadcasts(keep, scores) and keeps_every_score(factor):
+            return keep
+    return mask
 
 
 def _maskless_calls(graph: fx.Graph) -> list[tuple]:

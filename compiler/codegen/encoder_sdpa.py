@@ -10,7 +10,9 @@ Rewritten only where the function is exactly SDPA's: static shapes, not a decode
 (a few query rows over more keys: decode_sdpa's kernel is made for those), keys and values
 with the query's batch, heads and width (at most MAX_HEAD_DIM), one dtype, a boolean or
 additive mask that broadcasts to the scores, no dropout, no causal flag, no GQA flag. An SDPA without a mask
-keeps Inductor's choice (a flash kernel). Like the other lowering rewrites this works on
+keeps Inductor's choice (a flash kernel). A boolean mask's factor that keeps every score is
+left out (constant_masks.without_constant_factor), so BERT's padding mask reaches the kernel
+as one row a sequence, which it reads once a tile, not as a row per query. Like the other lowering rewrites this works on
 a copy used for lowering; the lowering check compares it with the program itself.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from optc.compiler.codegen.constant_masks import without_constant_factor
 from optc.compiler.codegen.decode_sdpa import decode_rows, mask_broadcasts, plain_sdpa
 from optc.compiler.rewrite import node_dtype, with_calls_replaced
 
@@ -47,6 +50,8 @@ def _call(node: fx.Node) -> tuple | None:
         return None
     if max(B * H * S * D, B * H * L * D, B * H * S * L) >= _INT32_OFFSETS or B * H > _max_batch_heads():
         return None  # the kernel's offsets are 32-bit; its grid holds (batch, head) pairs on one axis
+    if node_dtype(mask) == torch.bool:
+        mask = without_constant_factor(mask, (B, H, S, L))  # BERT's: one row a sequence
     return q, k, v, mask, scale
 
 

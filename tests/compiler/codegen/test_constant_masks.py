@@ -8,7 +8,7 @@ import torch
 
 from optc.compiler import capture, targets
 from optc.compiler.codegen import lowering
-from optc.compiler.codegen.constant_masks import drop_constant_masks
+from optc.compiler.codegen.constant_masks import drop_constant_masks, without_constant_factor
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -91,6 +91,34 @@ def test_additive_masks_and_what_is_never_evaluated():
         assert count == expected, how
         if how in ("zeros", "masks"):
             torch.testing.assert_close(dropped(q), gm(q))
+
+
+class _Padded(torch.nn.Module):
+    """A padding mask anded with a factor from constants, as transformers 5 builds BERT's."""
+
+    def __init__(self, factor: str):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, q, keys):
+        n = q.shape[-2]
+        i = torch.arange(n)
+        rows = {"all true": i >= 0, "masks a row": i >= 1}[self.factor] if self.factor != "input" else keys[0] > 0
+        mask = (keys[:, None, None, :] > 0) & rows[None, None, :, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask.expand(2, 1, n, n))
+
+
+def test_a_factor_that_keeps_every_score_is_left_out_of_a_mask():
+    q, keys = torch.randn(2, 2, 6, 8), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    for factor, narrowed in (("all true", True), ("masks a row", False), ("input", False)):
+        gm = torch.export.export(_Padded(factor), (q, keys)).module()
+        sdpa = next(iter(gm.graph.find_nodes(op="call_function", target=SDPA)))
+        mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+        kept = without_constant_factor(mask, (2, 2, 6, 6))
+        assert (kept is not mask) == narrowed, factor
+        if narrowed:  # the padding row alone: the same mask once broadcast to the scores
+            assert tuple(kept.meta["val"].shape) == (2, 1, 1, 6)
+        assert without_constant_factor(mask, (2, 2, 6, 7)) is mask  # a mask that does not fit those scores
 
 
 def test_targets_drop_them_unless_switched_off(vit_captured):

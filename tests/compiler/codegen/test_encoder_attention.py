@@ -147,6 +147,12 @@ def test_berts_padded_attention_is_rewritten_and_computes_the_same(bert_padded):
     rewritten, n = use_encoder_attention(gm)
     assert n == 3 and sum(node.target == OP for node in rewritten.graph.nodes) == 3
     assert not any(node.target == OP for node in gm.graph.nodes)  # the program keeps SDPA
+    # The kernel reads the padding mask as one row a sequence ([B, 1, 1, L]): its factor
+    # `query_index >= 0` keeps every score and is left out; SDPA read it as [B, 1, S, L].
+    sdpa_masks = {tuple(n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None).meta["val"].shape)
+                  for n in gm.graph.find_nodes(op="call_function", target=SDPA)}
+    kernel_masks = {tuple(n.args[3].meta["val"].shape) for n in rewritten.graph.nodes if n.target == OP}
+    assert sdpa_masks == {(2, 1, 20, 20)} and kernel_masks == {(2, 1, 1, 20)}
     args, kwargs = bert_padded.example_inputs["forward"]
     torch.testing.assert_close(rewritten(*args, **kwargs), gm(*args, **kwargs), rtol=1e-5, atol=1e-5)
 
