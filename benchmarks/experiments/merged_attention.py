@@ -11,6 +11,8 @@ dense"). This times SDPA on ViT-B/16's shapes at the token counts of the r=13 sc
     mask            SDPA with the [B, 1, 1, N] additive bias, as merge_tokens emits it
     optc kernel     optc::encoder_attention: the flash loop reading the bias in tiles
     optc no mask    the same kernel with no mask (its floor, against SDPA's flash kernel)
+    optc key row    (--mask padding) the kernel reading one row of the mask a sequence,
+                    [B, 1, 1, N], as the encoder_sdpa rewrite hands it BERT's mask
     extra channel   no mask: the bias carried by one more head channel, q' = [q, 1, 0...],
                     k' = [k, log(size) / scale, 0...], v' = [v, 0...] padded to a multiple of
                     8 and the scale of the original head dim given explicitly, so that
@@ -51,7 +53,7 @@ from optc.compiler.codegen.kernels.encoder_attention import EncoderAttentionConf
 BACKENDS = {"no mask": (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION),
             "mask": (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION),
             "extra channel": (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION), "optc kernel": (),
-            "optc no mask": ()}
+            "optc no mask": (), "optc key row": ()}
 TOKENS = (197, 145, 93, 54)  # ViT-B/16 at r=13: the input, levels 4, 8 and 11
 
 
@@ -75,6 +77,10 @@ def extra_channel_form(q, k, v, mask, size):
 
 def optc_form(q, k, v, mask, size):
     return torch.ops.optc.encoder_attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
+
+
+def optc_key_row_form(q, k, v, mask, size):
+    return optc_form(q, k, v, mask[:, :, :1], size)
 
 
 def optc_plain_form(q, k, v, mask, size):
@@ -135,6 +141,7 @@ def main() -> int:
              "optc no mask": optc_plain_form}
     if args.mask == "padding":
         forms.pop("extra channel")
+        forms["optc key row"] = optc_key_row_form
     rows = []
     for n in tokens:
         q, k, v, mask, size = inputs(args.batch, args.heads, n, args.head_dim, device, torch.bfloat16, args.mask)
