@@ -83,13 +83,14 @@ def cases():
                dict(HAS_MASK=True, PARTIAL=cfg.split > 1, FP32_DOT=False, BLOCK_S=16, BLOCK_L=cfg.block_l, BLOCK_D=64,
                     SCAN=decode_attention._scan(16, 256 // cfg.split)), cfg.num_warps)
 
-    # Encoder self-attention: ViT-B/16's tokens and BERT's longest sequence, with a padding
-    # mask of a row a query (booleans) or merged tokens' size bias, one row for all (additive
-    # bf16), at head widths 64 and 128.
+    # Encoder self-attention: ViT-B/16's tokens and BERT's longest sequence, with a boolean
+    # mask of a row a query or one row for all (BERT's padding row), or merged tokens' size
+    # bias, one row for all (additive bf16), at head widths 64 and 128.
     for d, s in itertools.product((64, 128), (197, 512)):
         cfg = encoder_attention.plan(s, d)
-        for kind, mask_type, rows in ((1, "*i1", True), (2, "*bf16", False)):
-            yield (f"encoder_attention-d{d}-s{s}-mask{kind}", encoder_attention.encoder_attention_kernel,
+        for kind, mask_type, rows in ((1, "*i1", True), (1, "*i1", False), (2, "*bf16", False)):
+            yield (f"encoder_attention-d{d}-s{s}-mask{kind}{'-rows' if rows else ''}",
+                   encoder_attention.encoder_attention_kernel,
                    {**ENCODER_ATTENTION_SIG, "m_ptr": mask_type},
                    dict(MASK=kind, MASK_ROWS=rows, FP32_DOT=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                         BLOCK_D=d), cfg.num_warps)
