@@ -9,11 +9,12 @@ computes the same function as a flash loop that reads the mask in tiles.
 Rewritten only where the function is exactly SDPA's: static shapes, not a decode step's
 (a few query rows over more keys: decode_sdpa's kernel is made for those), keys and values
 with the query's batch, heads and width (at most MAX_HEAD_DIM), one dtype, a boolean or
-additive mask that broadcasts to the scores, no dropout, no causal flag, no GQA flag. An SDPA without a mask
-keeps Inductor's choice (a flash kernel). A boolean mask's factor that keeps every score is
-left out (constant_masks.without_constant_factor), so BERT's padding mask reaches the kernel
-as one row a sequence, which it reads once a tile, not as a row per query. Like the other lowering rewrites this works on
-a copy used for lowering; the lowering check compares it with the program itself.
+additive mask that broadcasts to the scores, no dropout, no causal flag, no GQA flag. An
+SDPA without a mask keeps Inductor's choice (a flash kernel). A boolean mask's factor that
+keeps every score is left out (constant_masks.without_constant_factor), so BERT's padding
+mask reaches the kernel as one row a sequence, read once a trip, not as a row per query.
+Like the other lowering rewrites this works on a copy used for lowering; the lowering check
+compares it with the program itself.
 """
 
 from __future__ import annotations
