@@ -49,6 +49,10 @@ class Target:
     # flash kernel that reads the mask in tiles instead of SDPA's masked path
     # (codegen/encoder_sdpa). Off until measured on a GPU.
     encoder_attention: bool = False
+    # The same kernel for encoder self-attention without a mask too (ViT's, once its
+    # constant mask is dropped), instead of SDPA's flash kernel: at batch 1 cuDNN's flash
+    # call came with a memset and an idle gap before it (benchmarks/NOTES.md). Off until measured.
+    encoder_attention_unmasked: bool = False
     # SDPA masks computed from constants that keep every score are dropped, so SDPA may
     # pick a fused kernel (codegen/constant_masks): the same function on every target.
     drop_constant_masks: bool = True
@@ -91,11 +95,11 @@ TARGETS = {
 # The fields of a profile that only change how programs are lowered (not what the passes
 # do): a measurement may change them for one row (`with_overrides`).
 LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "decode_qkv", "decode_qkv_cache",
-                   "merge_gemms", "drop_constant_masks", "encoder_attention")
+                   "merge_gemms", "drop_constant_masks", "encoder_attention", "encoder_attention_unmasked")
 
 # Rewrites that came after devices' histories were recorded: named in lowering_words only
 # when on, so what was measured before them (with them off) still matches.
-_NAMED_WHEN_ON = ("decode_qkv", "decode_qkv_cache", "encoder_attention")
+_NAMED_WHEN_ON = ("decode_qkv", "decode_qkv_cache", "encoder_attention", "encoder_attention_unmasked")
 
 
 # The targets' dicts of Inductor options, which with_overrides changes option by option.

@@ -10,7 +10,8 @@ Rewritten only where the function is exactly SDPA's: static shapes, not a decode
 (a few query rows over more keys: decode_sdpa's kernel is made for those), keys and values
 with the query's batch, heads and width (at most MAX_HEAD_DIM), one dtype, a boolean or
 additive mask that broadcasts to the scores, no dropout, no causal flag, no GQA flag. An
-SDPA without a mask keeps Inductor's choice (a flash kernel). A boolean mask's factor that
+SDPA without a mask keeps Inductor's choice (a flash kernel) unless the target asks for the
+kernel there too (`encoder_attention_unmasked`). A boolean mask's factor that
 keeps every score is left out (constant_masks.without_constant_factor), so BERT's padding
 mask reaches the kernel as one row a sequence, read once a trip, not as a row per query.
 Like the other lowering rewrites this works on a copy used for lowering; the lowering check
@@ -37,32 +38,35 @@ def _max_batch_heads() -> int:
     return MAX_BATCH_HEADS
 
 
-def _call(node: fx.Node) -> tuple | None:
-    """(q, k, v, mask, scale) if `node` is a masked SDPA the kernel computes exactly, else None."""
+def _call(node: fx.Node, masked: bool, unmasked: bool) -> tuple | None:
+    """(q, k, v, mask, scale) if `node` is an SDPA the kernel computes exactly, with a
+    mask if `masked`, without one if `unmasked`; else None."""
     call = plain_sdpa(node)
     if call is None:
         return None
     q, k, v, mask, scale, (B, H, S, L, D) = call
-    if not isinstance(mask, fx.Node) or D > MAX_HEAD_DIM:
+    if not (masked if isinstance(mask, fx.Node) else unmasked and mask is None) or D > MAX_HEAD_DIM:
         return None
     if S < L and S <= decode_rows():
         return None  # a decode step's shape: decode_sdpa's kernel is made for it
-    if node_dtype(mask) not in (torch.bool, node_dtype(q)) or not mask_broadcasts(mask, (B, H, S, L)):
+    if mask is not None and (node_dtype(mask) not in (torch.bool, node_dtype(q))
+                             or not mask_broadcasts(mask, (B, H, S, L))):
         return None
     if max(B * H * S * D, B * H * L * D, B * H * S * L) >= _INT32_OFFSETS or B * H > _max_batch_heads():
         return None  # the kernel's offsets are 32-bit; its grid holds (batch, head) pairs on one axis
-    if node_dtype(mask) == torch.bool:
+    if mask is not None and node_dtype(mask) == torch.bool:
         mask = without_constant_factor(mask, (B, H, S, L))  # BERT's: one row a sequence
     return q, k, v, mask, scale
 
 
-def _calls(graph: fx.Graph) -> list[tuple[fx.Node, tuple]]:
-    return [(node, call) for node in graph.nodes if (call := _call(node)) is not None]
+def _calls(graph: fx.Graph, masked: bool = True, unmasked: bool = False) -> list[tuple[fx.Node, tuple]]:
+    return [(node, call) for node in graph.nodes if (call := _call(node, masked, unmasked)) is not None]
 
 
-def encoder_sdpa_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """The SDPA nodes of `graph` that optc::encoder_attention computes exactly."""
-    return [node for node, _ in _calls(graph)]
+def encoder_sdpa_nodes(graph: fx.Graph, *, masked: bool = True, unmasked: bool = False) -> list[fx.Node]:
+    """The SDPA nodes of `graph` that optc::encoder_attention computes exactly: those with
+    a mask if `masked`, those without one if `unmasked`."""
+    return [node for node, _ in _calls(graph, masked, unmasked)]
 
 
 def _encoder_attention_op():
@@ -70,7 +74,9 @@ def _encoder_attention_op():
     return torch.ops.optc.encoder_attention.default
 
 
-def use_encoder_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A copy of `gm` (sharing its parameters) whose masked SDPAs call
-    optc::encoder_attention, and how many it rewrote; `gm` itself when there are none."""
-    return with_calls_replaced(gm, _calls, _encoder_attention_op)
+def use_encoder_attention(gm: fx.GraphModule, *, masked: bool = True,
+                          unmasked: bool = False) -> tuple[fx.GraphModule, int]:
+    """A copy of `gm` (sharing its parameters) whose SDPAs, masked ones if `masked` and
+    those without a mask if `unmasked`, call optc::encoder_attention, and how many it
+    rewrote; `gm` itself when there are none."""
+    return with_calls_replaced(gm, lambda graph: _calls(graph, masked, unmasked), _encoder_attention_op)

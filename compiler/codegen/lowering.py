@@ -107,8 +107,10 @@ def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch
         gm, _ = realize_gemv_inputs(gm)
     if target.decode_attention:
         gm, _ = use_decode_attention(gm)
-    if forward and target.encoder_attention:  # not a decoder's causal prefill
-        gm, _ = use_encoder_attention(gm)  # after drop_constant_masks: an unmasked SDPA keeps flash
+    if forward and (target.encoder_attention or target.encoder_attention_unmasked):  # not a decoder's prefill
+        # after drop_constant_masks: a mask it drops leaves an unmasked SDPA
+        gm, _ = use_encoder_attention(gm, masked=target.encoder_attention,
+                                      unmasked=target.encoder_attention_unmasked)
     if target.decode_gemv:
         gm, _ = use_decode_gemv(gm)  # after decode_attention: its outputs are in memory
     if target.decode_qkv or target.decode_qkv_cache:

@@ -124,6 +124,8 @@ def test_only_what_the_kernel_computes_exactly_is_rewritten():
     sdpa = next(n for n in unmasked.graph.nodes if n.target == SDPA)
     sdpa.args = sdpa.args[:3]
     assert encoder_sdpa_nodes(unmasked.graph) == []  # SDPA keeps its flash kernel
+    assert len(encoder_sdpa_nodes(unmasked.graph, unmasked=True)) == 1  # unless asked
+    assert encoder_sdpa_nodes(_sdpa_graph().graph, masked=False, unmasked=True) == []  # masked ones: not asked
 
 
 def _op():
@@ -170,6 +172,26 @@ def test_merged_tokens_attention_is_rewritten_after_the_constant_mask_goes(make_
     # blocks read the size bias (optc's kernel).
     assert ops == [SDPA, OP, OP]
     torch.testing.assert_close(graph(x), gms["forward"](x), rtol=1e-5, atol=1e-5)
+
+
+def test_vits_unmasked_attention_is_rewritten_only_when_asked(make_tiny_vit):
+    model = make_tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    captured = capture.capture(model, (x,))
+    gm = capture.graph_module(captured.programs["forward"])
+    OP = _op()
+    cpu = targets.get("cpu")
+    for overrides, expected in (([], [SDPA] * 3), (["encoder_attention=true"], [SDPA] * 3),
+                                (["encoder_attention_unmasked=true"], [OP] * 3)):
+        target = targets.with_overrides(cpu, overrides)
+        graph = lowering.target_graph(gm, target, forward=True)  # the constant mask dropped first
+        assert [n.target for n in graph.graph.nodes if n.target in (OP, SDPA)] == expected, overrides
+        torch.testing.assert_close(graph(x), gm(x), rtol=1e-5, atol=1e-5)
+    asks = targets.with_overrides(cpu, ["encoder_attention_unmasked=true"])
+    assert "encoder_attention_unmasked=true" in targets.lowering_words(asks)
+    result = lowering.lower_and_verify(captured.programs["forward"], captured.example_inputs["forward"],
+                                       asks, "forward")
+    assert result["ok"], result
 
 
 def test_lower_applies_it_only_for_targets_that_ask(bert_padded):
