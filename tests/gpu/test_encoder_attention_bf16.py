@@ -1,6 +1,6 @@
 """optc::encoder_attention's kernel on the GPU in bf16, against SDPA in fp64 on the same
 bf16 inputs: ViT-B/16's self-attention (197 tokens, 12 heads of 64) with BERT's padding
-mask, merge_tokens' size bias and a per-query mask, and the op compiled by Inductor in a
+mask, merge_tokens' size bias, a per-query mask and none, and the op compiled by Inductor in a
 graph that computes the size bias the way merge_tokens does."""
 
 import pytest
@@ -35,11 +35,11 @@ def _masks(B, S, seed=1):
     size[:, 0] = 1
     bias = torch.where(size > 0, size.log(), torch.finfo(torch.bfloat16).min)[:, None, None, :]
     return {"padding": keys.cuda(), "size bias": bias.to("cuda", torch.bfloat16),
-            "per query": (torch.rand(B, 1, S, S, generator=g) > 0.2).cuda()}
+            "per query": (torch.rand(B, 1, S, S, generator=g) > 0.2).cuda(), "none": None}
 
 
 @pytest.mark.parametrize("B,H,S,D", [(4, 12, 197, 64), (2, 12, 93, 64), (2, 8, 130, 128)])
-@pytest.mark.parametrize("mask_kind", ["padding", "size bias", "per query"])
+@pytest.mark.parametrize("mask_kind", ["padding", "size bias", "per query", "none"])
 def test_kernel_equals_sdpa(B, H, S, D, mask_kind, launched):
     q, k_, v = _qkv(B, H, S, D)
     mask = _masks(B, S)[mask_kind]
