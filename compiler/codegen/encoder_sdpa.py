@@ -39,13 +39,14 @@ def _max_batch_heads() -> int:
 
 
 def _call(node: fx.Node, masked: bool, unmasked: bool) -> tuple | None:
-    """(q, k, v, mask, scale) if `node` is an SDPA the kernel computes exactly, with a
-    mask if `masked`, without one if `unmasked`; else None."""
+    """(q, k, v, mask, scale, scores shape) if `node` is an SDPA the kernel computes
+    exactly, with a mask if `masked`, without one if `unmasked`; else None."""
     call = plain_sdpa(node)
     if call is None:
         return None
     q, k, v, mask, scale, (B, H, S, L, D) = call
-    if not (masked if isinstance(mask, fx.Node) else unmasked and mask is None) or D > MAX_HEAD_DIM:
+    wanted = masked if isinstance(mask, fx.Node) else unmasked and mask is None
+    if not wanted or D > MAX_HEAD_DIM:
         return None
     if S < L and S <= decode_rows():
         return None  # a decode step's shape: decode_sdpa's kernel is made for it
@@ -54,19 +55,31 @@ def _call(node: fx.Node, masked: bool, unmasked: bool) -> tuple | None:
         return None
     if max(B * H * S * D, B * H * L * D, B * H * S * L) >= _INT32_OFFSETS or B * H > _max_batch_heads():
         return None  # the kernel's offsets are 32-bit; its grid holds (batch, head) pairs on one axis
-    if mask is not None and node_dtype(mask) == torch.bool:
-        mask = without_constant_factor(mask, (B, H, S, L))  # BERT's: one row a sequence
-    return q, k, v, mask, scale
+    return q, k, v, mask, scale, (B, H, S, L)
 
 
-def _calls(graph: fx.Graph, masked: bool = True, unmasked: bool = False) -> list[tuple[fx.Node, tuple]]:
-    return [(node, call) for node in graph.nodes if (call := _call(node, masked, unmasked)) is not None]
+def _calls(graph: fx.Graph, masked: bool, unmasked: bool) -> list[tuple[fx.Node, tuple]]:
+    """(SDPA node, the kernel's arguments) for each SDPA rewritten. A boolean mask goes
+    without a factor that keeps every score (BERT's: one row a sequence), worked out once
+    for the mask every layer reads."""
+    found, narrowed = [], {}
+    for node in graph.nodes:
+        call = _call(node, masked, unmasked)
+        if call is None:
+            continue
+        q, k, v, mask, scale, scores = call
+        if mask is not None and node_dtype(mask) == torch.bool:
+            if (mask, scores) not in narrowed:
+                narrowed[mask, scores] = without_constant_factor(mask, scores)
+            mask = narrowed[mask, scores]
+        found.append((node, (q, k, v, mask, scale)))
+    return found
 
 
 def encoder_sdpa_nodes(graph: fx.Graph, *, masked: bool = True, unmasked: bool = False) -> list[fx.Node]:
     """The SDPA nodes of `graph` that optc::encoder_attention computes exactly: those with
     a mask if `masked`, those without one if `unmasked`."""
-    return [node for node, _ in _calls(graph, masked, unmasked)]
+    return [node for node in graph.nodes if _call(node, masked, unmasked) is not None]
 
 
 def _encoder_attention_op():
