@@ -37,7 +37,9 @@ def fp32_lowering(model):
     return run
 
 
-INPUTS = ((torch.randn(4, 64, dtype=torch.bfloat16),), {})
+# Seeded: drawn from the global generator at import, the input (and with it the ratio of
+# two noise estimates that one test bounds) depended on what ran before.
+INPUTS = ((torch.randn(4, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),), {})
 
 
 def test_the_half_precision_tolerance_is_the_floor_or_the_programs_noise():
