@@ -265,11 +265,14 @@ class CompileSession:
         if self.is_lm:
             return fn(n, 128, batch=1)
         # The program was captured at the example's batch and length (unless declared
-        # dynamic) and refuses others: batches of that shape, as many samples as 4 per batch.
+        # dynamic) and refuses others: batches of that shape, as many samples as n batches
+        # of ENCODER_BATCH hold (at least one batch). Counting batches of the captured size
+        # instead held 16 times the samples at batch 64, and a pass that keeps activations
+        # (prune_mlp's fit) ran out of an H100's memory on ViT-B/16.
         first = self.captured.example_inputs[self.primary][0][0]
         batch = ENCODER_BATCH if "batch" in self.dynamic else int(first.shape[0])
         seq = 32 if "seq" in self.dynamic or first.dim() != 2 else int(first.shape[1])
-        return fn(n * max(1, ENCODER_BATCH // batch), seq, batch=batch)
+        return fn(encoder_batches(n, batch), seq, batch=batch)
 
     def _pass_reports(self, report: list[dict], gm) -> dict:
         """Each applied pass's own measurements on the held-out batches (e.g. sparsity)."""
@@ -283,6 +286,11 @@ class CompileSession:
                     inputs = [_as_program_inputs(b, self.is_lm, self.device) for b in self.heldout().batches]
                 out[entry["name"]] = spec.report(gm, entry["plan"], inputs)
         return out
+
+
+def encoder_batches(n: int, batch: int) -> int:
+    """Batches of `batch` samples that hold the samples of `n` batches of ENCODER_BATCH."""
+    return max(1, -(-n * ENCODER_BATCH // batch))
 
 
 def _calibration_samples(config: dict) -> int:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from optc.compiler.calibration import CalibrationContext
-from optc.compiler.session import CompileSession
+from optc.compiler.session import CompileSession, encoder_batches
 from optc.models import zoo
 
 
@@ -107,6 +107,16 @@ def test_encoder_data_comes_at_the_captured_shape():
     assert len(calib) == 16 and all(a[0].shape == example[0].shape for a, _ in calib)
     q = compiled.manifest["quality"]
     assert q["metric"] == "embedding-cosine" and q["n"] == 64 and 0 < q["loss"] < 1
+
+
+def test_encoder_calibration_at_a_large_batch_holds_the_same_samples():
+    """Captured at batch 8, n batches of 4 samples are n/2 batches of 8, not n of 8."""
+    entry = zoo.get("tiny-bert")
+    example = tuple(t.expand(8, *t.shape[1:]).contiguous() for t in entry.example_inputs())
+    bert = CompileSession(entry.load(), example, target="cpu", entry=entry, log=lambda m: None)
+    calib = bert.calibration_inputs(4)
+    assert len(calib) == 2 and all(a[0].shape == example[0].shape for a, _ in calib)
+    assert [encoder_batches(n, b) for n, b in ((32, 1), (32, 4), (32, 64), (1, 64), (3, 8))] == [128, 32, 2, 1, 2]
 
 
 def test_a_greedy_skip_plan_extends_the_rounds_of_a_smaller_one():
