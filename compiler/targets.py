@@ -47,11 +47,12 @@ class Target:
     merge_gemms: bool = False
     # Masked encoder self-attention (a padding mask, merge_tokens' size bias) runs optc's
     # flash kernel that reads the mask in tiles instead of SDPA's masked path
-    # (codegen/encoder_sdpa). Off until measured on a GPU.
+    # (codegen/encoder_sdpa): on where measured faster.
     encoder_attention: bool = False
     # The same kernel for encoder self-attention without a mask too (ViT's, once its
     # constant mask is dropped), instead of SDPA's flash kernel: at batch 1 cuDNN's flash
-    # call came with a memset and an idle gap before it (benchmarks/NOTES.md). Off until measured.
+    # call came with a memset and an idle gap before it. Off: on the H100 the kernel won at
+    # batch 1 and lost to cuDNN at ViT-B/16's 197 tokens and batch 64 (benchmarks/NOTES.md).
     encoder_attention_unmasked: bool = False
     # SDPA masks computed from constants that keep every score are dropped, so SDPA may
     # pick a fused kernel (codegen/constant_masks): the same function on every target.
@@ -78,6 +79,10 @@ TARGETS = {
         # One q/k/v GEMM in encoders: faster than three at batch 1 in the same process
         # (BERT-base, ViT-B/16; benchmarks/NOTES.md).
         merge_gemms=True,
+        # optc's kernel for masked encoder attention: faster than SDPA's masked path on
+        # BERT-base (batch 1 and 32) and merged ViT-B/16 (batch 64) in the same process
+        # (benchmarks/NOTES.md, "The encoder attention kernel measured"); not yet on the H200.
+        encoder_attention=True,
     ),
     "h200": Target(
         "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
