@@ -266,9 +266,9 @@ class CompileSession:
             return fn(n, 128, batch=1)
         # The program was captured at the example's batch and length (unless declared
         # dynamic) and refuses others: batches of that shape, as many samples as n batches
-        # of ENCODER_BATCH hold (at least one batch). Counting batches of the captured size
-        # instead held 16 times the samples at batch 64, and a pass that keeps activations
-        # (prune_mlp's fit) ran out of an H100's memory on ViT-B/16.
+        # of ENCODER_BATCH hold (at least one batch), whatever the captured batch: counting
+        # batches of the captured size multiplied the samples by it, past what a GPU holds
+        # for a pass that keeps activations (prune_mlp's fit; benchmarks/NOTES.md).
         first = self.captured.example_inputs[self.primary][0][0]
         batch = ENCODER_BATCH if "batch" in self.dynamic else int(first.shape[0])
         seq = 32 if "seq" in self.dynamic or first.dim() != 2 else int(first.shape[1])
