@@ -6,7 +6,7 @@
 # rows it finished). The target is the GPU present (h200 or h100).
 #   BUDGET_S=570 benchmarks/proof_runs.sh OUT_DIR RUN...
 #   runs: gpu-tests artifact-load artifact-bench llama1b llama8b passes encoders-b1 merge-vit merge-bert
-#         prune attention-shapes
+#         prune attention-shapes merge-profile
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -70,5 +70,8 @@ for r in "$@"; do case $r in
     run attention-merged 90 python3 "$here/experiments/merged_attention.py" --out "$out/merged_attention_$target.json"
     run attention-padded 90 python3 "$here/experiments/merged_attention.py" --mask padding --batch 32 \
       --tokens 128,512 --out "$out/padded_attention_$target.json" ;;
+  merge-profile) run merge-profile 150 python3 "$here/forward_profile.py" --model vit-b16 --batch 1 --variant "" \
+      --variant "merge_tokens.r=4" --variant "merge_tokens.r=13" \
+      --out "$out/forward_profile_vitb16_b1_merge_$target.json" ;;
   *) echo "unknown run '$r'" >&2; exit 2 ;;
 esac; done
