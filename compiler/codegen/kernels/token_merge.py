@@ -44,10 +44,12 @@ kernel by kernel").
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
-__all__ = ["token_match_kernel", "token_merge_kernel", "PAD_SCORE", "SOURCES_PER_DOT"]
+__all__ = ["token_match_kernel", "token_merge_kernel", "MatchLaunch", "match_launch", "PAD_SCORE", "SOURCES_PER_DOT"]
 
 PAD_SCORE = 2.0  # above any cosine
 SOURCES_PER_DOT = 32  # the most (src, dst) pairs one dot of token_merge_kernel adds
@@ -59,7 +61,7 @@ def token_match_kernel(
     N, D, NA, NB, P,
     stride_mb, stride_mn, stride_md, stride_sb, stride_sn,
     PAD: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_a = tl.program_id(1)
@@ -86,7 +88,7 @@ def token_match_kernel(
                      mask=in_b[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         bm = bm / tl.maximum(tl.sqrt(tl.sum(bm * bm, axis=1)), 1e-12)[:, None]
         size_b = tl.load(s_ptr + pid_b * stride_sb + rows_b * stride_sn, mask=in_b, other=1.0)
-        scores = tl.dot(a, tl.trans(bm), input_precision="ieee")
+        scores = tl.dot(a, tl.trans(bm), input_precision=PRECISION)
         scores = tl.where(pad_a[:, None], PAD, scores)
         scores = tl.where((~pad_a[:, None]) & (size_b[None, :] == 0.0), float("-inf"), scores)
         scores = tl.where(in_b[None, :], scores, float("-inf"))
@@ -161,7 +163,29 @@ def _pow2(n: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(int(n)))
 
 
-def token_match(metric, size, protected: int):
+class MatchLaunch(NamedTuple):
+    block_a: int
+    block_b: int
+    num_warps: int
+    # tl.dot's input_precision for the cosines. tf32x3 (three tf32 products) keeps fp32's
+    # partners and runs on the tensor cores; plain tf32 picks other partners than fp32 does.
+    precision: str = "tf32x3"
+
+
+# Programs of 16 rows of set A up to which the narrow tile keeps more of the GPU busy than
+# the wide one costs (benchmarks/results/token_match_precision_h100.json).
+_NARROW_PROGRAMS = 256
+
+
+def match_launch(bsz: int, na: int) -> MatchLaunch:
+    """The match tiling for a batch of `bsz` rows with `na` tokens in set A: small tiles and
+    many programs where the batch alone would leave the GPU idle (batch 1)."""
+    if bsz * triton.cdiv(na, 16) <= _NARROW_PROGRAMS:
+        return MatchLaunch(16, 64, 4)
+    return MatchLaunch(32, 64, 4)
+
+
+def token_match(metric, size, protected: int, launch: MatchLaunch | None = None):
     """(best [B, NA] fp32, idx [B, NA] int64): each a_i's most similar b_j and the score."""
     import torch
 
@@ -172,12 +196,13 @@ def token_match(metric, size, protected: int):
     assert nb >= 1, "nothing to match"
     best = torch.empty((bsz, na), dtype=torch.float32, device=metric.device)
     idx = torch.empty((bsz, na), dtype=torch.int64, device=metric.device)
-    block_a, block_b = (16, 16) if na <= 64 else (64, 32)
-    grid = (bsz, triton.cdiv(na, block_a))
+    launch = launch or match_launch(bsz, na)
+    grid = (bsz, triton.cdiv(na, launch.block_a))
     _launcher(token_match_kernel)[grid](
         metric, size, best, idx, n, d, na, nb, protected,
         metric.stride(0), metric.stride(1), metric.stride(2), size.stride(0), size.stride(1),
-        PAD=PAD_SCORE, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=_pow2(d),
+        PAD=PAD_SCORE, BLOCK_A=launch.block_a, BLOCK_B=launch.block_b, BLOCK_D=_pow2(d),
+        PRECISION=launch.precision, num_warps=launch.num_warps,
     )
     return best, idx
 

@@ -26,10 +26,11 @@ MERGE_SIG = {"x_ptr": "*bf16", "s_ptr": "*fp32", "unm_ptr": "*i64", "src_ptr": "
 
 
 def cases():
-    for block_a, block_b in ((16, 16), (64, 32)):
-        yield (f"token_match-a{block_a}-b{block_b}", token_merge.token_match_kernel, MATCH_SIG,
-               # the channel block token_match launches for BERT-base's and ViT-B/16's 768
-               dict(PAD=token_merge.PAD_SCORE, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=token_merge._pow2(768)), 4)
+    # every tiling match_launch picks, at the head dim of BERT-base's and ViT-B/16's metric
+    for launch in {token_merge.match_launch(bsz, na) for bsz, na in ((1, 20), (1, 98), (64, 98))}:
+        yield (f"token_match-a{launch.block_a}-b{launch.block_b}-w{launch.num_warps}", token_merge.token_match_kernel,
+               MATCH_SIG, dict(PAD=token_merge.PAD_SCORE, BLOCK_A=launch.block_a, BLOCK_B=launch.block_b,
+                               BLOCK_D=token_merge._pow2(64), PRECISION=launch.precision), launch.num_warps)
     for block_r in (16, 32):
         yield (f"token_merge-o16-c128-r{block_r}", token_merge.token_merge_kernel, MERGE_SIG,
                dict(BLOCK_O=16, BLOCK_C=128, BLOCK_R=block_r), 4)
