@@ -25,6 +25,9 @@ run() {  # name seconds-it-usually-takes command...
 }
 bench=(python3 -m optc.cli bench --target "$target")  # `timeout` runs commands, not functions
 vs_max=(--baselines inductor-max --rounds 2)
+# Encoder rows lower without autotune: Inductor's GEMM autotune of a pruned ViT-B/16 at batch 64
+# alone outlasts a run (results/bench_prune_vitb16_b64_h100_partial.json); it only slows optc.
+enc=(--no-autotune)
 # Rows with optc's masked-attention kernel where the target leaves it off (bench refuses a
 # variant that repeats the target's own setting).
 kernel_off=$(python3 -c "from optc.compiler import targets; print(int(not targets.get('$target').encoder_attention))")
@@ -45,26 +48,26 @@ for r in "$@"; do case $r in
       --variant "sparsify_activations.sparsity=0.5 sparsify_activations.method=cats" \
       --out "$out/bench_llama1b_passes_$target.json" ;;
   encoders-b1)
-    run vit-b1 200 "${bench[@]}" vit-b16 --batch 1 "${vs_max[@]}" --variant "merge_tokens.r=13" \
+    run vit-b1 200 "${bench[@]}" vit-b16 --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=13" \
       --out "$out/bench_vitb16_b1_$target.json"
-    run bert-b1 150 "${bench[@]}" bert-base --batch 1 "${vs_max[@]}" --variant "merge_tokens.r=8" \
+    run bert-b1 150 "${bench[@]}" bert-base --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
       --out "$out/bench_bert_base_b1_$target.json" ;;
   merge-vit) kernel merge_tokens.r=13
-    run merge-vit 300 "${bench[@]}" vit-b16 --batch 64 "${vs_max[@]}" --variant "merge_tokens.r=8" \
+    run merge-vit 300 "${bench[@]}" vit-b16 --batch 64 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
       --variant "merge_tokens.r=13" --variant "merge_tokens.r=16" "${with_kernel[@]}" \
       --out "$out/bench_vitb16_b64_merge_$target.json" ;;
   merge-bert)
-    run merge-bert-s128 200 "${bench[@]}" bert-base --batch 32 --seq 128 "${vs_max[@]}" --variant "merge_tokens.r=8" \
+    run merge-bert-s128 200 "${bench[@]}" bert-base --batch 32 --seq 128 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
       --variant "merge_tokens.r=16" --out "$out/bench_bert_base_b32_s128_merge_$target.json"
     kernel merge_tokens.r=64
-    run merge-bert-s512 250 "${bench[@]}" bert-base --batch 32 --seq 512 "${vs_max[@]}" --variant "merge_tokens.r=32" \
+    run merge-bert-s512 250 "${bench[@]}" bert-base --batch 32 --seq 512 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=32" \
       --variant "merge_tokens.r=64" "${with_kernel[@]}" --out "$out/bench_bert_base_b32_s512_merge_$target.json" ;;
   prune)
     run prune-llama1b 250 "${bench[@]}" llama-1b "${vs_max[@]}" --tokens 64 --variant "prune_mlp.ratio=0.25" \
       --out "$out/bench_prune_mlp_llama1b_$target.json"
-    run prune-bert 200 "${bench[@]}" bert-base --batch 32 --seq 128 "${vs_max[@]}" \
+    run prune-bert 200 "${bench[@]}" bert-base --batch 32 --seq 128 "${vs_max[@]}" "${enc[@]}" \
       --variant "prune_mlp.ratio=0.3 prune_heads.ratio=0.25" --out "$out/bench_prune_bert_base_b32_$target.json"
-    run prune-vit 250 "${bench[@]}" vit-b16 --batch 64 "${vs_max[@]}" \
+    run prune-vit 250 "${bench[@]}" vit-b16 --batch 64 "${vs_max[@]}" "${enc[@]}" \
       --variant "prune_mlp.ratio=0.3 prune_heads.ratio=0.25" --out "$out/bench_prune_vitb16_b64_$target.json" ;;
   attention-shapes)
     run attention-merged 90 python3 "$here/experiments/merged_attention.py" --out "$out/merged_attention_$target.json"

@@ -23,6 +23,10 @@ from optc.runtime.measure import (  # noqa: F401 (decode_timer: benchmarks/ impo
     Workload, agreement, decode_timer, forward_agreement, measure)
 
 DEFAULT_BASELINES = ("eager", "hf-static", "inductor", "inductor-max")
+# Facts of how a row's time was obtained that its JSON row keeps: optc's rounds, and for an
+# Inductor baseline the graphs Dynamo made and the CUDA graphs Inductor skipped (a baseline
+# that ran without its graphs is slower than the same baseline elsewhere).
+ROW_FACTS = ("rounds", "round_medians_ms", "dynamo_graphs", "cudagraph_skips")
 
 
 def _log(msg: str) -> None:
@@ -68,7 +72,8 @@ def bench(
     manifests = {str(a): _artifact_manifest(a) for a in artifacts}  # a bad file fails before minutes of timing
     tgt = targets.get(target)
     if not targets.available(tgt):
-        raise UsageError(f"target {tgt.name} is not present on this machine; run bench where it is, or use --target cpu")
+        raise UsageError(f"target {tgt.name} is not present on this machine; "
+                         "run bench where it is, or use --target cpu")
     labels = [v[0] for v in variants] + [Path(a).name for a in artifacts]
     if len(set(labels)) != len(labels):
         raise UsageError(f"two optc rows have the same label: {labels}")
@@ -112,7 +117,7 @@ def bench(
         rows = [t.as_row(n, best_ms) for n, t in timings.items()]
         for row in rows:
             row["compile_s"] = timings[row["name"]].compile_s
-            row.update({k: v for k, v in timings[row["name"]].info.items() if k in ("rounds", "round_medians_ms")})
+            row.update({k: v for k, v in timings[row["name"]].info.items() if k in ROW_FACTS})
             row.update(notes.get(row["name"], {}))
         against_ideal(rows, "bytes" if is_lm else "flops")
         result = {
@@ -158,11 +163,15 @@ def bench(
     table = torch_baselines.LM_BASELINES if is_lm else torch_baselines.FORWARD_BASELINES
     for name in names:
         if name not in table:
-            raise UsageError(f"unknown baseline '{name}'; known for {'LMs' if is_lm else 'this model'}: {', '.join(table)}")
+            known = f"known for {'LMs' if is_lm else 'this model'}: {', '.join(table)}"
+            raise UsageError(f"unknown baseline '{name}'; {known}")
         _log(f"baseline {name} ...")
         with _cold_inductor():
             timings[name] = table[name](eager, prompt, tokens) if is_lm else table[name](eager, example_inputs)
         _log(f"baseline {name}: {timings[name].median_ms:.3f} {workload.unit}")
+        if timings[name].info.get("cudagraph_skips"):
+            _log(f"warning: baseline {name}: Inductor skipped its CUDA graphs {timings[name].info['cudagraph_skips']} "
+                 "time(s), so its time may include launch overhead it does not have elsewhere")
         write(summary())
     for label, pipe, passes, lowering in variants:
         _log(f"{label}: compiling ...")
@@ -373,7 +382,8 @@ def ideal_note(row: dict) -> str:
 
 
 def _print_table(result: dict) -> None:
-    _log(f"{result['model']} on {result['device']} ({result['unit']}); ratio vs the fastest baseline, {result['baseline']}")
+    _log(f"{result['model']} on {result['device']} ({result['unit']}); "
+         f"ratio vs the fastest baseline, {result['baseline']}")
     print(f"{'name':<44} {'median':>9} {'p20':>9} {'p80':>9} {'ratio':>7}  of ideal", file=sys.stderr)
     for r in result["rows"]:
         ratio = f"{r['ratio_vs_baseline']:.2f}x" if r["ratio_vs_baseline"] else "-"

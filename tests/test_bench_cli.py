@@ -59,7 +59,8 @@ def test_bench_rows_for_each_variant(tmp_path):
 
 
 def test_an_encoder_is_timed_at_the_batch_and_length_asked_for():
-    rc, stdout, err = optc("bench", "tiny-bert", "--target", "cpu", "--baselines", "eager", "--batch", "3", "--seq", "20",
+    rc, stdout, err = optc("bench", "tiny-bert", "--target", "cpu", "--baselines", "eager", "--batch", "3",
+                           "--seq", "20",
                            "--variant", "prune_mlp.ratio=0.5", "--json")
     assert rc == 0, err
     doc = json.loads(stdout)
@@ -159,3 +160,19 @@ def test_a_saved_encoder_artifact_is_timed_per_forward(tmp_path, eager_lower):
     # cache: it was compiled without the check); on the CPU neither autotunes.
     assert eager_lower == [{"autotune": False, "cudagraphs": False, "kernel_cache": False}] * 2
 
+
+
+def test_a_baseline_that_skipped_its_cuda_graphs_says_so(monkeypatch, capsys):
+    """An Inductor baseline that ran without some of its CUDA graphs is slower than itself
+    elsewhere: its row keeps the count and bench warns."""
+    from optc.runtime import baselines
+    from optc.runtime.bench import bench
+
+    def skipping(model, inputs, **kw):
+        return baselines.FORWARD_BASELINES["eager"](model, inputs, **kw).with_extra(cudagraph_skips=3, dynamo_graphs=1)
+
+    monkeypatch.setitem(baselines.FORWARD_BASELINES, "inductor-max", skipping)
+    doc = bench("tiny-bert", target="cpu", baselines=["inductor-max"], variants=())
+    row = doc["rows"][0]
+    assert row["name"] == "inductor-max" and row["cudagraph_skips"] == 3 and row["dynamo_graphs"] == 1
+    assert "baseline inductor-max: Inductor skipped its CUDA graphs 3 time(s)" in capsys.readouterr().err
