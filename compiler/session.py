@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from optc.compiler import capture as cap
-from optc.compiler import pipeline, targets
+from optc.compiler import lossy_estimate, pipeline, targets
 from optc.compiler.anatomy import analyze
 from optc.compiler.calibration import CalibrationContext
 from optc.compiler.codegen import kernel_cache, lowering
@@ -142,10 +142,12 @@ class CompileSession:
     # -- running -----------------------------------------------------------------------
 
     def run(self, config: dict, *, verify: bool = False, evaluate: bool = False,
-            export_on_use: bool = False) -> Compiled:
+            export_on_use: bool = False, estimate: bool = False) -> Compiled:
         """Compile `config` (from `resolve`) on fresh copies of the captured programs.
         `export_on_use`: re-export each program when it is first read (ExportOnUse), for a
-        search trial that may need only its decode program."""
+        search trial that may need only its decode program. `estimate`: say whether the
+        lossy passes are estimated to pay on the target (lossy_estimate; a search prices
+        its trials itself)."""
         timings = {"capture": self.capture_s}
         gms = {name: cap.graph_module(ep) for name, ep in self.captured.programs.items()}
         samples = _calibration_samples(config)
@@ -164,6 +166,11 @@ class CompileSession:
             exported = dict(programs.items())
             timings["reexport"] = programs.seconds
             programs = exported
+        timed = cap.DECODE if self.is_lm else self.primary  # re-exported: every node has its shapes
+        against_dense = lossy_estimate.against_dense(self.captured.programs[timed], programs[timed], report,
+                                                     self.target, timed) if estimate else None
+        if lossy_estimate.warning(against_dense):
+            self.log(lossy_estimate.warning(against_dense))
         verification, files, cache_record = {}, {}, None
         if verify and targets.available(self.target):
             start = time.perf_counter()
@@ -193,6 +200,7 @@ class CompileSession:
             "config": config,
             "passes": report,
             "quality": quality,
+            "estimate": against_dense,
             "model": {"name": self.model_name, "task": self.task, "class": self.model_class, **self.captured.meta},
             "params": {"before": self.params_before, "after": pipeline.count(gms[self.primary])["params"]},
             "anatomy": self.anatomy.summary(),

@@ -63,7 +63,7 @@ def compile(
                              evaluation=evaluation, max_cache_len=max_cache_len, dynamic=dynamic,
                              prefill_len=prefill_len, log=log)
     config = session.resolve(passes, pipeline_name)
-    compiled = session.run(config, verify=verify, evaluate=evaluate)
+    compiled = session.run(config, verify=verify, evaluate=evaluate, estimate=True)
     return artifact_of(session, compiled, package=package, verify=verify, evaluate=evaluate, log=log)
 
 

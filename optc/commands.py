@@ -52,11 +52,17 @@ def dynamic_dims(args) -> tuple[str, ...]:
 
 
 def _load_model(spec: str, target):
+    from optc.compiler import targets
     from optc.models.user import resolve
 
     _log(f"[optc] loading {spec} ...")
     dtype = None if target.device == "cpu" else target.dtype
-    return resolve(spec, device=target.device, dtype=dtype)
+    device = target.device
+    if not targets.available(target):  # compiled here, lowered and checked where it loads
+        _log(f"[optc] no {target.name} device here: capturing on the CPU in {str(dtype).removeprefix('torch.')}; "
+             f"the artifact is lowered and checked when it is loaded on the {target.name}")
+        device = "cpu"
+    return resolve(spec, device=device, dtype=dtype)
 
 
 def compile_model(args, *, evaluate: bool, verify: bool | None = None):
@@ -102,6 +108,7 @@ def cmd_compile(args):
             for p in man["passes"]
         ],
         "params": man["params"],
+        "estimate": man.get("estimate"),
         "verification": man["verification"],
         "lowering": man.get("lowering"),
         "kernel_cache": man.get("kernel_cache"),
@@ -123,6 +130,13 @@ def _report_compile(r: dict) -> None:
             _log(f"       removed: {', '.join(f'{i}.{part}' for i, part in p['plan']['units'])} — {p['plan'].get('why', '')}")
     pb, pa = r["params"]["before"], r["params"]["after"]
     _log(f"  params: {pb:,} -> {pa:,} ({100 * (pb - pa) / max(pb, 1):.1f}% fewer)")
+    e = r.get("estimate")
+    if e and "unavailable" in e:
+        _log(f"  estimate ({e['source']}): unavailable: {e['unavailable']}")
+    elif e:
+        verdict = "pays" if e["pays"] else "does NOT pay: slower than dense"
+        _log(f"  estimate ({e['source']}, {e['program']}): {e['compressed_ms']:.3f} ms against {e['dense_ms']:.3f} "
+             f"dense, {verdict}")
     for name, v in r["verification"].items():
         if isinstance(v, dict):
             how = ""

@@ -42,6 +42,21 @@ def test_compile_json_contract(artifact):
     assert kc["environment"]["target"] == "cpu" and len(kc["sha256"]) == 64
 
 
+def test_compile_for_a_gpu_that_is_not_here(tmp_path):
+    """Compiled on the CPU for the h100, lowered where it loads; the report estimates
+    whether the lossy pass pays there (merging tiny-vit's few tokens does not)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the target's device would be used")
+    rc, out, err = optc("compile", "tiny-vit", "--target", "h100", "-o", str(tmp_path / "v.optc"), "--json",
+                        "--package", "none", "--set", "merge_tokens.r=2")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert "no h100 device here: capturing on the CPU in bfloat16" in err
+    assert doc["target"] == "h100" and "skipped" in doc["verification"]
+    assert doc["estimate"]["passes"] == ["merge_tokens"] and doc["estimate"]["pays"] is False
+    assert "does NOT pay" in err
+
+
 def test_load_and_run_matches_program(artifact):
     import optc
 

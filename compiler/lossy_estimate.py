@@ -1,0 +1,47 @@
+"""Whether a lossy configuration is estimated to pay on its target, before any GPU runs it.
+
+Fewer tokens or channels are not always less time: at batch 1 a merged ViT-B/16 has the
+same one wave of GEMM tiles as the dense one plus the launches each merge adds, and runs
+slower (benchmarks/NOTES.md, "Merging at batch 1"). The compile says so when the cost
+model's prior for the target (its bandwidth, FLOPs and launch cost; no measurement)
+estimates the compressed program slower than the captured one. The program estimated is
+the one that decides latency: decode for a causal LM, the forward otherwise. The captured
+program stands for the dense one; the lossless rewrites the dense compile adds are not in
+it, which favours neither side much (they spare copies the prior prices as views).
+"""
+
+from __future__ import annotations
+
+from optc.compiler.search.cost_model import CostModel, program_features
+
+# An estimate within this fraction of dense is a tie, not a warning: the prior is a model.
+TIE = 0.02
+
+
+def against_dense(dense, compressed, report: list[dict], target, program: str) -> dict | None:
+    """{"program", "source", "passes", "dense_ms", "compressed_ms", "pays"} for the `program`
+    named, `dense` (captured) against `compressed` (after the passes in `report`; both
+    exported programs); "unavailable" instead of the figures where the cost model cannot
+    read a graph; None where no lossy pass applied."""
+    lossy = [p["name"] for p in report if p.get("lossy") and p.get("applied")]
+    if not lossy:
+        return None
+    model = CostModel.prior(target)
+    said = {"program": program, "source": f"cost model prior for {target.name}", "passes": lossy}
+    try:
+        dense_ms = model.estimate_ms(program_features(dense, batch=None))
+        compressed_ms = model.estimate_ms(program_features(compressed, {"passes": report}, batch=None))
+    except Exception as exc:  # noqa: BLE001 - advice only: a graph the cost model cannot read must not fail a compile
+        return {**said, "unavailable": f"{type(exc).__name__}: {exc}"}
+    return {**said, "dense_ms": round(dense_ms, 4), "compressed_ms": round(compressed_ms, 4),
+            "pays": compressed_ms <= dense_ms * (1 + TIE)}
+
+
+def warning(estimate: dict | None) -> str | None:
+    """The line the compile logs when the estimate says the lossy passes do not pay."""
+    if not estimate or estimate.get("pays", True):
+        return None
+    return (f"[optc] warning: {estimate['source']} estimates the {estimate['program']} program with "
+            f"{', '.join(estimate['passes'])} slower than without them ({estimate['compressed_ms']:.3f} against "
+            f"{estimate['dense_ms']:.3f} ms): what they remove does not decide latency at this shape "
+            "(e.g. batch 1); measure with `optc bench`, or compile without them")
