@@ -1,6 +1,6 @@
 """Token-merging kernels (token_match_kernel, token_merge_kernel) on the GPU in bf16,
 against the torch references of codegen/token_ops.py on the same bf16 inputs: ViT-B/16
-and small padded shapes, both match tilings (NA <= 64 and above)."""
+and small padded shapes, both match tilings (match_launch's narrow and wide)."""
 
 import pytest
 import torch
@@ -14,8 +14,8 @@ pytestmark = pytest.mark.gpu
 KERNELS = ("token_match_kernel", "token_merge_kernel")  # read by test_kernels_covered.py
 
 SHAPES = pytest.mark.parametrize("bsz, n, d, c, protected", [
-    (4, 197, 64, 768, 1),   # ViT-B/16: [CLS] + 196 patches, NA = 98 (the 64 x 32 match tile)
-    (2, 41, 24, 40, 1),     # NA = 21 (the 16 x 16 match tile), row 1 ends in padding
+    (4, 197, 64, 768, 1),   # ViT-B/16: [CLS] + 196 patches, NA = 98
+    (2, 41, 24, 40, 1),     # NA = 21, row 1 ends in padding
     (3, 37, 130, 300, 2),   # D and C off the block sizes, two protected tokens
 ])
 
@@ -41,9 +41,13 @@ def _scores(metric, size, protected):
 
 
 @SHAPES
-def test_match_equals_reference(bsz, n, d, c, protected, launched):
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow tile", "wide tile"])
+def test_match_equals_reference(bsz, n, d, c, protected, wide, launched):
     metric, _, size = _case(bsz, n, d, c, protected)
-    best, idx = k.token_match(metric, size, protected)
+    # both tilings match_launch picks from: few programs (batch 1) and many (batch 64)
+    launch = k.match_launch(1, 20) if not wide else k.match_launch(64, 98)
+    assert launch.block_a == (32 if wide else 16)
+    best, idx = k.token_match(metric, size, protected, launch)
     assert launched == {"token_match_kernel"}
     ref_best, ref_idx = ops.match_scores_reference(metric, size, protected)
     torch.testing.assert_close(best, ref_best, atol=1e-5, rtol=1e-5)

@@ -23,7 +23,7 @@ def _case(bsz=2, n=41, d=24, c=40, protected=1, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("protected,n", [(0, 40), (1, 41), (2, 37)])
 def test_match_equals_reference(dtype, protected, n, poison_empty):
     metric, _, size = _case(n=n, protected=protected, dtype=dtype)
-    # A tie across two tiles of B: the smaller j must win, as torch's argmax picks it.
+    # A tie within a tile of B: the smaller j must win, as torch's argmax picks it.
     metric[0, protected + 2 * 3 + 1] = metric[0, protected + 2 * 16 + 1]
     metric[0, protected] = metric[0, protected + 2 * 16 + 1]
     best, idx = k.token_match(metric, size, protected)
@@ -33,6 +33,18 @@ def test_match_equals_reference(dtype, protected, n, poison_empty):
     assert idx[0, 0] == 3
     pad_a = size[:, protected::2] == 0
     assert (best[pad_a] == k.PAD_SCORE).all()  # padding is merged first
+
+
+@pytest.mark.parametrize("launch", [k.match_launch(1, 20), k.match_launch(64, 98)], ids=["narrow", "wide"])
+def test_a_tie_across_tiles_of_b_keeps_the_smaller_j(launch):
+    metric, _, size = _case(n=141)
+    far = launch.block_b + 2  # in the second tile of B
+    metric[0, 1 + 2 * 3 + 1] = metric[0, 1 + 2 * far + 1]
+    metric[0, 1] = metric[0, 1 + 2 * far + 1]
+    best, idx = k.token_match(metric, size, 1, launch)
+    ref_best, ref_idx = ops.match_scores_reference(metric, size, 1)
+    torch.testing.assert_close(best, ref_best, atol=1e-5, rtol=1e-5)
+    assert torch.equal(idx, ref_idx) and idx[0, 0] == 3
 
 
 def test_match_reads_strided_metric():
