@@ -57,11 +57,13 @@ for r in "$@"; do case $r in
       --variant "merge_tokens.r=13" --variant "merge_tokens.r=16" "${with_kernel[@]}" \
       --out "$out/bench_vitb16_b64_merge_$target.json" ;;
   merge-bert)
-    run merge-bert-s128 200 "${bench[@]}" bert-base --batch 32 --seq 128 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
-      --variant "merge_tokens.r=16" --out "$out/bench_bert_base_b32_s128_merge_$target.json"
+    run merge-bert-s128 200 "${bench[@]}" bert-base --batch 32 --seq 128 "${vs_max[@]}" "${enc[@]}" \
+      --variant "merge_tokens.r=8" --variant "merge_tokens.r=16" \
+      --out "$out/bench_bert_base_b32_s128_merge_$target.json"
     kernel merge_tokens.r=64
-    run merge-bert-s512 250 "${bench[@]}" bert-base --batch 32 --seq 512 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=32" \
-      --variant "merge_tokens.r=64" "${with_kernel[@]}" --out "$out/bench_bert_base_b32_s512_merge_$target.json" ;;
+    run merge-bert-s512 250 "${bench[@]}" bert-base --batch 32 --seq 512 "${vs_max[@]}" "${enc[@]}" \
+      --variant "merge_tokens.r=32" --variant "merge_tokens.r=64" "${with_kernel[@]}" \
+      --out "$out/bench_bert_base_b32_s512_merge_$target.json" ;;
   prune)
     run prune-llama1b 250 "${bench[@]}" llama-1b "${vs_max[@]}" --tokens 64 --variant "prune_mlp.ratio=0.25" \
       --out "$out/bench_prune_mlp_llama1b_$target.json"
