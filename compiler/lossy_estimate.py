@@ -6,8 +6,9 @@ slower (benchmarks/NOTES.md, "Merging at batch 1"). The compile says so when the
 model's prior for the target (its bandwidth, FLOPs and launch cost; no measurement)
 estimates the compressed program slower than the captured one. The program estimated is
 the one that decides latency: decode for a causal LM, the forward otherwise. The captured
-program stands for the dense one; the lossless rewrites the dense compile adds are not in
-it, which favours neither side much (they spare copies the prior prices as views).
+program stands for the dense one, which spares compiling it again: the lossless rewrites
+the dense compile adds change the prior's figure by a launch or two, inside the tie band
+on a real model (the captured side is the slower, so a lossy pass gains that little).
 """
 
 from __future__ import annotations

@@ -169,8 +169,8 @@ class CompileSession:
         timed = cap.DECODE if self.is_lm else self.primary  # re-exported: every node has its shapes
         against_dense = lossy_estimate.against_dense(self.captured.programs[timed], programs[timed], report,
                                                      self.target, timed) if estimate else None
-        if lossy_estimate.warning(against_dense):
-            self.log(lossy_estimate.warning(against_dense))
+        if (warning := lossy_estimate.warning(against_dense)) is not None:
+            self.log(warning)
         verification, files, cache_record = {}, {}, None
         if verify and targets.available(self.target):
             start = time.perf_counter()
