@@ -3,7 +3,7 @@
 Importing this module registers (and that is all it changes):
 
     optc::token_match(Tensor metric, Tensor size, int r, int protected, bool use_triton)
-        -> (Tensor unm, Tensor src, Tensor dst)
+        -> (Tensor unm, Tensor src, Tensor dst)      metric [B, N, D], or keys [B, H, N, D]
     optc::token_merge(Tensor x, Tensor size, Tensor unm, Tensor src, Tensor dst,
                       int protected, bool use_triton) -> (Tensor y, Tensor size_out)
     optc::token_merge_dest(Tensor unm, Tensor src, Tensor dst, int n, int protected) -> Tensor
@@ -11,7 +11,8 @@ Importing this module registers (and that is all it changes):
 
 Sets, sizes and the score rules are those of kernels/token_merge.py. `token_match` picks
 the r a-tokens whose best match scores highest (`src`, their partners `dst`) and lists
-the others in ascending order (`unm`); `token_merge` averages each source into its
+the others in ascending order (`unm`), comparing tokens by the cosine of their metric rows
+(of keys: their sum over heads, which has the heads' mean's cosine); `token_merge` averages each source into its
 partner weighted by size. `token_merge_dest` maps every input token to its output
 position; `token_unmerge` gives each original position its merged token's value
 (source: [B, N0], an output position per original token).
@@ -40,7 +41,8 @@ def _sets(n: int, protected: int) -> tuple[int, int]:
 
 def match_scores_reference(metric: Tensor, size: Tensor, protected: int) -> tuple[Tensor, Tensor]:
     """(best, idx) of every a-token, as token_match_kernel computes them, in fp32."""
-    m = metric[:, protected:].float()
+    m = metric.float().sum(1) if metric.dim() == 4 else metric.float()  # keys: summed over heads
+    m = m[:, protected:]
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     s = size[:, protected:]
     a, b, sa, sb = m[:, ::2], m[:, 1::2], s[:, ::2], s[:, 1::2]
@@ -109,6 +111,8 @@ def unmerge_reference(x: Tensor, source: Tensor) -> Tensor:
 def token_match(metric: Tensor, size: Tensor, r: int, protected: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
     if metric.device.type == "cuda" and use_triton:
         best, idx = _k.token_match(metric, size, protected)
+        if best.shape[1] <= _k.SELECT_MAX:
+            return _k.token_select(best, idx, r)
         return _select(best, idx, r)
     return token_match_reference(metric, size, r, protected)
 
@@ -134,7 +138,7 @@ def token_unmerge(x: Tensor, source: Tensor) -> Tensor:
 # Fake implementations: shapes only.
 @token_match.register_fake
 def _match_fake(metric, size, r, protected, use_triton):
-    bsz, n = metric.shape[:2]
+    bsz, n = metric.shape[0], metric.shape[-2]
     na, nb = _sets(n, protected)
     torch._check(0 <= r <= min(na, nb), lambda: f"r={r} exceeds the {nb} tokens of set B")
     new = lambda k: metric.new_empty((bsz, k), dtype=torch.int64)

@@ -149,8 +149,8 @@ def _merge_at(region: Region, mid: fx.Node, key: fx.Node, r: int, cfg: MergeToke
     level = region.tok[mid][1] if mid in region.tok else None
     n = int(node_shape(mid)[1])
     size = region.levels[level]["size"] if level is not None else _initial_size(put, first_mask, mid)
-    metric = put(aten.mean.dim, (key, [1]))  # keys [B, heads, N, d] -> [B, N, d]
-    match = put(ops.token_match.default, (metric, size, r, p, use_triton))
+    # The keys [B, heads, N, d] themselves: the match sums them over heads as it reads them.
+    match = put(ops.token_match.default, (key, size, r, p, use_triton))
     unm, src, dst = (put(operator.getitem, (match, i)) for i in range(3))
     merged = put(ops.token_merge.default, (mid, size, unm, src, dst, p, use_triton))
     y, new_size = put(operator.getitem, (merged, 0)), put(operator.getitem, (merged, 1))

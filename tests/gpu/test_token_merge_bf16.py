@@ -1,6 +1,7 @@
-"""Token-merging kernels (token_match_kernel, token_merge_kernel) on the GPU in bf16,
-against the torch references of codegen/token_ops.py on the same bf16 inputs: ViT-B/16
-and small padded shapes, both match tilings (match_launch's narrow and wide)."""
+"""Token-merging kernels (token_match_kernel, token_select_kernel, token_merge_kernel) on the
+GPU in bf16, against the torch references of codegen/token_ops.py on the same bf16 inputs:
+ViT-B/16 and small padded shapes, both match tilings (match_launch's narrow and wide), keys
+summed over heads."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from optc.compiler.codegen import token_ops as ops
 from optc.compiler.codegen.kernels import token_merge as k
 
 pytestmark = pytest.mark.gpu
-KERNELS = ("token_match_kernel", "token_merge_kernel")  # read by test_kernels_covered.py
+KERNELS = ("token_match_kernel", "token_select_kernel", "token_merge_kernel")  # read by test_kernels_covered.py
 
 SHAPES = pytest.mark.parametrize("bsz, n, d, c, protected", [
     (4, 197, 64, 768, 1),   # ViT-B/16: [CLS] + 196 patches, NA = 98
@@ -60,6 +61,29 @@ def test_match_equals_reference(bsz, n, d, c, protected, wide, launched):
     assert (best[pad_a] == k.PAD_SCORE).all()  # padding is merged first
 
 
+def test_match_sums_keys_over_heads(launched):
+    # ViT-B/16's keys as attention reads them: [B, 12 heads, 197, 64], transposed from the projection.
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(2, 197, 12, 64, generator=g).to("cuda", torch.bfloat16).transpose(1, 2)
+    size = torch.ones(2, 197, device="cuda")
+    best, idx = k.token_match(keys, size, 1)
+    assert launched == {"token_match_kernel"}
+    ref_best, ref_idx = ops.match_scores_reference(keys, size, 1)
+    torch.testing.assert_close(best, ref_best, atol=1e-5, rtol=1e-5)
+    assert (idx != ref_idx).float().mean() < 0.01  # a near-tie may go the other way
+
+
+@pytest.mark.parametrize("bsz, na, r", [(1, 98, 13), (64, 98, 8), (32, 256, 64), (2, 1024, 300)])
+def test_select_equals_a_stable_descending_sort(bsz, na, r, launched):
+    g = torch.Generator().manual_seed(na)
+    best = (torch.randint(-8, 9, (bsz, na), generator=g).float() / 8).cuda()  # many ties
+    idx = torch.randint(0, na, (bsz, na), generator=g).cuda()
+    got = k.token_select(best, idx, r)
+    assert launched == {"token_select_kernel"}
+    for mine, want in zip(got, ops._select(best, idx, r)):
+        assert torch.equal(mine, want)
+
+
 @SHAPES
 @pytest.mark.parametrize("r_frac", [0.1, 0.5])
 def test_merge_equals_reference(bsz, n, d, c, protected, r_frac, launched):
@@ -82,7 +106,7 @@ def test_registered_ops_launch_the_kernels(launched):
     metric, x, size = _case(4, 197, 64, 768, 1, seed=2)
     unm, src, dst = torch.ops.optc.token_match(metric, size, 16, 1, True)
     y, size_out = torch.ops.optc.token_merge(x, size, unm, src, dst, 1, True)
-    assert launched == {"token_match_kernel", "token_merge_kernel"}
+    assert launched == {"token_match_kernel", "token_select_kernel", "token_merge_kernel"}
     # A selection: every a-token is merged (src) or kept (unm), once; kept ones in order.
     assert torch.equal(torch.cat([unm, src], 1).sort(1).values, torch.arange(98, device="cuda").expand(4, -1))
     assert (unm.diff(dim=1) > 0).all() and src.shape == dst.shape == (4, 16)

@@ -10,9 +10,11 @@ A token's size s (fp32) is how many original tokens it stands for; padding has s
 
 token_match_kernel, grid (B, cdiv(NA, BLOCK_A)): for each a_i, the b_j it is most
 similar to by cosine of the metric rows and that score, without materialising the
-[NA, NB] score matrix (one [BLOCK_A, BLOCK_B] tile at a time, a running max/argmax):
+[NA, NB] score matrix (one [BLOCK_A, BLOCK_B] tile at a time, a running max/argmax).
+A token's metric row is the sum over H heads of its keys (the cosine of the heads' mean;
+summing here spares a launch of its own, which at batch 1 cost more than the match):
 
-    metric[b, n, d]  at m_ptr + b*stride_mb + n*stride_mn + d*stride_md
+    keys[b, h, n, d]  at m_ptr + b*stride_mb + h*stride_mh + n*stride_mn + d*stride_md
     size[b, n]       at s_ptr + b*stride_sb + n*stride_sn
     best[b, i], idx[b, i]   at best_ptr / idx_ptr + b*NA + i   (fp32 / int64)
 
@@ -20,6 +22,11 @@ Score rules (one owner: the torch reference in ops.py follows them exactly):
     both real: cosine; a_i padding: PAD_SCORE (above any cosine, so padding goes first
     and its zero weight leaves its destination unchanged); a_i real, b_j padding: -inf
     (a real token never moves into a padding slot). Ties keep the smallest j.
+
+token_select_kernel, grid (B,): ranks the a-tokens by best score (descending; ties keep
+the smaller i, as a stable sort does) and writes src[b, rank] = i and dst[b, rank] = idx[b, i]
+for the R best, and the others' i in ascending order to unm[b, :NA - R]. One program a batch
+row, NA up to SELECT_MAX: one launch where torch's argsort, sort and gather took three.
 
 token_merge_kernel, grid (B, cdiv(N_OUT, BLOCK_O), cdiv(C, BLOCK_C)), N_OUT = N - R: output
 tokens [pid_o*BLOCK_O, +BLOCK_O) of batch b, channels [pid_c*BLOCK_C, +BLOCK_C), each o:
@@ -49,17 +56,29 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-__all__ = ["token_match_kernel", "token_merge_kernel", "MatchLaunch", "match_launch", "PAD_SCORE", "SOURCES_PER_DOT"]
+__all__ = ["token_match_kernel", "token_select_kernel", "token_merge_kernel", "MatchLaunch", "match_launch",
+           "PAD_SCORE", "SOURCES_PER_DOT", "SELECT_MAX"]
 
 PAD_SCORE = 2.0  # above any cosine
 SOURCES_PER_DOT = 32  # the most (src, dst) pairs one dot of token_merge_kernel adds
+SELECT_MAX = 1024  # the most a-tokens token_select_kernel ranks in its one program
+
+
+@triton.jit
+def _head_sum(m_base, rows, offs_d, mask, H, stride_mh, stride_mn, stride_md):
+    """[rows, D] fp32: the rows' keys summed over the H heads."""
+    ptrs = m_base + rows[:, None] * stride_mn + offs_d[None, :] * stride_md
+    acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    for h in range(1, H):
+        acc += tl.load(ptrs + h * stride_mh, mask=mask, other=0.0).to(tl.float32)
+    return acc
 
 
 @triton.jit
 def token_match_kernel(
     m_ptr, s_ptr, best_ptr, idx_ptr,
-    N, D, NA, NB, P,
-    stride_mb, stride_mn, stride_md, stride_sb, stride_sn,
+    N, D, NA, NB, P, H,
+    stride_mb, stride_mh, stride_mn, stride_md, stride_sb, stride_sn,
     PAD: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -71,8 +90,7 @@ def token_match_kernel(
     d_mask = offs_d < D
     rows_a = P + 2 * offs_i
     m_base = m_ptr + pid_b * stride_mb
-    a = tl.load(m_base + rows_a[:, None] * stride_mn + offs_d[None, :] * stride_md,
-                mask=in_a[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    a = _head_sum(m_base, rows_a, offs_d, in_a[:, None] & d_mask[None, :], H, stride_mh, stride_mn, stride_md)
     # Normalised rows: the dot product of two is their cosine (a zero row stays zero).
     a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-12)[:, None]
     size_a = tl.load(s_ptr + pid_b * stride_sb + rows_a * stride_sn, mask=in_a, other=1.0)
@@ -84,8 +102,7 @@ def token_match_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_B)
         in_b = offs_j < NB
         rows_b = P + 2 * offs_j + 1
-        bm = tl.load(m_base + rows_b[:, None] * stride_mn + offs_d[None, :] * stride_md,
-                     mask=in_b[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        bm = _head_sum(m_base, rows_b, offs_d, in_b[:, None] & d_mask[None, :], H, stride_mh, stride_mn, stride_md)
         bm = bm / tl.maximum(tl.sqrt(tl.sum(bm * bm, axis=1)), 1e-12)[:, None]
         size_b = tl.load(s_ptr + pid_b * stride_sb + rows_b * stride_sn, mask=in_b, other=1.0)
         scores = tl.dot(a, tl.trans(bm), input_precision=PRECISION)
@@ -101,6 +118,33 @@ def token_match_kernel(
         best = tl.where(better, tile_best, best)
     tl.store(best_ptr + pid_b * NA + offs_i, best, mask=in_a)
     tl.store(idx_ptr + pid_b * NA + offs_i, best_j.to(tl.int64), mask=in_a)
+
+
+@triton.jit
+def token_select_kernel(
+    best_ptr, idx_ptr, unm_ptr, src_ptr, dst_ptr, NA, R,
+    BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    in_a = offs < NA
+    score = tl.load(best_ptr + b * NA + offs, mask=in_a, other=float("-inf"))
+    # rank = how many a-tokens sort before this one: a higher score, or the same and a smaller i.
+    rank = tl.zeros((BLOCK,), tl.int32)
+    for j0 in range(0, NA, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        in_j = offs_j < NA
+        score_j = tl.load(best_ptr + b * NA + offs_j, mask=in_j, other=float("-inf"))
+        ahead = (score_j[None, :] > score[:, None]) | (
+            (score_j[None, :] == score[:, None]) & (offs_j[None, :] < offs[:, None]))
+        rank += tl.sum((ahead & in_j[None, :]).to(tl.int32), axis=1)
+    merged = in_a & (rank < R)
+    kept = in_a & (rank >= R)
+    partner = tl.load(idx_ptr + b * NA + offs, mask=merged, other=0)
+    tl.store(src_ptr + b * R + rank, offs.to(tl.int64), mask=merged)
+    tl.store(dst_ptr + b * R + rank, partner, mask=merged)
+    kept_before = tl.cumsum(kept.to(tl.int32), axis=0) - 1
+    tl.store(unm_ptr + b * (NA - R) + kept_before, offs.to(tl.int64), mask=kept)
 
 
 @triton.jit
@@ -186,12 +230,16 @@ def match_launch(bsz: int, na: int) -> MatchLaunch:
 
 
 def token_match(metric, size, protected: int, launch: MatchLaunch | None = None):
-    """(best [B, NA] fp32, idx [B, NA] int64): each a_i's most similar b_j and the score."""
+    """(best [B, NA] fp32, idx [B, NA] int64): each a_i's most similar b_j and the score.
+    metric: [B, N, D], or keys [B, H, N, D] whose sum over heads is the metric."""
     import torch
 
-    assert metric.dim() == 3 and size.shape == metric.shape[:2], "metric [B, N, D], size [B, N]"
+    if metric.dim() == 3:
+        metric = metric.unsqueeze(1)
+    assert metric.dim() == 4 and size.shape == (metric.shape[0], metric.shape[2]), \
+        "metric [B, N, D] or [B, H, N, D], size [B, N]"
     assert size.dtype == torch.float32, "sizes are fp32"
-    bsz, n, d = metric.shape
+    bsz, heads, n, d = metric.shape
     na, nb = (n - protected + 1) // 2, (n - protected) // 2
     assert nb >= 1, "nothing to match"
     best = torch.empty((bsz, na), dtype=torch.float32, device=metric.device)
@@ -199,12 +247,29 @@ def token_match(metric, size, protected: int, launch: MatchLaunch | None = None)
     launch = launch or match_launch(bsz, na)
     grid = (bsz, triton.cdiv(na, launch.block_a))
     _launcher(token_match_kernel)[grid](
-        metric, size, best, idx, n, d, na, nb, protected,
-        metric.stride(0), metric.stride(1), metric.stride(2), size.stride(0), size.stride(1),
+        metric, size, best, idx, n, d, na, nb, protected, heads,
+        metric.stride(0), metric.stride(1), metric.stride(2), metric.stride(3), size.stride(0), size.stride(1),
         PAD=PAD_SCORE, BLOCK_A=launch.block_a, BLOCK_B=launch.block_b, BLOCK_D=_pow2(d),
         PRECISION=launch.precision, num_warps=launch.num_warps,
     )
     return best, idx
+
+
+def token_select(best, idx, r: int):
+    """(unm [B, NA - r], src [B, r], dst [B, r]) int64, as codegen/token_ops.py's _select."""
+    import torch
+
+    bsz, na = best.shape
+    assert na <= SELECT_MAX, f"token_select ranks at most {SELECT_MAX} a-tokens in one program"
+    best, idx = best.contiguous(), idx.contiguous()
+    new = lambda k: torch.empty((bsz, k), dtype=torch.int64, device=best.device)
+    unm, src, dst = new(na - r), new(r), new(r)
+    block = _pow2(na)
+    _launcher(token_select_kernel)[(bsz,)](
+        best, idx, unm, src, dst, na, r, BLOCK=block, BLOCK_J=max(16, 4096 // block),
+        num_warps=4 if block <= 256 else 8,
+    )
+    return unm, src, dst
 
 
 def token_merge(x, size, unm, src, dst, protected: int):

@@ -1,6 +1,6 @@
 """Token-merging kernels (kernels/token_merge.py) under the Triton interpreter against
 the torch references of codegen/token_ops.py: matching (cosine, padding rules, ties
-across tiles), the size-weighted merge (several sources per destination, padding), and
+across tiles, keys summed over heads), the selection of the r best, the size-weighted merge (several sources per destination, padding), and
 the destination map the unmerge reads."""
 
 import pytest
@@ -54,6 +54,32 @@ def test_match_reads_strided_metric():
     ref_best, ref_idx = ops.match_scores_reference(metric, size, 1)
     torch.testing.assert_close(best, ref_best, atol=1e-5, rtol=1e-5)
     assert torch.equal(idx, ref_idx)
+
+
+def test_match_sums_keys_over_heads():
+    # Keys [B, H, N, D], transposed from [B, N, H, D] as attention reads them: the metric is
+    # their sum over heads, whose cosines are those of the heads' mean.
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 41, 3, 24, generator=g).transpose(1, 2)
+    _, _, size = _case()
+    best, idx = k.token_match(keys, size, 1)
+    ref_best, ref_idx = ops.match_scores_reference(keys.mean(1), size, 1)
+    torch.testing.assert_close(best, ref_best, atol=1e-5, rtol=1e-5)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(ops.match_scores_reference(keys, size, 1)[1], ref_idx)
+
+
+@pytest.mark.parametrize("na,r", [(20, 0), (20, 7), (21, 21), (98, 13), (300, 100)])
+def test_select_equals_a_stable_descending_sort(na, r, poison_empty):
+    g = torch.Generator().manual_seed(na + r)
+    best = torch.randint(-4, 5, (3, na), generator=g).float() / 4  # many ties
+    best[0, :3] = float("-inf")  # a-tokens whose every partner is padding
+    best[1, -2:] = k.PAD_SCORE
+    idx = torch.randint(0, 50, (3, na), generator=g)
+    unm, src, dst = k.token_select(best, idx, r)
+    ref = ops._select(best, idx, r)
+    for got, want in zip((unm, src, dst), ref):
+        assert got.dtype == torch.int64 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -151,4 +177,5 @@ def test_kernels_compile_for_sm90_bf16():
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout)
-    assert len(results) == 4 and all(v == "ok" for v in results.values()), results  # 2 match tilings, 2 merge
+    # 2 match tilings, 3 selection widths, 2 merge
+    assert len(results) == 7 and all(v == "ok" for v in results.values()), results

@@ -19,7 +19,10 @@ def _ints(*names):
 
 
 MATCH_SIG = {"m_ptr": "*bf16", "s_ptr": "*fp32", "best_ptr": "*fp32", "idx_ptr": "*i64",
-             **_ints("N", "D", "NA", "NB", "P", "stride_mb", "stride_mn", "stride_md", "stride_sb", "stride_sn")}
+             **_ints("N", "D", "NA", "NB", "P", "H", "stride_mb", "stride_mh", "stride_mn", "stride_md", "stride_sb",
+                     "stride_sn")}
+SELECT_SIG = {"best_ptr": "*fp32", "idx_ptr": "*i64", "unm_ptr": "*i64", "src_ptr": "*i64", "dst_ptr": "*i64",
+              **_ints("NA", "R")}
 MERGE_SIG = {"x_ptr": "*bf16", "s_ptr": "*fp32", "unm_ptr": "*i64", "src_ptr": "*i64", "dst_ptr": "*i64",
              "y_ptr": "*bf16", "so_ptr": "*fp32",
              **_ints("N_OUT", "C", "NA", "R", "P", "stride_xb", "stride_xn", "stride_sb", "stride_sn")}
@@ -31,6 +34,9 @@ def cases():
         yield (f"token_match-a{launch.block_a}-b{launch.block_b}-w{launch.num_warps}", token_merge.token_match_kernel,
                MATCH_SIG, dict(PAD=token_merge.PAD_SCORE, BLOCK_A=launch.block_a, BLOCK_B=launch.block_b,
                                BLOCK_D=token_merge._pow2(64), PRECISION=launch.precision), launch.num_warps)
+    for block in (128, 256, 1024):  # ViT-B/16's 98 a-tokens, BERT's 256 at seq 512, the most it ranks
+        yield (f"token_select-{block}", token_merge.token_select_kernel, SELECT_SIG,
+               dict(BLOCK=block, BLOCK_J=max(16, 4096 // block)), 4 if block <= 256 else 8)
     for block_r in (16, 32):
         yield (f"token_merge-o16-c128-r{block_r}", token_merge.token_merge_kernel, MERGE_SIG,
                dict(BLOCK_O=16, BLOCK_C=128, BLOCK_R=block_r), 4)
