@@ -65,12 +65,14 @@ SELECT_MAX = 1024  # the most a-tokens token_select_kernel ranks in its one prog
 
 
 @triton.jit
-def _head_sum(m_base, rows, offs_d, mask, H, stride_mh, stride_mn, stride_md):
-    """[rows, D] fp32: the rows' keys summed over the H heads."""
+def _head_sum(m_base, rows, offs_d, mask, H, stride_mh, stride_mn, stride_md, HEADS_PER_TRIP: tl.constexpr):
+    """[rows, D] fp32: the rows' keys summed over the H heads, HEADS_PER_TRIP loads in flight
+    at once (one at a time, each load waited for before the next, cost more than the match)."""
     ptrs = m_base + rows[:, None] * stride_mn + offs_d[None, :] * stride_md
-    acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    for h in range(1, H):
-        acc += tl.load(ptrs + h * stride_mh, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.zeros(mask.shape, tl.float32)
+    for h0 in range(0, H, HEADS_PER_TRIP):
+        for t in tl.static_range(HEADS_PER_TRIP):
+            acc += tl.load(ptrs + (h0 + t) * stride_mh, mask=mask & (h0 + t < H), other=0.0).to(tl.float32)
     return acc
 
 
@@ -81,6 +83,7 @@ def token_match_kernel(
     stride_mb, stride_mh, stride_mn, stride_md, stride_sb, stride_sn,
     PAD: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HEADS_PER_TRIP: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_a = tl.program_id(1)
@@ -90,7 +93,8 @@ def token_match_kernel(
     d_mask = offs_d < D
     rows_a = P + 2 * offs_i
     m_base = m_ptr + pid_b * stride_mb
-    a = _head_sum(m_base, rows_a, offs_d, in_a[:, None] & d_mask[None, :], H, stride_mh, stride_mn, stride_md)
+    a = _head_sum(m_base, rows_a, offs_d, in_a[:, None] & d_mask[None, :], H, stride_mh, stride_mn, stride_md,
+                  HEADS_PER_TRIP)
     # Normalised rows: the dot product of two is their cosine (a zero row stays zero).
     a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-12)[:, None]
     size_a = tl.load(s_ptr + pid_b * stride_sb + rows_a * stride_sn, mask=in_a, other=1.0)
@@ -102,7 +106,8 @@ def token_match_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_B)
         in_b = offs_j < NB
         rows_b = P + 2 * offs_j + 1
-        bm = _head_sum(m_base, rows_b, offs_d, in_b[:, None] & d_mask[None, :], H, stride_mh, stride_mn, stride_md)
+        bm = _head_sum(m_base, rows_b, offs_d, in_b[:, None] & d_mask[None, :], H, stride_mh, stride_mn, stride_md,
+                       HEADS_PER_TRIP)
         bm = bm / tl.maximum(tl.sqrt(tl.sum(bm * bm, axis=1)), 1e-12)[:, None]
         size_b = tl.load(s_ptr + pid_b * stride_sb + rows_b * stride_sn, mask=in_b, other=1.0)
         scores = tl.dot(a, tl.trans(bm), input_precision=PRECISION)
@@ -214,6 +219,7 @@ class MatchLaunch(NamedTuple):
     # tl.dot's input_precision for the cosines. tf32x3 (three tf32 products) keeps fp32's
     # partners and runs on the tensor cores; plain tf32 picks other partners than fp32 does.
     precision: str = "tf32x3"
+    heads_per_trip: int = 4  # key loads of as many heads issued together (a metric has one head)
 
 
 # Programs of 16 rows of set A up to which the narrow tile keeps more of the GPU busy than
@@ -250,7 +256,7 @@ def token_match(metric, size, protected: int, launch: MatchLaunch | None = None)
         metric, size, best, idx, n, d, na, nb, protected, heads,
         metric.stride(0), metric.stride(1), metric.stride(2), metric.stride(3), size.stride(0), size.stride(1),
         PAD=PAD_SCORE, BLOCK_A=launch.block_a, BLOCK_B=launch.block_b, BLOCK_D=_pow2(d),
-        PRECISION=launch.precision, num_warps=launch.num_warps,
+        PRECISION=launch.precision, HEADS_PER_TRIP=min(launch.heads_per_trip, heads), num_warps=launch.num_warps,
     )
     return best, idx
 

@@ -56,13 +56,14 @@ def test_match_reads_strided_metric():
     assert torch.equal(idx, ref_idx)
 
 
-def test_match_sums_keys_over_heads():
+@pytest.mark.parametrize("heads,per_trip", [(3, 4), (5, 2), (12, 4)])
+def test_match_sums_keys_over_heads(heads, per_trip):
     # Keys [B, H, N, D], transposed from [B, N, H, D] as attention reads them: the metric is
     # their sum over heads, whose cosines are those of the heads' mean.
     g = torch.Generator().manual_seed(3)
-    keys = torch.randn(2, 41, 3, 24, generator=g).transpose(1, 2)
+    keys = torch.randn(2, 41, heads, 24, generator=g).transpose(1, 2)
     _, _, size = _case()
-    best, idx = k.token_match(keys, size, 1)
+    best, idx = k.token_match(keys, size, 1, k.match_launch(2, 20)._replace(heads_per_trip=per_trip))
     ref_best, ref_idx = ops.match_scores_reference(keys.mean(1), size, 1)
     torch.testing.assert_close(best, ref_best, atol=1e-5, rtol=1e-5)
     assert torch.equal(idx, ref_idx)

@@ -33,7 +33,8 @@ def cases():
     for launch in {token_merge.match_launch(bsz, na) for bsz, na in ((1, 20), (1, 98), (64, 98))}:
         yield (f"token_match-a{launch.block_a}-b{launch.block_b}-w{launch.num_warps}", token_merge.token_match_kernel,
                MATCH_SIG, dict(PAD=token_merge.PAD_SCORE, BLOCK_A=launch.block_a, BLOCK_B=launch.block_b,
-                               BLOCK_D=token_merge._pow2(64), PRECISION=launch.precision), launch.num_warps)
+                               BLOCK_D=token_merge._pow2(64), PRECISION=launch.precision,
+                               HEADS_PER_TRIP=launch.heads_per_trip), launch.num_warps)
     for block in (128, 256, 1024):  # ViT-B/16's 98 a-tokens, BERT's 256 at seq 512, the most it ranks
         yield (f"token_select-{block}", token_merge.token_select_kernel, SELECT_SIG,
                dict(BLOCK=block, BLOCK_J=max(16, 4096 // block)), 4 if block <= 256 else 8)
