@@ -12,8 +12,8 @@ Importing this module registers (and that is all it changes):
 Sets, sizes and the score rules are those of kernels/token_merge.py. `token_match` picks
 the r a-tokens whose best match scores highest (`src`, their partners `dst`) and lists
 the others in ascending order (`unm`), comparing tokens by the cosine of their metric rows
-(of keys: their sum over heads, which has the heads' mean's cosine); `token_merge` averages each source into its
-partner weighted by size. `token_merge_dest` maps every input token to its output
+(of keys: their sum over heads, which has the heads' mean's cosine); `token_merge` averages
+each source into its partner weighted by size. `token_merge_dest` maps every input token to its output
 position; `token_unmerge` gives each original position its merged token's value
 (source: [B, N0], an output position per original token).
 
@@ -108,7 +108,8 @@ def unmerge_reference(x: Tensor, source: Tensor) -> Tensor:
 
 
 @triton_op("optc::token_match", mutates_args=())
-def token_match(metric: Tensor, size: Tensor, r: int, protected: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+def token_match(metric: Tensor, size: Tensor, r: int, protected: int,
+                use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
     if metric.device.type == "cuda" and use_triton:
         best, idx = _k.token_match(metric, size, protected)
         if best.shape[1] <= _k.SELECT_MAX:

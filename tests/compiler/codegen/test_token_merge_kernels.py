@@ -1,7 +1,7 @@
 """Token-merging kernels (kernels/token_merge.py) under the Triton interpreter against
 the torch references of codegen/token_ops.py: matching (cosine, padding rules, ties
-across tiles, keys summed over heads), the selection of the r best, the size-weighted merge (several sources per destination, padding), and
-the destination map the unmerge reads."""
+across tiles, keys summed over heads), the selection of the r best, the size-weighted
+merge (several sources per destination, padding), and the destination map the unmerge reads."""
 
 import pytest
 import torch
