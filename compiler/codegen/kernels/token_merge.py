@@ -66,8 +66,8 @@ SELECT_MAX = 1024  # the most a-tokens token_select_kernel ranks in its one prog
 
 @triton.jit
 def _head_sum(m_base, rows, offs_d, mask, H, stride_mh, stride_mn, stride_md, HEADS_PER_TRIP: tl.constexpr):
-    """[rows, D] fp32: the rows' keys summed over the H heads, HEADS_PER_TRIP loads in flight
-    at once (one at a time, each load waited for before the next, cost more than the match)."""
+    """[rows, D] fp32: the rows' keys summed over the H heads, HEADS_PER_TRIP loads issued
+    together (one at a time, each waits for the one before it)."""
     ptrs = m_base + rows[:, None] * stride_mn + offs_d[None, :] * stride_md
     acc = tl.zeros(mask.shape, tl.float32)
     for h0 in range(0, H, HEADS_PER_TRIP):
@@ -219,7 +219,9 @@ class MatchLaunch(NamedTuple):
     # tl.dot's input_precision for the cosines. tf32x3 (three tf32 products) keeps fp32's
     # partners and runs on the tensor cores; plain tf32 picks other partners than fp32 does.
     precision: str = "tf32x3"
-    heads_per_trip: int = 4  # key loads of as many heads issued together (a metric has one head)
+    # Key loads of as many heads issued together. 1 is the launch measured in whole models
+    # (benchmarks/NOTES.md); experiments/token_match_launch.py --launches heads times more.
+    heads_per_trip: int = 1
 
 
 # Programs of 16 rows of set A up to which the narrow tile keeps more of the GPU busy than
