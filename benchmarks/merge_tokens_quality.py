@@ -12,6 +12,10 @@ the per-block token counts the pass planned.
 
     python benchmarks/merge_tokens_quality.py --r 2 4 8 12 16 \\
         --out benchmarks/results/merge_tokens_minilm_cpu.json
+
+With `--variant "merge_tokens.KEY=VALUE ..."` (repeatable) each r also runs with those
+settings added, beside the plain row (a file of such rows is not a README row: name it
+other than merge_tokens_*.json).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import time
 from harness import write_result
 
 
-def compile_r(r: int) -> dict:
-    cmd = ["optc", "compile", "minilm-l6", "--target", "cpu", "--set", f"merge_tokens.r={r}", "--eval", "--json"]
+def compile_r(r: int, settings: tuple[str, ...] = ()) -> dict:
+    words = [f"merge_tokens.r={r}", *settings]
+    sets = [x for w in words for x in ("--set", w)]
+    cmd = ["optc", "compile", "minilm-l6", "--target", "cpu", *sets, "--eval", "--json"]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "optc.cli", *cmd[1:]], capture_output=True, text=True, cwd="/tmp")
     if proc.returncode != 0:
@@ -35,7 +41,8 @@ def compile_r(r: int) -> dict:
     entry = next(p for p in doc["passes"] if p["name"] == "merge_tokens")
     q = doc["quality"]
     return {
-        "r": r, "command": " ".join(cmd), "applied": entry["applied"], "reason": entry["reason"],
+        "r": r, "settings": list(settings), "command": " ".join(cmd), "applied": entry["applied"],
+        "reason": entry["reason"],
         "tokens_per_block": entry["plan"].get("tokens"), "tokens_out": entry["plan"].get("tokens_out"),
         "token_fraction": entry["plan"].get("token_fraction"),
         "pooled_cosine": q["after"], "retrieval_agreement": q.get("retrieval_agreement"),
@@ -48,12 +55,16 @@ def compile_r(r: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--r", type=int, nargs="+", default=[2, 4, 8, 12, 16])
+    ap.add_argument("--variant", action="append", default=[],
+                    help="settings added to each r's compile, beside the plain one, e.g. "
+                         "\"merge_tokens.proportional_attention=false\"")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     rows = []
     for r in args.r:
-        rows.append(compile_r(r))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        for settings in [(), *(tuple(v.split()) for v in args.variant)]:
+            rows.append(compile_r(r, settings))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     result = {
         "what": "merge_tokens (ToMe) on minilm-l6: pooled-embedding cosine to the unmerged model and "
                 "nearest-neighbour retrieval agreement, held-out split",

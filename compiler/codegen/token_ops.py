@@ -94,9 +94,11 @@ def dest_reference(unm: Tensor, src: Tensor, dst: Tensor, n: int, protected: int
         1, torch.cat([unm, src], 1),
         torch.cat([(protected + pos[:n_unm]).expand(bsz, -1), (protected + n_unm + dst).to(torch.int32)], 1))
     # Then every input position at once: a gather and selects that fuse into one kernel.
-    rel = (pos - protected).clamp(min=0)
+    # No clamp(min=0) of a position: Inductor makes it max(0, index), and torch 2.13 then
+    # fails to simplify the gather's index on the CPU ("vr must not be None for symbol q1").
+    rel = torch.where(pos < protected, 0, pos - protected)
     from_a = a_dest.gather(1, (rel // 2).clamp(max=na - 1).to(torch.int64).expand(bsz, -1))
-    from_b = protected + n_unm + (rel - 1).clamp(min=0) // 2
+    from_b = protected + n_unm + (rel - 1) // 2  # read only at odd rel, where rel - 1 >= 0
     return torch.where(pos < protected, pos, torch.where(rel % 2 == 0, from_a, from_b)).to(torch.int64)
 
 
