@@ -51,7 +51,10 @@ class MergeTokensConfig(PassConfig):
                               "distillation), at least 1 ([CLS])")
     outputs: str = knob("unmerge", choices=("unmerge", "merged"),
                         doc="token-level outputs: back at every original position, or at the merged length")
-    proportional_attention: bool = knob(True, doc="add log(size) to the attention scores")
+    # Searched: without the size bias an encoder's attention needs no mask (a flash kernel
+    # where there is no padding), at a quality cost the search measures (benchmarks/NOTES.md).
+    proportional_attention: bool = knob(True, search=Choice((True, False), when=("r", ">", 0)),
+                                        doc="add log(size) to the attention scores")
     size_bias: str = knob("mask", choices=("mask", "channel"),
                           doc="how the size bias reaches attention: an additive mask, or one more "
                               "head channel of q and k (no mask, so SDPA may run a flash kernel)")

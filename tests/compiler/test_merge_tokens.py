@@ -195,7 +195,8 @@ def test_config_and_search_space(bert):
     with pytest.raises(UsageError, match="merge_tokens.r"):
         pipeline.resolve("default", {"merge_tokens": {"r": -1}})
     space = MergeTokensConfig.search_space()
-    assert set(space) == {"r", "kernels"} and space["kernels"].when == ("r", ">", 0)
+    assert set(space) == {"r", "kernels", "proportional_attention"} and space["kernels"].when == ("r", ">", 0)
+    assert space["proportional_attention"].choices == (True, False)  # the default first
     _, entry = run_pass(captured, "merge_tokens", {"r": 100}, task="forward")  # clamped to half the rest
     assert entry["plan"]["schedule"] == [5, 3, 1]
 

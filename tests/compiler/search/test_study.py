@@ -135,6 +135,7 @@ def test_token_merging_is_searched_on_encoders_only(name, merges):
     session = CompileSession(entry.load(), entry.example_inputs(), target="cpu", entry=entry, log=lambda m: None)
     params = SearchSpace(session.anatomy, "default").params
     assert ("merge_tokens.r" in params) == merges and ("merge_tokens.kernels" in params) == merges
+    assert ("merge_tokens.proportional_attention" in params) == merges
 
 
 def test_seeds_try_each_lossless_choice_and_a_pass_fixed_off_is_not_searched():
