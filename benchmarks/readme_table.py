@@ -121,6 +121,17 @@ def _newest_pruning_rows() -> list:
     return sorted(newest.values(), key=lambda r: (r[0].name, r[2]["pass"]))
 
 
+def _newest_merge_runs() -> list:
+    """(path, result) of benchmarks/merge_tokens_quality.py's plain runs, the newest per model
+    (a rerun is a new file; runs with extra settings are named otherwise and not read)."""
+    newest: dict = {}
+    for path in sorted(RESULTS.glob("merge_tokens_*.json")):
+        d = json.loads(path.read_text())
+        if d["model"] not in newest or d["date"] > newest[d["model"]][1]["date"]:
+            newest[d["model"]] = (path, d)
+    return sorted(newest.values(), key=lambda r: r[0].name)
+
+
 def quality_table() -> str:
     """README: the lossy passes' measured quality cost on held-out data (real weights)."""
     out = ["| model | pass | setting | metric | before | after | note | result |", "|---|---|---|---|---|---|---|---|"]
@@ -132,8 +143,7 @@ def quality_table() -> str:
                 f"loss {100 * row['bar']['ratio_of_losses']:.0f}% of the plain method's")
         out.append(f"| {d['model']} | {row['pass']} | ratio {row['ratio']} | {ours['metric']} | "
                    f"{ours['quality_before']:.4g} | {ours['quality_after']:.4g} | {note} | `{path.name}` |")
-    for path in sorted(RESULTS.glob("merge_tokens_*.json")):
-        d = json.loads(path.read_text())
+    for path, d in _newest_merge_runs():
         for row in d["rows"]:
             out.append(f"| {d['model']} | merge_tokens | r={row['r']} ({row['tokens_out']} of "
                        f"{row['tokens_per_block'][0]} tokens left) | pooled cosine | 1 | {row['pooled_cosine']:.4f} | "
