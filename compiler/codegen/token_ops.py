@@ -13,8 +13,8 @@ Sets, sizes and the score rules are those of kernels/token_merge.py. `token_matc
 the r a-tokens whose best match scores highest (`src`, their partners `dst`) and lists
 the others in ascending order (`unm`), comparing tokens by the cosine of their metric rows
 (of keys: their sum over heads, which has the heads' mean's cosine); `token_merge` averages
-each source into its partner weighted by size. `token_merge_dest` maps every input token to its output
-position; `token_unmerge` gives each original position its merged token's value
+each source into its partner weighted by size. `token_merge_dest` maps every input token to
+its output position; `token_unmerge` gives each original position its merged token's value
 (source: [B, N0], an output position per original token).
 
 Like ops.py's, these are `torch.library.triton_op`s: export keeps one node each, and
