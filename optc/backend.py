@@ -31,9 +31,11 @@ _OWN_OPTIONS = ("strict", "target", "calibration")
 def optc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_ignored):
     from optc.compiler import passes as pass_registry
     from optc.compiler import pipeline
+    from optc.compiler.codegen.sources_tag import tag_cache_keys
     from optc.compiler.config import flat_to_nested
     from optc.compiler.torch_private import compile_fx
 
+    tag_cache_keys()  # a cached graph is rebuilt when optc's ops change (sources_tag)
     options = dict(options or {})
     strict = bool(options.get("strict", False))
     calibration = options.get("calibration")

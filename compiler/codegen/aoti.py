@@ -39,6 +39,7 @@ from torch.export import Dim, ExportedProgram
 from optc.compiler.capture import DECODE, graph_module
 from optc.compiler.codegen.aoti_probe import environment, load_failure
 from optc.compiler.codegen.check_inputs import decode_start
+from optc.compiler.codegen.sources_tag import tag_cache_keys
 from optc.compiler.rewrite import attr_value, mutated_attr_names
 from optc.compiler.targets import Target, available
 from optc.compiler.torch_private import (aoti_compile_and_package, aoti_load_package, graph_module_in_spec,
@@ -215,6 +216,7 @@ def build_package(ep: ExportedProgram, inputs: tuple[tuple, dict], target: Targe
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         wrapped, state = export_with_state_inputs(ep, inputs, target, program)
         options = package_options(target, program, ep.graph)
+        tag_cache_keys()  # sources_tag: a cached graph is rebuilt when optc's ops change
         path = aoti_compile_and_package(
             wrapped, package_path=os.path.join(tmp, f"{program}.pt2"), inductor_configs=options)
         with open(path, "rb") as fh:

@@ -71,6 +71,7 @@ def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, 
     """({member: bytes}, the manifest's "kernel_cache" record) for a recording."""
     from optc.compiler.codegen import triton_kernels
     from optc.compiler.codegen.aoti_probe import environment
+    from optc.compiler.codegen.sources_tag import optc_tag
 
     if rec.data is None:
         return {}, {"format": FORMAT, "skipped": "Inductor recorded no cache entries for these programs"}
@@ -78,7 +79,7 @@ def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, 
     record = {
         "format": FORMAT, "member": MEMBER, "sha256": hashlib.sha256(rec.data).hexdigest(),
         "bytes": len(rec.data), "entries": rec.counts, "programs": sorted(programs),
-        "environment": environment(target),
+        "environment": environment(target), "sources_tag": optc_tag(),
     }
     kernels, count = triton_kernels.pack(rec.triton)
     if kernels is not None:
@@ -104,6 +105,7 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
     environment; (None, reason) when the portable programs must be lowered here
     instead (reason None: the artifact carries none, nothing to say)."""
     from optc.compiler.codegen.aoti_probe import environment
+    from optc.compiler.codegen.sources_tag import optc_tag
 
     rec = manifest.get("kernel_cache") or {}
     if "member" not in rec:
@@ -125,6 +127,10 @@ def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | N
         return None, (f"its kernel cache was compiled with other Inductor options or graph rewrites for "
                       f"{changed[0]} than this optc lowers it with ({changed[1]}); recompile the model to carry "
                       "one it can use")
+    if rec.get("sources_tag") != optc_tag():
+        # Inductor would not find a single entry: their keys carry the tag they were written under.
+        return None, (f"its kernel cache was keyed to optc's op sources {rec.get('sources_tag')!r}, this optc's are "
+                      f"{optc_tag()!r} (codegen/sources_tag); recompile the model to carry one it can use")
     built, here = rec.get("environment") or {}, environment(target)
     if built.get("target") != target.name:
         return None, f"its kernel cache was built for {built.get('target')}, this is {target.name}"

@@ -19,6 +19,7 @@ from optc.compiler.codegen.encoder_sdpa import use_encoder_attention
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
 from optc.compiler.codegen.merge_gemms import use_merged_gemms
 from optc.compiler.codegen.noisy_twin import HALF as _HALF, noisy_twin
+from optc.compiler.codegen.sources_tag import tag_cache_keys
 from optc.compiler.rewrite import view_key
 from optc.compiler.targets import LOWERING_FIELDS, Target
 from optc.compiler.torch_private import (cached_choice_not_tuned_again, config_pickles_keep_coordesc,
@@ -65,6 +66,7 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
     records an artifact's kernel cache with it, and a load that installed one reads it.
     `decoder`: a decoder LM's prefill or decode program (the target's decoder_inductor
     options apply)."""
+    tag_cache_keys()  # a cached graph is rebuilt when optc's ops change (sources_tag)
     options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning,
                                kernel_cache=kernel_cache, decoder=decoder)
     if options.get("coordinate_descent_tuning"):

@@ -167,6 +167,26 @@ def test_a_cache_compiled_with_other_inductor_options_is_not_installed(lm):
     assert data is None and "drop_constant_masks: False there, True here" in reason
 
 
+def test_a_cache_keyed_to_other_op_sources_is_not_installed(lm):
+    """Inductor's keys carry the digest of optc's op sources they were written under
+    (codegen/sources_tag): after those sources change, or from before the tag existed,
+    no entry would be found, and the load says so."""
+    import copy
+
+    from optc.compiler.codegen import sources_tag
+
+    art = optc.load(lm)
+    cpu = get_target("cpu")
+    assert art.manifest["kernel_cache"]["sources_tag"] == sources_tag.optc_tag()
+    other = copy.deepcopy(art.manifest)
+    other["kernel_cache"]["sources_tag"] = "optc-0000000000000000"
+    data, reason = kernel_cache.usable(other, art.extra_files, cpu)
+    assert data is None and "keyed to optc's op sources 'optc-0000000000000000'" in reason
+    del other["kernel_cache"]["sources_tag"]
+    data, reason = kernel_cache.usable(other, art.extra_files, cpu)
+    assert data is None and "op sources None" in reason
+
+
 def test_load_without_the_kernel_cache(lm, monkeypatch, eager_lower):
     calls = eager_lower
     monkeypatch.setattr(kernel_cache, "install", lambda data: pytest.fail("installed the kernel cache"))
@@ -242,7 +262,7 @@ def test_the_frontend_each_program_lowers_through():
     old_forward = {"kernel_cache": {"member": kernel_cache.MEMBER, "programs": ["forward"], "environment": {}},
                    "lowering": {"check": {"forward": {"cudagraphs": True}}}}
     _, reason = kernel_cache.usable(old_forward, {}, h200)
-    assert "handed Inductor" not in reason  # refused only because it names no environment
+    assert "handed Inductor" not in reason  # refused for another reason (no sources tag)
     old_decoder = {"kernel_cache": {**old_forward["kernel_cache"], "programs": ["decode", "prefill"]},
                    "lowering": {"check": {"decode": {"cudagraphs": False}, "prefill": {"cudagraphs": False}}}}
     _, reason = kernel_cache.usable(old_decoder, {}, h200)
