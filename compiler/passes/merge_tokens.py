@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from optc.compiler.anatomy import Anatomy
+from optc.compiler.codegen.constant_masks import keeps_every_score
 from optc.compiler.config import Choice, Int, PassConfig, knob
 from optc.compiler.passes import PassResult, register_pass
 from optc.compiler.rewrite import eliminate_dead_code, node_shape, rebuild
@@ -51,8 +52,8 @@ class MergeTokensConfig(PassConfig):
                               "distillation), at least 1 ([CLS])")
     outputs: str = knob("unmerge", choices=("unmerge", "merged"),
                         doc="token-level outputs: back at every original position, or at the merged length")
-    # Searched: without the size bias an encoder's attention needs no mask (a flash kernel
-    # where there is no padding), at a quality cost the search measures (benchmarks/NOTES.md).
+    # Searched: without the size bias an encoder without padding (ViT) attends with no mask
+    # (rewrite: a flash kernel), at a quality cost the search measures (benchmarks/NOTES.md).
     proportional_attention: bool = knob(True, search=Choice((True, False), when=("r", ">", 0)),
                                         doc="add log(size) to the attention scores")
     size_bias: str = knob("mask", choices=("mask", "channel"),
@@ -226,10 +227,15 @@ def rewrite(gm: fx.GraphModule, anatomy: Anatomy, cfg: MergeTokensConfig, plan: 
     sdpa_of = {mapping[b.attention.sdpa] for b in anatomy.blocks if b.attention is not None}
     first_mask = _mask(anatomy.blocks[0].attention.sdpa)
     first_mask = mapping[first_mask] if first_mask is not None else None
+    # Without the size bias and without padding every merged token's bias is 0: its attention
+    # needs no mask, so SDPA may run its flash kernel.
+    unmasked = not cfg.proportional_attention and (first_mask is None or keeps_every_score(first_mask))
     for node in list(copy.graph.nodes):
         head_dim = None
         if node in sdpa_of and node.args[0] in region.tok:
-            if cfg.size_bias == "channel":
+            if unmasked:
+                _set_mask(node, None)
+            elif cfg.size_bias == "channel":
                 head_dim = _widen_heads(region, node, cfg.proportional_attention)
             else:
                 level = region.tok[node.args[0]][1]

@@ -240,3 +240,29 @@ def test_size_bias_channel_in_bf16(make_tiny_vit):
             for how in ("mask", "channel")]
     err = ((outs[1].float() - outs[0].float()).norm() / outs[0].float().norm()).item()
     assert err < 2e-2, err
+
+
+def test_without_the_size_bias_unpadded_attention_has_no_mask(make_tiny_vit, bert, monkeypatch):
+    """ViT (its mask keeps every score) without proportional attention: every merged
+    attention runs unmasked, with the output of the zero bias it replaces; padded BERT keeps
+    its mask, which still holds the padding."""
+    model = make_tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    captured = capture.capture(model, (x,))
+    gms, entry = run_pass(captured, "merge_tokens", {"r": 3, "proportional_attention": False}, task="forward")
+    assert entry["applied"], entry["reason"]
+    merged = _merged_sdpas(gms["forward"])[1:]
+    assert merged and all((n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")) is None for n in merged)
+    # the same merge with its zero bias as a mask, as when padding is possible
+    from optc.compiler.passes import merge_tokens
+
+    with monkeypatch.context() as m:
+        m.setattr(merge_tokens, "keeps_every_score", lambda mask: False)
+        masked, _ = run_pass(captured, "merge_tokens", {"r": 3, "proportional_attention": False}, task="forward")
+    assert all(n.args[3] is not None for n in _merged_sdpas(masked["forward"])[1:])
+    torch.testing.assert_close(gms["forward"](x), masked["forward"](x), atol=2e-5, rtol=2e-5)
+    _, inputs, bert_captured = bert
+    gms, entry = run_pass(bert_captured, "merge_tokens", {"r": 2, "proportional_attention": False}, task="forward")
+    assert entry["applied"], entry["reason"]
+    masks = [n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask") for n in _merged_sdpas(gms["forward"])[1:]]
+    assert masks and all(m is not None for m in masks)
