@@ -219,9 +219,9 @@ class MatchLaunch(NamedTuple):
     # tl.dot's input_precision for the cosines. tf32x3 (three tf32 products) keeps fp32's
     # partners and runs on the tensor cores; plain tf32 picks other partners than fp32 does.
     precision: str = "tf32x3"
-    # Key loads of as many heads issued together. 1 is the launch measured in whole models
-    # (benchmarks/NOTES.md); experiments/token_match_launch.py --launches heads times more.
-    heads_per_trip: int = 1
+    # Key loads of as many heads issued together: 4 was the fastest of 1, 2, 4 and 6 at every
+    # measured shape but one, where it was within 0.1% of 2 (results/token_match_heads_h100.json).
+    heads_per_trip: int = 4
 
 
 # Programs of 16 rows of set A up to which the narrow tile keeps more of the GPU busy than

@@ -56,7 +56,7 @@ def test_match_reads_strided_metric():
     assert torch.equal(idx, ref_idx)
 
 
-@pytest.mark.parametrize("heads,per_trip", [(3, 4), (5, 2), (12, 4)])
+@pytest.mark.parametrize("heads,per_trip", [(3, 4), (5, 2), (12, 4), (12, 1)])
 def test_match_sums_keys_over_heads(heads, per_trip):
     # Keys [B, H, N, D], transposed from [B, N, H, D] as attention reads them: the metric is
     # their sum over heads, whose cosines are those of the heads' mean.
