@@ -17,8 +17,9 @@ graph entry was written), so a fresh machine does not compile those at load eith
 
 When a load uses it: the manifest's record names the environment it was built in
 (aoti_probe.environment: the target, torch and triton builds, CUDA, the GPU model or
-the CPU's vector ISA), and a load anywhere else lowers the portable programs as before,
-with a warning saying why. Bytes that do not hash to the recorded sha256 are refused
+the CPU's vector ISA) and the digest of optc's op sources its keys carry
+(sources_tag), and a load anywhere else lowers the portable programs as before, with a
+warning saying why. Bytes that do not hash to the recorded sha256 are refused
 (ArtifactError, exit 2), as for packages: the file was changed after it was written.
 """
 
