@@ -53,7 +53,8 @@ class MergeTokensConfig(PassConfig):
     outputs: str = knob("unmerge", choices=("unmerge", "merged"),
                         doc="token-level outputs: back at every original position, or at the merged length")
     # Searched: without the size bias an encoder without padding (ViT) attends with no mask
-    # (rewrite: a flash kernel), at a quality cost the search measures (benchmarks/NOTES.md).
+    # (rewrite), at a quality cost; what that saves depends on the target's masked attention
+    # (little where optc's kernel runs it: benchmarks/NOTES.md), so the search measures it.
     proportional_attention: bool = knob(True, search=Choice((True, False), when=("r", ">", 0)),
                                         doc="add log(size) to the attention scores")
     size_bias: str = knob("mask", choices=("mask", "channel"),
