@@ -41,7 +41,8 @@ __all__ = [
     "buffer_slots", "non_persistent_buffer_names", "set_tensor_attr",
     "compile_fx", "compile_fx_static", "graph_out_spec", "input_checks", "check_call_structure",
     "pick_vec_isa", "inductor_config_patch", "aoti_compile_and_package", "aoti_load_package",
-    "inductor_realize_op", "fresh_cache_artifacts", "inductor_triton_cache_dir", "warm_compile_workers",
+    "inductor_realize_op", "fresh_cache_artifacts", "autotune_cache_artifacts", "inductor_triton_cache_dir",
+    "warm_compile_workers",
     "use_inductors_ptxas",
     "export_load_type_hints_cached", "export_load_sympify_cached", "export_load_schema_converters",
     "export_load_stand_ins_quiet", "static_autotuner_keeps_coordesc", "config_pickles_keep_coordesc",
@@ -293,6 +294,18 @@ def fresh_cache_artifacts():
     from torch.compiler._cache import CacheArtifactManager
 
     return CacheArtifactManager.with_fresh_cache()
+
+
+def autotune_cache_artifacts(data: bytes) -> list:
+    """The autotune cache entries (each kernel's chosen configuration) among serialised
+    cache artifacts (what `torch.compiler.save_cache_artifacts()` returned), each with
+    `populate_cache()` to write it into this machine's cache; None where torch cannot
+    read the bytes. codegen/tuned_configs carries them without the compiled graphs.
+    `torch.compiler._cache.CacheArtifactManager.deserialize`, torch 2.11-2.13."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    artifacts = CacheArtifactManager.deserialize(data)
+    return None if artifacts is None else list(artifacts.get("autotune", []))
 
 
 def warm_compile_workers() -> None:

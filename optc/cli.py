@@ -150,6 +150,10 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cache-len", type=_positive_int, default=256, help="static KV cache length of decoder LMs")
     p.add_argument("--dynamic", default="", help="comma list of dynamic dimensions: batch, seq")
     _add_calibration_option(p)
+    p.add_argument("--tuning-from", metavar="FILE.optc",
+                   help="start every kernel from the configuration that FILE's compile chose for it (an artifact "
+                        "of this optc for the same target, compiled on this kind of GPU); kernels it lacks are "
+                        "tuned as usual. Two compiles then run the same configurations")
 
 
 def _add_calibration_option(p: argparse.ArgumentParser) -> None:

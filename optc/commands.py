@@ -72,6 +72,10 @@ def compile_model(args, *, evaluate: bool, verify: bool | None = None):
 
     target = targets.get(args.target)
     settings = pass_settings(args)
+    if getattr(args, "tuning_from", None):  # refused before minutes of capture
+        from optc.runtime.tuning import carry_tuning
+
+        _log(f"[optc] {carry_tuning(args.tuning_from, target)['configs']} kernel configurations from {args.tuning_from}")
     entry, module, example_inputs = _load_model(args.model, target)
     art = optc.compile(
         module,
@@ -286,6 +290,7 @@ def cmd_bench(args):
         dynamic=dynamic_dims(args),
         calibration=args.calibration,
         artifacts=args.artifact,
+        tuning_from=args.tuning_from,
     )
 
 

@@ -49,6 +49,7 @@ def bench(
     dynamic: tuple[str, ...] = (),
     calibration: str | Path | None = None,
     artifacts: Sequence[str | Path] = (),
+    tuning_from: str | Path | None = None,
 ) -> dict:
     """Time `model` (a zoo name, HF directory or file.py:factory) under each baseline and
     each optc variant, (label, pipeline name, pass settings as optc.compile takes them,
@@ -57,7 +58,8 @@ def bench(
     to LMs (default 1); `rounds` > 1 times the compiled LM rows again round-robin.
     `calibration`: a file for the lossy rows' passes (models/calibration_file.py).
     `artifacts`: saved .optc files of `model`, each a row timed as a load runs it
-    (`_time_artifact`), after the compiled rows."""
+    (`_time_artifact`), after the compiled rows. `tuning_from`: an artifact whose chosen
+    kernel configurations the compiled rows start from (runtime/tuning.py)."""
     import optc
     from optc.compiler import targets
     from optc.compiler.capture import is_causal_lm
@@ -65,6 +67,7 @@ def bench(
     from optc.models.user import resolve
     from optc.runtime import baselines as torch_baselines
     from optc.runtime.timing import device_probe, result_envelope
+    from optc.runtime.tuning import carry_tuning
 
     if str(model).endswith(".optc"):
         raise UsageError("bench takes a model (zoo name, HF directory or file.py:factory); time a saved artifact "
@@ -74,6 +77,7 @@ def bench(
     if not targets.available(tgt):
         raise UsageError(f"target {tgt.name} is not present on this machine; "
                          "run bench where it is, or use --target cpu")
+    carried = None if tuning_from is None else carry_tuning(tuning_from, tgt)
     labels = [v[0] for v in variants] + [Path(a).name for a in artifacts]
     if len(set(labels)) != len(labels):
         raise UsageError(f"two optc rows have the same label: {labels}")
@@ -133,6 +137,7 @@ def bench(
             # As a load lowers: max-autotune for forward programs on a GPU, never for the decode step.
             "optc_lowering": "inductor max-autotune" if autotune and device == "cuda" and not is_lm else "inductor",
             "target_lowering": targets.lowering_words(tgt),  # what a row's target.FIELD=VALUE words change
+            "tuning_from": carried,
             "rows": rows,
             "failed": failed,
         }

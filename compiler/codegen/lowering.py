@@ -71,9 +71,10 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
                                kernel_cache=kernel_cache, decoder=decoder)
     if options.get("coordinate_descent_tuning"):
         config_pickles_keep_coordesc()  # a cached choice survives Inductor's compile workers (torch_fixes)
+        # A stored choice (a load's kernel cache, --tuning-from's configurations) is kept, not tuned again.
+        cached_choice_not_tuned_again()
         if options.get("fx_graph_cache"):
             static_autotuner_keeps_coordesc()  # a cache hit keeps the compile's choices (torch_fixes)
-            cached_choice_not_tuned_again()  # and its first run does not tune them again
     gm = target_graph(gm, target, forward=not decoder)
     if isinstance(gm, torch.fx.GraphModule) and frontend(cudagraphs) == DIRECT:
         return DirectLowering(gm, options)

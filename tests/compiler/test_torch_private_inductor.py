@@ -41,6 +41,20 @@ def test_fresh_cache_artifacts(tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_autotune_cache_artifacts(tmp_path, monkeypatch):
+    from torch.compiler._cache import CacheArtifactManager
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    choice = {"XBLOCK": 32, "num_warps": 2, "num_stages": 1, "configs_hash": "x"}
+    with tp.fresh_cache_artifacts():
+        CacheArtifactManager.record_artifact("autotune", os.path.join("cd", "k.best_config"), choice)
+        data, _ = torch.compiler.save_cache_artifacts()
+    (entry,) = tp.autotune_cache_artifacts(data)
+    entry.populate_cache()
+    assert (tmp_path / "cd" / "k.best_config").is_file()
+    assert tp.autotune_cache_artifacts(b"garbage") is None
+
+
 def test_inductor_triton_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)

@@ -56,3 +56,16 @@ def test_a_tuned_lowering_from_the_kernel_cache_keeps_its_tuning(captured, monke
     assert calls == [] and pickles == [1]
     lowering.lower(torch.nn.Identity(), targets.get("h200"), kernel_cache=True)
     assert calls == [1] and pickles == [1, 1] and captured["options"]["fx_graph_cache"] is True
+
+
+def test_every_tuned_lowering_keeps_a_stored_choice(captured, monkeypatch):
+    # A cold compile after --tuning-from (or on a machine that tuned the kernel before)
+    # keeps the configuration in the autotune cache instead of timing it against others.
+    kept = []
+    monkeypatch.setattr(lowering, "cached_choice_not_tuned_again", lambda: kept.append(1) or True)
+    lowering.lower(torch.nn.Identity(), targets.get("cpu"))
+    assert kept == []
+    lowering.lower(torch.nn.Identity(), targets.get("h100"))
+    assert kept == [1] and captured["options"]["fx_graph_cache"] is False
+    lowering.lower(torch.nn.Identity(), targets.get("h100"), kernel_cache=True)
+    assert kept == [1, 1]
