@@ -2,12 +2,13 @@
 # Do compiles that start from one compile's kernel configurations (`--tuning-from`) decode at
 # the same speed, where compiles that tune for themselves do not? MODEL is compiled once, then
 # benched (dense optc, no baselines) in fresh processes, each with empty Inductor and Triton
-# caches: RUNS of them with --tuning-from the artifact, then RUNS that tune for themselves.
-# Each process's bench JSON, log and tuning record (experiments/tuning_at_load.py: how many
-# kernels coordinate descent tuned) land in OUT_DIR.
-#   benchmarks/carried_tuning.sh MODEL TARGET OUT_DIR RUNS
+# caches: RUNS of them with --tuning-from the artifact, then OWN_RUNS (default RUNS) that tune
+# for themselves; BASELINES (default none) are timed in each. Each process's bench JSON, log
+# and tuning record (experiments/tuning_at_load.py: how many kernels coordinate descent tuned)
+# land in OUT_DIR.
+#   benchmarks/carried_tuning.sh MODEL TARGET OUT_DIR RUNS [OWN_RUNS [BASELINES]]
 set -uo pipefail
-model=$1 target=$2 out=$3 runs=$4
+model=$1 target=$2 out=$3 runs=$4 own_runs=${5:-$4} baselines=${6:-}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 fresh() {  # name, optc arguments...
@@ -20,10 +21,10 @@ fresh() {  # name, optc arguments...
   rm -rf "$caches"
 }
 fresh compile compile "$model" --target "$target" --package none -o "$out/tuned.optc"
-bench=(bench "$model" --target "$target" --baselines "" --no-autotune --rounds 2 --tokens 64)
+bench=(bench "$model" --target "$target" --baselines "$baselines" --no-autotune --rounds 2 --tokens 64)
 for i in $(seq 1 "$runs"); do
   fresh "carried_$i" "${bench[@]}" --tuning-from "$out/tuned.optc" --out "$out/bench_carried_tuning_$i.json"
 done
-for i in $(seq 1 "$runs"); do
+for i in $(seq 1 "$own_runs"); do
   fresh "own_$i" "${bench[@]}" --out "$out/bench_own_tuning_$i.json"
 done

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how trials are lowered for measurement: the target's Inductor options (what ships), "
                         "or plain Inductor without coordinate-descent tuning or max-autotune (faster trials)")
     _add_calibration_option(s)
+    _add_tuning_option(s)
     s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process of --workers N
     s.add_argument("--json", action="store_true")
 
@@ -150,6 +151,10 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cache-len", type=_positive_int, default=256, help="static KV cache length of decoder LMs")
     p.add_argument("--dynamic", default="", help="comma list of dynamic dimensions: batch, seq")
     _add_calibration_option(p)
+    _add_tuning_option(p)
+
+
+def _add_tuning_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuning-from", metavar="FILE.optc",
                    help="start every kernel from the configuration that FILE's compile chose for it (an artifact "
                         "of this optc for the same target, compiled on this kind of GPU); kernels it lacks are "

@@ -349,6 +349,7 @@ def cmd_search(args):
         measure_all=args.measure_all, compile_best=not args.no_artifact, package=args.package,
         confirm_rounds=args.confirm_rounds,
         seed=args.seed, time_limit_s=args.time_limit, lowering=args.lowering, calibration=args.calibration,
+        tuning_from=args.tuning_from,
     )
     return search(req, worker_only=args.worker)
 

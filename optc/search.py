@@ -48,6 +48,7 @@ class SearchRequest:
     time_limit_s: float | None = None
     lowering: str = "target"  # "plain": Inductor defaults for trials (faster), not the target's tuning
     calibration: str | None = None  # a --calibration file instead of the zoo's data
+    tuning_from: str | None = None  # an artifact whose chosen kernel configurations every trial starts from
 
 
 def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
@@ -70,6 +71,10 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
         raise UsageError(f"target {target.name} is not present on this machine: a search measures latency, "
                          "so run it where the target is (or use --target cpu)")
     st.check_url(req.storage)  # before the model loads and is captured (minutes for a large one)
+    if req.tuning_from and not worker_only:  # workers of this host read the same Inductor cache
+        from optc.runtime.tuning import carry_tuning
+
+        log(f"search: {carry_tuning(req.tuning_from, target)['configs']} kernel configurations from {req.tuning_from}")
     out_dir = Path(req.out_dir)
     study_name = req.study or f"{Path(req.model.split(':')[0]).name}-{target.name}"
     if req.workers > 1 and not worker_only:

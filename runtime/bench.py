@@ -78,6 +78,8 @@ def bench(
         raise UsageError(f"target {tgt.name} is not present on this machine; "
                          "run bench where it is, or use --target cpu")
     carried = None if tuning_from is None else carry_tuning(tuning_from, tgt)
+    if carried:
+        _log(f"{carried['configs']} kernel configurations from {tuning_from}")
     labels = [v[0] for v in variants] + [Path(a).name for a in artifacts]
     if len(set(labels)) != len(labels):
         raise UsageError(f"two optc rows have the same label: {labels}")

@@ -122,3 +122,9 @@ def test_bench_records_what_it_carried(lm, tmp_path):
                     env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text())["tuning_from"] == {"from": str(lm), "configs": 0}
+
+
+def test_search_refuses_a_missing_file_before_capturing(tmp_path):
+    proc = optc_cli("search", "tiny-llama", "--target", "cpu", "--trials", "1", "--tuning-from",
+                    str(tmp_path / "none.optc"), "-o", str(tmp_path / "s"), timeout=300)
+    assert proc.returncode == 2 and "none.optc" in proc.stderr and "capturing" not in proc.stderr
