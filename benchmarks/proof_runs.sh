@@ -5,8 +5,8 @@
 # is stopped when the budget runs out (its bench JSON, rewritten after every row, keeps the
 # rows it finished). The target is the GPU present (h200 or h100).
 #   BUDGET_S=570 benchmarks/proof_runs.sh OUT_DIR RUN...
-#   runs: gpu-tests artifact-load artifact-bench llama1b llama8b passes encoders-b1 merge-vit merge-bert
-#         prune attention-shapes merge-profile
+#   runs: gpu-tests artifact-load artifact-bench llama1b llama1b-carried llama8b passes encoders-b1 merge-vit
+#         merge-bert prune attention-shapes merge-profile
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -43,6 +43,10 @@ for r in "$@"; do case $r in
       --artifact "$out/load/cold.optc" --out "$out/bench_llama1b_artifact_$target.json" ;;
   llama1b) run llama1b 200 "${bench[@]}" llama-1b "${vs_max[@]}" --tokens 64 \
       --out "$out/bench_llama1b_dense_$target.json" ;;
+  # Issue 15's two processes: one compile's kernel configurations carried into two fresh bench
+  # processes (--tuning-from), each against inductor-max (carried_tuning.sh).
+  llama1b-carried) run llama1b-carried 520 bash "$here/carried_tuning.sh" llama-1b "$target" "$out/carried" 2 0 \
+      inductor-max ;;
   llama8b) run llama8b 400 "${bench[@]}" llama-8b "${vs_max[@]}" --tokens 64 \
       --out "$out/bench_llama8b_dense_$target.json" ;;
   passes) run passes 400 "${bench[@]}" llama-1b "${vs_max[@]}" --tokens 64 --variant "skip_layers.count=4" \
