@@ -27,6 +27,7 @@ import re
 import threading
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -34,11 +35,10 @@ from typing import NamedTuple
 from optc.compiler.codegen.aoti_probe import triton_version
 from optc.compiler.config import config_hash  # noqa: F401 (re-exported)
 from optc.compiler.torch_private import (export_load_schema_converters, export_load_stand_ins_quiet,
-                                        export_load_sympify_cached, export_load_type_hints_cached,
-                                        import_export_deserialiser, warm_compile_workers)
+                                        export_load_sympify_cached, export_load_type_hints_cached)
 from optc.errors import ArtifactError, UsageError
 from optc.fileio import atomic_open  # noqa: F401 (re-exported)
-from optc.runtime import member_read
+from optc.runtime import load_aside, member_read
 from optc.runtime.shared_weights import restore_shared, strip_shared
 from optc.runtime.weights_blob import BLOB_MEMBER, Blob, strip_to_blob
 
@@ -310,24 +310,41 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
         if check_versions:
             verify_versions(man, path)
         refused = threading.Event()  # a refusal before the thread got to the workers: none start
-        importing = _import_deserialiser_aside(compile_workers and _for_a_gpu(man), refused)
-        contents: dict[str, bytes] = {}
+        importing = load_aside.import_deserialiser_aside(compile_workers and load_aside.for_a_gpu(man), refused)
         try:
-            for member, entry in man["files"].items():
-                data = _read_member(zf, path, member, entry)
-                found = member_read.mismatch(data, entry)
-                if found is not None:
-                    raise ArtifactError(
-                        f"artifact {path}: checksum mismatch in member {member!r} ({found}); the "
-                        f"file was modified or damaged: copy it again or {_RECOMPILE}")
-                contents[member] = data
+            contents = {m: _read_checked(zf, path, m, e) for m, e in man["files"].items() if m != BLOB_MEMBER}
         except BaseException:
             refused.set()
             raise
         finally:
             importing.join()  # no import left running behind a refusal, into the exit
+        # The weights (most of the file) are read and checked in a thread while the programs
+        # are deserialised: reading and hashing let go of the GIL, deserialising holds it.
+        with ThreadPoolExecutor(1, thread_name_prefix="optc-weights") as pool:
+            weights = pool.submit(_read_checked, zf, path, BLOB_MEMBER, man["files"].get(BLOB_MEMBER))
+            programs, extra = _load_programs(path, man, contents)
+            blob = Blob(man.get("weights_blob"), weights.result(), path)
+    for name, program in programs.items():
+        blob.restore(name, program)
+    blob.check_restored()
+    restore_shared(programs, man.get("shared_weights"), path)
+    return LoadedArtifact(programs, man, extra)
 
-    blob = Blob(man.get("weights_blob"), contents.pop(BLOB_MEMBER, b""), path)
+
+def _read_checked(zf: zipfile.ZipFile, path: Path, member: str, entry: dict | None) -> bytes:
+    """A member's bytes, checked against the manifest's record (b"" for a member it lacks)."""
+    if entry is None:
+        return b""
+    data = _read_member(zf, path, member, entry)
+    found = member_read.mismatch(data, entry)
+    if found is not None:
+        raise ArtifactError(f"artifact {path}: checksum mismatch in member {member!r} ({found}); the "
+                            f"file was modified or damaged: copy it again or {_RECOMPILE}")
+    return data
+
+
+def _load_programs(path: Path, man: dict, contents: dict) -> tuple[dict, dict]:
+    """({program name: ExportedProgram}, {other member: bytes}) of the members read."""
     programs, extra = {}, {}
     # One cache of each for every program.
     with export_load_type_hints_cached(), export_load_sympify_cached(), export_load_schema_converters(), \
@@ -336,50 +353,9 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
             if member.startswith(PROGRAM_DIR) and member.endswith(PROGRAM_SUFFIX):
                 name = member[len(PROGRAM_DIR):-len(PROGRAM_SUFFIX)]
                 programs[name] = _load_program(path, name, data, man)
-                blob.restore(name, programs[name])
             else:
                 extra[member] = bytes(data)  # as written: torch's cache loaders take bytes only
-    blob.check_restored()
-    restore_shared(programs, man.get("shared_weights"), path)
-    return LoadedArtifact(programs, man, extra)
-
-
-def _for_a_gpu(man: dict) -> bool:
-    """Whether the manifest's target is a GPU's and this machine has one."""
-    import torch
-
-    from optc.compiler.targets import TARGETS
-
-    target = TARGETS.get(man.get("target"))
-    return target is not None and target.device == "cuda" and torch.cuda.is_available()
-
-
-def _import_deserialiser_aside(compile_workers: bool = False, refused: threading.Event | None = None):
-    """A started thread importing torch.export's deserialiser (Dynamo with it: about a
-    second of a fresh process) while the members are read and hashed, which hold the GIL
-    only between chunks, and then, with `compile_workers` and unless `refused` is set by
-    then, creating Inductor's compile pool, whose workers boot in processes of their own
-    while the programs are deserialised. Its join() comes before the first program is
-    read (so the pool is created by one thread only); if the import failed there, the
-    load's own import raises the error (and a pool that did not start is started by the
-    first lowering, as without this)."""
-
-    def deserialiser():
-        try:
-            import_export_deserialiser()
-            if compile_workers and not (refused is not None and refused.is_set()):
-                warm_compile_workers()
-        except Exception:  # noqa: BLE001 - the load imports it again and reports it
-            pass
-
-    thread = threading.Thread(target=deserialiser, name="optc-import-deserialiser", daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:  # no thread to be had (a process limit): the load imports it itself
-        from types import SimpleNamespace
-
-        return SimpleNamespace(join=lambda timeout=None: None)
-    return thread
+    return programs, extra
 
 
 def _load_program(path, name: str, data: bytes, man: dict):

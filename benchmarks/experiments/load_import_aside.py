@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """`optc.load` in fresh processes, with torch.export's deserialiser imported on a thread
-while the members are read and hashed (runtime/artifact._import_deserialiser_aside, as
+while the members are read and hashed (runtime/load_aside.import_deserialiser_aside, as
 shipped) and without (the thread started with nothing to do, the import left to the
 first program's deserialisation). Timed from before `import optc`, as a script that
 loads an artifact sees it; the two kinds of process alternate.
@@ -24,13 +24,13 @@ import sys, time, threading
 import torch
 start = time.perf_counter()
 import optc
-from optc.runtime import artifact
+from optc.runtime import load_aside
 if sys.argv[2] == "without":
     def idle():
         thread = threading.Thread(target=lambda: None)
         thread.start()
         return thread
-    artifact._import_deserialiser_aside = idle
+    load_aside.import_deserialiser_aside = idle
 optc.load(sys.argv[1])
 print(time.perf_counter() - start)
 """

@@ -13,6 +13,7 @@ import torch
 import optc
 from optc.errors import ArtifactError, UsageError
 from optc.runtime import artifact as A
+from optc.runtime import load_aside
 
 
 class Small(torch.nn.Module):
@@ -116,8 +117,10 @@ def test_not_a_zip_and_missing_manifest(tmp_path):
         A.read_manifest(z)
 
 
-def test_flipped_byte_in_program_names_member(art, tmp_path):
-    member = "programs/forward.pt2"
+@pytest.mark.parametrize("member", ["programs/forward.pt2", "weights/parameters.bin"])
+def test_flipped_byte_in_a_member_names_it(art, tmp_path, member):
+    # The weights are read and checked on a thread while the programs are deserialised;
+    # their refusal reaches the caller all the same.
     with zipfile.ZipFile(art) as zf:
         info = zf.getinfo(member)
     raw = bytearray(art.read_bytes())
@@ -153,7 +156,7 @@ def test_checksum_mismatch_names_member(art, tmp_path, monkeypatch):
         started[-1].start()
         return started[-1]
 
-    monkeypatch.setattr(A, "_import_deserialiser_aside", slow_import)
+    monkeypatch.setattr(load_aside, "import_deserialiser_aside", slow_import)
     with pytest.raises(ArtifactError, match=f"checksum mismatch in member '{member}'"):
         A.read_artifact(bad)
     assert len(started) == 1 and not started[0].is_alive()  # the refusal waited for it: none left running
@@ -165,8 +168,8 @@ def test_the_deserialiser_is_imported_aside():
     import sys
 
     # A fresh process: in this one the deserialiser was imported long ago.
-    code = ("import sys; from optc.runtime import artifact as A; "
-            "before = 'torch._export.serde.serialize' in sys.modules; t = A._import_deserialiser_aside(); "
+    code = ("import sys; from optc.runtime import load_aside; "
+            "before = 'torch._export.serde.serialize' in sys.modules; t = load_aside.import_deserialiser_aside(); "
             "t.join(timeout=120); print(before, t.is_alive(), 'torch._export.serde.serialize' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.stdout.split() == ["False", "False", "True"], out.stderr[-2000:]
@@ -177,7 +180,7 @@ def test_compile_workers_start_while_a_gpu_artifact_is_read(art, tmp_path, monke
     workers in the aside thread while it reads; not for a CPU artifact, not without a GPU,
     and not for a caller that only reads (`optc inspect`)."""
     calls = []
-    monkeypatch.setattr(A, "warm_compile_workers", lambda: calls.append(1))
+    monkeypatch.setattr(load_aside, "warm_compile_workers", lambda: calls.append(1))
     gpu = _with_manifest(art, tmp_path / "gpu.optc", target="h100")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     A.read_artifact(gpu)
