@@ -300,7 +300,8 @@ def read_artifact(path, *, check_versions: bool = True, compile_workers: bool = 
     Checks, in order: the file exists and is a complete zip, the manifest is present
     and of a known format, the versions match the running torch and optc (unless
     `check_versions=False`), every member's sha256 matches the manifest; then loads
-    each program with torch.export.load. `compile_workers`: the programs are about to be
+    each program with torch.export.load, while the weights member is read and checked
+    on a thread (their bytes reach the programs only after that check). `compile_workers`: the programs are about to be
     lowered here, so where they are for a GPU and this machine has one, Inductor's
     compile workers start while the artifact is read (torch_private.warm_compile_workers).
     """
