@@ -26,7 +26,7 @@ start = time.perf_counter()
 import optc
 from optc.runtime import load_aside
 if sys.argv[2] == "without":
-    def idle():
+    def idle(*args):
         thread = threading.Thread(target=lambda: None)
         thread.start()
         return thread
@@ -36,29 +36,31 @@ print(time.perf_counter() - start)
 """
 
 
-def timed_load(path: str, kind: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _CHILD, path, kind], capture_output=True, text=True, check=True)
+def timed_load(child: str, path: str, kind: str) -> float:
+    out = subprocess.run([sys.executable, "-c", child, path, kind], capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def compare_loads(child: str, kinds: tuple[str, str], doc: str) -> None:
+    """The command line of a script timing `child` (python code run as `-c CHILD ARTIFACT
+    KIND`, printing its seconds last) for each of two kinds, alternating."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="the device the result envelope names")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    timed_load(args.artifact, "with")  # page cache and bytecode warm for both kinds
-    rows: dict[str, list[float]] = {"with": [], "without": []}
+    timed_load(child, args.artifact, kinds[0])  # page cache and bytecode warm for both kinds
+    rows: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.runs):
-        for kind in ("with", "without"):
-            rows[kind].append(round(timed_load(args.artifact, kind), 3))
+        for kind in kinds:
+            rows[kind].append(round(timed_load(child, args.artifact, kind), 3))
             print(f"{kind}: {rows[kind][-1]:.2f} s", file=sys.stderr)
     medians = {k: statistics.median(v) for k, v in rows.items()}
-    print(f"median with {medians['with']:.2f} s, without {medians['without']:.2f} s", file=sys.stderr)
+    print("median " + ", ".join(f"{k} {v:.2f} s" for k, v in medians.items()), file=sys.stderr)
     write_result(args.out, {"artifact": args.artifact, "runs": args.runs, "seconds": rows,
                             "median_seconds": medians}, device=args.device)
 
 
 if __name__ == "__main__":
-    main()
+    compare_loads(_CHILD, ("with", "without"), __doc__)

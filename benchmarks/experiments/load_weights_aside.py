@@ -10,14 +10,11 @@ kinds of process alternate.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness.py
-from harness import write_result  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the experiments beside this one
+from experiments.load_import_aside import compare_loads  # noqa: E402
 
 _CHILD = """
 import sys, time
@@ -40,29 +37,5 @@ print(time.perf_counter() - start)
 """
 
 
-def timed_load(path: str, kind: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _CHILD, path, kind], capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("artifact")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--device", default="cpu", help="the device the result envelope names")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    timed_load(args.artifact, "aside")  # page cache and bytecode warm for both kinds
-    rows: dict[str, list[float]] = {"aside": [], "before": []}
-    for _ in range(args.runs):
-        for kind in ("aside", "before"):
-            rows[kind].append(round(timed_load(args.artifact, kind), 3))
-            print(f"{kind}: {rows[kind][-1]:.2f} s", file=sys.stderr)
-    medians = {k: statistics.median(v) for k, v in rows.items()}
-    print(f"median aside {medians['aside']:.2f} s, before {medians['before']:.2f} s", file=sys.stderr)
-    write_result(args.out, {"artifact": args.artifact, "runs": args.runs, "seconds": rows,
-                            "median_seconds": medians}, device=args.device)
-
-
 if __name__ == "__main__":
-    main()
+    compare_loads(_CHILD, ("aside", "before"), __doc__)
