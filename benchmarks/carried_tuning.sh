@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Do compiles that start from one compile's kernel configurations (`--tuning-from`) decode at
 # the same speed, where compiles that tune for themselves do not? MODEL is compiled once, then
-# benched (dense optc, no baselines) in fresh processes, each with empty Inductor and Triton
+# benched (dense optc) in fresh processes, each with empty Inductor and Triton
 # caches: RUNS of them with --tuning-from the artifact, then OWN_RUNS (default RUNS) that tune
 # for themselves; BASELINES (default none) are timed in each. Each process's bench JSON, log
 # and tuning record (experiments/tuning_at_load.py: how many kernels coordinate descent tuned)
