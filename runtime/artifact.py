@@ -277,6 +277,15 @@ def read_manifest(path) -> dict:
         return _read_manifest_from(zf, path)
 
 
+def read_members(path, names_of) -> tuple[dict, dict]:
+    """The manifest and the members `names_of(manifest)` lists, each checked against the
+    manifest's record, without reading the rest (the programs, the weights)."""
+    path = Path(path)
+    with _open_zip(path) as zf:
+        man = _read_manifest_from(zf, path)
+        return man, {m: bytes(_read_checked(zf, path, m, man["files"].get(m))) for m in names_of(man)}
+
+
 def verify_versions(manifest: dict, path="artifact") -> None:
     """Refuse an artifact built by another torch (major.minor.patch) or optc version."""
     import torch

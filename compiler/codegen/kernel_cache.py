@@ -90,15 +90,24 @@ def package(rec: Recording, target: Target, programs: list[str]) -> tuple[dict, 
     return files, record
 
 
+def _parts(manifest: dict) -> list[dict]:
+    """The records of the kernel cache's members: its entries and its Triton kernels."""
+    rec = manifest.get("kernel_cache") or {}
+    return [part for part in (rec, rec.get("triton_kernels") or {}) if "member" in part]
+
+
+def members(manifest: dict) -> list[str]:
+    """The artifact members the kernel cache is made of (none where it carries none)."""
+    return [part["member"] for part in _parts(manifest)]
+
+
 def check_hash(manifest: dict, extra_files: dict, files: dict | None = None) -> None:
     """Refuse (ArtifactError, exit 2) a kernel cache whose bytes are missing or do not
     hash to what the manifest recorded: checked at load, before anything could run.
     `files`: the record the bytes were checked against as they were read (check_member_hash)."""
-    rec = manifest.get("kernel_cache") or {}
-    for part in (rec, rec.get("triton_kernels") or {}):
-        if "member" in part:
-            check_member_hash(extra_files, part["member"], part.get("sha256"), f"the kernel cache {part['member']!r}",
-                              _RECOMPILE, files)
+    for part in _parts(manifest):
+        check_member_hash(extra_files, part["member"], part.get("sha256"), f"the kernel cache {part['member']!r}",
+                          _RECOMPILE, files)
 
 
 def usable(manifest: dict, extra_files: dict, target: Target) -> tuple[bytes | None, str | None]:

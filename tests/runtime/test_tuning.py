@@ -66,9 +66,11 @@ def _with_kernel_cache(src, dst, data: bytes):
 
 
 def test_only_the_autotune_entries_are_read(lm):
-    from optc.runtime.tuning import _kernel_cache_members
+    from optc.compiler.codegen import kernel_cache
+    from optc.runtime.artifact import read_members
 
-    man, members = _kernel_cache_members(lm)
+    man, members = read_members(lm, kernel_cache.members)
+    assert list(members) == [man["kernel_cache"]["member"]]  # the CPU records no Triton kernels
     data = members[man["kernel_cache"]["member"]]
     assert man["kernel_cache"]["entries"]["inductor"] >= 2  # compiled graphs, which carrying leaves out
     assert autotune_cache_artifacts(data) == []
