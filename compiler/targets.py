@@ -54,6 +54,9 @@ class Target:
     # call came with a memset and an idle gap before it. Off: on the H100 the kernel won at
     # batch 1 and lost to cuDNN at ViT-B/16's 197 tokens and batch 64 (benchmarks/NOTES.md).
     encoder_attention_unmasked: bool = False
+    # A convolution that tiles its input (a ViT's patch embedding) runs as one GEMM over the
+    # image cut into patches instead of cuDNN's convolution (codegen/patch_gemm).
+    patch_gemm: bool = False
     # SDPA masks computed from constants that keep every score are dropped, so SDPA may
     # pick a fused kernel (codegen/constant_masks): the same function on every target.
     drop_constant_masks: bool = True
@@ -100,11 +103,12 @@ TARGETS = {
 # The fields of a profile that only change how programs are lowered (not what the passes
 # do): a measurement may change them for one row (`with_overrides`).
 LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "decode_qkv", "decode_qkv_cache",
-                   "merge_gemms", "drop_constant_masks", "encoder_attention", "encoder_attention_unmasked")
+                   "merge_gemms", "drop_constant_masks", "encoder_attention", "encoder_attention_unmasked",
+                   "patch_gemm")
 
 # Rewrites that came after devices' histories were recorded: named in lowering_words only
 # when on, so what was measured before them (with them off) still matches.
-_NAMED_WHEN_ON = ("decode_qkv", "decode_qkv_cache", "encoder_attention", "encoder_attention_unmasked")
+_NAMED_WHEN_ON = ("decode_qkv", "decode_qkv_cache", "encoder_attention", "encoder_attention_unmasked", "patch_gemm")
 
 
 # The targets' dicts of Inductor options, which with_overrides changes option by option.

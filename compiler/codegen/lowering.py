@@ -19,6 +19,7 @@ from optc.compiler.codegen.encoder_sdpa import use_encoder_attention
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
 from optc.compiler.codegen.merge_gemms import use_merged_gemms
 from optc.compiler.codegen.noisy_twin import HALF as _HALF, noisy_twin
+from optc.compiler.codegen.patch_gemm import use_patch_gemms
 from optc.compiler.codegen.sources_tag import tag_cache_keys
 from optc.compiler.rewrite import view_key
 from optc.compiler.targets import LOWERING_FIELDS, Target
@@ -93,8 +94,8 @@ def frontend(cudagraphs: bool) -> str:
 
 
 def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch.nn.Module:
-    """The graph `target` compiles: `gm` with the target's rewrites (attention masks that
-    keep every score dropped; a forward program's sibling GEMMs merged; decode GEMV
+    """The graph `target` compiles: `gm` with the target's rewrites (patch convolutions as
+    GEMMs; attention masks that keep every score dropped; a forward program's sibling GEMMs merged; decode GEMV
     inputs realised, decode-step attention, GEMVs and masked encoder attention on optc's
     kernels), as a copy sharing its parameters, or `gm` itself where none applies.
     `forward`: not a decoder LM's prefill or decode program (DECODER_PROGRAMS). `lower`
@@ -102,6 +103,8 @@ def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch
     what a lowering runs."""
     if not isinstance(gm, torch.fx.GraphModule):
         return gm
+    if target.patch_gemm:
+        gm, _ = use_patch_gemms(gm)
     if target.drop_constant_masks:
         gm, _ = drop_constant_masks(gm)
     if forward and target.merge_gemms:
