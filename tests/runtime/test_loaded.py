@@ -106,7 +106,8 @@ def test_manifest_records_the_lowering_the_check_used(unverified, monkeypatch, t
                                       "inductor_options": {"triton.cudagraphs": False}, "realize_gemv_inputs": False,
                                       "decode_attention": False, "decode_gemv": False, "decode_qkv": False,
                                       "decode_qkv_cache": False, "merge_gemms": False, "drop_constant_masks": True,
-                                      "encoder_attention": False, "encoder_attention_unmasked": False}
+                                      "encoder_attention": False, "encoder_attention_unmasked": False,
+                                      "patch_gemm": False}
     assert unverified.manifest["lowering"]["check"] is None  # nothing was lowered
 
     # For a GPU target (no such device here: not checked) neither the prefill nor the
