@@ -90,3 +90,32 @@ def test_a_variant_may_switch_it():
     assert targets.with_overrides(targets.get("cpu"), ["patch_gemm=true"]).patch_gemm
     assert "patch_gemm=true" in targets.lowering_words(PATCHING)
     assert "patch_gemm" not in targets.lowering_words(targets.get("cpu"))  # history keeps its keys
+
+
+def _deit():
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    cfg = DeiTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, num_labels=10)
+    return DeiTForImageClassificationWithTeacher(cfg)
+
+
+def _clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128)
+    return CLIPVisionModel(cfg)  # its patch embedding has no bias
+
+
+@pytest.mark.parametrize("build", [_deit, _clip_vision])
+def test_other_vision_transformers(build):
+    torch.manual_seed(0)
+    model = build().eval().requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    captured = capture.capture(model, (x,))
+    gm = capture.graph_module(captured.programs["forward"])
+    patched, count = use_patch_gemms(gm)
+    assert count == 1 and _convolutions(patched) == 0
+    args = captured.example_inputs["forward"]
+    torch.testing.assert_close(patched(*args[0], **args[1]), gm(*args[0], **args[1]), rtol=1e-5, atol=1e-5)
