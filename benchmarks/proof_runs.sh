@@ -34,6 +34,9 @@ kernel_off=$(python3 -c "from optc.compiler import targets; print(int(not target
 kernel() {  # the variant words a row with the kernel adds to
   if [ "$kernel_off" = 1 ]; then with_kernel=(--variant "$* target.encoder_attention=true"); else with_kernel=(); fi
 }
+# ViT rows with the patch embedding as a GEMM where the target leaves it off (codegen/patch_gemm).
+patch_off=$(python3 -c "from optc.compiler import targets; print(int(not targets.get('$target').patch_gemm))")
+if [ "$patch_off" = 1 ]; then with_patch=(--variant "target.patch_gemm=true"); else with_patch=(); fi
 for r in "$@"; do case $r in
   gpu-tests) run gpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu "$here/../tests/gpu" ;;
   artifact-load) run artifact-load 300 bash "$here/load_on_a_fresh_machine.sh" llama-1b "$target" "$out/load" 1 ;;
@@ -55,12 +58,12 @@ for r in "$@"; do case $r in
       --out "$out/bench_llama1b_passes_$target.json" ;;
   encoders-b1)
     run vit-b1 200 "${bench[@]}" vit-b16 --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=13" \
-      --out "$out/bench_vitb16_b1_$target.json"
+      "${with_patch[@]}" --out "$out/bench_vitb16_b1_$target.json"
     run bert-b1 150 "${bench[@]}" bert-base --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
       --out "$out/bench_bert_base_b1_$target.json" ;;
   merge-vit) kernel merge_tokens.r=13
     run merge-vit 300 "${bench[@]}" vit-b16 --batch 64 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
-      --variant "merge_tokens.r=13" --variant "merge_tokens.r=16" "${with_kernel[@]}" \
+      --variant "merge_tokens.r=13" --variant "merge_tokens.r=16" "${with_kernel[@]}" "${with_patch[@]}" \
       --out "$out/bench_vitb16_b64_merge_$target.json" ;;
   merge-bert)
     run merge-bert-s128 200 "${bench[@]}" bert-base --batch 32 --seq 128 "${vs_max[@]}" "${enc[@]}" \
