@@ -98,10 +98,10 @@ def _describe(nodes: list[fx.Node], like: fx.Node) -> None:
     fake_mode = detect_fake_mode([like.meta.get("val")])
     for node in nodes:
         node.meta = {k: v for k, v in like.meta.items() if k != "val"}
-        if fake_mode is not None:
-            with fake_mode, python_dispatcher():
-                args = fx.map_arg(node.args, lambda a: a.meta["val"])
-                node.meta["val"] = node.target(*args)
+        if fake_mode is None or any(a.meta.get("val") is None for a in node.all_input_nodes):
+            continue  # left without a value, as any node whose inputs have none
+        with fake_mode, python_dispatcher():
+            node.meta["val"] = node.target(*fx.map_arg(node.args, lambda a: a.meta["val"]))
 
 
 def use_patch_gemms(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
