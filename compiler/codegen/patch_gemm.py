@@ -3,15 +3,14 @@
 A 2D convolution with stride equal to its kernel, no padding, no dilation and one group
 reads every input pixel once: it is a matrix product of the image cut into patches
 [B * H' * W', C * kh * kw] with the kernel as a [C * kh * kw, O] matrix. cuDNN runs it as
-an implicit-GEMM convolution over three input channels, with layout conversions around it:
-on the H100 ViT-B/16's patch embedding took 82 us of kernel at batch 1 plus 13 us of NCHW to
-NHWC conversion, about 15% of the forward (benchmarks/NOTES.md, "The patch embedding as a
-GEMM"), where the GEMM's FLOPs take a few microseconds. Here the copy lowered for the target
-cuts the image into patches (one permuted copy of the input, which Inductor fuses with
-whatever produced it) and calls one matmul; the output is the convolution's [B, O, H', W']
-as a permuted view, so that ViT's `flatten(2).transpose(1, 2)` reads the GEMM's rows as they
-lie. The sums run in another order than cuDNN's, so the lowering check compares the copy
-with the program itself, as for every lowering rewrite.
+an implicit-GEMM convolution over three input channels, with layout conversions around it,
+many times the time of the GEMM's FLOPs: on the H100 a seventh of ViT-B/16's forward at
+batch 1 (benchmarks/NOTES.md, "The patch embedding as a GEMM"). Here the copy lowered for
+the target cuts the image into patches (one permuted copy of the input, which Inductor
+fuses with whatever produced it) and calls one matmul; the output is the convolution's
+[B, O, H', W'] as a permuted view, so that ViT's `flatten(2).transpose(1, 2)` reads the
+GEMM's rows as they lie. The sums run in another order than cuDNN's, so the lowering check
+compares the copy with the program itself, as for every lowering rewrite.
 
 Targets ask for it with `patch_gemm` (compiler/targets.py).
 """
