@@ -34,9 +34,9 @@ kernel_off=$(python3 -c "from optc.compiler import targets; print(int(not target
 kernel() {  # the variant words a row with the kernel adds to
   if [ "$kernel_off" = 1 ]; then with_kernel=(--variant "$* target.encoder_attention=true"); else with_kernel=(); fi
 }
-# ViT rows with the patch embedding as a GEMM where the target leaves it off (codegen/patch_gemm).
-patch_off=$(python3 -c "from optc.compiler import targets; print(int(not targets.get('$target').patch_gemm))")
-if [ "$patch_off" = 1 ]; then with_patch=(--variant "target.patch_gemm=true"); else with_patch=(); fi
+# ViT rows with the target's patch embedding switched the other way (codegen/patch_gemm).
+patch_other=$(python3 -c "from optc.compiler import targets; print(str(not targets.get('$target').patch_gemm).lower())")
+with_patch=(--variant "target.patch_gemm=$patch_other")
 for r in "$@"; do case $r in
   gpu-tests) run gpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu "$here/../tests/gpu" ;;
   artifact-load) run artifact-load 300 bash "$here/load_on_a_fresh_machine.sh" llama-1b "$target" "$out/load" 1 ;;

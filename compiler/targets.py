@@ -84,6 +84,10 @@ TARGETS = {
         # One q/k/v GEMM in encoders: faster than three at batch 1 in the same process
         # (BERT-base, ViT-B/16; benchmarks/NOTES.md).
         merge_gemms=True,
+        # The patch embedding as a GEMM: 7.9x faster than cuDNN's convolution alone at batch 1,
+        # ViT-B/16's forward 1.37x in the same process (benchmarks/NOTES.md, "The patch embedding
+        # as a GEMM").
+        patch_gemm=True,
         # optc's kernel for masked encoder attention: faster than SDPA's masked path on
         # BERT-base (batch 1 and 32) and merged ViT-B/16 (batch 64) in the same process
         # (benchmarks/NOTES.md, "The encoder attention kernel measured"); not yet on the H200.
@@ -96,6 +100,9 @@ TARGETS = {
         # As on the H100: BERT-base at batch 1 ran faster with one q/k/v GEMM in the same
         # process (benchmarks/NOTES.md, "The search on a lowering that merges q/k/v").
         merge_gemms=True,
+        # Measured on the H100 only: the same sm_90 convolution kernel of cuDNN is what it
+        # replaces; proof_runs.sh times the H200's ViT rows with it switched off too.
+        patch_gemm=True,
     ),
     "a100": Target("a100", "cuda", torch.bfloat16, gpu_names=("A100",), inductor={"coordinate_descent_tuning": True},
                    align=64, realize_gemv_inputs=True),

@@ -89,7 +89,7 @@ def test_lowered_and_verified_and_recorded(vit_captured):
 
 def test_a_variant_may_switch_it():
     assert not targets.with_overrides(targets.get("cpu"), ["patch_gemm=false"]).patch_gemm
-    assert targets.with_overrides(targets.get("h100"), ["patch_gemm=true"]).patch_gemm
+    assert targets.with_overrides(targets.get("a100"), ["patch_gemm=true"]).patch_gemm
     assert "patch_gemm=true" in targets.lowering_words(PATCHING)
     # Named only when on: what a device's history recorded before the switch existed still matches.
     assert "patch_gemm" not in targets.lowering_words(NOT_PATCHING)
