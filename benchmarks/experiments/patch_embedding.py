@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness.py
 
 import torch  # noqa: E402
+from gemv_pdl_prefetch import time_graph  # noqa: E402
 from harness import envelope, write_result  # noqa: E402
 
 from optc.compiler.codegen.patch_gemm import use_patch_gemms  # noqa: E402
@@ -38,26 +39,8 @@ def _time_cpu(forms: dict, x, calls: int) -> dict:
 
 
 def _time_gpu(forms: dict, x, reps: int) -> dict:
-    out = {}
-    for name, f in forms.items():
-        for _ in range(3):
-            f(x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            f(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        runs = []
-        for _ in range(7):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            runs.append(start.elapsed_time(end) * 1000 / reps)
-        out[name] = round(sorted(runs)[len(runs) // 2], 2)
-    return out
+    return {name: round(time_graph(lambda x, _w, _o, f=f: f(x), x, None, None, reps)[0], 2)
+            for name, f in forms.items()}
 
 
 def main():
