@@ -33,7 +33,7 @@ _CONVOLUTIONS = (aten.conv2d.default, aten.convolution.default)
 def _patch_conv(node: fx.Node) -> tuple | None:
     """(input, weight, bias, (B, C, H, W), (O, kh, kw)) if `node` is a 2D convolution that
     tiles its input exactly (stride = kernel, no padding, dilation 1, one group, H and W
-    multiples of the kernel, not transposed); else None."""
+    multiples of the kernel, not transposed); else None. B may be symbolic."""
     if node.op != "call_function" or node.target not in _CONVOLUTIONS:
         return None
     norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
@@ -44,8 +44,8 @@ def _patch_conv(node: fx.Node) -> tuple | None:
     x_shape, w_shape = node_shape(x), node_shape(weight)
     if x_shape is None or w_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
         return None
-    if not all(isinstance(d, int) for d in (*x_shape, *w_shape)):
-        return None  # a symbolic size: the patch grid is not known when lowering
+    if not all(isinstance(d, int) for d in (*x_shape[1:], *w_shape)):
+        return None  # a symbolic image size or channel count: the patch grid is not known (a batch may be)
     kernel = tuple(w_shape[2:])
     stride, padding, dilation = (_pair(kw.get(k, default)) for k, default in
                                  (("stride", 1), ("padding", 0), ("dilation", 1)))
@@ -72,7 +72,7 @@ def patch_convolutions(graph: fx.Graph) -> list[fx.Node]:
 
 def _insert_gemm(graph: fx.Graph, x, weight, bias, x_shape, w_shape) -> list[fx.Node]:
     """The nodes computing the convolution as a GEMM, in order, the last one its output."""
-    (B, C, H, W), (O, kh, kw) = x_shape, w_shape
+    (_, C, H, W), (O, kh, kw) = x_shape, w_shape  # the batch is left to the reshapes (-1): it may be symbolic
     rows, cols = H // kh, W // kw
     inserted = []
 
@@ -80,13 +80,13 @@ def _insert_gemm(graph: fx.Graph, x, weight, bias, x_shape, w_shape) -> list[fx.
         inserted.append(graph.call_function(op, args))
         return inserted[-1]
 
-    patches = call(aten.permute.default, (call(aten.reshape.default, (x, [B, C, rows, kh, cols, kw])),
+    patches = call(aten.permute.default, (call(aten.reshape.default, (x, [-1, C, rows, kh, cols, kw])),
                                           [0, 2, 4, 1, 3, 5]))
-    patches = call(aten.reshape.default, (patches, [B * rows * cols, C * kh * kw]))
+    patches = call(aten.reshape.default, (patches, [-1, C * kh * kw]))
     matrix = call(aten.t.default, (call(aten.reshape.default, (weight, [O, C * kh * kw])),))
     out = call(aten.addmm.default, (bias, patches, matrix)) if bias is not None else \
         call(aten.mm.default, (patches, matrix))
-    call(aten.permute.default, (call(aten.reshape.default, (out, [B, rows, cols, O])), [0, 3, 1, 2]))
+    call(aten.permute.default, (call(aten.reshape.default, (out, [-1, rows, cols, O])), [0, 3, 1, 2]))
     return inserted
 
 

@@ -68,10 +68,16 @@ def test_only_a_convolution_that_tiles_its_input(kw, size, rewritten):
     torch.testing.assert_close(patched(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_symbolic_batch_is_left_alone():
+def test_a_symbolic_batch_is_rewritten_a_symbolic_image_is_not():
     model = _Conv().eval()
-    batch = torch.export.Dim("batch", min=2)
+    batch, side = torch.export.Dim("batch", min=2), torch.export.Dim("side", min=2, max=8)
     ep = torch.export.export(model, (torch.randn(3, 4, 16, 16),), dynamic_shapes=({0: batch},))
+    patched, count = use_patch_gemms(ep.module())
+    assert count == 1
+    for n in (2, 5):
+        x = torch.randn(n, 4, 16, 16)
+        torch.testing.assert_close(patched(x), model(x), rtol=1e-5, atol=1e-5)
+    ep = torch.export.export(model, (torch.randn(3, 4, 16, 16),), dynamic_shapes=({2: 4 * side, 3: 4 * side},))
     assert patch_convolutions(ep.module().graph) == []
 
 
