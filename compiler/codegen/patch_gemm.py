@@ -72,7 +72,10 @@ def patch_convolutions(graph: fx.Graph) -> list[fx.Node]:
 
 def _insert_gemm(graph: fx.Graph, x, weight, bias, x_shape, w_shape) -> list[fx.Node]:
     """The nodes computing the convolution as a GEMM, in order, the last one its output."""
-    (_, C, H, W), (O, kh, kw) = x_shape, w_shape  # the batch is left to the reshapes (-1): it may be symbolic
+    (B, C, H, W), (O, kh, kw) = x_shape, w_shape
+    # A symbolic batch is left to the reshapes to infer (-1); a static one is spelled out, since
+    # -1 cannot be inferred for an empty batch.
+    B = B if isinstance(B, int) else -1
     rows, cols = H // kh, W // kw
     inserted = []
 
@@ -80,13 +83,13 @@ def _insert_gemm(graph: fx.Graph, x, weight, bias, x_shape, w_shape) -> list[fx.
         inserted.append(graph.call_function(op, args))
         return inserted[-1]
 
-    patches = call(aten.permute.default, (call(aten.reshape.default, (x, [-1, C, rows, kh, cols, kw])),
+    patches = call(aten.permute.default, (call(aten.reshape.default, (x, [B, C, rows, kh, cols, kw])),
                                           [0, 2, 4, 1, 3, 5]))
-    patches = call(aten.reshape.default, (patches, [-1, C * kh * kw]))
+    patches = call(aten.reshape.default, (patches, [B * rows * cols if B >= 0 else -1, C * kh * kw]))
     matrix = call(aten.t.default, (call(aten.reshape.default, (weight, [O, C * kh * kw])),))
     out = call(aten.addmm.default, (bias, patches, matrix)) if bias is not None else \
         call(aten.mm.default, (patches, matrix))
-    call(aten.permute.default, (call(aten.reshape.default, (out, [-1, rows, cols, O])), [0, 3, 1, 2]))
+    call(aten.permute.default, (call(aten.reshape.default, (out, [B, rows, cols, O])), [0, 3, 1, 2]))
     return inserted
 
 
