@@ -75,8 +75,7 @@ def compile_model(args, *, evaluate: bool, verify: bool | None = None):
     if getattr(args, "tuning_from", None):  # refused before minutes of capture
         from optc.runtime.tuning import carry_tuning
 
-        carried = carry_tuning(args.tuning_from, target)
-        _log(f"[optc] {carried['configs']} kernel configurations from {args.tuning_from}")
+        carry_tuning(args.tuning_from, target, log=lambda msg: _log(f"[optc] {msg}"))
     entry, module, example_inputs = _load_model(args.model, target)
     art = optc.compile(
         module,

@@ -74,7 +74,7 @@ def search(req: SearchRequest, *, worker_only: bool = False, log=_log) -> dict:
     if req.tuning_from and not worker_only:  # workers of this host read the same Inductor cache
         from optc.runtime.tuning import carry_tuning
 
-        log(f"search: {carry_tuning(req.tuning_from, target)['configs']} kernel configurations from {req.tuning_from}")
+        carry_tuning(req.tuning_from, target, log=lambda msg: log(f"search: {msg}"))
     out_dir = Path(req.out_dir)
     study_name = req.study or f"{Path(req.model.split(':')[0]).name}-{target.name}"
     if req.workers > 1 and not worker_only:

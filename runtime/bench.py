@@ -77,9 +77,7 @@ def bench(
     if not targets.available(tgt):
         raise UsageError(f"target {tgt.name} is not present on this machine; "
                          "run bench where it is, or use --target cpu")
-    carried = None if tuning_from is None else carry_tuning(tuning_from, tgt)
-    if carried:
-        _log(f"{carried['configs']} kernel configurations from {tuning_from}")
+    carried = None if tuning_from is None else carry_tuning(tuning_from, tgt, log=_log)
     labels = [v[0] for v in variants] + [Path(a).name for a in artifacts]
     if len(set(labels)) != len(labels):
         raise UsageError(f"two optc rows have the same label: {labels}")

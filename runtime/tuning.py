@@ -11,9 +11,9 @@ from optc.errors import UsageError
 from optc.runtime.artifact import read_members
 
 
-def carry_tuning(path, target: Target) -> dict:
+def carry_tuning(path, target: Target, log=None) -> dict:
     """Install `path`'s chosen kernel configurations for lowerings on `target` in this
-    process; {"from": path, "configs": how many}. Refused (UsageError, exit 2) where the
+    process, saying how many to `log`; {"from": path, "configs": how many}. Refused (UsageError, exit 2) where the
     target's device is not here, or the artifact's kernel cache was not built for this
     target, environment and optc (kernel_cache.usable says which)."""
     if not targets.available(target):
@@ -26,4 +26,7 @@ def carry_tuning(path, target: Target) -> dict:
                             "or its lowering recorded nothing)")
         raise UsageError(f"--tuning-from {path}: {reason}; compile without --tuning-from, or pass an artifact "
                          f"compiled for {target.name} by this optc on this kind of machine")
-    return {"from": str(path), "configs": tuned_configs.install(data)}
+    carried = {"from": str(path), "configs": tuned_configs.install(data)}
+    if log is not None:
+        log(f"{carried['configs']} kernel configurations from {path}")
+    return carried

@@ -65,9 +65,14 @@ def _pair(value) -> tuple:
     return value * 2 if len(value) == 1 else value
 
 
+def _matches(graph: fx.Graph) -> list[tuple[fx.Node, tuple]]:
+    """(convolution, _patch_conv's reading of it) for each one use_patch_gemms rewrites."""
+    return [(n, m) for n in graph.nodes if (m := _patch_conv(n)) is not None]
+
+
 def patch_convolutions(graph: fx.Graph) -> list[fx.Node]:
     """The convolutions of `graph` that use_patch_gemms rewrites."""
-    return [n for n in graph.nodes if _patch_conv(n) is not None]
+    return [n for n, _ in _matches(graph)]
 
 
 def _insert_gemm(graph: fx.Graph, x, weight, bias, x_shape, w_shape) -> list[fx.Node]:
@@ -112,9 +117,8 @@ def use_patch_gemms(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     if not patch_convolutions(gm.graph):
         return gm, 0
     graph = copy.deepcopy(gm.graph)  # keeps the graph's codegen (its input and output trees)
-    found = patch_convolutions(graph)
-    for node in found:
-        x, weight, bias, x_shape, w_shape = _patch_conv(node)
+    found = _matches(graph)
+    for node, (x, weight, bias, x_shape, w_shape) in found:
         with graph.inserting_before(node):
             inserted = _insert_gemm(graph, x, weight, bias, x_shape, w_shape)
         _describe(inserted, node)
