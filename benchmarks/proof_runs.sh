@@ -5,8 +5,8 @@
 # is stopped when the budget runs out (its bench JSON, rewritten after every row, keeps the
 # rows it finished). The target is the GPU present (h200 or h100).
 #   BUDGET_S=570 benchmarks/proof_runs.sh OUT_DIR RUN...
-#   runs: gpu-tests artifact-load artifact-bench llama1b llama1b-carried llama8b passes encoders-b1 merge-vit
-#         merge-bert prune attention-shapes merge-profile
+#   runs: gpu-tests artifact-load artifact-bench llama1b llama1b-carried llama8b passes encoders-b1 (or vit-b1,
+#         bert-b1) merge-vit merge-bert prune attention-shapes merge-profile
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -56,10 +56,10 @@ for r in "$@"; do case $r in
       --variant "skip_layers.count=4 skip_layers.granularity=block" --variant "sparsify_activations.sparsity=0.5" \
       --variant "sparsify_activations.sparsity=0.5 sparsify_activations.method=cats" \
       --out "$out/bench_llama1b_passes_$target.json" ;;
-  encoders-b1)
-    run vit-b1 200 "${bench[@]}" vit-b16 --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=13" \
+  encoders-b1|vit-b1|bert-b1)
+    [ $r = bert-b1 ] || run vit-b1 200 "${bench[@]}" vit-b16 --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=13" \
       "${with_patch[@]}" --out "$out/bench_vitb16_b1_$target.json"
-    run bert-b1 150 "${bench[@]}" bert-base --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
+    [ $r = vit-b1 ] || run bert-b1 150 "${bench[@]}" bert-base --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
       --out "$out/bench_bert_base_b1_$target.json" ;;
   merge-vit) kernel merge_tokens.r=13
     run merge-vit 300 "${bench[@]}" vit-b16 --batch 64 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
