@@ -57,6 +57,10 @@ class Target:
     # A convolution that tiles its input (a ViT's patch embedding) runs as one GEMM over the
     # image cut into patches instead of a convolution kernel (codegen/patch_gemm).
     patch_gemm: bool = False
+    # An MLP's first linear and its GELU run as one optc kernel that applies the GELU before
+    # its store, instead of cuBLAS's GEMM and Inductor's pointwise GELU after it
+    # (codegen/linear_gelu). Off until measured.
+    linear_gelu: bool = False
     # SDPA masks computed from constants that keep every score are dropped, so SDPA may
     # pick a fused kernel (codegen/constant_masks): the same function on every target.
     drop_constant_masks: bool = True
@@ -113,11 +117,12 @@ TARGETS = {
 # do): a measurement may change them for one row (`with_overrides`).
 LOWERING_FIELDS = ("realize_gemv_inputs", "decode_attention", "decode_gemv", "decode_qkv", "decode_qkv_cache",
                    "merge_gemms", "drop_constant_masks", "encoder_attention", "encoder_attention_unmasked",
-                   "patch_gemm")
+                   "patch_gemm", "linear_gelu")
 
 # Rewrites that came after devices' histories were recorded: named in lowering_words only
 # when on, so what was measured before them (with them off) still matches.
-_NAMED_WHEN_ON = ("decode_qkv", "decode_qkv_cache", "encoder_attention", "encoder_attention_unmasked", "patch_gemm")
+_NAMED_WHEN_ON = ("decode_qkv", "decode_qkv_cache", "encoder_attention", "encoder_attention_unmasked", "patch_gemm",
+                  "linear_gelu")
 
 
 # The targets' dicts of Inductor options, which with_overrides changes option by option.

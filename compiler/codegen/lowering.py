@@ -17,6 +17,7 @@ from optc.compiler.codegen.decode_sdpa import use_decode_attention
 from optc.compiler.codegen.direct import DirectLowering
 from optc.compiler.codegen.encoder_sdpa import use_encoder_attention
 from optc.compiler.codegen.gemv_inputs import realize_gemv_inputs
+from optc.compiler.codegen.linear_gelu import use_linear_gelu
 from optc.compiler.codegen.merge_gemms import use_merged_gemms
 from optc.compiler.codegen.noisy_twin import HALF as _HALF, noisy_twin
 from optc.compiler.codegen.patch_gemm import use_patch_gemms
@@ -96,8 +97,8 @@ def frontend(cudagraphs: bool) -> str:
 def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch.nn.Module:
     """The graph `target` compiles: `gm` with the target's rewrites (patch convolutions as
     GEMMs; attention masks that keep every score dropped; a forward program's sibling GEMMs
-    merged; decode GEMV inputs realised, decode-step attention, GEMVs and masked encoder
-    attention on optc's kernels), as a copy sharing its parameters, or `gm` itself where
+    merged, and its linear + GELU pairs fused; decode GEMV inputs realised, decode-step
+    attention, GEMVs and masked encoder attention on optc's kernels), as a copy sharing its parameters, or `gm` itself where
     none applies.
     `forward`: not a decoder LM's prefill or decode program (DECODER_PROGRAMS). `lower`
     and the AOTInductor packages (codegen/aoti.py) both compile this, so a package runs
@@ -110,6 +111,8 @@ def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch
         gm, _ = drop_constant_masks(gm)
     if forward and target.merge_gemms:
         gm, _ = use_merged_gemms(gm, TOLERANCE)
+    if forward and target.linear_gelu:
+        gm, _ = use_linear_gelu(gm)
     if target.realize_gemv_inputs:
         gm, _ = realize_gemv_inputs(gm)
     if target.decode_attention:

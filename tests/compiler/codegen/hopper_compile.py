@@ -16,10 +16,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from optc.compiler.codegen.kernels import (  # noqa: E402
-    cats_mlp, configs, decode_attention, decode_qkv, dense_gemv, encoder_attention, gemv_tiles, sparse_gemv,
-    sparse_linear)
+    cats_mlp, configs, decode_attention, decode_qkv, dense_gemv, encoder_attention, gemv_tiles, linear_gelu,
+    sparse_gemv, sparse_linear)
 
 HOPPER = GPUTarget("cuda", 90, 32)
+_CUDA = type("Device", (), {"type": "cuda"})()  # what gemm_tile reads of a device
 
 
 def _ints(*names):
@@ -57,10 +58,13 @@ QKV_SIG = {
     **_ints("cache_len", "stride_cache_h", "stride_cache_l", "K"),
     "eps": "fp64",  # a Python float, as Inductor's launch of a user-defined kernel passes it
     **_ints("Q_PAIRS", "K_PAIRS", "stride_q", "stride_k", "stride_v")}
+LINEAR_GELU_SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+                   **_ints("M", "N", "K", "stride_xm", "stride_wn")}
 
 
 def cases():
-    """(case id, kernel, signature, constexprs, num_warps)."""
+    """(case id, kernel, signature, constexprs, num_warps or (num_warps, num_stages)); a case
+    with num_stages compiles with its arguments 16-aligned, so its pipeline is built."""
     h100 = configs.sparse_linear_target("h100")
     for cfg in [c for _, c in h100.buckets] + [h100.large_gemv[1]]:
         for even_n in (True, False):
@@ -111,12 +115,30 @@ def cases():
             yield (f"decode_qkv-half{half}-k{k}" + ("-cache" if write else ""), decode_qkv.decode_qkv_kernel, QKV_SIG,
                    dict(HALF=half, BLOCK_P=tile.block_p, BLOCK_K=tile.block_k, WRITE_CACHE=write), tile.num_warps)
 
+    # The linear + GELU GEMM with both tiles it launches on Hopper (ViT-B/16's MLP at batch 64
+    # and at batch 1), exact and tanh, K a multiple of the tile's or not.
+    for m in (64 * 197, 197):
+        tile = linear_gelu.gemm_tile(m, 3072, _CUDA)
+        for tanh, even_k in ((False, True), (True, False)):
+            yield (f"linear_gelu-m{tile.block_m}-n{tile.block_n}-tanh{int(tanh)}-evenk{int(even_k)}",
+                   linear_gelu.linear_gelu_kernel, LINEAR_GELU_SIG,
+                   dict(HAS_BIAS=True, TANH=tanh, EVEN_K=even_k, IEEE=False, BLOCK_M=tile.block_m,
+                        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m),
+                   (tile.num_warps, tile.num_stages))
 
-def compile_one(kernel, signature, constexprs, num_warps) -> str:
+
+def compile_one(kernel, signature, constexprs, launch) -> str:
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    num_warps, num_stages = launch if isinstance(launch, tuple) else (launch, None)
+    options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages else {})
+    if num_stages:
+        # Pointers and integers 16-aligned, as Triton specialises them at launch: without that
+        # the loads are not asynchronous and the stages' shared memory is not allocated.
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs,
+                                        attrs={(i,): [["tt.divisibility", 16]] for i in range(len(signature))})
     try:
-        compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps})
+        compiled = triton.compile(src, target=HOPPER, options=options)
     except Exception as exc:  # noqa: BLE001 - the error is the result
         return f"{type(exc).__name__}: {exc}"[-2000:]
     return "ok" if compiled.asm.get("cubin") else "no cubin"

@@ -15,8 +15,8 @@ import pytest
 SCRIPT = Path(__file__).with_name("hopper_compile.py")
 # sparse_linear: 3 tiles x EVEN_N x DIRECT_OUT; compacting GEMV x prefetch; CATS x 2 tiles; decode attention x 2 splits;
 # dense GEMV x 3 shapes (one split); norm + q/k/v + rotary x 2 head widths x cache write;
-# encoder attention x 2 head widths x 2 sequence lengths x 3 mask forms
-EXPECTED = 3 * 2 * 2 + 2 + 2 + 2 + 3 + 2 * 2 + 2 * 2 * 3
+# encoder attention x 2 head widths x 2 sequence lengths x 3 mask forms; linear + GELU x 2 tiles x 2 forms
+EXPECTED = 3 * 2 * 2 + 2 + 2 + 2 + 3 + 2 * 2 + 2 * 2 * 3 + 2 * 2
 
 
 @pytest.fixture(scope="module")
