@@ -107,7 +107,7 @@ def test_manifest_records_the_lowering_the_check_used(unverified, monkeypatch, t
                                       "decode_attention": False, "decode_gemv": False, "decode_qkv": False,
                                       "decode_qkv_cache": False, "merge_gemms": False, "drop_constant_masks": True,
                                       "encoder_attention": False, "encoder_attention_unmasked": False,
-                                      "patch_gemm": True}
+                                      "patch_gemm": True, "linear_gelu": False}
     assert unverified.manifest["lowering"]["check"] is None  # nothing was lowered
 
     # For a GPU target (no such device here: not checked) neither the prefill nor the
