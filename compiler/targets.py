@@ -59,7 +59,8 @@ class Target:
     patch_gemm: bool = False
     # An MLP's first linear and its GELU run as one optc kernel that applies the GELU before
     # its store, instead of cuBLAS's GEMM and Inductor's pointwise GELU after it
-    # (codegen/linear_gelu). Off until measured.
+    # (codegen/linear_gelu). Off: on the H100 the kernel's GEMM ran at half cuBLAS's speed,
+    # and ViT-B/16's forward at batch 64 was slower with it (benchmarks/NOTES.md).
     linear_gelu: bool = False
     # SDPA masks computed from constants that keep every score are dropped, so SDPA may
     # pick a fused kernel (codegen/constant_masks): the same function on every target.
