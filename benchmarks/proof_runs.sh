@@ -57,10 +57,10 @@ for r in "$@"; do case $r in
       --variant "sparsify_activations.sparsity=0.5 sparsify_activations.method=cats" \
       --out "$out/bench_llama1b_passes_$target.json" ;;
   encoders-b1|vit-b1|bert-b1)
-    [ $r = bert-b1 ] || run vit-b1 200 "${bench[@]}" vit-b16 --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=13" \
-      "${with_patch[@]}" --out "$out/bench_vitb16_b1_$target.json"
-    [ $r = vit-b1 ] || run bert-b1 150 "${bench[@]}" bert-base --batch 1 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
-      --out "$out/bench_bert_base_b1_$target.json" ;;
+    [ $r = bert-b1 ] || run vit-b1 200 "${bench[@]}" vit-b16 --batch 1 "${vs_max[@]}" "${enc[@]}" \
+      --variant "merge_tokens.r=13" "${with_patch[@]}" --out "$out/bench_vitb16_b1_$target.json"
+    [ $r = vit-b1 ] || run bert-b1 150 "${bench[@]}" bert-base --batch 1 "${vs_max[@]}" "${enc[@]}" \
+      --variant "merge_tokens.r=8" --out "$out/bench_bert_base_b1_$target.json" ;;
   merge-vit) kernel merge_tokens.r=13
     run merge-vit 300 "${bench[@]}" vit-b16 --batch 64 "${vs_max[@]}" "${enc[@]}" --variant "merge_tokens.r=8" \
       --variant "merge_tokens.r=13" --variant "merge_tokens.r=16" "${with_kernel[@]}" "${with_patch[@]}" \

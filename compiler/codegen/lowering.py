@@ -98,8 +98,8 @@ def target_graph(gm: torch.nn.Module, target: Target, *, forward: bool) -> torch
     """The graph `target` compiles: `gm` with the target's rewrites (patch convolutions as
     GEMMs; attention masks that keep every score dropped; a forward program's sibling GEMMs
     merged, and its linear + GELU pairs fused; decode GEMV inputs realised, decode-step
-    attention, GEMVs and masked encoder attention on optc's kernels), as a copy sharing its parameters, or `gm` itself where
-    none applies.
+    attention, GEMVs and masked encoder attention on optc's kernels), as a copy sharing its
+    parameters, or `gm` itself where none applies.
     `forward`: not a decoder LM's prefill or decode program (DECODER_PROGRAMS). `lower`
     and the AOTInductor packages (codegen/aoti.py) both compile this, so a package runs
     what a lowering runs."""

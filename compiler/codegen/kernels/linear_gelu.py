@@ -3,12 +3,12 @@
 Why: lowered without autotuning (as merged encoders always are: their layers each have
 their own token count), Inductor calls cuBLAS for an MLP's first linear and computes the
 bias and exact GELU in a pointwise kernel of its own that reads and writes the whole
-[tokens, 4 * hidden] activation again: 1.10 ms of ViT-B/16's 6.31 ms forward at batch 64 on
-the H100 (benchmarks/NOTES.md, "The patch embedding as a GEMM"). Here the bias and the GELU
-are applied to the fp32 accumulator before the one store. Measured on the H100 it does not
-pay: at ViT-B/16's MLP shape its best tile took 180 us for a batch of 64 where cuBLAS's GEMM
-alone took 90 and cuBLAS's with Inductor's GELU 148 (NOTES, "A linear with GELU in its
-epilogue"), so no target turns the rewrite on.
+[tokens, 4 * hidden] activation again: a sixth of ViT-B/16's forward at batch 64 on the H100
+(benchmarks/NOTES.md, "The patch embedding as a GEMM"). Here the bias and the GELU are
+applied to the fp32 accumulator before the one store. Measured on the H100 it does not pay:
+at ViT-B/16's MLP shape this GEMM runs at about half of cuBLAS's rate, which costs more than
+the GELU's own kernel (NOTES, "A linear with GELU in its epilogue"), so no target turns the
+rewrite on.
 
 Index math, for program pid of the grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped
 GROUP_M row tiles at a time so that consecutive programs share weight tiles in L2:
@@ -32,7 +32,7 @@ from torch.library import wrap_triton
 
 from .sparse_linear import _interpreted
 
-__all__ = ["GemmTile", "linear_gelu", "linear_gelu_kernel", "gemm_tile"]
+__all__ = ["GemmTile", "linear_act", "linear_gelu", "linear_gelu_kernel", "gemm_tile"]
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,21 @@ def gemm_tile(m: int, n: int, device: torch.device) -> GemmTile:
     return _WIDE if wide_tiles >= 2 * 132 else _NARROW
 
 
+# ACT: what the epilogue applies. NO_ACTIVATION is there for measuring the GEMM alone
+# (benchmarks/experiments/linear_gelu_tiles.py); the op launches the two GELUs.
+NO_ACTIVATION, GELU, GELU_TANH = 0, 1, 2
+
+
 @triton.jit
-def _gelu(v, TANH: tl.constexpr):
-    if TANH:
+def _activation(v, ACT: tl.constexpr):
+    if ACT == 2:
         # 0.5 v (1 + tanh(u)) with tanh(u) = 2 sigmoid(2u) - 1
         u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
         return v * tl.sigmoid(2.0 * u)
-    else:
+    elif ACT == 1:
         return 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    else:
+        return v
 
 
 @triton.jit
@@ -78,7 +85,7 @@ def linear_gelu_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn,
     HAS_BIAS: tl.constexpr,
-    TANH: tl.constexpr,
+    ACT: tl.constexpr,
     EVEN_K: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -119,7 +126,7 @@ def linear_gelu_kernel(
         w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y = _gelu(acc, TANH)
+    y = _activation(acc, ACT)
     out = y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -129,10 +136,16 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """gelu(F.linear(x, weight, bias), approximate) for x [..., K], weight [N, K], bias [N]
     or None, accumulated in fp32 (fp32 inputs in full fp32 products, not tf32) and returned
     in x's dtype."""
+    assert approximate in ("none", "tanh"), f"approximate must be 'none' or 'tanh', got {approximate!r}"
+    return linear_act(x, weight, bias, GELU_TANH if approximate == "tanh" else GELU, tile)
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: int,
+               tile: GemmTile | None = None) -> torch.Tensor:
+    """linear_gelu with the epilogue's activation named by `act` (NO_ACTIVATION, GELU, GELU_TANH)."""
     K = x.shape[-1]
     N = weight.shape[0]
     assert weight.shape == (N, K), f"weight must be [N, {K}], got {tuple(weight.shape)}"
-    assert approximate in ("none", "tanh"), f"approximate must be 'none' or 'tanh', got {approximate!r}"
     x2 = x.reshape(-1, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -147,7 +160,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     kernel[grid](
         x2, w, bias if bias is not None else out, out,
         M, N, K, x2.stride(0), w.stride(0),
-        HAS_BIAS=bias is not None, TANH=approximate == "tanh", EVEN_K=K % tile.block_k == 0,
+        HAS_BIAS=bias is not None, ACT=act, EVEN_K=K % tile.block_k == 0,
         IEEE=x.dtype == torch.float32,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         num_warps=tile.num_warps, num_stages=tile.num_stages,

@@ -119,10 +119,10 @@ def cases():
     # and at batch 1), exact and tanh, K a multiple of the tile's or not.
     for m in (64 * 197, 197):
         tile = linear_gelu.gemm_tile(m, 3072, _CUDA)
-        for tanh, even_k in ((False, True), (True, False)):
-            yield (f"linear_gelu-m{tile.block_m}-n{tile.block_n}-tanh{int(tanh)}-evenk{int(even_k)}",
+        for act, even_k in ((linear_gelu.GELU, True), (linear_gelu.GELU_TANH, False)):
+            yield (f"linear_gelu-m{tile.block_m}-n{tile.block_n}-act{act}-evenk{int(even_k)}",
                    linear_gelu.linear_gelu_kernel, LINEAR_GELU_SIG,
-                   dict(HAS_BIAS=True, TANH=tanh, EVEN_K=even_k, IEEE=False, BLOCK_M=tile.block_m,
+                   dict(HAS_BIAS=True, ACT=act, EVEN_K=even_k, IEEE=False, BLOCK_M=tile.block_m,
                         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m),
                    (tile.num_warps, tile.num_stages))
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from optc.compiler import capture, targets
 from optc.compiler.codegen import lowering
-from optc.compiler.codegen.kernels.linear_gelu import GemmTile, gemm_tile, linear_gelu
+from optc.compiler.codegen.kernels.linear_gelu import NO_ACTIVATION, GemmTile, gemm_tile, linear_act, linear_gelu
 from optc.compiler.codegen.linear_gelu import linear_gelu_pairs, use_linear_gelu
 
 aten = torch.ops.aten
@@ -35,6 +35,11 @@ def test_the_kernel_computes_gelu_of_linear(dtype, shape, approximate, bias, poi
     torch.testing.assert_close(y.float(), ref, **tol)
 
 
+def test_without_an_activation_it_is_the_linear():  # how the GEMM alone is timed
+    x, w, b = torch.randn(37, 40), torch.randn(33, 40), torch.randn(33)
+    torch.testing.assert_close(linear_act(x, w, b, NO_ACTIVATION, SMALL), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
 def test_strided_input_and_weight_are_read_through_their_strides():
     x = torch.randn(10, 48)[:, :40]  # rows 48 apart
     w = torch.randn(24, 56)[:, 8:48]
@@ -56,7 +61,8 @@ def test_the_op_on_cpu_is_its_reference():
     from optc.compiler.codegen import linear_gelu_ops  # noqa: F401
 
     x, w, b = torch.randn(3, 5, 16), torch.randn(8, 16), torch.randn(8)
-    torch.testing.assert_close(torch.ops.optc.linear_gelu(x, w, b, "tanh"), F.gelu(F.linear(x, w, b), approximate="tanh"))
+    torch.testing.assert_close(torch.ops.optc.linear_gelu(x, w, b, "tanh"),
+                               F.gelu(F.linear(x, w, b), approximate="tanh"))
 
 
 def test_vits_mlps_are_rewritten_in_a_copy(vit_captured):
