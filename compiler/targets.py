@@ -65,6 +65,12 @@ class Target:
     # SDPA masks computed from constants that keep every score are dropped, so SDPA may
     # pick a fused kernel (codegen/constant_masks): the same function on every target.
     drop_constant_masks: bool = True
+    # What optc's sparse kernels cost per byte they read beyond the dense rate, as a share of
+    # it: the cost model's prior for its sparse term (search/cost_model.py), before measured
+    # trials fit one. On the H100 and H200 they streamed their active rows at about half the
+    # dense reductions' rate (benchmarks/NOTES.md, "The lossy passes on the H100's faster dense
+    # step"); 0 (the dense rate) where not measured.
+    sparse_read_cost: float = 0.0
     # Inductor options a decoder LM's programs (prefill and decode) add to `inductor`
     # (which wins where both set one): measured on a decode step, not on encoders.
     decoder_inductor: dict = field(default_factory=dict)
@@ -81,7 +87,7 @@ TARGETS = {
     "h100": Target(
         "h100", "cuda", torch.bfloat16, copy_tbs=2.94, bf16_tflops=769.0, gpu_names=("H100",),
         inductor={"coordinate_descent_tuning": True, "triton.enable_pdl": True}, align=64,
-        realize_gemv_inputs=True, decode_attention=True,
+        realize_gemv_inputs=True, decode_attention=True, sparse_read_cost=1.0,
         # Horizontal fusion of the step's independent small kernels (each layer's cache
         # counter write, the rotary halves): measured on Llama-1B's decode step
         # (benchmarks/NOTES.md, "Combo kernels in the decode step").
@@ -101,7 +107,7 @@ TARGETS = {
     "h200": Target(
         "h200", "cuda", torch.bfloat16, copy_tbs=4.3, bf16_tflops=788.0, gpu_names=("H200",),
         inductor={"coordinate_descent_tuning": True, "triton.enable_pdl": True}, align=64,
-        realize_gemv_inputs=True, decode_attention=True,
+        realize_gemv_inputs=True, decode_attention=True, sparse_read_cost=1.0,
         # As on the H100: BERT-base at batch 1 ran faster with one q/k/v GEMM in the same
         # process (benchmarks/NOTES.md, "The search on a lowering that merges q/k/v").
         merge_gemms=True,

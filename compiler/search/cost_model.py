@@ -30,7 +30,8 @@ MIN_FIT = 3  # fewer measured trials than the correction's dense coefficients (a
 # that move together across the trials), and yields wherever they can.
 PRIOR_WEIGHT = 0.02
 # Roofline and launch terms as calibrated, no constant, and optc's sparse kernels at the
-# dense rate per byte they read (what the roofline alone assumes).
+# dense rate per byte they read (what the roofline alone assumes). A target that measured its
+# sparse kernels slower puts its own s in the prior (targets.Target.sparse_read_cost).
 PRIOR = (1.0, 1.0, 0.0, 0.0)
 # Weight of a sample from the device's history (other studies, other models) against
 # one of the study's own: enough to start fitted, little enough that a study's own
@@ -103,6 +104,7 @@ class CostModel:
     coef: tuple[float, ...] | None = None  # (a, b, c, s)
     n_fit: int = 0
     history: tuple = ()  # (features, ms) measured on this device by earlier studies
+    prior_coef: tuple[float, ...] = PRIOR  # the coefficients before any fit, and what a fit is pulled toward
 
     def with_history(self, samples: list) -> "CostModel":
         """Fit from now on also on these samples (the device's history), at
@@ -118,7 +120,8 @@ class CostModel:
         tgt = targets.get(target) if isinstance(target, str) or target is None else target
         d = DEFAULTS["cuda" if tgt.device == "cuda" else "cpu"]
         bw = tgt.copy_tbs * 1e3 if tgt.copy_tbs else d["bandwidth_gbs"]
-        return cls(bw, tgt.bf16_tflops or d["tflops"], d["launch_us"], source=f"target {tgt.name}")
+        return cls(bw, tgt.bf16_tflops or d["tflops"], d["launch_us"], source=f"target {tgt.name}",
+                   prior_coef=_target_prior(tgt))
 
     @classmethod
     def for_device(cls, device, target="auto", *, calibrate: bool = False, log=device_db._log) -> "CostModel":
@@ -134,7 +137,8 @@ class CostModel:
             record = device_db.calibrate_device(dev, dtype=tgt.dtype if tgt.device == dev.type else None, log=log)
         if record is not None:
             c = record["constants"]
-            model = cls(c["bandwidth_gbs"], c["tflops"], c["launch_us"], source=f"calibrated {record['key']['device']}")
+            model = cls(c["bandwidth_gbs"], c["tflops"], c["launch_us"], source=f"calibrated {record['key']['device']}",
+                        prior_coef=model.prior_coef)
         return model
 
     def terms(self, f: dict) -> tuple[float, float]:
@@ -156,11 +160,11 @@ class CostModel:
         return [*self.terms(f), 1.0, self.sparse_roof(f)]
 
     def estimate_ms(self, features: dict) -> float:
-        return float(np.dot(self.coef or PRIOR, self._columns(features)))
+        return float(np.dot(self.coef or self.prior_coef, self._columns(features)))
 
     def fit(self, samples: list) -> "CostModel":
         """Fit the correction on (features, measured ms) pairs: non-negative least squares
-        of relative error, pulled toward PRIOR by PRIOR_WEIGHT so that a handful of
+        of relative error, pulled toward the prior coefficients by PRIOR_WEIGHT so that a handful of
         trials cannot swing it. Fewer than MIN_FIT samples scale the prior instead: one
         measurement (a study's dense seed) cannot fit three coefficients, but it says how far
         this device and lowering sit from the calibrated roofline, and a small model's
@@ -177,25 +181,26 @@ class CostModel:
         x = np.array([self._columns(f) for f, _ in samples]) / y[:, None] * w[:, None]
         scale = np.array([1.0, 1.0, 1.0 / float(np.median(y)), 1.0])  # c is in ms: compare it to a typical trial
         a = np.vstack([x, math.sqrt(PRIOR_WEIGHT) * np.diag(scale)])
-        rhs = np.concatenate([w, math.sqrt(PRIOR_WEIGHT) * scale * np.array(PRIOR)])
+        rhs = np.concatenate([w, math.sqrt(PRIOR_WEIGHT) * scale * np.array(self.prior_coef)])
         self.coef = tuple(float(v) for v in _nonneg_lstsq(a, rhs))
         return self
 
     def _scaled_prior(self, samples: list, weights: list) -> tuple[float, ...] | None:
-        """PRIOR times the weighted geometric mean of measured / prior estimate, over the
-        samples whose estimate is finite and positive; None without such samples."""
+        """The prior coefficients times the weighted geometric mean of measured / prior
+        estimate, over the samples whose estimate is finite and positive; None without such
+        samples."""
         ratios = []
         for w, (f, ms) in zip(weights, samples):
-            estimate = float(np.dot(PRIOR, self._columns(f)))
+            estimate = float(np.dot(self.prior_coef, self._columns(f)))
             if math.isfinite(estimate) and estimate > 0:
                 ratios.append((w, ms / estimate))
         if not ratios:
             return None
         scale = math.exp(sum(w * math.log(r) for w, r in ratios) / sum(w for w, _ in ratios))
-        return tuple(v * scale for v in PRIOR)
+        return tuple(v * scale for v in self.prior_coef)
 
     def unfitted(self) -> "CostModel":
-        return CostModel(self.bandwidth_gbs, self.tflops, self.launch_us, self.source)
+        return CostModel(self.bandwidth_gbs, self.tflops, self.launch_us, self.source, prior_coef=self.prior_coef)
 
     def holdout_accuracy(self, samples: list, k_fit: int, seed: int = 0) -> dict:
         """Fit on `k_fit` samples drawn with `seed`, report accuracy on the rest."""
@@ -214,7 +219,7 @@ class CostModel:
     def to_dict(self) -> dict:
         return {"bandwidth_gbs": self.bandwidth_gbs, "tflops": self.tflops, "launch_us": self.launch_us,
                 "source": self.source, "coef": list(self.coef) if self.coef else None, "n_fit": self.n_fit,
-                "n_history": len(self.history)}
+                "n_history": len(self.history), "prior_coef": list(self.prior_coef)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
@@ -223,7 +228,13 @@ class CostModel:
             raise ValueError(f"a cost model with {len(coef)} coefficients; this optc reads 3 or {len(PRIOR)}")
         if coef is not None:  # a model stored before the sparse term had three: s = 0, as it assumed
             coef += (0.0,) * (len(PRIOR) - len(coef))
-        return cls(d["bandwidth_gbs"], d["tflops"], d["launch_us"], d.get("source", "prior"), coef, d.get("n_fit", 0))
+        return cls(d["bandwidth_gbs"], d["tflops"], d["launch_us"], d.get("source", "prior"), coef, d.get("n_fit", 0),
+                   prior_coef=tuple(d.get("prior_coef") or PRIOR))
+
+
+def _target_prior(tgt) -> tuple[float, ...]:
+    """PRIOR with the target's measured sparse-kernel cost as s."""
+    return (*PRIOR[:3], float(tgt.sparse_read_cost))
 
 
 def holdout_accuracy(samples: list, k_fit: int, seed: int = 0, *, model: CostModel | None = None) -> dict:

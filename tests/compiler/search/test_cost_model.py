@@ -196,15 +196,16 @@ def test_no_sample_keeps_the_roofline_and_a_few_scale_it():
     # One measurement at half the roofline (a launch-bound step on a fast device): every
     # estimate is scaled by it, so another configuration of the same shape lands on its time.
     halved = _synthetic(2, 4, model, (0.5, 0.5, 0.0))
+    sparse = model.prior_coef[3]  # the h200's measured sparse-kernel cost scales with the rest
     anchored = model.unfitted().fit(halved[:1])
-    assert anchored.n_fit == 1 and anchored.coef == pytest.approx((0.5, 0.5, 0.0, 0.0))
+    assert anchored.n_fit == 1 and anchored.coef == pytest.approx((0.5, 0.5, 0.0, 0.5 * sparse))
     assert anchored.estimate_ms(halved[1][0]) == pytest.approx(halved[1][1])
     # Two disagreeing ones: their geometric mean; a device-history sample counts HISTORY_WEIGHT.
     mixed = [(f, 2.0 * (roof + launch)), (f, 8.0 * (roof + launch))]
-    assert model.unfitted().fit(mixed).coef == pytest.approx((4.0, 4.0, 0.0, 0.0))
+    assert model.unfitted().fit(mixed).coef == pytest.approx((4.0, 4.0, 0.0, 4.0 * sparse))
     with_history = model.unfitted().with_history([(f, 8.0 * (roof + launch))]).fit([(f, 2.0 * (roof + launch))])
     scale = math.exp((math.log(2.0) + cm.HISTORY_WEIGHT * math.log(8.0)) / (1 + cm.HISTORY_WEIGHT))
-    assert with_history.coef == pytest.approx((scale, scale, 0.0, 0.0))
+    assert with_history.coef == pytest.approx((scale, scale, 0.0, scale * sparse))
     # A sample whose estimate is zero (no bytes, FLOPs or launches) scales nothing.
     empty = {"bytes": 0, "flops": 0, "launches": 0, "kernels": []}
     assert model.unfitted().fit([(empty, 1.0)]).coef is None
@@ -214,7 +215,8 @@ def test_sparse_kernels_slower_than_dense_are_learned_from_measured_trials():
     """Trials whose sparse kernels read their bytes at half the dense rate: once a few are
     measured, the fit prices the sparse roofline apart (s near 1), and estimates another
     sparse configuration where it lands instead of where the roofline puts it. Without
-    sparse trials s stays 0; a model stored with three coefficients reads back with s = 0."""
+    sparse trials s stays at the target's prior; a model stored with three coefficients reads
+    back with s = 0."""
     model = cm.CostModel.prior("h200")
     rng = np.random.default_rng(8)
     dense = _synthetic(8, 6, model, (1.0, 1.0, 0.0))
@@ -230,11 +232,27 @@ def test_sparse_kernels_slower_than_dense_are_learned_from_measured_trials():
         roof, launch = model.terms(f)
         assert fitted.estimate_ms(f) == pytest.approx(ms, rel=0.05)
         assert roof + launch < 0.9 * ms  # the roofline alone was optimistic
-    assert model.unfitted().fit(dense).coef[3] == pytest.approx(0.0, abs=1e-6)
+    assert model.unfitted().fit(dense).coef[3] == pytest.approx(model.prior_coef[3], abs=1e-6)
     stored = {**fitted.to_dict(), "coef": [1.2, 0.9, 0.01]}
     assert cm.CostModel.from_dict(stored).coef == (1.2, 0.9, 0.01, 0.0)
     with pytest.raises(ValueError, match="5 coefficients"):
         cm.CostModel.from_dict({**stored, "coef": [1.0] * 5})
+
+
+def test_the_prior_prices_sparse_bytes_as_the_target_measured_them():
+    """Before any trial: on the h200, where optc's sparse kernels read at about half the dense
+    rate, a program's sparse bytes cost twice the roofline's figure (a TEAL configuration that
+    halves the bytes of its linears is then estimated at no gain); the cpu target keeps the
+    roofline. The prior survives the study's stored model."""
+    f = {"bytes": 10**9, "flops": 10**6, "launches": 0, "kernels": [[10**9, 10**6, 1]],
+         "sparse_kernels": [[5 * 10**8, 10**6, 1]]}
+    gpu, cpu = cm.CostModel.prior("h200"), cm.CostModel.prior("cpu")
+    roof = gpu.terms(f)[0]
+    assert gpu.prior_coef == (1.0, 1.0, 0.0, 1.0) and gpu.estimate_ms(f) == pytest.approx(1.5 * roof)
+    assert cpu.prior_coef == cm.PRIOR and cpu.estimate_ms(f) == pytest.approx(cpu.terms(f)[0])
+    assert cm.CostModel.from_dict(gpu.to_dict()).prior_coef == gpu.prior_coef
+    assert cm.CostModel.from_dict({**gpu.to_dict(), "prior_coef": None}).prior_coef == cm.PRIOR  # stored before it
+    assert gpu.unfitted().prior_coef == gpu.prior_coef
 
 
 def test_fit_never_goes_negative():
