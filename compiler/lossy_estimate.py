@@ -48,6 +48,17 @@ def against_dense(dense, compressed, report: list[dict], target, program: str) -
             "pays": not slower if share is None else share >= PAYS_SHARE}
 
 
+def verdict(estimate: dict) -> str:
+    """What the compile's report says of an estimate (one made before `slower` existed had
+    `pays` False only when slower)."""
+    if estimate["pays"]:
+        return "pays"
+    if estimate.get("slower", True):
+        return "does NOT pay: slower than dense"
+    return (f"does not pay: {100 * estimate['share_of_ideal']:.0f}% of the ideal saving, under the "
+            f"{100 * PAYS_SHARE:.0f}% that pays")
+
+
 def warning(estimate: dict | None) -> str | None:
     """The line the compile logs when the estimate says the lossy passes make the program
     slower (one that is faster but short of paying is said in the report's estimate line)."""

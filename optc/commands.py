@@ -138,13 +138,10 @@ def _report_compile(r: dict) -> None:
     if e and "unavailable" in e:
         _log(f"  estimate ({e['source']}): unavailable: {e['unavailable']}")
     elif e:
-        from optc.compiler.search.cost_model import PAYS_SHARE
+        from optc.compiler.lossy_estimate import verdict
 
-        verdict = "pays" if e["pays"] else "does NOT pay: slower than dense" if e.get("slower", True) else (
-            f"does not pay: {100 * e['share_of_ideal']:.0f}% of the ideal saving, under the {100 * PAYS_SHARE:.0f}% "
-            "that pays")
         _log(f"  estimate ({e['source']}, {e['program']}): {e['compressed_ms']:.3f} ms against {e['dense_ms']:.3f} "
-             f"dense, {verdict}")
+             f"dense, {verdict(e)}")
     for name, v in r["verification"].items():
         if isinstance(v, dict):
             how = ""

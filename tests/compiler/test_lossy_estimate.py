@@ -63,8 +63,11 @@ def test_faster_but_short_of_its_ideal_does_not_pay(monkeypatch):
     assert gpu["compressed_ms"] < gpu["dense_ms"] and not gpu["slower"]
     assert gpu["share_of_ideal"] < cost_model.PAYS_SHARE and gpu["pays"] is False
     assert lossy_estimate.warning(gpu) is None
+    said = lossy_estimate.verdict(gpu)
+    assert said.startswith("does not pay: ") and said.endswith("under the 85% that pays")
     cpu = lossy_estimate.against_dense(dense, sparse, report, targets.get("cpu"), "decode")
     assert cpu["pays"] is True and cpu["share_of_ideal"] >= cost_model.PAYS_SHARE
+    assert lossy_estimate.verdict(cpu) == "pays"
 
 
 def test_a_graph_the_cost_model_cannot_read_leaves_the_compile_alone(vit, monkeypatch):
