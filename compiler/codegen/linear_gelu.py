@@ -63,11 +63,10 @@ def _linear_gelu_op():
 def use_linear_gelu(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of `gm` (sharing its parameters) whose linear + GELU pairs call
     optc::linear_gelu, and how many it rewrote; `gm` itself when there are none."""
-    linears = {linear.name for linear, _ in linear_gelu_pairs(gm.graph)}
     rewritten, count = with_calls_replaced(gm, _calls, _linear_gelu_op)
-    if count:
+    if count:  # the linears the op took over are read by nothing now
         for node in list(rewritten.graph.nodes):
-            if node.name in linears and not node.users:
+            if node.target == aten.linear.default and not node.users:
                 rewritten.graph.erase_node(node)
         rewritten.recompile()
     return rewritten, count
