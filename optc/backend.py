@@ -59,7 +59,8 @@ def optc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
 def _compile_with_passes(gm, example_inputs, config, calibration):
     from optc.compiler import pipeline
     from optc.compiler.calibration import CalibrationContext
-    from optc.compiler.torch_private import compile_fx
+    from optc.compiler.codegen.direct import flat_copy
+    from optc.compiler.torch_private import compile_fx, input_checks
 
     holder, user_positions = _params_as_attributes(gm, example_inputs)
     user_inputs = tuple(example_inputs[i] for i in user_positions)
@@ -82,7 +83,13 @@ def _compile_with_passes(gm, example_inputs, config, calibration):
     not_applied = [p for p in report if p["lossy"] and p["reason"] and "not configured" not in p["reason"] and not p["applied"]]
     if not_applied:
         raise CompileError("; ".join(f"{p['name']}: {p['reason']}" for p in not_applied))
-    compiled = compile_fx(rewritten, list(real_inputs))
+    # The graph without `ep.module()`'s hooks and input-check submodule, whose local functions
+    # Inductor's FX graph cache cannot pickle into its key (it warns and does not cache). The
+    # checks run once here, on the shapes Dynamo's guards hold every later call to.
+    checks = input_checks(rewritten)
+    if checks is not None:
+        getattr(rewritten, checks)(*real_inputs)
+    compiled = compile_fx(flat_copy(rewritten, checks), list(real_inputs))
 
     def run(*all_inputs):
         return compiled(*[all_inputs[i] for i in user_positions])

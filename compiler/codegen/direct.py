@@ -66,7 +66,7 @@ class DirectLowering(torch.nn.Module):
         if self._checks is not None:
             getattr(self.gm, self._checks)(*flat)
         # The flat copy is made here, so that it holds the tensors the program holds now.
-        fn = compile_fx_static(_flat_copy(self.gm, self._checks), flat, self.options)
+        fn = compile_fx_static(flat_copy(self.gm, self._checks), flat, self.options)
         self._compiled[key] = fn
         return fn
 
@@ -76,7 +76,7 @@ class DirectLowering(torch.nn.Module):
         return super()._apply(fn, *rest, **kw)
 
 
-def _flat_copy(gm: torch.fx.GraphModule, checks: str | None) -> torch.fx.GraphModule:
+def flat_copy(gm: torch.fx.GraphModule, checks: str | None) -> torch.fx.GraphModule:
     """`gm` with flat inputs and outputs (no pytree code) and without the call of its
     input-check submodule `checks`, sharing its parameters, buffers and submodules;
     node metadata kept."""

@@ -246,13 +246,13 @@ def test_compile_fx():
 
 
 def test_compile_fx_static():
-    from optc.compiler.codegen.direct import _flat_copy
+    from optc.compiler.codegen.direct import flat_copy
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 3)
     ep = torch.export.export(lin, (torch.randn(2, 4),), strict=False)
     gm = ep.module()
-    flat = _flat_copy(gm, tp.input_checks(gm))
+    flat = flat_copy(gm, tp.input_checks(gm))
     x = torch.randn(2, 4)
     counts = tp.dynamo_counters()["inductor"]
     before = {k: counts[k] for k in ("fxgraph_cache_bypass", "fxgraph_cache_hit", "fxgraph_cache_miss")}
