@@ -59,40 +59,33 @@ def test_backend_in_fresh_interpreter():
 
 ENCODER_SCRIPT = textwrap.dedent(
     """
-    import torch, sys
-    from transformers import BertConfig, BertModel, ViTConfig, ViTForImageClassification
+    import torch
+    from transformers import BertConfig, BertModel
     torch.manual_seed(0)
-    vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=3,
-                                              num_attention_heads=4, intermediate_size=128)).eval()
     bert = BertModel(BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                 intermediate_size=128)).eval()
-    images = torch.randn(2, 3, 32, 32)
     ids = torch.randint(0, 256, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[1, 10:] = 0
-    opts = {"merge_tokens.r": 2, "strict": True}
     with torch.no_grad():
-        cases = [(vit, {"pixel_values": images}, lambda o: o.logits),
-                 (bert, {"input_ids": ids, "attention_mask": mask}, lambda o: o.pooler_output)]
-        for model, inputs, pick in cases:
-            torch._dynamo.reset()
-            ref = pick(model(**inputs))
-            out = pick(torch.compile(model, backend="optc", options=opts)(**inputs))
-            cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min().item()
-            assert not torch.equal(out, ref), "merge_tokens did not change the output"
-            assert cos > 0.95, cos  # the random tiny models lose a little to merging
-    print("ENCODERS-OK")
+        ref = bert(input_ids=ids, attention_mask=mask).pooler_output
+        opts = {"merge_tokens.r": 2, "strict": True}
+        out = torch.compile(bert, backend="optc", options=opts)(input_ids=ids, attention_mask=mask).pooler_output
+    cos = torch.nn.functional.cosine_similarity(out, ref).min().item()
+    assert not torch.equal(out, ref), "merge_tokens did not change the output"
+    assert cos > 0.95, cos  # the random tiny model loses a little to merging
+    print("ENCODER-OK")
     """
 )
 
 
 def test_token_merging_through_the_backend_keeps_inductors_cache():
-    """strict=True: merge_tokens applies to a ViT and to a padded BERT through torch.compile,
-    and the graph handed to Inductor is one its FX graph cache can key (it warns and bypasses
-    the cache on a graph holding local functions, as `ep.module()`'s do)."""
+    """strict=True: merge_tokens applies to a padded BERT through torch.compile, and the graph
+    handed to Inductor is one its FX graph cache can key (it warns and bypasses the cache on a
+    graph holding local functions, as `ep.module()`'s hooks and export's guards are)."""
     proc = subprocess.run([sys.executable, "-c", ENCODER_SCRIPT], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ENCODERS-OK" in proc.stdout
+    assert "ENCODER-OK" in proc.stdout
     assert "Failed to pickle cache key" not in proc.stderr, proc.stderr[-3000:]
 
 
