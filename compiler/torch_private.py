@@ -171,14 +171,14 @@ def set_tensor_attr(owner: nn.Module, leaf: str, value: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- Inductor (lazy)
 
 
-def compile_fx(gm: fx.GraphModule, example_inputs):
+def compile_fx(gm: fx.GraphModule, example_inputs, config_patches: dict | None = None):
     """Inductor's compiler entry for a Dynamo graph: what the `optc` torch.compile
-    backend hands graphs to (optc/backend.py). `torch._inductor.compile_fx.compile_fx`,
-    torch 2.11-2.13."""
+    backend hands graphs to (optc/backend.py), with Inductor options `config_patches`.
+    `torch._inductor.compile_fx.compile_fx`, torch 2.11-2.13."""
     from torch._inductor.compile_fx import compile_fx as _compile_fx
 
     use_inductors_ptxas()
-    return _compile_fx(gm, example_inputs)
+    return _compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
 def compile_fx_static(gm: fx.GraphModule, example_inputs: list, config_patches: dict):

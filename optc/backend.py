@@ -2,16 +2,20 @@
 
 Registered through the `torch_dynamo_backends` entry point, so it works without
 `import optc`. Options are the `--set` keys (`"skip_layers.count": 2`) plus:
-`strict` (raise instead of falling back), `target`, and `calibration` (a list of input
-tuples for the compiled function: Dynamo hands the backend fake or example inputs,
-never data, so a lossy pass that must measure something needs them here).
+`strict` (raise instead of falling back), `target` (default "auto": the target of the
+GPU the inputs are on, or cpu), and `calibration` (a list of input tuples for the
+compiled function: Dynamo hands the backend fake or example inputs, never data, so a
+lossy pass that must measure something needs them here).
 
-Lossless (no lossy pass on): Inductor compiles the graph. Lossy: the Dynamo graph is
-re-exported with its parameters as attributes and its module-stack metadata kept,
-anatomy reads it, the passes rewrite it, and Inductor compiles the result. When a
-pass cannot be applied the backend warns and falls back to plain Inductor, or raises
-with `strict=True`. Block indices (`skip_layers.layers`) count the blocks inside the
-graph Dynamo captured, which is the whole model when there is no graph break.
+The Dynamo graph is re-exported with its parameters as attributes and its module-stack
+metadata kept; with a lossy pass on, anatomy reads it and the passes rewrite it. Then it
+is lowered as `optc compile` lowers a forward program for the target (the target's
+rewrites, codegen/lowering.target_graph, and its Inductor options), and the compiled
+function is checked against the graph before lowering on fresh random inputs. When that
+fails the backend warns and falls back to plain Inductor, or raises with `strict=True`.
+Block indices (`skip_layers.layers`) count the blocks inside the graph Dynamo captured,
+which is the whole model when there is no graph break. Shapes are static: a graph Dynamo
+made dynamic falls back.
 """
 
 from __future__ import annotations
@@ -39,29 +43,61 @@ def optc_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     options = dict(options or {})
     strict = bool(options.get("strict", False))
     calibration = options.get("calibration")
+    target = _target(options.get("target", "auto"), example_inputs)
     sets = flat_to_nested({k: v for k, v in options.items() if k not in _OWN_OPTIONS})
     config = pipeline.resolve("default", sets)  # unknown keys are usage errors, always raised
     lossy = [
         name for name, values in config["passes"].items()
         if pass_registry.get(name).lossy and pipeline.pass_config(name, values).active()
     ]
-    if not lossy:
+    if not lossy and not _lowers_its_own_way(target):
         return compile_fx(gm, example_inputs)
     try:
-        return _compile_with_passes(gm, example_inputs, config, calibration)
+        return _compile_through_optc(gm, example_inputs, config, calibration, target, passes=bool(lossy))
     except (OptcError, Exception) as exc:
         if strict:
             raise
-        warnings.warn(f"optc: passes {lossy} not applied ({exc}); falling back to Inductor", stacklevel=2)
+        what = f"passes {lossy} and the {target.name} lowering" if lossy else f"the {target.name} lowering"
+        warnings.warn(f"optc: {what} not applied ({exc}); falling back to Inductor", stacklevel=2)
         return compile_fx(gm, example_inputs)
 
 
-def _compile_with_passes(gm, example_inputs, config, calibration):
+def _target(name: str, example_inputs):
+    """The target named, or for "auto" the one of the device the inputs are on (a model
+    left on the CPU of a GPU machine compiles for the CPU)."""
+    from optc.compiler import targets
+
+    if name in (None, "auto"):
+        on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+        return targets.get("auto" if on_gpu else "cpu")
+    target = targets.get(name)
+    devices = {x.device.type for x in example_inputs if isinstance(x, torch.Tensor)}
+    if devices and devices != {target.device}:
+        raise UsageError(f"target {name!r} compiles for {target.device}, and the model's inputs are on "
+                         f"{', '.join(sorted(devices))}: move the model and inputs there, or name another target")
+    return target
+
+
+def _lowers_its_own_way(target) -> bool:
+    """Whether `target` lowers a forward graph otherwise than plain Inductor: a rewrite of
+    codegen/lowering.target_graph that applies to forward programs, or Inductor options."""
+    from optc.compiler.targets import LOWERING_FIELDS
+
+    return bool(target.inductor) or any(getattr(target, f) is True for f in LOWERING_FIELDS)
+
+
+def _compile_through_optc(gm, example_inputs, config, calibration, target, *, passes: bool):
+    """The Dynamo graph exported, rewritten by the passes (`passes`), lowered as `optc
+    compile` lowers a forward program for `target` (its rewrites and Inductor options), and
+    checked against the program before its lowering on fresh random inputs."""
     from optc.compiler import pipeline
     from optc.compiler.calibration import CalibrationContext
+    from optc.compiler.codegen import lowering
     from optc.compiler.codegen.direct import flat_copy
     from optc.compiler.torch_private import compile_fx, input_checks
 
+    if any(isinstance(x, torch.Tensor) and not all(isinstance(d, int) for d in x.shape) for x in example_inputs):
+        raise CompileError("optc lowers static shapes, and Dynamo made some dynamic: compile with dynamic=False")
     holder, user_positions = _params_as_attributes(gm, example_inputs)
     user_inputs = tuple(example_inputs[i] for i in user_positions)
     real_inputs = tuple(_real(x) for x in user_inputs)
@@ -79,22 +115,48 @@ def _compile_with_passes(gm, example_inputs, config, calibration):
         batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration]
         return CalibrationContext("forward", program, [(b, {}) for b in batches])
 
-    report = pipeline.run({"forward": rewritten}, "forward", config, make_context, log=lambda m: None)
-    not_applied = [p for p in report if p["lossy"] and p["reason"] and "not configured" not in p["reason"] and not p["applied"]]
-    if not_applied:
-        raise CompileError("; ".join(f"{p['name']}: {p['reason']}" for p in not_applied))
+    if passes:
+        report = pipeline.run({"forward": rewritten}, "forward", config, make_context, log=lambda m: None)
+        not_applied = [p for p in report
+                       if p["lossy"] and p["reason"] and "not configured" not in p["reason"] and not p["applied"]]
+        if not_applied:
+            raise CompileError("; ".join(f"{p['name']}: {p['reason']}" for p in not_applied))
     # The graph without `ep.module()`'s hooks and input-check submodule, whose local functions
     # Inductor's FX graph cache cannot pickle into its key (it warns and does not cache). The
     # checks run once here, on the shapes Dynamo's guards hold every later call to.
     checks = input_checks(rewritten)
     if checks is not None:
         getattr(rewritten, checks)(*real_inputs)
-    compiled = compile_fx(flat_copy(rewritten, checks), list(real_inputs))
+    lowered = lowering.target_graph(rewritten, target, forward=True)
+    inductor_options = lowering.inductor_options(target)
+    lowering.prepare_inductor(inductor_options)
+    compiled = compile_fx(flat_copy(lowered, input_checks(lowered)), list(real_inputs), inductor_options)
+    _check_lowering(rewritten, compiled, real_inputs, lowering)
 
     def run(*all_inputs):
         return compiled(*[all_inputs[i] for i in user_positions])
 
     return run
+
+
+def _check_lowering(program, compiled, inputs: tuple, lowering) -> None:
+    """Every floating output of `compiled` within the lowering's tolerance of `program`'s on
+    two fresh random inputs shaped like `inputs` (lowering.TOLERANCE, by output dtype)."""
+    from optc.compiler.codegen.check_inputs import random_like_inputs, vocab_size
+
+    vocab = vocab_size(program)
+    for seed in (1234, 1235):
+        args, _ = random_like_inputs((inputs, {}), vocab, seed)
+        with torch.no_grad():
+            expected = torch.utils._pytree.tree_leaves(program(*args))
+            got = list(compiled(*args))
+        for ref, out in zip(expected, got):
+            if not (isinstance(ref, torch.Tensor) and ref.is_floating_point()):
+                continue
+            err, tol = lowering.rel_err(out, ref), lowering.TOLERANCE.get(ref.dtype, 1e-2)
+            if err > tol:
+                raise CompileError(f"the lowering changed the function: relative error {err:.3g} > {tol:.3g} "
+                                   "on fresh random inputs")
 
 
 def _real(x):

@@ -100,3 +100,48 @@ def test_unknown_option_is_an_error():
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "ERR" in proc.stdout and "skip_layers.nope" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_the_backend_lowers_for_its_target_and_checks_the_lowering(monkeypatch):
+    """Without a lossy pass the backend still lowers as `optc compile` does for the target:
+    on the cpu target a ViT's patch embedding reaches Inductor as a GEMM, not a convolution,
+    and the compiled model gives the eager model's logits."""
+    import torch
+
+    from optc.backend import optc_backend
+    from optc.compiler import torch_private
+    from tests.conftest import tiny_vit
+
+    seen = []
+    real_compile_fx = torch_private.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None):
+        seen.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return real_compile_fx(gm, example_inputs, config_patches)
+
+    monkeypatch.setattr(torch_private, "compile_fx", spy)
+    torch._dynamo.reset()
+    model = tiny_vit()
+    images = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend=lambda gm, ex: optc_backend(gm, ex, {"target": "cpu", "strict": True}))
+    with torch.no_grad():
+        out, ref = compiled(images).logits, model(images).logits
+    torch._dynamo.reset()
+    assert len(seen) == 1 and not any("conv" in t for t in seen[0]), seen
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+
+
+def test_a_target_for_another_device_is_refused():
+    import pytest
+    import torch
+
+    from optc.backend import optc_backend
+    from optc.errors import UsageError
+
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend=lambda gm, ex: optc_backend(gm, ex, {"target": "h200"}))
+    with pytest.raises(Exception) as caught:
+        compiled(torch.randn(2, 4))
+    torch._dynamo.reset()
+    inner = getattr(caught.value, "inner_exception", caught.value)  # Dynamo wraps a backend's error
+    assert isinstance(inner, UsageError) and "compiles for cuda" in str(inner), caught.value

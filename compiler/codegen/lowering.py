@@ -71,16 +71,21 @@ def lower(gm: torch.nn.Module, target: Target, *, autotune: bool = False, cudagr
     tag_cache_keys()  # a cached graph is rebuilt when optc's ops change (sources_tag)
     options = inductor_options(target, autotune=autotune, cudagraphs=cudagraphs, shape_tuning=shape_tuning,
                                kernel_cache=kernel_cache, decoder=decoder)
-    if options.get("coordinate_descent_tuning"):
-        config_pickles_keep_coordesc()  # a cached choice survives Inductor's compile workers (torch_fixes)
-        # A stored choice (a load's kernel cache, --tuning-from's configurations) is kept, not tuned again.
-        cached_choice_not_tuned_again()
-        if options.get("fx_graph_cache"):
-            static_autotuner_keeps_coordesc()  # a cache hit keeps the compile's choices (torch_fixes)
+    prepare_inductor(options)
     gm = target_graph(gm, target, forward=not decoder)
     if isinstance(gm, torch.fx.GraphModule) and frontend(cudagraphs) == DIRECT:
         return DirectLowering(gm, options)
     return torch.compile(gm, backend="inductor", options=options, fullgraph=True, dynamic=False)
+
+
+def prepare_inductor(options: dict) -> None:
+    """What Inductor needs patched before it compiles with `options` (torch_fixes)."""
+    if options.get("coordinate_descent_tuning"):
+        config_pickles_keep_coordesc()  # a cached choice survives Inductor's compile workers
+        # A stored choice (a load's kernel cache, --tuning-from's configurations) is kept, not tuned again.
+        cached_choice_not_tuned_again()
+        if options.get("fx_graph_cache"):
+            static_autotuner_keeps_coordesc()  # a cache hit keeps the compile's choices
 
 
 DIRECT, DYNAMO = "direct", "dynamo"
