@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", help="zoo name, Hugging Face directory, or file.py:factory")
     _add_pass_options(b)
     b.add_argument("--baselines", default="eager,hf-static,inductor,inductor-max",
-                   help="comma list of eager, hf-static (LMs), inductor, inductor-max")
+                   help="comma list of eager, hf-static (LMs), inductor, inductor-max, optc-backend (encoders)")
     b.add_argument("--tokens", type=_positive_int, default=64, help="decode steps timed per run (LMs)")
     b.add_argument("--batch", type=_positive_int, default=None,
                    help="batch size: LMs decode at it (default 1), encoders run forwards of it (default: the "

@@ -2,7 +2,8 @@
 
 Each returns a `Timing` (median/p20/p80 ms) whose `compile_s` holds the time of the
 untimed first call(s) (compilation, autotuning, graph capture) and whose `info` says how
-the number was obtained. Result names: "eager", "hf-static", "inductor", "inductor-max".
+the number was obtained. Result names: "eager", "hf-static", "inductor", "inductor-max", and
+for forward models "optc-backend" (torch.compile with backend="optc").
 
 Decoder LMs: ms/token of decoding, prefill excluded, the same definition as
 `StaticCacheDecoder.measure_decode`: for a prompt and N new tokens (the first one comes
@@ -304,11 +305,15 @@ def eager_forward(
     return t.with_extra(compile_s=first_s, baseline="eager")
 
 
+OPTC_BACKEND = "optc-backend"
+
+
 def compiled_forward(model: nn.Module, mode: str, device: torch.device):
     """torch.compile(model, mode) as a callable that marks each call a new CUDA-graph step
     where Inductor captures graphs (max-autotune, reduce-overhead on CUDA): the graphs
     reuse their output buffers, and a call must say the last outputs are no longer read."""
-    compiled = torch.compile(model, mode=mode)
+    # OPTC_BACKEND: optc's torch.compile backend with its defaults (optc/backend.py)
+    compiled = torch.compile(model, backend="optc") if mode == OPTC_BACKEND else torch.compile(model, mode=mode)
     graphs = mode in ("max-autotune", "reduce-overhead") and device.type == "cuda"
 
     def fn(*args, **kwargs):
@@ -328,8 +333,9 @@ def inductor_forward(
     iters: int = 50,
     device: str | torch.device | None = None,
 ) -> Timing:
-    """ms per forward of torch.compile(model, mode): "inductor" (default) or
-    "inductor-max" (max-autotune, Inductor's CUDA graphs on CUDA)."""
+    """ms per forward of torch.compile(model, mode): "inductor" (default),
+    "inductor-max" (max-autotune, Inductor's CUDA graphs on CUDA), or "optc-backend"
+    (backend="optc", no lossy pass: optc's lowering for the target, without CUDA graphs)."""
     counters = dynamo_counters()
 
     dev = as_device(device) if device is not None else _device_of(model)
@@ -363,6 +369,7 @@ FORWARD_BASELINES: dict[str, Callable[..., Timing]] = {
     "eager": eager_forward,
     "inductor": lambda model, inputs, **kw: inductor_forward(model, inputs, "default", **kw),
     "inductor-max": lambda model, inputs, **kw: inductor_forward(model, inputs, "max-autotune", **kw),
+    OPTC_BACKEND: lambda model, inputs, **kw: inductor_forward(model, inputs, OPTC_BACKEND, **kw),
 }
 
 

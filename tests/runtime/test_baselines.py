@@ -54,7 +54,7 @@ def lm():
 
 def test_names_are_the_contract():
     assert list(LM_BASELINES) == ["eager", "hf-static", "inductor", "inductor-max"]
-    assert list(FORWARD_BASELINES) == ["eager", "inductor", "inductor-max"]
+    assert list(FORWARD_BASELINES) == ["eager", "inductor", "inductor-max", "optc-backend"]
 
 
 def test_hf_generate_eager_and_static_decode_the_greedy_tokens(lm):
@@ -112,6 +112,9 @@ def test_forward_baselines_on_cpu():
     torch._dynamo.reset()
     i = inductor_forward(model, [(x,), (x.clone(),)], "default", warmup=2, iters=5)
     assert i.n == 5 and i.median_ms > 0 and i.compile_s > 0 and i.info["baseline"] == "inductor"
+    torch._dynamo.reset()
+    o = FORWARD_BASELINES["optc-backend"](model, [(x,)], warmup=2, iters=5)
+    assert o.n == 5 and o.median_ms > 0 and o.info["baseline"] == "optc-backend"
     torch._dynamo.reset()
     with pytest.raises(UsageError):
         run_forward_baselines(model, x, names=["hf-static"])
