@@ -96,7 +96,8 @@ def _compile_through_optc(gm, example_inputs, config, calibration, target, *, pa
     from optc.compiler.codegen.direct import flat_copy
     from optc.compiler.torch_private import compile_fx, input_checks
 
-    if any(isinstance(x, torch.Tensor) and not all(isinstance(d, int) for d in x.shape) for x in example_inputs):
+    if any(isinstance(x, torch.SymInt) or isinstance(x, torch.Tensor) and not all(isinstance(d, int) for d in x.shape)
+           for x in example_inputs):
         raise CompileError("optc lowers static shapes, and Dynamo made some dynamic: compile with dynamic=False")
     holder, user_positions = _params_as_attributes(gm, example_inputs)
     user_inputs = tuple(example_inputs[i] for i in user_positions)
@@ -147,6 +148,7 @@ def _check_lowering(program, compiled, inputs: tuple, lowering) -> None:
     vocab = vocab_size(program)
     for seed in (1234, 1235):
         args, _ = random_like_inputs((inputs, {}), vocab, seed)
+        args = [_with_strides_of(x, a) for x, a in zip(inputs, args)]
         with torch.no_grad():
             expected = program(*args)  # a Dynamo graph returns a flat tuple
             expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
@@ -160,13 +162,21 @@ def _check_lowering(program, compiled, inputs: tuple, lowering) -> None:
                                    "on fresh random inputs")
 
 
+def _with_strides_of(example, fresh):
+    """`fresh` laid out with `example`'s strides (the compiled code asserts them)."""
+    if not isinstance(example, torch.Tensor):
+        return fresh
+    return torch.empty_strided(example.shape, example.stride(), dtype=example.dtype, device=example.device).copy_(fresh)
+
+
 def _real(x):
-    """A real tensor with the example's shape and dtype (the export traces with it)."""
+    """A real tensor with the example's shape, strides and dtype (the export traces with it,
+    and Inductor's code asserts the strides it was compiled for: a KV cache's views are not
+    contiguous)."""
     if not isinstance(x, torch.Tensor):
         return x
-    if x.is_floating_point():
-        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
-    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    real = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return real.normal_() if x.is_floating_point() else real.zero_()
 
 
 _SOURCE_PARTS = re.compile(r"_(modules|parameters|buffers)_")

@@ -145,3 +145,32 @@ def test_a_target_for_another_device_is_refused():
     torch._dynamo.reset()
     inner = getattr(caught.value, "inner_exception", caught.value)  # Dynamo wraps a backend's error
     assert isinstance(inner, UsageError) and "compiles for cuda" in str(inner), caught.value
+
+
+def test_inputs_keep_their_strides_and_dynamic_shapes_fall_back():
+    """A non-contiguous input (a KV cache's view) is traced and checked with its own strides,
+    which Inductor's code asserts; a graph Dynamo made dynamic falls back to Inductor with
+    a warning that says why."""
+    import warnings
+
+    import torch
+
+    from optc.backend import optc_backend
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+
+    def f(t):
+        return lin(t) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=lambda gm, ex: optc_backend(gm, ex, {"target": "cpu"}))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = torch.randn(8, 4).t()
+        assert torch.allclose(compiled(x), f(x), atol=1e-5)
+        assert not [w for w in caught if "optc" in str(w.message)], [str(w.message) for w in caught]
+        y = torch.randn(8, 6).t()  # another shape: Dynamo recompiles with a dynamic dimension
+        assert torch.allclose(compiled(y), f(y), atol=1e-5)
+    torch._dynamo.reset()
+    assert any("dynamic=False" in str(w.message) for w in caught), [str(w.message) for w in caught]
