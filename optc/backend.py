@@ -176,7 +176,7 @@ def _real(x):
     if not isinstance(x, torch.Tensor):
         return x
     real = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    return real.normal_() if x.is_floating_point() else real.zero_()
+    return real.normal_() if x.is_floating_point() else real.fill_(1)  # a mask of ones keeps every score
 
 
 _SOURCE_PARTS = re.compile(r"_(modules|parameters|buffers)_")
