@@ -132,7 +132,16 @@ def _compile_through_optc(gm, example_inputs, config, calibration, target, *, pa
     inductor_options = lowering.inductor_options(target)
     lowering.prepare_inductor(inductor_options)
     compiled = compile_fx(flat_copy(lowered, input_checks(lowered)), list(real_inputs), inductor_options)
-    _check_lowering(rewritten, compiled, real_inputs, lowering)
+    # The check runs the graph, and buffers it writes in place (a static KV cache) are the
+    # model's own; export's signature does not list such writes before functionalisation.
+    mutated = list(rewritten.buffers())
+    saved = [b.clone() for b in mutated]
+    try:
+        _check_lowering(rewritten, compiled, real_inputs, lowering)
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(mutated, saved):
+                buffer.copy_(value)
 
     def run(*all_inputs):
         return compiled(*[all_inputs[i] for i in user_positions])

@@ -174,3 +174,33 @@ def test_inputs_keep_their_strides_and_dynamic_shapes_fall_back():
         assert torch.allclose(compiled(y), f(y), atol=1e-5)
     torch._dynamo.reset()
     assert any("dynamic=False" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_the_check_leaves_the_models_buffers_as_they_were():
+    """The lowering check runs the graph on random inputs; a buffer the graph writes in place
+    (a static KV cache) is the model's, so after the compile it holds only what the call wrote."""
+    import torch
+
+    from optc.backend import optc_backend
+
+    class CacheWriter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.zeros(4, 8))
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, pos):
+            self.cache.index_copy_(0, pos, self.lin(x))
+            return self.cache.sum(0)
+
+    torch.manual_seed(0)
+    model, twin = CacheWriter(), CacheWriter()
+    twin.load_state_dict(model.state_dict())
+    x, pos = torch.randn(1, 8), torch.tensor([2])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lambda gm, ex: optc_backend(gm, ex, {"target": "cpu", "strict": True}))
+    with torch.no_grad():
+        out, ref = compiled(x, pos), twin(x, pos)
+    torch._dynamo.reset()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(model.cache, twin.cache, atol=1e-6), model.cache
