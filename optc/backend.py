@@ -132,16 +132,7 @@ def _compile_through_optc(gm, example_inputs, config, calibration, target, *, pa
     inductor_options = lowering.inductor_options(target)
     lowering.prepare_inductor(inductor_options)
     compiled = compile_fx(flat_copy(lowered, input_checks(lowered)), list(real_inputs), inductor_options)
-    # The check runs the graph, and buffers it writes in place (a static KV cache) are the
-    # model's own; export's signature does not list such writes before functionalisation.
-    mutated = list(rewritten.buffers())
-    saved = [b.clone() for b in mutated]
-    try:
-        _check_lowering(rewritten, compiled, real_inputs, lowering)
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(mutated, saved):
-                buffer.copy_(value)
+    _check_lowering(rewritten, compiled, real_inputs, lowering)
 
     def run(*all_inputs):
         return compiled(*[all_inputs[i] for i in user_positions])
@@ -150,25 +141,64 @@ def _compile_through_optc(gm, example_inputs, config, calibration, target, *, pa
 
 
 def _check_lowering(program, compiled, inputs: tuple, lowering) -> None:
-    """Every floating output of `compiled` within the lowering's tolerance of `program`'s on
-    two fresh random inputs shaped like `inputs` (lowering.TOLERANCE, by output dtype)."""
+    """Every floating output of `compiled` against `program`'s on two fresh random inputs
+    shaped like `inputs`, judged as `optc compile` judges a lowering (docs/design.md): the
+    dtype's floor (lowering.TOLERANCE), or for a half-precision output the program's own
+    rounding noise where larger (its half-precision weights and op results moved by one ulp:
+    lowering.flippable_weights, noisy_twin), capped at lowering.NOISE_TOLERANCE_CAP. Every run
+    starts from the program's buffers as they were, and they are left so: a buffer the graph
+    writes in place (a static KV cache) is the model's own."""
     from optc.compiler.codegen.check_inputs import random_like_inputs, vocab_size
+    from optc.compiler.codegen.noisy_twin import HALF, noisy_twin
 
-    vocab = vocab_size(program)
-    for seed in (1234, 1235):
-        args, _ = random_like_inputs((inputs, {}), vocab, seed)
-        args = [_with_strides_of(x, a) for x, a in zip(inputs, args)]
+    buffers = list(program.buffers())
+    saved = [b.clone() for b in buffers]
+
+    def run(fn, args) -> list:
         with torch.no_grad():
-            expected = program(*args)  # a Dynamo graph returns a flat tuple
-            expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
-            got = list(compiled(*args))
-        for ref, out in zip(expected, got):
-            if not (isinstance(ref, torch.Tensor) and ref.is_floating_point()):
-                continue
-            err, tol = lowering.rel_err(out, ref), lowering.TOLERANCE.get(ref.dtype, 1e-2)
-            if err > tol:
-                raise CompileError(f"the lowering changed the function: relative error {err:.3g} > {tol:.3g} "
-                                   "on fresh random inputs")
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+            out = fn(*args)  # a Dynamo graph returns a flat tuple
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    vocab, weights, twin = vocab_size(program), None, None
+    try:
+        for seed in (1234, 1235):
+            args, _ = random_like_inputs((inputs, {}), vocab, seed)
+            args = [_with_strides_of(x, a) for x, a in zip(inputs, args)]
+            expected, got = run(program, args), run(compiled, args)
+            floats = [(i, ref) for i, ref in enumerate(expected)
+                      if isinstance(ref, torch.Tensor) and ref.is_floating_point()]
+            noisy = None
+            if any(ref.dtype in HALF for _, ref in floats):
+                if weights is None:  # the parameters: each run sets the buffers back
+                    weights = [t for t in lowering.flippable_weights(program) if all(t is not b for b in buffers)]
+                    twin = noisy_twin(program)
+                noisy = _moved_by_one_ulp(weights, lambda: run(twin or program, args))
+            for i, ref in floats:
+                tol = lowering.TOLERANCE.get(ref.dtype, 1e-2)
+                if noisy is not None and ref.dtype in HALF:
+                    tol = max(tol, min(lowering.rel_err(noisy[i], ref), lowering.NOISE_TOLERANCE_CAP))
+                err = lowering.rel_err(got[i], ref)
+                if err > tol:
+                    raise CompileError(f"the lowering changed the function: relative error {err:.3g} > {tol:.3g} "
+                                       "on fresh random inputs")
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+def _moved_by_one_ulp(weights: list, run):
+    """`run()` with the lowest mantissa bit of each half-precision weight flipped (XOR: the
+    second flip restores it bit for bit), as lowering.rounding_noise moves them."""
+    try:
+        for t in weights:
+            t.view(torch.int16).bitwise_xor_(1)
+        return run()
+    finally:
+        for t in weights:
+            t.view(torch.int16).bitwise_xor_(1)
 
 
 def _with_strides_of(example, fresh):

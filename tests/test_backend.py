@@ -204,3 +204,46 @@ def test_the_check_leaves_the_models_buffers_as_they_were():
     torch._dynamo.reset()
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(model.cache, twin.cache, atol=1e-6), model.cache
+
+
+def test_a_lowering_that_changes_the_function_is_caught(monkeypatch):
+    """The check can fail: a compiled function that returns twice the graph's outputs is
+    refused with strict=True, and without it the backend warns and falls back to Inductor."""
+    import warnings
+
+    import pytest
+    import torch
+
+    from optc.backend import optc_backend
+    from optc.compiler import torch_private
+    from optc.errors import CompileError
+
+    real_compile_fx = torch_private.compile_fx
+    broken = {"on": True}
+
+    def doubling(gm, example_inputs, config_patches=None):
+        compiled = real_compile_fx(gm, example_inputs, config_patches)
+        if not broken["on"]:
+            return compiled
+        broken["on"] = False  # the fallback's own compile is Inductor's, unbroken
+        return lambda *args: [2 * out for out in compiled(*args)]
+
+    monkeypatch.setattr(torch_private, "compile_fx", doubling)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval()
+    x = torch.randn(2, 8)
+    torch._dynamo.reset()
+    strict = torch.compile(model, backend=lambda gm, ex: optc_backend(gm, ex, {"target": "cpu", "strict": True}))
+    with torch.no_grad(), pytest.raises(Exception) as caught:
+        strict(x)
+    inner = getattr(caught.value, "inner_exception", caught.value)
+    assert isinstance(inner, CompileError) and "changed the function" in str(inner), caught.value
+    broken["on"] = True
+    torch._dynamo.reset()
+    lenient = torch.compile(model, backend=lambda gm, ex: optc_backend(gm, ex, {"target": "cpu"}))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = lenient(x)
+    torch._dynamo.reset()
+    assert any("changed the function" in str(w.message) for w in seen), [str(w.message) for w in seen]
+    assert torch.allclose(out, model(x), atol=1e-5)
