@@ -174,7 +174,8 @@ def _check_lowering(program, compiled, inputs: tuple, lowering) -> None:
                 if weights is None:  # the parameters: each run sets the buffers back
                     weights = [t for t in lowering.flippable_weights(program) if all(t is not b for b in buffers)]
                     twin = noisy_twin(program)
-                noisy = _moved_by_one_ulp(weights, lambda: run(twin or program, args))
+                with lowering.moved_by_one_ulp(weights):
+                    noisy = run(twin or program, args)
             for i, ref in floats:
                 tol = lowering.TOLERANCE.get(ref.dtype, 1e-2)
                 if noisy is not None and ref.dtype in HALF:
@@ -187,18 +188,6 @@ def _check_lowering(program, compiled, inputs: tuple, lowering) -> None:
         with torch.no_grad():
             for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
-
-
-def _moved_by_one_ulp(weights: list, run):
-    """`run()` with the lowest mantissa bit of each half-precision weight flipped (XOR: the
-    second flip restores it bit for bit), as lowering.rounding_noise moves them."""
-    try:
-        for t in weights:
-            t.view(torch.int16).bitwise_xor_(1)
-        return run()
-    finally:
-        for t in weights:
-            t.view(torch.int16).bitwise_xor_(1)
 
 
 def _with_strides_of(example, fresh):

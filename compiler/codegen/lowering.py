@@ -4,6 +4,8 @@ inputs (a lossless step must not change the function)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.export import ExportedProgram
 
@@ -355,15 +357,25 @@ def rounding_noise(reference: torch.nn.Module, weights: list[torch.Tensor], ref_
     if not weights and twin is None:
         return 0.0
     try:
+        with moved_by_one_ulp(weights):
+            reset_state(reference, state)  # the state the reference's run started from
+            flipped = (reference if twin is None else twin)(*args, **kwargs)
+    finally:
+        reset_state(reference)
+    return rel_err(flipped, ref_out)
+
+
+@contextlib.contextmanager
+def moved_by_one_ulp(weights: list[torch.Tensor]):
+    """Within: the lowest mantissa bit of each half-precision tensor of `weights` flipped in
+    place (XOR, so the flip on leaving restores it bit for bit, whatever happened inside)."""
+    try:
         for t in weights:
             t.view(torch.int16).bitwise_xor_(1)
-        reset_state(reference, state)  # the state the reference's run started from
-        flipped = (reference if twin is None else twin)(*args, **kwargs)
+        yield
     finally:
         for t in weights:
             t.view(torch.int16).bitwise_xor_(1)
-        reset_state(reference)
-    return rel_err(flipped, ref_out)
 
 
 def _named_tensors(module):
